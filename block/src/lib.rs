@@ -1,0 +1,3 @@
+//! The virtio-blk device and its disk backends (raw, qcow2).
+
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! The virtio-net device, tap set-up and tap I/O.

@@ -1,0 +1,1 @@
+//! Per-device syscall policies compiled to BPF.

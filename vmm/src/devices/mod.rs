@@ -1,0 +1,8 @@
+//! Platform devices on the port I/O and MMIO buses.
+
+pub mod bus;
+pub mod cmos;
+pub mod i8042;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice};

@@ -1,0 +1,14 @@
+//! The ringvm VMM: KVM VM and vCPUs, boot, platform devices, control socket.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over [`vm::run`].
+
+pub mod boot;
+pub mod cli;
+pub mod control;
+pub mod cpuid;
+pub mod devices;
+pub mod exit;
+pub mod guest;
+mod sys;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,136 @@
+//! vCPU threads: blocking KVM_RUN loops that route exits to the buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::Bus;
+use crate::exit::{ExitReason, VmExit};
+use crate::guest::GuestRam;
+use crate::sys;
+
+/// What a vCPU thread needs.
+pub struct VcpuContext {
+    pub id: usize,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<VmExit>,
+    pub stopping: Arc<AtomicBool>,
+    pub ram: GuestRam,
+}
+
+/// Runs the vCPU until the VM stops. Every way out reports an exit reason.
+pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    let guard = sys::VcpuKickGuard::new(&mut vcpu);
+    let reason = run_loop(&mut vcpu, &ctx);
+    drop(guard);
+    if let Some(reason) = reason {
+        ctx.exit.report(reason);
+    }
+}
+
+fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
+    loop {
+        if ctx.stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ctx.pio.read(u64::from(port), data);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                ctx.mmio.read(addr, data);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            // With the in-kernel irqchip HLT stays in the kernel; an exit means the guest
+            // halted with interrupts off, which nothing can end.
+            Ok(VcpuExit::Hlt) => {
+                return Some(ExitReason::Failed(format!(
+                    "vCPU {} halted with interrupts disabled",
+                    ctx.id
+                )))
+            }
+            // Triple fault or a reset request: the VM ends like a reboot.
+            Ok(VcpuExit::Shutdown) => {
+                // Linux's reboot=t resets this way, so it is a reset; but an early crash
+                // looks the same, so say where it happened.
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                eprintln!("ringvm: vCPU {} triple fault at rip {rip:#x}: resetting", ctx.id);
+                return Some(ExitReason::Reset);
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return Some(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                    k => ExitReason::Failed(format!("vCPU {}: system event {k}", ctx.id)),
+                })
+            }
+            Ok(VcpuExit::InternalError) => {
+                return Some(ExitReason::Failed(internal_error(vcpu, ctx)));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Some(ExitReason::Failed(format!(
+                    "vCPU {}: KVM entry failed, hardware reason {reason:#x} on host cpu {cpu}",
+                    ctx.id
+                )))
+            }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                return Some(ExitReason::Failed(format!(
+                    "vCPU {}: unexpected exit {other:?}",
+                    ctx.id
+                )))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                return Some(ExitReason::Failed(format!(
+                    "vCPU {}: KVM_RUN failed: {e}",
+                    ctx.id
+                )))
+            }
+        }
+    }
+}
+
+/// Describes a KVM_EXIT_INTERNAL_ERROR: suberror, RIP and the instruction bytes there.
+fn internal_error(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> String {
+    let (suberror, data) = sys::internal_error(vcpu);
+    let mut msg = format!(
+        "vCPU {}: KVM internal error, suberror {suberror}{}",
+        ctx.id,
+        match suberror {
+            1 => " (instruction emulation failed)",
+            2 => " (simultaneous exceptions)",
+            3 => " (delivery event failed)",
+            _ => "",
+        }
+    );
+    let extra: Vec<String> = data.iter().map(|d| format!("{d:#x}")).collect();
+    if !extra.is_empty() {
+        msg += &format!(", data [{}]", extra.join(", "));
+    }
+    if let Ok(regs) = vcpu.get_regs() {
+        msg += &format!(", rip {:#x}", regs.rip);
+        let gpa = vcpu
+            .translate_gva(regs.rip)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .map(|t| t.physical_address);
+        if let Some(gpa) = gpa {
+            let mut bytes = [0u8; 15];
+            if ctx.ram.read(gpa, &mut bytes).is_ok() {
+                let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                msg += &format!(", instruction bytes {}", hex.join(" "));
+            }
+        }
+    }
+    msg
+}

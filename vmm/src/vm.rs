@@ -1,0 +1,358 @@
+//! Assembling and running a VM: KVM, memory, kernel, devices, vCPU threads, and the main
+//! thread's executor (control socket, serial input, the exit event).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::future::{select, Either};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::boot;
+use crate::cli::{self, RunArgs, SerialOut, SerialSpec};
+use crate::control::{self, ControlSocket, VmExitHandle};
+use crate::cpuid::{self, Toggle};
+use crate::devices::cmos::Cmos;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::Serial;
+use crate::devices::Bus;
+use crate::exit::{ExitReason, VmExit};
+use crate::guest::GuestRam;
+use crate::sys;
+use crate::vcpu::{self, VcpuContext};
+
+/// Everything `ringvm run` was asked for, validated.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub mem_mib: u64,
+    pub cpus: usize,
+    pub cmdline: String,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub serials: Vec<SerialSpec>,
+    pub cpu_toggles: Vec<Toggle>,
+    pub kvm_pv: Option<bool>,
+}
+
+const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
+/// Where KVM puts the TSS it needs on Intel (3 pages below the IOAPIC-free top of 4 GiB).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+/// `ringvm run`: builds the config from arguments, runs the VM, maps the exit reason.
+pub fn run_from_args(args: RunArgs) -> Result<()> {
+    let serials = cli::validate(&args).map_err(|e| anyhow!(e))?;
+    let (cpu_toggles, kvm_pv) = match &args.cpu_features {
+        Some(spec) => cpuid::parse_toggles(spec).map_err(|e| anyhow!("--cpu-features: {e}"))?,
+        None => (Vec::new(), None),
+    };
+    let mut cmdline = args.params.join(" ");
+    if let Some(console) = serials.iter().find(|s| s.console) {
+        if !cmdline.split_whitespace().any(|p| p.starts_with("console=")) {
+            let sep = if cmdline.is_empty() { "" } else { " " };
+            cmdline = format!("console=ttyS{}{sep}{cmdline}", console.num - 1);
+        }
+    }
+    let config = VmConfig {
+        mem_mib: args.mem,
+        cpus: args.cpus,
+        cmdline,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        socket: args.socket,
+        serials,
+        cpu_toggles,
+        kvm_pv,
+    };
+    match run(&config)? {
+        ExitReason::Failed(why) => bail!("{why}"),
+        _ => Ok(()),
+    }
+}
+
+fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => anyhow!("KVM is not available: /dev/kvm does not exist (is the kvm module loaded, is virtualization enabled?)"),
+        libc::EACCES | libc::EPERM => anyhow!("no permission to open /dev/kvm (add the user to the kvm group)"),
+        _ => anyhow!("cannot open /dev/kvm: {e}"),
+    })
+}
+
+/// The VM's KVM objects and devices, before the vCPUs start.
+/// Field order matters: everything holding the VM fd (the buses' interrupt closures) drops
+/// before `ram`, so KVM never keeps a slot over memory that was unmapped.
+struct Machine {
+    vm: Arc<VmFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    stdin_serial: Option<Arc<Mutex<Serial>>>,
+    exit: Arc<VmExit>,
+    ram: GuestRam,
+}
+
+fn serial_output(spec: &SerialSpec) -> Result<Box<dyn Write + Send>> {
+    Ok(match &spec.out {
+        SerialOut::Stdout => Box::new(io::stdout()),
+        SerialOut::Sink => Box::new(io::sink()),
+        SerialOut::File(p) => Box::new(
+            File::create(p).with_context(|| format!("cannot create serial file {}", p.display()))?,
+        ),
+    })
+}
+
+fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
+    let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM failed")?);
+    let size = config.mem_mib << 20;
+    let ram = GuestRam::new(size).map_err(|e| {
+        anyhow!(
+            "out of memory: cannot allocate {} MiB of guest RAM: {e}",
+            config.mem_mib
+        )
+    })?;
+    for (slot, (guest, len, host)) in ram.slots().into_iter().enumerate() {
+        sys::set_memory_slot(&vm, slot as u32, guest, len, host)
+            .with_context(|| format!("KVM_SET_USER_MEMORY_REGION {guest:#x}+{len:#x}"))?;
+    }
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .context("KVM_SET_TSS_ADDR failed")?;
+    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP failed")?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).context("KVM_CREATE_PIT2 failed")?;
+
+    let kernel = std::fs::read(&config.kernel)
+        .with_context(|| format!("cannot read kernel {}", config.kernel.display()))?;
+    let initrd = match &config.initrd {
+        Some(p) => {
+            Some(std::fs::read(p).with_context(|| format!("cannot read initrd {}", p.display()))?)
+        }
+        None => None,
+    };
+    boot::load(
+        &ram,
+        &kernel,
+        initrd.as_deref(),
+        &config.cmdline,
+        config.cpus,
+    )
+    .with_context(|| format!("cannot boot {}", config.kernel.display()))?;
+
+    let exit = Arc::new(VmExit::new().context("cannot create an eventfd")?);
+    let mut pio = Bus::default();
+    let mut stdin_serial = None;
+    for spec in &config.serials {
+        let (port, irq) = COM_PORTS[spec.num as usize - 1];
+        let vm_irq = vm.clone();
+        let pulse = Box::new(move || {
+            // An edge on the ISA line; failures here cannot be reported to the guest.
+            let _ = vm_irq.set_irq_line(irq, true);
+            let _ = vm_irq.set_irq_line(irq, false);
+        });
+        let serial = Arc::new(Mutex::new(Serial::new(serial_output(spec)?, pulse)));
+        pio.insert(serial.clone(), port, 8)?;
+        if spec.stdin {
+            stdin_serial = Some(serial);
+        }
+    }
+    let on_reset = {
+        let exit = exit.clone();
+        Box::new(move || exit.report(ExitReason::Reset))
+    };
+    pio.insert(Arc::new(Mutex::new(I8042::new(on_reset))), 0x60, 5)?;
+    let (below, above) = ram.split_at_4g();
+    pio.insert(Arc::new(Mutex::new(Cmos::new(below, above))), 0x70, 2)?;
+    Ok(Machine {
+        vm,
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::default()),
+        stdin_serial,
+        exit,
+        ram,
+    })
+}
+
+struct VcpuThread {
+    handle: JoinHandle<()>,
+    pthread: libc::pthread_t,
+}
+
+fn start_vcpus(
+    config: &VmConfig,
+    kvm: &Kvm,
+    m: &Machine,
+    stopping: &Arc<AtomicBool>,
+) -> Result<Vec<VcpuThread>> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .context("KVM_GET_SUPPORTED_CPUID failed")?;
+    sys::install_kick_handler().context("cannot install the vCPU kick signal handler")?;
+    let mut vcpus = Vec::new();
+    for id in 0..config.cpus {
+        let vcpu = m
+            .vm
+            .create_vcpu(id as u64)
+            .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
+        let cpuid = cpuid::for_vcpu(
+            &supported,
+            id as u8,
+            config.cpus as u8,
+            &config.cpu_toggles,
+            config.kvm_pv,
+        );
+        vcpu.set_cpuid2(&cpuid)
+            .with_context(|| format!("KVM_SET_CPUID2 on vCPU {id}"))?;
+        boot::regs::setup_common(&vcpu).with_context(|| format!("set-up of vCPU {id}"))?;
+        vcpus.push(vcpu);
+    }
+    let entry = boot::image::parse(&std::fs::read(&config.kernel)?)?.entry;
+    boot::regs::setup_boot_cpu(&vcpus[0], entry).context("set-up of the boot vCPU")?;
+
+    let mut threads = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let ctx = VcpuContext {
+            id,
+            pio: m.pio.clone(),
+            mmio: m.mmio.clone(),
+            exit: m.exit.clone(),
+            stopping: stopping.clone(),
+            ram: m.ram.clone(),
+        };
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let _ = tx.send(sys::current_thread());
+                vcpu::run(vcpu, ctx);
+            })
+            .with_context(|| format!("cannot start the thread of vCPU {id}"))?;
+        let pthread = rx
+            .recv()
+            .map_err(|_| anyhow!("vCPU {id} thread died at start"))?;
+        threads.push(VcpuThread { handle, pthread });
+    }
+    Ok(threads)
+}
+
+/// Kicks every vCPU out of KVM_RUN until all threads have ended.
+fn stop_vcpus(threads: Vec<VcpuThread>, stopping: &AtomicBool) {
+    stopping.store(true, Ordering::Release);
+    let mut last_kick = Instant::now() - Duration::from_secs(1);
+    while threads.iter().any(|t| !t.handle.is_finished()) {
+        if last_kick.elapsed() >= Duration::from_millis(10) {
+            for t in threads.iter().filter(|t| !t.handle.is_finished()) {
+                sys::kick_thread(t.pthread);
+            }
+            last_kick = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for t in threads {
+        if t.handle.join().is_err() {
+            eprintln!("ringvm: a vCPU thread panicked");
+        }
+    }
+}
+
+/// Feeds stdin to the serial port until EOF.
+async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
+    // A duplicate, so the AsyncFd owning it never closes the process's fd 0.
+    let Ok(fd) = io::stdin().lock().as_fd_dup() else {
+        return;
+    };
+    let stdin = executor::AsyncFd::new(fd);
+    loop {
+        let (res, buf) = stdin.read(Vec::with_capacity(256)).await;
+        match res {
+            Ok(0) => return,
+            Ok(n) => serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_input(&buf[..n]),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                if stdin.poll_readable().await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+trait DupFd {
+    fn as_fd_dup(&self) -> io::Result<std::os::fd::OwnedFd>;
+}
+
+impl DupFd for io::StdinLock<'_> {
+    fn as_fd_dup(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.as_fd().try_clone_to_owned()
+    }
+}
+
+/// Boots the VM and runs it until it ends; returns why it ended.
+pub fn run(config: &VmConfig) -> Result<ExitReason> {
+    let kvm = open_kvm()?;
+    let machine = build(config, &kvm)?;
+    let control = match &config.socket {
+        Some(p) => {
+            let path = control::socket_path(p);
+            Some(
+                ControlSocket::bind(&path)
+                    .with_context(|| format!("cannot bind control socket {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let ex = executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
+    let mut events = machine.exit.events()?;
+    let _raw = match &machine.stdin_serial {
+        Some(_) => sys::RawTerminal::new(0).context("cannot put the terminal in raw mode")?,
+        None => None,
+    };
+    let stopping = Arc::new(AtomicBool::new(false));
+    let threads = start_vcpus(config, &kvm, &machine, &stopping)?;
+
+    let exit = Rc::new(VmExitHandle(machine.exit.clone()));
+    ex.run_until(async {
+        if let Some(serial) = machine.stdin_serial.clone() {
+            executor::spawn(pump_stdin(serial)).detach();
+        }
+        let wait_exit = async {
+            while machine.exit.reason().is_none() {
+                if events.next_value().await.is_err() {
+                    break;
+                }
+            }
+        };
+        match &control {
+            Some(c) => {
+                let serve = std::pin::pin!(c.serve(exit.clone()));
+                let wait = std::pin::pin!(wait_exit);
+                if let Either::Right(((), _)) = select(wait, serve).await {
+                    // The control socket failed: keep running until the VM ends.
+                }
+            }
+            None => wait_exit.await,
+        }
+        while machine.exit.reason().is_none() {
+            if events.next_value().await.is_err() {
+                break;
+            }
+        }
+    });
+    stop_vcpus(threads, &stopping);
+    drop(ex);
+    Ok(machine
+        .exit
+        .reason()
+        .unwrap_or_else(|| ExitReason::Failed("the VM ended without a reason".into())))
+}

@@ -1,0 +1,288 @@
+//! `ringvm run` and `ringvm stop` through the real binary, with guests of a few hand-assembled
+//! instructions (entered in 64-bit mode through an ELF without a PVH note), and bad input.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const RINGVM: &str = env!("CARGO_BIN_EXE_ringvm");
+const LOAD: u64 = 0x20_0000;
+
+/// An ELF64 x86-64 image with one PT_LOAD of `code` at 2 MiB, entered at its start.
+fn elf(code: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 64];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2;
+    b[5] = 1;
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes());
+    b[18..20].copy_from_slice(&62u16.to_le_bytes());
+    b[24..32].copy_from_slice(&LOAD.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes());
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let mut ph = vec![0u8; 56];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes());
+    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
+    ph[8..16].copy_from_slice(&120u64.to_le_bytes());
+    ph[16..24].copy_from_slice(&LOAD.to_le_bytes());
+    ph[24..32].copy_from_slice(&LOAD.to_le_bytes());
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    b.extend(ph);
+    b.extend_from_slice(code);
+    b
+}
+
+/// Machine code that prints `text` on COM1.
+fn print(text: &str) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for byte in text.bytes() {
+        c.extend([0xb0, byte, 0xee]); // mov al, byte; out dx, al
+    }
+    c
+}
+
+const RESET: [u8; 6] = [0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]; // mov al,0xfe; out 0x64,al; jmp $
+const SPIN: [u8; 2] = [0xeb, 0xfe]; // jmp $
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("ringvm-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, bytes).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ringvm(args: &[&str]) -> Command {
+    let mut c = Command::new(RINGVM);
+    c.args(args).stdin(Stdio::null());
+    c
+}
+
+/// Runs to completion, failing the test (not hanging it) after `limit`.
+fn run_with_limit(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringvm");
+    wait_with_limit(&mut child, limit)
+}
+
+fn wait_with_limit(child: &mut Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut stdout = Vec::new();
+            let mut stderr = Vec::new();
+            if let Some(mut o) = child.stdout.take() {
+                o.read_to_end(&mut stdout).expect("read stdout");
+            }
+            if let Some(mut e) = child.stderr.take() {
+                e.read_to_end(&mut stderr).expect("read stderr");
+            }
+            return Output {
+                status,
+                stdout,
+                stderr,
+            };
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("ringvm did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn guest_prints_on_com1_and_reset_ends_the_vm_with_status_0() {
+    let dir = TempDir::new("reset");
+    let code = [print("hello from the guest\n"), RESET.to_vec()].concat();
+    let kernel = dir.file("k.elf", &elf(&code));
+    let out = run_with_limit(
+        ringvm(&["run", "-m", "64", kernel.to_str().expect("utf-8")]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from the guest\n");
+}
+
+#[test]
+fn serial_to_a_file_and_two_vcpus() {
+    let dir = TempDir::new("serialfile");
+    let code = [print("to a file"), RESET.to_vec()].concat();
+    let kernel = dir.file("k.elf", &elf(&code));
+    let log = dir.0.join("com1.log");
+    let serial = format!("type=file,path={}", log.display());
+    let out = run_with_limit(
+        ringvm(&[
+            "run",
+            "-c",
+            "2",
+            "--serial",
+            &serial,
+            kernel.to_str().expect("utf-8"),
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&log).expect("log"), "to a file");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn stop_through_the_control_socket_ends_a_spinning_guest() {
+    let dir = TempDir::new("stop");
+    let code = [print("up\n"), SPIN.to_vec()].concat();
+    let kernel = dir.file("k.elf", &elf(&code));
+    // A directory: the socket is named by the VM's pid inside it.
+    let mut child = ringvm(&[
+        "run",
+        "-s",
+        dir.0.to_str().expect("utf-8"),
+        kernel.to_str().expect("utf-8"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    let sock = dir.0.join(format!("ringvm-{}.sock", child.id()));
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Junk and unknown commands get an error reply and leave the VM running.
+    let junk = raw_request(&sock, b"\xff\xfe\n");
+    assert!(junk.starts_with("error:"), "{junk}");
+    let unknown = raw_request(&sock, b"reboot please\n");
+    assert!(unknown.contains("unknown command"), "{unknown}");
+    assert!(child.try_wait().expect("wait").is_none());
+
+    let stop = ringvm(&["stop", sock.to_str().expect("utf-8")])
+        .output()
+        .expect("ringvm stop");
+    assert!(stop.status.success(), "stop: {}", text(&stop.stderr));
+    let out = wait_with_limit(&mut child, Duration::from_secs(30));
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "up\n");
+    assert!(!sock.exists(), "the socket file is removed at exit");
+}
+
+fn raw_request(sock: &Path, bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    s.write_all(bytes).expect("send");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("reply");
+    reply
+}
+
+#[test]
+fn executing_from_mmio_reports_an_internal_error_with_rip() {
+    let dir = TempDir::new("internal");
+    // mov eax, 0xd0000000; jmp rax: instruction fetch from the MMIO hole.
+    let code = [0xb8, 0x00, 0x00, 0x00, 0xd0, 0xff, 0xe0];
+    let kernel = dir.file("k.elf", &elf(&code));
+    let out = run_with_limit(
+        ringvm(&["run", kernel.to_str().expect("utf-8")]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("internal error"), "{err}");
+    assert!(err.contains("rip 0xd0000000"), "{err}");
+}
+
+#[test]
+fn bad_kernel_images_are_named_errors() {
+    let dir = TempDir::new("badimg");
+    let garbage = dir.file("garbage", b"this is not a kernel");
+    let out = run_with_limit(
+        ringvm(&["run", garbage.to_str().expect("utf-8")]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("bad kernel image"), "{}", text(&out.stderr));
+
+    let mut truncated = elf(&RESET);
+    truncated.truncate(100);
+    let t = dir.file("truncated", &truncated);
+    let out = run_with_limit(
+        ringvm(&["run", t.to_str().expect("utf-8")]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("truncated"), "{}", text(&out.stderr));
+
+    // A segment that lands in the MMIO hole, outside RAM.
+    let mut outside = elf(&RESET);
+    outside[64 + 24..64 + 32].copy_from_slice(&0xd000_0000u64.to_le_bytes());
+    let o = dir.file("outside", &outside);
+    let out = run_with_limit(
+        ringvm(&["run", o.to_str().expect("utf-8")]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("does not fit in guest RAM"), "{}", text(&out.stderr));
+
+    let out = run_with_limit(ringvm(&["run", "/nonexistent/kernel"]), Duration::from_secs(30));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("cannot read kernel"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn bad_arguments_are_rejected_before_booting() {
+    let dir = TempDir::new("badargs");
+    let kernel = dir.file("k.elf", &elf(&RESET));
+    let k = kernel.to_str().expect("utf-8");
+    for (args, needle) in [
+        (vec!["run", "-m", "1", k], "at least 16 MiB"),
+        (vec!["run", "-c", "0", k], "--cpus 0"),
+        (vec!["run", "--serial", "type=tcp", k], "type=tcp"),
+        (vec!["run", "--cpu-features", "-nosuchflag", k], "unknown cpu feature"),
+        (vec!["run", "-m", "many", k], "many"),
+    ] {
+        let out = run_with_limit(ringvm(&args), Duration::from_secs(30));
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let all = text(&out.stderr) + &text(&out.stdout);
+        assert!(all.contains(needle), "{args:?}: {all}");
+    }
+    let long = "x".repeat(5000);
+    let out = run_with_limit(ringvm(&["run", "-p", &long, k]), Duration::from_secs(30));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("command line"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn stop_without_a_vm_is_an_error() {
+    let out = run_with_limit(
+        ringvm(&["stop", "/nonexistent/ringvm.sock"]),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("cannot reach the control socket"));
+}
