@@ -44,7 +44,7 @@ impl ControlSocket {
     }
 
     /// Serves connections until the executor stops polling it.
-    pub async fn serve(&self, exit: Rc<VmExitHandle>) {
+    pub async fn serve(self: Rc<Self>, exit: Rc<VmExitHandle>) {
         loop {
             match self.listener.accept().await {
                 Ok(conn) => {

@@ -176,6 +176,10 @@ pub fn for_vcpu(
                 e.eax = 0;
                 e.ecx = 0;
             }
+            0x8000_0008 => {
+                // AMD: cores per package - 1.
+                e.ecx = (e.ecx & !0xff) | u32::from(count.saturating_sub(1));
+            }
             0x4000_0001 if kvm_pv == Some(false) => {
                 e.eax = 0;
                 e.edx = 0;

@@ -11,7 +11,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures::future::{select, Either};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -55,7 +54,10 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
     };
     let mut cmdline = args.params.join(" ");
     if let Some(console) = serials.iter().find(|s| s.console) {
-        if !cmdline.split_whitespace().any(|p| p.starts_with("console=")) {
+        if !cmdline
+            .split_whitespace()
+            .any(|p| p.starts_with("console="))
+        {
             let sep = if cmdline.is_empty() { "" } else { " " };
             cmdline = format!("console=ttyS{}{sep}{cmdline}", console.num - 1);
         }
@@ -102,7 +104,8 @@ fn serial_output(spec: &SerialSpec) -> Result<Box<dyn Write + Send>> {
         SerialOut::Stdout => Box::new(io::stdout()),
         SerialOut::Sink => Box::new(io::sink()),
         SerialOut::File(p) => Box::new(
-            File::create(p).with_context(|| format!("cannot create serial file {}", p.display()))?,
+            File::create(p)
+                .with_context(|| format!("cannot create serial file {}", p.display()))?,
         ),
     })
 }
@@ -197,10 +200,9 @@ fn start_vcpus(
     sys::install_kick_handler().context("cannot install the vCPU kick signal handler")?;
     let mut vcpus = Vec::new();
     for id in 0..config.cpus {
-        let vcpu = m
-            .vm
-            .create_vcpu(id as u64)
-            .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
+        let vcpu =
+            m.vm.create_vcpu(id as u64)
+                .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
         let cpuid = cpuid::for_vcpu(
             &supported,
             id as u8,
@@ -305,14 +307,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     let control = match &config.socket {
         Some(p) => {
             let path = control::socket_path(p);
-            Some(
-                ControlSocket::bind(&path)
-                    .with_context(|| format!("cannot bind control socket {}", path.display()))?,
-            )
+            Some(Rc::new(ControlSocket::bind(&path).with_context(|| {
+                format!("cannot bind control socket {}", path.display())
+            })?))
         }
         None => None,
     };
-    let ex = executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
+    let ex =
+        executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
     let mut events = machine.exit.events()?;
     let _raw = match &machine.stdin_serial {
         Some(_) => sys::RawTerminal::new(0).context("cannot put the terminal in raw mode")?,
@@ -326,23 +328,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         if let Some(serial) = machine.stdin_serial.clone() {
             executor::spawn(pump_stdin(serial)).detach();
         }
-        let wait_exit = async {
-            while machine.exit.reason().is_none() {
-                if events.next_value().await.is_err() {
-                    break;
-                }
-            }
-        };
-        match &control {
-            Some(c) => {
-                let serve = std::pin::pin!(c.serve(exit.clone()));
-                let wait = std::pin::pin!(wait_exit);
-                if let Either::Right(((), _)) = select(wait, serve).await {
-                    // The control socket failed: keep running until the VM ends.
-                }
-            }
-            None => wait_exit.await,
+        if let Some(c) = &control {
+            executor::spawn(c.clone().serve(exit.clone())).detach();
         }
+        // A failed control socket only ends its task; the VM runs until it ends.
         while machine.exit.reason().is_none() {
             if events.next_value().await.is_err() {
                 break;

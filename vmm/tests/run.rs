@@ -226,7 +226,11 @@ fn bad_kernel_images_are_named_errors() {
         Duration::from_secs(30),
     );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("bad kernel image"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("bad kernel image"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let mut truncated = elf(&RESET);
     truncated.truncate(100);
@@ -236,7 +240,11 @@ fn bad_kernel_images_are_named_errors() {
         Duration::from_secs(30),
     );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("truncated"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("truncated"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A segment that lands in the MMIO hole, outside RAM.
     let mut outside = elf(&RESET);
@@ -247,11 +255,22 @@ fn bad_kernel_images_are_named_errors() {
         Duration::from_secs(30),
     );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("does not fit in guest RAM"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("does not fit in guest RAM"),
+        "{}",
+        text(&out.stderr)
+    );
 
-    let out = run_with_limit(ringvm(&["run", "/nonexistent/kernel"]), Duration::from_secs(30));
+    let out = run_with_limit(
+        ringvm(&["run", "/nonexistent/kernel"]),
+        Duration::from_secs(30),
+    );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("cannot read kernel"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot read kernel"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -263,7 +282,10 @@ fn bad_arguments_are_rejected_before_booting() {
         (vec!["run", "-m", "1", k], "at least 16 MiB"),
         (vec!["run", "-c", "0", k], "--cpus 0"),
         (vec!["run", "--serial", "type=tcp", k], "type=tcp"),
-        (vec!["run", "--cpu-features", "-nosuchflag", k], "unknown cpu feature"),
+        (
+            vec!["run", "--cpu-features", "-nosuchflag", k],
+            "unknown cpu feature",
+        ),
         (vec!["run", "-m", "many", k], "many"),
     ] {
         let out = run_with_limit(ringvm(&args), Duration::from_secs(30));
@@ -274,7 +296,11 @@ fn bad_arguments_are_rejected_before_booting() {
     let long = "x".repeat(5000);
     let out = run_with_limit(ringvm(&["run", "-p", &long, k]), Duration::from_secs(30));
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("command line"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("command line"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

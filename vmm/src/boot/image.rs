@@ -49,7 +49,9 @@ pub enum ImageError {
     ElfNotX86 { class: u8, data: u8, machine: u16 },
     #[error("ELF image has no loadable segment")]
     ElfNoLoad,
-    #[error("ELF segment at {addr:#x} has file size {filesz:#x} larger than memory size {memsz:#x}")]
+    #[error(
+        "ELF segment at {addr:#x} has file size {filesz:#x} larger than memory size {memsz:#x}"
+    )]
     ElfSegmentSize { addr: u64, filesz: u64, memsz: u64 },
     #[error("32-bit ELF image without a PVH entry note cannot be booted")]
     Elf32NoPvh,
@@ -255,7 +257,10 @@ fn parse_bzimage(b: &[u8]) -> Result<Kernel, ImageError> {
     }
     // The header ends at 0x202 + the byte at 0x201 (its jump offset).
     let hdr_end = 0x202 + b[0x201] as usize;
-    let header = b.get(0x1f1..hdr_end).ok_or(bounds("header length"))?.to_vec();
+    let header = b
+        .get(0x1f1..hdr_end)
+        .ok_or(bounds("header length"))?
+        .to_vec();
     let initrd_addr_max = u32_at(b, 0x22c).ok_or(bounds("initrd_addr_max"))? as u64;
     let cmdline_max = u32_at(b, 0x238).ok_or(bounds("cmdline_size"))? as usize;
     let len = (b.len() - kernel_off) as u64;

@@ -179,7 +179,10 @@ pub fn pvh_start_info(initrd: Option<(u64, u64)>, map: &[MemRange]) -> Vec<(u64,
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// An Intel MP table (spec 1.4) for `cpus` processors, an ISA bus and one IOAPIC with the 16

@@ -78,7 +78,13 @@ pub fn load(
 
     let map = e820_map(ram.size());
     let initrd = match initrd {
-        Some(data) => Some(place_initrd(ram, &map, data, kernel_end, kernel.initrd_addr_max)?),
+        Some(data) => Some(place_initrd(
+            ram,
+            &map,
+            data,
+            kernel_end,
+            kernel.initrd_addr_max,
+        )?),
         None => None,
     };
 

@@ -53,7 +53,10 @@ impl Bus {
     }
 
     fn find(&self, addr: u64, size: usize) -> Option<(&Range, u64)> {
-        let i = self.ranges.partition_point(|r| r.base <= addr).checked_sub(1)?;
+        let i = self
+            .ranges
+            .partition_point(|r| r.base <= addr)
+            .checked_sub(1)?;
         let r = &self.ranges[i];
         let off = addr - r.base;
         (off + size as u64 <= r.len).then_some((r, off))
@@ -109,8 +112,10 @@ mod tests {
     #[test]
     fn routes_by_range_and_rejects_overlap() {
         let mut bus = Bus::default();
-        bus.insert(Arc::new(Mutex::new(Reg(10))), 0x3f8, 8).expect("free");
-        bus.insert(Arc::new(Mutex::new(Reg(20))), 0x70, 2).expect("free");
+        bus.insert(Arc::new(Mutex::new(Reg(10))), 0x3f8, 8)
+            .expect("free");
+        bus.insert(Arc::new(Mutex::new(Reg(20))), 0x70, 2)
+            .expect("free");
         assert!(bus.insert(Arc::new(Mutex::new(Reg(0))), 0x3fc, 8).is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Reg(0))), 0x10, 0).is_err());
         let mut b = [0u8];

@@ -49,8 +49,8 @@ impl Cmos {
         data[REG_A] = 0x26;
         data[REG_B] = B_24H;
         data[REG_D] = 0x80; // RAM and time valid
-        // Extended memory 1-64 MiB in KiB (0x30/0x31, 0x17/0x18), above 16 MiB in 64 KiB
-        // units (0x34/0x35) and above 4 GiB in 64 KiB units (0x5b..0x5d), as PC firmware does.
+                            // Extended memory 1-64 MiB in KiB (0x30/0x31, 0x17/0x18), above 16 MiB in 64 KiB
+                            // units (0x34/0x35) and above 4 GiB in 64 KiB units (0x5b..0x5d), as PC firmware does.
         let ext_kib = (below_4g.saturating_sub(1 << 20) >> 10).min(0xffff) as u16;
         data[0x17..0x19].copy_from_slice(&ext_kib.to_le_bytes());
         data[0x30..0x32].copy_from_slice(&ext_kib.to_le_bytes());
