@@ -1,0 +1,695 @@
+//! The executor: run queues, the loop, and ring set-up.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{self, ThreadId};
+
+use async_task::Runnable;
+use io_uring::{opcode, register::Restriction, squeue, IoUring};
+
+use crate::driver::{Driver, DriverRef};
+use crate::{Error, Result};
+
+/// A spawned task: await it for its output, `detach()` it to let it run on, or drop it to
+/// cancel it.
+pub type Task<T> = async_task::Task<T>;
+
+/// Opcodes the executor itself uses, allowed in every restricted ring: the read that wakes
+/// the ring from other threads, and the cancellation of dropped operations.
+pub const ALWAYS_ALLOWED_OPS: [u8; 3] = [
+    opcode::Read::CODE,
+    opcode::AsyncCancel::CODE,
+    opcode::Nop::CODE,
+];
+
+/// Opcodes that open or name a path, or open a socket or a connection: never allowed in a
+/// restricted ring, whose purpose is that the process cannot reach anything new (seccomp does
+/// not see io_uring operations, so a path op here would bypass the sandbox's syscall policy).
+const FORBIDDEN_OPS: [u8; 15] = [
+    opcode::OpenAt::CODE,
+    opcode::OpenAt2::CODE,
+    opcode::Statx::CODE,
+    opcode::RenameAt::CODE,
+    opcode::UnlinkAt::CODE,
+    opcode::MkDirAt::CODE,
+    opcode::SymlinkAt::CODE,
+    opcode::LinkAt::CODE,
+    opcode::GetXattr::CODE,
+    opcode::SetXattr::CODE,
+    opcode::Socket::CODE,
+    opcode::Connect::CODE,
+    opcode::Accept::CODE,
+    opcode::Bind::CODE,
+    opcode::Listen::CODE,
+];
+
+/// How many queued tasks run before the loop looks at the ring again.
+const TASK_BUDGET: usize = 256;
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+/// The part of an executor other threads can reach: the remote run queue and the eventfd
+/// that wakes the ring.
+struct Shared {
+    id: usize,
+    /// The thread the executor (and every task on it) belongs to.
+    owner: ThreadId,
+    /// Set when the executor is dropped: a task scheduled afterwards can never run again.
+    closed: AtomicBool,
+    remote: Mutex<VecDeque<Runnable>>,
+    /// Set while the executor blocks in the ring: a remote wake must write the eventfd.
+    sleeping: AtomicBool,
+    /// Owned here, not by the driver: a waker on another thread may outlive the executor,
+    /// and must never write to a closed (or reused) descriptor.
+    wake_fd: OwnedFd,
+}
+
+impl Shared {
+    fn schedule(self: &Arc<Self>, runnable: Runnable) {
+        if self.closed.load(Ordering::Acquire) && thread::current().id() == self.owner {
+            // The executor is gone and will never run this task: drop its future now, on its
+            // own thread (a `Task` handle dropped after the executor, say). Queued instead, the
+            // task would keep `self` alive through its schedule function, and leak both.
+            drop(runnable);
+            return;
+        }
+        let mut runnable = Some(runnable);
+        // Fails only while this thread's locals are destroyed: it runs no executor then.
+        let _ = CURRENT.try_with(|cur| {
+            if let Some(inner) = &*cur.borrow() {
+                if inner.shared.id == self.id {
+                    inner.local.borrow_mut().extend(runnable.take());
+                }
+            }
+        });
+        if let Some(runnable) = runnable {
+            self.remote
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back(runnable);
+            self.notify();
+        }
+    }
+
+    /// Wakes the ring if the executor is blocked in it.
+    fn notify(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to the eventfd `self` owns.
+            unsafe { libc::write(self.wake_fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+struct Inner {
+    /// Declared first: the driver reads the wake eventfd that `shared` owns.
+    driver: DriverRef,
+    local: RefCell<VecDeque<Runnable>>,
+    shared: Arc<Shared>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Inner>>> = const { RefCell::new(None) };
+}
+
+/// The driver of the executor running on this thread.
+pub(crate) fn current_driver() -> io::Result<DriverRef> {
+    CURRENT.with(|cur| {
+        cur.borrow()
+            .as_ref()
+            .map(|inner| inner.driver.clone())
+            .ok_or_else(|| io::Error::other("no executor is running on this thread"))
+    })
+}
+
+/// Makes `inner` the current executor until dropped; restores the previous one.
+struct Enter(Option<Rc<Inner>>);
+
+impl Enter {
+    fn new(inner: &Rc<Inner>) -> Enter {
+        Enter(CURRENT.with(|cur| cur.borrow_mut().replace(inner.clone())))
+    }
+}
+
+impl Drop for Enter {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        // The replaced executor is dropped after the borrow ends.
+        drop(CURRENT.with(|cur| cur.replace(prev)));
+    }
+}
+
+/// Builds an [`Executor`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    entries: u32,
+    allowed_ops: Option<Vec<u8>>,
+    files: Vec<RawFd>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            entries: 256,
+            allowed_ops: None,
+            files: Vec::new(),
+        }
+    }
+}
+
+impl Builder {
+    /// A builder with 256 submission queue entries and no restrictions.
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// Submission queue size (rounded up to a power of two by the kernel).
+    pub fn entries(mut self, entries: u32) -> Builder {
+        self.entries = entries;
+        self
+    }
+
+    /// Restricts the ring to these opcodes (plus [`ALWAYS_ALLOWED_OPS`]) with
+    /// IORING_REGISTER_RESTRICTIONS; no registration is allowed once the ring is enabled.
+    /// Opcodes that open or name paths, or open sockets or connections, are refused by
+    /// `build` ([`crate::Error::ForbiddenOpcode`]).
+    pub fn allow_ops(mut self, ops: &[u8]) -> Builder {
+        self.allowed_ops = Some(ops.to_vec());
+        self
+    }
+
+    /// Registers these files; [`crate::AsyncFd::fixed`] then refers to them by index.
+    pub fn register_files(mut self, fds: &[RawFd]) -> Builder {
+        self.files = fds.to_vec();
+        self
+    }
+
+    /// Creates the ring (disabled when restricted), registers the restrictions and the files,
+    /// enables it, and arms the wake eventfd.
+    pub fn build(self) -> Result<Executor> {
+        if let Some(ops) = &self.allowed_ops {
+            if let Some(op) = ops.iter().find(|op| FORBIDDEN_OPS.contains(op)) {
+                return Err(Error::ForbiddenOpcode(*op));
+            }
+        }
+        let mut b = IoUring::<squeue::Entry>::builder();
+        if self.allowed_ops.is_some() {
+            b.setup_r_disabled();
+        }
+        let ring = b
+            .build(self.entries)
+            .map_err(|e| classify_setup_error(e, Error::Setup))?;
+        let submitter = ring.submitter();
+        if let Some(ops) = &self.allowed_ops {
+            let mut res: Vec<Restriction> = ops
+                .iter()
+                .chain(ALWAYS_ALLOWED_OPS.iter())
+                .map(|op| Restriction::sqe_op(*op))
+                .collect();
+            res.push(Restriction::sqe_flags_allowed(
+                (squeue::Flags::FIXED_FILE | squeue::Flags::ASYNC | squeue::Flags::IO_LINK).bits(),
+            ));
+            submitter
+                .register_restrictions(&mut res)
+                .map_err(Error::RegisterRestrictions)?;
+        }
+        if !self.files.is_empty() {
+            submitter
+                .register_files(&self.files)
+                .map_err(Error::RegisterFiles)?;
+        }
+        if self.allowed_ops.is_some() {
+            submitter.register_enable_rings().map_err(Error::Enable)?;
+        }
+        // Blocking on purpose: io_uring completes reads of O_NONBLOCK files with EAGAIN.
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::WakeEventFd(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let wake_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let driver = Rc::new(RefCell::new(Driver::new(ring, wake_fd.as_raw_fd())));
+        let shared = Arc::new(Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            owner: thread::current().id(),
+            closed: AtomicBool::new(false),
+            remote: Mutex::new(VecDeque::new()),
+            sleeping: AtomicBool::new(false),
+            wake_fd,
+        });
+        Ok(Executor {
+            inner: Rc::new(Inner {
+                driver,
+                local: RefCell::new(VecDeque::new()),
+                shared,
+            }),
+        })
+    }
+}
+
+fn classify_setup_error(e: io::Error, other: fn(io::Error) -> Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) | Some(libc::EPERM) => Error::Unsupported(e),
+        _ => other(e),
+    }
+}
+
+/// Checks that io_uring can be used here: the sysctl allows it and a ring can be created.
+pub fn probe() -> Result<()> {
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        if s.trim() == "2" {
+            return Err(Error::Unsupported(io::Error::other(
+                "disabled by kernel.io_uring_disabled=2",
+            )));
+        }
+    }
+    IoUring::<squeue::Entry>::new(2)
+        .map(drop)
+        .map_err(|e| classify_setup_error(e, Error::Unsupported))
+}
+
+/// Whether io_uring can be used here (see [`probe`] for the reason when it cannot).
+pub fn is_supported() -> bool {
+    probe().is_ok()
+}
+
+/// A single-threaded io_uring executor. See the crate documentation.
+pub struct Executor {
+    inner: Rc<Inner>,
+}
+
+impl fmt::Debug for Executor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Executor")
+            .field("id", &self.inner.shared.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Executor {
+    /// An executor with default settings.
+    pub fn new() -> Result<Executor> {
+        Builder::new().build()
+    }
+
+    /// Spawns a task on this executor. It runs when the executor runs.
+    pub fn spawn<F>(&self, future: F) -> Task<F::Output>
+    where
+        F: Future + 'static,
+        F::Output: 'static,
+    {
+        spawn_on(&self.inner, future)
+    }
+
+    /// Runs the executor, with every spawned task, until `future` completes.
+    pub fn run_until<F: Future>(&self, future: F) -> F::Output {
+        let _enter = Enter::new(&self.inner);
+        let inner = &*self.inner;
+        let main = Arc::new(MainWaker {
+            woken: AtomicBool::new(true),
+            shared: inner.shared.clone(),
+        });
+        let waker = Waker::from(main.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut future = pin!(future);
+        let mut wakers = Vec::new();
+        let mut garbage = Vec::new();
+        loop {
+            if main.woken.swap(false, Ordering::AcqRel) {
+                if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                    return out;
+                }
+            }
+            inner.run_tasks();
+            let has_work = {
+                let mut d = inner.driver.borrow_mut();
+                d.reap();
+                d.take_ready(&mut wakers, &mut garbage);
+                !wakers.is_empty()
+            };
+            garbage.clear();
+            let has_work = has_work || !inner.local.borrow().is_empty();
+            for w in wakers.drain(..) {
+                w.wake();
+            }
+            if has_work || main.woken.load(Ordering::Acquire) {
+                let mut d = inner.driver.borrow_mut();
+                if d.has_pending_sqes() {
+                    if let Err(e) = d.submit() {
+                        panic!("io_uring submission failed: {e}");
+                    }
+                }
+            } else {
+                inner.park(&main);
+            }
+        }
+    }
+
+    /// Spawns nothing; runs queued tasks until none is runnable, and returns.
+    pub fn run_until_stalled(&self) {
+        let _enter = Enter::new(&self.inner);
+        let mut wakers = Vec::new();
+        let mut garbage = Vec::new();
+        loop {
+            self.inner.run_tasks();
+            {
+                let mut d = self.inner.driver.borrow_mut();
+                if d.has_pending_sqes() {
+                    // An op the kernel did not take stays queued for the next turn.
+                    let _ = d.submit();
+                }
+                d.reap();
+                d.take_ready(&mut wakers, &mut garbage);
+            }
+            garbage.clear();
+            let idle = wakers.is_empty()
+                && self.inner.local.borrow().is_empty()
+                && self
+                    .inner
+                    .shared
+                    .remote
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty();
+            for w in wakers.drain(..) {
+                w.wake();
+            }
+            if idle {
+                return;
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Runs up to TASK_BUDGET queued tasks, taking in the remote queue first.
+    fn run_tasks(&self) {
+        {
+            let mut remote = self.shared.remote.lock().unwrap_or_else(|e| e.into_inner());
+            if !remote.is_empty() {
+                self.local.borrow_mut().extend(remote.drain(..));
+            }
+        }
+        for _ in 0..TASK_BUDGET {
+            let Some(runnable) = self.local.borrow_mut().pop_front() else {
+                break;
+            };
+            runnable.run();
+        }
+    }
+
+    /// Blocks in the ring until a completion or a wake arrives.
+    fn park(&self, main: &MainWaker) {
+        let mut d = self.driver.borrow_mut();
+        if let Err(e) = d.arm_wake() {
+            panic!("io_uring submission failed: {e}");
+        }
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        // A full submission queue makes `push` submit, which may have reaped completions.
+        let woken = d.has_ready()
+            || main.woken.load(Ordering::SeqCst)
+            || !self
+                .shared
+                .remote
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+        let res = if woken {
+            d.submit()
+        } else {
+            d.submit_and_wait()
+        };
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        if let Err(e) = res {
+            panic!("io_uring wait failed: {e}");
+        }
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        let _enter = Enter::new(&self.inner);
+        // From now on a task scheduled on this thread is dropped at once (see `schedule`).
+        self.inner.shared.closed.store(true, Ordering::SeqCst);
+        loop {
+            self.inner.drop_tasks();
+            // Afterwards the kernel holds no pointer into this process.
+            self.inner.driver.borrow_mut().shutdown();
+            let (mut wakers, mut garbage) = (Vec::new(), Vec::new());
+            self.inner
+                .driver
+                .borrow_mut()
+                .take_ready(&mut wakers, &mut garbage);
+            if wakers.is_empty() && garbage.is_empty() {
+                break;
+            }
+            // Either may run code that spawns or submits again: go round once more.
+            for waker in wakers {
+                waker.wake();
+            }
+            drop(garbage);
+        }
+    }
+}
+
+impl Inner {
+    /// Drops every task of a closed executor: queued ones directly; those waiting on an
+    /// operation by waking them, which schedules them, which drops them. A task that waits on
+    /// another task is woken when that one is dropped, so chains unwind too; waking rather
+    /// than dropping the wakers also reaches tasks whose `Task` handle is still held. Their
+    /// operations become ignored.
+    fn drop_tasks(&self) {
+        loop {
+            let mut runnables: Vec<Runnable> = self.local.borrow_mut().drain(..).collect();
+            runnables.extend(
+                self.shared
+                    .remote
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drain(..),
+            );
+            let wakers = self.driver.borrow_mut().take_waiting_wakers();
+            if runnables.is_empty() && wakers.is_empty() {
+                break;
+            }
+            drop(runnables);
+            for waker in wakers {
+                waker.wake();
+            }
+        }
+    }
+}
+
+fn spawn_on<F>(inner: &Rc<Inner>, future: F) -> Task<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let shared = inner.shared.clone();
+    let (runnable, task) = async_task::spawn_local(future, move |r| shared.schedule(r));
+    runnable.schedule();
+    task
+}
+
+/// Spawns a task on the executor running on this thread.
+///
+/// # Panics
+/// When no executor runs on this thread: spawning is only meaningful from inside one.
+pub fn spawn<F>(future: F) -> Task<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    CURRENT.with(|cur| {
+        let cur = cur.borrow();
+        let inner = cur
+            .as_ref()
+            .expect("executor::spawn called outside a running executor");
+        spawn_on(inner, future)
+    })
+}
+
+/// Runs `future` to completion on a new executor with default settings.
+pub fn block_on<F: Future>(future: F) -> Result<F::Output> {
+    Ok(Executor::new()?.run_until(future))
+}
+
+/// Yields once to the other runnable tasks.
+pub async fn yield_now() {
+    let yielded = Cell::new(false);
+    std::future::poll_fn(|cx| {
+        if yielded.replace(true) {
+            Poll::Ready(())
+        } else {
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Waker of the future passed to `run_until`.
+struct MainWaker {
+    woken: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl Wake for MainWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        self.shared.notify();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Whether `fd` has something to read, without reading it.
+    fn readable(fd: &OwnedFd) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        assert!(unsafe { libc::poll(&mut pfd, 1, 0) } >= 0);
+        pfd.revents & libc::POLLIN != 0
+    }
+
+    #[test]
+    fn forbidden_ops_are_never_always_allowed() {
+        for op in ALWAYS_ALLOWED_OPS {
+            assert!(!FORBIDDEN_OPS.contains(&op));
+        }
+    }
+
+    #[test]
+    fn notify_writes_the_eventfd_only_while_sleeping() {
+        let ex = Executor::new().unwrap();
+        let shared = &ex.inner.shared;
+        shared.notify();
+        assert!(!readable(&shared.wake_fd), "awake: no syscall");
+        shared.sleeping.store(true, Ordering::SeqCst);
+        shared.notify();
+        assert!(readable(&shared.wake_fd));
+        assert!(
+            !shared.sleeping.load(Ordering::SeqCst),
+            "one write per sleep"
+        );
+    }
+
+    #[test]
+    fn remote_wake_reaches_an_executor_blocked_in_the_ring() {
+        let ex = Executor::new().unwrap();
+        let shared = ex.inner.shared.clone();
+        let flag = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel::<Waker>();
+        let f = flag.clone();
+        let t = thread::spawn(move || {
+            let waker = rx.recv().unwrap();
+            // Wait until the executor is parked in io_uring_enter, then wake it.
+            while !shared.sleeping.load(Ordering::SeqCst) {
+                thread::yield_now();
+            }
+            f.store(true, Ordering::SeqCst);
+            waker.wake();
+        });
+        let mut tx = Some(tx);
+        let task = ex.spawn(std::future::poll_fn(move |cx| {
+            if flag.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            if let Some(tx) = tx.take() {
+                tx.send(cx.waker().clone()).unwrap();
+            }
+            Poll::Pending
+        }));
+        ex.run_until(task);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn schedule_from_another_thread_goes_to_the_remote_queue() {
+        let ex = Executor::new().unwrap();
+        let task = ex.spawn(async { 5 });
+        // Spawned outside `run_until`: nothing is current, so it was queued remotely.
+        assert_eq!(ex.inner.shared.remote.lock().unwrap().len(), 1);
+        let shared = ex.inner.shared.clone();
+        let ran = ex.run_until(async move {
+            let (runnable, task) = async_task::spawn(async { 6 }, {
+                let shared = shared.clone();
+                move |r| shared.schedule(r)
+            });
+            std::thread::spawn(move || runnable.schedule())
+                .join()
+                .unwrap();
+            task.await
+        });
+        assert_eq!(ran, 6);
+        assert_eq!(ex.run_until(task), 5);
+        assert!(ex.inner.local.borrow().is_empty());
+    }
+
+    #[test]
+    fn tasks_scheduled_after_the_executor_is_dropped_are_dropped() {
+        let ex = Executor::new().unwrap();
+        let shared = ex.inner.shared.clone();
+        let token = Arc::new(());
+        let t = token.clone();
+        let (runnable, task) = async_task::spawn_local(async move { drop(t) }, {
+            let shared = shared.clone();
+            move |r| shared.schedule(r)
+        });
+        drop(ex);
+        assert!(shared.closed.load(Ordering::SeqCst));
+        runnable.schedule();
+        assert_eq!(Arc::strong_count(&token), 1, "dropped, not queued");
+        assert!(shared.remote.lock().unwrap().is_empty());
+        drop(task);
+    }
+
+    #[test]
+    fn yield_now_is_pending_exactly_once() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut y = Box::pin(yield_now());
+        assert!(y.as_mut().poll(&mut cx).is_pending());
+        assert!(y.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn current_driver_is_set_only_inside_the_executor() {
+        assert!(current_driver().is_err());
+        let ex = Executor::new().unwrap();
+        ex.run_until(async { assert!(current_driver().is_ok()) });
+        assert!(current_driver().is_err());
+    }
+
+    #[test]
+    fn nested_enter_restores_the_outer_executor() {
+        let a = Executor::new().unwrap();
+        let b = Executor::new().unwrap();
+        a.run_until(async {
+            let outer = current_driver().unwrap();
+            b.run_until(async {
+                assert!(!Rc::ptr_eq(&current_driver().unwrap(), &outer));
+            });
+            assert!(Rc::ptr_eq(&current_driver().unwrap(), &outer));
+        });
+    }
+}
