@@ -42,6 +42,10 @@ pub(crate) struct Driver {
     /// `Driver::shutdown` reaped every completion) before the resources in `ops` are freed.
     ring: IoUring,
     ops: Slab<Lifecycle>,
+    /// Generation of each op table slot, bumped when the slot is reused: an op's `user_data`
+    /// is `generation << 32 | index`, so a cancel queued for a finished op can never hit a
+    /// later op that reuses its slot.
+    generations: Vec<u32>,
     /// Operations in the kernel, including ignored ones and the wake read.
     in_flight: usize,
     /// Eventfd that other threads write to wake the ring (owned by the executor's shared
@@ -58,11 +62,17 @@ pub(crate) struct Driver {
 
 pub(crate) type DriverRef = Rc<RefCell<Driver>>;
 
+/// io_uring_enter errors that pass: the kernel could not allocate requests right now.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOMEM))
+}
+
 impl Driver {
     pub(crate) fn new(ring: IoUring, wake_fd: RawFd) -> Driver {
         Driver {
             ring,
             ops: Slab::with_capacity(64),
+            generations: Vec::with_capacity(64),
             in_flight: 0,
             wake_fd,
             wake_buf: Box::new(0),
@@ -70,6 +80,21 @@ impl Driver {
             to_wake: Vec::new(),
             garbage: Vec::new(),
         }
+    }
+
+    /// The `user_data` of the op in slot `index`.
+    fn token(&self, index: usize) -> u64 {
+        (u64::from(self.generations[index]) << 32) | index as u64
+    }
+
+    /// Takes a slot for a new op.
+    fn insert(&mut self, state: Lifecycle) -> usize {
+        let index = self.ops.insert(state);
+        if self.generations.len() <= index {
+            self.generations.resize(index + 1, 0);
+        }
+        self.generations[index] = self.generations[index].wrapping_add(1);
+        index
     }
 
     /// Queues one SQE; submits the queue first when it is full.
@@ -99,6 +124,13 @@ impl Driver {
                         return Ok(());
                     }
                 }
+                // The kernel is short of memory for requests: the SQEs stay queued and go
+                // with the next submission.
+                Err(e) if is_transient(&e) => {
+                    self.reap();
+                    std::thread::yield_now();
+                    return Ok(());
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -112,7 +144,7 @@ impl Driver {
         match self.ring.submit_and_wait(1) {
             Ok(_) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) || is_transient(&e) => {
                 self.reap();
                 Ok(())
             }
@@ -162,7 +194,10 @@ impl Driver {
                 self.wake_armed = false;
                 continue;
             }
-            let index = token as usize;
+            let index = (token & 0xffff_ffff) as usize;
+            if self.generations.get(index).map(|g| u64::from(*g)) != Some(token >> 32) {
+                continue;
+            }
             let Some(state) = self.ops.get_mut(index) else {
                 continue;
             };
@@ -196,7 +231,7 @@ impl Driver {
     }
 
     fn cancel(&mut self, index: usize) -> io::Result<()> {
-        let sqe = opcode::AsyncCancel::new(index as u64)
+        let sqe = opcode::AsyncCancel::new(self.token(index))
             .build()
             .user_data(CANCEL_TOKEN);
         // SAFETY: a cancel request holds no pointers.
@@ -257,8 +292,8 @@ impl Driver {
 /// Every pointer in `sqe` must stay valid until the completion is reaped.
 unsafe fn register(driver: &DriverRef, sqe: &squeue::Entry) -> io::Result<usize> {
     let mut d = driver.borrow_mut();
-    let index = d.ops.insert(Lifecycle::Submitted);
-    let sqe = sqe.clone().user_data(index as u64);
+    let index = d.insert(Lifecycle::Submitted);
+    let sqe = sqe.clone().user_data(d.token(index));
     // SAFETY: forwarded from the caller.
     match unsafe { d.push(&sqe) } {
         Ok(()) => {
@@ -464,6 +499,23 @@ mod tests {
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         // SAFETY: both are new and ours.
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn reused_slot_gets_a_new_token() {
+        let (d, _wake) = driver();
+        let mut d = d.borrow_mut();
+        let a = d.insert(Lifecycle::Submitted);
+        let first = d.token(a);
+        d.ops.remove(a);
+        let b = d.insert(Lifecycle::Submitted);
+        assert_eq!(a, b, "the slab reuses the slot");
+        assert_ne!(
+            d.token(b),
+            first,
+            "a cancel aimed at the old op cannot match the new one"
+        );
+        assert_eq!(d.token(b) & 0xffff_ffff, b as u64);
     }
 
     /// A read of `buf` (owned by the op, with a token to watch its lifetime) on `fd`.
