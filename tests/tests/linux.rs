@@ -36,11 +36,21 @@ fn linux_boots_to_userspace_over_pvh_with_two_vcpus_and_exits_0() {
     let run = run_guest(&mut cmd, Duration::from_secs(240)).expect("run ringvm");
     eprintln!("booted and exited in {:?}", run.elapsed);
     assert!(
-        run.stdout.contains("ringvm-guest: userspace up, kernel 6.1"),
+        run.stdout
+            .contains("ringvm-guest: userspace up, kernel 6.1"),
         "no userspace line; stdout:\n{}\nstderr:\n{}",
         run.stdout,
         run.stderr
     );
-    assert!(run.stdout.contains("2 cpu(s)"), "SMP did not come up:\n{}", run.stdout);
-    assert!(run.exited_cleanly(), "status {:?}: {}", run.status, run.stderr);
+    assert!(
+        run.stdout.contains("2 cpu(s)"),
+        "SMP did not come up:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.exited_cleanly(),
+        "status {:?}: {}",
+        run.status,
+        run.stderr
+    );
 }

@@ -5,9 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{
-    ringvm_bin, run_guest, test_guest_path, GuestCmdline, GuestRun, Outcome, SCENARIOS,
-};
+use tests::{ringvm_bin, run_guest, test_guest_path, GuestCmdline, GuestRun, Outcome, SCENARIOS};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -31,7 +29,12 @@ fn every_scenario_passes_with_two_vcpus() {
     let report = run.report();
     report.assert_ok(SCENARIOS);
     assert!(report.done, "no done line:\n{}", run.stdout);
-    assert!(run.exited_cleanly(), "status {:?}: {}", run.status, run.stderr);
+    assert!(
+        run.exited_cleanly(),
+        "status {:?}: {}",
+        run.status,
+        run.stderr
+    );
     assert_eq!(report.smp_cpus(), Some((2, 2)));
 }
 
@@ -49,7 +52,12 @@ fn four_vcpus_and_default_memory() {
     let report = run.report();
     report.assert_ok(&["smp", "e820"]);
     assert_eq!(report.smp_cpus(), Some((4, 4)));
-    assert!(run.exited_cleanly(), "status {:?}: {}", run.status, run.stderr);
+    assert!(
+        run.exited_cleanly(),
+        "status {:?}: {}",
+        run.status,
+        run.stderr
+    );
 }
 
 #[test]
@@ -60,11 +68,17 @@ fn memory_above_the_mmio_hole_is_in_the_e820_map() {
     let report = run.report();
     report.assert_ok(&["e820"]);
     assert!(
-        run.stdout.contains("0x0000000100000000-0x000000011fffffff ram"),
+        run.stdout
+            .contains("0x0000000100000000-0x000000011fffffff ram"),
         "{}",
         run.stdout
     );
-    assert!(run.exited_cleanly(), "status {:?}: {}", run.status, run.stderr);
+    assert!(
+        run.exited_cleanly(),
+        "status {:?}: {}",
+        run.status,
+        run.stderr
+    );
 }
 
 #[test]
@@ -94,5 +108,10 @@ fn a_guest_exception_is_reported_and_the_vm_still_ends_cleanly() {
     let exception = report.exception.as_deref().unwrap_or_default();
     assert!(exception.starts_with("6 (#UD)"), "{}", run.stdout);
     assert!(!report.done);
-    assert!(run.exited_cleanly(), "status {:?}: {}", run.status, run.stderr);
+    assert!(
+        run.exited_cleanly(),
+        "status {:?}: {}",
+        run.status,
+        run.stderr
+    );
 }
