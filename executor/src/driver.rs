@@ -335,7 +335,8 @@ pub(crate) unsafe fn submit<T: 'static>(
 enum State {
     /// Made while no executor ran on this thread: submitted at the first poll, on the executor
     /// running then (or resolved to an error if there is none).
-    Deferred(squeue::Entry),
+    /// Boxed: the rare path should not make every op future 64 bytes larger.
+    Deferred(Box<squeue::Entry>),
     /// In the op table of this driver.
     InFlight { driver: DriverRef, index: usize },
     /// The SQE could not be queued: resolve to this error.
@@ -361,10 +362,47 @@ impl<T: 'static> Op<T> {
     /// or into memory that outlives the operation.
     pub(crate) unsafe fn deferred(sqe: squeue::Entry, data: T, cleanup: Option<Cleanup>) -> Op<T> {
         Op {
-            state: State::Deferred(sqe),
+            state: State::Deferred(Box::new(sqe)),
             data: Some(data),
             cleanup,
         }
+    }
+}
+
+impl<T: 'static> Op<T> {
+    /// The op with `f` applied to its output: a small named future, where an `async` block
+    /// around the op would store it twice.
+    pub(crate) fn map<F, O>(self, f: F) -> Map<T, F>
+    where
+        F: FnOnce(io::Result<i32>, T) -> O + Unpin,
+    {
+        Map {
+            op: self,
+            f: Some(f),
+        }
+    }
+}
+
+/// See [`Op::map`].
+pub(crate) struct Map<T: 'static, F> {
+    op: Op<T>,
+    f: Option<F>,
+}
+
+impl<T: 'static, F, O> Future for Map<T, F>
+where
+    F: FnOnce(io::Result<i32>, T) -> O + Unpin,
+{
+    type Output = O;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O> {
+        let this = &mut *self;
+        let (res, data) = std::task::ready!(Pin::new(&mut this.op).poll(cx));
+        let f = this
+            .f
+            .take()
+            .expect("a mapped op is polled after completion");
+        Poll::Ready(f(res, data))
     }
 }
 
@@ -379,16 +417,19 @@ impl<T: 'static> Future for Op<T> {
             this.state = match crate::runtime::current_driver() {
                 // SAFETY: `deferred`'s caller guaranteed the pointers in the entry point into
                 // `data`, which this op owns from now until the completion is reaped.
-                Ok(driver) => match unsafe { register(&driver, sqe) } {
+                Ok(driver) => match unsafe { register(&driver, sqe.as_ref()) } {
                     Ok(index) => State::InFlight { driver, index },
                     Err(e) => State::Failed(e),
                 },
                 Err(e) => State::Failed(e),
             };
         }
-        let (driver, index) = match std::mem::replace(&mut this.state, State::Done) {
-            State::InFlight { driver, index } => (driver, index),
-            State::Failed(e) => {
+        let (driver, index) = match &this.state {
+            State::InFlight { driver, index } => (driver, *index),
+            State::Failed(_) => {
+                let State::Failed(e) = std::mem::replace(&mut this.state, State::Done) else {
+                    unreachable!("matched just above");
+                };
                 let data = this.data.take().expect("an op is polled after completion");
                 return Poll::Ready((Err(e), data));
             }
@@ -404,6 +445,7 @@ impl<T: 'static> Future for Op<T> {
                 let res = *res;
                 d.ops.remove(index);
                 drop(d);
+                this.state = State::Done;
                 let data = this.data.take().expect("an op completes once");
                 let res = if res < 0 {
                     Err(io::Error::from_raw_os_error(-res))
@@ -412,15 +454,10 @@ impl<T: 'static> Future for Op<T> {
                 };
                 Poll::Ready((res, data))
             }
-            Lifecycle::Waiting(waker) if waker.will_wake(cx.waker()) => {
-                drop(d);
-                this.state = State::InFlight { driver, index };
-                Poll::Pending
-            }
+            Lifecycle::Waiting(waker) if waker.will_wake(cx.waker()) => Poll::Pending,
             _ => {
                 let old = std::mem::replace(state, Lifecycle::Waiting(cx.waker().clone()));
                 drop(d);
-                this.state = State::InFlight { driver, index };
                 // Dropped with the driver released: a waker's drop may run arbitrary code.
                 drop(old);
                 Poll::Pending

@@ -139,15 +139,14 @@ impl AsyncFd {
         // SAFETY: `ptr` is the IoBufMut's stable pointer, valid for `len` bytes while the
         // buffer, which the op owns, is alive.
         let op = unsafe { submit(sqe, (self.src.clone(), buf), None) };
-        async move {
-            let (res, (_, mut buf)) = op.await;
+        op.map(|res, (_, mut buf): (Source, B)| {
             let res = to_len(res);
             if let Ok(n) = res {
                 // SAFETY: the kernel wrote `n` bytes at the start of the buffer.
                 unsafe { buf.set_init(n) };
             }
             (res, buf)
-        }
+        })
     }
 
     /// Reads at the current position (pipes, sockets, eventfds, or files read in order).
@@ -170,10 +169,7 @@ impl AsyncFd {
             with_target!(&self.src, t => opcode::Write::new(t, ptr, len).offset(offset).build());
         // SAFETY: `ptr` is the IoBuf's stable pointer to `len` initialised bytes.
         let op = unsafe { submit(sqe, (self.src.clone(), buf), None) };
-        async move {
-            let (res, (_, buf)) = op.await;
-            (to_len(res), buf)
-        }
+        op.map(|res, (_, buf): (Source, B)| (to_len(res), buf))
     }
 
     /// Writes at the current position.
@@ -247,10 +243,7 @@ impl AsyncFd {
         // `IoBufMut`); the iovecs and their regions stay valid while `mem`, owned by the op,
         // is alive.
         let op = unsafe { submit(sqe, (self.src.clone(), mem), None) };
-        async move {
-            let (res, (_, mem)) = op.await;
-            (to_len(res), mem)
-        }
+        op.map(|res, (_, mem): (Source, M)| (to_len(res), mem))
     }
 
     fn writev_op<M: IoVecs>(
@@ -265,16 +258,13 @@ impl AsyncFd {
         // SAFETY: the iovecs and their regions stay valid while `mem`, owned by the op, is
         // alive (the `IoVecs` contract).
         let op = unsafe { submit(sqe, (self.src.clone(), mem), None) };
-        async move {
-            let (res, (_, mem)) = op.await;
-            (to_len(res), mem)
-        }
+        op.map(|res, (_, mem): (Source, M)| (to_len(res), mem))
     }
 
     fn simple(&self, sqe: squeue::Entry) -> impl Future<Output = io::Result<i32>> + 'static {
         // SAFETY: callers pass SQEs that hold no pointers.
         let op = unsafe { submit(sqe, self.src.clone(), None) };
-        async move { op.await.0 }
+        op.map(|res, _| res)
     }
 
     /// Flushes data and metadata to stable storage (fsync(2)).
@@ -372,7 +362,7 @@ impl AsyncFd {
 pub fn nop() -> impl Future<Output = io::Result<()>> + 'static {
     // SAFETY: a NOP holds no pointers.
     let op = unsafe { submit(opcode::Nop::new().build(), (), None) };
-    async move { op.await.0.map(drop) }
+    op.map(|res, ()| res.map(drop))
 }
 
 #[cfg(test)]

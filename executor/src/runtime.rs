@@ -66,6 +66,8 @@ struct Shared {
     /// Set when the executor is dropped: a task scheduled afterwards can never run again.
     closed: AtomicBool,
     remote: Mutex<VecDeque<Runnable>>,
+    /// Set (under the lock) when `remote` gets a task, cleared when it is drained.
+    remote_pending: AtomicBool,
     /// Set while the executor blocks in the ring: a remote wake must write the eventfd.
     sleeping: AtomicBool,
     /// Owned here, not by the driver: a waker on another thread may outlive the executor,
@@ -87,15 +89,17 @@ impl Shared {
         let _ = CURRENT.try_with(|cur| {
             if let Some(inner) = &*cur.borrow() {
                 if inner.shared.id == self.id {
-                    inner.local.borrow_mut().extend(runnable.take());
+                    if let Some(r) = runnable.take() {
+                        inner.local.borrow_mut().push_back(r);
+                    }
                 }
             }
         });
         if let Some(runnable) = runnable {
-            self.remote
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_back(runnable);
+            let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            remote.push_back(runnable);
+            self.remote_pending.store(true, Ordering::Release);
+            drop(remote);
             self.notify();
         }
     }
@@ -244,6 +248,7 @@ impl Builder {
             owner: thread::current().id(),
             closed: AtomicBool::new(false),
             remote: Mutex::new(VecDeque::new()),
+            remote_pending: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             wake_fd,
         });
@@ -394,11 +399,11 @@ impl Executor {
 impl Inner {
     /// Runs up to TASK_BUDGET queued tasks, taking in the remote queue first.
     fn run_tasks(&self) {
-        {
+        // The flag spares the lock on the common path, where no other thread woke anything.
+        if self.shared.remote_pending.load(Ordering::Acquire) {
             let mut remote = self.shared.remote.lock().unwrap_or_else(|e| e.into_inner());
-            if !remote.is_empty() {
-                self.local.borrow_mut().extend(remote.drain(..));
-            }
+            self.shared.remote_pending.store(false, Ordering::Release);
+            self.local.borrow_mut().extend(remote.drain(..));
         }
         for _ in 0..TASK_BUDGET {
             let Some(runnable) = self.local.borrow_mut().pop_front() else {
