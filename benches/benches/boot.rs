@@ -115,7 +115,13 @@ fn qemu_cmd(kernel: &Path, params: &str) -> Command {
             "-object",
             &format!("memory-backend-memfd,id=ram,size={MEM_MIB}M"),
         ])
-        .args(["-device", "i8042", "-enable-kvm", "-cpu", "host"])
+        .args([
+            "-device",
+            "i8042",
+            "-enable-kvm",
+            "-cpu",
+            "qemu64,-cx16,+xsaveerptr",
+        ])
         .args(["-m", &format!("{MEM_MIB}M"), "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-serial", "stdio", "-no-reboot", "-kernel"])
