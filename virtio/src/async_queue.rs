@@ -1,0 +1,289 @@
+//! A virtqueue driven by its kick eventfd on the executor.
+
+use std::cell::{Cell, RefCell};
+
+use executor::{EventFd, EventFdStream};
+use memory::GuestMemory;
+
+use crate::{DescriptorChain, Error, Queue, Result};
+
+/// A queue, the guest memory it lives in, its kick stream and its call eventfd, for a
+/// device's single-threaded executor. Methods take `&self`, so a device can share it
+/// (`Rc<AsyncQueue>`) between the task that pops chains and the tasks that complete them.
+///
+/// ```no_run
+/// # async fn serve(q: &virtio::AsyncQueue) -> virtio::Result<()> {
+/// loop {
+///     let chain = match q.next_chain().await {
+///         Ok(chain) => chain,
+///         // A malformed chain: give it back empty and go on (or ask for a reset).
+///         Err(virtio::Error::InvalidChain { head, .. }) => {
+///             q.complete(head, 0)?;
+///             continue;
+///         }
+///         Err(e) => return Err(e),
+///     };
+///     let written = 0; // ... handle the request ...
+///     q.complete(chain.head_index(), written)?;
+/// }
+/// # }
+/// ```
+pub struct AsyncQueue {
+    queue: RefCell<Queue>,
+    mem: GuestMemory,
+    /// Taken by the one `next_chain` that waits on it, put back when it stops waiting.
+    kick: Cell<Option<EventFdStream>>,
+    call: EventFd,
+}
+
+/// Holds the kick stream while a `next_chain` waits, and puts it back even when that future
+/// is dropped mid-wait (so its in-flight eventfd read, and any kick it catches, survive).
+struct KickGuard<'a> {
+    slot: &'a Cell<Option<EventFdStream>>,
+    stream: Option<EventFdStream>,
+}
+
+impl std::fmt::Debug for AsyncQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncQueue")
+            .field("queue", &self.queue)
+            .field("mem", &self.mem)
+            .field("call", &self.call)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KickGuard<'_> {
+    fn drop(&mut self) {
+        self.slot.set(self.stream.take());
+    }
+}
+
+impl AsyncQueue {
+    /// Wraps an activated queue.
+    pub fn new(queue: Queue, mem: GuestMemory, kick: EventFdStream, call: EventFd) -> AsyncQueue {
+        AsyncQueue {
+            queue: RefCell::new(queue),
+            mem,
+            kick: Cell::new(Some(kick)),
+            call,
+        }
+    }
+
+    /// The guest memory the queue lives in.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Runs `f` on the queue (for `undo_pop`, `next_avail`, ...).
+    pub fn with_queue<R>(&self, f: impl FnOnce(&mut Queue) -> R) -> R {
+        f(&mut self.queue.borrow_mut())
+    }
+
+    /// Pops an available chain without waiting.
+    pub fn try_pop(&self) -> Result<Option<DescriptorChain>> {
+        self.queue.borrow_mut().pop(&self.mem)
+    }
+
+    /// The next available chain, waiting for a kick when there is none. While chains keep
+    /// coming the driver is asked not to kick; before waiting the device asks for a kick again
+    /// and re-checks the ring, so no chain added in between is missed.
+    ///
+    /// Only one call may wait at a time ([`Error::PopInProgress`] otherwise). Dropping the
+    /// future is safe: the kick stream and its in-flight read are kept for the next call.
+    pub async fn next_chain(&self) -> Result<DescriptorChain> {
+        loop {
+            if let Some(chain) = self.try_pop()? {
+                return Ok(chain);
+            }
+            let mut guard = KickGuard {
+                slot: &self.kick,
+                stream: Some(self.kick.take().ok_or(Error::PopInProgress)?),
+            };
+            {
+                let mut q = self.queue.borrow_mut();
+                if q.enable_notification(&self.mem)? {
+                    // Chains came in meanwhile: back to popping, kicks off again.
+                    q.disable_notification(&self.mem)?;
+                    continue;
+                }
+            }
+            if let Some(stream) = guard.stream.as_mut() {
+                stream.next_value().await.map_err(Error::Kick)?;
+            }
+            drop(guard);
+            self.queue.borrow_mut().disable_notification(&self.mem)?;
+        }
+    }
+
+    /// Puts `(head, len)` in the used ring, without notifying.
+    pub fn add_used(&self, head: u16, len: u32) -> Result<()> {
+        self.queue.borrow_mut().add_used(&self.mem, head, len)
+    }
+
+    /// Notifies the driver (writes the call eventfd) if it wants to hear about the used
+    /// entries added since the last call; returns whether it did.
+    pub fn signal_used(&self) -> Result<bool> {
+        let notify = self.queue.borrow_mut().needs_notification(&self.mem)?;
+        if notify {
+            self.call.write(1).map_err(Error::Call)?;
+        }
+        Ok(notify)
+    }
+
+    /// `add_used` then `signal_used`.
+    pub fn complete(&self, head: u16, len: u32) -> Result<()> {
+        self.add_used(head, len)?;
+        self.signal_used().map(drop)
+    }
+
+    /// The queue, the kick stream (absent only while a `next_chain` future is alive), and
+    /// the call eventfd, to hand the queue back (vhost-user `GET_VRING_BASE`).
+    pub fn into_parts(self) -> (Queue, Option<EventFdStream>, EventFd) {
+        (self.queue.into_inner(), self.kick.into_inner(), self.call)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::{MockBuf, MockSplitQueue};
+    use crate::VIRTIO_F_EVENT_IDX;
+    use executor::Executor;
+    use memory::GuestAddress;
+    use std::time::Duration;
+
+    struct Fixture {
+        ex: Executor,
+        mem: GuestMemory,
+        mock: MockSplitQueue,
+        kick: EventFd,
+        call: EventFd,
+    }
+
+    fn fixture() -> Fixture {
+        let ex = Executor::new().expect("executor");
+        let mem = GuestMemory::new(&[(GuestAddress(0), 0x40_0000)]).expect("memory");
+        let mock = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).expect("mock");
+        Fixture {
+            ex,
+            mem,
+            mock,
+            kick: EventFd::new().expect("kick"),
+            call: EventFd::new().expect("call"),
+        }
+    }
+
+    fn async_queue(f: &Fixture, features: u64) -> AsyncQueue {
+        AsyncQueue::new(
+            f.mock.queue_with_features(features).expect("queue"),
+            f.mem.clone(),
+            f.kick.try_clone().expect("dup").into_stream(),
+            f.call.try_clone().expect("dup"),
+        )
+    }
+
+    #[test]
+    fn next_chain_waits_for_a_kick() {
+        let mut f = fixture();
+        let q = async_queue(&f, 1 << VIRTIO_F_EVENT_IDX);
+        let waited =
+            f.ex.run_until(executor::timeout(Duration::from_millis(20), q.next_chain()));
+        assert!(waited.is_err(), "nothing available: still waiting");
+        assert_eq!(
+            f.mock.avail_event().expect("read"),
+            0,
+            "asked for a kick at 0"
+        );
+
+        let sent = f.mock.add_chain(&[MockBuf::Writable(4)]).expect("add");
+        assert!(f.mock.needs_kick(true, 0).expect("check"));
+        f.kick.write(1).expect("kick");
+        let chain =
+            f.ex.run_until(executor::timeout(Duration::from_secs(5), q.next_chain()))
+                .expect("woken")
+                .expect("chain");
+        assert_eq!(chain.head_index(), sent.head);
+    }
+
+    #[test]
+    fn chains_already_available_need_no_kick() {
+        let mut f = fixture();
+        let q = async_queue(&f, 0);
+        for _ in 0..3 {
+            f.mock.add_chain(&[MockBuf::Writable(4)]).expect("add");
+        }
+        let heads: Vec<u16> = f.ex.run_until(async {
+            let mut heads = Vec::new();
+            for _ in 0..3 {
+                heads.push(q.next_chain().await.expect("chain").head_index());
+            }
+            heads
+        });
+        assert_eq!(heads.len(), 3);
+    }
+
+    #[test]
+    fn complete_signals_the_call_eventfd() {
+        let mut f = fixture();
+        let q = async_queue(&f, 0);
+        f.mock.add_chain(&[MockBuf::Writable(4)]).expect("add");
+        let chain = q.try_pop().expect("pop").expect("chain");
+        q.complete(chain.head_index(), 4).expect("complete");
+        let mut call = f.call.try_clone().expect("dup").into_stream();
+        let v = f.ex.run_until(call.next_value()).expect("signalled");
+        assert_eq!(v, 1);
+        assert_eq!(f.mock.next_used().expect("used").map(|u| u.len), Some(4));
+        assert!(!q.signal_used().expect("nothing new"));
+    }
+
+    #[test]
+    fn second_waiter_is_refused_and_a_dropped_wait_keeps_the_stream() {
+        let mut f = fixture();
+        let q = async_queue(&f, 0);
+        let second = f.ex.run_until(async {
+            let first = q.next_chain();
+            futures::pin_mut!(first);
+            assert!(futures::poll!(&mut first).is_pending());
+            q.next_chain().await
+        });
+        assert!(matches!(second, Err(Error::PopInProgress)));
+        // The first future was dropped mid-wait; a kick still reaches the next call.
+        let sent = f.mock.add_chain(&[MockBuf::Writable(1)]).expect("add");
+        f.kick.write(1).expect("kick");
+        let chain =
+            f.ex.run_until(executor::timeout(Duration::from_secs(5), q.next_chain()))
+                .expect("woken")
+                .expect("chain");
+        assert_eq!(chain.head_index(), sent.head);
+        let (_, kick, _) = q.into_parts();
+        assert!(kick.is_some());
+    }
+
+    #[test]
+    fn invalid_chain_is_reported_and_the_queue_goes_on() {
+        let mut f = fixture();
+        let q = async_queue(&f, 0);
+        f.mock
+            .write_desc(
+                5,
+                crate::Descriptor {
+                    addr: 0xffff_ffff_0000,
+                    len: 8,
+                    flags: 0,
+                    next: 0,
+                },
+            )
+            .expect("write");
+        f.mock.publish(5).expect("publish");
+        let sent = f.mock.add_chain(&[MockBuf::Writable(1)]).expect("add");
+        f.ex.run_until(async {
+            match q.next_chain().await {
+                Err(Error::InvalidChain { head: 5, .. }) => q.complete(5, 0).expect("return"),
+                other => panic!("expected an invalid chain, got {other:?}"),
+            }
+            let c = q.next_chain().await.expect("next");
+            assert_eq!(c.head_index(), sent.head);
+        });
+    }
+}
