@@ -235,15 +235,8 @@ impl AsyncFd {
         mem: M,
         offset: u64,
     ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
-        let iov = mem.iovecs();
-        let (ptr, n) = (iov.as_ptr(), iov.len().min(u32::MAX as usize) as u32);
-        let sqe =
-            with_target!(&self.src, t => opcode::Readv::new(t, ptr, n).offset(offset).build());
-        // SAFETY: callers pass writable regions only (`IoVecsMut`, or `BufVec` of
-        // `IoBufMut`); the iovecs and their regions stay valid while `mem`, owned by the op,
-        // is alive.
-        let op = unsafe { submit(sqe, (self.src.clone(), mem), None) };
-        op.map(|res, (_, mem): (Source, M)| (to_len(res), mem))
+        // SAFETY: callers pass writable regions only (`IoVecsMut`, or `BufVec` of `IoBufMut`).
+        unsafe { self.vectored(mem, offset, false) }
     }
 
     fn writev_op<M: IoVecs>(
@@ -251,12 +244,29 @@ impl AsyncFd {
         mem: M,
         offset: u64,
     ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
+        // SAFETY: a write only reads the regions.
+        unsafe { self.vectored(mem, offset, true) }
+    }
+
+    /// READV (the kernel writes the regions) or WRITEV (it reads them) over `mem`'s iovecs.
+    ///
+    /// # Safety
+    /// For a read, every region must be writable memory nothing else references.
+    unsafe fn vectored<M: IoVecs>(
+        &self,
+        mem: M,
+        offset: u64,
+        write: bool,
+    ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
         let iov = mem.iovecs();
         let (ptr, n) = (iov.as_ptr(), iov.len().min(u32::MAX as usize) as u32);
-        let sqe =
-            with_target!(&self.src, t => opcode::Writev::new(t, ptr, n).offset(offset).build());
+        let sqe = if write {
+            with_target!(&self.src, t => opcode::Writev::new(t, ptr, n).offset(offset).build())
+        } else {
+            with_target!(&self.src, t => opcode::Readv::new(t, ptr, n).offset(offset).build())
+        };
         // SAFETY: the iovecs and their regions stay valid while `mem`, owned by the op, is
-        // alive (the `IoVecs` contract).
+        // alive (the `IoVecs` contract); writability for reads is the caller's promise.
         let op = unsafe { submit(sqe, (self.src.clone(), mem), None) };
         op.map(|res, (_, mem): (Source, M)| (to_len(res), mem))
     }
