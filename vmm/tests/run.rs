@@ -129,6 +129,78 @@ fn guest_prints_on_com1_and_reset_ends_the_vm_with_status_0() {
     assert_eq!(text(&out.stdout), "hello from the guest\n");
 }
 
+/// A bzImage (boot protocol 2.15, 64-bit entry) whose startup_64 is `code`.
+fn bzimage(code: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 5 * 512];
+    b[0x1f1] = 4; // setup_sects
+    b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    b[0x201] = 0x66; // the header runs to 0x268
+    b[0x202..0x206].copy_from_slice(b"HdrS");
+    b[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+    b[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes());
+    b[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
+    b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+    // The protected-mode kernel: startup_64 is 0x200 bytes in.
+    b.extend(vec![0x90u8; 0x200]);
+    b.extend_from_slice(code);
+    b
+}
+
+#[test]
+fn bzimage_enters_startup_64_with_boot_params() {
+    let dir = TempDir::new("bzimage");
+    // cmp rsi, 0x7000 (boot_params); jne +N over the "ok" print: prints "bz ok" only if
+    // RSI holds the zero page, "bz" otherwise.
+    let ok = print(" ok");
+    let mut code = print("bz");
+    code.extend([0x48, 0x81, 0xfe, 0x00, 0x70, 0x00, 0x00, 0x75, ok.len() as u8]);
+    code.extend(ok);
+    code.extend(print("\n"));
+    code.extend(RESET);
+    let kernel = dir.file("bzImage", &bzimage(&code));
+    let out = run_with_limit(
+        ringvm(&["run", "-m", "64", kernel.to_str().expect("utf-8")]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "bz ok\n");
+}
+
+#[test]
+fn stdin_reaches_the_guest_through_com1() {
+    let dir = TempDir::new("stdin");
+    // Poll LSR.DR, read RBR, echo it to THR; reset after 'q'.
+    let code = [
+        0x66, 0xba, 0xfd, 0x03, // 0: mov dx, 0x3fd
+        0xec, // 4: in al, dx
+        0xa8, 0x01, // test al, 1
+        0x74, 0xfb, // jz 4
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xec, // in al, dx
+        0xee, // out dx, al
+        0x3c, b'q', // cmp al, 'q'
+        0x74, 0x02, // je reset
+        0xeb, 0xeb, // jmp 0
+        0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe, // reset
+    ];
+    let kernel = dir.file("k.elf", &elf(&code));
+    let mut child = Command::new(RINGVM)
+        .args(["run", kernel.to_str().expect("utf-8")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin.write_all(b"echo me q").expect("write stdin");
+    }
+    let out = wait_with_limit(&mut child, Duration::from_secs(60));
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "echo me q");
+}
+
 #[test]
 fn serial_to_a_file_and_two_vcpus() {
     let dir = TempDir::new("serialfile");
