@@ -153,7 +153,8 @@ fn bzimage_enters_startup_64_with_boot_params() {
     // RSI holds the zero page, "bz" otherwise.
     let ok = print(" ok");
     let mut code = print("bz");
-    code.extend([0x48, 0x81, 0xfe, 0x00, 0x70, 0x00, 0x00, 0x75, ok.len() as u8]);
+    code.extend([0x48, 0x81, 0xfe, 0x00, 0x70, 0x00, 0x00]); // cmp rsi, 0x7000
+    code.extend([0x75, ok.len() as u8]); // jne past the "ok"
     code.extend(ok);
     code.extend(print("\n"));
     code.extend(RESET);
