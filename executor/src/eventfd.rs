@@ -20,7 +20,8 @@ pub struct EventFd {
 impl EventFd {
     /// A new eventfd with a zero counter (blocking, close-on-exec).
     pub fn new() -> io::Result<EventFd> {
-        // Blocking on purpose: io_uring completes reads of O_NONBLOCK files with EAGAIN.
+        // Blocking on purpose: on some kernels io_uring completes reads of O_NONBLOCK files
+        // with EAGAIN instead of waiting for data.
         // SAFETY: plain syscall; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {

@@ -90,8 +90,9 @@ pub(crate) unsafe fn submit<T: 'static>(
 }
 
 impl AsyncFd {
-    /// Wraps a descriptor. Reads of an O_NONBLOCK descriptor complete with EAGAIN instead of
-    /// waiting, so pass blocking ones.
+    /// Wraps a descriptor. Prefer blocking descriptors: on some kernels io_uring completes
+    /// reads of an O_NONBLOCK descriptor with EAGAIN instead of waiting (6.18 waits); callers
+    /// that take descriptors from elsewhere should handle EAGAIN with `poll_readable`.
     pub fn new(fd: OwnedFd) -> AsyncFd {
         AsyncFd {
             src: Source::Owned(Rc::new(fd)),

@@ -234,7 +234,8 @@ impl Builder {
         if self.allowed_ops.is_some() {
             submitter.register_enable_rings().map_err(Error::Enable)?;
         }
-        // Blocking on purpose: io_uring completes reads of O_NONBLOCK files with EAGAIN.
+        // Blocking on purpose: on some kernels io_uring completes reads of O_NONBLOCK files
+        // with EAGAIN instead of waiting for data.
         // SAFETY: plain syscall; the result is checked before use.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {
