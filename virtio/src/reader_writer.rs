@@ -54,6 +54,14 @@ impl Cursor {
     }
 
     /// Moves past `n` bytes (or all that is left); returns how many.
+    /// iovecs over the next `max` bytes (or all that is left), without consuming them.
+    fn iovecs(&self, mem: &GuestMemory, max: usize) -> Result<GuestIoVecs> {
+        let mut iov = GuestIoVecs::new(mem.clone());
+        self.ranges(max, |addr, n| iov.push(addr, n))
+            .map_err(Error::BufferAccess)?;
+        Ok(iov)
+    }
+
     fn consume(&mut self, n: usize) -> usize {
         let n = n.min(self.available);
         let mut left = n;
@@ -168,11 +176,7 @@ impl Reader {
     /// iovecs over the next `max` bytes (or all that is left), for an io_uring write straight
     /// from guest memory. Consumes nothing.
     pub fn iovecs(&self, max: usize) -> Result<GuestIoVecs> {
-        let mut iov = GuestIoVecs::new(self.mem.clone());
-        self.cursor
-            .ranges(max, |addr, n| iov.push(addr, n))
-            .map_err(Error::BufferAccess)?;
-        Ok(iov)
+        self.cursor.iovecs(&self.mem, max)
     }
 
     /// Keeps the next `offset` bytes in `self` and returns a reader over the rest.
@@ -254,11 +258,7 @@ impl Writer {
     /// iovecs over the next `max` bytes (or all that is left), for an io_uring read straight
     /// into guest memory. Consumes nothing.
     pub fn iovecs(&self, max: usize) -> Result<GuestIoVecs> {
-        let mut iov = GuestIoVecs::new(self.mem.clone());
-        self.cursor
-            .ranges(max, |addr, n| iov.push(addr, n))
-            .map_err(Error::BufferAccess)?;
-        Ok(iov)
+        self.cursor.iovecs(&self.mem, max)
     }
 
     /// Keeps the next `offset` bytes in `self` and returns a writer over the rest (the
