@@ -45,6 +45,7 @@ mod async_queue;
 pub mod mock;
 pub mod queue;
 mod reader_writer;
+pub mod vhost_user;
 
 pub use async_queue::AsyncQueue;
 pub use queue::{
