@@ -57,6 +57,21 @@ pub struct RegionInfo<'a> {
     pub user_addr: u64,
 }
 
+impl RegionInfo<'_> {
+    /// The same region with a duplicate of its fd: what a process that receives this
+    /// region (over vhost-user, or an in-process device in tests) passes to
+    /// [`GuestMemory::from_regions`].
+    pub fn to_region_fd(&self) -> std::io::Result<RegionFd> {
+        Ok(RegionFd {
+            fd: self.fd.try_clone_to_owned()?,
+            fd_offset: self.fd_offset,
+            size: self.size,
+            guest_addr: self.guest_addr,
+            user_addr: self.user_addr,
+        })
+    }
+}
+
 #[derive(Debug)]
 struct GuestRegion {
     start: u64,
@@ -408,7 +423,6 @@ impl GuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
 
     const MIB: u64 = 1 << 20;
 
@@ -525,13 +539,7 @@ mod tests {
 
     fn received(mem: &GuestMemory) -> Vec<RegionFd> {
         mem.regions()
-            .map(|r| RegionFd {
-                fd: r.fd.as_fd().try_clone_to_owned().expect("dup"),
-                fd_offset: r.fd_offset,
-                size: r.size,
-                guest_addr: r.guest_addr,
-                user_addr: r.user_addr,
-            })
+            .map(|r| r.to_region_fd().expect("dup"))
             .collect()
     }
 

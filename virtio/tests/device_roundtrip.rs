@@ -6,12 +6,11 @@
 //! threads on eventfds, with EVENT_IDX on.
 
 use std::io::Read;
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use executor::{AsyncFd, EventFd, Executor};
-use memory::{GuestAddress, GuestMemory, RegionFd};
+use memory::{GuestAddress, GuestMemory};
 use virtio::mock::{MockBuf, MockSplitQueue};
 use virtio::{AsyncQueue, Queue, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC};
 
@@ -20,13 +19,7 @@ const REQUESTS: usize = 200;
 fn device_memory(vmm: &GuestMemory) -> GuestMemory {
     let regions = vmm
         .regions()
-        .map(|r| RegionFd {
-            fd: r.fd.as_fd().try_clone_to_owned().expect("dup"),
-            fd_offset: r.fd_offset,
-            size: r.size,
-            guest_addr: r.guest_addr,
-            user_addr: r.user_addr,
-        })
+        .map(|r| r.to_region_fd().expect("dup"))
         .collect();
     GuestMemory::from_regions(regions).expect("device memory")
 }
