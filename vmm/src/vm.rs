@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -267,7 +268,7 @@ fn stop_vcpus(threads: Vec<VcpuThread>, stopping: &AtomicBool) {
 /// Feeds stdin to the serial port until EOF.
 async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
     // A duplicate, so the AsyncFd owning it never closes the process's fd 0.
-    let Ok(fd) = io::stdin().lock().as_fd_dup() else {
+    let Ok(fd) = io::stdin().as_fd().try_clone_to_owned() else {
         return;
     };
     let stdin = executor::AsyncFd::new(fd);
@@ -286,17 +287,6 @@ async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
             }
             Err(_) => return,
         }
-    }
-}
-
-trait DupFd {
-    fn as_fd_dup(&self) -> io::Result<std::os::fd::OwnedFd>;
-}
-
-impl DupFd for io::StdinLock<'_> {
-    fn as_fd_dup(&self) -> io::Result<std::os::fd::OwnedFd> {
-        use std::os::fd::AsFd;
-        self.as_fd().try_clone_to_owned()
     }
 }
 
