@@ -94,6 +94,20 @@ static inline u8 inb(u16 port)
 	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
 	return v;
 }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u16 inw(u16 port)
+{
+	u16 v;
+	__asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u32 inl(u16 port)
+{
+	u32 v;
+	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
 static inline u64 rdtsc(void)
 {
 	u32 lo, hi;
@@ -122,6 +136,11 @@ static inline void *phys(u64 addr)
 }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
+static inline void mmio_write8(u64 addr, u8 v) { *(volatile u8 *)addr = v; }
+static inline u16 mmio_read16(u64 addr) { return *(volatile u16 *)addr; }
+static inline void mmio_write16(u64 addr, u16 v) { *(volatile u16 *)addr = v; }
+static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline u32 atomic_inc(volatile u32 *p)
 {
@@ -151,8 +170,12 @@ extern u64 tsc_hz; /* 0 until the rtc scenario calibrated it */
 void load_idt(void);
 /* Value of `ringvm.<key>=...` on the cmdline (NUL-terminated copy), or NULL. */
 const char *opt(const char *key);
-/* Numeric option; returns 1 and sets *out when present and valid. */
+/* Numeric option (decimal or 0x-hex); returns 1 and sets *out when present and valid. */
 int opt_u64(const char *key, u64 *out);
+/* A decimal or 0x-hex number at *s; advances *s. Returns 0 if there is none. */
+int parse_u64(const char **s, u64 *out);
+/* Installs a DPL0 interrupt gate for vector vec (IDT has 256 entries). */
+void idt_set(u32 vec, u64 handler);
 extern const char *current_scenario;
 
 /* ---- scenarios: each returns NULL on success or a failure reason ---- */
@@ -162,6 +185,9 @@ const char *scenario_e820(void);
 const char *scenario_rtc(void);
 const char *scenario_smp(void);
 const char *scenario_compute(void);
+const char *scenario_pci(void);        /* pci.c, not in `all` */
+const char *scenario_virtio_rng(void); /* virtio_rng.c, not in `all` */
+const char *scenario_virtio_blk(void); /* virtio_blk.c, not in `all` */
 
 /* e820.c */
 int e820_ram_covers(u64 start, u64 end);
@@ -169,5 +195,49 @@ int e820_ram_covers(u64 start, u64 end);
 void ap_main(void);
 /* compute.c */
 extern volatile int user_active;
+
+/* ---- pci.c: PCI bus 0 (0xCF8/0xCFC, or ECAM with ringvm.pci.ecam=ADDR) ---- */
+#define PCI_MAX_FUNCS 64
+enum { BAR_NONE, BAR_IO, BAR_MEM32, BAR_MEM64 };
+struct pci_bar {
+	u64 addr, size;
+	u8 kind, prefetch;
+};
+struct pci_func {
+	u8 dev, fn, hdr, rev;
+	u16 vendor, device;
+	u32 class; /* class << 16 | subclass << 8 | prog-if */
+	struct pci_bar bar[6];
+};
+u32 pci_read(const struct pci_func *f, u32 off, int size);
+void pci_write(const struct pci_func *f, u32 off, int size, u32 v);
+/* Enumerates bus 0 and sizes every BAR (decoding is off while sizing). Returns the count. */
+int pci_scan(struct pci_func *out, int max);
+/* Config access mechanism, for messages: "cf8" or "ecam 0x...". */
+const char *pci_mechanism(void);
+/* Gives every memory BAR of f an address in the ringvm.pci.mmio window if it has none (or one
+ * above 4 GiB, or always with ringvm.pci.reassign=1), then enables memory decoding and bus
+ * mastering. all[0..n) is the scan (to avoid the BARs already in use). */
+const char *pci_enable(struct pci_func *f, struct pci_func *all, int n, const char *who);
+/* Offset of the next capability after prev (0: the first), or 0. */
+u8 pci_next_cap(const struct pci_func *f, u8 prev);
+
+/* Interrupts (pci.c + irq.S): vectors IRQ_BASE..IRQ_BASE+15 count in irq_count[] and EOI the
+ * LAPIC; IRQ_TIMER is the LAPIC one-shot timer that bounds hlt waits. */
+#define IRQ_BASE 0x40
+#define IRQ_TIMER (IRQ_BASE + 15)
+extern volatile u32 irq_count[16];
+extern volatile u32 irq_legacy, irq_spurious;
+extern u64 irq_stubs[16 + 16 + 1]; /* IRQ_BASE.., 0x30.. (8259), 0xff (spurious) */
+/* Software-enables the LAPIC, remaps and masks the 8259s, installs the vectors. Idempotent. */
+void irq_init(void);
+u32 irq_apic_id(void);
+void irq_handler(u64 vec);
+enum wait_mode { WAIT_HLT, WAIT_SPIN, WAIT_POLL };
+/* Waits until *p == want and (if irq) *irq >= irq_min: WAIT_POLL spins with IF=0, WAIT_SPIN
+ * spins with interrupts enabled, WAIT_HLT does sti;hlt with the LAPIC timer as a watchdog.
+ * Returns 1 when reached, 0 after timeout_ms. Interrupts are off again on return. */
+int wait_u16(volatile u16 *p, u16 want, enum wait_mode mode, u64 timeout_ms, const volatile u32 *irq,
+	     u32 irq_min);
 
 #endif

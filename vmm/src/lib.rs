@@ -9,6 +9,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod exit;
 pub mod guest;
+pub mod irq;
 mod sys;
 pub mod vcpu;
 pub mod vm;

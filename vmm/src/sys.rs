@@ -148,3 +148,53 @@ pub fn internal_error(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
     let n = (internal.ndata as usize).min(internal.data.len());
     (internal.suberror, internal.data[..n].to_vec())
 }
+
+/// A KVM-ioctl handle on an eventfd: a duplicate of `fd` in the type kvm-ioctls takes for
+/// irqfds and ioeventfds. KVM identifies the eventfd by the file, not by the descriptor, so
+/// registering through a duplicate and closing it afterwards is fine.
+pub fn kvm_eventfd(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<vmm_sys_util::eventfd::EventFd> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let owned = fd.try_clone_to_owned()?;
+    // SAFETY: `owned` is a descriptor this function owns (just duplicated); into_raw_fd hands
+    // that ownership to the EventFd, which closes it once. It refers to an eventfd because the
+    // callers only pass eventfds (the transport's kick and call fds; see
+    // `devices::pci::virtio_pci` tests `notify_write_signals_kick_through_kvm_ioeventfd`).
+    Ok(unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(owned.into_raw_fd()) })
+}
+
+/// Whether `fd` is readable right now (an eventfd with a non-zero counter), without blocking.
+pub fn fd_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd for a descriptor borrowed for the call; timeout 0 never blocks.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
+}
+
+/// The IRR of the in-kernel IOAPIC and of the master PIC (tests check that an IRQ line
+/// reached the irqchip through the routing table).
+#[cfg(test)]
+pub fn irqchip_irr(vm: &VmFd) -> Result<(u32, u8), kvm_ioctls::Error> {
+    use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER};
+    let mut ioapic = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut ioapic)?;
+    let mut pic = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_PIC_MASTER,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut pic)?;
+    // SAFETY: KVM_GET_IRQCHIP fills the union member named by chip_id, set above; both
+    // members are plain data.
+    let irr = unsafe { (ioapic.chip.ioapic.irr, pic.chip.pic.irr) };
+    Ok(irr)
+}

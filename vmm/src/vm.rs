@@ -21,10 +21,14 @@ use crate::control::{self, ControlSocket, VmExitHandle};
 use crate::cpuid::{self, Toggle};
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
+use crate::devices::pci::{
+    self, PciConfigPort, PciDeviceInfo, PciMmioWindow, PciRoot, VirtioDevice,
+};
 use crate::devices::serial::Serial;
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
+use crate::irq::{GsiRouting, KvmPciVm};
 use crate::sys;
 use crate::vcpu::{self, VcpuContext};
 
@@ -95,9 +99,25 @@ struct Machine {
     vm: Arc<VmFd>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    /// PCI bus 0 (host bridge, virtio devices); also on `pio` (0xCF8) and `mmio` (its window).
+    pci: Arc<Mutex<PciRoot>>,
     stdin_serial: Option<Arc<Mutex<Serial>>>,
     exit: Arc<VmExit>,
     ram: GuestRam,
+}
+
+impl Machine {
+    /// Adds a virtio device in the next PCI slot (00:01.0, 00:02.0, ...) with its BAR0
+    /// assigned in the PCI MMIO window. Call before the vCPUs start.
+    #[allow(dead_code)] // the virtio devices are wired in next
+    fn add_virtio_device(&self, device: Box<dyn VirtioDevice>) -> Result<PciDeviceInfo> {
+        let name = device.name().to_string();
+        self.pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_virtio_device(device)
+            .with_context(|| format!("cannot add virtio device {name}"))
+    }
 }
 
 fn serial_output(spec: &SerialSpec) -> Result<Box<dyn Write + Send>> {
@@ -127,6 +147,10 @@ fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
     vm.set_tss_address(KVM_TSS_ADDR)
         .context("KVM_SET_TSS_ADDR failed")?;
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP failed")?;
+    // One routing table for the VM: KVM's default irqchip routes plus MSI-X routes.
+    let routing = GsiRouting::new(vm.clone()).context("cannot set up GSI routing")?;
+    let pci_vm = Arc::new(KvmPciVm::new(vm.clone(), Arc::new(Mutex::new(routing))));
+    let pci = Arc::new(Mutex::new(PciRoot::new(pci_vm)));
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -174,10 +198,22 @@ fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
     pio.insert(Arc::new(Mutex::new(I8042::new(on_reset))), 0x60, 5)?;
     let (below, above) = ram.split_at_4g();
     pio.insert(Arc::new(Mutex::new(Cmos::new(below, above))), 0x70, 2)?;
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigPort(pci.clone()))),
+        pci::CONFIG_PORT_BASE,
+        pci::CONFIG_PORT_LEN,
+    )?;
+    let mut mmio = Bus::default();
+    mmio.insert(
+        Arc::new(Mutex::new(PciMmioWindow(pci.clone()))),
+        pci::MMIO_WINDOW_BASE,
+        pci::MMIO_WINDOW_SIZE,
+    )?;
     Ok(Machine {
         vm,
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::default()),
+        mmio: Arc::new(mmio),
+        pci,
         stdin_serial,
         exit,
         ram,

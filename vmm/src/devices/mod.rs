@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod cmos;
 pub mod i8042;
+pub mod pci;
 pub mod serial;
 
 pub use bus::{Bus, BusDevice};

@@ -1,0 +1,111 @@
+/* ringvm test guest: virtio 1.x over PCI (modern transport, virtio 1.2 section 4.1), split
+ * virtqueues, MSI-X. Shared by virtio_rng.c and virtio_blk.c. */
+#ifndef RINGVM_VIRTIO_H
+#define RINGVM_VIRTIO_H
+
+#include "test.h"
+
+#define VIRTIO_VENDOR 0x1af4
+#define VIRTIO_TYPE_BLK 2
+#define VIRTIO_TYPE_RNG 4
+
+#define VIRTIO_S_ACKNOWLEDGE 0x01
+#define VIRTIO_S_DRIVER 0x02
+#define VIRTIO_S_DRIVER_OK 0x04
+#define VIRTIO_S_FEATURES_OK 0x08
+#define VIRTIO_S_NEEDS_RESET 0x40
+#define VIRTIO_S_FAILED 0x80
+
+#define VIRTIO_F_VERSION_1 (1ull << 32)
+#define VIRTIO_F_ACCESS_PLATFORM (1ull << 33)
+
+#define VQ_MAX 16 /* descriptors per queue we use (at most) */
+#define VQ_F_NEXT 1
+#define VQ_F_WRITE 2
+#define VQ_TIMEOUT_MS 5000
+
+struct vq_desc {
+	u64 addr;
+	u32 len;
+	u16 flags, next;
+};
+struct vq_avail {
+	u16 flags, idx;
+	u16 ring[VQ_MAX];
+};
+struct vq_used_elem {
+	u32 id, len;
+};
+struct vq_used {
+	u16 flags, idx;
+	struct vq_used_elem ring[VQ_MAX];
+};
+
+/* One buffer of a chain: device-writable if write. */
+struct vq_buf {
+	const void *addr;
+	u32 len;
+	int write;
+};
+struct vq_done {
+	u16 head;
+	u32 len;
+};
+
+struct virtq {
+	u16 index, size;
+	u16 avail_idx; /* next free avail slot (free-running) */
+	u16 used_seen; /* used entries consumed (free-running) */
+	u16 next_desc; /* descriptors are handed out round-robin */
+	u16 in_flight; /* descriptors */
+	u8 chain_len[VQ_MAX]; /* per head, 0 = not in flight */
+	volatile struct vq_desc *desc;
+	volatile struct vq_avail *avail;
+	volatile struct vq_used *used;
+	u64 notify;
+	u32 kicks;
+	u32 irq_at_kick; /* queue interrupts counted when last kicked */
+	u8 irq_slot;	  /* irq_count[] index of the queue's vector */
+};
+
+struct virtio_dev {
+	const char *name;
+	struct pci_func *pci;
+	u64 common, isr, device, notify_base;
+	u32 notify_mult, device_len;
+	u8 msix_cap;
+	u16 msix_size;
+	u64 msix_table;
+	enum wait_mode mode;
+	u8 vec_base; /* MSI-X entry e -> vector vec_base + e; entry 0 = config, 1 + q = queue q */
+	u64 dev_features, drv_features;
+	struct virtq q;
+};
+
+/* "hlt" (default), "spin" or "poll" from ringvm.<key>. */
+const char *virtio_mode(const char *key, enum wait_mode *mode);
+const char *wait_mode_name(enum wait_mode m);
+/* Finds the first function of this virtio type on bus 0, enables its BARs and parses its
+ * capabilities. */
+const char *virtio_open(struct virtio_dev *v, u16 type);
+/* Reset, ACKNOWLEDGE, DRIVER, feature negotiation (VERSION_1 | (device & want)), FEATURES_OK,
+ * and MSI-X (unless mode is poll): entry 0 = config vector. */
+const char *virtio_init(struct virtio_dev *v, u64 want);
+/* Queue qi with its rings in mem (3 zeroed-by-us pages, page aligned). */
+const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem);
+const char *virtio_driver_ok(struct virtio_dev *v);
+/* Writes 0 to device_status and waits until it reads 0. */
+const char *virtio_reset(struct virtio_dev *v);
+u8 virtio_status(struct virtio_dev *v);
+/* Device-specific configuration, read consistently with config_generation. */
+u64 virtio_cfg(struct virtio_dev *v, u32 off, int size);
+
+/* Adds a chain (not yet visible to the device); returns its head or -1 if the queue is full. */
+int vq_add(struct virtq *q, const struct vq_buf *b, int n);
+/* Publishes the added chains and notifies the device. */
+void vq_kick(struct virtq *q);
+/* Waits (v->mode) until every published chain is used and, unless polling, until the queue's
+ * MSI-X vector fired at least once since the kick; fills done[] (up to max). */
+const char *vq_wait(struct virtio_dev *v, struct vq_done *done, int max, int *ndone);
+
+#endif
