@@ -45,6 +45,7 @@ mod async_queue;
 pub mod mock;
 pub mod queue;
 mod reader_writer;
+pub mod rng;
 pub mod vhost_user;
 
 pub use async_queue::AsyncQueue;
@@ -53,6 +54,7 @@ pub use queue::{
     VIRTIO_F_INDIRECT_DESC,
 };
 pub use reader_writer::{Reader, Writer};
+pub use rng::Rng;
 
 use std::io;
 

@@ -1,0 +1,292 @@
+//! virtio-rng (virtio 1.2 §5.4): one queue whose writable buffers the device fills with
+//! entropy, read by io_uring from an entropy fd (`/dev/urandom`, opened by the caller)
+//! straight into guest memory.
+
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+
+use executor::AsyncFd;
+use futures::future::{select, Either};
+
+use crate::vhost_user::{Device, StopSignal};
+use crate::{AsyncQueue, DescriptorChain, Error};
+
+/// The virtio device id of an entropy device.
+pub const VIRTIO_ID_RNG: u32 = 4;
+/// The most bytes one chain gets.
+pub const MAX_CHAIN_BYTES: usize = 64 << 10;
+/// The queue size the device offers.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// A virtio entropy device.
+#[derive(Debug)]
+pub struct Rng {
+    entropy: AsyncFd,
+}
+
+impl Rng {
+    /// A device reading from `entropy` (a blocking fd: `/dev/urandom`).
+    pub fn new(entropy: OwnedFd) -> Rng {
+        Rng {
+            entropy: AsyncFd::new(entropy),
+        }
+    }
+
+    fn log(&self, what: impl std::fmt::Display) {
+        eprintln!("ringvm device rng: {what}");
+    }
+
+    /// Fills the chain's writable buffers (up to [`MAX_CHAIN_BYTES`]); returns the used length.
+    async fn fill(&self, queue: &AsyncQueue, chain: &DescriptorChain) -> u32 {
+        let writer = chain.writer(queue.memory());
+        let want = writer.available_bytes().min(MAX_CHAIN_BYTES);
+        if want == 0 {
+            return 0;
+        }
+        let iovecs = match writer.iovecs(want) {
+            Ok(iovecs) => iovecs,
+            Err(e) => {
+                self.log(format_args!("chain {}: {e}", chain.head_index()));
+                return 0;
+            }
+        };
+        // Offset 0: a character device ignores it.
+        match self.entropy.read_mem_at(iovecs, 0).await.0 {
+            // At most `want`, which is at most MAX_CHAIN_BYTES.
+            Ok(n) => n.min(want) as u32,
+            Err(e) => {
+                self.log(format_args!("reading entropy failed: {e}"));
+                0
+            }
+        }
+    }
+
+    async fn run(self: Rc<Self>, queue: Rc<AsyncQueue>, stop: StopSignal) {
+        loop {
+            let next = pin!(queue.next_chain());
+            let chain = match select(next, stop.clone()).await {
+                Either::Left((Ok(chain), _)) => chain,
+                Either::Left((Err(Error::InvalidChain { head, reason }), _)) => {
+                    self.log(format_args!("invalid chain at head {head}: {reason}"));
+                    if let Err(e) = queue.complete(head, 0) {
+                        return self.fail(e, stop).await;
+                    }
+                    continue;
+                }
+                Either::Left((Err(e), _)) => return self.fail(e, stop).await,
+                Either::Right(((), _)) => return,
+            };
+            let len = self.fill(&queue, &chain).await;
+            if let Err(e) = queue.complete(chain.head_index(), len) {
+                return self.fail(e, stop).await;
+            }
+        }
+    }
+
+    /// The queue cannot go on (its rings became inaccessible): wait to be stopped.
+    async fn fail(&self, e: Error, stop: StopSignal) {
+        self.log(format_args!("queue stopped: {e}"));
+        stop.await;
+    }
+}
+
+impl Device for Rng {
+    fn name(&self) -> &'static str {
+        "rng"
+    }
+
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn num_queues(&self) -> usize {
+        1
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn run_queue(
+        self: Rc<Self>,
+        _index: usize,
+        queue: Rc<AsyncQueue>,
+        _acked_features: u64,
+        stop: StopSignal,
+    ) -> Pin<Box<dyn Future<Output = ()>>> {
+        Box::pin(self.run(queue, stop))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::fs::File;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    use executor::{EventFd, Executor};
+    use memory::{GuestAddress, GuestMemory};
+
+    use super::*;
+    use crate::mock::{MockBuf, MockSplitQueue};
+
+    struct Fixture {
+        ex: Executor,
+        driver: MockSplitQueue,
+        kick: EventFd,
+        calls: executor::EventFdStream,
+        queue: Rc<AsyncQueue>,
+    }
+
+    fn fixture() -> Fixture {
+        let ex = Executor::new().unwrap();
+        let mem = GuestMemory::new_x86(4 << 20).unwrap();
+        let driver = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).unwrap();
+        let kick = EventFd::new().unwrap();
+        let call = EventFd::new().unwrap();
+        let calls = call.try_clone().unwrap().into_stream();
+        let queue = Rc::new(AsyncQueue::new(
+            driver.queue().unwrap(),
+            mem,
+            kick.try_clone().unwrap().into_stream(),
+            call,
+        ));
+        Fixture {
+            ex,
+            driver,
+            kick,
+            calls,
+            queue,
+        }
+    }
+
+    #[test]
+    fn writable_buffers_get_exactly_the_entropy_fd_bytes() {
+        let mut f = fixture();
+        let (source, mut feed) = UnixStream::pair().unwrap();
+        let rng = Rc::new(Rng::new(source.into()));
+        let stop = StopSignal::new();
+        let task =
+            f.ex.spawn(rng.run_queue(0, f.queue.clone(), 0, stop.clone()));
+        let pattern: Vec<u8> = (0..48).collect();
+        feed.write_all(&pattern).unwrap();
+        let sent = f
+            .driver
+            .add_chain(&[
+                MockBuf::Readable(vec![7; 4]),
+                MockBuf::Writable(16),
+                MockBuf::Writable(32),
+            ])
+            .unwrap();
+        f.kick.write(1).unwrap();
+        f.ex.run_until(executor::timeout(
+            Duration::from_secs(5),
+            f.calls.next_value(),
+        ))
+        .unwrap()
+        .unwrap();
+        let used = f.driver.next_used().unwrap().unwrap();
+        assert_eq!(used.len, 48);
+        assert_eq!(f.driver.read_writable(&sent).unwrap(), pattern);
+        stop.stop();
+        f.ex.run_until(executor::timeout(Duration::from_secs(5), task))
+            .unwrap();
+    }
+
+    #[test]
+    fn urandom_read_at_offset_zero_fills_chains_and_no_writable_buffer_gets_zero() {
+        let mut f = fixture();
+        let rng = Rc::new(Rng::new(File::open("/dev/urandom").unwrap().into()));
+        let stop = StopSignal::new();
+        let task =
+            f.ex.spawn(rng.run_queue(0, f.queue.clone(), 0, stop.clone()));
+        let big = f.driver.add_chain(&[MockBuf::Writable(4096)]).unwrap();
+        let none = f
+            .driver
+            .add_chain(&[MockBuf::Readable(vec![1; 16])])
+            .unwrap();
+        f.kick.write(1).unwrap();
+        let mut used = Vec::new();
+        while used.len() < 2 {
+            f.ex.run_until(executor::timeout(
+                Duration::from_secs(5),
+                f.calls.next_value(),
+            ))
+            .unwrap()
+            .unwrap();
+            while let Some(u) = f.driver.next_used().unwrap() {
+                used.push((u.id, u.len));
+            }
+        }
+        assert_eq!(
+            used,
+            [(u32::from(big.head), 4096), (u32::from(none.head), 0)]
+        );
+        stop.stop();
+        f.ex.run_until(executor::timeout(Duration::from_secs(5), task))
+            .unwrap();
+    }
+
+    #[test]
+    fn invalid_chain_completes_empty_and_the_queue_goes_on() {
+        let mut f = fixture();
+        let rng = Rc::new(Rng::new(File::open("/dev/urandom").unwrap().into()));
+        let stop = StopSignal::new();
+        let task =
+            f.ex.spawn(rng.run_queue(0, f.queue.clone(), 0, stop.clone()));
+        f.driver
+            .write_desc(
+                9,
+                crate::Descriptor {
+                    addr: 0xffff_ffff_0000,
+                    len: 8,
+                    flags: crate::queue::desc::VIRTQ_DESC_F_WRITE,
+                    next: 0,
+                },
+            )
+            .unwrap();
+        f.driver.publish(9).unwrap();
+        let good = f.driver.add_chain(&[MockBuf::Writable(8)]).unwrap();
+        f.kick.write(1).unwrap();
+        let mut used = Vec::new();
+        while used.len() < 2 {
+            f.ex.run_until(executor::timeout(
+                Duration::from_secs(5),
+                f.calls.next_value(),
+            ))
+            .unwrap()
+            .unwrap();
+            while let Some(u) = f.driver.next_used().unwrap() {
+                used.push((u.id, u.len));
+            }
+        }
+        assert_eq!(used, [(9, 0), (u32::from(good.head), 8)]);
+        stop.stop();
+        f.ex.run_until(executor::timeout(Duration::from_secs(5), task))
+            .unwrap();
+    }
+
+    #[test]
+    fn device_identity() {
+        let rng = Rng::new(File::open("/dev/urandom").unwrap().into());
+        assert_eq!(
+            (
+                rng.name(),
+                rng.device_type(),
+                rng.num_queues(),
+                rng.max_queue_size()
+            ),
+            ("rng", 4, 1, 256)
+        );
+        assert_eq!(rng.features(), 0);
+        assert_eq!(rng.config_size(), 0);
+    }
+}

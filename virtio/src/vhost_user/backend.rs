@@ -1,0 +1,623 @@
+//! A single-threaded async vhost-user backend: [`serve`] answers a frontend's requests for a
+//! [`Device`] and runs one executor task per started queue.
+//!
+//! Everything the frontend sends is checked before it acts: a malformed message, an index
+//! beyond the device's queues, a queue size it cannot take, a memory table it cannot map or a
+//! ring outside that memory fails the request. With `REPLY_ACK` negotiated and the request
+//! asking for a reply, the failure is answered with a nonzero status and the connection goes
+//! on; otherwise the backend logs it (`ringvm device <name>: ...` on stderr), stops its
+//! queues, closes the connection and `serve` returns the error.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::future::Future;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use executor::{EventFd, EventFdStream, Task};
+use memory::{GuestAddress, GuestMemory, RegionFd};
+
+use super::connection::Connection;
+use super::message::{
+    encode_ack, encode_reply, Config, MemTable, Message, MessageError, Request, RequestBody,
+    VringAddr, VringFd, VringState, MAX_CONFIG_SIZE, U64,
+};
+use super::{
+    error_chain, Error, Result, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
+    PROTOCOL_F_RESET_DEVICE, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
+};
+use crate::{AsyncQueue, Queue, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC};
+
+/// The protocol features the backend offers.
+pub const PROTOCOL_FEATURES: u64 = (1 << PROTOCOL_F_MQ)
+    | (1 << PROTOCOL_F_REPLY_ACK)
+    | (1 << PROTOCOL_F_CONFIG)
+    | (1 << PROTOCOL_F_RESET_DEVICE);
+
+/// The ring feature bits a device supports unless it says otherwise.
+pub const DEFAULT_TRANSPORT_FEATURES: u64 =
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_INDIRECT_DESC);
+
+/// A virtio device served over vhost-user.
+pub trait Device: 'static {
+    /// Short name for log lines: "rng", "block".
+    fn name(&self) -> &'static str;
+    /// The virtio device id (rng = 4).
+    fn device_type(&self) -> u32;
+    /// The number of queues.
+    fn num_queues(&self) -> usize;
+    /// The largest queue size (a power of two of at most 32768).
+    fn max_queue_size(&self) -> u16;
+    /// The device feature bits. The server adds [`Device::transport_features`] and
+    /// `VHOST_USER_F_PROTOCOL_FEATURES`.
+    fn features(&self) -> u64;
+    /// The ring and transport bits the device supports: `VIRTIO_F_VERSION_1`,
+    /// `VIRTIO_RING_F_EVENT_IDX` and `VIRTIO_RING_F_INDIRECT_DESC` unless it forbids some.
+    fn transport_features(&self) -> u64 {
+        DEFAULT_TRANSPORT_FEATURES
+    }
+    /// The size of the config space in bytes.
+    fn config_size(&self) -> usize {
+        0
+    }
+    /// Reads `data.len()` bytes of config space at `offset` (inside `config_size`).
+    fn read_config(&self, _offset: u32, data: &mut [u8]) {
+        data.fill(0)
+    }
+    /// Writes config space at `offset` (inside `config_size`).
+    fn write_config(&self, _offset: u32, _data: &[u8]) -> std::result::Result<(), String> {
+        Err("read-only".into())
+    }
+    /// Runs one queue until `stop` fires, finishing requests in flight, then returns (and
+    /// drops `queue`: the server takes the queue state back from its own handle).
+    fn run_queue(
+        self: Rc<Self>,
+        index: usize,
+        queue: Rc<AsyncQueue>,
+        acked_features: u64,
+        stop: StopSignal,
+    ) -> Pin<Box<dyn Future<Output = ()>>>;
+    /// Back to the state after creation (`RESET_DEVICE`), with every queue stopped.
+    fn reset(&self) {}
+}
+
+#[derive(Default)]
+struct StopInner {
+    stopped: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+/// Fires once when a queue must stop. A cheap clone; every clone is a future that resolves
+/// when the signal fires, and holds no I/O: a device may `select` a fresh clone against
+/// [`AsyncQueue::next_chain`] on every turn of its loop (the queue keeps its one kick read
+/// in flight across dropped waits).
+#[derive(Clone, Default)]
+pub struct StopSignal {
+    inner: Rc<StopInner>,
+}
+
+impl fmt::Debug for StopSignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StopSignal")
+            .field("stopped", &self.inner.stopped.get())
+            .finish()
+    }
+}
+
+impl StopSignal {
+    /// A signal that has not fired.
+    pub fn new() -> StopSignal {
+        StopSignal::default()
+    }
+
+    /// Fires the signal: every clone resolves.
+    pub fn stop(&self) {
+        self.inner.stopped.set(true);
+        for waker in self.inner.wakers.take() {
+            waker.wake();
+        }
+    }
+
+    /// Whether the signal fired.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.get()
+    }
+}
+
+impl Future for StopSignal {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.inner.stopped.get() {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.inner.wakers.borrow_mut();
+        // One entry per task: a device polls a fresh clone on every turn of its loop.
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// A started queue: its task, the signal that stops it, and the server's handle on it.
+struct Running {
+    stop: StopSignal,
+    task: Task<()>,
+    queue: Rc<AsyncQueue>,
+}
+
+/// What the frontend set up for one queue.
+struct Vring {
+    /// The queue state while it is not running (size, next avail index).
+    queue: Queue,
+    /// Ring addresses, in the frontend's address space.
+    addr: Option<VringAddr>,
+    kick: Option<OwnedFd>,
+    /// `None`: no call fd (NOFD); the device signals nobody.
+    call: Option<OwnedFd>,
+    /// Kept for the frontend; the backend reports no ring errors through it.
+    err: Option<OwnedFd>,
+    enabled: bool,
+    running: Option<Running>,
+}
+
+struct Server<D: Device> {
+    device: Rc<D>,
+    conn: Connection,
+    offered: u64,
+    acked: u64,
+    protocol: u64,
+    mem: Option<GuestMemory>,
+    vrings: Vec<Vring>,
+}
+
+/// Serves `device` on `conn` until the frontend closes the connection (`Ok`) or sends
+/// something that cannot be answered (`Err`, logged on stderr). Every started queue is
+/// stopped before it returns.
+pub async fn serve<D: Device>(device: Rc<D>, conn: Connection) -> Result<()> {
+    let name = device.name();
+    let mut server = match Server::new(device, conn) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("ringvm device {name}: {}", error_chain(&e));
+            return Err(e);
+        }
+    };
+    let result = server.run().await;
+    server.stop_all().await;
+    if let Err(e) = &result {
+        eprintln!("ringvm device {name}: {}", error_chain(e));
+    }
+    result
+}
+
+impl<D: Device> Server<D> {
+    fn new(device: Rc<D>, conn: Connection) -> Result<Server<D>> {
+        let max = device.max_queue_size();
+        let vrings = (0..device.num_queues())
+            .map(|index| {
+                let queue = Queue::new(max).map_err(|source| Error::QueueSetup {
+                    index: index as u32,
+                    source,
+                })?;
+                Ok(Vring {
+                    queue,
+                    addr: None,
+                    kick: None,
+                    call: None,
+                    err: None,
+                    enabled: false,
+                    running: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let offered =
+            device.features() | device.transport_features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES);
+        Ok(Server {
+            device,
+            conn,
+            offered,
+            acked: 0,
+            protocol: 0,
+            mem: None,
+            vrings,
+        })
+    }
+
+    fn log(&self, what: impl fmt::Display) {
+        eprintln!("ringvm device {}: {what}", self.device.name());
+    }
+
+    fn reply_ack(&self) -> bool {
+        self.protocol & (1 << PROTOCOL_F_REPLY_ACK) != 0
+    }
+
+    /// Whether rings wait for `SET_VRING_ENABLE` (else they start with their kick fd).
+    fn protocol_negotiated(&self) -> bool {
+        self.acked & (1 << VHOST_USER_F_PROTOCOL_FEATURES) != 0
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        loop {
+            let Some((msg, fds)) = self.conn.recv().await? else {
+                return Ok(());
+            };
+            if msg.header.is_reply() {
+                return Err(Error::Message(MessageError::UnexpectedReply(
+                    msg.header.request,
+                )));
+            }
+            let request = msg.header.request;
+            let ack = msg.header.need_reply() && self.reply_ack() && !request.has_reply();
+            match self.handle(&msg, fds).await {
+                Ok(Some(reply)) => self.conn.send(reply, &[]).await?,
+                Ok(None) if ack => self.conn.send(encode_ack(request, true), &[]).await?,
+                Ok(None) => {}
+                Err(e @ Error::ConfigWrite(_)) => {
+                    self.log(format_args!("{request:?}: {}", error_chain(&e)));
+                    if ack {
+                        self.conn.send(encode_ack(request, false), &[]).await?;
+                    }
+                }
+                Err(e) if ack => {
+                    self.log(format_args!("{request:?} failed: {}", error_chain(&e)));
+                    self.conn.send(encode_ack(request, false), &[]).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn vring_index(&self, index: u32) -> Result<usize> {
+        let i = index as usize;
+        if i >= self.vrings.len() {
+            return Err(Error::QueueIndex {
+                index,
+                num_queues: self.vrings.len(),
+            });
+        }
+        Ok(i)
+    }
+
+    /// A ring's layout may only change while it is stopped.
+    fn stopped_vring(&self, request: Request, index: u32) -> Result<usize> {
+        let i = self.vring_index(index)?;
+        if self.vrings[i].running.is_some() {
+            return Err(Error::RingRunning { request, index });
+        }
+        Ok(i)
+    }
+
+    /// Handles one request; returns the reply to send, if the request has one.
+    async fn handle(&mut self, msg: &Message, mut fds: Vec<OwnedFd>) -> Result<Option<Vec<u8>>> {
+        let request = msg.header.request;
+        let body = msg.parse_body().map_err(Error::Message)?;
+        match (request, body) {
+            (Request::SetOwner, _) => {}
+            (Request::ResetOwner | Request::ResetDevice, _) => self.reset().await,
+            (Request::GetFeatures, _) => {
+                return Ok(Some(encode_reply(request, &U64(self.offered))))
+            }
+            (Request::SetFeatures, RequestBody::U64(U64(acked))) => {
+                if acked & !self.offered != 0 {
+                    return Err(Error::FeaturesNotOffered {
+                        acked,
+                        offered: self.offered,
+                    });
+                }
+                self.acked = acked;
+            }
+            (Request::GetProtocolFeatures, _) => {
+                return Ok(Some(encode_reply(request, &U64(PROTOCOL_FEATURES))))
+            }
+            (Request::SetProtocolFeatures, RequestBody::U64(U64(acked))) => {
+                if acked & !PROTOCOL_FEATURES != 0 {
+                    return Err(Error::ProtocolFeaturesNotOffered {
+                        acked,
+                        offered: PROTOCOL_FEATURES,
+                    });
+                }
+                self.protocol = acked;
+            }
+            (Request::GetQueueNum, _) => {
+                return Ok(Some(encode_reply(request, &U64(self.vrings.len() as u64))))
+            }
+            (Request::SetMemTable, RequestBody::MemTable(table)) => {
+                self.set_mem_table(table, fds).await?
+            }
+            (Request::SetVringNum, RequestBody::VringState(state)) => {
+                let i = self.stopped_vring(request, state.index)?;
+                let max = self.device.max_queue_size();
+                let size = u16::try_from(state.num)
+                    .ok()
+                    .filter(|&s| s != 0 && s <= max && s.is_power_of_two());
+                let size = size.ok_or(Error::QueueSize {
+                    size: state.num,
+                    max,
+                })?;
+                self.vrings[i].queue.set_size(size);
+            }
+            (Request::SetVringAddr, RequestBody::VringAddr(addr)) => {
+                let i = self.stopped_vring(request, addr.index)?;
+                let mem = self.mem.as_ref().ok_or(Error::NoMemoryTable(request))?;
+                translate(mem, &addr)?;
+                self.vrings[i].addr = Some(addr);
+            }
+            (Request::SetVringBase, RequestBody::VringState(state)) => {
+                let i = self.stopped_vring(request, state.index)?;
+                let base = u16::try_from(state.num).map_err(|_| Error::VringBase {
+                    index: state.index,
+                    base: state.num,
+                })?;
+                self.vrings[i].queue.set_next_avail(base);
+            }
+            (Request::GetVringBase, RequestBody::VringState(state)) => {
+                let i = self.vring_index(state.index)?;
+                self.stop_vring(i).await;
+                let vring = &mut self.vrings[i];
+                // A stopped ring starts again only with a new kick fd.
+                vring.kick = None;
+                let base = VringState {
+                    index: state.index,
+                    num: u32::from(vring.queue.next_avail()),
+                };
+                return Ok(Some(encode_reply(request, &base)));
+            }
+            (Request::SetVringKick, RequestBody::VringFd(body)) => {
+                let i = self.vring_fd_index(body)?;
+                self.stop_vring(i).await;
+                self.vrings[i].kick = fds.pop();
+                if self.vrings[i].kick.is_none() {
+                    self.log(format_args!(
+                        "queue {i} has no kick fd; it is not processed until it gets one"
+                    ));
+                }
+                self.start_vring(i)?;
+            }
+            (Request::SetVringCall, RequestBody::VringFd(body)) => {
+                let i = self.vring_fd_index(body)?;
+                let was_running = self.vrings[i].running.is_some();
+                self.stop_vring(i).await;
+                self.vrings[i].call = fds.pop();
+                if was_running {
+                    self.start_vring(i)?;
+                }
+            }
+            (Request::SetVringErr, RequestBody::VringFd(body)) => {
+                let i = self.vring_fd_index(body)?;
+                self.vrings[i].err = fds.pop();
+            }
+            (Request::SetVringEnable, RequestBody::VringState(state)) => {
+                let i = self.vring_index(state.index)?;
+                let enable = state.num == 1;
+                self.vrings[i].enabled = enable;
+                if enable {
+                    self.start_vring(i)?;
+                } else {
+                    self.stop_vring(i).await;
+                }
+            }
+            (Request::GetConfig, RequestBody::Config(config)) => {
+                return Ok(Some(self.get_config(&config)));
+            }
+            (Request::SetConfig, RequestBody::Config(config)) => {
+                self.config_range(&config)?;
+                self.device
+                    .write_config(config.offset, &config.payload)
+                    .map_err(Error::ConfigWrite)?;
+            }
+            // `parse_body` returns the body type of each request: unreachable.
+            (_, _) => {
+                return Err(Error::Message(MessageError::BadBodySize {
+                    expected: 0,
+                    got: msg.body.len(),
+                }))
+            }
+        }
+        Ok(None)
+    }
+
+    fn vring_fd_index(&self, body: VringFd) -> Result<usize> {
+        self.vring_index(u32::from(body.index()))
+    }
+
+    fn config_range(&self, config: &Config) -> Result<()> {
+        let config_size = self.device.config_size().min(MAX_CONFIG_SIZE as usize);
+        if u64::from(config.offset) + u64::from(config.size) > config_size as u64 {
+            return Err(Error::ConfigRange {
+                offset: config.offset,
+                size: config.size,
+                config_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// The `GET_CONFIG` reply: the bytes, or an empty payload if the range is not valid
+    /// (the spec's failure reply).
+    fn get_config(&self, config: &Config) -> Vec<u8> {
+        let mut reply = Config {
+            offset: config.offset,
+            size: config.size,
+            flags: 0,
+            payload: vec![0; config.size as usize],
+        };
+        match self.config_range(config) {
+            Ok(()) => self.device.read_config(config.offset, &mut reply.payload),
+            Err(e) => {
+                self.log(format_args!("GetConfig failed: {}", error_chain(&e)));
+                reply.size = 0;
+                reply.payload.clear();
+            }
+        }
+        encode_reply(Request::GetConfig, &reply)
+    }
+
+    async fn set_mem_table(&mut self, table: MemTable, fds: Vec<OwnedFd>) -> Result<()> {
+        // `Message::decode` checked that one fd came per region.
+        let regions = table
+            .regions
+            .iter()
+            .zip(fds)
+            .map(|(r, fd)| RegionFd {
+                fd,
+                fd_offset: r.mmap_offset,
+                size: r.memory_size,
+                guest_addr: GuestAddress(r.guest_phys_addr),
+                user_addr: r.userspace_addr,
+            })
+            .collect();
+        let mem = GuestMemory::from_regions(regions).map_err(Error::MapMemory)?;
+        // Running queues move to the new table (their ring addresses are translated again).
+        let mut restart = Vec::new();
+        for i in 0..self.vrings.len() {
+            if self.vrings[i].running.is_some() {
+                self.stop_vring(i).await;
+                restart.push(i);
+            }
+        }
+        self.mem = Some(mem);
+        for i in restart {
+            self.start_vring(i)?;
+        }
+        Ok(())
+    }
+
+    /// Starts queue `i` if it has everything it needs and is not running.
+    fn start_vring(&mut self, i: usize) -> Result<()> {
+        let enabled = self.vrings[i].enabled || !self.protocol_negotiated();
+        let vring = &self.vrings[i];
+        let (Some(mem), Some(addr), Some(kick)) = (&self.mem, &vring.addr, &vring.kick) else {
+            return Ok(());
+        };
+        if vring.running.is_some() || !enabled {
+            return Ok(());
+        }
+        let index = i as u32;
+        let (desc, avail, used) = translate(mem, addr)?;
+        let mut queue = vring.queue.clone();
+        queue.set_desc_table(desc);
+        queue.set_avail_ring(avail);
+        queue.set_used_ring(used);
+        queue.set_features(self.acked);
+        let setup = |source| Error::QueueSetup { index, source };
+        queue.activate(mem).map_err(setup)?;
+        // Used entries continue where the ring says (0 for a fresh ring).
+        let used_idx = queue.used_idx(mem).map_err(setup)?;
+        queue.set_next_used(used_idx);
+        let kick = EventFdStream::new(kick.try_clone().map_err(Error::DupFd)?);
+        let call = match &vring.call {
+            Some(fd) => EventFd::from(fd.as_fd().try_clone_to_owned().map_err(Error::DupFd)?),
+            None => EventFd::new().map_err(Error::EventFd)?,
+        };
+        let queue = Rc::new(AsyncQueue::new(queue, mem.clone(), kick, call));
+        let stop = StopSignal::new();
+        let future = self
+            .device
+            .clone()
+            .run_queue(i, queue.clone(), self.acked, stop.clone());
+        let task = executor::spawn(future);
+        self.vrings[i].running = Some(Running { stop, task, queue });
+        Ok(())
+    }
+
+    /// Stops queue `i` if it runs: fires its signal, waits for its task, keeps its state.
+    async fn stop_vring(&mut self, i: usize) {
+        let Some(running) = self.vrings[i].running.take() else {
+            return;
+        };
+        running.stop.stop();
+        running.task.await;
+        self.vrings[i].queue = running.queue.with_queue(|q| q.clone());
+        if Rc::strong_count(&running.queue) > 1 {
+            self.log(format_args!(
+                "queue {i} is still referenced after its task ended; its kick read stays in flight"
+            ));
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_vring(i).await;
+        }
+    }
+
+    /// `RESET_DEVICE`: every queue stopped and forgotten, features and memory dropped.
+    async fn reset(&mut self) {
+        self.stop_all().await;
+        for vring in &mut self.vrings {
+            vring.queue.reset();
+            vring.addr = None;
+            vring.kick = None;
+            vring.call = None;
+            vring.err = None;
+            vring.enabled = false;
+        }
+        self.acked = 0;
+        self.mem = None;
+        self.device.reset();
+    }
+}
+
+/// The guest addresses of a ring's three parts, from the frontend's user addresses.
+fn translate(
+    mem: &GuestMemory,
+    addr: &VringAddr,
+) -> Result<(GuestAddress, GuestAddress, GuestAddress)> {
+    let one = |ring: &'static str, user: u64| {
+        mem.user_to_guest(user).ok_or(Error::VringAddress {
+            index: addr.index,
+            ring,
+            addr: user,
+        })
+    };
+    Ok((
+        one("descriptor table", addr.desc)?,
+        one("available ring", addr.avail)?,
+        one("used ring", addr.used)?,
+    ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::pin::pin;
+
+    use executor::Executor;
+
+    use super::*;
+
+    #[test]
+    fn stop_signal_resolves_every_clone_and_stays_fired() {
+        let ex = Executor::new().unwrap();
+        let stop = StopSignal::new();
+        let waiters: Vec<_> = (0..3).map(|_| ex.spawn(stop.clone())).collect::<Vec<_>>();
+        ex.run_until(executor::yield_now());
+        assert!(!stop.is_stopped());
+        stop.stop();
+        ex.run_until(async {
+            for w in waiters {
+                w.await;
+            }
+        });
+        assert!(stop.is_stopped());
+        // A clone made after the stop resolves at once.
+        ex.run_until(stop.clone());
+    }
+
+    #[test]
+    fn polling_fresh_clones_from_one_task_keeps_one_waker() {
+        let ex = Executor::new().unwrap();
+        let stop = StopSignal::new();
+        ex.run_until(async {
+            for _ in 0..100 {
+                let mut clone = pin!(stop.clone());
+                assert!(futures::poll!(&mut clone).is_pending());
+            }
+        });
+        assert_eq!(stop.inner.wakers.borrow().len(), 1);
+    }
+}
