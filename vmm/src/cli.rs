@@ -16,6 +16,7 @@ pub struct Args {
 pub enum Command {
     Run(RunArgs),
     Stop(StopArgs),
+    Device(DeviceArgs),
 }
 
 /// Boot a Linux kernel (bzImage or ELF vmlinux) or any ELF kernel with a PVH note.
@@ -45,9 +46,138 @@ pub struct RunArgs {
     /// /proc/cpuinfo); for hosts that cannot run some instructions in guest kernel mode
     #[argh(option)]
     pub cpu_features: Option<String>,
+    /// an external vhost-user device: type=blk|net|rng|vsock,socket=PATH (the backend
+    /// listens on PATH); repeat for several
+    #[argh(option)]
+    pub vhost_user: Vec<String>,
+    /// do not add the virtio-rng device (on by default)
+    #[argh(switch)]
+    pub no_rng: bool,
+    /// run device processes without the jail (namespaces, seccomp)
+    #[argh(switch)]
+    pub disable_sandbox: bool,
     /// path of the kernel image
     #[argh(positional)]
     pub kernel: PathBuf,
+}
+
+/// Run a device as a vhost-user backend, for ringvm or any vhost-user frontend.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "device")]
+pub struct DeviceArgs {
+    #[argh(subcommand)]
+    pub device: DeviceCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum DeviceCommand {
+    Rng(RngArgs),
+}
+
+/// Where a device backend gets its vhost-user connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Listen on a unix socket path and serve the first frontend that connects.
+    Socket(PathBuf),
+    /// An already connected socket inherited as this descriptor (how ringvm spawns devices).
+    Fd(i32),
+}
+
+/// virtio-rng backend (entropy from /dev/urandom).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rng")]
+pub struct RngArgs {
+    /// listen on this unix socket path for one vhost-user frontend
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+    /// serve the vhost-user connection already open on this descriptor
+    #[argh(option)]
+    pub fd: Option<i32>,
+    /// serve without the jail (namespaces, pivot_root, no capabilities)
+    #[argh(switch)]
+    pub disable_sandbox: bool,
+}
+
+/// Picks the one endpoint out of `--socket` and `--fd`.
+pub fn endpoint(socket: &Option<PathBuf>, fd: Option<i32>) -> Result<Endpoint, String> {
+    match (socket, fd) {
+        (Some(p), None) => Ok(Endpoint::Socket(p.clone())),
+        (None, Some(fd)) if fd > 2 => Ok(Endpoint::Fd(fd)),
+        (None, Some(fd)) => Err(format!("--fd {fd}: expected a descriptor above 2")),
+        (Some(_), Some(_)) => Err("give either --socket or --fd, not both".into()),
+        (None, None) => Err("give --socket PATH or --fd N".into()),
+    }
+}
+
+/// The virtio device types `--vhost-user` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VhostUserType {
+    Block,
+    Net,
+    Rng,
+    Vsock,
+}
+
+impl VhostUserType {
+    /// The virtio device ID.
+    pub fn device_type(self) -> u32 {
+        match self {
+            VhostUserType::Net => 1,
+            VhostUserType::Block => 2,
+            VhostUserType::Rng => 4,
+            VhostUserType::Vsock => 19,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VhostUserType::Net => "net",
+            VhostUserType::Block => "blk",
+            VhostUserType::Rng => "rng",
+            VhostUserType::Vsock => "vsock",
+        }
+    }
+}
+
+/// One `--vhost-user` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserSpec {
+    pub kind: VhostUserType,
+    pub socket: PathBuf,
+}
+
+/// Parses one `--vhost-user` value.
+pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
+    let mut kind = None;
+    let mut socket = None;
+    for kv in spec.split(',').filter(|s| !s.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--vhost-user: '{kv}' is not key=value"))?;
+        match k {
+            "type" => {
+                kind = Some(match v {
+                    "blk" | "block" => VhostUserType::Block,
+                    "net" => VhostUserType::Net,
+                    "rng" => VhostUserType::Rng,
+                    "vsock" => VhostUserType::Vsock,
+                    _ => {
+                        return Err(format!(
+                            "--vhost-user type={v}: expected blk, net, rng or vsock"
+                        ))
+                    }
+                })
+            }
+            "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            "socket" => return Err("--vhost-user socket= is empty".into()),
+            _ => return Err(format!("--vhost-user: unknown key '{k}'")),
+        }
+    }
+    Ok(VhostUserSpec {
+        kind: kind.ok_or("--vhost-user needs type=")?,
+        socket: socket.ok_or("--vhost-user needs socket=")?,
+    })
 }
 
 /// Stop a VM through its control socket.
@@ -200,6 +330,9 @@ mod tests {
             socket: None,
             serial: vec![],
             cpu_features: None,
+            vhost_user: vec![],
+            no_rng: false,
+            disable_sandbox: false,
             kernel: "k".into(),
         };
         assert!(validate(&args(256, 1)).is_ok());
@@ -209,5 +342,41 @@ mod tests {
         let mut a = args(256, 1);
         a.serial = vec!["num=1".into(), "num=1".into()];
         assert!(validate(&a).is_err());
+    }
+
+    #[test]
+    fn vhost_user_specs_parse() {
+        assert_eq!(
+            parse_vhost_user("type=blk,socket=/run/b.sock").expect("valid"),
+            VhostUserSpec {
+                kind: VhostUserType::Block,
+                socket: "/run/b.sock".into()
+            }
+        );
+        assert_eq!(
+            parse_vhost_user("socket=s,type=rng").expect("valid").kind,
+            VhostUserType::Rng
+        );
+        for bad in [
+            "type=gpu,socket=s",
+            "type=rng",
+            "socket=s",
+            "type=rng,socket=",
+            "x",
+        ] {
+            assert!(parse_vhost_user(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_endpoint_needs_exactly_one_source() {
+        assert_eq!(
+            endpoint(&Some("p".into()), None),
+            Ok(Endpoint::Socket("p".into()))
+        );
+        assert_eq!(endpoint(&None, Some(3)), Ok(Endpoint::Fd(3)));
+        assert!(endpoint(&None, Some(1)).is_err());
+        assert!(endpoint(&None, None).is_err());
+        assert!(endpoint(&Some("p".into()), Some(3)).is_err());
     }
 }

@@ -6,6 +6,8 @@ pub mod boot;
 pub mod cli;
 pub mod control;
 pub mod cpuid;
+pub mod device;
+mod device_process;
 pub mod devices;
 pub mod exit;
 pub mod guest;

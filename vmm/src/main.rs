@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Run(run) => vmm::vm::run_from_args(run),
         Command::Stop(stop) => stop_vm(&stop.socket),
+        Command::Device(device) => vmm::device::run(device),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,7 @@
 
 use std::cell::Cell;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::Once;
 
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region};
@@ -197,4 +197,28 @@ pub fn irqchip_irr(vm: &VmFd) -> Result<(u32, u8), kvm_ioctls::Error> {
     // members are plain data.
     let irr = unsafe { (ioapic.chip.ioapic.irr, pic.chip.pic.irr) };
     Ok(irr)
+}
+
+/// Takes ownership of descriptor `fd` inherited from the parent, after checking that it is
+/// an open socket; marks it close-on-exec.
+pub fn inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fstat writes into a zeroed stat buffer we own; a bad fd is an error return.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the descriptor is not a socket",
+        ));
+    }
+    // SAFETY: fcntl on a descriptor just checked to be open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (fstat succeeded) and, by the `--fd` contract, was
+    // handed to this process for it alone; nothing else in the process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -16,15 +16,17 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::boot;
-use crate::cli::{self, RunArgs, SerialOut, SerialSpec};
+use crate::cli::{self, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
 use crate::control::{self, ControlSocket, VmExitHandle};
 use crate::cpuid::{self, Toggle};
+use crate::device_process::{self, DeviceProcesses};
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
 use crate::devices::pci::{
     self, PciConfigPort, PciDeviceInfo, PciMmioWindow, PciRoot, VirtioDevice,
 };
 use crate::devices::serial::Serial;
+use crate::devices::vhost_user;
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
@@ -44,6 +46,12 @@ pub struct VmConfig {
     pub serials: Vec<SerialSpec>,
     pub cpu_toggles: Vec<Toggle>,
     pub kvm_pv: Option<bool>,
+    /// Add ringvm's virtio-rng device process.
+    pub rng: bool,
+    /// External vhost-user backends, in PCI slot order after ringvm's own devices.
+    pub vhost_user: Vec<VhostUserSpec>,
+    /// Jail the device processes.
+    pub sandbox: bool,
 }
 
 const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
@@ -53,6 +61,12 @@ const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// `ringvm run`: builds the config from arguments, runs the VM, maps the exit reason.
 pub fn run_from_args(args: RunArgs) -> Result<()> {
     let serials = cli::validate(&args).map_err(|e| anyhow!(e))?;
+    let vhost_user = args
+        .vhost_user
+        .iter()
+        .map(|s| cli::parse_vhost_user(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!(e))?;
     let (cpu_toggles, kvm_pv) = match &args.cpu_features {
         Some(spec) => cpuid::parse_toggles(spec).map_err(|e| anyhow!("--cpu-features: {e}"))?,
         None => (Vec::new(), None),
@@ -77,6 +91,9 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         serials,
         cpu_toggles,
         kvm_pv,
+        rng: !args.no_rng,
+        vhost_user,
+        sandbox: !args.disable_sandbox,
     };
     match run(&config)? {
         ExitReason::Failed(why) => bail!("{why}"),
@@ -109,7 +126,6 @@ struct Machine {
 impl Machine {
     /// Adds a virtio device in the next PCI slot (00:01.0, 00:02.0, ...) with its BAR0
     /// assigned in the PCI MMIO window. Call before the vCPUs start.
-    #[allow(dead_code)] // the virtio devices are wired in next
     fn add_virtio_device(&self, device: Box<dyn VirtioDevice>) -> Result<PciDeviceInfo> {
         let name = device.name().to_string();
         self.pci
@@ -326,10 +342,44 @@ async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
     }
 }
 
+/// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
+/// the PCI bus: ringvm's own device processes first, then `--vhost-user` backends.
+async fn add_devices(
+    config: &VmConfig,
+    machine: &Machine,
+    processes: &mut DeviceProcesses,
+) -> Result<Vec<vhost_user::Backend>> {
+    let mut backends = Vec::new();
+    if config.rng {
+        let (process, sock) = device_process::spawn("rng", "rng", &[], &[], config.sandbox)?;
+        processes.push(process);
+        let (device, backend) = vhost_user::connect("rng", 4, sock).await?;
+        machine.add_virtio_device(Box::new(device))?;
+        backends.push(backend);
+    }
+    for spec in &config.vhost_user {
+        let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
+        let sock = executor::connect_unix(&spec.socket)
+            .await
+            .with_context(|| format!("device {name}: cannot connect"))?
+            .into_owned()
+            .map_err(|_| anyhow!("device {name}: the socket is not a plain descriptor"))?;
+        let (device, backend) = vhost_user::connect(&name, spec.kind.device_type(), sock).await?;
+        machine.add_virtio_device(Box::new(device))?;
+        backends.push(backend);
+    }
+    Ok(backends)
+}
+
 /// Boots the VM and runs it until it ends; returns why it ended.
 pub fn run(config: &VmConfig) -> Result<ExitReason> {
     let kvm = open_kvm()?;
     let machine = build(config, &kvm)?;
+    let ex =
+        executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
+    // Declared before anything that can fail, so every path out kills the device processes.
+    let mut processes = DeviceProcesses::default();
+    let backends = ex.run_until(add_devices(config, &machine, &mut processes))?;
     let control = match &config.socket {
         Some(p) => {
             let path = control::socket_path(p);
@@ -339,8 +389,6 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         }
         None => None,
     };
-    let ex =
-        executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
     let mut events = machine.exit.events()?;
     let _raw = match &machine.stdin_serial {
         Some(_) => sys::RawTerminal::new(0).context("cannot put the terminal in raw mode")?,
@@ -357,6 +405,13 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         if let Some(c) = &control {
             executor::spawn(c.clone().serve(exit.clone())).detach();
         }
+        for backend in backends {
+            let mem = machine.ram.memory().clone();
+            executor::spawn(backend.serve(mem, machine.exit.clone())).detach();
+        }
+        for process in processes.iter() {
+            executor::spawn(process.clone().watch(machine.exit.clone())).detach();
+        }
         // A failed control socket only ends its task; the VM runs until it ends.
         while machine.exit.reason().is_none() {
             if events.next_value().await.is_err() {
@@ -364,8 +419,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
             }
         }
     });
-    stop_vcpus(threads, &stopping);
+    // Dropping the executor drops the devices' tasks first: a vCPU waiting for a backend's
+    // answer gets an error instead of waiting forever.
     drop(ex);
+    stop_vcpus(threads, &stopping);
+    drop(processes);
     Ok(machine
         .exit
         .reason()

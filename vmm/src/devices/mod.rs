@@ -5,5 +5,6 @@ pub mod cmos;
 pub mod i8042;
 pub mod pci;
 pub mod serial;
+pub mod vhost_user;
 
 pub use bus::{Bus, BusDevice};

@@ -1,0 +1,447 @@
+//! virtio-pci devices backed by vhost-user processes, through the real `ringvm` binary and
+//! the test guest's drivers (guest/test/pci.c, virtio*.c): ringvm's own rng device process
+//! (jailed and not), `ringvm device rng --socket` under ringvm's frontend, an independent
+//! backend (qemu-storage-daemon's vhost-user-blk), and backends that die or misbehave.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tests::{ringvm_bin, run_guest, test_guest_path, GuestCmdline, GuestRun};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A scratch directory for sockets and images, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ringvm-virtio-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ringvm(args: &[&str], cmdline: &GuestCmdline) -> Command {
+    let mut c = Command::new(ringvm_bin());
+    c.arg("run")
+        .args(args)
+        .args(["-p", &cmdline.to_string()])
+        .arg(test_guest_path());
+    c
+}
+
+fn assert_clean(run: &GuestRun) {
+    assert!(
+        run.exited_cleanly(),
+        "ringvm status {:?}\nstdout:\n{}\nstderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+}
+
+/// The pids of `parent`'s children (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn process_exists(pid: u32) -> bool {
+    // A zombie still has /proc/<pid>: count it as existing (it was not reaped).
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done()
+}
+
+/// A running `ringvm` whose stdout is read line by line as it comes.
+struct Live {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Live {
+    fn start(cmd: &mut Command) -> Live {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringvm");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Live {
+            child,
+            lines: rx,
+            seen: String::new(),
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + LIMIT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    if line.contains(needle) {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        panic!("no line with {needle:?}; stdout so far:\n{}", self.seen);
+    }
+
+    /// Waits for the process to end; returns its status and stderr.
+    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let ok = wait_until(limit, || matches!(self.child.try_wait(), Ok(Some(_))));
+        if !ok {
+            let _ = self.child.kill();
+        }
+        let status = self.child.wait().expect("wait ringvm");
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        assert!(ok, "ringvm did not end within {limit:?}; stderr:\n{err}");
+        (status, err)
+    }
+}
+
+#[test]
+fn rng_device_process_feeds_the_guest_in_its_sandbox() {
+    let cmdline = GuestCmdline::new().test("pci").test("virtio-rng");
+    let run = run_guest(&mut ringvm(&[], &cmdline), LIMIT).expect("run ringvm");
+    assert_clean(&run);
+    let report = run.report();
+    report.assert_ok(&["pci", "virtio-rng"]);
+    assert!(
+        report
+            .details("pci")
+            .iter()
+            .any(|l| l.contains("1af4:1044")),
+        "no virtio-rng on the bus: {:?}",
+        report.details("pci")
+    );
+    assert!(
+        report
+            .value("virtio-rng", "interrupts")
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|n| n > 0),
+        "no MSI-X interrupts: {:?}",
+        report.details("virtio-rng")
+    );
+}
+
+#[test]
+fn rng_device_process_works_without_the_sandbox() {
+    let cmdline = GuestCmdline::new().test("virtio-rng");
+    let run = run_guest(&mut ringvm(&["--disable-sandbox"], &cmdline), LIMIT).expect("run");
+    assert_clean(&run);
+    run.report().assert_ok(&["virtio-rng"]);
+}
+
+#[test]
+fn no_rng_leaves_only_the_host_bridge() {
+    let cmdline = GuestCmdline::new().test("pci");
+    let run = run_guest(&mut ringvm(&["--no-rng"], &cmdline), LIMIT).expect("run");
+    assert_clean(&run);
+    let report = run.report();
+    report.assert_ok(&["pci"]);
+    assert!(
+        !report.details("pci").iter().any(|l| l.contains("1af4:")),
+        "a virtio device is present: {:?}",
+        report.details("pci")
+    );
+}
+
+#[test]
+fn standalone_rng_backend_serves_ringvm_over_a_socket() {
+    let dir = Scratch::new("standalone");
+    let sock = dir.path("rng.sock");
+    let mut backend = Command::new(ringvm_bin())
+        .args(["device", "rng", "--socket"])
+        .arg(&sock)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringvm device rng");
+    assert!(
+        wait_until(Duration::from_secs(10), || sock.exists()),
+        "the backend never listened"
+    );
+    let spec = format!("type=rng,socket={}", sock.display());
+    let cmdline = GuestCmdline::new().test("pci").test("virtio-rng");
+    let run = run_guest(
+        &mut ringvm(&["--no-rng", "--vhost-user", &spec], &cmdline),
+        LIMIT,
+    )
+    .expect("run");
+    assert_clean(&run);
+    run.report().assert_ok(&["pci", "virtio-rng"]);
+    // The frontend went away: the backend ends by itself, successfully.
+    let ended = wait_until(Duration::from_secs(10), || {
+        matches!(backend.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = backend.kill();
+    }
+    let status = backend.wait().expect("wait backend");
+    let mut err = String::new();
+    if let Some(mut e) = backend.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(ended && status.success(), "backend {status:?}: {err}");
+}
+
+#[test]
+fn killed_device_process_ends_the_vm_with_its_name_and_leaves_no_orphan() {
+    let cmdline = GuestCmdline::new().test("virtio-rng").test("wait");
+    let mut live = Live::start(&mut ringvm(&[], &cmdline));
+    live.wait_for("wait halting");
+    let devices = children_of(live.child.id());
+    assert_eq!(devices.len(), 1, "expected one device process: {devices:?}");
+    let pid = devices[0];
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let (status, stderr) = live.finish(Duration::from_secs(20));
+    assert!(!status.success(), "ringvm exited 0 after its device died");
+    assert!(
+        stderr.contains("device rng") && stderr.contains("signal 9"),
+        "the failure does not name the device and the signal:\n{stderr}"
+    );
+    assert!(!process_exists(pid), "device process {pid} left behind");
+}
+
+#[test]
+fn killed_vmm_takes_its_device_processes_with_it() {
+    let cmdline = GuestCmdline::new().test("wait");
+    let mut live = Live::start(&mut ringvm(&[], &cmdline));
+    live.wait_for("wait halting");
+    let devices = children_of(live.child.id());
+    assert_eq!(devices.len(), 1, "expected one device process: {devices:?}");
+    live.child.kill().expect("kill ringvm");
+    let _ = live.child.wait();
+    assert!(
+        wait_until(Duration::from_secs(10), || !process_exists(devices[0])),
+        "device process {} outlived the VMM",
+        devices[0]
+    );
+}
+
+#[test]
+fn stop_on_the_control_socket_ends_vm_and_device_processes() {
+    let dir = Scratch::new("stop");
+    let sock = dir.path("vm.sock");
+    let cmdline = GuestCmdline::new().test("wait");
+    let sock_arg = sock.to_string_lossy().into_owned();
+    let mut live = Live::start(&mut ringvm(&["-s", &sock_arg], &cmdline));
+    live.wait_for("wait halting");
+    let devices = children_of(live.child.id());
+    assert_eq!(devices.len(), 1, "expected one device process: {devices:?}");
+    let stop = Command::new(ringvm_bin())
+        .arg("stop")
+        .arg(&sock)
+        .status()
+        .expect("ringvm stop");
+    assert!(stop.success());
+    let (status, stderr) = live.finish(Duration::from_secs(20));
+    assert!(status.success(), "ringvm {status:?}: {stderr}");
+    assert!(!process_exists(devices[0]), "device process left behind");
+}
+
+/// A vhost-user "backend" that accepts one connection and runs `behave` on it.
+fn fake_backend(
+    path: &Path,
+    behave: impl FnOnce(std::os::unix::net::UnixStream) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(path).expect("bind fake backend");
+    std::thread::spawn(move || {
+        if let Ok((conn, _)) = listener.accept() {
+            behave(conn);
+        }
+    })
+}
+
+fn run_with_backend(sock: &Path) -> GuestRun {
+    let spec = format!("type=rng,socket={}", sock.display());
+    let cmdline = GuestCmdline::new().test("virtio-rng");
+    run_guest(
+        &mut ringvm(&["--no-rng", "--vhost-user", &spec], &cmdline),
+        LIMIT,
+    )
+    .expect("run")
+}
+
+#[test]
+fn backend_answering_garbage_is_reported_by_name() {
+    let dir = Scratch::new("garbage");
+    let sock = dir.path("bad.sock");
+    let t = fake_backend(&sock, |mut conn| {
+        let mut header = [0u8; 12];
+        // SET_OWNER, then GET_FEATURES: answer the second with a reply to request 99.
+        for _ in 0..2 {
+            if conn.read_exact(&mut header).is_err() {
+                return;
+            }
+        }
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&99u32.to_le_bytes());
+        reply.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+        reply.extend_from_slice(&8u32.to_le_bytes());
+        reply.extend_from_slice(&[0xff; 8]);
+        let _ = conn.write_all(&reply);
+        let _ = conn.read(&mut header);
+    });
+    let run = run_with_backend(&sock);
+    let _ = t.join();
+    assert_eq!(run.status.and_then(|s| s.code()), Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("device rng") && run.stderr.contains("bad.sock"),
+        "the error does not name the device:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn backend_that_never_answers_times_out_instead_of_hanging() {
+    let dir = Scratch::new("silent");
+    let sock = dir.path("silent.sock");
+    let (tx, rx) = mpsc::channel::<()>();
+    let t = fake_backend(&sock, move |conn| {
+        // Hold the connection open and say nothing until the test is done.
+        let _ = rx.recv_timeout(LIMIT);
+        drop(conn);
+    });
+    let start = Instant::now();
+    let run = run_with_backend(&sock);
+    let _ = tx.send(());
+    let _ = t.join();
+    assert_eq!(run.status.and_then(|s| s.code()), Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("device rng")
+            && run.stderr.contains("no reply to GetFeatures within 10s"),
+        "no timeout error naming the device:\n{}",
+        run.stderr
+    );
+    assert!(start.elapsed() < Duration::from_secs(40));
+}
+
+#[test]
+fn guest_reads_and_writes_a_disk_exported_by_qemu_storage_daemon() {
+    let dir = Scratch::new("qsd");
+    let img = dir.path("disk.img");
+    let sock = dir.path("blk.sock");
+    const SECTORS: u64 = 16384;
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(SECTORS * 512))
+        .expect("create image");
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk0,filename={},cache.direct=off",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon (apt package qemu-system-common)");
+    assert!(
+        wait_until(Duration::from_secs(20), || sock.exists()),
+        "qemu-storage-daemon never listened"
+    );
+    let spec = format!("type=blk,socket={}", sock.display());
+    let cmdline = GuestCmdline::new().test("pci").test("virtio-blk");
+    let run = run_guest(
+        &mut ringvm(&["--no-rng", "--vhost-user", &spec], &cmdline),
+        LIMIT,
+    );
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    let run = run.expect("run");
+    assert_clean(&run);
+    let report = run.report();
+    report.assert_ok(&["pci", "virtio-blk"]);
+    assert!(
+        report
+            .details("virtio-blk")
+            .iter()
+            .any(|l| l.contains(&format!("capacity={SECTORS}"))),
+        "{:?}",
+        report.details("virtio-blk")
+    );
+    // The guest's last write (the last sector) reached the file: word i of sector s is
+    // (s << 32 | i) ^ nonce, with the nonce recovered from word 0.
+    let file = std::fs::File::open(&img).expect("open image");
+    let mut sector = [0u8; 512];
+    let last = SECTORS - 1;
+    file.read_exact_at(&mut sector, last * 512)
+        .expect("read last sector");
+    let word = |i: usize| u64::from_le_bytes(sector[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let nonce = word(0) ^ (last << 32);
+    for i in 0..64 {
+        assert_eq!(
+            word(i),
+            (last << 32 | i as u64) ^ nonce,
+            "word {i} of the last sector is not what the guest wrote"
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! ringvm's own device processes: spawned (jailed unless `--disable-sandbox`), connected by a
+//! socketpair, watched through their pidfds, and never left behind.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::exit::{ExitReason, VmExit};
+
+/// A running device process.
+pub struct DeviceProcess {
+    name: String,
+    child: jail::Child,
+}
+
+/// Starts `ringvm device <kind> --fd 3 [extra...]` with its end of a new socketpair as fd 3
+/// (and `fds` as 4, 5, ...); returns the process and the VMM's end of the socket.
+pub fn spawn(
+    name: &str,
+    kind: &str,
+    extra: &[&OsStr],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    sandbox: bool,
+) -> Result<(DeviceProcess, OwnedFd)> {
+    let (ours, theirs) =
+        UnixStream::pair().with_context(|| format!("device {name}: socketpair failed"))?;
+    let exe = Path::new("/proc/self/exe");
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("device"),
+        OsStr::new(kind),
+        OsStr::new("--fd"),
+        OsStr::new("3"),
+    ];
+    if !sandbox {
+        args.push(OsStr::new("--disable-sandbox"));
+    }
+    args.extend_from_slice(extra);
+    let mut all = vec![theirs.as_fd()];
+    all.extend_from_slice(fds);
+    let child = jail::spawn(exe, &args, &all, &jail::Sandbox { enabled: sandbox })
+        .with_context(|| format!("cannot start device {name}"))?;
+    Ok((
+        DeviceProcess {
+            name: name.to_string(),
+            child,
+        },
+        ours.into(),
+    ))
+}
+
+/// The VM's device processes; dropping it kills and reaps those still running, so no path
+/// out of `ringvm run` leaves one behind (and PR_SET_PDEATHSIG covers a VMM that is killed).
+#[derive(Default)]
+pub struct DeviceProcesses(Vec<Rc<DeviceProcess>>);
+
+impl DeviceProcesses {
+    pub fn push(&mut self, p: DeviceProcess) {
+        self.0.push(Rc::new(p));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Rc<DeviceProcess>> {
+        self.0.iter()
+    }
+}
+
+impl Drop for DeviceProcesses {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            p.stop();
+        }
+    }
+}
+
+impl DeviceProcess {
+    /// Waits (on the executor) until the process ends, then reports it: a device that
+    /// ends while the VM runs is a failure.
+    pub async fn watch(self: Rc<Self>, exit: Arc<VmExit>) {
+        let pidfd = match self.child.pidfd.try_clone() {
+            Ok(fd) => executor::AsyncFd::new(fd),
+            Err(e) => {
+                eprintln!("ringvm: device {}: cannot watch its pidfd: {e}", self.name);
+                return;
+            }
+        };
+        if pidfd.poll_readable().await.is_err() {
+            return;
+        }
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => status.to_string(),
+            Ok(None) => "ended".to_string(),
+            Err(e) => format!("ended (cannot get its status: {e})"),
+        };
+        exit.report(ExitReason::Failed(format!(
+            "device {} (pid {}) {status}",
+            self.name, self.child.pid
+        )));
+    }
+
+    /// Kills the process (if it still runs) and reaps it.
+    pub fn stop(&self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
