@@ -42,6 +42,14 @@ fn linux_boots_to_userspace_over_pvh_with_two_vcpus_and_exits_0() {
         run.stdout,
         run.stderr
     );
+    // ringvm's default virtio-rng (a jailed device process over vhost-user, on virtio-pci
+    // with MSI-X): Linux picked it as its hardware RNG and read from it.
+    assert!(
+        run.stdout.contains("ringvm-guest: hwrng virtio_rng.0 "),
+        "Linux did not use the virtio-rng device:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
     assert!(
         run.stdout.contains("2 cpu(s)"),
         "SMP did not come up:\n{}",
