@@ -4,6 +4,7 @@
 //! host (guest kernel code is emulated there; see guest/linux/README.md). They are test
 //! set-up: ringvm's defaults assume nothing of them.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -61,4 +62,61 @@ fn linux_boots_to_userspace_over_pvh_with_two_vcpus_and_exits_0() {
         run.status,
         run.stderr
     );
+}
+
+/// A root file system image made by `mkfs.ext4 -d` from busybox and the same /init.
+fn root_image(dir: &std::path::Path) -> PathBuf {
+    let tree = dir.join("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    for d in ["bin", "dev", "proc", "sys", "tmp"] {
+        std::fs::create_dir_all(tree.join(d)).expect("create image tree");
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("copy busybox");
+    std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).expect("symlink sh");
+    std::fs::copy(workspace_root().join("guest/linux/init"), tree.join("init")).expect("copy init");
+    std::fs::set_permissions(tree.join("init"), std::fs::Permissions::from_mode(0o755))
+        .expect("make init executable");
+    let img = dir.join("root.ext4");
+    let _ = std::fs::remove_file(&img);
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("32M")
+        .status()
+        .expect("run mkfs.ext4 (apt package e2fsprogs)");
+    assert!(mkfs.success(), "mkfs.ext4 failed");
+    img
+}
+
+#[test]
+fn linux_mounts_an_ext4_root_disk_read_only_with_dash_r() {
+    let dir = guest_kernel();
+    let scratch = std::env::temp_dir().join(format!("ringvm-linux-root-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let img = root_image(&scratch);
+    let before = std::fs::read(&img).expect("read image");
+    let params = format!("{HOST_PARAMS} quiet panic=-1 reboot=k init=/init rootfstype=ext4");
+    let mut cmd = Command::new(ringvm_bin());
+    cmd.args(["run", "-m", "128", "-c", "1", "-r"])
+        .arg(&img)
+        .args(["-p", &params, "--cpu-features", HOST_CPU_FEATURES])
+        .arg(dir.join("vmlinux"));
+    let run = run_guest(&mut cmd, Duration::from_secs(240)).expect("run ringvm");
+    eprintln!("booted from the root disk and exited in {:?}", run.elapsed);
+    let after = std::fs::read(&img).expect("read image");
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(
+        run.stdout.contains("ringvm-guest: root /dev/root ext4 ro"),
+        "the root file system is not the read-only ext4 disk; stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.exited_cleanly(),
+        "status {:?}: {}",
+        run.status,
+        run.stderr
+    );
+    assert!(before == after, "a read-only root disk changed");
 }

@@ -13,6 +13,8 @@ pub struct Args {
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
+// Parsed once at start-up: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     Run(RunArgs),
     Stop(StopArgs),
@@ -46,6 +48,19 @@ pub struct RunArgs {
     /// /proc/cpuinfo); for hosts that cannot run some instructions in guest kernel mode
     #[argh(option)]
     pub cpu_features: Option<String>,
+    /// read-only root disk image: the first virtio-blk disk, and root=/dev/vda ro on the
+    /// kernel command line; PATH[,direct=BOOL][,id=STR]
+    #[argh(option, short = 'r')]
+    pub root: Option<String>,
+    /// read-write root disk image: like --root, with root=/dev/vda rw
+    #[argh(option)]
+    pub rwroot: Option<String>,
+    /// read-only disk image, after the root disk in the order given: PATH[,direct=BOOL][,id=STR]
+    #[argh(option, short = 'd')]
+    pub disk: Vec<String>,
+    /// read-write disk image, after the root disk in the order given (with --disk)
+    #[argh(option)]
+    pub rwdisk: Vec<String>,
     /// an external vhost-user device: type=blk|net|rng|vsock,socket=PATH (the backend
     /// listens on PATH); repeat for several
     #[argh(option)]
@@ -73,6 +88,114 @@ pub struct DeviceArgs {
 #[argh(subcommand)]
 pub enum DeviceCommand {
     Rng(RngArgs),
+    Block(BlockArgs),
+}
+
+/// virtio-blk backend for a raw or qcow2 image.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "block")]
+pub struct BlockArgs {
+    /// listen on this unix socket path for one vhost-user frontend
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+    /// serve the vhost-user connection already open on this descriptor
+    #[argh(option)]
+    pub fd: Option<i32>,
+    /// the image: PATH[,ro][,direct=BOOL][,id=STR] (raw or qcow2, probed; direct=true opens it
+    /// with O_DIRECT, bypassing the host page cache; id is what GET_ID returns, 20 bytes max)
+    #[argh(option)]
+    pub file: String,
+    /// number of request queues (default 1)
+    #[argh(option, default = "1")]
+    pub queues: usize,
+    /// serve without the jail (namespaces, pivot_root, no capabilities)
+    #[argh(switch)]
+    pub disable_sandbox: bool,
+}
+
+/// A disk image and how to open it: `PATH[,ro][,direct=BOOL][,id=STR]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub direct: bool,
+    pub id: Option<String>,
+}
+
+impl DiskSpec {
+    /// The spec as `ringvm device block --file` takes it.
+    pub fn to_arg(&self) -> String {
+        let mut s = self.path.to_string_lossy().into_owned();
+        if self.read_only {
+            s.push_str(",ro");
+        }
+        if self.direct {
+            s.push_str(",direct=true");
+        }
+        if let Some(id) = &self.id {
+            s.push_str(",id=");
+            s.push_str(id);
+        }
+        s
+    }
+}
+
+/// Longest GET_ID string (virtio 1.2 §5.2.6: 20 bytes).
+pub const MAX_DISK_ID: usize = 20;
+
+/// Parses a disk spec; `read_only` is the flag's default (`--disk`, `--root`).
+pub fn parse_disk(spec: &str, read_only: bool) -> Result<DiskSpec, String> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("disk: empty path")?;
+    let mut d = DiskSpec {
+        path: PathBuf::from(path),
+        read_only,
+        direct: false,
+        id: None,
+    };
+    for kv in parts.filter(|s| !s.is_empty()) {
+        match kv.split_once('=') {
+            None if kv == "ro" => d.read_only = true,
+            None if kv == "rw" => d.read_only = false,
+            Some(("ro", v)) => d.read_only = parse_bool("ro", v)?,
+            Some(("direct", v)) => d.direct = parse_bool("direct", v)?,
+            Some(("id", v)) if v.len() <= MAX_DISK_ID && v.is_ascii() => d.id = Some(v.to_string()),
+            Some(("id", v)) => {
+                return Err(format!(
+                    "disk id={v}: at most {MAX_DISK_ID} ASCII characters"
+                ))
+            }
+            _ => return Err(format!("disk {path}: unknown option '{kv}'")),
+        }
+    }
+    Ok(d)
+}
+
+/// The disks of `run` in PCI order (root first), and the root= parameter it implies.
+pub fn disks(args: &RunArgs) -> Result<(Vec<DiskSpec>, Option<&'static str>), String> {
+    let mut disks = Vec::new();
+    let root = match (&args.root, &args.rwroot) {
+        (Some(_), Some(_)) => return Err("give --root or --rwroot, not both".into()),
+        (Some(r), None) => {
+            disks.push(parse_disk(r, true)?);
+            Some("root=/dev/vda ro")
+        }
+        (None, Some(r)) => {
+            disks.push(parse_disk(r, false)?);
+            Some("root=/dev/vda rw")
+        }
+        (None, None) => None,
+    };
+    for d in &args.disk {
+        disks.push(parse_disk(d, true)?);
+    }
+    for d in &args.rwdisk {
+        disks.push(parse_disk(d, false)?);
+    }
+    Ok((disks, root))
 }
 
 /// Where a device backend gets its vhost-user connection.
@@ -330,6 +453,10 @@ mod tests {
             socket: None,
             serial: vec![],
             cpu_features: None,
+            root: None,
+            rwroot: None,
+            disk: vec![],
+            rwdisk: vec![],
             vhost_user: vec![],
             no_rng: false,
             disable_sandbox: false,
@@ -366,6 +493,48 @@ mod tests {
         ] {
             assert!(parse_vhost_user(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn disk_specs_parse_with_flag_defaults() {
+        assert_eq!(
+            parse_disk("/img/a.qcow2,direct=true,id=disk-a", false).expect("valid"),
+            DiskSpec {
+                path: "/img/a.qcow2".into(),
+                read_only: false,
+                direct: true,
+                id: Some("disk-a".into()),
+            }
+        );
+        assert!(parse_disk("a.img", true).expect("valid").read_only);
+        assert!(parse_disk("a.img,ro", false).expect("valid").read_only);
+        assert!(!parse_disk("a.img,rw", true).expect("valid").read_only);
+        for bad in [
+            "",
+            ",ro",
+            "a,direct=maybe",
+            "a,id=123456789012345678901",
+            "a,cache=x",
+        ] {
+            assert!(parse_disk(bad, false).is_err(), "{bad}");
+        }
+        let d = parse_disk("a b.img,ro,direct=true,id=x", false).expect("valid");
+        assert_eq!(parse_disk(&d.to_arg(), false), Ok(d));
+    }
+
+    #[test]
+    fn root_disk_comes_first_and_sets_root() {
+        let mut args = RunArgs::from_args(&["run"], &["--rwdisk", "c", "-d", "b", "-r", "a", "k"])
+            .expect("valid");
+        let (list, root) = disks(&args).expect("valid");
+        let order: Vec<_> = list.iter().map(|d| (d.path.clone(), d.read_only)).collect();
+        assert_eq!(
+            order,
+            [("a".into(), true), ("b".into(), true), ("c".into(), false)]
+        );
+        assert_eq!(root, Some("root=/dev/vda ro"));
+        args.rwroot = Some("z".into());
+        assert!(disks(&args).is_err());
     }
 
     #[test]

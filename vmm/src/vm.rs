@@ -1,6 +1,7 @@
 //! Assembling and running a VM: KVM, memory, kernel, devices, vCPU threads, and the main
 //! thread's executor (control socket, serial input, the exit event).
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
@@ -16,7 +17,7 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::boot;
-use crate::cli::{self, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
+use crate::cli::{self, DiskSpec, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
 use crate::control::{self, ControlSocket, VmExitHandle};
 use crate::cpuid::{self, Toggle};
 use crate::device_process::{self, DeviceProcesses};
@@ -46,6 +47,8 @@ pub struct VmConfig {
     pub serials: Vec<SerialSpec>,
     pub cpu_toggles: Vec<Toggle>,
     pub kvm_pv: Option<bool>,
+    /// Disk images, each served by a virtio-blk device process, in PCI order (root first).
+    pub disks: Vec<DiskSpec>,
     /// Add ringvm's virtio-rng device process.
     pub rng: bool,
     /// External vhost-user backends, in PCI slot order after ringvm's own devices.
@@ -71,7 +74,15 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         Some(spec) => cpuid::parse_toggles(spec).map_err(|e| anyhow!("--cpu-features: {e}"))?,
         None => (Vec::new(), None),
     };
+    let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
     let mut cmdline = args.params.join(" ");
+    // crosvm's --root: the first disk is the root file system, unless the caller chose one.
+    if let Some(root) = root {
+        if !cmdline.split_whitespace().any(|p| p.starts_with("root=")) {
+            let sep = if cmdline.is_empty() { "" } else { " " };
+            cmdline = format!("{root}{sep}{cmdline}");
+        }
+    }
     if let Some(console) = serials.iter().find(|s| s.console) {
         if !cmdline
             .split_whitespace()
@@ -91,6 +102,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         serials,
         cpu_toggles,
         kvm_pv,
+        disks,
         rng: !args.no_rng,
         vhost_user,
         sandbox: !args.disable_sandbox,
@@ -350,6 +362,23 @@ async fn add_devices(
     processes: &mut DeviceProcesses,
 ) -> Result<Vec<vhost_user::Backend>> {
     let mut backends = Vec::new();
+    // One request queue per vCPU, like crosvm.
+    let queues = config.cpus.to_string();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let name = format!("block{i}");
+        let file = disk.to_arg();
+        let extra = [
+            OsStr::new("--file"),
+            OsStr::new(&file),
+            OsStr::new("--queues"),
+            OsStr::new(&queues),
+        ];
+        let (process, sock) = device_process::spawn(&name, "block", &extra, &[], config.sandbox)?;
+        processes.push(process);
+        let (device, backend) = vhost_user::connect(&name, 2, sock).await?;
+        machine.add_virtio_device(Box::new(device))?;
+        backends.push(backend);
+    }
     if config.rng {
         let (process, sock) = device_process::spawn("rng", "rng", &[], &[], config.sandbox)?;
         processes.push(process);

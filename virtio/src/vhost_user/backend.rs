@@ -21,12 +21,13 @@ use memory::{GuestAddress, GuestMemory, RegionFd};
 
 use super::connection::Connection;
 use super::message::{
-    encode_ack, encode_reply, Config, MemTable, Message, MessageError, Request, RequestBody,
-    VringAddr, VringFd, VringState, MAX_CONFIG_SIZE, U64,
+    encode_ack, encode_reply, Config, MemTable, MemoryRegion, Message, MessageError, Request,
+    RequestBody, VringAddr, VringFd, VringState, MAX_CONFIG_SIZE, U64,
 };
 use super::{
-    error_chain, Error, Result, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
-    PROTOCOL_F_RESET_DEVICE, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
+    error_chain, Error, Result, PROTOCOL_F_CONFIG, PROTOCOL_F_CONFIGURE_MEM_SLOTS, PROTOCOL_F_MQ,
+    PROTOCOL_F_REPLY_ACK, PROTOCOL_F_RESET_DEVICE, VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_F_VERSION_1,
 };
 use crate::{AsyncQueue, Queue, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC};
 
@@ -34,7 +35,11 @@ use crate::{AsyncQueue, Queue, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC};
 pub const PROTOCOL_FEATURES: u64 = (1 << PROTOCOL_F_MQ)
     | (1 << PROTOCOL_F_REPLY_ACK)
     | (1 << PROTOCOL_F_CONFIG)
-    | (1 << PROTOCOL_F_RESET_DEVICE);
+    | (1 << PROTOCOL_F_RESET_DEVICE)
+    | (1 << PROTOCOL_F_CONFIGURE_MEM_SLOTS);
+
+/// The most memory regions `ADD_MEM_REG` may build up (`GET_MAX_MEM_SLOTS`).
+pub const MAX_MEM_SLOTS: usize = 32;
 
 /// The ring feature bits a device supports unless it says otherwise.
 pub const DEFAULT_TRANSPORT_FEATURES: u64 =
@@ -328,6 +333,15 @@ impl<D: Device> Server<D> {
             (Request::SetMemTable, RequestBody::MemTable(table)) => {
                 self.set_mem_table(table, fds).await?
             }
+            (Request::GetMaxMemSlots, _) => {
+                return Ok(Some(encode_reply(request, &U64(MAX_MEM_SLOTS as u64))))
+            }
+            (Request::AddMemReg, RequestBody::AddMemReg(body)) => {
+                self.add_mem_region(body.region, fds).await?
+            }
+            (Request::RemMemReg, RequestBody::RemMemReg(body)) => {
+                self.remove_mem_region(body.region).await?
+            }
             (Request::SetVringNum, RequestBody::VringState(state)) => {
                 let i = self.stopped_vring(request, state.index)?;
                 let max = self.device.max_queue_size();
@@ -471,6 +485,66 @@ impl<D: Device> Server<D> {
             })
             .collect();
         let mem = GuestMemory::from_regions(regions).map_err(Error::MapMemory)?;
+        self.replace_memory(mem).await
+    }
+
+    /// `ADD_MEM_REG`: the current regions plus `region`.
+    async fn add_mem_region(&mut self, region: MemoryRegion, mut fds: Vec<OwnedFd>) -> Result<()> {
+        let mut regions = self.region_fds()?;
+        if regions.len() >= MAX_MEM_SLOTS {
+            return Err(Error::MemSlotsFull(MAX_MEM_SLOTS));
+        }
+        // `Message::decode` checked that exactly one fd came.
+        let fd = fds.pop().ok_or(Error::Message(MessageError::WrongFdCount {
+            request: Request::AddMemReg,
+            expected: 1,
+            got: 0,
+        }))?;
+        regions.push(RegionFd {
+            fd,
+            fd_offset: region.mmap_offset,
+            size: region.memory_size,
+            guest_addr: GuestAddress(region.guest_phys_addr),
+            user_addr: region.userspace_addr,
+        });
+        let mem = GuestMemory::from_regions(regions).map_err(Error::MapMemory)?;
+        self.replace_memory(mem).await
+    }
+
+    /// `REM_MEM_REG`: the current regions but the one at `region`'s guest address, user
+    /// address and size (its mmap offset is ignored, as the spec says).
+    async fn remove_mem_region(&mut self, region: MemoryRegion) -> Result<()> {
+        let mut regions = self.region_fds()?;
+        let before = regions.len();
+        regions.retain(|r| {
+            !(r.guest_addr.0 == region.guest_phys_addr
+                && r.user_addr == region.userspace_addr
+                && r.size == region.memory_size)
+        });
+        if regions.len() == before {
+            return Err(Error::NoSuchRegion {
+                guest_addr: region.guest_phys_addr,
+                size: region.memory_size,
+            });
+        }
+        let mem = GuestMemory::from_regions(regions).map_err(Error::MapMemory)?;
+        self.replace_memory(mem).await
+    }
+
+    /// The current regions, with duplicated fds, to build a new table from.
+    fn region_fds(&self) -> Result<Vec<RegionFd>> {
+        match &self.mem {
+            Some(mem) => mem
+                .regions()
+                .map(|r| r.to_region_fd().map_err(Error::DupFd))
+                .collect(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Switches to `mem`: running queues are stopped (finishing what they have in flight)
+    /// and started again on the new table.
+    async fn replace_memory(&mut self, mem: GuestMemory) -> Result<()> {
         // Running queues move to the new table (their ring addresses are translated again).
         let mut restart = Vec::new();
         for i in 0..self.vrings.len() {

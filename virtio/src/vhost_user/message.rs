@@ -197,11 +197,17 @@ pub enum Request {
     SetConfig = 25,
     /// `VHOST_USER_RESET_DEVICE`: no body.
     ResetDevice = 34,
+    /// `VHOST_USER_GET_MAX_MEM_SLOTS`: no body; reply [`U64`].
+    GetMaxMemSlots = 36,
+    /// `VHOST_USER_ADD_MEM_REG`: [`SingleMemRegion`], one fd.
+    AddMemReg = 37,
+    /// `VHOST_USER_REM_MEM_REG`: [`SingleMemRegion`], no fd.
+    RemMemReg = 38,
 }
 
 impl Request {
     /// Every request, in code order.
-    pub const ALL: [Request; 19] = [
+    pub const ALL: [Request; 22] = [
         Request::GetFeatures,
         Request::SetFeatures,
         Request::SetOwner,
@@ -221,6 +227,9 @@ impl Request {
         Request::GetConfig,
         Request::SetConfig,
         Request::ResetDevice,
+        Request::GetMaxMemSlots,
+        Request::AddMemReg,
+        Request::RemMemReg,
     ];
 
     /// The request's code on the wire.
@@ -237,6 +246,7 @@ impl Request {
                 | Request::GetQueueNum
                 | Request::GetVringBase
                 | Request::GetConfig
+                | Request::GetMaxMemSlots
         )
     }
 }
@@ -551,6 +561,37 @@ impl MemoryRegion {
     }
 }
 
+/// The body of `ADD_MEM_REG` and `REM_MEM_REG`: 8 bytes of padding and one region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SingleMemRegion {
+    /// The region.
+    pub region: MemoryRegion,
+}
+
+const SINGLE_MEM_REGION_SIZE: usize = 8 + MEMORY_REGION_SIZE;
+
+impl Body for SingleMemRegion {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&0u64.to_le_bytes());
+        self.region.encode(out);
+    }
+
+    fn decode(buf: &[u8]) -> Result<Self> {
+        check_len(buf, SINGLE_MEM_REGION_SIZE)?;
+        let mut cursor = Cursor::new(buf);
+        cursor.u64()?;
+        let body = SingleMemRegion {
+            region: MemoryRegion::read(&mut cursor)?,
+        };
+        body.validate()?;
+        Ok(body)
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.region.validate(0)
+    }
+}
+
 /// The body of `SET_MEM_TABLE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemTable {
@@ -750,6 +791,10 @@ pub enum RequestBody {
     VringFd(VringFd),
     /// `GET_CONFIG`, `SET_CONFIG`.
     Config(Config),
+    /// `ADD_MEM_REG`.
+    AddMemReg(SingleMemRegion),
+    /// `REM_MEM_REG`.
+    RemMemReg(SingleMemRegion),
 }
 
 impl RequestBody {
@@ -758,7 +803,7 @@ impl RequestBody {
         use Request::*;
         Ok(match request {
             GetFeatures | SetOwner | ResetOwner | GetProtocolFeatures | GetQueueNum
-            | ResetDevice => {
+            | ResetDevice | GetMaxMemSlots => {
                 check_len(buf, 0)?;
                 RequestBody::Empty
             }
@@ -779,6 +824,8 @@ impl RequestBody {
                 RequestBody::VringFd(VringFd::decode(buf)?)
             }
             GetConfig | SetConfig => RequestBody::Config(Config::decode(buf)?),
+            AddMemReg => RequestBody::AddMemReg(SingleMemRegion::decode(buf)?),
+            RemMemReg => RequestBody::RemMemReg(SingleMemRegion::decode(buf)?),
         })
     }
 
@@ -787,6 +834,7 @@ impl RequestBody {
         match self {
             RequestBody::MemTable(table) => table.regions.len(),
             RequestBody::VringFd(body) => body.fd_count(),
+            RequestBody::AddMemReg(_) => 1,
             _ => 0,
         }
     }
@@ -856,7 +904,10 @@ impl Message {
         let body = &buf[HEADER_SIZE..];
         let decoded = RequestBody::decode(header.request, body)?;
         let expected_fds = decoded.fd_count();
-        if fds != expected_fds {
+        // `REM_MEM_REG` takes no fd, but frontends that send one (the spec allows it for
+        // compatibility) are accepted; the fd is closed unused.
+        let rem_with_fd = header.request == Request::RemMemReg && fds == 1;
+        if fds != expected_fds && !rem_with_fd {
             return Err(MessageError::WrongFdCount {
                 request: header.request,
                 expected: expected_fds,
@@ -920,6 +971,42 @@ mod tests {
         assert_eq!(Request::try_from(5), Ok(Request::SetMemTable));
         assert_eq!(Request::try_from(34), Ok(Request::ResetDevice));
         assert_eq!(Request::GetConfig.code(), 24);
+    }
+
+    #[test]
+    fn single_mem_region_round_trips_and_takes_its_fds() {
+        let body = SingleMemRegion {
+            region: region(0x7f12_3400_0000, 0x20_0000),
+        };
+        round_trip(body);
+        assert_eq!(body.to_bytes().len(), 40);
+        assert_eq!(&body.to_bytes()[..8], &[0; 8], "padding first");
+        let add = Message::request(Request::AddMemReg, &body, true).encode();
+        assert!(Message::decode(&add, 1).is_ok());
+        assert_eq!(
+            Message::decode(&add, 0),
+            Err(MessageError::WrongFdCount {
+                request: Request::AddMemReg,
+                expected: 1,
+                got: 0
+            })
+        );
+        // REM_MEM_REG: no fd, or the one that some frontends (libblkio) send anyway.
+        let rem = Message::request(Request::RemMemReg, &body, true).encode();
+        assert!(Message::decode(&rem, 0).is_ok());
+        assert!(Message::decode(&rem, 1).is_ok());
+        assert!(Message::decode(&rem, 2).is_err());
+        assert_eq!(
+            SingleMemRegion::decode(
+                &SingleMemRegion {
+                    region: region(0, 0)
+                }
+                .to_bytes()
+            ),
+            Err(MessageError::ZeroSizeRegion(0))
+        );
+        assert!(Request::GetMaxMemSlots.has_reply());
+        assert_eq!(Request::try_from(37), Ok(Request::AddMemReg));
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub const PROTOCOL_F_REPLY_ACK: u32 = 3;
 pub const PROTOCOL_F_CONFIG: u32 = 9;
 /// Protocol feature: `RESET_DEVICE`.
 pub const PROTOCOL_F_RESET_DEVICE: u32 = 13;
+/// Protocol feature: `GET_MAX_MEM_SLOTS`, `ADD_MEM_REG` and `REM_MEM_REG`.
+pub const PROTOCOL_F_CONFIGURE_MEM_SLOTS: u32 = 15;
 
 /// Errors of a vhost-user connection, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +243,17 @@ pub enum Error {
     /// Guest memory with more regions than `SET_MEM_TABLE` carries.
     #[error("guest memory has {0} regions, at most 8 can be sent")]
     TooManyRegions(usize),
+    /// `REM_MEM_REG` of a region that is not in the memory table.
+    #[error("no memory region at guest address {guest_addr:#x} of {size:#x} bytes to remove")]
+    NoSuchRegion {
+        /// The region's guest address.
+        guest_addr: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// `ADD_MEM_REG` beyond the backend's memory slots.
+    #[error("all {0} memory slots are in use")]
+    MemSlotsFull(usize),
     /// A guest address in none of the guest memory's regions.
     #[error("guest address {0} is not in guest memory")]
     GuestAddress(GuestAddress),

@@ -1,0 +1,642 @@
+//! qcow2 images (versions 2 and 3).
+//!
+//! Supported: reads and writes of standard clusters, zero clusters (v3), deflate-compressed
+//! clusters (read, and rewritten uncompressed on write), backing files (raw or qcow2, named
+//! relative to the image, chains up to [`MAX_BACKING_DEPTH`]), cluster allocation with new
+//! refcount blocks and refcount table growth, refcount widths of 1 to 64 bits, discard and
+//! write-zeroes (zero flag on v3, deallocation on v2 without a backing file, zeros written
+//! otherwise). Images with internal snapshots, or marked dirty or corrupt, open read-only
+//! only (a dirty image's refcounts may be stale: repair it with `qemu-img check -r all`).
+//! Autoclear features (bitmaps) are cleared on a read-write open, as QEMU does for features
+//! it does not maintain.
+//!
+//! Refused at open: encryption, external data files, extended L2 entries, unknown
+//! incompatible features, unsupported backing formats. Refused per request
+//! ([`Error::Compressed`]): zstd-compressed clusters.
+//!
+//! Metadata caching: refcounts are written through, L2 tables and L1 entries are written back
+//! at [`Qcow2::flush`] (see `meta.rs` for the ordering). **Call `flush` before dropping a
+//! writable image**: updates since the last flush are otherwise lost (the image stays
+//! consistent; `qemu-img check` may report leaked clusters). Run request futures to
+//! completion: one dropped in the middle of an allocation may leak clusters.
+//!
+//! Concurrency: one async lock guards the metadata. Lookups and allocating writes
+//! (copy-on-write of the untouched part of the cluster included) run under it, so two
+//! requests never allocate the same cluster twice and no one sees a half-written cluster;
+//! data I/O to clusters already allocated runs outside it, concurrently. Clusters freed by
+//! discard are reused only after a flush and while no data I/O is in flight.
+
+mod header;
+mod inflate;
+mod meta;
+mod table;
+
+use std::cell::Cell;
+use std::fmt;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use executor::AsyncFd;
+use futures::lock::Mutex;
+use memory::{GuestAddress, GuestMemory};
+
+pub(crate) use header::MAGIC;
+use header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
+use meta::Meta;
+use table::L2Entry;
+
+use crate::disk::{
+    check_range, check_request, file_size, read_up_to, Disk, OpenOptions, MAX_BACKING_DEPTH,
+};
+use crate::io::{
+    copy_from_guest, copy_to_guest, read_guest, read_vec, sub_bufs, write_guest, write_vec, Bufs,
+    GuestIoError,
+};
+use crate::{Error, Result};
+
+/// A qcow2 image.
+pub struct Qcow2 {
+    fd: AsyncFd,
+    size: u64,
+    cluster_bits: u32,
+    v3: bool,
+    /// Compressed clusters use zstd (not supported) rather than deflate.
+    zstd: bool,
+    read_only: bool,
+    backing: Option<Box<Disk>>,
+    meta: Mutex<Meta>,
+    /// Requests doing data I/O outside the lock (freed clusters are not reused meanwhile).
+    inflight: Cell<usize>,
+}
+
+impl fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("size", &self.size)
+            .field("cluster_bits", &self.cluster_bits)
+            .field("read_only", &self.read_only)
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a piece of a read comes from.
+enum Source {
+    /// Host file offset.
+    Host(u64),
+    /// A compressed cluster, read from `in_off` into it.
+    Compressed {
+        offset: u64,
+        size: u64,
+        in_off: u64,
+    },
+    Zero,
+    Backing,
+}
+
+/// A piece of a request: `len` bytes at request offset `at`.
+struct Piece {
+    at: u64,
+    len: u64,
+    src: Source,
+}
+
+/// Data for an allocating write.
+#[derive(Clone, Copy)]
+enum Data<'a> {
+    Guest(&'a Bufs, &'a GuestMemory),
+    Zeros,
+}
+
+/// Counts a request's data I/O in flight until dropped.
+struct InFlight<'a>(&'a Cell<usize>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+fn guest_err(at: u64, write: bool) -> impl Fn(GuestIoError) -> Error {
+    move |e| match e {
+        GuestIoError::Memory(e) => Error::GuestMemory(e),
+        GuestIoError::Io(e) if write => Error::Write(at, e),
+        GuestIoError::Io(e) => Error::Read(at, e),
+    }
+}
+
+impl Qcow2 {
+    pub(crate) fn from_file(
+        file: File,
+        path: &Path,
+        options: OpenOptions,
+        depth: u32,
+    ) -> Result<Qcow2> {
+        let file_len = file_size(&file)?;
+        let mut first = vec![0u8; file_len.min(1 << 21) as usize];
+        let n = read_up_to(&file, &mut first, 0)?;
+        first.truncate(n);
+        let h = Header::parse(&first, file_len)?;
+        if !options.read_only {
+            if h.incompatible & INCOMPAT_CORRUPT != 0 {
+                return Err(Error::MarkedCorrupt);
+            }
+            if h.incompatible & INCOMPAT_DIRTY != 0 {
+                return Err(Error::Dirty);
+            }
+            if h.nb_snapshots > 0 {
+                return Err(Error::InternalSnapshots);
+            }
+        }
+        let cs = h.cluster_size();
+        let mut l1 = vec![0u8; h.l1_size as usize * 8];
+        if read_up_to(&file, &mut l1, h.l1_table_offset)? != l1.len() {
+            return Err(Error::InvalidHeader("l1 table beyond the end of the file"));
+        }
+        let mut rt = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
+        if read_up_to(&file, &mut rt, h.refcount_table_offset)? != rt.len() {
+            return Err(Error::InvalidHeader(
+                "refcount table beyond the end of the file",
+            ));
+        }
+        if !options.read_only && h.autoclear != 0 {
+            // Features this implementation does not maintain (bitmaps) become invalid.
+            file.write_all_at(&[0u8; 8], OFF_AUTOCLEAR)
+                .map_err(|e| Error::WriteMetadata(OFF_AUTOCLEAR, e))?;
+        }
+        let backing = match &h.backing_file {
+            None => None,
+            Some(name) => {
+                if depth >= MAX_BACKING_DEPTH {
+                    return Err(Error::BackingTooDeep);
+                }
+                let name = Path::new(std::ffi::OsStr::from_bytes(name));
+                let bpath = if name.is_absolute() {
+                    name.to_owned()
+                } else {
+                    path.parent().unwrap_or(Path::new("")).join(name)
+                };
+                let d =
+                    open_backing(&bpath, h.backing_format.as_deref(), depth + 1).map_err(|e| {
+                        match e {
+                            Error::BackingTooDeep => Error::BackingTooDeep,
+                            e => Error::Backing(bpath.clone(), Box::new(e)),
+                        }
+                    })?;
+                Some(Box::new(d))
+            }
+        };
+        Ok(Qcow2 {
+            meta: Mutex::new(Meta::new(&h, &l1, &rt, file_len)),
+            fd: AsyncFd::new(file.into()),
+            size: h.size,
+            cluster_bits: h.cluster_bits,
+            v3: h.version == 3,
+            zstd: h.compression_type != 0,
+            read_only: options.read_only,
+            backing,
+            inflight: Cell::new(0),
+        })
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether requests that change the disk are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn in_flight(&self) -> InFlight<'_> {
+        self.inflight.set(self.inflight.get() + 1);
+        InFlight(&self.inflight)
+    }
+
+    /// Splits `offset..offset + len` at cluster boundaries: (request offset, length).
+    fn clusters(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let cs = self.cs();
+        let mut at = 0u64;
+        std::iter::from_fn(move || {
+            if at >= len {
+                return None;
+            }
+            let n = (cs - ((offset + at) & (cs - 1))).min(len - at);
+            let item = (at, n);
+            at += n;
+            Some(item)
+        })
+    }
+
+    /// The contents of the compressed cluster at guest offset `voff`, whose `size` bytes of
+    /// deflate data start at host byte `offset`.
+    async fn decompress(&self, voff: u64, offset: u64, size: u64) -> Result<Vec<u8>> {
+        if self.zstd {
+            return Err(Error::Compressed(voff));
+        }
+        let input = read_vec(&self.fd, offset, size as usize)
+            .await
+            .map_err(|e| Error::Read(offset, e))?;
+        let mut out = vec![0u8; self.cs() as usize];
+        inflate::inflate(&input, &mut out).map_err(|_| Error::Corrupt {
+            what: "compressed cluster does not decompress",
+            offset,
+        })?;
+        Ok(out)
+    }
+
+    /// Maps a read of `offset..offset + len`, merging host-contiguous pieces.
+    async fn map_read(&self, offset: u64, len: u64) -> Result<(Vec<Piece>, InFlight<'_>)> {
+        let mut m = self.meta.lock().await;
+        let mut pieces: Vec<Piece> = Vec::new();
+        let cs = self.cs();
+        for (at, n) in self.clusters(offset, len) {
+            let voff = offset + at;
+            let src = match m.entry(&self.fd, voff >> self.cluster_bits).await? {
+                L2Entry::Normal { offset: h, .. } => Source::Host(h + (voff & (cs - 1))),
+                L2Entry::Zero { .. } => Source::Zero,
+                L2Entry::Unallocated if self.backing.is_some() => Source::Backing,
+                L2Entry::Unallocated => Source::Zero,
+                L2Entry::Compressed { offset, size } => Source::Compressed {
+                    offset,
+                    size,
+                    in_off: voff & (cs - 1),
+                },
+            };
+            if let Some(last) = pieces.last_mut() {
+                let merge = match (&last.src, &src) {
+                    (Source::Host(a), Source::Host(b)) => a + last.len == *b,
+                    (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
+                    _ => false,
+                };
+                if merge {
+                    last.len += n;
+                    continue;
+                }
+            }
+            pieces.push(Piece { at, len: n, src });
+        }
+        Ok((pieces, self.in_flight()))
+    }
+
+    /// Reads into guest memory.
+    pub async fn read(
+        &self,
+        offset: u64,
+        bufs: &[(GuestAddress, usize)],
+        mem: &GuestMemory,
+    ) -> Result<()> {
+        let len = check_request(offset, bufs, self.size)?;
+        mem.iovecs(bufs).map_err(Error::GuestMemory)?;
+        let (pieces, _inflight) = self.map_read(offset, len).await?;
+        for p in pieces {
+            let sub = sub_bufs(bufs, p.at, p.len);
+            let voff = offset + p.at;
+            match p.src {
+                Source::Host(h) => read_guest(&self.fd, h, &sub, mem)
+                    .await
+                    .map_err(guest_err(h, false))?,
+                Source::Zero => zero_guest(&sub, mem)?,
+                Source::Compressed {
+                    offset: c,
+                    size,
+                    in_off,
+                } => {
+                    let data = self.decompress(voff, c, size).await?;
+                    let range = in_off as usize..(in_off + p.len) as usize;
+                    copy_to_guest(mem, &sub, &data[range]).map_err(Error::GuestMemory)?;
+                }
+                Source::Backing => {
+                    let Some(b) = &self.backing else {
+                        return Err(Error::Corrupt {
+                            what: "backing read without a backing file",
+                            offset: voff,
+                        });
+                    };
+                    let avail = b.size().saturating_sub(voff).min(p.len);
+                    if avail > 0 {
+                        Box::pin(b.read(voff, &sub_bufs(&sub, 0, avail), mem)).await?;
+                    }
+                    zero_guest(&sub_bufs(&sub, avail, p.len - avail), mem)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads into a new buffer (copy-on-write from a backing chain); past the end of the disk
+    /// reads zeros.
+    pub(crate) async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let avail = self.size.saturating_sub(offset).min(len as u64);
+        let (pieces, _inflight) = self.map_read(offset, avail).await?;
+        for p in pieces {
+            let range = p.at as usize..(p.at + p.len) as usize;
+            let voff = offset + p.at;
+            match p.src {
+                Source::Host(h) => {
+                    let data = read_vec(&self.fd, h, p.len as usize)
+                        .await
+                        .map_err(|e| Error::Read(h, e))?;
+                    out[range].copy_from_slice(&data);
+                }
+                Source::Zero => {}
+                Source::Compressed {
+                    offset: c,
+                    size,
+                    in_off,
+                } => {
+                    let data = self.decompress(voff, c, size).await?;
+                    out[range].copy_from_slice(&data[in_off as usize..(in_off + p.len) as usize]);
+                }
+                Source::Backing => {
+                    if let Some(b) = &self.backing {
+                        let data = b.read_vec(voff, p.len as usize).await?;
+                        out[range].copy_from_slice(&data);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes from guest memory.
+    pub async fn write(
+        &self,
+        offset: u64,
+        bufs: &[(GuestAddress, usize)],
+        mem: &GuestMemory,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let len = check_request(offset, bufs, self.size)?;
+        mem.iovecs(bufs).map_err(Error::GuestMemory)?;
+        let cs = self.cs();
+        let mut m = self.meta.lock().await;
+        // In-place pieces (request offset, host offset, length), host-contiguous merged.
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        for (at, n) in self.clusters(offset, len) {
+            let voff = offset + at;
+            match m.entry(&self.fd, voff >> self.cluster_bits).await? {
+                L2Entry::Normal {
+                    offset: h,
+                    copied: true,
+                } => {
+                    let h = h + (voff & (cs - 1));
+                    match runs.last_mut() {
+                        Some(r) if r.1 + r.2 == h && r.0 + r.2 == at => r.2 += n,
+                        _ => runs.push((at, h, n)),
+                    }
+                }
+                _ => {
+                    let sub = sub_bufs(bufs, at, n);
+                    self.allocating_write(&mut m, voff, n, Data::Guest(&sub, mem))
+                        .await?;
+                }
+            }
+        }
+        let _inflight = self.in_flight();
+        drop(m);
+        for (at, h, n) in runs {
+            write_guest(&self.fd, h, &sub_bufs(bufs, at, n), mem)
+                .await
+                .map_err(guest_err(h, true))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `len` bytes at `voff` (inside one cluster) to a cluster that cannot be written
+    /// in place: allocates one (or takes the zero cluster's preallocated one), fills the rest
+    /// of it from the old contents (backing file, zeros, or the shared cluster), then points
+    /// the L2 entry at it. Runs under the metadata lock.
+    async fn allocating_write(
+        &self,
+        m: &mut Meta,
+        voff: u64,
+        len: u64,
+        data: Data<'_>,
+    ) -> Result<()> {
+        let cs = self.cs();
+        let vc = voff >> self.cluster_bits;
+        let in_off = voff & (cs - 1);
+        let old = m.entry(&self.fd, vc).await?;
+        // The whole new cluster, for a partial write: built before allocating, so a cluster
+        // whose old contents cannot be read is not leaked.
+        let cow = if in_off > 0 || len < cs {
+            let cstart = vc << self.cluster_bits;
+            let mut cluster = match old {
+                L2Entry::Normal { offset, .. } => read_vec(&self.fd, offset, cs as usize)
+                    .await
+                    .map_err(|e| Error::Read(offset, e))?,
+                L2Entry::Compressed { offset, size } => self.decompress(voff, offset, size).await?,
+                L2Entry::Unallocated => match &self.backing {
+                    Some(b) => b.read_vec(cstart, cs as usize).await?,
+                    None => vec![0u8; cs as usize],
+                },
+                L2Entry::Zero { .. } => vec![0u8; cs as usize],
+            };
+            let part = &mut cluster[in_off as usize..(in_off + len) as usize];
+            match data {
+                Data::Guest(bufs, mem) => {
+                    copy_from_guest(mem, bufs, part).map_err(Error::GuestMemory)?
+                }
+                Data::Zeros => part.fill(0),
+            }
+            Some(cluster)
+        } else {
+            None
+        };
+        let target = match old {
+            L2Entry::Zero { alloc: Some(o) }
+            | L2Entry::Normal {
+                offset: o,
+                copied: true,
+            } => o,
+            L2Entry::Normal { copied: false, .. }
+            | L2Entry::Compressed { .. }
+            | L2Entry::Zero { alloc: None }
+            | L2Entry::Unallocated => {
+                let may_reuse = self.inflight.get() == 0;
+                m.alloc_cluster(&self.fd, may_reuse).await?
+            }
+        };
+        if let Some(cluster) = cow {
+            write_vec(&self.fd, target, cluster)
+                .await
+                .map_err(|e| Error::Write(target, e))?;
+        } else {
+            match data {
+                Data::Guest(bufs, mem) => write_guest(&self.fd, target, bufs, mem)
+                    .await
+                    .map_err(guest_err(target, true))?,
+                Data::Zeros => write_vec(&self.fd, target, vec![0u8; cs as usize])
+                    .await
+                    .map_err(|e| Error::Write(target, e))?,
+            }
+        }
+        m.set_entry(
+            &self.fd,
+            vc,
+            L2Entry::Normal {
+                offset: target,
+                copied: true,
+            },
+        )
+        .await?;
+        if target_differs(old, target) {
+            release_old(m, old, self.cluster_bits);
+        }
+        Ok(())
+    }
+
+    /// Writes back the metadata caches, then fdatasync.
+    pub async fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.meta.lock().await;
+        m.flush(&self.fd).await
+    }
+
+    /// Zeroes `offset..offset + len`. Whole clusters: the zero flag (v3; with `unmap` the
+    /// host cluster is freed, else kept preallocated) or deallocation (v2 without a backing
+    /// file); v2 with a backing file, and partial clusters, get zeros written.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.size)?;
+        let cs = self.cs();
+        let mut m = self.meta.lock().await;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (at, n) in self.clusters(offset, len) {
+            let voff = offset + at;
+            let vc = voff >> self.cluster_bits;
+            let old = m.entry(&self.fd, vc).await?;
+            let reads_zero = match old {
+                L2Entry::Zero { .. } => true,
+                L2Entry::Unallocated => self.backing.is_none(),
+                _ => false,
+            };
+            if old == L2Entry::Unallocated && self.backing.is_none() {
+                continue;
+            }
+            if n == cs && (self.v3 || self.backing.is_none()) {
+                let new = match old {
+                    _ if !self.v3 => L2Entry::Unallocated,
+                    L2Entry::Normal {
+                        offset,
+                        copied: true,
+                    } if !unmap => L2Entry::Zero {
+                        alloc: Some(offset),
+                    },
+                    L2Entry::Zero { alloc: Some(o) } if !unmap => L2Entry::Zero { alloc: Some(o) },
+                    _ => L2Entry::Zero { alloc: None },
+                };
+                if new == old {
+                    continue;
+                }
+                let kept = match new {
+                    L2Entry::Zero { alloc } => alloc,
+                    _ => None,
+                };
+                m.set_entry(&self.fd, vc, new).await?;
+                if kept.is_none() {
+                    release_old(&mut m, old, self.cluster_bits);
+                }
+            } else if reads_zero {
+                continue;
+            } else if let L2Entry::Normal {
+                offset: h,
+                copied: true,
+            } = old
+            {
+                runs.push((h + (voff & (cs - 1)), n));
+            } else {
+                self.allocating_write(&mut m, voff, n, Data::Zeros).await?;
+            }
+        }
+        let _inflight = self.in_flight();
+        drop(m);
+        for (h, n) in runs {
+            write_vec(&self.fd, h, vec![0u8; n as usize])
+                .await
+                .map_err(|e| Error::WriteZeroes(h, n, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether an allocating write moved the cluster away from `old`'s host cluster.
+fn target_differs(old: L2Entry, target: u64) -> bool {
+    match old {
+        L2Entry::Normal { offset, .. }
+        | L2Entry::Zero {
+            alloc: Some(offset),
+        } => offset != target,
+        _ => true,
+    }
+}
+
+/// Drops the references `old` held: its host cluster, or every host cluster its compressed
+/// data touches.
+fn release_old(m: &mut Meta, old: L2Entry, cluster_bits: u32) {
+    match old {
+        L2Entry::Normal { offset, .. }
+        | L2Entry::Zero {
+            alloc: Some(offset),
+        } => m.release(offset),
+        L2Entry::Compressed { offset, size } => {
+            let first = offset >> cluster_bits;
+            let last = (offset + size.max(1) - 1) >> cluster_bits;
+            for c in first..=last {
+                m.release(c << cluster_bits);
+            }
+        }
+        L2Entry::Zero { alloc: None } | L2Entry::Unallocated => {}
+    }
+}
+
+fn zero_guest(bufs: &Bufs, mem: &GuestMemory) -> Result<()> {
+    for &(addr, n) in bufs {
+        mem.fill(addr, n, 0).map_err(Error::GuestMemory)?;
+    }
+    Ok(())
+}
+
+/// Opens a backing file read-only, in the format its overlay names (probed when unnamed).
+fn open_backing(path: &PathBuf, format: Option<&str>, depth: u32) -> Result<Disk> {
+    let options = OpenOptions {
+        read_only: true,
+        direct: false,
+    };
+    match format {
+        None | Some("") | Some("qcow2") | Some("raw") => {}
+        Some(_) => return Err(Error::InvalidHeader("unsupported backing file format")),
+    }
+    let disk = Disk::open_at_depth(path, options, depth)?;
+    match (format, &disk) {
+        (Some("qcow2"), Disk::Raw(_)) => Err(Error::InvalidHeader("backing file is not qcow2")),
+        (Some("raw"), Disk::Qcow2(_)) => {
+            // Named raw: its bytes are the data, whatever they look like.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .open(path)
+                .map_err(|e| Error::Open(path.clone(), e))?;
+            Ok(Disk::Raw(crate::raw::Raw::from_file(file, path, options)?))
+        }
+        _ => Ok(disk),
+    }
+}

@@ -1,0 +1,214 @@
+//! Raw images: disk offset = file offset.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+use executor::AsyncFd;
+use memory::{GuestAddress, GuestMemory};
+
+use crate::disk::{check_range, check_request, direct_block_size, file_size, OpenOptions};
+use crate::io::{
+    copy_from_guest, read_guest, read_vec, write_guest, write_vec, Bufs, GuestIoError,
+};
+use crate::qcow2::MAGIC;
+use crate::{Error, Result};
+
+/// Bytes of the qcow2 magic that probing looks at.
+const SIGNATURE_LEN: u64 = 4;
+
+/// Largest zero buffer written at once when the file system cannot zero a range itself.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// A raw image file or block device.
+#[derive(Debug)]
+pub struct Raw {
+    fd: AsyncFd,
+    size: u64,
+    read_only: bool,
+    block_size: u32,
+    direct: bool,
+}
+
+impl Raw {
+    pub(crate) fn from_file(file: File, _path: &Path, options: OpenOptions) -> Result<Raw> {
+        let size = file_size(&file)?;
+        let block_size = if options.direct {
+            direct_block_size(&file)
+        } else {
+            512
+        };
+        Ok(Raw {
+            fd: AsyncFd::new(file.into()),
+            size,
+            read_only: options.read_only,
+            block_size,
+            direct: options.direct,
+        })
+    }
+
+    /// Size in bytes (the file's size at open).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether requests that change the disk are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// 512, or the logical block size of the device holding the file for `O_DIRECT`.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// With `O_DIRECT`, refuses requests not aligned to the block size (offset, length and
+    /// every guest buffer's address and length).
+    fn check_aligned(&self, offset: u64, len: u64, bufs: &Bufs) -> Result<()> {
+        if !self.direct {
+            return Ok(());
+        }
+        let bs = u64::from(self.block_size);
+        let ok = offset % bs == 0
+            && len % bs == 0
+            && bufs
+                .iter()
+                .all(|&(a, n)| a.0 % bs == 0 && n as u64 % bs == 0);
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Unaligned {
+                offset,
+                len,
+                block_size: self.block_size,
+            })
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Reads into guest memory.
+    pub async fn read(
+        &self,
+        offset: u64,
+        bufs: &[(GuestAddress, usize)],
+        mem: &GuestMemory,
+    ) -> Result<()> {
+        let len = check_request(offset, bufs, self.size)?;
+        self.check_aligned(offset, len, bufs)?;
+        read_guest(&self.fd, offset, bufs, mem)
+            .await
+            .map_err(|e| match e {
+                GuestIoError::Memory(e) => Error::GuestMemory(e),
+                GuestIoError::Io(e) => Error::Read(offset, e),
+            })
+    }
+
+    /// Writes from guest memory.
+    pub async fn write(
+        &self,
+        offset: u64,
+        bufs: &[(GuestAddress, usize)],
+        mem: &GuestMemory,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let len = check_request(offset, bufs, self.size)?;
+        self.check_aligned(offset, len, bufs)?;
+        if offset < SIGNATURE_LEN && len > 0 {
+            self.check_signature(offset, len, bufs, mem).await?;
+        }
+        write_guest(&self.fd, offset, bufs, mem)
+            .await
+            .map_err(|e| match e {
+                GuestIoError::Memory(e) => Error::GuestMemory(e),
+                GuestIoError::Io(e) => Error::Write(offset, e),
+            })
+    }
+
+    /// Refuses a write that would make the image's first bytes the qcow2 magic (as QEMU
+    /// refuses format signatures in probed raw images): the format is probed at every open.
+    async fn check_signature(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: &Bufs,
+        mem: &GuestMemory,
+    ) -> Result<()> {
+        let mut head = if offset == 0 && len >= SIGNATURE_LEN {
+            vec![0u8; SIGNATURE_LEN as usize]
+        } else {
+            self.read_vec(0, SIGNATURE_LEN as usize).await?
+        };
+        let n = (SIGNATURE_LEN - offset).min(len) as usize;
+        let at = offset as usize;
+        copy_from_guest(mem, bufs, &mut head[at..at + n]).map_err(Error::GuestMemory)?;
+        if head[..] == MAGIC {
+            return Err(Error::RawSignature);
+        }
+        Ok(())
+    }
+
+    /// fdatasync.
+    pub async fn flush(&self) -> Result<()> {
+        self.fd.fdatasync().await.map_err(Error::Flush)
+    }
+
+    /// Punches a hole (falls back to writing zeros where the file system cannot).
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, true).await
+    }
+
+    /// Zeroes a range: `FALLOC_FL_PUNCH_HOLE` when `unmap`, else `FALLOC_FL_ZERO_RANGE`;
+    /// where the file system supports neither, writes zeros.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.size)?;
+        self.check_aligned(offset, len, &[])?;
+        if len == 0 {
+            return Ok(());
+        }
+        let res = if unmap {
+            self.fd.punch_hole(offset, len).await
+        } else {
+            self.fd.zero_range(offset, len).await
+        };
+        match res {
+            Ok(()) => return Ok(()),
+            Err(e) if is_unsupported(&e) && !self.direct => {}
+            Err(e) if unmap => return Err(Error::Discard(offset, len, e)),
+            Err(e) => return Err(Error::WriteZeroes(offset, len, e)),
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK);
+            write_vec(&self.fd, offset + done, vec![0u8; n as usize])
+                .await
+                .map_err(|e| Error::WriteZeroes(offset + done, n, e))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads into a new buffer; past the end of the disk reads zeros.
+    pub(crate) async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let avail = self.size.saturating_sub(offset).min(len as u64) as usize;
+        let mut out = read_vec(&self.fd, offset, avail)
+            .await
+            .map_err(|e| Error::Read(offset, e))?;
+        out.resize(len, 0);
+        Ok(out)
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
