@@ -61,6 +61,21 @@ pub struct RunArgs {
     /// read-write disk image, after the root disk in the order given (with --disk)
     #[argh(option)]
     pub rwdisk: Vec<String>,
+    /// IP address of the host side of a new tap device (with --netmask): adds a virtio-net NIC
+    #[argh(option)]
+    pub host_ip: Option<std::net::Ipv4Addr>,
+    /// netmask of the host side of the new tap device
+    #[argh(option)]
+    pub netmask: Option<std::net::Ipv4Addr>,
+    /// MAC address of the guest's NIC on the new tap device (default 52:54:00:12:34:56)
+    #[argh(option)]
+    pub mac: Option<String>,
+    /// an existing (or new, unconfigured) tap device by name: adds a NIC; repeat for several
+    #[argh(option)]
+    pub tap_name: Vec<String>,
+    /// an open tap descriptor inherited by ringvm: adds a NIC; repeat for several
+    #[argh(option)]
+    pub tap_fd: Vec<i32>,
     /// an external vhost-user device: type=blk|net|rng|vsock,socket=PATH (the backend
     /// listens on PATH); repeat for several
     #[argh(option)]
@@ -89,6 +104,125 @@ pub struct DeviceArgs {
 pub enum DeviceCommand {
     Rng(RngArgs),
     Block(BlockArgs),
+    Net(NetArgs),
+}
+
+/// virtio-net backend on a tap device (one tap queue per queue pair).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "net")]
+pub struct NetArgs {
+    /// listen on this unix socket path for one vhost-user frontend
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+    /// serve the vhost-user connection already open on this descriptor
+    #[argh(option)]
+    pub fd: Option<i32>,
+    /// an open tap queue descriptor (IFF_VNET_HDR); repeat for one per queue pair
+    #[argh(option)]
+    pub tap_fd: Vec<i32>,
+    /// a tap device to create or attach to by name, instead of --tap-fd
+    #[argh(option)]
+    pub tap_name: Option<String>,
+    /// queue pairs with --tap-name (default 1)
+    #[argh(option, default = "1")]
+    pub queue_pairs: usize,
+    /// the guest's MAC address (default 52:54:00:12:34:56)
+    #[argh(option)]
+    pub mac: Option<String>,
+    /// serve without the jail (namespaces, pivot_root, no capabilities)
+    #[argh(switch)]
+    pub disable_sandbox: bool,
+}
+
+/// The default MAC of the first NIC (QEMU's); later NICs count up in the last byte.
+pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast addresses (a NIC's own address is unicast).
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!(
+            "MAC {s}: expected six hex bytes like 52:54:00:12:34:56"
+        ));
+    }
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        *b = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("MAC {s}: '{p}' is not a hex byte"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC {s}: a multicast address"));
+    }
+    Ok(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Where a NIC's tap comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapSource {
+    /// A new tap, its host side configured with this address and netmask.
+    Create {
+        ip: std::net::Ipv4Addr,
+        netmask: std::net::Ipv4Addr,
+    },
+    /// A tap created or attached to by name.
+    Name(String),
+    /// An inherited tap descriptor.
+    Fd(i32),
+}
+
+/// One virtio-net NIC of `ringvm run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSpec {
+    pub tap: TapSource,
+    pub mac: [u8; 6],
+}
+
+/// The NICs of `run` in PCI order: the --host-ip one, then --tap-name, then --tap-fd.
+pub fn nics(args: &RunArgs) -> Result<Vec<NicSpec>, String> {
+    let mut taps = Vec::new();
+    match (args.host_ip, args.netmask) {
+        (Some(ip), Some(netmask)) => taps.push(TapSource::Create { ip, netmask }),
+        (None, None) => {
+            if args.mac.is_some() {
+                return Err("--mac needs --host-ip and --netmask".into());
+            }
+        }
+        _ => return Err("--host-ip and --netmask go together".into()),
+    }
+    taps.extend(args.tap_name.iter().map(|n| TapSource::Name(n.clone())));
+    for (i, &fd) in args.tap_fd.iter().enumerate() {
+        if fd <= 2 {
+            return Err(format!("--tap-fd {fd}: expected a descriptor above 2"));
+        }
+        if args.tap_fd[..i].contains(&fd) {
+            return Err(format!("--tap-fd {fd} given twice"));
+        }
+        taps.push(TapSource::Fd(fd));
+    }
+    let first = match &args.mac {
+        Some(m) => parse_mac(m)?,
+        None => DEFAULT_MAC,
+    };
+    Ok(taps
+        .into_iter()
+        .enumerate()
+        .map(|(i, tap)| {
+            let mut mac = first;
+            if i > 0 {
+                mac[5] = DEFAULT_MAC[5].wrapping_add(i as u8);
+            }
+            NicSpec { tap, mac }
+        })
+        .collect())
 }
 
 /// virtio-blk backend for a raw or qcow2 image.
@@ -455,6 +589,11 @@ mod tests {
             cpu_features: None,
             root: None,
             rwroot: None,
+            host_ip: None,
+            netmask: None,
+            mac: None,
+            tap_name: vec![],
+            tap_fd: vec![],
             disk: vec![],
             rwdisk: vec![],
             vhost_user: vec![],
@@ -535,6 +674,58 @@ mod tests {
         assert_eq!(root, Some("root=/dev/vda ro"));
         args.rwroot = Some("z".into());
         assert!(disks(&args).is_err());
+    }
+
+    #[test]
+    fn macs_parse_and_multicast_is_refused() {
+        assert_eq!(
+            parse_mac("52:54:00:ab:cd:ef"),
+            Ok([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+        );
+        assert_eq!(
+            format_mac(&[0x52, 0x54, 0, 0xab, 0xcd, 0xef]),
+            "52:54:00:ab:cd:ef"
+        );
+        for bad in [
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:00",
+            "5:54:00:ab:cd:ef",
+            "zz:54:00:ab:cd:ef",
+            "01:00:5e:00:00:01",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nics_come_in_order_with_distinct_macs() {
+        let args = RunArgs::from_args(
+            &["run"],
+            &[
+                "--tap-fd",
+                "7",
+                "--host-ip",
+                "10.0.0.1",
+                "--netmask",
+                "255.255.255.0",
+                "--tap-name",
+                "t1",
+                "k",
+            ],
+        )
+        .expect("valid");
+        let nics = nics(&args).expect("valid");
+        assert_eq!(nics.len(), 3);
+        assert!(matches!(nics[0].tap, TapSource::Create { .. }));
+        assert_eq!(nics[1].tap, TapSource::Name("t1".into()));
+        assert_eq!(nics[2].tap, TapSource::Fd(7));
+        assert_eq!(nics[0].mac, DEFAULT_MAC);
+        assert_ne!(nics[1].mac, nics[2].mac);
+        let lone = RunArgs::from_args(&["run"], &["--host-ip", "10.0.0.1", "k"]).expect("valid");
+        assert!(super::nics(&lone).is_err());
+        let mac_only =
+            RunArgs::from_args(&["run"], &["--mac", "52:54:00:00:00:01", "k"]).expect("valid");
+        assert!(super::nics(&mac_only).is_err());
     }
 
     #[test]

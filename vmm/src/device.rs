@@ -27,10 +27,18 @@ const DEVICE_MEMLOCK: u64 = 64 << 20;
 /// Runs `ringvm device <type>` until its frontend disconnects.
 pub fn run(args: DeviceArgs) -> Result<()> {
     match args.device {
-        DeviceCommand::Rng(a) => start("rng", &a.socket, a.fd, a.disable_sandbox, RNG_OPS, || {
-            let entropy = File::open("/dev/urandom").context("cannot open /dev/urandom")?;
-            Ok(Rng::new(entropy.into()))
-        }),
+        DeviceCommand::Rng(a) => start(
+            "rng",
+            &a.socket,
+            a.fd,
+            a.disable_sandbox,
+            RNG_OPS,
+            Forward::NONE(),
+            || {
+                let entropy = File::open("/dev/urandom").context("cannot open /dev/urandom")?;
+                Ok(Rng::new(entropy.into()))
+            },
+        ),
         DeviceCommand::Block(a) => {
             let spec = cli::parse_disk(&a.file, false).map_err(|e| anyhow!("--file: {e}"))?;
             if a.queues == 0 || a.queues > MAX_BLOCK_QUEUES {
@@ -42,6 +50,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
                 a.fd,
                 a.disable_sandbox,
                 BLOCK_OPS,
+                Forward::NONE(),
                 || {
                     let options = block::OpenOptions {
                         read_only: spec.read_only,
@@ -58,6 +67,42 @@ pub fn run(args: DeviceArgs) -> Result<()> {
                             queue_size: BLOCK_QUEUE_SIZE,
                         },
                     ))
+                },
+            )
+        }
+        DeviceCommand::Net(a) => {
+            let mac = match &a.mac {
+                Some(m) => cli::parse_mac(m).map_err(|e| anyhow!("--mac: {e}"))?,
+                None => cli::DEFAULT_MAC,
+            };
+            let taps = open_taps(&a)?;
+            let forward = Forward {
+                fds: taps
+                    .iter()
+                    .map(|t| t.try_clone())
+                    .collect::<std::io::Result<_>>()
+                    .context("cannot duplicate a tap descriptor")?,
+                flag: "--tap-fd",
+                strip: NET_STRIP,
+            };
+            start(
+                "net",
+                &a.socket,
+                a.fd,
+                a.disable_sandbox,
+                NET_OPS,
+                forward,
+                || {
+                    let queue_pairs = taps.len();
+                    net::NetDevice::new(
+                        taps,
+                        net::NetOptions {
+                            mac,
+                            queue_pairs,
+                            queue_size: NET_QUEUE_SIZE,
+                        },
+                    )
+                    .context("cannot set up the virtio-net device")
                 },
             )
         }
@@ -88,10 +133,81 @@ const BLOCK_OPS: &[u8] = &[
     opcode::Fallocate::CODE,
 ];
 
+/// virtio-net: frames between the tap and guest memory.
+const NET_OPS: &[u8] = &[
+    opcode::RecvMsg::CODE,
+    opcode::SendMsg::CODE,
+    opcode::PollAdd::CODE,
+    opcode::Timeout::CODE,
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+];
+/// Descriptors per net queue.
+const NET_QUEUE_SIZE: u16 = 256;
+/// The options a jailed net child gets as `--tap-fd` instead.
+const NET_STRIP: &[&str] = &["--tap-fd", "--tap-name", "--queue-pairs"];
+
+/// The tap queue descriptors of `ringvm device net`: inherited, or made by name.
+fn open_taps(a: &cli::NetArgs) -> Result<Vec<OwnedFd>> {
+    let mut numbers: Vec<i32> = a.tap_fd.iter().copied().chain(a.fd).collect();
+    numbers.sort_unstable();
+    if numbers.windows(2).any(|w| w[0] == w[1]) {
+        bail!("a descriptor number is given twice (--fd, --tap-fd)");
+    }
+    match (&a.tap_name, a.tap_fd.is_empty()) {
+        (Some(_), false) => bail!("give --tap-fd or --tap-name, not both"),
+        (None, true) => bail!("give --tap-fd N (one per queue pair) or --tap-name NAME"),
+        (Some(name), true) => {
+            if a.queue_pairs == 0 || a.queue_pairs > MAX_NET_PAIRS {
+                bail!(
+                    "--queue-pairs {}: expected 1 to {MAX_NET_PAIRS}",
+                    a.queue_pairs
+                );
+            }
+            Ok(net::Tap::create(Some(name), a.queue_pairs)
+                .with_context(|| format!("cannot open tap {name}"))?
+                .into_iter()
+                .map(net::Tap::into_fd)
+                .collect())
+        }
+        (None, false) => a
+            .tap_fd
+            .iter()
+            .map(|&fd| {
+                let owned = sys::inherited_fd(fd)
+                    .with_context(|| format!("--tap-fd {fd} is not an open descriptor"))?;
+                Ok(net::Tap::from_fd(owned)
+                    .with_context(|| format!("--tap-fd {fd} is not a usable tap"))?
+                    .into_fd())
+            })
+            .collect(),
+    }
+}
+
+/// Most queue pairs a NIC takes.
+const MAX_NET_PAIRS: usize = 64;
+
 /// Most request queues a block device takes (one per vCPU is the VMM's default).
 const MAX_BLOCK_QUEUES: usize = 64;
 /// Descriptors per block queue.
 const BLOCK_QUEUE_SIZE: u16 = 256;
+
+/// Descriptors a `--socket` device hands on to its jailed child (which cannot open them in
+/// its own namespaces): they become `flag 4`, `flag 5`, ... after the connection on 3, and the
+/// options in `strip` (each with its value) are dropped from the child's arguments.
+struct Forward {
+    fds: Vec<OwnedFd>,
+    flag: &'static str,
+    strip: &'static [&'static str],
+}
+
+impl Forward {
+    const NONE: fn() -> Forward = || Forward {
+        fds: Vec::new(),
+        flag: "",
+        strip: &[],
+    };
+}
 
 /// Makes the device (opening its files while the whole file system is still visible), then
 /// serves it: in this process, or with `--socket` and the sandbox on, in a jailed child.
@@ -101,6 +217,7 @@ fn start<D: Device>(
     fd: Option<i32>,
     disable_sandbox: bool,
     ops: &[u8],
+    forward: Forward,
     make: impl FnOnce() -> Result<D>,
 ) -> Result<()> {
     let endpoint = cli::endpoint(socket, fd).map_err(|e| anyhow!(e))?;
@@ -109,7 +226,7 @@ fn start<D: Device>(
     let device = make().with_context(|| format!("device {name}"))?;
     if let (Endpoint::Socket(path), true) = (&endpoint, sandbox) {
         drop(device);
-        return accept_then_jail(name, path);
+        return accept_then_jail(name, path, forward);
     }
     serve(device, endpoint, sandbox, ops).with_context(|| format!("device {name}"))
 }
@@ -117,18 +234,22 @@ fn start<D: Device>(
 /// `--socket` with the sandbox on: the jail needs a process spawned into new namespaces, so
 /// this one accepts the frontend, then runs the same command jailed on the accepted
 /// connection (`--fd 3`) and ends as it ends.
-fn accept_then_jail(name: &str, path: &Path) -> Result<()> {
+fn accept_then_jail(name: &str, path: &Path, forward: Forward) -> Result<()> {
     let conn = accept_one(path)?;
-    let args = jailed_args(std::env::args_os().skip(1).collect());
+    let args = jailed_args(std::env::args_os().skip(1).collect(), &forward);
     let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let mut fds = vec![conn.as_fd()];
+    fds.extend(forward.fds.iter().map(|f| f.as_fd()));
     let child = jail::spawn(
         Path::new("/proc/self/exe"),
         &args,
-        &[conn.as_fd()],
+        &fds,
         &jail::Sandbox { enabled: true },
     )
     .with_context(|| format!("cannot start the jailed device {name}"))?;
+    drop(fds);
     drop(conn);
+    drop(forward);
     let status = child
         .wait()
         .with_context(|| format!("cannot wait for the jailed device {name}"))?;
@@ -139,18 +260,23 @@ fn accept_then_jail(name: &str, path: &Path) -> Result<()> {
     }
 }
 
-/// This process's arguments with `--socket PATH` replaced by `--fd 3`.
-fn jailed_args(args: Vec<OsString>) -> Vec<OsString> {
+/// This process's arguments with `--socket PATH` replaced by `--fd 3`, and the forwarded
+/// descriptors' options in place of what they were opened from.
+fn jailed_args(args: Vec<OsString>, forward: &Forward) -> Vec<OsString> {
     let mut out = Vec::with_capacity(args.len());
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        if a == "--socket" {
+        if a == "--socket" || forward.strip.iter().any(|s| a == *s) {
             it.next();
         } else {
             out.push(a);
         }
     }
     out.extend(["--fd".into(), "3".into()]);
+    for i in 0..forward.fds.len() {
+        out.push(forward.flag.into());
+        out.push((4 + i).to_string().into());
+    }
     out
 }
 
@@ -204,8 +330,49 @@ mod tests {
             .map(OsString::from)
             .to_vec();
         assert_eq!(
-            jailed_args(args),
+            jailed_args(args, &Forward::NONE()),
             ["device", "rng", "--fd", "3"].map(OsString::from).to_vec()
+        );
+    }
+
+    #[test]
+    fn jailed_args_replace_forwarded_taps() {
+        let args = [
+            "device",
+            "net",
+            "--tap-name",
+            "t0",
+            "--socket",
+            "/s",
+            "--queue-pairs",
+            "2",
+            "--mac",
+            "52:54:00:00:00:01",
+        ]
+        .map(OsString::from)
+        .to_vec();
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let forward = Forward {
+            fds: vec![a.into(), b.into()],
+            flag: "--tap-fd",
+            strip: NET_STRIP,
+        };
+        assert_eq!(
+            jailed_args(args, &forward),
+            [
+                "device",
+                "net",
+                "--mac",
+                "52:54:00:00:00:01",
+                "--fd",
+                "3",
+                "--tap-fd",
+                "4",
+                "--tap-fd",
+                "5"
+            ]
+            .map(OsString::from)
+            .to_vec()
         );
     }
 }

@@ -2,7 +2,7 @@
 
 use std::cell::Cell;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Once;
 
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region};
@@ -202,10 +202,11 @@ pub fn irqchip_irr(vm: &VmFd) -> Result<(u32, u8), kvm_ioctls::Error> {
 /// Takes ownership of descriptor `fd` inherited from the parent, after checking that it is
 /// an open socket; marks it close-on-exec.
 pub fn inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: fstat writes into a zeroed stat buffer we own; a bad fd is an error return.
+    let owned = inherited_fd(fd)?;
+    // SAFETY: fstat writes into a zeroed stat buffer we own; the descriptor is open.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+    if unsafe { libc::fstat(owned.as_raw_fd(), &mut st) } < 0 {
         return Err(io::Error::last_os_error());
     }
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
@@ -214,11 +215,25 @@ pub fn inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
             "the descriptor is not a socket",
         ));
     }
-    // SAFETY: fcntl on a descriptor just checked to be open.
+    Ok(owned)
+}
+
+/// Takes ownership of descriptor `fd` inherited from the parent (a `--fd`/`--tap-fd`
+/// argument), after checking that it is open; marks it close-on-exec.
+pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd <= 2 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "descriptors 0 to 2 are stdin, stdout and stderr",
+        ));
+    }
+    // SAFETY: fcntl on any number is safe; a closed one is an EBADF return.
     if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the descriptor is open (fstat succeeded) and, by the `--fd` contract, was
-    // handed to this process for it alone; nothing else in the process owns it.
+    // SAFETY: the descriptor is open (fcntl succeeded) and, by the command-line contract, was
+    // handed to this process for this one use; nothing else in the process owns it. Callers
+    // take each number once: `device::open_taps` refuses a number given twice (or equal to
+    // `--fd`), and `--fd` is taken only by `device::serve`.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

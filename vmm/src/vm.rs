@@ -4,7 +4,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +17,9 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::boot;
-use crate::cli::{self, DiskSpec, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
+use crate::cli::{
+    self, DiskSpec, NicSpec, RunArgs, SerialOut, SerialSpec, TapSource, VhostUserSpec,
+};
 use crate::control::{self, ControlSocket, VmExitHandle};
 use crate::cpuid::{self, Toggle};
 use crate::device_process::{self, DeviceProcesses};
@@ -49,6 +51,8 @@ pub struct VmConfig {
     pub kvm_pv: Option<bool>,
     /// Disk images, each served by a virtio-blk device process, in PCI order (root first).
     pub disks: Vec<DiskSpec>,
+    /// virtio-net NICs, each served by a device process on its tap, in PCI order.
+    pub nics: Vec<NicSpec>,
     /// Add ringvm's virtio-rng device process.
     pub rng: bool,
     /// External vhost-user backends, in PCI slot order after ringvm's own devices.
@@ -75,6 +79,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         None => (Vec::new(), None),
     };
     let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
+    let nics = cli::nics(&args).map_err(|e| anyhow!(e))?;
     let mut cmdline = args.params.join(" ");
     // crosvm's --root: the first disk is the root file system, unless the caller chose one.
     if let Some(root) = root {
@@ -103,6 +108,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         cpu_toggles,
         kvm_pv,
         disks,
+        nics,
         rng: !args.no_rng,
         vhost_user,
         sandbox: !args.disable_sandbox,
@@ -354,6 +360,30 @@ async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
     }
 }
 
+/// A NIC's tap queue descriptors: one per vCPU for a tap ringvm creates or opens by name
+/// (multi-queue), one for an inherited descriptor.
+fn open_taps(source: &TapSource, cpus: usize) -> Result<Vec<OwnedFd>> {
+    let taps = match source {
+        TapSource::Create { ip, netmask } => {
+            let taps = net::Tap::create(None, cpus).context("cannot create a tap device")?;
+            taps[0].configure(*ip, *netmask).with_context(|| {
+                format!("cannot configure tap {} as {ip}/{netmask}", taps[0].name())
+            })?;
+            taps
+        }
+        TapSource::Name(name) => {
+            net::Tap::create(Some(name), cpus).with_context(|| format!("cannot open tap {name}"))?
+        }
+        TapSource::Fd(fd) => {
+            let owned = sys::inherited_fd(*fd)
+                .with_context(|| format!("--tap-fd {fd} is not an open descriptor"))?;
+            vec![net::Tap::from_fd(owned)
+                .with_context(|| format!("--tap-fd {fd} is not a usable tap"))?]
+        }
+    };
+    Ok(taps.into_iter().map(net::Tap::into_fd).collect())
+}
+
 /// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
 /// the PCI bus: ringvm's own device processes first, then `--vhost-user` backends.
 async fn add_devices(
@@ -376,6 +406,24 @@ async fn add_devices(
         let (process, sock) = device_process::spawn(&name, "block", &extra, &[], config.sandbox)?;
         processes.push(process);
         let (device, backend) = vhost_user::connect(&name, 2, sock).await?;
+        machine.add_virtio_device(Box::new(device))?;
+        backends.push(backend);
+    }
+    for (i, nic) in config.nics.iter().enumerate() {
+        let name = format!("net{i}");
+        let taps = open_taps(&nic.tap, config.cpus).with_context(|| format!("device {name}"))?;
+        let mac = cli::format_mac(&nic.mac);
+        let fd_args: Vec<String> = (0..taps.len()).map(|i| (4 + i).to_string()).collect();
+        let mut extra = vec![OsStr::new("--mac"), OsStr::new(&mac)];
+        for a in &fd_args {
+            extra.push(OsStr::new("--tap-fd"));
+            extra.push(OsStr::new(a));
+        }
+        let borrowed: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
+        let (process, sock) =
+            device_process::spawn(&name, "net", &extra, &borrowed, config.sandbox)?;
+        processes.push(process);
+        let (device, backend) = vhost_user::connect(&name, 1, sock).await?;
         machine.add_virtio_device(Box::new(device))?;
         backends.push(backend);
     }
