@@ -148,6 +148,9 @@ pub struct Case {
     pub ops: u64,
     /// Operations per second of each round, in the order they ran.
     pub round_ops_per_sec: Vec<f64>,
+    /// Further figures a bench measured beside the rate (name, value), added to the JSON line
+    /// by [`Runner::annotate`]: latency percentiles, CPU time per operation, ...
+    pub extra: Vec<(String, f64)>,
 }
 
 impl Case {
@@ -331,6 +334,7 @@ impl Runner {
                 rounds,
                 ops: iters * rounds as u64,
                 round_ops_per_sec: in_order,
+                extra: Vec::new(),
             });
         }
     }
@@ -340,6 +344,19 @@ impl Runner {
         self.cases
             .iter()
             .find(|c| c.bench == bench && c.name == name)
+    }
+
+    /// Adds a figure `key` = `value` to the JSON line of case `name` of `bench` (a name
+    /// already there is replaced). Does nothing when that case did not run.
+    pub fn annotate(&mut self, bench: &str, name: &str, key: &str, value: f64) {
+        if let Some(case) = self
+            .cases
+            .iter_mut()
+            .find(|c| c.bench == bench && c.name == name)
+        {
+            case.extra.retain(|(k, _)| k != key);
+            case.extra.push((key.to_owned(), value));
+        }
     }
 
     /// The baseline of `bench` with `role` (its first variant with that role).
@@ -467,13 +484,25 @@ impl Runner {
     /// One case as a JSON object on one line.
     pub fn json_line(&self, c: &Case, rev: Option<&str>) -> String {
         let when = unix_secs(self.started);
+        let extra: String = c
+            .extra
+            .iter()
+            .map(|(k, v)| {
+                let v = if v.is_finite() {
+                    format!("{v:.4}")
+                } else {
+                    "null".to_owned()
+                };
+                format!(",{}:{v}", json_str(k))
+            })
+            .collect();
         format!(
             concat!(
                 "{{\"group\":{},\"bench\":{},\"case\":{},\"variant\":{},\"label\":{},",
                 "\"role\":{},\"ops_per_s\":{:.1},\"ns_per_op\":{:.2},\"min_ops_per_s\":{:.1},",
                 "\"max_ops_per_s\":{:.1},\"rounds\":{},\"ops\":{},\"ratio_vs_limit\":{},",
                 "\"ratio_vs_peer\":{},\"quick\":{},\"timestamp\":{},\"time\":{},\"git_rev\":{},",
-                "\"kernel\":{},\"cpus\":{}}}"
+                "\"kernel\":{},\"cpus\":{}{}}}"
             ),
             json_str(&c.group),
             json_str(&c.bench),
@@ -495,6 +524,7 @@ impl Runner {
             rev.map_or_else(|| "null".to_owned(), json_str),
             kernel_release().map_or_else(|| "null".to_owned(), |k| json_str(&k)),
             std::thread::available_parallelism().map_or(0, |n| n.get()),
+            extra,
         )
     }
 }
@@ -718,6 +748,33 @@ mod tests {
         assert!(line.contains("\"case\":\"b/s\""), "{line}");
         assert!(line.contains("\"ratio_vs_limit\":0.8000"), "{line}");
         assert!(line.contains("\"git_rev\":\"abc\""), "{line}");
+    }
+
+    #[test]
+    fn annotate_adds_figures_to_the_json_line() {
+        let config = Config {
+            measure: Duration::from_millis(2),
+            warmup: Duration::from_millis(1),
+            rounds: 2,
+            quick: true,
+            filters: Vec::new(),
+        };
+        let mut r = Runner::with_config("test", config);
+        r.compare(
+            "b",
+            vec![Variant::subject("s", "subject", |n| {
+                Duration::from_nanos(100 * n)
+            })],
+        );
+        r.annotate("b", "s", "lat_p99_us", 12.5);
+        r.annotate("b", "s", "lat_p99_us", 13.0);
+        r.annotate("b", "s", "cpu", f64::NAN);
+        r.annotate("b", "missing", "cpu", 1.0);
+        let line = r.json_line(r.case("b", "s").expect("ran"), None);
+        assert!(
+            line.ends_with(",\"lat_p99_us\":13.0000,\"cpu\":null}"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -1,0 +1,813 @@
+//! The block data path: `ringvm device block` beside raw io_uring (the limit) and
+//! qemu-storage-daemon (the peer), all driven by the same libblkio client in one run.
+//!
+//! - Workloads: 4 KiB random reads and writes at queue depth 1 and 32, and 128 KiB
+//!   sequential reads and writes at queue depth 8, on one preallocated raw image
+//!   (`<target>/bench/block-<size>M.img`, 1 GiB; 256 MiB with `--quick`) filled with data, so
+//!   every read hits a real block.
+//! - Subjects: libblkio's `virtio-blk-vhost-user` driver on the socket of
+//!   `ringvm device block --socket S --file IMG` (jailed, and with `--disable-sandbox`).
+//! - Limit: libblkio's `io_uring` driver on the image (`direct=true`): the kernel's cost with
+//!   nothing in between.
+//! - Peer: the `virtio-blk-vhost-user` driver on qemu-storage-daemon's vhost-user-blk export
+//!   of the same file (`driver=file,cache.direct=on,aio=io_uring`).
+//!
+//! Every backend opens the image with O_DIRECT, so the page cache flatters nobody. The client
+//! waits for completions on its completion eventfd (`do_io` with `min_completions = 1`), as a
+//! guest driver waits for an interrupt. Beside the rate and its ratios the bench reports each
+//! case's mean and p99 latency per I/O, and the backend's CPU time per I/O (the
+//! `sum_exec_runtime` of every thread of the backend's process tree, from
+//! `/proc/<pid>/task/<tid>/schedstat`, before and after each measured round). These go to the
+//! case's JSON line in `<target>/bench/block.jsonl` as `lat_mean_us`, `lat_p99_us`,
+//! `mib_per_s`, `backend_cpu_us_per_io` and `client_cpu_us_per_io` (the bench process: the
+//! libblkio client, and for io_uring also the kernel's side of the I/O, which a vhost-user
+//! backend does in its own process).
+//!
+//! A case is measured for 10 s in 20 interleaved rounds (0.5 s in 3 with `--quick`;
+//! `RINGVM_BENCH_SECS` / `RINGVM_BENCH_ROUNDS` override), after a warm-up of one round.
+//! Backends and clients stay up for the whole run; the targets of the issue are checked at
+//! the end (PASS/MISS lines) and any variant that could not run is named (NOT MEASURED).
+//!
+//! Run with `cargo bench -p benches --bench block [-- --quick] [-- FILTER...]`; a filter picks
+//! benches by substring (`qd32`, `randread`) or one variant (`randread4k/qd1/ringvm$`).
+//! ringvm is taken from $RINGVM_BIN, else built as `target/release/ringvm`; a ringvm that
+//! has no `device block`, or whose backend libblkio cannot use (libblkio needs the
+//! `REPLY_ACK`, `CONFIG` and `CONFIGURE_MEM_SLOTS` protocol features), is reported and left
+//! out. qemu-storage-daemon comes with
+//! `qemu-system-common` (scripts/setup).
+
+use std::fs::{self, File};
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use benches::{bench_dir, target_dir, workspace_root, Role, Runner, Variant};
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// The largest request.
+const MAX_BLOCK: usize = 128 << 10;
+/// The deepest queue.
+const MAX_QD: usize = 32;
+/// Precomputed random offsets (a power of two: indexed with a mask).
+const OFFSETS: usize = 1 << 16;
+/// Measured seconds per case (over all its rounds) and rounds, in a full and a quick run.
+const FULL: (f64, usize) = (10.0, 20);
+const QUICK: (f64, usize) = (0.5, 3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    op: Op,
+    block: usize,
+    qd: usize,
+    random: bool,
+}
+
+const WORKLOADS: [Workload; 6] = [
+    Workload {
+        name: "randread4k/qd1",
+        op: Op::Read,
+        block: 4096,
+        qd: 1,
+        random: true,
+    },
+    Workload {
+        name: "randread4k/qd32",
+        op: Op::Read,
+        block: 4096,
+        qd: 32,
+        random: true,
+    },
+    Workload {
+        name: "randwrite4k/qd1",
+        op: Op::Write,
+        block: 4096,
+        qd: 1,
+        random: true,
+    },
+    Workload {
+        name: "randwrite4k/qd32",
+        op: Op::Write,
+        block: 4096,
+        qd: 32,
+        random: true,
+    },
+    Workload {
+        name: "seqread128k/qd8",
+        op: Op::Read,
+        block: MAX_BLOCK,
+        qd: 8,
+        random: false,
+    },
+    Workload {
+        name: "seqwrite128k/qd8",
+        op: Op::Write,
+        block: MAX_BLOCK,
+        qd: 8,
+        random: false,
+    },
+];
+
+fn main() {
+    let mut config = benches::Config::from_env();
+    let (secs, rounds) = if config.quick { QUICK } else { FULL };
+    if std::env::var_os("RINGVM_BENCH_SECS").is_none() {
+        config.measure = Duration::from_secs_f64(secs);
+        config.warmup = Duration::from_secs_f64(secs / rounds as f64);
+    }
+    if std::env::var_os("RINGVM_BENCH_ROUNDS").is_none() {
+        config.rounds = rounds;
+    }
+    let mut runner = Runner::with_config("block", config);
+    if !WORKLOADS.iter().any(|w| runner.enabled(w.name)) {
+        runner.finish().expect("write results");
+        return;
+    }
+    let image_size: u64 = if runner.config().quick {
+        256 << 20
+    } else {
+        1 << 30
+    };
+    let dir = bench_dir().expect("target/bench");
+    let image = dir.join(format!("block-{}M.img", image_size >> 20));
+    prepare_image(&image, image_size).expect("cannot create the bench image");
+
+    // Backends stay up, and clients connected, for the whole run: a vhost-user backend may
+    // serve only one connection.
+    let mut left_out = Vec::new();
+    let mut limit = Backend::io_uring(&image).expect("libblkio io_uring on the image");
+    let mut peer = match Backend::qsd(&image, &dir) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            left_out.push(format!("peer qsd: {e}"));
+            None
+        }
+    };
+    let mut ringvm = Vec::new();
+    match ringvm_bin() {
+        Ok((bin, direct)) => {
+            for (key, sandbox) in [("ringvm", true), ("ringvm-nosandbox", false)] {
+                match Backend::ringvm(key, &bin, direct, sandbox, &image, &dir) {
+                    Ok(b) => ringvm.push(b),
+                    Err(e) => left_out.push(format!("subject {key}: {e}")),
+                }
+            }
+        }
+        Err(e) => left_out.push(format!("subjects ringvm: {e}")),
+    }
+
+    let offsets = random_offsets(image_size);
+    for w in &WORKLOADS {
+        if !runner.enabled(w.name) {
+            continue;
+        }
+        let mut all: Vec<&mut Backend> = ringvm.iter_mut().collect();
+        all.push(&mut limit);
+        all.extend(peer.as_mut());
+        for b in &mut all {
+            b.calls.clear();
+        }
+        let variants = all
+            .iter_mut()
+            .map(|b| {
+                let (role, key, label) = (b.role, b.key, b.label.clone());
+                let b: &mut Backend = b;
+                let offsets = &offsets;
+                Variant::new(role, key, &label, move |n| {
+                    b.run(w, offsets, image_size, n)
+                        .unwrap_or_else(|e| panic!("{} {}: {e}", b.key, w.name))
+                })
+            })
+            .collect();
+        runner.compare(w.name, variants);
+        let rounds = runner.config().rounds;
+        for b in all {
+            for (k, v) in b.stats(rounds) {
+                runner.annotate(w.name, b.key, k, v);
+            }
+            if let Some(c) = runner.case(w.name, b.key) {
+                let mib = c.ops_per_sec * w.block as f64 / f64::from(1u32 << 20);
+                runner.annotate(w.name, b.key, "mib_per_s", mib);
+            }
+        }
+    }
+
+    print_details(&runner);
+    if let Err(e) = runner.finish() {
+        eprintln!("cannot write the bench results: {e}");
+    }
+    println!();
+    if runner.config().quick {
+        println!("quick run: the checks below are rough, not a claim");
+    }
+    for bench in ["randread4k/qd32", "randwrite4k/qd32"] {
+        runner.check(bench, "ringvm", Role::Limit, 0.95);
+        runner.check(bench, "ringvm", Role::Peer, 1.15);
+        check_cpu(&runner, bench);
+    }
+    for bench in ["randread4k/qd1", "randwrite4k/qd1"] {
+        check_latency(&runner, bench, 5.0);
+    }
+
+    for why in &left_out {
+        println!("NOT MEASURED {why}");
+    }
+    drop(ringvm);
+    drop(peer);
+    // Every variant is installed by scripts/setup: one that could not run is a failure, not
+    // a silent gap in the table (CI runs this).
+    if !left_out.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+/// A figure of the JSON line of a case.
+fn extra(runner: &Runner, bench: &str, name: &str, key: &str) -> Option<f64> {
+    runner
+        .case(bench, name)?
+        .extra
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| *v)
+}
+
+/// The second table: throughput, latency and backend CPU time per case.
+fn print_details(runner: &Runner) {
+    let limit = |bench: &str| {
+        runner
+            .cases()
+            .iter()
+            .find(|c| c.bench == bench && c.role == Role::Limit)
+            .map(|c| c.name.clone())
+    };
+    println!(
+        "\n{:17} {:17} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>12}",
+        "bench",
+        "variant",
+        "IOPS",
+        "MiB/s",
+        "mean us",
+        "p99 us",
+        "+mean us",
+        "backend cpu",
+        "client cpu"
+    );
+    println!("{:>105}", "(us per I/O)");
+    println!("{}", "-".repeat(105));
+    let mut last = "";
+    for c in runner.cases() {
+        let get = |k| extra(runner, &c.bench, &c.name, k);
+        let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+        let delta = limit(&c.bench)
+            .and_then(|l| extra(runner, &c.bench, &l, "lat_mean_us"))
+            .zip(get("lat_mean_us"))
+            .filter(|_| c.role != Role::Limit)
+            .map(|(l, s)| s - l);
+        let bench = if c.bench == last { "" } else { &c.bench };
+        last = &c.bench;
+        println!(
+            "{bench:17} {:17} {:>9.0} {:>9} {:>9} {:>9} {:>9} {:>12} {:>12}",
+            c.name,
+            c.ops_per_sec,
+            fmt(get("mib_per_s")),
+            fmt(get("lat_mean_us")),
+            fmt(get("lat_p99_us")),
+            fmt(delta),
+            fmt(get("backend_cpu_us_per_io")),
+            fmt(get("client_cpu_us_per_io")),
+        );
+    }
+}
+
+/// PASS when ringvm's backend spends less CPU time per I/O than qemu-storage-daemon's.
+fn check_cpu(runner: &Runner, bench: &str) {
+    let cpu = |name| extra(runner, bench, name, "backend_cpu_us_per_io");
+    if let (Some(s), Some(p)) = (cpu("ringvm"), cpu("qsd")) {
+        println!(
+            "{} {bench}: ringvm backend CPU {s:.2} us/IO, qsd {p:.2} us/IO ({:.2}x), target < 1x",
+            if s < p { "PASS" } else { "MISS" },
+            s / p
+        );
+    }
+}
+
+/// PASS when ringvm's mean latency is within `max_us` of the limit's.
+fn check_latency(runner: &Runner, bench: &str, max_us: f64) {
+    let lat = |name| extra(runner, bench, name, "lat_mean_us");
+    if let (Some(s), Some(l)) = (lat("ringvm"), lat("io_uring")) {
+        let peer = lat("qsd").map_or_else(String::new, |p| format!(" (qsd adds {:.1} us)", p - l));
+        println!(
+            "{} {bench}: ringvm adds {:.1} us mean latency to io_uring's {l:.1} us, target <= +{max_us:.0} us{peer}",
+            if s - l <= max_us { "PASS" } else { "MISS" },
+            s - l
+        );
+    }
+}
+
+// ---- the image ----
+
+/// A raw image of `size` bytes filled with non-zero data (not sparse, no unwritten extents:
+/// reads hit real blocks). Kept between runs.
+fn prepare_image(path: &Path, size: u64) -> io::Result<()> {
+    if fs::metadata(path).is_ok_and(|m| m.len() == size) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for word in chunk.chunks_exact_mut(8) {
+        x = xorshift(x);
+        word.copy_from_slice(&x.to_le_bytes());
+    }
+    for i in 0..size / chunk.len() as u64 {
+        chunk[..8].copy_from_slice(&i.to_le_bytes());
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    drop(f);
+    fs::rename(tmp, path)
+}
+
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// 4 KiB-aligned random offsets inside the image.
+fn random_offsets(size: u64) -> Vec<u64> {
+    let blocks = size / 4096;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..OFFSETS)
+        .map(|_| {
+            x = xorshift(x);
+            (x % blocks) * 4096
+        })
+        .collect()
+}
+
+// ---- backends ----
+
+/// What one call of a variant measured.
+struct Call {
+    ops: u64,
+    /// The backend's CPU time over the call.
+    cpu: Option<Duration>,
+    /// The bench process's CPU time over the call (the client, and for io_uring the kernel's
+    /// work that the backend does elsewhere).
+    client_cpu: Duration,
+    /// Submission to completion of each I/O, in nanoseconds.
+    latencies: Vec<u32>,
+}
+
+/// One libblkio client and, for vhost-user, the backend process serving it.
+struct Backend {
+    key: &'static str,
+    label: String,
+    role: Role,
+    client: Client,
+    /// The backend process (none for io_uring: the kernel does the work in the client).
+    process: Option<Child>,
+    /// The backend's process tree: the CPU time of every thread of these counts.
+    pids: Vec<u32>,
+    /// The calls of the current bench; the last `rounds` are the measured rounds.
+    calls: Vec<Call>,
+    /// Where the next I/O goes: an index into the random offsets or the sequential cursor.
+    cursor: u64,
+}
+
+impl Backend {
+    fn io_uring(image: &Path) -> Result<Backend, String> {
+        let client = Client::new(
+            "io_uring",
+            |b| {
+                b.set_str("path", &image.to_string_lossy())?;
+                b.set_bool("direct", true)
+            },
+            |b| b.set_i32("num-entries", 128),
+        )?;
+        Ok(Backend::new(
+            "io_uring",
+            "libblkio io_uring driver, O_DIRECT (no backend)".to_owned(),
+            Role::Limit,
+            client,
+            None,
+        ))
+    }
+
+    fn qsd(image: &Path, dir: &Path) -> Result<Backend, String> {
+        let socket = dir.join("block-qsd.sock");
+        let _ = fs::remove_file(&socket);
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk,filename={},cache.direct=on,aio=io_uring",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues=1",
+                socket.display()
+            ));
+        let child = spawn_backend(cmd, &dir.join("block-qsd.log"), &socket)?;
+        Backend::vhost_user(
+            "qsd",
+            "qemu-storage-daemon vhost-user-blk, file aio=io_uring direct".to_owned(),
+            Role::Peer,
+            child,
+            &socket,
+        )
+    }
+
+    fn ringvm(
+        key: &'static str,
+        bin: &Path,
+        direct: &str,
+        sandbox: bool,
+        image: &Path,
+        dir: &Path,
+    ) -> Result<Backend, String> {
+        let socket = dir.join(format!("block-{key}.sock"));
+        let _ = fs::remove_file(&socket);
+        let mut cmd = Command::new(bin);
+        cmd.args(["device", "block", "--socket"])
+            .arg(&socket)
+            .arg("--file")
+            .arg(format!("{}{direct}", image.display()));
+        if !sandbox {
+            cmd.arg("--disable-sandbox");
+        }
+        let child = spawn_backend(cmd, &dir.join(format!("block-{key}.log")), &socket)?;
+        let label = format!(
+            "ringvm device block --file IMG{direct}{}",
+            if sandbox { "" } else { " --disable-sandbox" },
+        );
+        Backend::vhost_user(key, label, Role::Subject, child, &socket)
+    }
+
+    fn vhost_user(
+        key: &'static str,
+        label: String,
+        role: Role,
+        mut child: Child,
+        socket: &Path,
+    ) -> Result<Backend, String> {
+        let client = Client::new(
+            "virtio-blk-vhost-user",
+            |b| b.set_str("path", &socket.to_string_lossy()),
+            |b| {
+                b.set_i32("num-queues", 1)?;
+                b.set_i32("queue-size", 256)
+            },
+        );
+        match client {
+            Ok(client) => Ok(Backend::new(key, label, role, client, Some(child))),
+            Err(e) => {
+                kill_tree(&mut child);
+                Err(e)
+            }
+        }
+    }
+
+    fn new(
+        key: &'static str,
+        label: String,
+        role: Role,
+        client: Client,
+        process: Option<Child>,
+    ) -> Backend {
+        // After the connection: a sandboxed backend has forked into its jail by now.
+        let pids = process
+            .as_ref()
+            .map_or_else(Vec::new, |c| process_tree(c.id()));
+        Backend {
+            key,
+            label,
+            role,
+            client,
+            process,
+            pids,
+            calls: Vec::new(),
+            cursor: 0,
+        }
+    }
+
+    fn cpu_time(&self) -> Option<Duration> {
+        self.process.as_ref()?;
+        Some(self.pids.iter().map(|&p| process_cpu_time(p)).sum())
+    }
+
+    /// Runs `n` I/Os of `w` and records the call; returns the time they took.
+    fn run(
+        &mut self,
+        w: &Workload,
+        offsets: &[u64],
+        size: u64,
+        n: u64,
+    ) -> Result<Duration, String> {
+        let cpu_before = self.cpu_time();
+        let client_before = process_cpu_time(std::process::id());
+        let mut latencies = Vec::with_capacity(n as usize);
+        let cursor = &mut self.cursor;
+        let mut next = || {
+            let off = if w.random {
+                offsets[*cursor as usize % offsets.len()]
+            } else {
+                *cursor * w.block as u64 % size
+            };
+            *cursor += 1;
+            off
+        };
+        let elapsed = self.client.run(w, n, &mut next, &mut latencies)?;
+        let client_cpu = process_cpu_time(std::process::id()).saturating_sub(client_before);
+        let cpu = self
+            .cpu_time()
+            .zip(cpu_before)
+            .map(|(a, b)| a.saturating_sub(b));
+        self.calls.push(Call {
+            ops: n,
+            cpu,
+            client_cpu,
+            latencies,
+        });
+        Ok(elapsed)
+    }
+
+    /// The figures of the last `rounds` calls (the measured rounds) for the JSON line.
+    fn stats(&self, rounds: usize) -> Vec<(&'static str, f64)> {
+        let measured = &self.calls[self.calls.len().saturating_sub(rounds)..];
+        let mut lat: Vec<u32> = measured
+            .iter()
+            .flat_map(|c| c.latencies.iter().copied())
+            .collect();
+        let mut out = Vec::new();
+        if lat.is_empty() {
+            return out;
+        }
+        lat.sort_unstable();
+        let ops: u64 = measured.iter().map(|c| c.ops).sum();
+        let mean = lat.iter().map(|&l| f64::from(l)).sum::<f64>() / lat.len() as f64;
+        let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+        out.push(("lat_mean_us", mean / 1e3));
+        out.push(("lat_p99_us", f64::from(p99) / 1e3));
+        let client: Duration = measured.iter().map(|c| c.client_cpu).sum();
+        out.push((
+            "client_cpu_us_per_io",
+            client.as_secs_f64() * 1e6 / ops as f64,
+        ));
+        let cpu: Option<Duration> = measured.iter().map(|c| c.cpu).sum();
+        if let Some(cpu) = cpu {
+            out.push((
+                "backend_cpu_us_per_io",
+                cpu.as_secs_f64() * 1e6 / ops as f64,
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.process {
+            kill_tree(child);
+        }
+    }
+}
+
+/// Starts a vhost-user backend and waits for its socket.
+fn spawn_backend(mut cmd: Command, log: &Path, socket: &Path) -> Result<Child, String> {
+    let log_file = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if socket.exists() {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("{cmd:?} exited ({status}): {}", out.trim()));
+        }
+        if Instant::now() > deadline {
+            kill_tree(&mut child);
+            return Err(format!("{cmd:?} made no socket in 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills `child` and the processes it started (a sandboxed device forks into its jail).
+fn kill_tree(child: &mut Child) {
+    let tree = process_tree(child.id());
+    for &pid in tree.iter().skip(1) {
+        // SAFETY: plain syscall; the pids are descendants of a child this bench started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `root` and its descendants.
+fn process_tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The fields after the command name, which may hold spaces and parentheses.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+/// The CPU time of every live thread of `pid` (`sum_exec_runtime`, nanoseconds).
+fn process_cpu_time(pid: u32) -> Duration {
+    let ns: u64 = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| {
+            let s = fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// The ringvm binary and the suffix of its `--file` argument that asks for O_DIRECT, or why
+/// there is none that can serve a block device.
+fn ringvm_bin() -> Result<(PathBuf, &'static str), String> {
+    let bin = match std::env::var_os("RINGVM_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => {
+            // Build it here: a bench that measures the binary must measure the current one.
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--release", "-p", "vmm", "--bin", "ringvm"])
+                .current_dir(workspace_root())
+                .status()
+                .map_err(|e| format!("run cargo build: {e}"))?;
+            if !status.success() {
+                return Err("cargo build --release -p vmm failed".to_owned());
+            }
+            target_dir().join("release/ringvm")
+        }
+    };
+    let help = Command::new(&bin)
+        .args(["device", "block", "--help"])
+        .output()
+        .map_err(|e| format!("run {}: {e}", bin.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&help.stdout),
+        String::from_utf8_lossy(&help.stderr)
+    );
+    if !help.status.success() || !text.contains("--socket") {
+        return Err(format!(
+            "{} has no `device block`: {}",
+            bin.display(),
+            text.lines().next().unwrap_or("").trim()
+        ));
+    }
+    // O_DIRECT like the limit and the peer: `--file PATH,direct=true`, or a flag.
+    let direct = if text.contains("direct=") {
+        ",direct=true"
+    } else {
+        ""
+    };
+    Ok((bin, direct))
+}
+
+// ---- the libblkio client ----
+
+/// A started libblkio instance with one queue and a buffer region (fd-backed, as vhost-user
+/// needs: the backend maps it).
+struct Client {
+    // The queue goes before the instance it came from, which is kept for as long.
+    queue: Blkioq,
+    _blkio: Blkio,
+    region: MemoryRegion,
+    completions: Vec<MaybeUninit<Completion>>,
+}
+
+impl Client {
+    fn new(
+        driver: &str,
+        configure: impl FnOnce(&mut Blkio) -> blkio::Result<()>,
+        configure_connected: impl FnOnce(&mut Blkio) -> blkio::Result<()>,
+    ) -> Result<Client, String> {
+        let err = |what: &str| {
+            let what = what.to_owned();
+            move |e: blkio::Error| format!("{driver}: {what}: {}", e.message())
+        };
+        let mut b = Blkio::new(driver).map_err(err("new"))?;
+        configure(&mut b).map_err(err("configure"))?;
+        b.connect().map_err(err("connect"))?;
+        configure_connected(&mut b).map_err(err("configure queues"))?;
+        let align = b
+            .get_u64("mem-region-alignment")
+            .map_err(err("alignment"))? as usize;
+        let len = (MAX_QD * MAX_BLOCK).next_multiple_of(align.max(4096));
+        let region = b.alloc_mem_region(len).map_err(err("alloc_mem_region"))?;
+        let mut started = b.start().map_err(err("start"))?;
+        b.map_mem_region(&region).map_err(err("map_mem_region"))?;
+        let queue = started.queues.pop().ok_or(format!("{driver}: no queue"))?;
+        // Writes carry a pattern, not zeros.
+        // SAFETY: the region is `len` bytes mapped read-write by alloc_mem_region, and no I/O
+        // is in flight yet.
+        unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0xa5, len) };
+        Ok(Client {
+            queue,
+            _blkio: b,
+            region,
+            completions: (0..MAX_QD).map(|_| MaybeUninit::uninit()).collect(),
+        })
+    }
+
+    /// Runs `n` I/Os of `w` at its queue depth, one buffer slot per in-flight request;
+    /// records each I/O's latency. Returns the time they took.
+    fn run(
+        &mut self,
+        w: &Workload,
+        n: u64,
+        next_offset: &mut dyn FnMut() -> u64,
+        latencies: &mut Vec<u32>,
+    ) -> Result<Duration, String> {
+        assert!(w.qd <= MAX_QD && w.block <= MAX_BLOCK);
+        let mut submitted = [Instant::now(); MAX_QD];
+        let start = Instant::now();
+        let mut issued = 0u64;
+        let mut done = 0u64;
+        for (slot, at) in submitted.iter_mut().enumerate().take(w.qd.min(n as usize)) {
+            *at = Instant::now();
+            self.submit(w, slot, next_offset());
+            issued += 1;
+        }
+        while done < n {
+            let got = self
+                .queue
+                .do_io(&mut self.completions, 1, None, None)
+                .map_err(|e| format!("do_io: {}", e.message()))?;
+            let now = Instant::now();
+            for i in 0..got {
+                // SAFETY: do_io initialised the first `got` completions.
+                let c = unsafe { self.completions[i].assume_init_read() };
+                if c.ret != 0 {
+                    return Err(format!(
+                        "I/O failed: {}",
+                        io::Error::from_raw_os_error(-c.ret)
+                    ));
+                }
+                let slot = c.user_data;
+                let ns = now.duration_since(submitted[slot]).as_nanos();
+                latencies.push(u32::try_from(ns).unwrap_or(u32::MAX));
+                done += 1;
+                if issued < n {
+                    submitted[slot] = Instant::now();
+                    self.submit(w, slot, next_offset());
+                    issued += 1;
+                }
+            }
+        }
+        Ok(start.elapsed())
+    }
+
+    fn submit(&mut self, w: &Workload, slot: usize, offset: u64) {
+        let buf = (self.region.addr + slot * MAX_BLOCK) as *mut u8;
+        // The buffer of `slot` lies in the mapped region and is used by this request alone
+        // until its completion comes back.
+        match w.op {
+            Op::Read => self
+                .queue
+                .read(offset, buf, w.block, slot, ReqFlags::empty()),
+            Op::Write => self
+                .queue
+                .write(offset, buf, w.block, slot, ReqFlags::empty()),
+        }
+    }
+}
