@@ -1,1 +1,308 @@
-//! Per-device syscall policies compiled to BPF.
+//! Per-device syscall policies compiled to BPF and embedded in the binary.
+//!
+//! `policies/<name>.policy` lists what a process may call once it is set up, one system call
+//! a line, with optional argument conditions and a reason each (format: `src/compiler.rs`).
+//! build.rs compiles each policy to classic BPF for x86_64 — the architecture checked first
+//! (anything else is killed), x32 calls killed, then one test per call in file order, then
+//! the default action — and this crate embeds the programs with `include_bytes!`.
+//!
+//! [`install`] applies a policy to the calling process (or, for [`Policy::Vcpu`], thread).
+//! io_uring operations are not seen by seccomp: a device's ring must be restricted to its
+//! opcodes before the filter goes on (`executor::Builder::allow_ops`).
+
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)]
+mod sys;
+
+#[cfg(test)]
+#[allow(dead_code)]
+mod compiler;
+
+use std::io;
+
+/// An error of [`install`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to set no_new_privs")]
+    SetNoNewPrivs(#[source] io::Error),
+    #[error("failed to install the {policy} seccomp filter")]
+    Install {
+        policy: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to install the {policy} seccomp filter on every thread: thread {tid} has its own filter")]
+    ThreadSync { policy: &'static str, tid: i32 },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The processes and threads that have a policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// `ringvm device rng`.
+    Rng,
+    /// `ringvm device block`.
+    Block,
+    /// `ringvm device net`.
+    Net,
+    /// The whole VMM process after set-up (main thread and, under their own filter, vCPUs).
+    VmmMain,
+    /// A vCPU thread's KVM_RUN loop.
+    Vcpu,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 5] = [
+        Policy::Rng,
+        Policy::Block,
+        Policy::Net,
+        Policy::VmmMain,
+        Policy::Vcpu,
+    ];
+
+    /// The policy's file name in `policies/`, without `.policy`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Rng => "rng",
+            Policy::Block => "block",
+            Policy::Net => "net",
+            Policy::VmmMain => "vmm",
+            Policy::Vcpu => "vcpu",
+        }
+    }
+
+    /// The policy of a device type (`ringvm device <name>`).
+    pub fn from_name(name: &str) -> Option<Policy> {
+        Policy::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Whether [`install`] applies it to every thread of the process (TSYNC): all but the
+    /// per-thread vCPU filter.
+    pub fn process_wide(self) -> bool {
+        self != Policy::Vcpu
+    }
+}
+
+/// One `struct sock_filter` instruction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockFilter {
+    pub code: u16,
+    pub jt: u8,
+    pub jf: u8,
+    pub k: u32,
+}
+
+/// `==` or `!=`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgOp {
+    Eq,
+    Ne,
+}
+
+/// `arg{arg} & mask <op> value`, on all 64 bits of the argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArgTest {
+    pub arg: u8,
+    pub mask: u64,
+    pub op: ArgOp,
+    pub value: u64,
+}
+
+impl ArgTest {
+    /// Whether the test holds for these arguments.
+    pub fn holds(&self, args: &[u64; 6]) -> bool {
+        let v = args[usize::from(self.arg)] & self.mask;
+        match self.op {
+            ArgOp::Eq => v == self.value,
+            ArgOp::Ne => v != self.value,
+        }
+    }
+}
+
+/// One line of a policy (includes inlined).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub syscall: &'static str,
+    pub nr: u32,
+    /// The condition as written; empty when the call is always allowed.
+    pub condition: &'static str,
+    /// Why the process needs it.
+    pub reason: &'static str,
+    /// The condition: any alternative whose tests all hold; none: always allowed.
+    pub alternatives: &'static [&'static [ArgTest]],
+}
+
+impl Rule {
+    /// Whether this rule allows the call with these arguments.
+    pub fn allows(&self, args: &[u64; 6]) -> bool {
+        self.alternatives.is_empty()
+            || self
+                .alternatives
+                .iter()
+                .any(|alt| alt.iter().all(|t| t.holds(args)))
+    }
+}
+
+mod generated {
+    use super::{ArgOp, ArgTest, Rule};
+    include!(concat!(env!("OUT_DIR"), "/policies.rs"));
+}
+
+/// Decodes `struct sock_filter`s from native-endian bytes, at compile time.
+const fn decode<const N: usize>(bytes: &[u8]) -> [SockFilter; N] {
+    assert!(
+        bytes.len() == N * 8,
+        "a BPF program is a whole number of instructions"
+    );
+    let mut out = [SockFilter {
+        code: 0,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }; N];
+    let mut i = 0;
+    while i < N {
+        let b = i * 8;
+        out[i] = SockFilter {
+            code: u16::from_ne_bytes([bytes[b], bytes[b + 1]]),
+            jt: bytes[b + 2],
+            jf: bytes[b + 3],
+            k: u32::from_ne_bytes([bytes[b + 4], bytes[b + 5], bytes[b + 6], bytes[b + 7]]),
+        };
+        i += 1;
+    }
+    out
+}
+
+macro_rules! embed {
+    ($kill:ident, $log:ident, $name:literal) => {
+        static $kill: [SockFilter;
+            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bpf")).len() / 8] =
+            decode(include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bpf")));
+        static $log: [SockFilter;
+            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".log.bpf")).len() / 8] = decode(
+            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".log.bpf")),
+        );
+    };
+}
+
+embed!(RNG, RNG_LOG, "rng");
+embed!(BLOCK, BLOCK_LOG, "block");
+embed!(NET, NET_LOG, "net");
+embed!(VMM, VMM_LOG, "vmm");
+embed!(VCPU, VCPU_LOG, "vcpu");
+
+/// The policy's program: calls it does not allow kill the process (SECCOMP_RET_KILL_PROCESS).
+pub fn filter(policy: Policy) -> &'static [SockFilter] {
+    match policy {
+        Policy::Rng => &RNG,
+        Policy::Block => &BLOCK,
+        Policy::Net => &NET,
+        Policy::VmmMain => &VMM,
+        Policy::Vcpu => &VCPU,
+    }
+}
+
+/// The same program with SECCOMP_RET_LOG as its default action: calls it does not allow are
+/// logged by the kernel (audit, or dmesg `type=1326 ... syscall=N`) and then run. A wrong
+/// architecture or an x32 call is still killed.
+pub fn logging_filter(policy: Policy) -> &'static [SockFilter] {
+    match policy {
+        Policy::Rng => &RNG_LOG,
+        Policy::Block => &BLOCK_LOG,
+        Policy::Net => &NET_LOG,
+        Policy::VmmMain => &VMM_LOG,
+        Policy::Vcpu => &VCPU_LOG,
+    }
+}
+
+/// The policy's rules, in file order.
+pub fn rules(policy: Policy) -> &'static [Rule] {
+    match policy {
+        Policy::Rng => generated::RNG_RULES,
+        Policy::Block => generated::BLOCK_RULES,
+        Policy::Net => generated::NET_RULES,
+        Policy::VmmMain => generated::VMM_RULES,
+        Policy::Vcpu => generated::VCPU_RULES,
+    }
+}
+
+/// The names of the system calls the policy allows (some only with some arguments), in file
+/// order, each once.
+pub fn allowed(policy: Policy) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for rule in rules(policy) {
+        if !names.contains(&rule.syscall) {
+            names.push(rule.syscall);
+        }
+    }
+    names
+}
+
+/// Whether the policy allows system call `nr` with these arguments (what its program
+/// decides for an x86_64 call: the tests check that they agree).
+pub fn allows(policy: Policy, nr: u32, args: &[u64; 6]) -> bool {
+    rules(policy).iter().any(|r| r.nr == nr && r.allows(args))
+}
+
+/// Installs the policy's filter on the calling process, last, once everything else is set up:
+/// after it, a call the policy does not allow kills the whole process with SIGSYS (or, with
+/// `log_failures`, is logged by the kernel and runs; for finding what a policy misses).
+///
+/// Sets no_new_privs first (the kernel requires it without CAP_SYS_ADMIN; jail::enter has
+/// already set it in device processes; the VMM policy allows exactly this prctl and a
+/// flag-less seccomp call, so that vCPU threads can add theirs under it). Process-wide
+/// policies go on every thread at once (SECCOMP_FILTER_FLAG_TSYNC), which fails with
+/// [`Error::ThreadSync`] if another thread has already installed a filter of its own: install
+/// [`Policy::VmmMain`] before the vCPU threads install [`Policy::Vcpu`], which goes on the
+/// calling thread only. Filters stack: a later one can only take away. Threads must have
+/// started before a process-wide install (their start-up calls are in no policy).
+pub fn install(policy: Policy, log_failures: bool) -> Result<()> {
+    let program = if log_failures {
+        logging_filter(policy)
+    } else {
+        filter(policy)
+    };
+    sys::set_no_new_privs().map_err(Error::SetNoNewPrivs)?;
+    match sys::seccomp_set_mode_filter(program, policy.process_wide()) {
+        Ok(()) => Ok(()),
+        Err(sys::InstallError::Os(source)) => Err(Error::Install {
+            policy: policy.name(),
+            source,
+        }),
+        Err(sys::InstallError::ThreadSync(tid)) => Err(Error::ThreadSync {
+            policy: policy.name(),
+            tid,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_policy_has_a_program_and_rules() {
+        for p in Policy::ALL {
+            assert!(filter(p).len() > 6, "{p:?}");
+            assert_eq!(filter(p).len(), logging_filter(p).len(), "{p:?}");
+            assert!(!rules(p).is_empty(), "{p:?}");
+            assert_eq!(Policy::from_name(p.name()), Some(p));
+        }
+    }
+
+    #[test]
+    fn the_vmm_policy_holds_what_its_vcpu_threads_need() {
+        // TSYNC puts the VMM filter on the vCPU threads too: both filters must allow a call.
+        for rule in rules(Policy::Vcpu) {
+            assert!(
+                allowed(Policy::VmmMain).contains(&rule.syscall),
+                "{}",
+                rule.syscall
+            );
+        }
+    }
+}

@@ -83,9 +83,14 @@ pub struct RunArgs {
     /// do not add the virtio-rng device (on by default)
     #[argh(switch)]
     pub no_rng: bool,
-    /// run device processes without the jail (namespaces, seccomp)
+    /// run device processes without the jail (namespaces, seccomp), and the VMM without its
+    /// seccomp filters
     #[argh(switch)]
     pub disable_sandbox: bool,
+    /// log syscalls a seccomp policy does not allow (kernel audit log) instead of killing the
+    /// process that made them (crosvm's flag, for finding a policy's gaps)
+    #[argh(switch)]
+    pub seccomp_log_failures: bool,
     /// path of the kernel image
     #[argh(positional)]
     pub kernel: PathBuf,
@@ -129,9 +134,12 @@ pub struct NetArgs {
     /// the guest's MAC address (default 52:54:00:12:34:56)
     #[argh(option)]
     pub mac: Option<String>,
-    /// serve without the jail (namespaces, pivot_root, no capabilities)
+    /// serve without the jail (namespaces, pivot_root, no capabilities, seccomp)
     #[argh(switch)]
     pub disable_sandbox: bool,
+    /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
+    #[argh(switch)]
+    pub seccomp_log_failures: bool,
 }
 
 /// The default MAC of the first NIC (QEMU's); later NICs count up in the last byte.
@@ -242,9 +250,12 @@ pub struct BlockArgs {
     /// number of request queues (default 1)
     #[argh(option, default = "1")]
     pub queues: usize,
-    /// serve without the jail (namespaces, pivot_root, no capabilities)
+    /// serve without the jail (namespaces, pivot_root, no capabilities, seccomp)
     #[argh(switch)]
     pub disable_sandbox: bool,
+    /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
+    #[argh(switch)]
+    pub seccomp_log_failures: bool,
 }
 
 /// A disk image and how to open it: `PATH[,ro][,direct=BOOL][,id=STR]`.
@@ -351,9 +362,12 @@ pub struct RngArgs {
     /// serve the vhost-user connection already open on this descriptor
     #[argh(option)]
     pub fd: Option<i32>,
-    /// serve without the jail (namespaces, pivot_root, no capabilities)
+    /// serve without the jail (namespaces, pivot_root, no capabilities, seccomp)
     #[argh(switch)]
     pub disable_sandbox: bool,
+    /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
+    #[argh(switch)]
+    pub seccomp_log_failures: bool,
 }
 
 /// Picks the one endpoint out of `--socket` and `--fd`.
@@ -599,6 +613,7 @@ mod tests {
             vhost_user: vec![],
             no_rng: false,
             disable_sandbox: false,
+            seccomp_log_failures: false,
             kernel: "k".into(),
         };
         assert!(validate(&args(256, 1)).is_ok());

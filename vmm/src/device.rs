@@ -31,7 +31,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
             "rng",
             &a.socket,
             a.fd,
-            a.disable_sandbox,
+            Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures),
             RNG_OPS,
             Forward::NONE(),
             || {
@@ -48,7 +48,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
                 "block",
                 &a.socket,
                 a.fd,
-                a.disable_sandbox,
+                Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures),
                 BLOCK_OPS,
                 Forward::NONE(),
                 || {
@@ -89,7 +89,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
                 "net",
                 &a.socket,
                 a.fd,
-                a.disable_sandbox,
+                Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures),
                 NET_OPS,
                 forward,
                 || {
@@ -215,20 +215,37 @@ fn start<D: Device>(
     name: &str,
     socket: &Option<std::path::PathBuf>,
     fd: Option<i32>,
-    disable_sandbox: bool,
+    sandbox: Sandboxing,
     ops: &[u8],
     forward: Forward,
     make: impl FnOnce() -> Result<D>,
 ) -> Result<()> {
     let endpoint = cli::endpoint(socket, fd).map_err(|e| anyhow!(e))?;
-    let sandbox = !disable_sandbox;
     // Made here even when a jailed child will serve: bad arguments fail before listening.
     let device = make().with_context(|| format!("device {name}"))?;
-    if let (Endpoint::Socket(path), true) = (&endpoint, sandbox) {
+    if let (Endpoint::Socket(path), true) = (&endpoint, sandbox.enabled) {
         drop(device);
         return accept_then_jail(name, path, forward);
     }
-    serve(device, endpoint, sandbox, ops).with_context(|| format!("device {name}"))
+    let policy = seccomp::Policy::from_name(name)
+        .ok_or_else(|| anyhow!("device {name}: no seccomp policy"))?;
+    serve(device, endpoint, sandbox, policy, ops).with_context(|| format!("device {name}"))
+}
+
+/// `--disable-sandbox` and `--seccomp-log-failures` of a device.
+#[derive(Debug, Clone, Copy)]
+struct Sandboxing {
+    enabled: bool,
+    log_failures: bool,
+}
+
+impl Sandboxing {
+    fn from_flags(disable_sandbox: bool, seccomp_log_failures: bool) -> Sandboxing {
+        Sandboxing {
+            enabled: !disable_sandbox,
+            log_failures: seccomp_log_failures,
+        }
+    }
 }
 
 /// `--socket` with the sandbox on: the jail needs a process spawned into new namespaces, so
@@ -282,7 +299,13 @@ fn jailed_args(args: Vec<OsString>, forward: &Forward) -> Vec<OsString> {
 
 /// Gets the connection, creates the restricted ring, enters the jail, and serves the frontend
 /// on the io_uring executor.
-fn serve<D: Device>(device: D, endpoint: Endpoint, sandbox: bool, ops: &[u8]) -> Result<()> {
+fn serve<D: Device>(
+    device: D,
+    endpoint: Endpoint,
+    sandbox: Sandboxing,
+    policy: seccomp::Policy,
+    ops: &[u8],
+) -> Result<()> {
     let sock = match endpoint {
         Endpoint::Fd(fd) => {
             sys::inherited_socket(fd).with_context(|| format!("--fd {fd} is not an open socket"))?
@@ -296,13 +319,20 @@ fn serve<D: Device>(device: D, endpoint: Endpoint, sandbox: bool, ops: &[u8]) ->
         .build()
         .context("cannot start the device's io_uring executor")?;
     jail::enter(
-        &jail::Sandbox { enabled: sandbox },
+        &jail::Sandbox {
+            enabled: sandbox.enabled,
+        },
         &jail::Limits {
             nofile: DEVICE_NOFILE,
             memlock: DEVICE_MEMLOCK,
         },
     )
     .context("cannot enter the device sandbox")?;
+    // Last: from here on the process can only make the syscalls its policy lists.
+    if sandbox.enabled {
+        seccomp::install(policy, sandbox.log_failures)
+            .context("cannot install the device's seccomp filter")?;
+    }
     ex.run_until(backend::serve(
         Rc::new(device),
         Connection::new(AsyncFd::new(sock)),

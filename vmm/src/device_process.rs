@@ -26,6 +26,7 @@ pub fn spawn(
     extra: &[&OsStr],
     fds: &[std::os::fd::BorrowedFd<'_>],
     sandbox: bool,
+    seccomp_log_failures: bool,
 ) -> Result<(DeviceProcess, OwnedFd)> {
     let (ours, theirs) =
         UnixStream::pair().with_context(|| format!("device {name}: socketpair failed"))?;
@@ -38,6 +39,9 @@ pub fn spawn(
     ];
     if !sandbox {
         args.push(OsStr::new("--disable-sandbox"));
+    }
+    if seccomp_log_failures {
+        args.push(OsStr::new("--seccomp-log-failures"));
     }
     args.extend_from_slice(extra);
     let mut all = vec![theirs.as_fd()];

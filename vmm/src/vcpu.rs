@@ -1,7 +1,7 @@
 //! vCPU threads: blocking KVM_RUN loops that route exits to the buses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -18,10 +18,59 @@ pub struct VcpuContext {
     pub exit: Arc<VmExit>,
     pub stopping: Arc<AtomicBool>,
     pub ram: GuestRam,
+    /// Opened once the VMM's process-wide seccomp filter is on (or will not be).
+    pub filters: Arc<FilterGate>,
+}
+
+/// The order of seccomp filters: the main thread installs the VMM's filter on every thread
+/// (TSYNC), which the kernel refuses while a thread has a filter of its own; so each vCPU
+/// thread waits here, then adds its narrower vCPU filter on top, then runs the guest.
+#[derive(Debug, Default)]
+pub struct FilterGate {
+    /// `None` until opened; then whether vCPU threads install their filter, and in log mode.
+    state: Mutex<Option<VcpuFilter>>,
+    opened: Condvar,
+}
+
+/// What a vCPU thread does when the gate opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuFilter {
+    None,
+    Install { log_failures: bool },
+}
+
+impl FilterGate {
+    /// Lets the vCPU threads go (the first call wins).
+    pub fn open(&self, filter: VcpuFilter) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.is_none() {
+            *s = Some(filter);
+        }
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) -> VcpuFilter {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(f) = *s {
+                return f;
+            }
+            s = self.opened.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// Runs the vCPU until the VM stops. Every way out reports an exit reason.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    if let VcpuFilter::Install { log_failures } = ctx.filters.wait() {
+        if let Err(e) = seccomp::install(seccomp::Policy::Vcpu, log_failures) {
+            ctx.exit.report(ExitReason::Failed(format!(
+                "vCPU {}: cannot install its seccomp filter: {e}",
+                ctx.id
+            )));
+            return;
+        }
+    }
     let guard = sys::VcpuKickGuard::new(&mut vcpu);
     let reason = run_loop(&mut vcpu, &ctx);
     drop(guard);

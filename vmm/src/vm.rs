@@ -35,7 +35,7 @@ use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
 use crate::irq::{GsiRouting, KvmPciVm};
 use crate::sys;
-use crate::vcpu::{self, VcpuContext};
+use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
 
 /// Everything `ringvm run` was asked for, validated.
 #[derive(Debug, Clone)]
@@ -57,8 +57,10 @@ pub struct VmConfig {
     pub rng: bool,
     /// External vhost-user backends, in PCI slot order after ringvm's own devices.
     pub vhost_user: Vec<VhostUserSpec>,
-    /// Jail the device processes.
+    /// Jail the device processes; seccomp filters on them and on the VMM.
     pub sandbox: bool,
+    /// Seccomp filters log what they do not allow instead of killing.
+    pub seccomp_log_failures: bool,
 }
 
 const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
@@ -112,6 +114,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         rng: !args.no_rng,
         vhost_user,
         sandbox: !args.disable_sandbox,
+        seccomp_log_failures: args.seccomp_log_failures,
     };
     match run(&config)? {
         ExitReason::Failed(why) => bail!("{why}"),
@@ -264,6 +267,7 @@ fn start_vcpus(
     kvm: &Kvm,
     m: &Machine,
     stopping: &Arc<AtomicBool>,
+    filters: &Arc<FilterGate>,
 ) -> Result<Vec<VcpuThread>> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -298,6 +302,7 @@ fn start_vcpus(
             exit: m.exit.clone(),
             stopping: stopping.clone(),
             ram: m.ram.clone(),
+            filters: filters.clone(),
         };
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -403,7 +408,14 @@ async fn add_devices(
             OsStr::new("--queues"),
             OsStr::new(&queues),
         ];
-        let (process, sock) = device_process::spawn(&name, "block", &extra, &[], config.sandbox)?;
+        let (process, sock) = device_process::spawn(
+            &name,
+            "block",
+            &extra,
+            &[],
+            config.sandbox,
+            config.seccomp_log_failures,
+        )?;
         processes.push(process);
         let (device, backend) = vhost_user::connect(&name, 2, sock).await?;
         machine.add_virtio_device(Box::new(device))?;
@@ -420,15 +432,28 @@ async fn add_devices(
             extra.push(OsStr::new(a));
         }
         let borrowed: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
-        let (process, sock) =
-            device_process::spawn(&name, "net", &extra, &borrowed, config.sandbox)?;
+        let (process, sock) = device_process::spawn(
+            &name,
+            "net",
+            &extra,
+            &borrowed,
+            config.sandbox,
+            config.seccomp_log_failures,
+        )?;
         processes.push(process);
         let (device, backend) = vhost_user::connect(&name, 1, sock).await?;
         machine.add_virtio_device(Box::new(device))?;
         backends.push(backend);
     }
     if config.rng {
-        let (process, sock) = device_process::spawn("rng", "rng", &[], &[], config.sandbox)?;
+        let (process, sock) = device_process::spawn(
+            "rng",
+            "rng",
+            &[],
+            &[],
+            config.sandbox,
+            config.seccomp_log_failures,
+        )?;
         processes.push(process);
         let (device, backend) = vhost_user::connect("rng", 4, sock).await?;
         machine.add_virtio_device(Box::new(device))?;
@@ -446,6 +471,16 @@ async fn add_devices(
         backends.push(backend);
     }
     Ok(backends)
+}
+
+/// Opens the gate (without vCPU filters) if nothing opened it: a failed set-up must not
+/// leave vCPU threads waiting when they are stopped.
+struct OpenOnDrop(Arc<FilterGate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open(VcpuFilter::None);
+    }
 }
 
 /// Boots the VM and runs it until it ends; returns why it ended.
@@ -472,7 +507,21 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         None => None,
     };
     let stopping = Arc::new(AtomicBool::new(false));
-    let threads = start_vcpus(config, &kvm, &machine, &stopping)?;
+    let filters = Arc::new(FilterGate::default());
+    // Whatever happens below, the vCPU threads are never left waiting for their filter.
+    let _gate = OpenOnDrop(filters.clone());
+    let threads = start_vcpus(config, &kvm, &machine, &stopping, &filters)?;
+    if config.sandbox {
+        // After set-up (memory, devices, threads): the VMM's own filter on every thread, then
+        // each vCPU thread its narrower one.
+        seccomp::install(seccomp::Policy::VmmMain, config.seccomp_log_failures)
+            .context("cannot install the VMM's seccomp filter")?;
+        filters.open(VcpuFilter::Install {
+            log_failures: config.seccomp_log_failures,
+        });
+    } else {
+        filters.open(VcpuFilter::None);
+    }
 
     let exit = Rc::new(VmExitHandle(machine.exit.clone()));
     ex.run_until(async {
