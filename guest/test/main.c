@@ -136,7 +136,8 @@ static size_t words_len;
 static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib", "expect.hv",
 					 "compute.iters", "pci.ecam", "pci.mmio", "pci.reassign",
 					 "rng.mode", "rng.bufs", "blk.mode", "blk.sector",
-					 "blk.expect", "blk.id"};
+					 "blk.expect", "blk.id", "net.ip", "net.peer", "net.udp",
+					 "net.mode", "net.csum", "net.serve_ms"};
 
 const char *opt(const char *key)
 {
@@ -262,6 +263,7 @@ static const struct scenario extra_scenarios[] = {
 	{"pci", scenario_pci},
 	{"virtio-rng", scenario_virtio_rng},
 	{"virtio-blk", scenario_virtio_blk},
+	{"virtio-net", scenario_virtio_net},
 };
 
 static int nr_ok, nr_fail;

@@ -335,6 +335,12 @@ u32 irq_apic_id(void)
 	return x2apic_mode ? id : id >> 24;
 }
 
+int irq_is_pending(u32 vec)
+{
+	irq_init();
+	return lapic_rd(0x200 + (vec / 32) * 0x10) >> (vec % 32) & 1; /* IRR */
+}
+
 void irq_handler(u64 vec)
 {
 	if (vec == 0xff) {
@@ -352,7 +358,7 @@ void irq_handler(u64 vec)
 	lapic_wr(LAPIC_EOI, 0);
 }
 
-int wait_u16(volatile u16 *p, u16 want, enum wait_mode mode, u64 timeout_ms, const volatile u32 *irq, u32 irq_min)
+int wait_cond(int (*cond)(void *), void *arg, enum wait_mode mode, u64 timeout_ms)
 {
 	u64 t0 = rdtsc(), limit = tsc_hz_or_guess() / 1000 * timeout_ms;
 	int ok = 0;
@@ -362,7 +368,7 @@ int wait_u16(volatile u16 *p, u16 want, enum wait_mode mode, u64 timeout_ms, con
 		lapic_wr(LAPIC_LVT_TIMER, IRQ_TIMER); /* one-shot, unmasked */
 	}
 	for (;;) {
-		if (*p == want && (!irq || *irq >= irq_min)) {
+		if (cond(arg)) {
 			ok = 1;
 			break;
 		}
@@ -383,4 +389,23 @@ int wait_u16(volatile u16 *p, u16 want, enum wait_mode mode, u64 timeout_ms, con
 		lapic_wr(LAPIC_LVT_TIMER, LVT_MASKED | IRQ_TIMER);
 	}
 	return ok;
+}
+
+struct u16_wait {
+	volatile u16 *p;
+	u16 want;
+	const volatile u32 *irq;
+	u32 irq_min;
+};
+
+static int u16_reached(void *arg)
+{
+	struct u16_wait *w = arg;
+	return *w->p == w->want && (!w->irq || *w->irq >= w->irq_min);
+}
+
+int wait_u16(volatile u16 *p, u16 want, enum wait_mode mode, u64 timeout_ms, const volatile u32 *irq, u32 irq_min)
+{
+	struct u16_wait w = {p, want, irq, irq_min};
+	return wait_cond(u16_reached, &w, mode, timeout_ms);
 }

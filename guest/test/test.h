@@ -188,6 +188,7 @@ const char *scenario_compute(void);
 const char *scenario_pci(void);        /* pci.c, not in `all` */
 const char *scenario_virtio_rng(void); /* virtio_rng.c, not in `all` */
 const char *scenario_virtio_blk(void); /* virtio_blk.c, not in `all` */
+const char *scenario_virtio_net(void); /* virtio_net.c, not in `all` */
 
 /* e820.c */
 int e820_ram_covers(u64 start, u64 end);
@@ -232,6 +233,8 @@ extern u64 irq_stubs[16 + 16 + 1]; /* IRQ_BASE.., 0x30.. (8259), 0xff (spurious)
 /* Software-enables the LAPIC, remaps and masks the 8259s, installs the vectors. Idempotent. */
 void irq_init(void);
 u32 irq_apic_id(void);
+/* The LAPIC has vec requested but not yet delivered (its IRR bit). */
+int irq_is_pending(u32 vec);
 void irq_handler(u64 vec);
 enum wait_mode { WAIT_HLT, WAIT_SPIN, WAIT_POLL };
 /* Waits until *p == want and (if irq) *irq >= irq_min: WAIT_POLL spins with IF=0, WAIT_SPIN
@@ -239,5 +242,7 @@ enum wait_mode { WAIT_HLT, WAIT_SPIN, WAIT_POLL };
  * Returns 1 when reached, 0 after timeout_ms. Interrupts are off again on return. */
 int wait_u16(volatile u16 *p, u16 want, enum wait_mode mode, u64 timeout_ms, const volatile u32 *irq,
 	     u32 irq_min);
+/* The same for any condition: waits until cond(arg) returns nonzero (checked with IF=0). */
+int wait_cond(int (*cond)(void *), void *arg, enum wait_mode mode, u64 timeout_ms);
 
 #endif

@@ -1,5 +1,5 @@
 /* ringvm test guest: virtio-pci modern transport (virtio 1.2 section 4.1), split virtqueues,
- * MSI-X. One queue per device is enough for rng and blk. */
+ * MSI-X. One queue for rng and blk, two for net (rx, tx). */
 #include "virtio.h"
 
 /* common configuration structure */
@@ -184,10 +184,11 @@ const char *virtio_init(struct virtio_dev *v, u64 want)
 	}
 	if (!v->msix_cap)
 		return failf("no MSI-X capability (use ringvm.<dev>.mode=poll)");
-	if (v->msix_size < 2)
-		return failf("MSI-X table has %u entries, need 2 (config + queue 0)", v->msix_size);
+	u32 nvec = 1u + (v->nr_queues ? v->nr_queues : 1u);
+	if (v->msix_size < nvec)
+		return failf("MSI-X table has %u entries, need %u (config + %u queues)", v->msix_size, nvec, nvec - 1);
 	u32 apic = irq_apic_id();
-	msix_program(v, 2, apic);
+	msix_program(v, nvec, apic);
 	mmio_write16(v->common + CC_MSIX, 0);
 	u16 rb = mmio_read16(v->common + CC_MSIX);
 	if (rb != 0)
@@ -197,7 +198,9 @@ const char *virtio_init(struct virtio_dev *v, u64 want)
 
 const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem)
 {
-	struct virtq *q = &v->q;
+	if (qi > 1)
+		return failf("queue %u: the driver keeps at most 2 queues", qi);
+	struct virtq *q = qi ? &v->q1 : &v->q;
 	u16 nq = mmio_read16(v->common + CC_NUMQ);
 	if (qi >= nq)
 		return failf("queue %u requested, the device has %u", qi, nq);
@@ -213,7 +216,8 @@ const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem)
 	memset(q, 0, sizeof(*q));
 	q->index = qi;
 	q->size = size;
-	q->irq_slot = (u8)((v->vec_base + 1 + qi - IRQ_BASE) & 15);
+	u16 entry = v->q_entry[qi] ? v->q_entry[qi] : (u16)(1 + qi);
+	q->irq_slot = (u8)((v->vec_base + entry - IRQ_BASE) & 15);
 	q->desc = mem;
 	q->avail = (void *)((u8 *)mem + 4096);
 	q->used = (void *)((u8 *)mem + 8192);
@@ -225,7 +229,7 @@ const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem)
 	mmio_write32(v->common + CC_QDEVICE, (u32)u);
 	mmio_write32(v->common + CC_QDEVICE + 4, (u32)(u >> 32));
 	if (v->mode != WAIT_POLL) {
-		u16 e = (u16)(1 + qi);
+		u16 e = entry;
 		mmio_write16(v->common + CC_QMSIX, e);
 		u16 rb = mmio_read16(v->common + CC_QMSIX);
 		if (rb != e)
@@ -305,14 +309,35 @@ void vq_kick(struct virtq *q)
 
 const char *vq_wait(struct virtio_dev *v, struct vq_done *done, int max, int *ndone)
 {
-	struct virtq *q = &v->q;
+	return vq_wait_q(v, &v->q, done, max, ndone);
+}
+
+int vq_pop(struct virtq *q, struct vq_done *d)
+{
+	if (q->used->idx == q->used_seen)
+		return 0;
+	mb();
+	volatile struct vq_used_elem *e = &q->used->ring[q->used_seen % q->size];
+	u32 id = e->id, len = e->len;
+	q->used_seen++;
+	if (id >= q->size || !q->chain_len[id])
+		return -1;
+	q->in_flight = (u16)(q->in_flight - q->chain_len[id]);
+	q->chain_len[id] = 0;
+	d->head = (u16)id;
+	d->len = len;
+	return 1;
+}
+
+const char *vq_wait_q(struct virtio_dev *v, struct virtq *q, struct vq_done *done, int max, int *ndone)
+{
 	*ndone = 0;
 	volatile u32 *irq = v->mode == WAIT_POLL ? 0 : &irq_count[q->irq_slot];
 	if (!wait_u16(&q->used->idx, q->avail_idx, v->mode, VQ_TIMEOUT_MS, irq, q->irq_at_kick + 1)) {
 		u8 s = virtio_status(v);
 		if (q->used->idx == q->avail_idx)
 			return failf("queue %u: requests done, but no interrupt on vector %#x within %u ms (mode %s)",
-				     q->index, v->vec_base + 1 + q->index, VQ_TIMEOUT_MS, wait_mode_name(v->mode));
+				     q->index, IRQ_BASE + q->irq_slot, VQ_TIMEOUT_MS, wait_mode_name(v->mode));
 		return failf("queue %u: used idx %u, want %u after %u ms (mode %s, status %#x%s)", q->index, q->used->idx,
 			     q->avail_idx, VQ_TIMEOUT_MS, wait_mode_name(v->mode), s,
 			     s & VIRTIO_S_NEEDS_RESET ? " NEEDS_RESET" : "");

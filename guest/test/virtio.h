@@ -6,6 +6,7 @@
 #include "test.h"
 
 #define VIRTIO_VENDOR 0x1af4
+#define VIRTIO_TYPE_NET 1
 #define VIRTIO_TYPE_BLK 2
 #define VIRTIO_TYPE_RNG 4
 
@@ -77,9 +78,12 @@ struct virtio_dev {
 	u16 msix_size;
 	u64 msix_table;
 	enum wait_mode mode;
-	u8 vec_base; /* MSI-X entry e -> vector vec_base + e; entry 0 = config, 1 + q = queue q */
+	u8 vec_base; /* MSI-X entry e -> vector vec_base + e; entry 0 = config, 1 + q = queue q (or q_entry) */
 	u64 dev_features, drv_features;
-	struct virtq q;
+	u8 nr_queues; /* queues that get an MSI-X entry (0 counts as 1); at most 2 */
+	u8 q_entry[2]; /* MSI-X entry of queue i; 0 = the default 1 + i */
+	struct virtq q;  /* queue 0 */
+	struct virtq q1; /* queue 1 (virtio-net tx) */
 };
 
 /* "hlt" (default), "spin" or "poll" from ringvm.<key>. */
@@ -91,7 +95,7 @@ const char *virtio_open(struct virtio_dev *v, u16 type);
 /* Reset, ACKNOWLEDGE, DRIVER, feature negotiation (VERSION_1 | (device & want)), FEATURES_OK,
  * and MSI-X (unless mode is poll): entry 0 = config vector. */
 const char *virtio_init(struct virtio_dev *v, u64 want);
-/* Queue qi with its rings in mem (3 zeroed-by-us pages, page aligned). */
+/* Queue qi (0 or 1: v->q or v->q1) with its rings in mem (3 zeroed-by-us pages, page aligned). */
 const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem);
 const char *virtio_driver_ok(struct virtio_dev *v);
 /* Writes 0 to device_status and waits until it reads 0. */
@@ -107,5 +111,10 @@ void vq_kick(struct virtq *q);
 /* Waits (v->mode) until every published chain is used and, unless polling, until the queue's
  * MSI-X vector fired at least once since the kick; fills done[] (up to max). */
 const char *vq_wait(struct virtio_dev *v, struct vq_done *done, int max, int *ndone);
+/* The same for another queue of v (e.g. &v->q1). */
+const char *vq_wait_q(struct virtio_dev *v, struct virtq *q, struct vq_done *done, int max, int *ndone);
+/* Takes one used entry, if the device published one: 1 (filled *d), 0 (none), -1 (the id is not a
+ * chain in flight). For queues whose chains complete one by one (virtio-net rx). */
+int vq_pop(struct virtq *q, struct vq_done *d);
 
 #endif

@@ -1,16 +1,23 @@
 //! The test guest's PCI enumeration and virtio-pci drivers (guest/test/pci.c, virtio*.c) run
-//! against QEMU's virtio-rng-pci and virtio-blk-pci (modern only), so the guest side is known
-//! to work before ringvm's own PCI devices are tested with it.
+//! against QEMU's virtio-rng-pci, virtio-blk-pci and virtio-net-pci (modern only), so the guest
+//! side is known to work before ringvm's own PCI devices are tested with it.
 //!
 //! Two QEMU machines cover the two paths the guest has:
 //! - `microvm,pcie=on`: ECAM at 0xe000_0000, no firmware assigns BARs, so the guest assigns
 //!   them itself in microvm's 32-bit window 0xc000_0000..0xe000_0000 (0.3 s per boot);
 //! - `pc` (SeaBIOS): configuration mechanism #1 at 0xCF8 and firmware-assigned BARs, the
 //!   layout ringvm provides (about 3 s per boot here, SeaBIOS is slow on kvm_pvm).
+//!
+//! virtio-net runs QEMU inside a network namespace of its own with a tap device there (no
+//! traffic leaves it), against a Python peer in the same namespace that echoes UDP and pings
+//! the guest. These tests need root (`ip netns`, `/dev/net/tun`).
 
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
 use std::time::Duration;
 
 use tests::{qemu_available, run_guest, test_guest_path, GuestCmdline, GuestReport, GuestRun};
@@ -40,8 +47,25 @@ impl Drop for Disk {
 }
 
 fn qemu(machine: &str, devices: &[String], cmdline: &GuestCmdline) -> GuestRun {
+    qemu_in(None, machine, devices, cmdline)
+}
+
+/// QEMU, inside network namespace `netns` if given (`ip netns exec`).
+fn qemu_in(
+    netns: Option<&str>,
+    machine: &str,
+    devices: &[String],
+    cmdline: &GuestCmdline,
+) -> GuestRun {
     assert!(qemu_available(), "qemu-system-x86_64 or /dev/kvm missing");
-    let mut c = Command::new("qemu-system-x86_64");
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
     c.args(["-M", machine])
         .args(["-enable-kvm", "-cpu", "qemu64,-cx16,+xsaveerptr"])
         .args(["-m", "128", "-smp", "1"])
@@ -182,4 +206,254 @@ fn cf8_firmware_bars_4k_blocks_and_reassignment_under_pc() {
         .find(|l| l.contains("1af4:1042"))
         .expect("the second pci listing");
     assert!(last_pci.contains("mem64pf c0"), "{last_pci}");
+}
+
+// ---- virtio-net ----
+
+const GUEST_IP: &str = "10.0.2.15";
+const HOST_IP: &str = "10.0.2.1";
+const GUEST_MAC: &str = "52:54:00:12:34:56";
+const UDP_PORT: u16 = 7777;
+
+fn ip(args: &[&str]) -> std::io::Result<std::process::Output> {
+    Command::new("ip").args(args).output()
+}
+
+/// A network namespace with `tap0` (HOST_IP/24, up) in it; deleting the namespace on drop
+/// removes the tap too. The peer process, if any, is killed first.
+struct NetNs {
+    name: String,
+    peer: Option<Child>,
+}
+
+impl NetNs {
+    fn new(tag: &str) -> Self {
+        let name = format!("ringvm-{tag}-{}", std::process::id());
+        let _ = ip(&["netns", "del", &name]); // a leftover of a killed run
+        let out = ip(&["netns", "add", &name]).expect("run `ip` (iproute2)");
+        assert!(
+            out.status.success(),
+            "ip netns add {name} (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = NetNs { name, peer: None };
+        let n = ns.name.as_str();
+        let addr = format!("{HOST_IP}/24");
+        for args in [
+            &["-n", n, "link", "set", "lo", "up"][..],
+            &[
+                "netns", "exec", n, "ip", "tuntap", "add", "tap0", "mode", "tap",
+            ],
+            &["-n", n, "addr", "add", &addr, "dev", "tap0"],
+            &["-n", n, "link", "set", "tap0", "up"],
+        ] {
+            let out = ip(args).expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ns
+    }
+
+    /// The host side's MAC (tap0's address).
+    fn tap_mac(&self) -> String {
+        let out = ip(&["-n", &self.name, "-br", "link", "show", "tap0"]).expect("run ip");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .find(|w| w.len() == 17 && w.matches(':').count() == 5)
+            .unwrap_or_else(|| panic!("no MAC in {text:?}"))
+            .to_owned()
+    }
+
+    /// Starts PEER in the namespace; returns once it is listening, and a receiver of its
+    /// further output lines.
+    fn start_peer(&mut self, pings: u32, secs: u32) -> mpsc::Receiver<String> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "python3", "-c", PEER])
+            .args([
+                UDP_PORT.to_string(),
+                GUEST_IP.to_owned(),
+                pings.to_string(),
+                secs.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start python3 in the namespace");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        self.peer = Some(child);
+        let first = lines.next().and_then(Result::ok);
+        assert_eq!(
+            first.as_deref(),
+            Some("ready"),
+            "the Python peer did not start"
+        );
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.peer.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// The host-side peer: echoes UDP datagrams on PORT, and sends ICMP echo requests to GUEST
+/// every 100 ms until WANT distinct replies came back (printing `ping-reply seq=N` for each)
+/// or SECS passed; it keeps echoing until SECS pass.
+const PEER: &str = r#"
+import os, socket, struct, sys, threading, time
+port, guest, want, secs = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+stop = time.time() + secs
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("0.0.0.0", port))
+u.settimeout(0.2)
+def echo():
+    while time.time() < stop:
+        try:
+            d, a = u.recvfrom(2048)
+        except socket.timeout:
+            continue
+        print("udp-echo %s:%d %s" % (a[0], a[1], d.decode(errors="replace")), flush=True)
+        u.sendto(d, a)
+threading.Thread(target=echo, daemon=True).start()
+def csum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+ic = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ic.settimeout(0.05)
+ident, seq, got = os.getpid() & 0xffff, 0, set()
+print("ready", flush=True)
+while want and time.time() < stop and len(got) < want:
+    data = b"ringvm-host-ping-%d" % seq
+    h = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    try:
+        ic.sendto(struct.pack("!BBHHH", 8, 0, csum(h + data), ident, seq) + data, (guest, 0))
+    except OSError:
+        pass
+    seq += 1
+    end = time.time() + 0.1
+    while time.time() < end:
+        try:
+            d, a = ic.recvfrom(2048)
+        except (socket.timeout, OSError):
+            continue
+        n = (d[0] & 15) * 4
+        t, _, _, i, s = struct.unpack("!BBHHH", d[n:n + 8])
+        if a[0] == guest and t == 0 and i == ident and csum(d[n:]) == 0 and d[n + 8:] == b"ringvm-host-ping-%d" % s and s not in got:
+            got.add(s)
+            print("ping-reply seq=%d" % s, flush=True)
+print("pings sent=%d replies=%d" % (seq, len(got)), flush=True)
+while time.time() < stop:
+    time.sleep(0.2)
+"#;
+
+fn net_device(props: &str) -> Vec<String> {
+    vec![
+        "-netdev".to_owned(),
+        "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off".to_owned(),
+        "-device".to_owned(),
+        format!("virtio-net-pci,netdev=n0,disable-legacy=on,mac={GUEST_MAC}{props}"),
+    ]
+}
+
+fn net_cmdline(base: GuestCmdline) -> GuestCmdline {
+    base.test("virtio-net")
+        .option("net.ip", GUEST_IP)
+        .option("net.peer", HOST_IP)
+        .option("net.udp", UDP_PORT)
+}
+
+/// ARP, ping, UDP echo with the checksum offloaded (QEMU's tap has a vnet header, so the device
+/// offers CSUM/GUEST_CSUM and MRG_RXBUF), MSI-X with hlt; the host pings the guest while it
+/// serves for 3 s.
+#[test]
+fn net_arp_ping_udp_csum_offload_and_host_ping_under_microvm() {
+    let mut ns = NetNs::new("net");
+    let host_mac = ns.tap_mac();
+    let peer = ns.start_peer(3, 30);
+    let cmdline = net_cmdline(microvm_cmdline())
+        .option("net.csum", 1)
+        .option("net.serve_ms", 3000);
+    let run = qemu_in(Some(&ns.name), MICROVM_PCIE, &net_device(""), &cmdline);
+    drop(ns); // kills the peer, removes the namespace and the tap
+    let peer_out: Vec<String> = peer.iter().collect(); // ends when the peer is gone
+    let r = run.report();
+    r.assert_ok(&["virtio-net"]);
+    let mac = detail(&r, "virtio-net", "mac ");
+    assert!(
+        mac.starts_with(&format!("mac {GUEST_MAC} link up")),
+        "{mac}"
+    );
+    assert!(mac.contains("mrg-rxbuf=1 csum=1 guest-csum=1"), "{mac}");
+    assert_eq!(
+        detail(&r, "virtio-net", "arp peer"),
+        format!("arp peer {HOST_IP} is {host_mac}")
+    );
+    assert_eq!(detail(&r, "virtio-net", "ping "), "ping 3/3");
+    let udp = detail(&r, "virtio-net", "udp echo");
+    assert!(udp.contains("offloaded: NEEDS_CSUM"), "{udp}");
+    assert!(
+        peer_out
+            .iter()
+            .any(|l| l.starts_with("udp-echo 10.0.2.15:") && l.contains("ringvm-udp-")),
+        "the peer echoed no datagram: {peer_out:?}"
+    );
+    // The host's pings were answered while the guest served (halted, woken by rx MSI-X).
+    let replies = peer_out
+        .iter()
+        .filter(|l| l.starts_with("ping-reply"))
+        .count();
+    assert!(replies >= 1, "no ping replies: {peer_out:?}\n{}", r.raw);
+    let served: u32 = r
+        .value("virtio-net", "echo-replies")
+        .and_then(|v| v.parse().ok())
+        .expect("echo-replies=");
+    assert!(
+        served as usize >= replies,
+        "served {served}, host saw {replies}"
+    );
+    let rx_irqs: u32 = r
+        .value("virtio-net", "rx-irq")
+        .and_then(|v| v.parse().ok())
+        .expect("rx-irq=");
+    assert!(rx_irqs >= 1, "no rx interrupt:\n{}", r.raw);
+    assert_eq!(r.value("virtio-net", "bad"), Some("0"));
+}
+
+/// No offloads, no MRG_RXBUF, no STATUS, polling without MSI-X: the plain path.
+#[test]
+fn net_without_offloads_polling_under_microvm() {
+    let mut ns = NetNs::new("net-poll");
+    let _peer = ns.start_peer(0, 30);
+    let cmdline = net_cmdline(microvm_cmdline()).option("net.mode", "poll");
+    let props = ",csum=off,guest_csum=off,mrg_rxbuf=off,status=off";
+    let run = qemu_in(Some(&ns.name), MICROVM_PCIE, &net_device(props), &cmdline);
+    drop(ns);
+    let r = run.report();
+    r.assert_ok(&["virtio-net"]);
+    let mac = detail(&r, "virtio-net", "mac ");
+    assert!(mac.contains("mrg-rxbuf=0 csum=0 guest-csum=0"), "{mac}");
+    assert_eq!(detail(&r, "virtio-net", "ping "), "ping 3/3");
+    assert!(detail(&r, "virtio-net", "udp echo").contains("in software"));
+    assert_eq!(r.value("virtio-net", "interrupts"), Some("0"));
 }

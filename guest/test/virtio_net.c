@@ -1,0 +1,622 @@
+/* ringvm test guest: the virtio-net scenario. Negotiates MAC, STATUS, MRG_RXBUF, CSUM and
+ * GUEST_CSUM if offered (never MQ, CTRL_VQ or any GSO), posts RX buffers on queue 0, sends on
+ * queue 1, and talks to a host-side peer: ARP for the peer, three ICMP echoes, and a UDP echo
+ * (optional, with a checksum offloaded through VIRTIO_NET_HDR_F_NEEDS_CSUM if asked). It answers
+ * ARP requests and ICMP echo requests for its own address all the while, and for
+ * ringvm.net.serve_ms more milliseconds at the end. Frames are handled in place in the RX
+ * buffers: everything here runs at CPL0 (interpreted on kvm_pvm), so it stays small. */
+#include "virtio.h"
+
+#define NET_F_CSUM (1ull << 0)
+#define NET_F_GUEST_CSUM (1ull << 1)
+#define NET_F_MAC (1ull << 5)
+#define NET_F_MRG_RXBUF (1ull << 15)
+#define NET_F_STATUS (1ull << 16)
+#define NET_F_CTRL_VQ (1ull << 17)
+#define NET_F_MQ (1ull << 22)
+
+#define HDR_F_NEEDS_CSUM 1
+#define HDR_F_DATA_VALID 2
+#define NET_S_LINK_UP 1
+
+/* virtio_net_hdr_v1: 12 bytes with VERSION_1, whether or not MRG_RXBUF is negotiated. */
+struct net_hdr {
+	u8 flags, gso_type;
+	u16 hdr_len, gso_size, csum_start, csum_offset, num_buffers;
+};
+#define HDR_LEN 12
+
+#define RX_BUFS 8
+#define BUF_SIZE 2048 /* >= 1526: enough for a 1514-byte frame + header without GSO */
+#define ETH_LEN 14
+#define IP_LEN 20
+#define ETH_ARP 0x0806
+#define ETH_IP 0x0800
+#define IP_ICMP 1
+#define IP_UDP 17
+#define PING_COUNT 3
+#define PING_ID 0x5276 /* "Rv" */
+#define PING_DATA 32
+#define UDP_SRC_PORT 40007
+#define STEP_MS 1000 /* per attempt */
+#define ATTEMPTS 3
+
+static u8 rx_ring[3 * 4096] __attribute__((aligned(4096)));
+static u8 tx_ring[3 * 4096] __attribute__((aligned(4096)));
+static u8 rx_buf[RX_BUFS][BUF_SIZE] __attribute__((aligned(64)));
+static u8 tx_buf[BUF_SIZE] __attribute__((aligned(64)));
+
+static struct virtio_dev v;
+static u8 mac[6], peer_mac[6];
+static const u8 bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+static u32 my_ip, peer_ip, udp_port;
+static int mrg, have_peer, udp_unreach;
+static u8 rx_buf_of_head[VQ_MAX];
+static u32 rx_skip;         /* further buffers of a multi-buffer frame still to drop */
+static u32 ping_got[PING_COUNT]; /* echo replies per sequence number */
+static u32 udp_got;
+static char udp_msg[32];
+static u32 udp_len;
+static u32 rx_frames, tx_frames, rx_other, rx_bad, rx_partial, rx_valid, served_arp, served_icmp, refills;
+static u16 ip_id;
+static const char *rx_error; /* a fatal problem seen while handling a frame */
+
+/* ---- bytes and checksums (network order) ---- */
+static u16 get16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
+static u32 get32(const u8 *p) { return (u32)p[0] << 24 | (u32)p[1] << 16 | (u32)p[2] << 8 | p[3]; }
+static void put16(u8 *p, u32 x)
+{
+	p[0] = (u8)(x >> 8);
+	p[1] = (u8)x;
+}
+static void put32(u8 *p, u32 x)
+{
+	put16(p, x >> 16);
+	put16(p + 2, x);
+}
+
+static u32 csum_add(u32 sum, const u8 *p, u32 len)
+{
+	for (; len > 1; p += 2, len -= 2)
+		sum += get16(p);
+	if (len)
+		sum += (u32)p[0] << 8;
+	return sum;
+}
+static u16 csum_fold(u32 sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (u16)sum;
+}
+/* The TCP/UDP pseudo-header sum, not folded. */
+static u32 pseudo_sum(u32 src, u32 dst, u8 proto, u32 len)
+{
+	return (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff) + proto + len;
+}
+
+static void fmt_ip(char *b, u32 ip) { fmt(b, 16, "%u.%u.%u.%u", ip >> 24, ip >> 16 & 255, ip >> 8 & 255, ip & 255); }
+static void fmt_mac(char *b, const u8 *m)
+{
+	fmt(b, 18, "%02x:%02x:%02x:%02x:%02x:%02x", m[0], m[1], m[2], m[3], m[4], m[5]);
+}
+
+static int parse_ip(const char *s, u32 *out)
+{
+	u32 ip = 0;
+	for (int i = 0; i < 4; i++) {
+		u64 x;
+		if (!parse_u64(&s, &x) || x > 255)
+			return 0;
+		ip = ip << 8 | (u32)x;
+		if (i < 3 && *s++ != '.')
+			return 0;
+	}
+	if (*s)
+		return 0;
+	*out = ip;
+	return 1;
+}
+
+/* ---- TX: one frame at a time from tx_buf (header + frame in one descriptor) ---- */
+static u8 *tx_frame(void)
+{
+	memset(tx_buf, 0, HDR_LEN);
+	return tx_buf + HDR_LEN;
+}
+
+static int tx_done(void *arg)
+{
+	(void)arg;
+	return v.q1.used->idx == v.q1.avail_idx;
+}
+
+/* Sends the frame in tx_buf and waits until the device has used it. The wait does not insist on
+ * the tx interrupt (unlike vq_wait): on kvm_pvm an MSI that arrives while another vector's
+ * handler runs stays in the LAPIC IRR until the next interrupt (see the stats check). */
+static const char *tx_send(u32 len)
+{
+	if (len < 60) { /* pad to the Ethernet minimum */
+		memset(tx_buf + HDR_LEN + len, 0, 60 - len);
+		len = 60;
+	}
+	struct vq_buf b = {tx_buf, HDR_LEN + len, 0};
+	if (vq_add(&v.q1, &b, 1) < 0)
+		return failf("tx queue full");
+	vq_kick(&v.q1);
+	if (!wait_cond(tx_done, 0, v.mode, VQ_TIMEOUT_MS)) {
+		u8 s = virtio_status(&v);
+		return failf("tx: used idx %u, want %u after %u ms (mode %s, status %#x)", v.q1.used->idx,
+			     v.q1.avail_idx, VQ_TIMEOUT_MS, wait_mode_name(v.mode), s);
+	}
+	struct vq_done d;
+	if (vq_pop(&v.q1, &d) != 1)
+		return failf("tx used ring returned an id that is not a chain in flight");
+	tx_frames++;
+	return 0;
+}
+
+static u8 *eth_fill(u8 *f, const u8 *dst, u16 type)
+{
+	memcpy(f, dst, 6);
+	memcpy(f + 6, mac, 6);
+	put16(f + 12, type);
+	return f + ETH_LEN;
+}
+
+/* IPv4 header (20 bytes, DF, TTL 64) with its checksum. */
+static u8 *ip_fill(u8 *p, u32 dst, u8 proto, u32 payload)
+{
+	memset(p, 0, IP_LEN);
+	p[0] = 0x45;
+	put16(p + 2, IP_LEN + payload);
+	put16(p + 4, ++ip_id);
+	put16(p + 6, 0x4000);
+	p[8] = 64;
+	p[9] = proto;
+	put32(p + 12, my_ip);
+	put32(p + 16, dst);
+	put16(p + 10, (u16)~csum_fold(csum_add(0, p, IP_LEN)));
+	return p + IP_LEN;
+}
+
+static const char *send_arp(u16 op, const u8 *dst_mac, const u8 *tha, u32 tpa)
+{
+	u8 *f = tx_frame();
+	u8 *a = eth_fill(f, dst_mac, ETH_ARP);
+	put16(a, 1);
+	put16(a + 2, ETH_IP);
+	a[4] = 6;
+	a[5] = 4;
+	put16(a + 6, op);
+	memcpy(a + 8, mac, 6);
+	put32(a + 14, my_ip);
+	memcpy(a + 18, tha, 6);
+	put32(a + 24, tpa);
+	return tx_send(ETH_LEN + 28);
+}
+
+/* An ICMP message (8-byte header + dlen bytes of data) to dst at dst_mac, checksummed here. */
+static const char *send_icmp(const u8 *dst_mac, u32 dst, u8 type, u16 id, u16 seq, const u8 *data, u32 dlen)
+{
+	u8 *f = tx_frame();
+	u8 *ic = ip_fill(eth_fill(f, dst_mac, ETH_IP), dst, IP_ICMP, 8 + dlen);
+	ic[0] = type;
+	ic[1] = 0;
+	put16(ic + 2, 0);
+	put16(ic + 4, id);
+	put16(ic + 6, seq);
+	memcpy(ic + 8, data, dlen);
+	put16(ic + 2, (u16)~csum_fold(csum_add(0, ic, 8 + dlen)));
+	return tx_send(ETH_LEN + IP_LEN + 8 + dlen);
+}
+
+static void ping_payload(u8 *p, u16 seq)
+{
+	for (u32 i = 0; i < PING_DATA; i++)
+		p[i] = (u8)('a' + (i + seq) % 26);
+}
+
+static const char *send_udp(const char *msg, u32 len, int offload)
+{
+	u8 *f = tx_frame();
+	u8 *u = ip_fill(eth_fill(f, peer_mac, ETH_IP), peer_ip, IP_UDP, 8 + len);
+	put16(u, UDP_SRC_PORT);
+	put16(u + 2, udp_port);
+	put16(u + 4, 8 + len);
+	put16(u + 6, 0);
+	memcpy(u + 8, msg, len);
+	u32 ps = pseudo_sum(my_ip, peer_ip, IP_UDP, 8 + len);
+	if (offload) {
+		/* The device completes it: sum from csum_start to the end, stored at +csum_offset,
+		 * which holds the pseudo-header sum (folded, not inverted). */
+		struct net_hdr *h = (struct net_hdr *)tx_buf;
+		h->flags = HDR_F_NEEDS_CSUM;
+		h->csum_start = ETH_LEN + IP_LEN;
+		h->csum_offset = 6;
+		put16(u + 6, csum_fold(ps));
+	} else {
+		u16 c = (u16)~csum_fold(csum_add(ps, u, 8 + len));
+		put16(u + 6, c ? c : 0xffff);
+	}
+	return tx_send(ETH_LEN + IP_LEN + 8 + len);
+}
+
+/* ---- RX ---- */
+static void rx_arp(const u8 *f, u32 len)
+{
+	const u8 *a = f + ETH_LEN;
+	if (len < ETH_LEN + 28 || get16(a) != 1 || get16(a + 2) != ETH_IP || a[4] != 6 || a[5] != 4) {
+		rx_other++;
+		return;
+	}
+	u16 op = get16(a + 6);
+	u32 spa = get32(a + 14), tpa = get32(a + 24);
+	if (op == 2 && spa == peer_ip && tpa == my_ip && !have_peer) {
+		memcpy(peer_mac, a + 8, 6);
+		have_peer = 1;
+	} else if (op == 1 && tpa == my_ip) {
+		u8 sha[6];
+		memcpy(sha, a + 8, 6);
+		const char *why = send_arp(2, sha, sha, spa);
+		if (why && !rx_error)
+			rx_error = why;
+		served_arp++;
+	} else {
+		rx_other++;
+	}
+}
+
+static void rx_ip(const u8 *f, u32 len, struct net_hdr *h)
+{
+	u8 *ip = (u8 *)f + ETH_LEN;
+	if (len < ETH_LEN + IP_LEN || ip[0] != 0x45) { /* no IP options from our peer */
+		rx_other++;
+		return;
+	}
+	u32 tot = get16(ip + 2);
+	if (tot < IP_LEN || ETH_LEN + tot > len || csum_fold(csum_add(0, ip, IP_LEN)) != 0xffff) {
+		rx_bad++;
+		return;
+	}
+	u32 src = get32(ip + 12), dst = get32(ip + 16);
+	if (dst != my_ip || (get16(ip + 6) & 0x3fff)) { /* not ours, or a fragment */
+		rx_other++;
+		return;
+	}
+	u8 *l4 = ip + IP_LEN;
+	u32 l4len = tot - IP_LEN;
+	if (h->flags & HDR_F_NEEDS_CSUM) {
+		/* Partial checksum (GUEST_CSUM): complete it as the device would have, then check it
+		 * like any other: this validates the pseudo-header sum the sender put in. */
+		u32 start = h->csum_start, off = h->csum_offset;
+		if (start < ETH_LEN + IP_LEN || start + off + 2 > ETH_LEN + tot) {
+			rx_bad++;
+			return;
+		}
+		u8 *s = (u8 *)f + start;
+		put16(s + off, (u16)~csum_fold(csum_add(0, s, ETH_LEN + tot - start)));
+		rx_partial++;
+	} else if (h->flags & HDR_F_DATA_VALID) {
+		rx_valid++;
+	}
+	u8 proto = ip[9];
+	if (proto == IP_ICMP) {
+		if (l4len < 8 || csum_fold(csum_add(0, l4, l4len)) != 0xffff) {
+			rx_bad++;
+			return;
+		}
+		u8 type = l4[0];
+		u16 id = get16(l4 + 4), seq = get16(l4 + 6);
+		if (type == 0 && src == peer_ip && id == PING_ID && seq < PING_COUNT && l4len == 8 + PING_DATA) {
+			u8 want[PING_DATA];
+			ping_payload(want, seq);
+			if (memcmp(l4 + 8, want, PING_DATA) == 0)
+				ping_got[seq]++;
+			else
+				rx_bad++;
+		} else if (type == 8 && l4len <= 1400) {
+			/* Echo request for us: reply to whoever sent it, at the MAC it came from. */
+			u8 smac[6];
+			memcpy(smac, f + 6, 6);
+			const char *why = send_icmp(smac, src, 0, id, seq, l4 + 8, l4len - 8);
+			if (why && !rx_error)
+				rx_error = why;
+			served_icmp++;
+		} else if (type == 3 && src == peer_ip) {
+			udp_unreach = l4[1] == 3 ? 1 : udp_unreach; /* port unreachable */
+			rx_other++;
+		} else {
+			rx_other++;
+		}
+		return;
+	}
+	if (proto == IP_UDP) {
+		if (l4len < 8 || get16(l4 + 4) != l4len) {
+			rx_bad++;
+			return;
+		}
+		if (get16(l4 + 6) &&
+		    csum_fold(csum_add(pseudo_sum(src, dst, IP_UDP, l4len), l4, l4len)) != 0xffff) {
+			rx_bad++;
+			return;
+		}
+		if (src == peer_ip && get16(l4) == udp_port && get16(l4 + 2) == UDP_SRC_PORT &&
+		    l4len - 8 == udp_len && memcmp(l4 + 8, udp_msg, udp_len) == 0)
+			udp_got++;
+		else
+			rx_other++;
+		return;
+	}
+	rx_other++;
+}
+
+static void rx_frame(u8 *buf, u32 used)
+{
+	struct net_hdr *h = (struct net_hdr *)buf;
+	rx_frames++;
+	u32 len = used - HDR_LEN;
+	if (used < HDR_LEN + ETH_LEN) {
+		rx_bad++;
+		return;
+	}
+	u8 *f = buf + HDR_LEN;
+	if (memcmp(f, mac, 6) != 0 && memcmp(f, bcast, 6) != 0) {
+		rx_other++; /* e.g. IPv6 multicast from the host */
+		return;
+	}
+	u16 type = get16(f + 12);
+	if (type == ETH_ARP)
+		rx_arp(f, len);
+	else if (type == ETH_IP)
+		rx_ip(f, len, h);
+	else
+		rx_other++;
+}
+
+static int rx_pending(void *arg)
+{
+	(void)arg;
+	return v.q.used->idx != v.q.used_seen;
+}
+
+/* Handles every frame the device has completed and gives the buffers back. */
+static const char *rx_drain(void)
+{
+	int posted = 0;
+	struct vq_done d;
+	int r;
+	while ((r = vq_pop(&v.q, &d)) == 1) {
+		u32 k = rx_buf_of_head[d.head];
+		u8 *buf = rx_buf[k];
+		if (d.len > BUF_SIZE)
+			return failf("rx buffer %u came back with used len %u > %u", k, d.len, BUF_SIZE);
+		if (rx_skip) {
+			rx_skip--;
+		} else {
+			u16 nb = ((struct net_hdr *)buf)->num_buffers;
+			if (mrg && nb > 1) {
+				/* A frame across several buffers: cannot happen for frames of at most
+				 * 1514 bytes in 2 KiB buffers; drop it with its other buffers. */
+				rx_skip = nb - 1u;
+				rx_frames++;
+				rx_bad++;
+			} else if (d.len < HDR_LEN) {
+				rx_frames++;
+				rx_bad++;
+			} else {
+				rx_frame(buf, d.len);
+			}
+		}
+		struct vq_buf b = {buf, BUF_SIZE, 1};
+		int head = vq_add(&v.q, &b, 1);
+		if (head < 0)
+			return failf("rx queue full when giving back buffer %u", k);
+		rx_buf_of_head[head] = (u8)k;
+		posted++;
+		if (rx_error)
+			return rx_error;
+	}
+	if (r < 0)
+		return failf("rx used ring returned an id that is not a buffer in flight");
+	if (posted) {
+		vq_kick(&v.q);
+		refills++;
+	}
+	return 0;
+}
+
+/* Receives (and answers ARP/ICMP) until *flag reaches want or ms pass; returns 1 if reached. */
+static int rx_until(const char **why, volatile u32 *flag, u32 want, u64 ms)
+{
+	u64 t0 = rdtsc(), per_ms = tsc_hz_or_guess() / 1000;
+	for (;;) {
+		*why = rx_drain();
+		if (*why)
+			return 0;
+		if (flag && *flag >= want)
+			return 1;
+		u64 el = (rdtsc() - t0) / per_ms;
+		if (el >= ms)
+			return 0;
+		wait_cond(rx_pending, 0, v.mode, ms - el);
+	}
+}
+
+static const char *net_run(void)
+{
+	const char *s, *why;
+	if (!(s = opt("net.ip")) || !parse_ip(s, &my_ip))
+		return failf("ringvm.net.ip=%s: want the guest's IPv4 address", s ? s : "(missing)");
+	if (!(s = opt("net.peer")) || !parse_ip(s, &peer_ip))
+		return failf("ringvm.net.peer=%s: want the host side's IPv4 address", s ? s : "(missing)");
+	u64 x = 0, serve_ms = 0, csum = 0;
+	if (opt("net.udp") && (!opt_u64("net.udp", &x) || x < 1 || x > 65535))
+		return failf("ringvm.net.udp=%s: want a port 1..65535", opt("net.udp"));
+	udp_port = (u32)x;
+	if (opt("net.serve_ms") && !opt_u64("net.serve_ms", &serve_ms))
+		return failf("ringvm.net.serve_ms=%s: want milliseconds", opt("net.serve_ms"));
+	if (opt("net.csum") && (!opt_u64("net.csum", &csum) || csum > 1))
+		return failf("ringvm.net.csum=%s: want 0 or 1", opt("net.csum"));
+
+	why = virtio_open(&v, VIRTIO_TYPE_NET);
+	if (!why)
+		why = virtio_init(&v, NET_F_CSUM | NET_F_GUEST_CSUM | NET_F_MAC | NET_F_MRG_RXBUF | NET_F_STATUS);
+	if (why)
+		return why;
+	mrg = !!(v.drv_features & NET_F_MRG_RXBUF);
+	if (v.drv_features & NET_F_MAC) {
+		for (int i = 0; i < 6; i++)
+			mac[i] = (u8)virtio_cfg(&v, (u32)i, 1);
+	} else {
+		static const u8 fallback[6] = {0x02, 0x52, 0x56, 0x4d, 0x00, 0x01}; /* locally administered */
+		memcpy(mac, fallback, 6);
+	}
+	char mbuf[18], ibuf[16], pbuf[16];
+	fmt_mac(mbuf, mac);
+	fmt_ip(ibuf, my_ip);
+	fmt_ip(pbuf, peer_ip);
+	const char *link = "unknown (no STATUS)";
+	if (v.drv_features & NET_F_STATUS)
+		link = virtio_cfg(&v, 6, 2) & NET_S_LINK_UP ? "up" : "down";
+	say("virtio-net mac %s%s link %s ip %s peer %s mrg-rxbuf=%d csum=%d guest-csum=%d", mbuf,
+	    v.drv_features & NET_F_MAC ? "" : " (chosen: no MAC feature)", link, ibuf, pbuf, mrg,
+	    !!(v.drv_features & NET_F_CSUM), !!(v.drv_features & NET_F_GUEST_CSUM));
+
+	why = virtio_queue(&v, 0, rx_ring);
+	if (!why)
+		why = virtio_queue(&v, 1, tx_ring);
+	if (why)
+		return why;
+	u32 nrx = RX_BUFS < v.q.size ? RX_BUFS : v.q.size;
+	for (u32 k = 0; k < nrx; k++) {
+		struct vq_buf b = {rx_buf[k], BUF_SIZE, 1};
+		int head = vq_add(&v.q, &b, 1);
+		if (head < 0)
+			return failf("rx queue full at buffer %u", k);
+		rx_buf_of_head[head] = (u8)k;
+	}
+	why = virtio_driver_ok(&v);
+	if (why)
+		return why;
+	vq_kick(&v.q); /* the buffers are there before DRIVER_OK; this tells the device */
+
+	u32 irq_rx0 = irq_count[v.q.irq_slot], irq_tx0 = irq_count[v.q1.irq_slot],
+	    irq_cfg0 = irq_count[v.vec_base & 15], tick0 = irq_count[IRQ_TIMER - IRQ_BASE];
+	u64 t0 = rdtsc();
+
+	/* ARP for the peer (a few attempts: the host side may still be coming up). */
+	for (int a = 0; a < ATTEMPTS && !have_peer; a++) {
+		why = send_arp(1, bcast, (const u8[6]){0}, peer_ip);
+		if (why)
+			return why;
+		rx_until(&why, (volatile u32 *)&have_peer, 1, STEP_MS);
+		if (why)
+			return why;
+	}
+	if (!have_peer)
+		return failf("no ARP reply from %s after %u requests (rx=%u frames, link %s)", pbuf, ATTEMPTS,
+			     rx_frames, link);
+	char pm[18];
+	fmt_mac(pm, peer_mac);
+	say("virtio-net arp peer %s is %s", pbuf, pm);
+
+	/* ICMP echo, one at a time. */
+	u32 pings = 0;
+	for (u16 seq = 0; seq < PING_COUNT; seq++) {
+		u8 data[PING_DATA];
+		ping_payload(data, seq);
+		why = send_icmp(peer_mac, peer_ip, 8, PING_ID, seq, data, PING_DATA);
+		if (why)
+			return why;
+		if (rx_until(&why, &ping_got[seq], 1, STEP_MS))
+			pings++;
+		if (why)
+			return why;
+	}
+	say("virtio-net ping %u/%u", pings, PING_COUNT);
+	if (pings != PING_COUNT)
+		return failf("ping %u/%u: no echo reply from %s for some requests", pings, PING_COUNT, pbuf);
+
+	/* UDP echo. */
+	if (udp_port) {
+		int offload = csum && (v.drv_features & NET_F_CSUM);
+		if (csum && !offload)
+			say("warning: virtio-net csum=1 but the device does not offer VIRTIO_NET_F_CSUM: checksumming in software");
+		udp_len = (u32)fmt(udp_msg, sizeof(udp_msg), "ringvm-udp-%lu", (rdtsc() >> 8) % 1000000);
+		for (int a = 0; a < ATTEMPTS && !udp_got && !udp_unreach; a++) {
+			why = send_udp(udp_msg, udp_len, offload);
+			if (why)
+				return why;
+			rx_until(&why, &udp_got, 1, STEP_MS);
+			if (why)
+				return why;
+		}
+		if (udp_unreach)
+			return failf("udp %s:%u: port unreachable", pbuf, udp_port);
+		if (!udp_got)
+			return failf("udp %s:%u: no echo of \"%s\" after %u datagrams", pbuf, udp_port, udp_msg, ATTEMPTS);
+		say("virtio-net udp echo \"%s\" from %s:%u ok (tx checksum %s, rx partial-checksums=%u data-valid=%u)",
+		    udp_msg, pbuf, udp_port, offload ? "offloaded: NEEDS_CSUM" : "in software", rx_partial, rx_valid);
+	}
+	u64 us = (rdtsc() - t0) / (tsc_hz_or_guess() / 1000000);
+
+	if (serve_ms) {
+		say("virtio-net serving arp/icmp on %s for %lu ms", ibuf, serve_ms);
+		rx_until(&why, 0, 0, serve_ms);
+		if (why)
+			return why;
+		say("virtio-net served arp-replies=%u echo-replies=%u", served_arp, served_icmp);
+	}
+
+	u32 irx = irq_count[v.q.irq_slot] - irq_rx0, itx = irq_count[v.q1.irq_slot] - irq_tx0,
+	    icfg = irq_count[v.vec_base & 15] - irq_cfg0, ticks = irq_count[IRQ_TIMER - IRQ_BASE] - tick0;
+	say("virtio-net stats rx=%u tx=%u interrupts=%u mode=%s time=%luus rx-irq=%u tx-irq=%u config-irq=%u "
+	    "timer-irq=%u other=%u bad=%u refills=%u",
+	    rx_frames, tx_frames, irx + itx, wait_mode_name(v.mode), us, irx, itx, icfg, ticks, rx_other, rx_bad,
+	    refills);
+	if (v.mode != WAIT_POLL) {
+		/* Unlike rng/blk, no wait here insists on an interrupt: the device is usually done before
+		 * the (interpreted) guest checks, so a vector may legitimately stay quiet. And on kvm_pvm
+		 * an MSI that arrives while IF=0 (in another handler, or between waits) stays in the
+		 * LAPIC IRR until a later interrupt is injected. So a silent vector is a warning. */
+		for (u32 q = 0; q < 2; q++)
+			if ((q ? itx : irx) == 0)
+				say("warning: virtio-net no %s interrupt delivered on vector %#x (pending in the LAPIC IRR: %s)",
+				    q ? "tx" : "rx", IRQ_BASE + (q ? v.q1 : v.q).irq_slot,
+				    irq_is_pending(IRQ_BASE + (q ? v.q1 : v.q).irq_slot) ? "yes" : "no");
+	}
+	if (v.mode == WAIT_POLL && irx + itx)
+		return failf("%u interrupts in poll mode", irx + itx);
+	if (rx_bad)
+		return failf("%u bad frames (checksum, length or multi-buffer)", rx_bad);
+	return 0;
+}
+
+const char *scenario_virtio_net(void)
+{
+	memset(&v, 0, sizeof(v));
+	v.name = "virtio-net";
+	/* 0x48 config, 0x49 tx (queue 1, MSI-X entry 1), 0x4a rx (queue 0, entry 2). rx gets the
+	 * higher vector: on kvm_pvm only the highest pending vector is injected when a new
+	 * interrupt arrives (see the stats check), and rx is the one the waits sleep on. */
+	v.vec_base = IRQ_BASE + 8;
+	v.nr_queues = 2;
+	v.q_entry[0] = 2;
+	v.q_entry[1] = 1;
+	have_peer = udp_unreach = 0;
+	rx_skip = udp_got = udp_len = 0;
+	rx_frames = tx_frames = rx_other = rx_bad = rx_partial = rx_valid = served_arp = served_icmp = refills = 0;
+	memset(ping_got, 0, sizeof(ping_got));
+	rx_error = 0;
+	const char *why = virtio_mode("net.mode", &v.mode);
+	if (why)
+		return why;
+	why = net_run();
+	if (v.common) {
+		const char *r = virtio_reset(&v);
+		if (!why)
+			why = r;
+	}
+	return why;
+}
