@@ -8,6 +8,8 @@
 //! status 0). [`GuestReport`] parses that; [`GuestCmdline`] builds its command line;
 //! [`run_guest`] runs a VMM with a time limit and collects the serial console.
 
+pub mod netns;
+
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};

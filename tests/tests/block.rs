@@ -88,8 +88,8 @@ fn guest_writes_reads_flushes_discards_a_raw_disk() {
     let cmdline = GuestCmdline::new()
         .test("pci")
         .test("virtio-blk")
-        .option("ringvm.blk.id", "ringvm-test")
-        .option("ringvm.blk.expect", "rw");
+        .option("blk.id", "ringvm-test")
+        .option("blk.expect", "rw");
     let run = run(&["--rwdisk", &disk], &cmdline);
     let report = run.report();
     report.assert_ok(&["pci", "virtio-blk"]);
@@ -125,7 +125,7 @@ fn read_only_disk_refuses_writes_and_stays_unchanged() {
     let before = std::fs::read(&img).expect("read image");
     let cmdline = GuestCmdline::new()
         .test("virtio-blk")
-        .option("ringvm.blk.expect", "ro");
+        .option("blk.expect", "ro");
     let img_arg = img.to_string_lossy().into_owned();
     let run = run(&["-d", &img_arg], &cmdline);
     let report = run.report();

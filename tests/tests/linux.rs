@@ -89,34 +89,116 @@ fn root_image(dir: &std::path::Path) -> PathBuf {
     img
 }
 
+/// A network namespace for one test, deleted on drop: ringvm runs inside it, so its tap and
+/// every packet stay there.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("ringvm-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip (apt package iproute2)");
+        assert!(ok.success(), "ip netns add {name}");
+        Netns(name)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// One Linux boot for the disk and the network (boots are slow on nested hosts): the root
+/// file system is a read-only ext4 disk (`-r`), eth0 is a virtio-net NIC on a tap ringvm
+/// creates (`--host-ip`), configured by the kernel from `ip=`, and the host pings it.
 #[test]
-fn linux_mounts_an_ext4_root_disk_read_only_with_dash_r() {
+fn linux_mounts_an_ext4_root_disk_with_dash_r_and_answers_ping_on_virtio_net() {
     let dir = guest_kernel();
     let scratch = std::env::temp_dir().join(format!("ringvm-linux-root-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).expect("scratch dir");
     let img = root_image(&scratch);
     let before = std::fs::read(&img).expect("read image");
-    let params = format!("{HOST_PARAMS} quiet panic=-1 reboot=k init=/init rootfstype=ext4");
-    let mut cmd = Command::new(ringvm_bin());
-    cmd.args(["run", "-m", "128", "-c", "1", "-r"])
+    let netns = Netns::new("linux");
+    let params = format!(
+        "{HOST_PARAMS} quiet panic=-1 reboot=k init=/init rootfstype=ext4 \
+         ip=10.0.2.15::10.0.2.1:255.255.255.0::eth0:off ringvm.wait=15"
+    );
+    let mut child = netns
+        .command(&ringvm_bin().to_string_lossy())
+        .args(["run", "-m", "128", "-c", "1", "-r"])
         .arg(&img)
+        .args(["--host-ip", "10.0.2.1", "--netmask", "255.255.255.0"])
         .args(["-p", &params, "--cpu-features", HOST_CPU_FEATURES])
-        .arg(dir.join("vmlinux"));
-    let run = run_guest(&mut cmd, Duration::from_secs(240)).expect("run ringvm");
-    eprintln!("booted from the root disk and exited in {:?}", run.elapsed);
+        .arg(dir.join("vmlinux"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ringvm");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut pinged = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Ok(line) = rx.recv_timeout(left) else {
+            break;
+        };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("ringvm-guest: waiting") {
+            let ping = netns
+                .command("ping")
+                .args(["-c", "3", "-W", "10", "10.0.2.15"])
+                .output()
+                .expect("run ping");
+            pinged = Some(ping);
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait().expect("wait ringvm");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
     let after = std::fs::read(&img).expect("read image");
     let _ = std::fs::remove_dir_all(&scratch);
     assert!(
-        run.stdout.contains("ringvm-guest: root /dev/root ext4 ro"),
-        "the root file system is not the read-only ext4 disk; stdout:\n{}\nstderr:\n{}",
-        run.stdout,
-        run.stderr
+        seen.contains("ringvm-guest: root /dev/root ext4 ro"),
+        "the root file system is not the read-only ext4 disk; stdout:\n{seen}\nstderr:\n{stderr}"
     );
     assert!(
-        run.exited_cleanly(),
-        "status {:?}: {}",
-        run.status,
-        run.stderr
+        seen.contains("ringvm-guest: eth0 52:54:00:12:34:56 10.0.2.15/24 up"),
+        "eth0 is not configured from ip=:\n{seen}"
     );
+    let ping = pinged.expect("the guest never reached its wait");
+    assert!(
+        ping.status.success(),
+        "the guest did not answer ping: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    assert!(status.success(), "status {status:?}: {stderr}");
     assert!(before == after, "a read-only root disk changed");
 }
