@@ -85,6 +85,7 @@ fn main() {
         for (suffix, action) in [
             ("bpf", compiler::SECCOMP_RET_KILL_PROCESS),
             ("log.bpf", compiler::SECCOMP_RET_LOG),
+            ("trap.bpf", compiler::SECCOMP_RET_TRAP),
         ] {
             let program = compiler::compile(&policy, action)
                 .unwrap_or_else(|e| panic!("seccomp: cannot compile {file}: {e}"));

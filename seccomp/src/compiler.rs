@@ -36,6 +36,8 @@ pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
 pub const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
 pub const SECCOMP_RET_LOG: u32 = 0x7ffc_0000;
+/// Deliver SIGSYS (si_syscall = the call) instead of running the call.
+pub const SECCOMP_RET_TRAP: u32 = 0x0003_0000;
 pub const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 
 /// `BPF_MAXINSNS`: the kernel refuses longer programs.
@@ -717,6 +719,7 @@ mod tests {
     fn constants_are_libcs() {
         assert_eq!(SECCOMP_RET_KILL_PROCESS, libc::SECCOMP_RET_KILL_PROCESS);
         assert_eq!(SECCOMP_RET_LOG, libc::SECCOMP_RET_LOG);
+        assert_eq!(SECCOMP_RET_TRAP, libc::SECCOMP_RET_TRAP);
         assert_eq!(SECCOMP_RET_ALLOW, libc::SECCOMP_RET_ALLOW);
         assert_eq!(BPF_MAXINSNS, libc::BPF_MAXINSNS as usize);
         let ops = [

@@ -178,7 +178,11 @@ const fn decode<const N: usize>(bytes: &[u8]) -> [SockFilter; N] {
 }
 
 macro_rules! embed {
-    ($kill:ident, $log:ident, $name:literal) => {
+    ($kill:ident, $log:ident, $trap:ident, $name:literal) => {
+        static $trap: [SockFilter;
+            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".trap.bpf")).len() / 8] = decode(
+            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".trap.bpf")),
+        );
         static $kill: [SockFilter;
             include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bpf")).len() / 8] =
             decode(include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bpf")));
@@ -189,11 +193,46 @@ macro_rules! embed {
     };
 }
 
-embed!(RNG, RNG_LOG, "rng");
-embed!(BLOCK, BLOCK_LOG, "block");
-embed!(NET, NET_LOG, "net");
-embed!(VMM, VMM_LOG, "vmm");
-embed!(VCPU, VCPU_LOG, "vcpu");
+embed!(RNG, RNG_LOG, RNG_TRAP, "rng");
+embed!(BLOCK, BLOCK_LOG, BLOCK_TRAP, "block");
+embed!(NET, NET_LOG, NET_TRAP, "net");
+embed!(VMM, VMM_LOG, VMM_TRAP, "vmm");
+embed!(VCPU, VCPU_LOG, VCPU_TRAP, "vcpu");
+
+/// The same program with SECCOMP_RET_TRAP as its default action: a call it does not allow
+/// is not run and raises SIGSYS with the call's number in `si_syscall`, for a handler that
+/// reports it and ends the process. A wrong architecture or an x32 call is still killed.
+pub fn trapping_filter(policy: Policy) -> &'static [SockFilter] {
+    match policy {
+        Policy::Rng => &RNG_TRAP,
+        Policy::Block => &BLOCK_TRAP,
+        Policy::Net => &NET_TRAP,
+        Policy::VmmMain => &VMM_TRAP,
+        Policy::Vcpu => &VCPU_TRAP,
+    }
+}
+
+/// What a filter does with a call its policy does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Kill the process (SECCOMP_RET_KILL_PROCESS).
+    Kill,
+    /// Raise SIGSYS (SECCOMP_RET_TRAP): the process's handler reports the call and exits.
+    Trap,
+    /// Log it and run it (SECCOMP_RET_LOG; `--seccomp-log-failures`).
+    Log,
+}
+
+/// The name of x86_64 system call `nr` (`socket` for 41), if it has one.
+pub fn syscall_name(nr: i64) -> Option<&'static str> {
+    macro_rules! syscall_table {
+        ($($name:ident => $sys:ident),* $(,)?) => {
+            [$((stringify!($name), libc::$sys)),*]
+        };
+    }
+    const TABLE: &[(&str, i64)] = &include!("syscalls.rs");
+    TABLE.iter().find(|(_, n)| *n == nr).map(|(name, _)| *name)
+}
 
 /// The policy's program: calls it does not allow kill the process (SECCOMP_RET_KILL_PROCESS).
 pub fn filter(policy: Policy) -> &'static [SockFilter] {
@@ -261,10 +300,15 @@ pub fn allows(policy: Policy, nr: u32, args: &[u64; 6]) -> bool {
 /// calling thread only. Filters stack: a later one can only take away. Threads must have
 /// started before a process-wide install (their start-up calls are in no policy).
 pub fn install(policy: Policy, log_failures: bool) -> Result<()> {
-    let program = if log_failures {
-        logging_filter(policy)
-    } else {
-        filter(policy)
+    install_mode(policy, if log_failures { Mode::Log } else { Mode::Kill })
+}
+
+/// [`install`] with any [`Mode`].
+pub fn install_mode(policy: Policy, mode: Mode) -> Result<()> {
+    let program = match mode {
+        Mode::Kill => filter(policy),
+        Mode::Trap => trapping_filter(policy),
+        Mode::Log => logging_filter(policy),
     };
     sys::set_no_new_privs().map_err(Error::SetNoNewPrivs)?;
     match sys::seccomp_set_mode_filter(program, policy.process_wide()) {
@@ -283,6 +327,13 @@ pub fn install(policy: Policy, log_failures: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syscall_names_come_from_the_table() {
+        assert_eq!(syscall_name(libc::SYS_socket), Some("socket"));
+        assert_eq!(syscall_name(libc::SYS_io_uring_enter), Some("io_uring_enter"));
+        assert_eq!(syscall_name(100_000), None);
+    }
 
     #[test]
     fn every_policy_has_a_program_and_rules() {

@@ -140,6 +140,10 @@ pub struct NetArgs {
     /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
     #[argh(switch)]
     pub seccomp_log_failures: bool,
+    /// a pipe descriptor to which the process writes the number of a system call its
+    /// seccomp policy refused, before it dies (how ringvm names the call)
+    #[argh(option)]
+    pub report_fd: Option<i32>,
 }
 
 /// The default MAC of the first NIC (QEMU's); later NICs count up in the last byte.
@@ -256,6 +260,10 @@ pub struct BlockArgs {
     /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
     #[argh(switch)]
     pub seccomp_log_failures: bool,
+    /// a pipe descriptor to which the process writes the number of a system call its
+    /// seccomp policy refused, before it dies (how ringvm names the call)
+    #[argh(option)]
+    pub report_fd: Option<i32>,
 }
 
 /// A disk image and how to open it: `PATH[,ro][,direct=BOOL][,id=STR]`.
@@ -368,6 +376,10 @@ pub struct RngArgs {
     /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
     #[argh(switch)]
     pub seccomp_log_failures: bool,
+    /// a pipe descriptor to which the process writes the number of a system call its
+    /// seccomp policy refused, before it dies (how ringvm names the call)
+    #[argh(option)]
+    pub report_fd: Option<i32>,
 }
 
 /// Picks the one endpoint out of `--socket` and `--fd`.

@@ -31,7 +31,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
             "rng",
             &a.socket,
             a.fd,
-            Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures),
+            Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures, a.report_fd),
             RNG_OPS,
             Forward::NONE(),
             || {
@@ -48,7 +48,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
                 "block",
                 &a.socket,
                 a.fd,
-                Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures),
+                Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures, a.report_fd),
                 BLOCK_OPS,
                 Forward::NONE(),
                 || {
@@ -89,7 +89,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
                 "net",
                 &a.socket,
                 a.fd,
-                Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures),
+                Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures, a.report_fd),
                 NET_OPS,
                 forward,
                 || {
@@ -149,10 +149,16 @@ const NET_STRIP: &[&str] = &["--tap-fd", "--tap-name", "--queue-pairs"];
 
 /// The tap queue descriptors of `ringvm device net`: inherited, or made by name.
 fn open_taps(a: &cli::NetArgs) -> Result<Vec<OwnedFd>> {
-    let mut numbers: Vec<i32> = a.tap_fd.iter().copied().chain(a.fd).collect();
+    let mut numbers: Vec<i32> = a
+        .tap_fd
+        .iter()
+        .copied()
+        .chain(a.fd)
+        .chain(a.report_fd)
+        .collect();
     numbers.sort_unstable();
     if numbers.windows(2).any(|w| w[0] == w[1]) {
-        bail!("a descriptor number is given twice (--fd, --tap-fd)");
+        bail!("a descriptor number is given twice (--fd, --tap-fd, --report-fd)");
     }
     match (&a.tap_name, a.tap_fd.is_empty()) {
         (Some(_), false) => bail!("give --tap-fd or --tap-name, not both"),
@@ -232,18 +238,24 @@ fn start<D: Device>(
     serve(device, endpoint, sandbox, policy, ops).with_context(|| format!("device {name}"))
 }
 
-/// `--disable-sandbox` and `--seccomp-log-failures` of a device.
+/// `--disable-sandbox`, `--seccomp-log-failures` and `--report-fd` of a device.
 #[derive(Debug, Clone, Copy)]
 struct Sandboxing {
     enabled: bool,
     log_failures: bool,
+    report_fd: Option<i32>,
 }
 
 impl Sandboxing {
-    fn from_flags(disable_sandbox: bool, seccomp_log_failures: bool) -> Sandboxing {
+    fn from_flags(
+        disable_sandbox: bool,
+        seccomp_log_failures: bool,
+        report_fd: Option<i32>,
+    ) -> Sandboxing {
         Sandboxing {
             enabled: !disable_sandbox,
             log_failures: seccomp_log_failures,
+            report_fd,
         }
     }
 }
@@ -306,6 +318,15 @@ fn serve<D: Device>(
     policy: seccomp::Policy,
     ops: &[u8],
 ) -> Result<()> {
+    let report = match sandbox.report_fd {
+        Some(fd) if Some(fd) == endpoint_fd(&endpoint) => {
+            bail!("--report-fd {fd} is also the connection's --fd")
+        }
+        Some(fd) => {
+            Some(sys::inherited_fd(fd).with_context(|| format!("--report-fd {fd} is not open"))?)
+        }
+        None => None,
+    };
     let sock = match endpoint {
         Endpoint::Fd(fd) => {
             sys::inherited_socket(fd).with_context(|| format!("--fd {fd} is not an open socket"))?
@@ -328,9 +349,17 @@ fn serve<D: Device>(
         },
     )
     .context("cannot enter the device sandbox")?;
-    // Last: from here on the process can only make the syscalls its policy lists.
+    // Last: from here on the process can only make the syscalls its policy lists. A refused
+    // call raises SIGSYS, whose handler reports its number (to ringvm through --report-fd)
+    // and ends the process by SIGSYS.
     if sandbox.enabled {
-        seccomp::install(policy, sandbox.log_failures)
+        let mode = if sandbox.log_failures {
+            seccomp::Mode::Log
+        } else {
+            sys::install_sigsys_reporter(report).context("cannot install the SIGSYS handler")?;
+            seccomp::Mode::Trap
+        };
+        seccomp::install_mode(policy, mode)
             .context("cannot install the device's seccomp filter")?;
     }
     ex.run_until(backend::serve(
@@ -338,6 +367,13 @@ fn serve<D: Device>(
         Connection::new(AsyncFd::new(sock)),
     ))
     .map_err(anyhow::Error::from)
+}
+
+fn endpoint_fd(endpoint: &Endpoint) -> Option<i32> {
+    match endpoint {
+        Endpoint::Fd(fd) => Some(*fd),
+        Endpoint::Socket(_) => None,
+    }
 }
 
 /// Listens on `path`, accepts one frontend, and removes the socket file.

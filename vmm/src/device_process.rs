@@ -16,6 +16,8 @@ use crate::exit::{ExitReason, VmExit};
 pub struct DeviceProcess {
     name: String,
     child: jail::Child,
+    /// The read end of the pipe its SIGSYS handler reports a refused system call on.
+    report: std::io::PipeReader,
 }
 
 /// Starts `ringvm device <kind> --fd 3 [extra...]` with its end of a new socketpair as fd 3
@@ -44,14 +46,23 @@ pub fn spawn(
         args.push(OsStr::new("--seccomp-log-failures"));
     }
     args.extend_from_slice(extra);
+    // Descriptors in the child: 3 the socket, 4.. `fds`, then the report pipe.
+    let (report, report_tx) =
+        std::io::pipe().with_context(|| format!("device {name}: pipe failed"))?;
+    let report_fd = (4 + fds.len()).to_string();
+    args.extend([OsStr::new("--report-fd"), OsStr::new(&report_fd)]);
     let mut all = vec![theirs.as_fd()];
     all.extend_from_slice(fds);
+    all.push(report_tx.as_fd());
     let child = jail::spawn(exe, &args, &all, &jail::Sandbox { enabled: sandbox })
         .with_context(|| format!("cannot start device {name}"))?;
+    // Only the child may hold the write end: the read sees end-of-file once it is gone.
+    drop(report_tx);
     Ok((
         DeviceProcess {
             name: name.to_string(),
             child,
+            report,
         },
         ours.into(),
     ))
@@ -99,10 +110,30 @@ impl DeviceProcess {
             Ok(None) => "ended".to_string(),
             Err(e) => format!("ended (cannot get its status: {e})"),
         };
+        let refused = match self.refused_syscall().await {
+            Some(nr) => format!(
+                ": its seccomp policy refused system call {nr} ({})",
+                seccomp::syscall_name(i64::from(nr)).unwrap_or("unknown")
+            ),
+            None => String::new(),
+        };
         exit.report(ExitReason::Failed(format!(
-            "device {} (pid {}) {status}",
+            "device {} (pid {}) {status}{refused}",
             self.name, self.child.pid
         )));
+    }
+
+    /// The system call the ended process's seccomp filter refused, if that is how it ended.
+    /// Read through the ring: the VMM's own seccomp policy has no read(2).
+    async fn refused_syscall(&self) -> Option<i32> {
+        let fd: OwnedFd = self.report.try_clone().ok()?.into();
+        let pipe = executor::AsyncFd::new(fd);
+        // The process has ended, so this completes at once: its 4 bytes, or end-of-file.
+        let (res, buf) = pipe.read(Vec::with_capacity(4)).await;
+        match res {
+            Ok(4) => Some(i32::from_ne_bytes(buf[..4].try_into().ok()?)),
+            _ => None,
+        }
     }
 
     /// Kills the process (if it still runs) and reaps it.

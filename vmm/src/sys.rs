@@ -237,3 +237,71 @@ pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // `--fd`), and `--fd` is taken only by `device::serve`.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// Where the SIGSYS handler of a device process writes the refused system call's number.
+static SIGSYS_REPORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Offset of `si_syscall` in x86_64's `siginfo_t`: signo, errno, code, padding, then the
+/// `_sigsys` member {void *_call_addr; int _syscall; unsigned _arch} at 16.
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // Only async-signal-safe calls below: loads, write(2), and system calls.
+    // SAFETY: the kernel passes a valid siginfo_t (128 bytes) for SA_SIGINFO handlers; for a
+    // SIGSYS from seccomp, si_syscall is set at this offset (x86_64 ABI; the e2e test
+    // `refused_syscall_kills_only_the_device_and_the_vmm_names_it` checks the number).
+    let nr: i32 = unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read_unaligned()
+    };
+    let fd = SIGSYS_REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: writes 4 bytes from a live i32 to a descriptor this process owns.
+        unsafe { libc::write(fd, (&nr as *const i32).cast(), 4) };
+    }
+    let mut line = *b"ringvm device: seccomp refused system call          \n";
+    let mut at = line.len() - 2;
+    let mut n = nr.unsigned_abs();
+    loop {
+        line[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || at == 43 {
+            break;
+        }
+        at -= 1;
+    }
+    // SAFETY: writes a stack buffer to stderr.
+    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+    // The handler was reset (SA_RESETHAND) and SIGSYS is not blocked in it (SA_NODEFER): the
+    // next refused call kills the process with SIGSYS. getppid is in no device policy.
+    // SAFETY: plain system calls.
+    unsafe {
+        libc::syscall(libc::SYS_getppid);
+        libc::_exit(128 + libc::SIGSYS);
+    }
+}
+
+/// Installs the SIGSYS handler of a device process whose seccomp filter traps: it writes the
+/// refused call's number to `report` (ringvm's pipe, read when the process has ended) and to
+/// stderr, then the process dies by SIGSYS.
+pub fn install_sigsys_reporter(report: Option<OwnedFd>) -> io::Result<()> {
+    if let Some(fd) = report {
+        // Kept open for the life of the process: the handler may run at any time.
+        SIGSYS_REPORT_FD.store(
+            std::os::fd::IntoRawFd::into_raw_fd(fd),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    // SAFETY: a zeroed sigaction is valid; the fields set below make it a SA_SIGINFO handler
+    // with an empty mask.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_sigsys as *const () as usize;
+    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND | libc::SA_NODEFER;
+    // SAFETY: `sa` is initialised; the handler only makes async-signal-safe calls.
+    if unsafe { libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -23,6 +23,8 @@ use crate::exit::{ExitReason, VmExit};
 
 /// How long the VMM waits for any reply of a backend before declaring it hung.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a hang-up waits before it is reported (see `Backend::serve`).
+const HANGUP_GRACE: Duration = Duration::from_millis(250);
 /// Largest queue the transport offers for a vhost-user device.
 const MAX_QUEUE_SIZE: u16 = 256;
 
@@ -153,6 +155,9 @@ impl Backend {
                 match select(self.requests.next(), hangup).await {
                     Either::Left((r, _)) => r,
                     Either::Right(_) => {
+                        // A device process that died is reported by its watcher with how it
+                        // ended (signal, refused system call); give that report the lead.
+                        let _ = executor::sleep(HANGUP_GRACE).await;
                         let why = format!("device {}: the backend hung up", self.name);
                         exit.report(ExitReason::Failed(why));
                         return;
