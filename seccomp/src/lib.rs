@@ -331,7 +331,10 @@ mod tests {
     #[test]
     fn syscall_names_come_from_the_table() {
         assert_eq!(syscall_name(libc::SYS_socket), Some("socket"));
-        assert_eq!(syscall_name(libc::SYS_io_uring_enter), Some("io_uring_enter"));
+        assert_eq!(
+            syscall_name(libc::SYS_io_uring_enter),
+            Some("io_uring_enter")
+        );
         assert_eq!(syscall_name(100_000), None);
     }
 
