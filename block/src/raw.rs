@@ -69,11 +69,11 @@ impl Raw {
             return Ok(());
         }
         let bs = u64::from(self.block_size);
-        let ok = offset % bs == 0
-            && len % bs == 0
+        let ok = offset.is_multiple_of(bs)
+            && len.is_multiple_of(bs)
             && bufs
                 .iter()
-                .all(|&(a, n)| a.0 % bs == 0 && n as u64 % bs == 0);
+                .all(|&(a, n)| a.0 % bs == 0 && (n as u64).is_multiple_of(bs));
         if ok {
             Ok(())
         } else {

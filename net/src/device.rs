@@ -350,7 +350,7 @@ impl NetDevice {
     ) {
         self.started();
         let pairs = self.num_pairs();
-        let result = if index < 2 * pairs && index % 2 == 0 {
+        let result = if index < 2 * pairs && index.is_multiple_of(2) {
             let mut rx = Rx::new(&self, index / 2, &queue, acked);
             let result = rx.run(&stop).await;
             rx.give_back();

@@ -86,7 +86,7 @@ fn model_chain(
             if in_indirect || !indirect_ok || d.flags & VIRTQ_DESC_F_NEXT != 0 {
                 return None;
             }
-            if d.len == 0 || d.len % 16 != 0 || !model_in_ram(d.addr, u64::from(d.len)) {
+            if d.len == 0 || !d.len.is_multiple_of(16) || !model_in_ram(d.addr, u64::from(d.len)) {
                 return None;
             }
             table = d.addr;

@@ -201,7 +201,7 @@ impl Header {
 /// Checks that `len` bytes at `sector` are whole sectors inside the disk; returns the byte
 /// offset.
 fn check_range(sector: u64, len: u64, capacity: u64) -> Result<u64, ExecuteError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(ExecuteError::UnalignedLength(len));
     }
     let sectors = len / SECTOR_SIZE;
@@ -228,7 +228,7 @@ fn read_segments(chain: &DescriptorChain, mem: &GuestMemory) -> Result<Vec<Segme
     // Past the header, which `Header::read` checked is there.
     reader.consume(HEADER_SIZE);
     let len = reader.available_bytes();
-    if len == 0 || len % SEGMENT_SIZE != 0 || len / SEGMENT_SIZE > MAX_SEGMENTS {
+    if len == 0 || !len.is_multiple_of(SEGMENT_SIZE) || len / SEGMENT_SIZE > MAX_SEGMENTS {
         return Err(ExecuteError::BadSegments(len));
     }
     let mut segments = Vec::with_capacity(len / SEGMENT_SIZE);

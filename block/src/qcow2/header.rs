@@ -166,7 +166,7 @@ impl Header {
         }
         let l1_bytes = u64::from(l1_size) * 8;
         if l1_size > 0 {
-            if l1_table_offset % cs != 0 {
+            if !l1_table_offset.is_multiple_of(cs) {
                 return Err(Error::InvalidHeader("l1 table offset unaligned"));
             }
             if l1_table_offset < cs {
@@ -186,7 +186,7 @@ impl Header {
         if rt_bytes > MAX_REFTABLE_BYTES {
             return Err(Error::InvalidHeader("refcount table too large"));
         }
-        if refcount_table_offset % cs != 0 {
+        if !refcount_table_offset.is_multiple_of(cs) {
             return Err(Error::InvalidHeader("refcount table offset unaligned"));
         }
         if refcount_table_offset < cs {
@@ -203,7 +203,7 @@ impl Header {
 
         let nb_snapshots = be32(buf, 60);
         let snapshots_offset = be64(buf, 64);
-        if nb_snapshots > 0 && (snapshots_offset % cs != 0 || snapshots_offset >= file_len) {
+        if nb_snapshots > 0 && (!snapshots_offset.is_multiple_of(cs) || snapshots_offset >= file_len) {
             return Err(Error::InvalidHeader("snapshot table offset invalid"));
         }
 
