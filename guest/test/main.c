@@ -137,7 +137,9 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "compute.iters", "pci.ecam", "pci.mmio", "pci.reassign",
 					 "rng.mode", "rng.bufs", "blk.mode", "blk.sector",
 					 "blk.expect", "blk.id", "net.ip", "net.peer", "net.udp",
-					 "net.mode", "net.csum", "net.serve_ms"};
+					 "net.mode", "net.csum", "net.serve_ms",
+					 "blkbench.qd", "blkbench.ms", "blkbench.op", "blkbench.bs",
+					 "blkbench.tsc_khz"};
 
 const char *opt(const char *key)
 {
@@ -264,6 +266,7 @@ static const struct scenario extra_scenarios[] = {
 	{"virtio-rng", scenario_virtio_rng},
 	{"virtio-blk", scenario_virtio_blk},
 	{"virtio-net", scenario_virtio_net},
+	{"blk-bench", scenario_blk_bench},
 };
 
 static int nr_ok, nr_fail;

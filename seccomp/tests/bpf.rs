@@ -41,7 +41,10 @@ impl Data {
             bytes[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_le_bytes());
         }
         let o = offset as usize;
-        assert!(o.is_multiple_of(4) && o + 4 <= 64, "load outside seccomp_data: {o}");
+        assert!(
+            o.is_multiple_of(4) && o + 4 <= 64,
+            "load outside seccomp_data: {o}"
+        );
         u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"))
     }
 }

@@ -1,0 +1,1302 @@
+//! The net data path: `ringvm device net` beside raw tap I/O (the limit), in one run, in a
+//! private network namespace.
+//!
+//! The "guest" is this process: a vhost-user frontend ([`Frontend`]) on the device's socket,
+//! with its own guest memory (a memfd) and split rings laid out by [`MockSplitQueue`], so
+//! nothing here depends on a guest kernel's speed. It negotiates `VERSION_1`, `EVENT_IDX` and
+//! `MRG_RXBUF`, no offloads: every frame is one descriptor (12-byte `virtio_net_hdr_v1` and
+//! the Ethernet frame), kicks are eventfd writes when `avail_event` asks for them, and
+//! completions are read from the used ring, sleeping on the call eventfd (with `used_event`
+//! set half a batch ahead, as a NAPI driver batches) when there are none.
+//!
+//! - `tx/<size>` (guest -> tap): UDP frames from the guest to the tap's host address,
+//!   posted on the TX ring as fast as the used entries come back. What counts is what the
+//!   host stack delivered: datagrams read from a UDP socket on the host address (frames the
+//!   kernel dropped do not count). Limit: the same frames, vnet header included, written
+//!   with `write()` to a tap fd of its own, counted on the same kind of socket.
+//! - `rx/<size>` (tap -> guest): a host-side sender thread sends the frames to the tap (an
+//!   `AF_PACKET` socket bound to the tap, `PACKET_QDISC_BYPASS`, `sendmmsg` of 64) as fast
+//!   as the receiver takes them: at most 256 in flight, below the tap's queue of 500, so
+//!   the tap never runs dry while the receiver keeps up and the sender spends no CPU on
+//!   frames that would be dropped (on 2 cores a flat-out sender steals the receiver's core;
+//!   `RINGVM_NET_FLOOD=1` sends flat out anyway, the surplus dropped by the tap and counted
+//!   for nobody). What counts is frames the device put in the guest's receive buffers (used
+//!   entries of the frame's length), buffers replenished as they come back. Limit: `read()`
+//!   from a tap fd with the same sender.
+//! - Sizes: 64-byte frames and full-MTU 1514-byte frames (a 1500-byte IP packet), without
+//!   the vnet header; Gbit/s counts the Ethernet frame bytes.
+//!
+//! Subjects: `ringvm device net --socket S --tap-name T` jailed (`ringvm`) and with
+//! `--disable-sandbox` (`ringvm-nosandbox`). Each gets its own tap and subnet, the limit a
+//! third one; the bench process `unshare`s a new network namespace before it makes any of
+//! them, so all traffic stays there and goes when the bench exits. Beside the rate each case
+//! reports Gbit/s and CPU time per frame in `<target>/bench/net.jsonl`: `dev_cpu_us_per_pkt`
+//! (every thread of the device's process tree, from `/proc/<pid>/task/*/schedstat`) and
+//! `guest_cpu_us_per_pkt` (this process's main thread: the frontend or the raw-tap loop, and
+//! for tx the UDP reader) and `bench_cpu_us_per_pkt` (the whole process: for rx also the
+//! sender thread). The details table shows device, guest and sender CPU per frame.
+//!
+//! Run as root with `cargo bench -p benches --bench net [-- --quick] [-- FILTER...]`. ringvm
+//! is taken from $RINGVM_BIN, else built as `target/release/ringvm`. TCP bulk throughput
+//! with offloads is not measured.
+
+use std::fs::{self, File};
+use std::io;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::num::Wrapping;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use benches::{bench_dir, target_dir, workspace_root, Role, Runner, Variant};
+use executor::{AsyncFd, Executor};
+use memory::{GuestAddress, GuestMemory};
+use virtio::mock::MockSplitQueue;
+use virtio::queue::desc::VIRTQ_DESC_F_WRITE;
+use virtio::vhost_user::{Connection, Frontend, VringConfig, VIRTIO_F_VERSION_1};
+use virtio::{Descriptor, VIRTIO_F_EVENT_IDX};
+
+/// Measured seconds per case (over all its rounds) and rounds, in a full and a quick run.
+const FULL: (f64, usize) = (6.0, 12);
+const QUICK: (f64, usize) = (0.3, 3);
+/// Frame sizes (Ethernet header to payload end, no vnet header, no FCS).
+const SIZES: [usize; 2] = [64, 1514];
+const VNET_HDR: usize = 12;
+/// `VIRTIO_NET_F_MRG_RXBUF`.
+const MRG_RXBUF: u32 = 15;
+const QUEUE_SIZE: u16 = 256;
+/// Receive buffer size: a full-MTU frame and its header, as Linux posts mergeable buffers.
+const RX_BUF: u32 = 1536;
+/// Slot size of the fixed buffers in guest memory.
+const SLOT: u64 = 2048;
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const UDP_PORT: u16 = 9000;
+/// `PACKET_QDISC_BYPASS` (linux/if_packet.h), not in the libc crate.
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
+/// Frames per `sendmmsg`/`recvmmsg`.
+const BATCH: usize = 64;
+/// A case that makes no progress for this long has failed.
+const STALL: Duration = Duration::from_secs(5);
+
+fn main() {
+    let mut config = benches::Config::from_env();
+    let (secs, rounds) = if config.quick { QUICK } else { FULL };
+    if std::env::var_os("RINGVM_BENCH_SECS").is_none() {
+        config.measure = Duration::from_secs_f64(secs);
+        config.warmup = Duration::from_secs_f64(secs / rounds as f64);
+    }
+    if std::env::var_os("RINGVM_BENCH_ROUNDS").is_none() {
+        config.rounds = rounds;
+    }
+    let mut runner = Runner::with_config("net", config);
+    let benches: Vec<(Dir, usize, String)> = [Dir::Tx, Dir::Rx]
+        .into_iter()
+        .flat_map(|d| SIZES.map(|s| (d, s, format!("{}/{s}", d.name()))))
+        .filter(|(_, _, name)| runner.enabled(name))
+        .collect();
+    if benches.is_empty() {
+        runner.finish().expect("write results");
+        return;
+    }
+    let mut left_out = Vec::new();
+    // Built before leaving the host's network namespace (cargo may want the network).
+    let bin = ringvm_bin();
+    let dir = bench_dir().expect("target/bench");
+
+    // SAFETY: plain syscall, before this process starts any thread: every thread and child
+    // made from here on lives in the new namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let e = io::Error::last_os_error();
+        println!("NOT MEASURED net: cannot unshare a network namespace (root needed): {e}");
+        std::process::exit(1);
+    }
+    // No IPv6 chatter (router solicitations, MLD) on the taps.
+    for conf in ["all", "default"] {
+        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1");
+    }
+
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    match &bin {
+        Ok(bin) => {
+            for (i, (key, sandbox)) in [("ringvm", true), ("ringvm-nosandbox", false)]
+                .into_iter()
+                .enumerate()
+            {
+                match Endpoint::ringvm(key, bin, sandbox, i as u8, &dir) {
+                    Ok(e) => endpoints.push(e),
+                    Err(e) => left_out.push(format!("subject {key}: {e}")),
+                }
+            }
+        }
+        Err(e) => left_out.push(format!("subjects ringvm: {e}")),
+    }
+    match Endpoint::raw(2) {
+        Ok(e) => endpoints.push(e),
+        Err(e) => left_out.push(format!("limit raw-tap: {e}")),
+    }
+
+    for (d, size, name) in &benches {
+        let (d, size) = (*d, *size);
+        for e in &mut endpoints {
+            e.calls.clear();
+            if let Err(err) = e.prepare(d, size) {
+                panic!("{} {name}: {err}", e.key);
+            }
+        }
+        let sender = (d == Dir::Rx).then(|| Sender::start(&endpoints, size));
+        let variants = endpoints
+            .iter_mut()
+            .enumerate()
+            .map(|(i, e)| {
+                let (role, key, label) = (e.role, e.key, e.label(d));
+                let sender = sender.as_ref();
+                Variant::new(role, key, &label, move |n| {
+                    let r = match d {
+                        Dir::Tx => e.run_tx(n, size),
+                        Dir::Rx => e.run_rx(n, size, i, sender.expect("sender")),
+                    };
+                    r.unwrap_or_else(|err| panic!("{key} {d:?} {size}: {err}"))
+                })
+            })
+            .collect();
+        runner.compare(name, variants);
+        drop(sender);
+        let rounds = runner.config().rounds;
+        for e in &endpoints {
+            for (k, v) in e.stats(rounds) {
+                runner.annotate(name, e.key, k, v);
+            }
+            if let Some(c) = runner.case(name, e.key) {
+                let gbit = c.ops_per_sec * size as f64 * 8.0 / 1e9;
+                runner.annotate(name, e.key, "gbit_per_s", gbit);
+            }
+        }
+    }
+
+    print_details(&runner);
+    if let Err(e) = runner.finish() {
+        eprintln!("cannot write the bench results: {e}");
+    }
+    println!();
+    if runner.config().quick {
+        println!("quick run: the checks below are rough, not a claim");
+    }
+    for (_, _, name) in &benches {
+        runner.check(name, "ringvm", Role::Limit, 0.9);
+    }
+    for why in &left_out {
+        println!("NOT MEASURED {why}");
+    }
+    drop(endpoints);
+    if !left_out.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// Guest -> tap.
+    Tx,
+    /// Tap -> guest.
+    Rx,
+}
+
+impl Dir {
+    fn name(self) -> &'static str {
+        match self {
+            Dir::Tx => "tx",
+            Dir::Rx => "rx",
+        }
+    }
+}
+
+/// A figure of the JSON line of a case.
+fn extra(runner: &Runner, bench: &str, name: &str, key: &str) -> Option<f64> {
+    runner
+        .case(bench, name)?
+        .extra
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| *v)
+}
+
+/// The second table: pps, Gbit/s, ratio and CPU per frame.
+fn print_details(runner: &Runner) {
+    println!(
+        "\n{:8} {:17} {:>8} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8}",
+        "bench", "variant", "pps", "Gbit/s", "xlimit", "deliv", "device", "guest", "sender"
+    );
+    println!("{:>84}", "(CPU us per frame)");
+    println!("{}", "-".repeat(84));
+    let mut last = "";
+    for c in runner.cases() {
+        let get = |k| extra(runner, &c.bench, &c.name, k);
+        let fmt =
+            |v: Option<f64>, p: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.p$}"));
+        let bench = if c.bench == last { "" } else { &c.bench };
+        last = &c.bench;
+        let sender = get("bench_cpu_us_per_pkt")
+            .zip(get("guest_cpu_us_per_pkt"))
+            .map(|(b, g)| b - g)
+            .filter(|_| c.bench.starts_with("rx"));
+        println!(
+            "{bench:8} {:17} {:>8.0} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8}",
+            c.name,
+            c.ops_per_sec,
+            fmt(get("gbit_per_s"), 3),
+            fmt(runner.ratio(c, Role::Limit), 2),
+            get("delivered_frac").map_or_else(|| "-".to_owned(), |f| format!("{:.0}%", f * 100.0)),
+            fmt(get("dev_cpu_us_per_pkt"), 2),
+            fmt(get("guest_cpu_us_per_pkt"), 2),
+            fmt(sender, 2),
+        );
+    }
+}
+
+// ---- frames ----
+
+fn ip_checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(c[0]) << 8 | c.get(1).map_or(0, |&b| u32::from(b));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A `len`-byte Ethernet frame carrying a UDP datagram (no UDP checksum, which IPv4 allows).
+fn udp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    len: usize,
+) -> Vec<u8> {
+    assert!(len >= 14 + 20 + 8);
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (len - 14) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&ip_len.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = ip_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&UDP_PORT.to_be_bytes());
+    f.extend_from_slice(&UDP_PORT.to_be_bytes());
+    f.extend_from_slice(&(ip_len - 20).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.resize(len, 0x5a);
+    f
+}
+
+/// The MAC address of interface `name` (`SIOCGIFHWADDR`: /sys shows the host's namespace).
+fn if_mac(name: &str) -> Result<[u8; 6], String> {
+    // SAFETY: plain syscall; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return os_err("socket(AF_INET)");
+    }
+    // SAFETY: a fresh fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(format!("interface name {name:?} too long"));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we pass.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        return os_err(&format!("MAC of {name}"));
+    }
+    // SAFETY: SIOCGIFHWADDR set the hwaddr member of the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data) {
+        *m = d as u8;
+    }
+    Ok(mac)
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+fn os_err<T>(what: &str) -> Result<T, String> {
+    Err(format!("{what}: {}", io::Error::last_os_error()))
+}
+
+// ---- host-side sockets ----
+
+/// A UDP socket on the tap's host address that counts what the stack delivered.
+struct UdpCounter {
+    sock: UdpSocket,
+    bufs: Vec<[u8; 64]>,
+}
+
+impl UdpCounter {
+    fn bind(addr: Ipv4Addr) -> Result<UdpCounter, String> {
+        let sock = UdpSocket::bind((addr, UDP_PORT)).map_err(|e| format!("bind {addr}: {e}"))?;
+        sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let size: libc::c_int = 64 << 20;
+        // SAFETY: setsockopt with a c_int option on our socket.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                std::ptr::from_ref(&size).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if r != 0 {
+            return os_err("SO_RCVBUFFORCE");
+        }
+        Ok(UdpCounter {
+            sock,
+            bufs: vec![[0; 64]; BATCH],
+        })
+    }
+
+    /// Reads every queued datagram (cut to 64 bytes: only the count matters); returns how
+    /// many.
+    fn drain(&mut self) -> u64 {
+        let mut total = 0;
+        loop {
+            let mut iov: Vec<libc::iovec> = self
+                .bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                })
+                .collect();
+            // The iovecs point at our buffers.
+            let mut msgs: Vec<libc::mmsghdr> = iov
+                .iter_mut()
+                .map(|v| {
+                    // SAFETY: an all-zero mmsghdr is valid.
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_iov = v;
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            // SAFETY: msgs and the buffers they point at outlive the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    self.sock.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    msgs.len() as u32,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n <= 0 {
+                return total;
+            }
+            total += n as u64;
+        }
+    }
+}
+
+/// An `AF_PACKET` socket bound to interface `name` that sends past the qdisc.
+fn packet_socket(name: &str) -> Result<OwnedFd, String> {
+    // SAFETY: plain syscalls; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return os_err("socket(AF_PACKET)");
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let cname = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return os_err(&format!("if_nametoindex {name}"));
+    }
+    // SAFETY: an all-zero sockaddr_ll is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: a sockaddr_ll of the right size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if r != 0 {
+        return os_err(&format!("bind AF_PACKET to {name}"));
+    }
+    let one: libc::c_int = 1;
+    // SAFETY: a c_int option.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_QDISC_BYPASS,
+            std::ptr::from_ref(&one).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    if r != 0 {
+        return os_err("PACKET_QDISC_BYPASS");
+    }
+    Ok(fd)
+}
+
+/// The host-side sender of the rx benches: sends its frame to the tap of endpoint
+/// `target - 1` while `target` is non-zero, and sleeps otherwise. It keeps at most
+/// [`WINDOW`] frames in flight (sent and not yet delivered: below the tap's queue of 500,
+/// so the tap drops nothing and the sender burns no CPU on frames nobody reads), or with
+/// `RINGVM_NET_FLOOD=1` sends flat out (the surplus is dropped by the tap).
+struct Sender {
+    target: Arc<AtomicUsize>,
+    /// Frames the sender may still send.
+    credit: Arc<AtomicI64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Frames in flight from the sender to the receiver.
+const WINDOW: i64 = 256;
+
+const STOP: usize = usize::MAX;
+
+impl Sender {
+    fn start(endpoints: &[Endpoint], size: usize) -> Sender {
+        let jobs: Vec<(OwnedFd, Vec<u8>)> = endpoints
+            .iter()
+            .map(|e| {
+                let frame = udp_frame(GUEST_MAC, e.tap_mac, e.host_ip, e.guest_ip, size);
+                (e.psock.try_clone().expect("dup AF_PACKET socket"), frame)
+            })
+            .collect();
+        let target = Arc::new(AtomicUsize::new(0));
+        let credit = Arc::new(AtomicI64::new(0));
+        let flood = std::env::var_os("RINGVM_NET_FLOOD").is_some_and(|v| v == "1");
+        let (t, c) = (target.clone(), credit.clone());
+        let batch = BATCH as i64;
+        let thread = std::thread::spawn(move || loop {
+            match t.load(Ordering::Acquire) {
+                STOP => return,
+                0 => std::thread::park_timeout(Duration::from_millis(5)),
+                i if flood => {
+                    let (fd, frame) = &jobs[i - 1];
+                    send_batch(fd.as_raw_fd(), frame);
+                }
+                i if c.load(Ordering::Acquire) >= batch => {
+                    c.fetch_sub(batch, Ordering::AcqRel);
+                    let (fd, frame) = &jobs[i - 1];
+                    let sent = send_batch(fd.as_raw_fd(), frame) as i64;
+                    c.fetch_add(batch - sent, Ordering::AcqRel);
+                }
+                _ => std::thread::sleep(Duration::from_micros(20)),
+            }
+        });
+        Sender {
+            target,
+            credit,
+            thread: Some(thread),
+        }
+    }
+
+    /// The receiver got `frames` frames: as many more may be sent.
+    fn delivered(&self, frames: u64) {
+        self.credit.fetch_add(frames as i64, Ordering::AcqRel);
+    }
+
+    /// Floods endpoint `index`, or stops flooding (`None`).
+    fn aim(&self, index: Option<usize>) {
+        if index.is_some() {
+            self.credit.store(WINDOW, Ordering::Release);
+        }
+        self.target
+            .store(index.map_or(0, |i| i + 1), Ordering::Release);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.target.store(STOP, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// One `sendmmsg` of [`BATCH`] copies of `frame`; returns how many the tap took.
+fn send_batch(fd: RawFd, frame: &[u8]) -> usize {
+    let mut iov = [libc::iovec {
+        iov_base: frame.as_ptr() as *mut libc::c_void,
+        iov_len: frame.len(),
+    }; BATCH];
+    // SAFETY: an all-zero mmsghdr is valid; each points at one iovec of the frame.
+    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+        m.msg_hdr.msg_iov = v;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: the messages and the frame outlive the call; the socket is bound.
+    let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0) };
+    n.max(0) as usize
+}
+
+// ---- the endpoints: ringvm's guest, or the raw tap ----
+
+/// What one call of a variant measured.
+struct Call {
+    /// Frames delivered.
+    frames: u64,
+    /// Frames sent (tx; 0 for rx, where the sender's surplus is dropped by design).
+    offered: u64,
+    /// The device's CPU time over the call.
+    dev_cpu: Option<Duration>,
+    /// This process's CPU time over the call.
+    bench_cpu: Duration,
+    /// This process's main thread's CPU time over the call: the guest (frontend) or the
+    /// raw-tap loop, with the UDP reader (tx).
+    guest_cpu: Duration,
+}
+
+enum Kind {
+    Ringvm(Box<Guest>),
+    /// A tap fd of our own (non-blocking).
+    Raw(OwnedFd),
+}
+
+/// One tap with what drives it: the host side (address, UDP counter, packet socket) and
+/// the guest side (ringvm's device and our frontend, or a raw tap fd).
+struct Endpoint {
+    key: &'static str,
+    role: Role,
+    kind: Kind,
+    tap: String,
+    tap_mac: [u8; 6],
+    host_ip: Ipv4Addr,
+    guest_ip: Ipv4Addr,
+    udp: UdpCounter,
+    psock: OwnedFd,
+    /// The device process (for ringvm).
+    process: Option<Child>,
+    pids: Vec<u32>,
+    calls: Vec<Call>,
+    /// The transmit frame of the current bench, with its vnet header (raw tap).
+    tx_frame: Vec<u8>,
+}
+
+impl Endpoint {
+    /// `ringvm device net` on tap `rvnb<net>`, host side 10.0.<net>.1/24, and our frontend.
+    fn ringvm(
+        key: &'static str,
+        bin: &Path,
+        sandbox: bool,
+        net: u8,
+        dir: &Path,
+    ) -> Result<Endpoint, String> {
+        let tap = format!("rvnb{net}");
+        let socket = dir.join(format!("net-{key}.sock"));
+        let _ = fs::remove_file(&socket);
+        let mut cmd = Command::new(bin);
+        cmd.args(["device", "net", "--socket"])
+            .arg(&socket)
+            .args(["--tap-name", &tap]);
+        if !sandbox {
+            cmd.arg("--disable-sandbox");
+        }
+        let mut child = spawn_device(cmd, &dir.join(format!("net-{key}.log")), &socket)?;
+        let host_ip = Ipv4Addr::new(10, 0, net, 1);
+        let setup = || -> Result<(Box<Guest>, UdpCounter, OwnedFd, [u8; 6]), String> {
+            // The device made the tap before it listened.
+            ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &tap])?;
+            ip(&["link", "set", &tap, "up"])?;
+            let guest = Guest::connect(&socket)?;
+            Ok((
+                guest,
+                UdpCounter::bind(host_ip)?,
+                packet_socket(&tap)?,
+                if_mac(&tap)?,
+            ))
+        };
+        let (guest, udp, psock, tap_mac) = match setup() {
+            Ok(s) => s,
+            Err(e) => {
+                kill_tree(&mut child);
+                return Err(e);
+            }
+        };
+        // After the connection: a sandboxed device has forked into its jail by now.
+        let pids = process_tree(child.id());
+        Ok(Endpoint {
+            key,
+            role: Role::Subject,
+            kind: Kind::Ringvm(guest),
+            tap,
+            tap_mac,
+            host_ip,
+            guest_ip: Ipv4Addr::new(10, 0, net, 2),
+            udp,
+            psock,
+            process: Some(child),
+            pids,
+            calls: Vec::new(),
+            tx_frame: Vec::new(),
+        })
+    }
+
+    /// A tap `rvnb<net>` of our own, host side 10.0.<net>.1/24.
+    fn raw(net: u8) -> Result<Endpoint, String> {
+        let name = format!("rvnb{net}");
+        let tap = net::Tap::create(Some(&name), 1)
+            .map_err(|e| format!("tap {name}: {e}"))?
+            .pop()
+            .ok_or("no tap")?;
+        let host_ip = Ipv4Addr::new(10, 0, net, 1);
+        tap.configure(host_ip, Ipv4Addr::new(255, 255, 255, 0))
+            .map_err(|e| format!("configure {name}: {e}"))?;
+        let fd = tap.into_fd();
+        // SAFETY: fcntl on our fd.
+        let r = unsafe {
+            let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK)
+        };
+        if r != 0 {
+            return os_err("O_NONBLOCK");
+        }
+        Ok(Endpoint {
+            key: "raw-tap",
+            role: Role::Limit,
+            kind: Kind::Raw(fd),
+            tap_mac: if_mac(&name)?,
+            udp: UdpCounter::bind(host_ip)?,
+            psock: packet_socket(&name)?,
+            tap: name,
+            host_ip,
+            guest_ip: Ipv4Addr::new(10, 0, net, 2),
+            process: None,
+            pids: Vec::new(),
+            calls: Vec::new(),
+            tx_frame: Vec::new(),
+        })
+    }
+
+    fn label(&self, d: Dir) -> String {
+        match (&self.kind, d) {
+            (Kind::Ringvm(_), _) => format!(
+                "ringvm device net --tap-name {}{}",
+                self.tap,
+                if self.key.ends_with("nosandbox") {
+                    " --disable-sandbox"
+                } else {
+                    ""
+                }
+            ),
+            (Kind::Raw(_), Dir::Tx) => "write() to a tap fd".to_owned(),
+            (Kind::Raw(_), Dir::Rx) => "read() from a tap fd".to_owned(),
+        }
+    }
+
+    /// Lays out the transmit frames of a `size`-byte bench.
+    fn prepare(&mut self, d: Dir, size: usize) -> Result<(), String> {
+        let frame = udp_frame(self.tap_mac, GUEST_MAC, self.guest_ip, self.host_ip, size);
+        let mut with_hdr = vec![0u8; VNET_HDR];
+        with_hdr.extend_from_slice(&frame);
+        if let (Kind::Ringvm(g), Dir::Tx) = (&mut self.kind, d) {
+            g.prepare_tx(&with_hdr)?;
+        }
+        self.tx_frame = with_hdr;
+        Ok(())
+    }
+
+    fn cpu_time(&self) -> Option<Duration> {
+        self.process.as_ref()?;
+        Some(self.pids.iter().map(|&p| process_cpu_time(p)).sum())
+    }
+
+    /// Measures `f`, which returns the time taken and the frames delivered; records the call
+    /// and returns the time scaled to `n` frames at the measured rate.
+    fn measure(
+        &mut self,
+        n: u64,
+        offered: u64,
+        f: impl FnOnce(&mut Self) -> Result<(Duration, u64), String>,
+    ) -> Result<Duration, String> {
+        let dev_before = self.cpu_time();
+        let bench_before = process_cpu_time(std::process::id());
+        let guest_before = main_thread_cpu_time();
+        let (elapsed, frames) = f(self)?;
+        let bench_cpu = process_cpu_time(std::process::id()).saturating_sub(bench_before);
+        let guest_cpu = main_thread_cpu_time().saturating_sub(guest_before);
+        let dev_cpu = self
+            .cpu_time()
+            .zip(dev_before)
+            .map(|(a, b)| a.saturating_sub(b));
+        self.calls.push(Call {
+            frames,
+            offered,
+            dev_cpu,
+            bench_cpu,
+            guest_cpu,
+        });
+        if frames == 0 {
+            return Err(format!("no frame delivered in {elapsed:?}"));
+        }
+        Ok(elapsed.mul_f64(n as f64 / frames as f64))
+    }
+
+    /// Transmits `n` frames; the rate counts the ones the host's UDP socket got.
+    fn run_tx(&mut self, n: u64, _size: usize) -> Result<Duration, String> {
+        self.measure(n, n, |e| {
+            let start = Instant::now();
+            let sent = match &mut e.kind {
+                Kind::Ringvm(g) => g.transmit(n, &mut e.udp)?,
+                Kind::Raw(fd) => {
+                    let mut got = 0;
+                    for i in 0..n {
+                        // SAFETY: writes from our buffer.
+                        let r = unsafe {
+                            libc::write(
+                                fd.as_raw_fd(),
+                                e.tx_frame.as_ptr().cast(),
+                                e.tx_frame.len(),
+                            )
+                        };
+                        if r < 0 {
+                            return os_err("tap write");
+                        }
+                        if i % BATCH as u64 == BATCH as u64 - 1 {
+                            got += e.udp.drain();
+                        }
+                    }
+                    got
+                }
+            };
+            let got = sent + e.udp.drain();
+            Ok((start.elapsed(), got))
+        })
+    }
+
+    /// Receives until `n` frames of `size` bytes arrived, with the sender flooding this
+    /// endpoint's tap; then lets the tap queue run dry (uncounted).
+    fn run_rx(
+        &mut self,
+        n: u64,
+        size: usize,
+        index: usize,
+        sender: &Sender,
+    ) -> Result<Duration, String> {
+        let want = VNET_HDR + size;
+        self.measure(n, 0, |e| {
+            let start = Instant::now();
+            sender.aim(Some(index));
+            let got = match &mut e.kind {
+                Kind::Ringvm(g) => g.receive(n, want, true, sender),
+                Kind::Raw(fd) => raw_receive(fd.as_fd(), n, want, true, sender),
+            };
+            let elapsed = start.elapsed();
+            sender.aim(None);
+            let got = got?;
+            match &mut e.kind {
+                Kind::Ringvm(g) => g.receive(u64::MAX, want, false, sender)?,
+                Kind::Raw(fd) => raw_receive(fd.as_fd(), u64::MAX, want, false, sender)?,
+            };
+            Ok((elapsed, got))
+        })
+    }
+
+    /// The figures of the last `rounds` calls (the measured rounds) for the JSON line.
+    fn stats(&self, rounds: usize) -> Vec<(&'static str, f64)> {
+        let measured = &self.calls[self.calls.len().saturating_sub(rounds)..];
+        let frames: u64 = measured.iter().map(|c| c.frames).sum();
+        let mut out = Vec::new();
+        if frames == 0 {
+            return out;
+        }
+        let offered: u64 = measured.iter().map(|c| c.offered).sum();
+        if offered > 0 {
+            out.push(("delivered_frac", frames as f64 / offered as f64));
+        }
+        let guest: Duration = measured.iter().map(|c| c.guest_cpu).sum();
+        out.push((
+            "guest_cpu_us_per_pkt",
+            guest.as_secs_f64() * 1e6 / frames as f64,
+        ));
+        let bench: Duration = measured.iter().map(|c| c.bench_cpu).sum();
+        out.push((
+            "bench_cpu_us_per_pkt",
+            bench.as_secs_f64() * 1e6 / frames as f64,
+        ));
+        let dev: Option<Duration> = measured.iter().map(|c| c.dev_cpu).sum();
+        if let Some(dev) = dev {
+            out.push((
+                "dev_cpu_us_per_pkt",
+                dev.as_secs_f64() * 1e6 / frames as f64,
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.process {
+            kill_tree(child);
+        }
+    }
+}
+
+/// Reads frames from a non-blocking tap fd until `n` of `want` bytes came (`counting`), or
+/// until none came for a while (not `counting`: draining). Returns the frames of `want`
+/// bytes read.
+fn raw_receive(
+    fd: std::os::fd::BorrowedFd<'_>,
+    n: u64,
+    want: usize,
+    counting: bool,
+    sender: &Sender,
+) -> Result<u64, String> {
+    let mut buf = vec![0u8; 65536];
+    let mut got = 0;
+    let mut idle_since: Option<Instant> = None;
+    while got < n {
+        // SAFETY: reads into our buffer.
+        let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r >= 0 {
+            idle_since = None;
+            got += u64::from(r as usize == want);
+            sender.delivered(1);
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(format!("tap read: {e}"));
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if !counting && since.elapsed() > Duration::from_millis(2) {
+            break;
+        }
+        if counting && since.elapsed() > STALL {
+            return Err(format!("{got} of {n} frames in {STALL:?}"));
+        }
+        let timeout = if counting { 100 } else { 1 };
+        wait_readable(fd.as_raw_fd(), timeout);
+    }
+    Ok(got)
+}
+
+fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
+}
+
+fn eventfd() -> Result<OwnedFd, String> {
+    // SAFETY: plain syscall; the fd is owned at once.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return os_err("eventfd");
+    }
+    // SAFETY: a fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn eventfd_write(fd: &OwnedFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a u64.
+    unsafe { libc::write(fd.as_raw_fd(), std::ptr::from_ref(&one).cast(), 8) };
+}
+
+/// Clears an eventfd.
+fn eventfd_read(fd: &OwnedFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a u64.
+    unsafe { libc::read(fd.as_raw_fd(), std::ptr::from_mut(&mut v).cast(), 8) };
+}
+
+// ---- the guest: our vhost-user frontend ----
+
+/// The driver side of one ring: fixed descriptors, descriptor `i` always on slot `i` of the
+/// ring's buffers, re-posted as it comes back.
+struct Ring {
+    q: MockSplitQueue,
+    kick: OwnedFd,
+    call: OwnedFd,
+    buffers: GuestAddress,
+    /// Used entries read so far.
+    seen: Wrapping<u16>,
+}
+
+impl Ring {
+    fn new(mem: &GuestMemory, base: u64, buffers: u64) -> Result<Ring, String> {
+        let q = MockSplitQueue::with_data_area(
+            mem,
+            GuestAddress(base),
+            QUEUE_SIZE,
+            GuestAddress(buffers),
+            SLOT * u64::from(QUEUE_SIZE),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Ring {
+            q,
+            kick: eventfd()?,
+            call: eventfd()?,
+            buffers: GuestAddress(buffers),
+            seen: Wrapping(0),
+        })
+    }
+
+    fn config(&self, index: u32) -> VringConfig<'_> {
+        VringConfig {
+            index,
+            size: QUEUE_SIZE,
+            desc: self.q.desc_table(),
+            avail: self.q.avail_addr(),
+            used: self.q.used_addr(),
+            base: 0,
+            kick: self.kick.as_fd(),
+            call: Some(self.call.as_fd()),
+        }
+    }
+
+    fn slot(&self, i: u16) -> GuestAddress {
+        GuestAddress(self.buffers.0 + SLOT * u64::from(i))
+    }
+
+    fn set_desc(&self, i: u16, len: u32, flags: u16) -> Result<(), String> {
+        let desc = Descriptor {
+            addr: self.slot(i).0,
+            len,
+            flags,
+            next: 0,
+        };
+        self.q.write_desc(i, desc).map_err(|e| e.to_string())
+    }
+
+    /// Publishes descriptor `i`.
+    fn post(&mut self, i: u16) -> Result<(), String> {
+        self.q.publish(i).map_err(|e| e.to_string())
+    }
+
+    /// Kicks if the device asked for it since avail index `old`.
+    fn kick_since(&self, old: u16) -> Result<(), String> {
+        if self.q.avail_idx() != old && self.q.needs_kick(true, old).map_err(|e| e.to_string())? {
+            eventfd_write(&self.kick);
+        }
+        Ok(())
+    }
+
+    /// The next used entry.
+    fn used(&mut self) -> Result<Option<(u16, u32)>, String> {
+        let u = self.q.next_used().map_err(|e| e.to_string())?;
+        Ok(u.map(|u| {
+            self.seen += 1;
+            (u.id as u16, u.len)
+        }))
+    }
+
+    /// Asks for a call once `ahead` more entries are used and sleeps for it (at most
+    /// `timeout_ms`), unless entries came meanwhile.
+    fn wait(&self, ahead: u16, timeout_ms: i32) -> Result<(), String> {
+        let event = self.seen + Wrapping(ahead.max(1) - 1);
+        self.q.set_used_event(event.0).map_err(|e| e.to_string())?;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.q.used_idx().map_err(|e| e.to_string())? != self.seen.0 {
+            return Ok(());
+        }
+        if wait_readable(self.call.as_raw_fd(), timeout_ms) {
+            eventfd_read(&self.call);
+        }
+        Ok(())
+    }
+}
+
+/// Our side of a vhost-user connection to `ringvm device net`: guest memory and the two
+/// rings. Fields drop in order: the frontend before its executor.
+struct Guest {
+    _fe: Frontend,
+    _ex: Executor,
+    mem: GuestMemory,
+    rx: Ring,
+    tx: Ring,
+}
+
+impl Guest {
+    fn connect(socket: &Path) -> Result<Box<Guest>, String> {
+        let stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+        let ex = Executor::new().map_err(|e| format!("executor: {e}"))?;
+        let mem = GuestMemory::new(&[(GuestAddress(0), 16 << 20)]).map_err(|e| e.to_string())?;
+        let rx = Ring::new(&mem, 0x1_0000, 0x10_0000)?;
+        let tx = Ring::new(&mem, 0x2_0000, 0x20_0000)?;
+        let features = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << MRG_RXBUF);
+        let fe = ex.run_until(async {
+            let fe = Frontend::connect(
+                Connection::new(AsyncFd::new(stream.into())),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|e| format!("vhost-user connect: {e}"))?;
+            if fe.features() & features != features {
+                return Err(format!(
+                    "the device offers {:#x}, without all of {features:#x}",
+                    fe.features()
+                ));
+            }
+            fe.start(features, &mem, &[rx.config(0), tx.config(1)])
+                .await
+                .map_err(|e| format!("vhost-user start: {e}"))?;
+            Ok(fe)
+        })?;
+        let mut g = Box::new(Guest {
+            _fe: fe,
+            _ex: ex,
+            mem,
+            rx,
+            tx,
+        });
+        // Every receive buffer posted, for good.
+        let old = g.rx.q.avail_idx();
+        for i in 0..QUEUE_SIZE {
+            g.rx.set_desc(i, RX_BUF, VIRTQ_DESC_F_WRITE)?;
+            g.rx.post(i)?;
+        }
+        g.rx.kick_since(old)?;
+        Ok(g)
+    }
+
+    /// Writes `frame` (vnet header included) into every transmit slot.
+    fn prepare_tx(&mut self, frame: &[u8]) -> Result<(), String> {
+        for i in 0..QUEUE_SIZE {
+            self.mem
+                .write_slice(frame, self.tx.slot(i))
+                .map_err(|e| e.to_string())?;
+            self.tx.set_desc(i, frame.len() as u32, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Transmits `n` frames, keeping the ring full; drains `udp` as it goes. Returns the
+    /// datagrams it counted.
+    fn transmit(&mut self, n: u64, udp: &mut UdpCounter) -> Result<u64, String> {
+        let mut free: Vec<u16> = (0..QUEUE_SIZE).rev().collect();
+        let (mut posted, mut done, mut got) = (0u64, 0u64, 0u64);
+        let mut last = Instant::now();
+        while done < n {
+            let old = self.tx.q.avail_idx();
+            while posted < n {
+                let Some(i) = free.pop() else { break };
+                self.tx.post(i)?;
+                posted += 1;
+            }
+            self.tx.kick_since(old)?;
+            let mut reaped = 0;
+            while let Some((id, _)) = self.tx.used()? {
+                free.push(id);
+                reaped += 1;
+            }
+            done += reaped;
+            got += udp.drain();
+            if reaped == 0 {
+                if last.elapsed() > STALL {
+                    return Err(format!("{done} of {n} frames sent in {STALL:?}"));
+                }
+                let in_flight = (posted - done) as u16;
+                self.tx.wait((in_flight / 2).max(1), 10)?;
+            } else {
+                last = Instant::now();
+            }
+        }
+        Ok(got)
+    }
+
+    /// Takes used receive entries and posts their buffers again until `n` frames of `want`
+    /// bytes came (`counting`), or until none came for a while (draining). Returns the
+    /// frames of `want` bytes.
+    fn receive(
+        &mut self,
+        n: u64,
+        want: usize,
+        counting: bool,
+        sender: &Sender,
+    ) -> Result<u64, String> {
+        let mut got = 0u64;
+        let mut idle_since: Option<Instant> = None;
+        while got < n {
+            let old = self.rx.q.avail_idx();
+            let mut reaped = 0;
+            while let Some((id, len)) = self.rx.used()? {
+                got += u64::from(len as usize == want);
+                self.rx.post(id)?;
+                reaped += 1;
+            }
+            if reaped > 0 {
+                idle_since = None;
+                self.rx.kick_since(old)?;
+                sender.delivered(reaped);
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if !counting && since.elapsed() > Duration::from_millis(2) {
+                break;
+            }
+            if counting && since.elapsed() > STALL {
+                return Err(format!("{got} of {n} frames in {STALL:?}"));
+            }
+            let ahead = (n - got).min(u64::from(QUEUE_SIZE) / 4) as u16;
+            self.rx.wait(ahead, if counting { 100 } else { 1 })?;
+        }
+        Ok(got)
+    }
+}
+
+// ---- processes ----
+
+/// Starts the device and waits for its socket.
+fn spawn_device(mut cmd: Command, log: &Path, socket: &Path) -> Result<Child, String> {
+    let log_file = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if socket.exists() {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("{cmd:?} exited ({status}): {}", out.trim()));
+        }
+        if Instant::now() > deadline {
+            kill_tree(&mut child);
+            return Err(format!("{cmd:?} made no socket in 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills `child` and the processes it started (a sandboxed device forks into its jail).
+fn kill_tree(child: &mut Child) {
+    let tree = process_tree(child.id());
+    for &pid in tree.iter().skip(1) {
+        // SAFETY: plain syscall; the pids are descendants of a child this bench started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `root` and its descendants.
+fn process_tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+/// The CPU time of this process's main thread (the guest side of every variant).
+fn main_thread_cpu_time() -> Duration {
+    let pid = std::process::id();
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
+/// The CPU time of every live thread of `pid` (`sum_exec_runtime`, nanoseconds).
+fn process_cpu_time(pid: u32) -> Duration {
+    let ns: u64 = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| {
+            let s = fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// The ringvm binary, or why there is none with `device net`.
+fn ringvm_bin() -> Result<PathBuf, String> {
+    let bin = match std::env::var_os("RINGVM_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--release", "-p", "vmm", "--bin", "ringvm"])
+                .current_dir(workspace_root())
+                .status()
+                .map_err(|e| format!("run cargo build: {e}"))?;
+            if !status.success() {
+                return Err("cargo build --release -p vmm failed".to_owned());
+            }
+            target_dir().join("release/ringvm")
+        }
+    };
+    let help = Command::new(&bin)
+        .args(["device", "net", "--help"])
+        .output()
+        .map_err(|e| format!("run {}: {e}", bin.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&help.stdout),
+        String::from_utf8_lossy(&help.stderr)
+    );
+    if !help.status.success() || !text.contains("--tap-name") {
+        return Err(format!(
+            "{} has no `device net --tap-name`: {}",
+            bin.display(),
+            text.lines().next().unwrap_or("").trim()
+        ));
+    }
+    Ok(bin)
+}
