@@ -203,7 +203,9 @@ impl Header {
 
         let nb_snapshots = be32(buf, 60);
         let snapshots_offset = be64(buf, 64);
-        if nb_snapshots > 0 && (!snapshots_offset.is_multiple_of(cs) || snapshots_offset >= file_len) {
+        if nb_snapshots > 0
+            && (!snapshots_offset.is_multiple_of(cs) || snapshots_offset >= file_len)
+        {
             return Err(Error::InvalidHeader("snapshot table offset invalid"));
         }
 
