@@ -40,10 +40,10 @@ use std::fs::{self, File};
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use benches::{bench_dir, target_dir, workspace_root, Role, Runner, Variant};
+use benches::{bench_dir, Role, Runner, Variant};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 /// The largest request.
@@ -419,7 +419,7 @@ impl Backend {
                 "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues=1",
                 socket.display()
             ));
-        let child = spawn_backend(cmd, &dir.join("block-qsd.log"), &socket)?;
+        let child = benches::process::spawn_backend(cmd, &dir.join("block-qsd.log"), &socket)?;
         Backend::vhost_user(
             "qsd",
             "qemu-storage-daemon vhost-user-blk, file aio=io_uring direct".to_owned(),
@@ -447,7 +447,8 @@ impl Backend {
         if !sandbox {
             cmd.arg("--disable-sandbox");
         }
-        let child = spawn_backend(cmd, &dir.join(format!("block-{key}.log")), &socket)?;
+        let child =
+            benches::process::spawn_backend(cmd, &dir.join(format!("block-{key}.log")), &socket)?;
         let label = format!(
             "ringvm device block --file IMG{direct}{}",
             if sandbox { "" } else { " --disable-sandbox" },
@@ -473,7 +474,7 @@ impl Backend {
         match client {
             Ok(client) => Ok(Backend::new(key, label, role, client, Some(child))),
             Err(e) => {
-                kill_tree(&mut child);
+                benches::process::kill_tree(&mut child);
                 Err(e)
             }
         }
@@ -489,7 +490,7 @@ impl Backend {
         // After the connection: a sandboxed backend has forked into its jail by now.
         let pids = process
             .as_ref()
-            .map_or_else(Vec::new, |c| process_tree(c.id()));
+            .map_or_else(Vec::new, |c| benches::process::process_tree(c.id()));
         Backend {
             key,
             label,
@@ -504,7 +505,12 @@ impl Backend {
 
     fn cpu_time(&self) -> Option<Duration> {
         self.process.as_ref()?;
-        Some(self.pids.iter().map(|&p| process_cpu_time(p)).sum())
+        Some(
+            self.pids
+                .iter()
+                .map(|&p| benches::process::process_cpu_time(p))
+                .sum(),
+        )
     }
 
     /// Runs `n` I/Os of `w` and records the call; returns the time they took.
@@ -516,7 +522,7 @@ impl Backend {
         n: u64,
     ) -> Result<Duration, String> {
         let cpu_before = self.cpu_time();
-        let client_before = process_cpu_time(std::process::id());
+        let client_before = benches::process::process_cpu_time(std::process::id());
         let mut latencies = Vec::with_capacity(n as usize);
         let cursor = &mut self.cursor;
         let mut next = || {
@@ -529,7 +535,8 @@ impl Backend {
             off
         };
         let elapsed = self.client.run(w, n, &mut next, &mut latencies)?;
-        let client_cpu = process_cpu_time(std::process::id()).saturating_sub(client_before);
+        let client_cpu =
+            benches::process::process_cpu_time(std::process::id()).saturating_sub(client_before);
         let cpu = self
             .cpu_time()
             .zip(cpu_before)
@@ -579,105 +586,15 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         if let Some(child) = &mut self.process {
-            kill_tree(child);
+            benches::process::kill_tree(child);
         }
     }
-}
-
-/// Starts a vhost-user backend and waits for its socket.
-fn spawn_backend(mut cmd: Command, log: &Path, socket: &Path) -> Result<Child, String> {
-    let log_file = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log_file)
-        .spawn()
-        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if socket.exists() {
-            return Ok(child);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let out = fs::read_to_string(log).unwrap_or_default();
-            return Err(format!("{cmd:?} exited ({status}): {}", out.trim()));
-        }
-        if Instant::now() > deadline {
-            kill_tree(&mut child);
-            return Err(format!("{cmd:?} made no socket in 10 s"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Kills `child` and the processes it started (a sandboxed device forks into its jail).
-fn kill_tree(child: &mut Child) {
-    let tree = process_tree(child.id());
-    for &pid in tree.iter().skip(1) {
-        // SAFETY: plain syscall; the pids are descendants of a child this bench started.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// `root` and its descendants.
-fn process_tree(root: u32) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The fields after the command name, which may hold spaces and parentheses.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
-            Some((pid, ppid))
-        })
-        .collect();
-    let mut tree = vec![root];
-    let mut i = 0;
-    while i < tree.len() {
-        let p = tree[i];
-        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
-        i += 1;
-    }
-    tree
-}
-
-/// The CPU time of every live thread of `pid` (`sum_exec_runtime`, nanoseconds).
-fn process_cpu_time(pid: u32) -> Duration {
-    let ns: u64 = fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|t| {
-            let s = fs::read_to_string(t.path().join("schedstat")).ok()?;
-            s.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum();
-    Duration::from_nanos(ns)
 }
 
 /// The ringvm binary and the suffix of its `--file` argument that asks for O_DIRECT, or why
 /// there is none that can serve a block device.
 fn ringvm_bin() -> Result<(PathBuf, &'static str), String> {
-    let bin = match std::env::var_os("RINGVM_BIN") {
-        Some(bin) => PathBuf::from(bin),
-        None => {
-            // Build it here: a bench that measures the binary must measure the current one.
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "--release", "-p", "vmm", "--bin", "ringvm"])
-                .current_dir(workspace_root())
-                .status()
-                .map_err(|e| format!("run cargo build: {e}"))?;
-            if !status.success() {
-                return Err("cargo build --release -p vmm failed".to_owned());
-            }
-            target_dir().join("release/ringvm")
-        }
-    };
+    let bin = benches::process::ringvm_release()?;
     let help = Command::new(&bin)
         .args(["device", "block", "--help"])
         .output()

@@ -40,20 +40,20 @@
 //! is taken from $RINGVM_BIN, else built as `target/release/ringvm`. TCP bulk throughput
 //! with offloads is not measured.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::num::Wrapping;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use benches::{bench_dir, target_dir, workspace_root, Role, Runner, Variant};
+use benches::{bench_dir, Role, Runner, Variant};
 use executor::{AsyncFd, Executor};
 use memory::{GuestAddress, GuestMemory};
 use virtio::mock::MockSplitQueue;
@@ -632,7 +632,8 @@ impl Endpoint {
         if !sandbox {
             cmd.arg("--disable-sandbox");
         }
-        let mut child = spawn_device(cmd, &dir.join(format!("net-{key}.log")), &socket)?;
+        let mut child =
+            benches::process::spawn_backend(cmd, &dir.join(format!("net-{key}.log")), &socket)?;
         let host_ip = Ipv4Addr::new(10, 0, net, 1);
         let setup = || -> Result<(Box<Guest>, UdpCounter, OwnedFd, [u8; 6]), String> {
             // The device made the tap before it listened.
@@ -649,12 +650,12 @@ impl Endpoint {
         let (guest, udp, psock, tap_mac) = match setup() {
             Ok(s) => s,
             Err(e) => {
-                kill_tree(&mut child);
+                benches::process::kill_tree(&mut child);
                 return Err(e);
             }
         };
         // After the connection: a sandboxed device has forked into its jail by now.
-        let pids = process_tree(child.id());
+        let pids = benches::process::process_tree(child.id());
         Ok(Endpoint {
             key,
             role: Role::Subject,
@@ -738,7 +739,12 @@ impl Endpoint {
 
     fn cpu_time(&self) -> Option<Duration> {
         self.process.as_ref()?;
-        Some(self.pids.iter().map(|&p| process_cpu_time(p)).sum())
+        Some(
+            self.pids
+                .iter()
+                .map(|&p| benches::process::process_cpu_time(p))
+                .sum(),
+        )
     }
 
     /// Measures `f`, which returns the time taken and the frames delivered; records the call
@@ -750,10 +756,11 @@ impl Endpoint {
         f: impl FnOnce(&mut Self) -> Result<(Duration, u64), String>,
     ) -> Result<Duration, String> {
         let dev_before = self.cpu_time();
-        let bench_before = process_cpu_time(std::process::id());
+        let bench_before = benches::process::process_cpu_time(std::process::id());
         let guest_before = main_thread_cpu_time();
         let (elapsed, frames) = f(self)?;
-        let bench_cpu = process_cpu_time(std::process::id()).saturating_sub(bench_before);
+        let bench_cpu =
+            benches::process::process_cpu_time(std::process::id()).saturating_sub(bench_before);
         let guest_cpu = main_thread_cpu_time().saturating_sub(guest_before);
         let dev_cpu = self
             .cpu_time()
@@ -868,7 +875,7 @@ impl Endpoint {
 impl Drop for Endpoint {
     fn drop(&mut self) {
         if let Some(child) = &mut self.process {
-            kill_tree(child);
+            benches::process::kill_tree(child);
         }
     }
 }
@@ -1182,67 +1189,6 @@ impl Guest {
 
 // ---- processes ----
 
-/// Starts the device and waits for its socket.
-fn spawn_device(mut cmd: Command, log: &Path, socket: &Path) -> Result<Child, String> {
-    let log_file = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log_file)
-        .spawn()
-        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if socket.exists() {
-            return Ok(child);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let out = fs::read_to_string(log).unwrap_or_default();
-            return Err(format!("{cmd:?} exited ({status}): {}", out.trim()));
-        }
-        if Instant::now() > deadline {
-            kill_tree(&mut child);
-            return Err(format!("{cmd:?} made no socket in 10 s"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Kills `child` and the processes it started (a sandboxed device forks into its jail).
-fn kill_tree(child: &mut Child) {
-    let tree = process_tree(child.id());
-    for &pid in tree.iter().skip(1) {
-        // SAFETY: plain syscall; the pids are descendants of a child this bench started.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// `root` and its descendants.
-fn process_tree(root: u32) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
-            Some((pid, ppid))
-        })
-        .collect();
-    let mut tree = vec![root];
-    let mut i = 0;
-    while i < tree.len() {
-        let p = tree[i];
-        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
-        i += 1;
-    }
-    tree
-}
-
 /// The CPU time of this process's main thread (the guest side of every variant).
 fn main_thread_cpu_time() -> Duration {
     let pid = std::process::id();
@@ -1252,36 +1198,9 @@ fn main_thread_cpu_time() -> Duration {
         .map_or(Duration::ZERO, Duration::from_nanos)
 }
 
-/// The CPU time of every live thread of `pid` (`sum_exec_runtime`, nanoseconds).
-fn process_cpu_time(pid: u32) -> Duration {
-    let ns: u64 = fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|t| {
-            let s = fs::read_to_string(t.path().join("schedstat")).ok()?;
-            s.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum();
-    Duration::from_nanos(ns)
-}
-
 /// The ringvm binary, or why there is none with `device net`.
 fn ringvm_bin() -> Result<PathBuf, String> {
-    let bin = match std::env::var_os("RINGVM_BIN") {
-        Some(bin) => PathBuf::from(bin),
-        None => {
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "--release", "-p", "vmm", "--bin", "ringvm"])
-                .current_dir(workspace_root())
-                .status()
-                .map_err(|e| format!("run cargo build: {e}"))?;
-            if !status.success() {
-                return Err("cargo build --release -p vmm failed".to_owned());
-            }
-            target_dir().join("release/ringvm")
-        }
-    };
+    let bin = benches::process::ringvm_release()?;
     let help = Command::new(&bin)
         .args(["device", "net", "--help"])
         .output()

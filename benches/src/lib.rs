@@ -21,6 +21,8 @@
 //! any other word filters the benches by substring. The environment may set
 //! `RINGVM_BENCH_SECS` (measured seconds per case) and `RINGVM_BENCH_ROUNDS`.
 
+pub mod process;
+
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};

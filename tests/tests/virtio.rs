@@ -11,7 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tests::{ringvm_bin, run_guest, test_guest_path, GuestCmdline, GuestRun};
+use tests::{
+    children_of, process_exists, ringvm_bin, run_guest, test_guest_path, wait_until, GuestCmdline,
+    GuestRun,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -54,44 +57,6 @@ fn assert_clean(run: &GuestRun) {
         run.stdout,
         run.stderr
     );
-}
-
-/// The pids of `parent`'s children (from /proc).
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-fn process_exists(pid: u32) -> bool {
-    // A zombie still has /proc/<pid>: count it as existing (it was not reaped).
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    done()
 }
 
 /// A running `ringvm` whose stdout is read line by line as it comes.
