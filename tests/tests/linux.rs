@@ -13,13 +13,19 @@ use tests::netns::NetNs;
 use tests::{ringvm_bin, run_guest, workspace_root};
 
 /// Builds (or finds cached) vmlinux, bzImage and initrd; returns their directory.
+/// Once per test binary: the tests run in parallel threads, and two builds at once would
+/// share (and delete) one build directory.
 fn guest_kernel() -> PathBuf {
-    let out = Command::new(workspace_root().join("scripts/build-guest-kernel"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/build-guest-kernel");
-    assert!(out.status.success(), "building the guest kernel failed");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(workspace_root().join("scripts/build-guest-kernel"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/build-guest-kernel");
+        assert!(out.status.success(), "building the guest kernel failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
 }
 
 /// Workarounds for the nested kvm_pvm host; harmless on hardware KVM.
