@@ -222,6 +222,17 @@ impl AsyncFd {
         self.readv_op(mem, offset)
     }
 
+    /// [`read_mem_at`](Self::read_mem_at) that does not wait for data: with nothing to read
+    /// it fails with EAGAIN at once (`RWF_NOWAIT`) instead of waiting in the ring.
+    pub fn read_mem_at_nowait<M: IoVecsMut>(
+        &self,
+        mem: M,
+        offset: u64,
+    ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
+        // SAFETY: `IoVecsMut` regions are writable.
+        unsafe { self.vectored_flags(mem, offset, false, libc::RWF_NOWAIT) }
+    }
+
     /// Writes straight from memory regions the caller owns (guest memory).
     pub fn write_mem_at<M: IoVecs>(
         &self,
@@ -259,12 +270,33 @@ impl AsyncFd {
         offset: u64,
         write: bool,
     ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.vectored_flags(mem, offset, write, 0) }
+    }
+
+    /// [`vectored`](Self::vectored) with preadv2/pwritev2 flags (`RWF_*`).
+    ///
+    /// # Safety
+    /// As for `vectored`.
+    unsafe fn vectored_flags<M: IoVecs>(
+        &self,
+        mem: M,
+        offset: u64,
+        write: bool,
+        rw_flags: i32,
+    ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
         let iov = mem.iovecs();
         let (ptr, n) = (iov.as_ptr(), iov.len().min(u32::MAX as usize) as u32);
         let sqe = if write {
-            with_target!(&self.src, t => opcode::Writev::new(t, ptr, n).offset(offset).build())
+            with_target!(&self.src, t => opcode::Writev::new(t, ptr, n)
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build())
         } else {
-            with_target!(&self.src, t => opcode::Readv::new(t, ptr, n).offset(offset).build())
+            with_target!(&self.src, t => opcode::Readv::new(t, ptr, n)
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build())
         };
         // SAFETY: the iovecs and their regions stay valid while `mem`, owned by the op, is
         // alive (the `IoVecs` contract); writability for reads is the caller's promise.

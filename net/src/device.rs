@@ -37,6 +37,8 @@ use std::task::{Context, Poll, Waker};
 
 use executor::AsyncFd;
 use futures::future::{join_all, select, Either};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use virtio::vhost_user::{Device, StopSignal};
 use virtio::{AsyncQueue, Buffer, DescriptorChain, Writer};
 
@@ -58,6 +60,8 @@ pub const TX_BATCH: usize = 64;
 /// The most guest buffers one tap read covers: each may become two iovecs where it crosses
 /// a memory region, plus the spill buffer, within the kernel's 1024 (`UIO_MAXIOV`).
 pub const MAX_READ_BUFFERS: usize = 511;
+/// The most tap reads a receive queue keeps in flight when every chain takes a whole frame.
+const RX_READS: usize = 16;
 /// `status`: the link is up.
 pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
 /// The config space the device exposes: mac, status, max_virtqueue_pairs, mtu and the
@@ -586,6 +590,10 @@ struct Rx<'a> {
     guest_csum: bool,
     /// Buffer space to gather (with `MRG_RXBUF`) before reading: the largest frame.
     need: usize,
+    /// Reads in the next round of [`Rx::run_batch`].
+    burst: usize,
+    /// One-byte spill buffers of the reads, reused.
+    spills: Vec<Vec<u8>>,
 }
 
 impl<'a> Rx<'a> {
@@ -615,6 +623,8 @@ impl<'a> Rx<'a> {
             mrg: has(VIRTIO_NET_F_MRG_RXBUF),
             guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
             need: VNET_HDR_SIZE + max_frame,
+            burst: 1,
+            spills: Vec::new(),
         }
     }
 
@@ -667,6 +677,12 @@ impl<'a> Rx<'a> {
                 match select(next, stop.clone()).await {
                     Either::Left((popped, _)) => self.hold(popped)?,
                     Either::Right(((), _)) => return Ok(()),
+                }
+                continue;
+            }
+            if self.can_batch() {
+                if !self.run_batch(stop).await? {
+                    return Ok(());
                 }
                 continue;
             }
@@ -734,6 +750,206 @@ impl<'a> Rx<'a> {
                 },
             }
         }
+    }
+
+    /// Whether `chain` takes the largest frame by itself (one read, no spill into others).
+    fn fits(&self, chain: &DescriptorChain) -> bool {
+        chain.writable_len() >= self.need && chain.writable().len() <= MAX_READ_BUFFERS
+    }
+
+    /// Whether the next reads can go one per chain: every held chain takes a whole frame.
+    fn can_batch(&self) -> bool {
+        !self.held.is_empty() && self.held.iter().all(|c| self.fits(c))
+    }
+
+    /// One round of reads, one per chain, each chain taking a whole frame: the held chains
+    /// and more popped, up to `burst`, all submitted at once. The first read waits for
+    /// data; the others do not (`RWF_NOWAIT`): they take what the tap already has, in
+    /// order, so an idle tap has one read waiting, and a busy one hands out several frames
+    /// per ring entry. Frames are delivered in completion order (the order the tap handed
+    /// them out), one notification per group of completions; chains left unused go back to
+    /// `held` in pop order. Returns whether to go on (false: stopped, or the tap failed
+    /// and the stop came).
+    async fn run_batch(&mut self, stop: &StopSignal) -> std::result::Result<bool, virtio::Error> {
+        let mut chains: Vec<Option<DescriptorChain>> = Vec::with_capacity(self.burst);
+        while chains.len() < self.burst {
+            let chain = match self.held.pop_front() {
+                Some(c) => {
+                    self.held_len -= c.writable_len();
+                    c
+                }
+                None => match self.queue.try_pop().transpose() {
+                    None => break,
+                    Some(Ok(c)) if self.fits(&c) => c,
+                    Some(popped) => {
+                        self.hold(popped)?;
+                        if !self.held.is_empty() {
+                            break;
+                        }
+                        // Returned at once: the chains popped before it are not the last.
+                        if !chains.is_empty() {
+                            self.contiguous = false;
+                        }
+                        continue;
+                    }
+                },
+            };
+            chains.push(Some(chain));
+        }
+        let mut reads = FuturesUnordered::new();
+        for (i, chain) in chains.iter().enumerate() {
+            let Some(chain) = chain else { continue };
+            let iov = chain
+                .writer(self.queue.memory())
+                .iovecs(chain.writable_len())?;
+            // One byte more than the chain: a frame the tap had to cut shows.
+            let mut spill = self.spills.pop().unwrap_or_default();
+            spill.resize(1, 0);
+            let iov = sys::SpillIoVecs::new(iov, spill);
+            let read = if i == 0 {
+                self.pair.io.read_mem_at(iov, 0).left_future()
+            } else {
+                self.pair.io.read_mem_at_nowait(iov, 0).right_future()
+            };
+            reads.push(read.map(move |(res, iov)| (i, res, iov)));
+        }
+        let io = &self.pair.io;
+        let mut stopped = false;
+        let mut readable = false;
+        let mut detached = false;
+        let mut failed = false;
+        let mut frames = 0;
+        while !reads.is_empty() {
+            let first = if stopped {
+                match executor::timeout(std::time::Duration::from_millis(20), reads.next()).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        // A read the cancel missed (re-armed meanwhile): cancel again.
+                        if let Err(e) = io.cancel_all().await {
+                            self.dev
+                                .log(format_args!("rx {}: cancelling tap reads: {e}", self.index));
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                match select(reads.next(), stop.clone()).await {
+                    Either::Left((done, _)) => done,
+                    Either::Right(((), _)) => {
+                        // Stopping: whatever the reads took from the tap is delivered.
+                        stopped = true;
+                        if let Err(e) = io.cancel_all().await {
+                            self.dev
+                                .log(format_args!("rx {}: cancelling tap reads: {e}", self.index));
+                        }
+                        continue;
+                    }
+                }
+            };
+            let mut next = first;
+            let mut delivered = false;
+            while let Some((i, res, iov)) = next {
+                self.spills.push(iov.into_spill());
+                let Some(chain) = chains[i].take() else {
+                    break;
+                };
+                match res {
+                    Ok(n) if n >= VNET_HDR_SIZE && n <= chain.writable_len() => {
+                        // Chains popped before this one and not returned: no stepping back.
+                        if chains[..i].iter().any(Option::is_some) {
+                            self.contiguous = false;
+                        }
+                        self.deliver_chain(&chain, n)?;
+                        delivered = true;
+                        frames += 1;
+                    }
+                    Ok(n) => {
+                        // Cut by the tap: the chain stays held for the next frame.
+                        self.dev.log_guest(format_args!(
+                            "rx {}: a {n}-byte frame does not fit in {} bytes of buffers",
+                            self.index,
+                            chain.writable_len()
+                        ));
+                        self.dev.count(|c| c.rx_errors += 1);
+                        chains[i] = Some(chain);
+                    }
+                    Err(e) => {
+                        match e.raw_os_error() {
+                            // A read without wait found the tap empty.
+                            Some(libc::EAGAIN) if i > 0 => {}
+                            Some(libc::EAGAIN) => readable = true,
+                            Some(libc::EINTR | libc::ECANCELED) => {}
+                            Some(libc::EBADFD) => detached = true,
+                            _ => {
+                                if !failed {
+                                    self.dev.count(|c| c.rx_errors += 1);
+                                    self.dev.log(format_args!(
+                                        "rx {}: tap read failed: {e}",
+                                        self.index
+                                    ));
+                                }
+                                failed = true;
+                            }
+                        }
+                        chains[i] = Some(chain);
+                    }
+                }
+                next = reads.next().now_or_never().flatten();
+            }
+            if delivered {
+                self.queue.signal_used()?;
+            }
+        }
+        // Unused chains go back in pop order, before any held chain (popped after them).
+        for c in chains.into_iter().rev().flatten() {
+            self.held_len += c.writable_len();
+            self.held.push_front(c);
+        }
+        if self.held.is_empty() {
+            self.contiguous = true;
+        }
+        // A busy tap gets more reads per round, an idle one fewer.
+        self.burst = (2 * frames).clamp(1, RX_READS);
+        if stopped {
+            return Ok(false);
+        }
+        if failed {
+            // Not retried in a loop: wait to be stopped.
+            stop.clone().await;
+            return Ok(false);
+        }
+        if detached {
+            let since = self.dev.pairs_changed.generation.get();
+            let changed = pin!(self.dev.pairs_changed.after(since));
+            if let Either::Right(_) = select(changed, stop.clone()).await {
+                return Ok(false);
+            }
+        } else if readable {
+            let readable = pin!(self.pair.io.poll_readable());
+            if let Either::Right(_) = select(readable, stop.clone()).await {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Returns `chain`, which a frame of `n` bytes (header included) filled by itself.
+    fn deliver_chain(&self, chain: &DescriptorChain, n: usize) -> QueueResult {
+        let mut w = chain.writer(self.queue.memory());
+        if !self.guest_csum {
+            // Without GUEST_CSUM the flags must be zero (the tap may set DATA_VALID).
+            w.write_obj(0u8)?;
+        } else {
+            w.consume(1);
+        }
+        w.consume(NUM_BUFFERS_OFFSET - 1);
+        w.write_obj(1u16.to_le())?;
+        self.queue.add_used(chain.head_index(), n as u32)?;
+        self.dev.count(|c| {
+            c.rx_packets += 1;
+            c.rx_bytes += (n - VNET_HDR_SIZE) as u64;
+        });
+        Ok(())
     }
 
     /// The buffers the next read fills and how many chains they cover: with `MRG_RXBUF`
