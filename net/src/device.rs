@@ -61,7 +61,7 @@ pub const TX_BATCH: usize = 64;
 /// a memory region, plus the spill buffer, within the kernel's 1024 (`UIO_MAXIOV`).
 pub const MAX_READ_BUFFERS: usize = 511;
 /// The most tap reads a receive queue keeps in flight when every chain takes a whole frame.
-const RX_READS: usize = 16;
+const RX_READS: usize = 32;
 /// `status`: the link is up.
 pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
 /// The config space the device exposes: mac, status, max_virtqueue_pairs, mtu and the
@@ -594,6 +594,8 @@ struct Rx<'a> {
     burst: usize,
     /// One-byte spill buffers of the reads, reused.
     spills: Vec<Vec<u8>>,
+    /// Whether the tap takes reads that do not wait (`RWF_NOWAIT`).
+    nowait: bool,
 }
 
 impl<'a> Rx<'a> {
@@ -625,6 +627,7 @@ impl<'a> Rx<'a> {
             need: VNET_HDR_SIZE + max_frame,
             burst: 1,
             spills: Vec::new(),
+            nowait: true,
         }
     }
 
@@ -880,6 +883,18 @@ impl<'a> Rx<'a> {
                             Some(libc::EAGAIN) => readable = true,
                             Some(libc::EINTR | libc::ECANCELED) => {}
                             Some(libc::EBADFD) => detached = true,
+                            // RWF_NOWAIT refused (a kernel whose tap lacks it): one read a
+                            // round from now on.
+                            _ if i > 0 => {
+                                if self.nowait {
+                                    self.dev.log(format_args!(
+                                        "rx {}: tap reads without wait fail ({e}): one \
+                                         read at a time",
+                                        self.index
+                                    ));
+                                }
+                                self.nowait = false;
+                            }
                             _ => {
                                 if !failed {
                                     self.dev.count(|c| c.rx_errors += 1);
@@ -909,7 +924,11 @@ impl<'a> Rx<'a> {
             self.contiguous = true;
         }
         // A busy tap gets more reads per round, an idle one fewer.
-        self.burst = (2 * frames).clamp(1, RX_READS);
+        self.burst = if self.nowait {
+            (2 * frames).clamp(1, RX_READS)
+        } else {
+            1
+        };
         if stopped {
             return Ok(false);
         }
