@@ -12,6 +12,9 @@ use anyhow::{Context, Result};
 
 use crate::exit::{ExitReason, VmExit};
 
+/// The descriptor number the first of `spawn`'s `fds` gets in the child (the socket is 3).
+pub const FIRST_EXTRA_FD: usize = 4;
+
 /// A running device process.
 pub struct DeviceProcess {
     name: String,
@@ -46,10 +49,10 @@ pub fn spawn(
         args.push(OsStr::new("--seccomp-log-failures"));
     }
     args.extend_from_slice(extra);
-    // Descriptors in the child: 3 the socket, 4.. `fds`, then the report pipe.
+    // Descriptors in the child: 3 the socket, FIRST_EXTRA_FD.. `fds`, then the report pipe.
     let (report, report_tx) =
         std::io::pipe().with_context(|| format!("device {name}: pipe failed"))?;
-    let report_fd = (4 + fds.len()).to_string();
+    let report_fd = (FIRST_EXTRA_FD + fds.len()).to_string();
     args.extend([OsStr::new("--report-fd"), OsStr::new(&report_fd)]);
     let mut all = vec![theirs.as_fd()];
     all.extend_from_slice(fds);

@@ -19,6 +19,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::boot;
 use crate::cli::{
     self, DiskSpec, NicSpec, RunArgs, SerialOut, SerialSpec, TapSource, VhostUserSpec,
+    VhostUserType,
 };
 use crate::control::{self, ControlSocket, VmExitHandle};
 use crate::cpuid::{self, Toggle};
@@ -390,6 +391,7 @@ fn open_taps(source: &TapSource, cpus: usize) -> Result<Vec<OwnedFd>> {
 }
 
 /// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
+/// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
 /// the PCI bus: ringvm's own device processes first, then `--vhost-user` backends.
 async fn add_devices(
     config: &VmConfig,
@@ -408,56 +410,35 @@ async fn add_devices(
             OsStr::new("--queues"),
             OsStr::new(&queues),
         ];
-        let (process, sock) = device_process::spawn(
-            &name,
-            "block",
-            &extra,
-            &[],
-            config.sandbox,
-            config.seccomp_log_failures,
-        )?;
-        processes.push(process);
-        let (device, backend) = vhost_user::connect(&name, 2, sock).await?;
-        machine.add_virtio_device(Box::new(device))?;
-        backends.push(backend);
+        let sock = spawn_device(config, processes, &name, VhostUserType::Block, &extra, &[])?;
+        backends.push(attach(machine, &name, VhostUserType::Block.device_type(), sock).await?);
     }
     for (i, nic) in config.nics.iter().enumerate() {
         let name = format!("net{i}");
         let taps = open_taps(&nic.tap, config.cpus).with_context(|| format!("device {name}"))?;
         let mac = cli::format_mac(&nic.mac);
-        let fd_args: Vec<String> = (0..taps.len()).map(|i| (4 + i).to_string()).collect();
+        let fd_args: Vec<String> = (0..taps.len())
+            .map(|i| (device_process::FIRST_EXTRA_FD + i).to_string())
+            .collect();
         let mut extra = vec![OsStr::new("--mac"), OsStr::new(&mac)];
         for a in &fd_args {
             extra.push(OsStr::new("--tap-fd"));
             extra.push(OsStr::new(a));
         }
         let borrowed: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
-        let (process, sock) = device_process::spawn(
+        let sock = spawn_device(
+            config,
+            processes,
             &name,
-            "net",
+            VhostUserType::Net,
             &extra,
             &borrowed,
-            config.sandbox,
-            config.seccomp_log_failures,
         )?;
-        processes.push(process);
-        let (device, backend) = vhost_user::connect(&name, 1, sock).await?;
-        machine.add_virtio_device(Box::new(device))?;
-        backends.push(backend);
+        backends.push(attach(machine, &name, VhostUserType::Net.device_type(), sock).await?);
     }
     if config.rng {
-        let (process, sock) = device_process::spawn(
-            "rng",
-            "rng",
-            &[],
-            &[],
-            config.sandbox,
-            config.seccomp_log_failures,
-        )?;
-        processes.push(process);
-        let (device, backend) = vhost_user::connect("rng", 4, sock).await?;
-        machine.add_virtio_device(Box::new(device))?;
-        backends.push(backend);
+        let sock = spawn_device(config, processes, "rng", VhostUserType::Rng, &[], &[])?;
+        backends.push(attach(machine, "rng", VhostUserType::Rng.device_type(), sock).await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
@@ -466,11 +447,49 @@ async fn add_devices(
             .with_context(|| format!("device {name}: cannot connect"))?
             .into_owned()
             .map_err(|_| anyhow!("device {name}: the socket is not a plain descriptor"))?;
-        let (device, backend) = vhost_user::connect(&name, spec.kind.device_type(), sock).await?;
-        machine.add_virtio_device(Box::new(device))?;
-        backends.push(backend);
+        backends.push(attach(machine, &name, spec.kind.device_type(), sock).await?);
     }
     Ok(backends)
+}
+
+/// Starts `ringvm device <kind>` for device `name` (kept in `processes`); returns the VMM's
+/// end of its vhost-user socket.
+fn spawn_device(
+    config: &VmConfig,
+    processes: &mut DeviceProcesses,
+    name: &str,
+    kind: VhostUserType,
+    extra: &[&OsStr],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<OwnedFd> {
+    let command = match kind {
+        VhostUserType::Block => "block",
+        VhostUserType::Net => "net",
+        VhostUserType::Rng => "rng",
+        VhostUserType::Vsock => bail!("device {name}: ringvm has no vsock device process"),
+    };
+    let (process, sock) = device_process::spawn(
+        name,
+        command,
+        extra,
+        fds,
+        config.sandbox,
+        config.seccomp_log_failures,
+    )?;
+    processes.push(process);
+    Ok(sock)
+}
+
+/// Sets up the vhost-user backend on `sock` and puts its device on the PCI bus.
+async fn attach(
+    machine: &Machine,
+    name: &str,
+    device_type: u32,
+    sock: OwnedFd,
+) -> Result<vhost_user::Backend> {
+    let (device, backend) = vhost_user::connect(name, device_type, sock).await?;
+    machine.add_virtio_device(Box::new(device))?;
+    Ok(backend)
 }
 
 /// Opens the gate (without vCPU filters) if nothing opened it: a failed set-up must not
