@@ -377,9 +377,19 @@ fn endpoint_fd(endpoint: &Endpoint) -> Option<i32> {
 }
 
 /// Listens on `path`, accepts one frontend, and removes the socket file.
+///
+/// The socket is bound under a temporary name and linked to `path` once it listens: a
+/// frontend that waits for `path` to appear never finds it between bind and listen (where a
+/// connect is refused). Like a plain bind, an existing `path` is an error.
 fn accept_one(path: &Path) -> Result<OwnedFd> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
     let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        UnixListener::bind(&tmp).with_context(|| format!("cannot listen on {}", tmp.display()))?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked.with_context(|| format!("cannot listen on {}", path.display()))?;
     let accepted = listener.accept();
     let _ = std::fs::remove_file(path);
     let (conn, _) = accepted.with_context(|| format!("accept on {}", path.display()))?;
