@@ -342,6 +342,29 @@ pub fn qemu_available() -> bool {
             .is_ok_and(|s| s.success())
 }
 
+/// A scratch directory for one test (`ringvm-<tag>-<pid>-<name>` in the temporary
+/// directory), emptied at creation and removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str, name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("ringvm-{tag}-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The pids of `parent`'s children (from /proc): a VMM's device processes.
 pub fn children_of(parent: u32) -> Vec<u32> {
     let mut out = Vec::new();

@@ -3,36 +3,14 @@
 //! host afterwards (the file itself, `qemu-img check`, `qemu-img convert`).
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{ringvm_bin, run_guest, test_guest_path, GuestCmdline, GuestRun};
+use tests::{ringvm_bin, run_guest, test_guest_path, GuestCmdline, GuestRun, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const SECTORS: u64 = 16384;
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ringvm-block-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn raw_image(path: &Path) {
     std::fs::File::create(path)
@@ -81,7 +59,7 @@ fn last_sector(path: &Path) -> Vec<u8> {
 
 #[test]
 fn guest_writes_reads_flushes_discards_a_raw_disk() {
-    let dir = Scratch::new("raw");
+    let dir = Scratch::new("block", "raw");
     let img = dir.path("disk.img");
     raw_image(&img);
     let disk = format!("{},id=ringvm-test", img.display());
@@ -118,7 +96,7 @@ fn guest_writes_reads_flushes_discards_a_raw_disk() {
 
 #[test]
 fn read_only_disk_refuses_writes_and_stays_unchanged() {
-    let dir = Scratch::new("ro");
+    let dir = Scratch::new("block", "ro");
     let img = dir.path("disk.img");
     raw_image(&img);
     std::fs::write(&img, vec![0x5a; (SECTORS * 512) as usize]).expect("fill image");
@@ -146,7 +124,7 @@ fn read_only_disk_refuses_writes_and_stays_unchanged() {
 
 #[test]
 fn guest_writes_to_a_qcow2_image_that_qemu_img_then_checks_and_converts() {
-    let dir = Scratch::new("qcow2");
+    let dir = Scratch::new("block", "qcow2");
     let img = dir.path("disk.qcow2");
     let created = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -184,7 +162,7 @@ fn guest_writes_to_a_qcow2_image_that_qemu_img_then_checks_and_converts() {
 
 #[test]
 fn bad_disk_arguments_are_refused_before_the_vm_starts() {
-    let dir = Scratch::new("bad");
+    let dir = Scratch::new("block", "bad");
     let missing = dir.path("missing.img");
     let corrupt = dir.path("corrupt.qcow2");
     // A qcow2 magic with nothing valid after it.
@@ -216,7 +194,7 @@ fn bad_disk_arguments_are_refused_before_the_vm_starts() {
 fn polling_guest_without_interrupts_works_with_the_sandbox_on() {
     // No MSI-X vector for the queue: the device gets no call fd and makes its own stand-in
     // eventfd after the jail (its seccomp policy allows eventfd2 for that).
-    let dir = Scratch::new("poll");
+    let dir = Scratch::new("block", "poll");
     let img = dir.path("disk.img");
     raw_image(&img);
     let cmdline = GuestCmdline::new()

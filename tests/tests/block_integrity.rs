@@ -5,34 +5,16 @@
 use std::fs::File;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
-use tests::{children_of, ringvm_bin, wait_until};
+use tests::{children_of, ringvm_bin, wait_until, Scratch};
 
 const DISK: u64 = 16 << 20;
 /// Writes after the last flush of a round go here; what survives of them is not checked.
 const UNFLUSHED_AREA: u64 = DISK - (1 << 20);
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("ringvm-integrity-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// xorshift: reproducible offsets, lengths and bytes.
 struct Rng(u64);
@@ -55,9 +37,20 @@ fn complete_one(q: &mut Blkioq) -> i32 {
     unsafe { c[0].assume_init_read() }.ret
 }
 
+/// The front process of `ringvm device block --socket`, killed (with the jailed child it
+/// started, by PR_SET_PDEATHSIG) if a round fails half-way.
+struct Backend(Child);
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The backend for one round: `ringvm device block --socket` (jailed: it accepts, then serves
 /// from a jailed child).
-fn start_backend(image: &Path, socket: &Path) -> Child {
+fn start_backend(image: &Path, socket: &Path) -> Backend {
     let _ = std::fs::remove_file(socket);
     let child = Command::new(ringvm_bin())
         .args(["device", "block", "--socket"])
@@ -71,7 +64,7 @@ fn start_backend(image: &Path, socket: &Path) -> Child {
         wait_until(Duration::from_secs(10), || socket.exists()),
         "the device never listened"
     );
-    child
+    Backend(child)
 }
 
 /// One round: random writes, FLUSH, more writes that are never flushed, then kill -9 of the
@@ -117,16 +110,16 @@ fn round(image: &Path, socket: &Path, rng: &mut Rng, model: &mut [u8]) {
     // Submit them without waiting for their completions.
     let mut none: [MaybeUninit<Completion>; 0] = [];
     q.do_io(&mut none, 0, None, None).expect("submit");
-    let server = children_of(parent.id())
+    let server = children_of(parent.0.id())
         .first()
         .copied()
-        .unwrap_or(parent.id());
+        .unwrap_or(parent.0.id());
     let killed = Command::new("kill")
         .args(["-9", &server.to_string()])
         .status()
         .expect("kill");
     assert!(killed.success());
-    let _ = parent.wait();
+    let _ = parent.0.wait();
     drop(started);
     drop(b);
 }
@@ -167,7 +160,7 @@ fn check(image: &Path, model: &[u8], qcow2: bool, scratch: &Path) {
 }
 
 fn kill_rounds(qcow2: bool, rounds: usize) {
-    let dir = Scratch::new(if qcow2 { "qcow2" } else { "raw" });
+    let dir = Scratch::new("integrity", if qcow2 { "qcow2" } else { "raw" });
     let image = dir.0.join(if qcow2 { "disk.qcow2" } else { "disk.raw" });
     if qcow2 {
         let ok = Command::new("qemu-img")

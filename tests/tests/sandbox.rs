@@ -20,7 +20,16 @@ use tests::{children_of, ringvm_bin, test_guest_path, GuestCmdline};
 struct Vm {
     child: Child,
     device: u32,
-    lines: mpsc::Receiver<String>,
+    /// Kept so the reader thread keeps draining the console (a closed pipe would end the VM).
+    _console: mpsc::Receiver<String>,
+}
+
+/// A test that fails half-way must not leave a halted VM (and its device) behind.
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Vm {
@@ -62,7 +71,7 @@ impl Vm {
         Vm {
             device: devices[0],
             child,
-            lines: rx,
+            _console: rx,
         }
     }
 
@@ -81,7 +90,6 @@ impl Vm {
         if let Some(mut e) = self.child.stderr.take() {
             let _ = e.read_to_string(&mut err);
         }
-        drop(self.lines);
         (status.code(), err)
     }
 }

@@ -6,39 +6,17 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tests::{
     children_of, process_exists, ringvm_bin, run_guest, test_guest_path, wait_until, GuestCmdline,
-    GuestRun,
+    GuestRun, Scratch,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// A scratch directory for sockets and images, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ringvm-virtio-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn ringvm(args: &[&str], cmdline: &GuestCmdline) -> Command {
     let mut c = Command::new(ringvm_bin());
@@ -174,7 +152,7 @@ fn no_rng_leaves_only_the_host_bridge() {
 
 #[test]
 fn standalone_rng_backend_serves_ringvm_over_a_socket() {
-    let dir = Scratch::new("standalone");
+    let dir = Scratch::new("virtio", "standalone");
     let sock = dir.path("rng.sock");
     let mut backend = Command::new(ringvm_bin())
         .args(["device", "rng", "--socket"])
@@ -250,7 +228,7 @@ fn killed_vmm_takes_its_device_processes_with_it() {
 
 #[test]
 fn stop_on_the_control_socket_ends_vm_and_device_processes() {
-    let dir = Scratch::new("stop");
+    let dir = Scratch::new("virtio", "stop");
     let sock = dir.path("vm.sock");
     let cmdline = GuestCmdline::new().test("wait");
     let sock_arg = sock.to_string_lossy().into_owned();
@@ -294,7 +272,7 @@ fn run_with_backend(sock: &Path) -> GuestRun {
 
 #[test]
 fn backend_answering_garbage_is_reported_by_name() {
-    let dir = Scratch::new("garbage");
+    let dir = Scratch::new("virtio", "garbage");
     let sock = dir.path("bad.sock");
     let t = fake_backend(&sock, |mut conn| {
         let mut header = [0u8; 12];
@@ -324,7 +302,7 @@ fn backend_answering_garbage_is_reported_by_name() {
 
 #[test]
 fn backend_that_never_answers_times_out_instead_of_hanging() {
-    let dir = Scratch::new("silent");
+    let dir = Scratch::new("virtio", "silent");
     let sock = dir.path("silent.sock");
     let (tx, rx) = mpsc::channel::<()>();
     let t = fake_backend(&sock, move |conn| {
@@ -348,7 +326,7 @@ fn backend_that_never_answers_times_out_instead_of_hanging() {
 
 #[test]
 fn guest_reads_and_writes_a_disk_exported_by_qemu_storage_daemon() {
-    let dir = Scratch::new("qsd");
+    let dir = Scratch::new("virtio", "qsd");
     let img = dir.path("disk.img");
     let sock = dir.path("blk.sock");
     const SECTORS: u64 = 16384;
