@@ -260,7 +260,8 @@ impl AsyncFd {
         unsafe { self.vectored(mem, offset, true) }
     }
 
-    /// READV (the kernel writes the regions) or WRITEV (it reads them) over `mem`'s iovecs.
+    /// READV (the kernel writes the regions) or WRITEV (it reads them) over `mem`'s iovecs;
+    /// READ or WRITE when there is one region (a restricted ring allows those too).
     ///
     /// # Safety
     /// For a read, every region must be writable memory nothing else references.
@@ -287,7 +288,23 @@ impl AsyncFd {
     ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
         let iov = mem.iovecs();
         let (ptr, n) = (iov.as_ptr(), iov.len().min(u32::MAX as usize) as u32);
-        let sqe = if write {
+        let sqe = if let [one] = iov {
+            // One region: READ/WRITE spare the kernel importing an iovec array (a 4 KiB
+            // block request, a network frame). A region over u32::MAX bytes is cut there,
+            // as a short transfer.
+            let len = one.iov_len.min(u32::MAX as usize) as u32;
+            if write {
+                with_target!(&self.src, t => opcode::Write::new(t, one.iov_base.cast_const().cast(), len)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build())
+            } else {
+                with_target!(&self.src, t => opcode::Read::new(t, one.iov_base.cast(), len)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build())
+            }
+        } else if write {
             with_target!(&self.src, t => opcode::Writev::new(t, ptr, n)
                 .offset(offset)
                 .rw_flags(rw_flags)

@@ -20,7 +20,12 @@
 //!   next chains the driver posts (`MRG_RXBUF`) or counted in `rx_errors` (one chain per
 //!   frame without it), never handed over cut. Stopping cancels the pending read and
 //!   delivers what it may have read; chains still held go back to the avail ring
-//!   (`GET_VRING_BASE` reports them unconsumed).
+//!   (`GET_VRING_BASE` reports them unconsumed). When every held chain takes a whole frame
+//!   by itself (Linux posts 1536-byte mergeable buffers), reads go in rounds instead, one per
+//!   chain and up to 32 per `io_uring_enter`: the first waits for data, the others take only
+//!   what the tap already has (`RWF_NOWAIT`). A chain whose first buffer is longer than the
+//!   largest frame is read with a plain `read` into that buffer (no iovec array, no spill):
+//!   a read that fills it is a frame the tap cut, counted in `rx_errors`.
 //! - Several queue pairs (`MQ`): the control queue answers `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`
 //!   by attaching the tap queues of the enabled pairs and detaching the others, so the
 //!   kernel never steers a flow to a queue the driver does not serve; the receive tasks of
@@ -800,14 +805,26 @@ impl<'a> Rx<'a> {
             chains.push(Some(chain));
         }
         let mut reads = FuturesUnordered::new();
+        // The longest frame each read delivers: a longer read is a frame the tap cut.
+        let mut longest = vec![0; chains.len()];
         for (i, chain) in chains.iter().enumerate() {
             let Some(chain) = chain else { continue };
-            let iov = chain
-                .writer(self.queue.memory())
-                .iovecs(chain.writable_len())?;
-            // One byte more than the chain: a frame the tap had to cut shows.
+            let first = chain.writable().first().map_or(0, |b| b.len as usize);
             let mut spill = self.spills.pop().unwrap_or_default();
-            spill.resize(1, 0);
+            let iov = if first > self.need {
+                // One buffer takes the largest frame and a byte more: a plain read into it
+                // (no iovec array for the kernel to import); a read that fills it was cut.
+                longest[i] = first - 1;
+                spill.clear();
+                chain.writer(self.queue.memory()).iovecs(first)?
+            } else {
+                // One byte more than the chain: a frame the tap had to cut shows.
+                longest[i] = chain.writable_len();
+                spill.resize(1, 0);
+                chain
+                    .writer(self.queue.memory())
+                    .iovecs(chain.writable_len())?
+            };
             let iov = sys::SpillIoVecs::new(iov, spill);
             let read = if i == 0 {
                 self.pair.io.read_mem_at(iov, 0).left_future()
@@ -857,7 +874,7 @@ impl<'a> Rx<'a> {
                     break;
                 };
                 match res {
-                    Ok(n) if n >= VNET_HDR_SIZE && n <= chain.writable_len() => {
+                    Ok(n) if n >= VNET_HDR_SIZE && n <= longest[i] => {
                         // Chains popped before this one and not returned: no stepping back.
                         if chains[..i].iter().any(Option::is_some) {
                             self.contiguous = false;
@@ -2019,6 +2036,29 @@ mod tests {
                 sock.send_to(b"fits", (GUEST_IP, 5560)).unwrap();
                 let (_, p) = g.recv_where(|p| udp_payload(p, 5560).is_some()).await;
                 assert_eq!(udp_payload(&p, 5560).unwrap().0, b"fits");
+                g.stop().await;
+            });
+            assert_eq!(dev.counters().rx_errors, 1);
+        });
+    }
+
+    #[test]
+    fn a_frame_cut_by_a_single_buffer_read_is_counted_not_delivered() {
+        in_netns(|| {
+            let tap = host_tap("rvnet20");
+            // Started at MTU 1500, so whole-frame buffers get one plain read each; the host
+            // then sends frames longer than that.
+            let dev = device(tap);
+            let sock = UdpSocket::bind((HOST_IP, 0)).unwrap();
+            run(async {
+                let mut g = Guest::start(dev.clone(), 0).await;
+                g.repost = Some(RX_BUF);
+                g.post_rx(2, RX_BUF);
+                ip(&["link", "set", "dev", "rvnet20", "mtu", "9000"]);
+                sock.send_to(&[7; 4000], (GUEST_IP, 5561)).unwrap();
+                sock.send_to(b"fits", (GUEST_IP, 5561)).unwrap();
+                let (_, p) = g.recv_where(|p| udp_payload(p, 5561).is_some()).await;
+                assert_eq!(udp_payload(&p, 5561).unwrap().0, b"fits");
                 g.stop().await;
             });
             assert_eq!(dev.counters().rx_errors, 1);

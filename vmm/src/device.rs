@@ -141,6 +141,7 @@ const NET_OPS: &[u8] = &[
     opcode::Timeout::CODE,
     opcode::Readv::CODE,
     opcode::Writev::CODE,
+    opcode::Write::CODE,
 ];
 /// Descriptors per net queue.
 const NET_QUEUE_SIZE: u16 = 256;
