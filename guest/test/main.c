@@ -137,7 +137,7 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "compute.iters", "pci.ecam", "pci.mmio", "pci.reassign",
 					 "rng.mode", "rng.bufs", "blk.mode", "blk.sector",
 					 "blk.expect", "blk.id", "net.ip", "net.peer", "net.udp",
-					 "net.mode", "net.csum", "net.serve_ms",
+					 "net.mode", "net.csum", "net.serve_ms", "net.bad",
 					 "blkbench.qd", "blkbench.ms", "blkbench.op", "blkbench.bs",
 					 "blkbench.tsc_khz"};
 

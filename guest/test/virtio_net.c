@@ -3,8 +3,9 @@
  * queue 1, and talks to a host-side peer: ARP for the peer, three ICMP echoes, and a UDP echo
  * (optional, with a checksum offloaded through VIRTIO_NET_HDR_F_NEEDS_CSUM if asked). It answers
  * ARP requests and ICMP echo requests for its own address all the while, and for
- * ringvm.net.serve_ms more milliseconds at the end. Frames are handled in place in the RX
- * buffers: everything here runs at CPL0 (interpreted on kvm_pvm), so it stays small. */
+ * ringvm.net.serve_ms more milliseconds at the end. With ringvm.net.bad=1 it puts malformed chains
+ * on the tx queue before the UDP echo. Frames are handled in place in the RX buffers: everything
+ * here runs at CPL0 (interpreted on kvm_pvm), so it stays small. */
 #include "virtio.h"
 
 #define NET_F_CSUM (1ull << 0)
@@ -131,9 +132,37 @@ static int tx_done(void *arg)
 	return v.q1.used->idx == v.q1.avail_idx;
 }
 
-/* Sends the frame in tx_buf and waits until the device has used it. The wait does not insist on
- * the tx interrupt (unlike vq_wait): on kvm_pvm an MSI that arrives while another vector's
- * handler runs stays in the LAPIC IRR until the next interrupt (see the stats check). */
+/* Publishes the n chains added to the tx queue with one notification and waits until the device has
+ * used them all, each with used len 0 (it writes nothing). The wait does not insist on the tx
+ * interrupt (unlike vq_wait): on kvm_pvm an MSI that arrives while another vector's handler runs
+ * stays in the LAPIC IRR until the next interrupt (see the stats check). */
+static const char *tx_flush(u32 n)
+{
+	vq_kick(&v.q1);
+	if (!wait_cond(tx_done, 0, v.mode, VQ_TIMEOUT_MS)) {
+		u8 s = virtio_status(&v);
+		return failf("tx: used idx %u, want %u after %u ms (mode %s, status %#x)", v.q1.used->idx,
+			     v.q1.avail_idx, VQ_TIMEOUT_MS, wait_mode_name(v.mode), s);
+	}
+	for (u32 i = 0; i < n; i++) {
+		struct vq_done d;
+		if (vq_pop(&v.q1, &d) != 1)
+			return failf("tx used ring returned an id that is not a chain in flight");
+		if (d.len)
+			return failf("tx chain %u came back with used len %u, want 0", d.head, d.len);
+	}
+	return 0;
+}
+
+/* Adds a chain of n buffers to the tx queue (published by tx_flush). */
+static const char *tx_add(const struct vq_buf *b, int n)
+{
+	if (vq_add(&v.q1, b, n) < 0)
+		return failf("tx queue full (%u of %u descriptors in flight, %d more)", v.q1.in_flight, v.q1.size, n);
+	return 0;
+}
+
+/* Sends the frame in tx_buf and waits until the device has used it. */
 static const char *tx_send(u32 len)
 {
 	if (len < 60) { /* pad to the Ethernet minimum */
@@ -141,19 +170,12 @@ static const char *tx_send(u32 len)
 		len = 60;
 	}
 	struct vq_buf b = {tx_buf, HDR_LEN + len, 0};
-	if (vq_add(&v.q1, &b, 1) < 0)
-		return failf("tx queue full");
-	vq_kick(&v.q1);
-	if (!wait_cond(tx_done, 0, v.mode, VQ_TIMEOUT_MS)) {
-		u8 s = virtio_status(&v);
-		return failf("tx: used idx %u, want %u after %u ms (mode %s, status %#x)", v.q1.used->idx,
-			     v.q1.avail_idx, VQ_TIMEOUT_MS, wait_mode_name(v.mode), s);
-	}
-	struct vq_done d;
-	if (vq_pop(&v.q1, &d) != 1)
-		return failf("tx used ring returned an id that is not a chain in flight");
-	tx_frames++;
-	return 0;
+	const char *why = tx_add(&b, 1);
+	if (!why)
+		why = tx_flush(1);
+	if (!why)
+		tx_frames++;
+	return why;
 }
 
 static u8 *eth_fill(u8 *f, const u8 *dst, u16 type)
@@ -217,10 +239,12 @@ static void ping_payload(u8 *p, u16 seq)
 		p[i] = (u8)('a' + (i + seq) % 26);
 }
 
-static const char *send_udp(const char *msg, u32 len, int offload)
+/* Header and frame at buf: a UDP datagram carrying msg from UDP_SRC_PORT to the peer's udp_port.
+ * Returns the frame's length. */
+static u32 udp_fill(u8 *buf, const char *msg, u32 len, int offload)
 {
-	u8 *f = tx_frame();
-	u8 *u = ip_fill(eth_fill(f, peer_mac, ETH_IP), peer_ip, IP_UDP, 8 + len);
+	memset(buf, 0, HDR_LEN);
+	u8 *u = ip_fill(eth_fill(buf + HDR_LEN, peer_mac, ETH_IP), peer_ip, IP_UDP, 8 + len);
 	put16(u, UDP_SRC_PORT);
 	put16(u + 2, udp_port);
 	put16(u + 4, 8 + len);
@@ -230,7 +254,7 @@ static const char *send_udp(const char *msg, u32 len, int offload)
 	if (offload) {
 		/* The device completes it: sum from csum_start to the end, stored at +csum_offset,
 		 * which holds the pseudo-header sum (folded, not inverted). */
-		struct net_hdr *h = (struct net_hdr *)tx_buf;
+		struct net_hdr *h = (struct net_hdr *)buf;
 		h->flags = HDR_F_NEEDS_CSUM;
 		h->csum_start = ETH_LEN + IP_LEN;
 		h->csum_offset = 6;
@@ -239,7 +263,129 @@ static const char *send_udp(const char *msg, u32 len, int offload)
 		u16 c = (u16)~csum_fold(csum_add(ps, u, 8 + len));
 		put16(u + 6, c ? c : 0xffff);
 	}
-	return tx_send(ETH_LEN + IP_LEN + 8 + len);
+	return ETH_LEN + IP_LEN + 8 + len;
+}
+
+static const char *send_udp(const char *msg, u32 len, int offload)
+{
+	return tx_send(udp_fill(tx_buf, msg, len, offload));
+}
+
+/* ---- TX: malformed chains (ringvm.net.bad=1) ----
+ * Each is a UDP datagram to the peer's echo port with a payload naming the case, so one that reached
+ * the wire would show at the peer, spoilt in a way the device must refuse: it returns the chain
+ * (used len 0) and counts it in tx_dropped. */
+#define MAX_FRAME 65550       /* the device's largest frame (net/src/hdr.rs): 64 KiB GSO + Ethernet + VLAN */
+#define FAR_ADDR (1ull << 40) /* far above the RAM of any guest the tests boot */
+enum {
+	BAD_OVERSIZED,   /* one byte over MAX_FRAME: the datagram, then image bytes */
+	BAD_SHORT,       /* shorter than the header */
+	BAD_RUNT,        /* a header and less than an Ethernet header */
+	BAD_WRITABLE,    /* a device-writable buffer */
+	BAD_OUT_OF_RAM,  /* the frame's second buffer at an address with no RAM: an invalid chain */
+	BAD_GSO_TYPE,    /* gso_type 2, which the spec does not define */
+	BAD_GSO_FEATURE, /* UDP fragmentation (UFO), a GSO type never negotiated here */
+	BAD_CSUM_RANGE,  /* NEEDS_CSUM with the checksum ending one byte past the frame */
+	BAD_CASES
+};
+static const char *const bad_name[BAD_CASES] = {"oversized", "short", "runt", "writable",
+						"out-of-ram", "gso-type", "gso-feature", "csum-range"};
+/* One per case, and one for the valid datagram of the batch. */
+static u8 bad_buf[BAD_CASES + 1][128] __attribute__((aligned(64)));
+
+/* A UDP datagram at buf padded with image bytes to a frame of len bytes: 2 buffers in b[]. */
+static void padded_udp(u8 *buf, const char *msg, u32 len, struct vq_buf *b)
+{
+	u32 head = udp_fill(buf, msg, (u32)strlen(msg), 0);
+	b[0] = (struct vq_buf){buf, HDR_LEN + head, 0};
+	b[1] = (struct vq_buf){__image_start, len - head, 0};
+}
+
+/* Builds malformed chain k in buf; fills b[] and returns its number of buffers. */
+static int bad_chain(int k, u8 *buf, struct vq_buf *b)
+{
+	char msg[32];
+	fmt(msg, sizeof(msg), "ringvm-bad-%s", bad_name[k]);
+	if (k == BAD_OVERSIZED) {
+		padded_udp(buf, msg, MAX_FRAME + 1, b);
+		return 2;
+	}
+	int offload = k == BAD_GSO_FEATURE || k == BAD_CSUM_RANGE;
+	u32 len = udp_fill(buf, msg, (u32)strlen(msg), offload);
+	struct net_hdr *h = (struct net_hdr *)buf;
+	b[0] = (struct vq_buf){buf, HDR_LEN + len, 0};
+	switch (k) {
+	case BAD_SHORT:
+		b[0].len = HDR_LEN - 4;
+		break;
+	case BAD_RUNT:
+		b[0].len = HDR_LEN + ETH_LEN - 1;
+		break;
+	case BAD_WRITABLE:
+		b[0].write = 1;
+		break;
+	case BAD_OUT_OF_RAM:
+		b[0].len = HDR_LEN + ETH_LEN;
+		b[1] = (struct vq_buf){phys(FAR_ADDR), len - ETH_LEN, 0};
+		return 2;
+	case BAD_GSO_TYPE:
+		h->gso_type = 2;
+		break;
+	case BAD_GSO_FEATURE:
+		h->gso_type = 3;
+		h->gso_size = 512;
+		break;
+	case BAD_CSUM_RANGE:
+		h->csum_offset = (u16)(len + 1 - 2 - h->csum_start);
+		break;
+	}
+	return 1;
+}
+
+static u32 chain_bytes(const struct vq_buf *b, int n)
+{
+	u32 total = 0;
+	for (int i = 0; i < n; i++)
+		total += b[i].len;
+	return total;
+}
+
+/* After the normal exchange: each malformed chain alone, then a frame of exactly MAX_FRAME bytes
+ * (which the device takes), then every malformed chain again in one notification with a valid
+ * datagram among them. The UDP echo that follows shows the device still works. */
+static const char *send_bad(void)
+{
+	struct vq_buf b[2];
+	const char *why;
+	for (int k = 0; k < BAD_CASES; k++) {
+		int n = bad_chain(k, bad_buf[k], b);
+		if ((why = tx_add(b, n)) || (why = tx_flush(1)))
+			return why;
+		say("virtio-net bad %s: %u bytes in %d buffer%s returned", bad_name[k], chain_bytes(b, n), n,
+		    n > 1 ? "s" : "");
+	}
+	padded_udp(tx_buf, "ringvm-max-frame", MAX_FRAME, b);
+	if ((why = tx_add(b, 2)) || (why = tx_flush(1)))
+		return why;
+	tx_frames++;
+	say("virtio-net max-frame: %u bytes in 2 buffers returned", chain_bytes(b, 2));
+	for (int k = 0; k < BAD_CASES; k++) {
+		if (k == BAD_CASES / 2) {
+			const char *msg = "ringvm-batch-valid"; /* 60 bytes on the wire, no padding needed */
+			u8 *buf = bad_buf[BAD_CASES];
+			b[0] = (struct vq_buf){buf, HDR_LEN + udp_fill(buf, msg, (u32)strlen(msg), 0), 0};
+			if ((why = tx_add(b, 1)))
+				return why;
+		}
+		int n = bad_chain(k, bad_buf[k], b);
+		if ((why = tx_add(b, n)))
+			return why;
+	}
+	if ((why = tx_flush(BAD_CASES + 1)))
+		return why;
+	tx_frames++;
+	say("virtio-net batch: %u malformed chains and 1 datagram in one notification returned", BAD_CASES);
+	return 0;
 }
 
 /* ---- RX ---- */
@@ -450,7 +596,7 @@ static const char *net_run(void)
 		return failf("ringvm.net.ip=%s: want the guest's IPv4 address", s ? s : "(missing)");
 	if (!(s = opt("net.peer")) || !parse_ip(s, &peer_ip))
 		return failf("ringvm.net.peer=%s: want the host side's IPv4 address", s ? s : "(missing)");
-	u64 x = 0, serve_ms = 0, csum = 0;
+	u64 x = 0, serve_ms = 0, csum = 0, bad = 0;
 	if (opt("net.udp") && (!opt_u64("net.udp", &x) || x < 1 || x > 65535))
 		return failf("ringvm.net.udp=%s: want a port 1..65535", opt("net.udp"));
 	udp_port = (u32)x;
@@ -458,6 +604,10 @@ static const char *net_run(void)
 		return failf("ringvm.net.serve_ms=%s: want milliseconds", opt("net.serve_ms"));
 	if (opt("net.csum") && (!opt_u64("net.csum", &csum) || csum > 1))
 		return failf("ringvm.net.csum=%s: want 0 or 1", opt("net.csum"));
+	if (opt("net.bad") && (!opt_u64("net.bad", &bad) || bad > 1))
+		return failf("ringvm.net.bad=%s: want 0 or 1", opt("net.bad"));
+	if (bad && !udp_port)
+		return failf("ringvm.net.bad=1 needs ringvm.net.udp (the malformed frames are datagrams to it)");
 
 	why = virtio_open(&v, VIRTIO_TYPE_NET);
 	if (!why)
@@ -537,6 +687,9 @@ static const char *net_run(void)
 	say("virtio-net ping %u/%u", pings, PING_COUNT);
 	if (pings != PING_COUNT)
 		return failf("ping %u/%u: no echo reply from %s for some requests", pings, PING_COUNT, pbuf);
+
+	if (bad && (why = send_bad()))
+		return why;
 
 	/* UDP echo. */
 	if (udp_port) {

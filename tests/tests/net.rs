@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tests::netns::{NetNs, GUEST_IP, GUEST_MAC, UDP_PORT};
+use tests::netns::{NetNs, GUEST_IP, GUEST_MAC, HOST_IP, UDP_PORT};
 use tests::{ringvm_bin, run_guest, test_guest_path, GuestCmdline, GuestRun};
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -45,6 +45,15 @@ fn counters(run: &GuestRun) -> String {
         .find(|l| l.starts_with("ringvm device net: rx_packets="))
         .unwrap_or_else(|| panic!("no counters line:\n{}", run.stderr))
         .to_string()
+}
+
+/// One number from the device's counters line.
+fn counter(run: &GuestRun, key: &str) -> u64 {
+    let line = counters(run);
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
 /// `--tap-name` on a tap the namespace set up: ARP, ICMP, UDP with the checksum offloaded to
@@ -140,4 +149,96 @@ fn host_ip_creates_a_configured_multi_queue_tap() {
         "{}",
         run.stdout
     );
+}
+
+/// The malformed transmit chains the guest sends with `ringvm.net.bad=1`, in its order (see
+/// guest/test/virtio_net.c): one byte over the largest frame, shorter than the header, shorter
+/// than an Ethernet header, device-writable, a buffer outside guest RAM, an undefined GSO type,
+/// a GSO type that was not negotiated, a checksum position past the end of the frame.
+const MALFORMED: [&str; 8] = [
+    "oversized",
+    "short",
+    "runt",
+    "writable",
+    "out-of-ram",
+    "gso-type",
+    "gso-feature",
+    "csum-range",
+];
+
+/// Malformed frames from the guest, each alone and then all in one notification with a valid
+/// datagram among them: every chain comes back, each is counted once in `tx_dropped` (none as
+/// a tap error), none reaches the host, and the device goes on: a frame of exactly the largest
+/// size, the batch's valid datagram and the UDP echo after them all go out.
+#[test]
+fn malformed_guest_frames_are_dropped_and_counted_while_the_device_goes_on() {
+    let mut ns = NetNs::new("rvm-badtx");
+    let peer = ns.start_peer(0, 40);
+    let cmdline = GuestCmdline::new()
+        .test("virtio-net")
+        .option("net.ip", GUEST_IP)
+        .option("net.peer", HOST_IP)
+        .option("net.udp", UDP_PORT)
+        .option("net.bad", 1);
+    let name = ns.name.clone();
+    let run = ringvm_in(&name, &["--no-rng", "--tap-name", "tap0"], &cmdline);
+    drop(ns);
+    let peer_out: Vec<String> = peer.iter().collect();
+    let report = run.report();
+    report.assert_ok(&["virtio-net"]);
+
+    let returned: Vec<&str> = report
+        .details("virtio-net")
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("bad ")?.split_once(':').map(|(k, _)| k))
+        .collect();
+    assert_eq!(returned, MALFORMED, "{}", run.stdout);
+    // 12-byte header + 65551-byte frame; the largest frame the device takes is 65550 bytes.
+    assert_eq!(
+        detail(&run, "bad oversized:"),
+        "bad oversized: 65563 bytes in 2 buffers returned"
+    );
+    assert_eq!(
+        detail(&run, "max-frame:"),
+        "max-frame: 65562 bytes in 2 buffers returned"
+    );
+    assert_eq!(
+        detail(&run, "batch:"),
+        "batch: 8 malformed chains and 1 datagram in one notification returned"
+    );
+    assert!(
+        detail(&run, "udp echo").starts_with("udp echo \"ringvm-udp-"),
+        "{}",
+        run.stdout
+    );
+
+    // Each malformed chain carries a datagram to the peer's echo port naming its case: none
+    // arrived. The valid frames did, in the order the guest sent them, the last after every
+    // malformed chain.
+    assert!(
+        !peer_out.iter().any(|l| l.contains("ringvm-bad-")),
+        "a malformed frame reached the host: {peer_out:?}"
+    );
+    let arrived = |payload: &str| {
+        peer_out
+            .iter()
+            .position(|l| l.starts_with(&format!("udp-echo {GUEST_IP}:")) && l.contains(payload))
+            .unwrap_or_else(|| panic!("the peer got no {payload:?}: {peer_out:?}"))
+    };
+    let max = arrived("ringvm-max-frame");
+    let batch = arrived("ringvm-batch-valid");
+    let last = arrived("ringvm-udp-");
+    assert!(max < batch && batch < last, "{peer_out:?}");
+
+    let c = counters(&run);
+    let malformed = 2 * MALFORMED.len() as u64;
+    assert_eq!(counter(&run, "tx_dropped"), malformed, "{c}");
+    assert_eq!(counter(&run, "tx_errors"), 0, "{c}");
+    assert_eq!(counter(&run, "rx_errors"), 0, "{c}");
+    // Every frame the guest counted as sent went out, and nothing else.
+    let sent: u64 = report
+        .value("virtio-net", "tx")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tx= in the stats line:\n{}", run.stdout));
+    assert_eq!(counter(&run, "tx_packets"), sent, "{c}");
 }
