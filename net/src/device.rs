@@ -4,9 +4,10 @@
 //!
 //! - Transmit: the task pops every available chain (up to [`TX_BATCH`]), checks each
 //!   (`[virtio_net_hdr_v1][frame]`, readable only, sane header and length) and submits one
-//!   `writev` per frame straight from guest memory, all in the same turn of the executor
-//!   (one `io_uring_enter` for the batch). The tap takes the same header, so checksum and
-//!   segmentation offloads pass through. A malformed chain is counted as dropped, a failed
+//!   `writev` per frame, all in the same turn of the executor (one `io_uring_enter` for the
+//!   batch): the header the device checked (a host copy, with unknown flags cleared and
+//!   `hdr_len` made sane, see [`VirtioNetHdr::for_tap`]), then the frame straight from guest
+//!   memory. Checksum and segmentation offloads pass through to the tap. A malformed chain is counted as dropped, a failed
 //!   write as an error; either way the chain is returned and the queue goes on.
 //! - Receive: the task first holds guest buffers (waiting for a kick when there are none),
 //!   then reads one frame from the tap straight into them with one `readv`. Without buffers
@@ -442,7 +443,7 @@ impl NetDevice {
 enum TxFrame {
     /// To write: the whole readable part (header and frame).
     Write {
-        iovecs: memory::GuestIoVecs,
+        iovecs: sys::HostIoVecs,
         total: usize,
     },
     /// Malformed: returned without writing.
@@ -564,17 +565,20 @@ impl Tx<'_> {
             ));
         }
         let mut reader = chain.reader(self.queue.memory());
-        let iovecs = match reader.iovecs(total) {
-            Ok(iovecs) => iovecs,
-            Err(e) => return TxFrame::Drop(e.to_string()),
-        };
+        // The header is read once: the tap gets this checked copy, never the guest's bytes.
         let hdr = match reader.read_obj::<[u8; VNET_HDR_SIZE]>() {
             Ok(b) => VirtioNetHdr::from_bytes(&b),
             Err(e) => return TxFrame::Drop(e.to_string()),
         };
-        if let Err(e) = hdr.check_tx(self.acked, total - VNET_HDR_SIZE) {
-            return TxFrame::Drop(e.to_string());
-        }
+        let hdr = match hdr.for_tap(self.acked, total - VNET_HDR_SIZE) {
+            Ok(hdr) => hdr,
+            Err(e) => return TxFrame::Drop(e.to_string()),
+        };
+        let frame = match reader.iovecs(total - VNET_HDR_SIZE) {
+            Ok(iovecs) => iovecs,
+            Err(e) => return TxFrame::Drop(e.to_string()),
+        };
+        let iovecs = sys::HostIoVecs::header(hdr.to_bytes().to_vec(), frame);
         TxFrame::Write { iovecs, total }
     }
 }
@@ -706,7 +710,7 @@ impl<'a> Rx<'a> {
             // One byte more than the largest frame: a frame the tap had to cut shows.
             spill.resize(self.need.saturating_sub(capacity) + 1, 0);
             let iovecs =
-                sys::SpillIoVecs::new(writer.iovecs(capacity)?, std::mem::take(&mut spill));
+                sys::HostIoVecs::spill(writer.iovecs(capacity)?, std::mem::take(&mut spill));
             let mut read = pin!(self.pair.io.read_mem_at(iovecs, 0));
             let result = match select(read.as_mut(), stop.clone()).await {
                 Either::Left(((result, iovecs), _stop)) => Some((result, iovecs)),
@@ -722,13 +726,13 @@ impl<'a> Rx<'a> {
                 }
                 if let (Ok(n), iovecs) = read.await {
                     if n > 0 {
-                        let spill = iovecs.into_spill();
+                        let spill = iovecs.into_host();
                         self.received(n, chains, capacity, &spill, stop).await?;
                     }
                 }
                 return Ok(());
             };
-            spill = iovecs.into_spill();
+            spill = iovecs.into_host();
             match result {
                 Ok(n) => self.received(n, chains, capacity, &spill, stop).await?,
                 Err(e) => match e.raw_os_error() {
@@ -825,7 +829,7 @@ impl<'a> Rx<'a> {
                     .writer(self.queue.memory())
                     .iovecs(chain.writable_len())?
             };
-            let iov = sys::SpillIoVecs::new(iov, spill);
+            let iov = sys::HostIoVecs::spill(iov, spill);
             let read = if i == 0 {
                 self.pair.io.read_mem_at(iov, 0).left_future()
             } else {
@@ -869,7 +873,7 @@ impl<'a> Rx<'a> {
             let mut next = first;
             let mut delivered = false;
             while let Some((i, res, iov)) = next {
-                self.spills.push(iov.into_spill());
+                self.spills.push(iov.into_host());
                 let Some(chain) = chains[i].take() else {
                     break;
                 };
@@ -1601,6 +1605,13 @@ mod tests {
                 g.send(VirtioNetHdr::default(), &partial).await;
                 let bad = udp(host_mac, HOST_IP, 7000, 6000, b"bad", UdpCsum::Bad);
                 g.send(VirtioNetHdr::default(), &bad).await;
+                // DATA_VALID (which a driver must not send) and unknown flags are ignored:
+                // the frame goes out (counted below) and the kernel drops it all the same.
+                let claims_valid = VirtioNetHdr {
+                    flags: VIRTIO_NET_HDR_F_DATA_VALID | 0x10,
+                    ..VirtioNetHdr::default()
+                };
+                g.send(claims_valid, &bad).await;
                 assert!(
                     sock.recv_from(&mut buf).is_err(),
                     "bad checksums are dropped"
@@ -1613,8 +1624,8 @@ mod tests {
             });
             assert_eq!(
                 dev.counters().tx_packets,
-                5,
-                "the tap took all; the kernel dropped two"
+                6,
+                "the tap took all; the kernel dropped three"
             );
         });
     }

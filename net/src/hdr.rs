@@ -55,9 +55,6 @@ pub struct VirtioNetHdr {
 /// Why a transmitted header is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HdrError {
-    /// Flags other than `NEEDS_CSUM` (and `DATA_VALID`, which a device ignores on transmit).
-    #[error("unknown header flags {0:#x}")]
-    Flags(u8),
     /// `NEEDS_CSUM` without `VIRTIO_NET_F_CSUM` negotiated.
     #[error("checksum offload was not negotiated")]
     CsumNotNegotiated,
@@ -124,21 +121,23 @@ impl VirtioNetHdr {
         b
     }
 
-    /// Checks a header the driver sent with a `frame_len`-byte frame, against the acked
-    /// `features`: what the tap would refuse (or the spec forbids) is refused here, so a bad
-    /// frame is counted as dropped rather than as a tap error.
-    pub fn check_tx(&self, features: u64, frame_len: usize) -> Result<(), HdrError> {
+    /// Checks a header the driver sent with a `frame_len`-byte frame against the acked
+    /// `features`, and returns the header to hand the tap: what the tap would refuse (or the
+    /// spec forbids) is refused here, so a bad frame is counted as dropped rather than as a
+    /// tap error. Flags other than `NEEDS_CSUM` are ignored (virtio 1.2 §5.1.6.2.2: the
+    /// device ignores flags it does not recognise; the driver must not set `DATA_VALID` or
+    /// `RSC_INFO`, and the tap would take `DATA_VALID` as "checksum verified"); `hdr_len`,
+    /// a hint, is made one the tap takes (0 without GSO, else at least the checksum's end
+    /// and at most the frame); `num_buffers` is 0.
+    pub fn for_tap(&self, features: u64, frame_len: usize) -> Result<VirtioNetHdr, HdrError> {
         let has = |bit: u32| features & (1 << bit) != 0;
-        if self.flags & !(VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) != 0 {
-            return Err(HdrError::Flags(self.flags));
-        }
         let needs_csum = self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
+        let csum_end = usize::from(self.csum_start) + usize::from(self.csum_offset) + 2;
         if needs_csum {
             if !has(VIRTIO_NET_F_CSUM) {
                 return Err(HdrError::CsumNotNegotiated);
             }
-            let end = usize::from(self.csum_start) + usize::from(self.csum_offset) + 2;
-            if end > frame_len {
+            if csum_end > frame_len {
                 return Err(HdrError::CsumOutOfFrame {
                     start: self.csum_start,
                     offset: self.csum_offset,
@@ -146,9 +145,15 @@ impl VirtioNetHdr {
                 });
             }
         }
+        let tap = VirtioNetHdr {
+            flags: self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            hdr_len: 0,
+            num_buffers: 0,
+            ..*self
+        };
         let base = self.gso_type & !VIRTIO_NET_HDR_GSO_ECN;
         let feature = match base {
-            VIRTIO_NET_HDR_GSO_NONE if self.gso_type == VIRTIO_NET_HDR_GSO_NONE => return Ok(()),
+            VIRTIO_NET_HDR_GSO_NONE if self.gso_type == VIRTIO_NET_HDR_GSO_NONE => return Ok(tap),
             VIRTIO_NET_HDR_GSO_TCPV4 => VIRTIO_NET_F_HOST_TSO4,
             VIRTIO_NET_HDR_GSO_TCPV6 => VIRTIO_NET_F_HOST_TSO6,
             VIRTIO_NET_HDR_GSO_UDP => VIRTIO_NET_F_HOST_UFO,
@@ -166,7 +171,13 @@ impl VirtioNetHdr {
                 flags: self.flags,
             });
         }
-        Ok(())
+        // csum_end <= frame_len: checked above (GSO needs NEEDS_CSUM).
+        let hdr_len = usize::from(self.hdr_len).clamp(csum_end, frame_len);
+        Ok(VirtioNetHdr {
+            // hdr_len <= frame_len <= MAX_FRAME < 65536.
+            hdr_len: hdr_len as u16,
+            ..tap
+        })
     }
 }
 
@@ -196,17 +207,17 @@ mod tests {
     #[test]
     fn plain_frames_pass_and_offloads_need_their_features() {
         let plain = VirtioNetHdr::default();
-        assert_eq!(plain.check_tx(0, 60), Ok(()));
+        assert_eq!(plain.for_tap(0, 60), Ok(plain));
         let csum = VirtioNetHdr {
             flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
             csum_start: 34,
             csum_offset: 6,
             ..plain
         };
-        assert_eq!(csum.check_tx(0, 60), Err(HdrError::CsumNotNegotiated));
-        assert_eq!(csum.check_tx(CSUM_TSO, 60), Ok(()));
+        assert_eq!(csum.for_tap(0, 60), Err(HdrError::CsumNotNegotiated));
+        assert_eq!(csum.for_tap(CSUM_TSO, 60), Ok(csum));
         assert!(matches!(
-            csum.check_tx(CSUM_TSO, 40),
+            csum.for_tap(CSUM_TSO, 40),
             Err(HdrError::CsumOutOfFrame { .. })
         ));
         let tso = VirtioNetHdr {
@@ -214,9 +225,11 @@ mod tests {
             gso_size: 1448,
             ..csum
         };
-        assert_eq!(tso.check_tx(CSUM_TSO, 9000), Ok(()));
+        // hdr_len 0 becomes the checksum's end (42), as the tap would make it.
+        let tap_tso = VirtioNetHdr { hdr_len: 42, ..tso };
+        assert_eq!(tso.for_tap(CSUM_TSO, 9000), Ok(tap_tso));
         assert_eq!(
-            tso.check_tx(1 << VIRTIO_NET_F_CSUM, 9000),
+            tso.for_tap(1 << VIRTIO_NET_F_CSUM, 9000),
             Err(HdrError::GsoNotNegotiated(1))
         );
         let ecn = VirtioNetHdr {
@@ -224,25 +237,51 @@ mod tests {
             ..tso
         };
         assert_eq!(
-            ecn.check_tx(CSUM_TSO, 9000),
+            ecn.for_tap(CSUM_TSO, 9000),
             Err(HdrError::GsoNotNegotiated(0x81))
         );
         assert_eq!(
-            ecn.check_tx(CSUM_TSO | (1 << VIRTIO_NET_F_HOST_ECN), 9000),
-            Ok(())
+            ecn.for_tap(CSUM_TSO | (1 << VIRTIO_NET_F_HOST_ECN), 9000),
+            Ok(VirtioNetHdr { hdr_len: 42, ..ecn })
         );
         let no_size = VirtioNetHdr { gso_size: 0, ..tso };
         assert!(matches!(
-            no_size.check_tx(CSUM_TSO, 9000),
+            no_size.for_tap(CSUM_TSO, 9000),
             Err(HdrError::GsoInvalid { .. })
         ));
         let bad = VirtioNetHdr { gso_type: 2, ..tso };
-        assert_eq!(bad.check_tx(CSUM_TSO, 9000), Err(HdrError::GsoType(2)));
-        let flags = VirtioNetHdr {
-            flags: 0x10,
-            ..plain
+        assert_eq!(bad.for_tap(CSUM_TSO, 9000), Err(HdrError::GsoType(2)));
+    }
+
+    #[test]
+    fn the_tap_gets_known_flags_a_sane_hdr_len_and_no_num_buffers() {
+        // Unknown flags, DATA_VALID (the driver must not set it) and RSC_INFO are ignored.
+        let plain = VirtioNetHdr {
+            flags: 0x10 | VIRTIO_NET_HDR_F_DATA_VALID | 0x4,
+            hdr_len: 9,
+            num_buffers: 7,
+            ..VirtioNetHdr::default()
         };
-        assert_eq!(flags.check_tx(CSUM_TSO, 60), Err(HdrError::Flags(0x10)));
+        assert_eq!(plain.for_tap(0, 60), Ok(VirtioNetHdr::default()));
+        let tso = VirtioNetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            hdr_len: 66,
+            num_buffers: 0,
+        };
+        let tap = tso.for_tap(CSUM_TSO, 9000).unwrap();
+        assert_eq!(tap.flags, VIRTIO_NET_HDR_F_NEEDS_CSUM);
+        assert_eq!(tap.hdr_len, 66, "a sane hint is kept");
+        for (hint, kept) in [(1, 52), (51, 52), (60_000, 9000)] {
+            let h = VirtioNetHdr {
+                hdr_len: hint,
+                ..tso
+            };
+            assert_eq!(h.for_tap(CSUM_TSO, 9000).unwrap().hdr_len, kept, "{hint}");
+        }
     }
 
     proptest! {
@@ -254,7 +293,11 @@ mod tests {
         ) {
             let h = VirtioNetHdr::from_bytes(&bytes);
             prop_assert_eq!(h.to_bytes(), bytes);
-            let _ = h.check_tx(features, len);
+            if let Ok(tap) = h.for_tap(features, len) {
+                prop_assert_eq!(tap.flags & !VIRTIO_NET_HDR_F_NEEDS_CSUM, 0);
+                prop_assert!(usize::from(tap.hdr_len) <= len);
+                prop_assert_eq!(tap.num_buffers, 0);
+            }
         }
     }
 }

@@ -238,55 +238,74 @@ pub fn thread_cpu_time() -> io::Result<std::time::Duration> {
     ))
 }
 
-/// Guest buffers followed by a host buffer that takes what does not fit in them, for one
-/// tap read: the tap reports a frame it had to cut as if it fit, so the device reads into
-/// one byte more than the largest frame and copies an overflow into later buffers (or
-/// counts the frame as too big) instead of handing the guest a truncated frame.
-pub struct SpillIoVecs {
-    /// Keeps the guest mappings the first iovecs point into alive.
+/// Guest buffers and a host buffer in one tap read or write.
+///
+/// - Read ([`HostIoVecs::spill`]): the host buffer comes last and takes what does not fit
+///   in the guest's: the tap reports a frame it had to cut as if it fit, so the device reads
+///   into one byte more than the largest frame and copies an overflow into later buffers
+///   (or counts the frame as too big) instead of handing the guest a truncated frame.
+/// - Write ([`HostIoVecs::header`]): the host buffer comes first and holds the vnet header
+///   the device checked, so the tap gets that header and not whatever the guest's copy says
+///   by the time the write runs.
+pub struct HostIoVecs {
+    /// Keeps the guest mappings the guest iovecs point into alive.
     _guest: memory::GuestIoVecs,
-    spill: Vec<u8>,
+    host: Vec<u8>,
     iovecs: Vec<libc::iovec>,
 }
 
-impl SpillIoVecs {
+impl HostIoVecs {
     /// `guest`'s iovecs, then all of `spill` (its length, not its capacity).
-    pub fn new(guest: memory::GuestIoVecs, mut spill: Vec<u8>) -> SpillIoVecs {
+    pub fn spill(guest: memory::GuestIoVecs, spill: Vec<u8>) -> HostIoVecs {
+        HostIoVecs::new(guest, spill, false)
+    }
+
+    /// All of `header`, then `guest`'s iovecs.
+    pub fn header(header: Vec<u8>, guest: memory::GuestIoVecs) -> HostIoVecs {
+        HostIoVecs::new(guest, header, true)
+    }
+
+    fn new(guest: memory::GuestIoVecs, mut host: Vec<u8>, host_first: bool) -> HostIoVecs {
         use executor::IoVecs;
-        let mut iovecs = guest.iovecs().to_vec();
-        if !spill.is_empty() {
-            iovecs.push(libc::iovec {
-                iov_base: spill.as_mut_ptr().cast(),
-                iov_len: spill.len(),
-            });
+        let mut iovecs = Vec::with_capacity(guest.iovecs().len() + 1);
+        let host_iovec = (!host.is_empty()).then(|| libc::iovec {
+            iov_base: host.as_mut_ptr().cast(),
+            iov_len: host.len(),
+        });
+        if host_first {
+            iovecs.extend(host_iovec);
         }
-        SpillIoVecs {
+        iovecs.extend_from_slice(guest.iovecs());
+        if !host_first {
+            iovecs.extend(host_iovec);
+        }
+        HostIoVecs {
             _guest: guest,
-            spill,
+            host,
             iovecs,
         }
     }
 
-    /// The host buffer back, with whatever the read put in it.
-    pub fn into_spill(self) -> Vec<u8> {
-        self.spill
+    /// The host buffer back, with whatever a read put in it.
+    pub fn into_host(self) -> Vec<u8> {
+        self.host
     }
 }
 
-// SAFETY: the first iovecs are copies of `_guest`'s, which stay valid while `_guest` (owned
-// here, never changed) is alive (`GuestIoVecs`' own `IoVecs` contract); the last one points
-// at `spill`'s heap buffer, which does not move when this value moves and is neither
-// resized nor referenced until `into_spill` consumes the value; `iovecs` is a Vec whose heap
+// SAFETY: the guest iovecs are copies of `_guest`'s, which stay valid while `_guest` (owned
+// here, never changed) is alive (`GuestIoVecs`' own `IoVecs` contract); the host one points
+// at `host`'s heap buffer, which does not move when this value moves and is neither
+// resized nor referenced until `into_host` consumes the value; `iovecs` is a Vec whose heap
 // buffer is stable and unchanged after `new`. Checked by
-// `device::tests::a_frame_larger_than_a_single_buffer_is_counted_not_delivered` and
-// `mergeable_frame_overflowing_the_buffers_waits_for_more`.
-unsafe impl executor::IoVecs for SpillIoVecs {
+// `device::tests::a_frame_larger_than_a_single_buffer_is_counted_not_delivered`,
+// `mergeable_frame_overflowing_the_buffers_waits_for_more` and the transmit tests.
+unsafe impl executor::IoVecs for HostIoVecs {
     fn iovecs(&self) -> &[libc::iovec] {
         &self.iovecs
     }
 }
 
 // SAFETY: guest memory is writable and only accessed volatilely (`GuestIoVecs` is
-// `IoVecsMut`); `spill` is an owned, initialised Vec<u8> nothing borrows while the value is
+// `IoVecsMut`); `host` is an owned, initialised Vec<u8> nothing borrows while the value is
 // alive.
-unsafe impl executor::IoVecsMut for SpillIoVecs {}
+unsafe impl executor::IoVecsMut for HostIoVecs {}
