@@ -292,16 +292,16 @@ impl NetDevice {
         eprintln!("ringvm device net: {what}");
     }
 
-    /// Logs bad guest input, up to [`MAX_LOGGED`] lines.
+    /// Logs bad guest input, up to [`MAX_LOGGED`] lines; the first one past that says the
+    /// rest is only counted.
     fn log_guest(&self, what: impl fmt::Display) {
         let n = self.logged.get();
-        if n < MAX_LOGGED {
-            self.logged.set(n + 1);
-            self.log(what);
-            if n + 1 == MAX_LOGGED {
-                self.log("further bad guest input is counted, not logged");
-            }
+        match n.cmp(&MAX_LOGGED) {
+            std::cmp::Ordering::Less => self.log(what),
+            std::cmp::Ordering::Equal => self.log("further bad guest input is counted, not logged"),
+            std::cmp::Ordering::Greater => return,
         }
+        self.logged.set(n + 1);
     }
 
     fn num_pairs(&self) -> usize {
