@@ -813,21 +813,27 @@ impl<'a> Rx<'a> {
         let mut longest = vec![0; chains.len()];
         for (i, chain) in chains.iter().enumerate() {
             let Some(chain) = chain else { continue };
-            let first = chain.writable().first().map_or(0, |b| b.len as usize);
+            let first = chain.writable().first().copied();
             let mut spill = self.spills.pop().unwrap_or_default();
-            let iov = if first > self.need {
+            let iov = match first {
                 // One buffer takes the largest frame and a byte more: a plain read into it
                 // (no iovec array for the kernel to import); a read that fills it was cut.
-                longest[i] = first - 1;
-                spill.clear();
-                chain.writer(self.queue.memory()).iovecs(first)?
-            } else {
-                // One byte more than the chain: a frame the tap had to cut shows.
-                longest[i] = chain.writable_len();
-                spill.resize(1, 0);
-                chain
-                    .writer(self.queue.memory())
-                    .iovecs(chain.writable_len())?
+                Some(b) if b.len as usize > self.need => {
+                    longest[i] = b.len as usize - 1;
+                    spill.clear();
+                    self.queue
+                        .memory()
+                        .iovecs(&[(b.addr, b.len as usize)])
+                        .map_err(virtio::Error::BufferAccess)?
+                }
+                _ => {
+                    // One byte more than the chain: a frame the tap had to cut shows.
+                    longest[i] = chain.writable_len();
+                    spill.resize(1, 0);
+                    chain
+                        .writer(self.queue.memory())
+                        .iovecs(chain.writable_len())?
+                }
             };
             let iov = sys::HostIoVecs::spill(iov, spill);
             let read = if i == 0 {
@@ -975,21 +981,43 @@ impl<'a> Rx<'a> {
 
     /// Returns `chain`, which a frame of `n` bytes (header included) filled by itself.
     fn deliver_chain(&self, chain: &DescriptorChain, n: usize) -> QueueResult {
-        let mut w = chain.writer(self.queue.memory());
-        if !self.guest_csum {
-            // Without GUEST_CSUM the flags must be zero (the tap may set DATA_VALID).
-            w.write_obj(0u8)?;
-        } else {
-            w.consume(1);
-        }
-        w.consume(NUM_BUFFERS_OFFSET - 1);
-        w.write_obj(1u16.to_le())?;
+        self.finish_header(chain, 1)?;
         self.queue.add_used(chain.head_index(), n as u32)?;
         self.dev.count(|c| {
             c.rx_packets += 1;
             c.rx_bytes += (n - VNET_HDR_SIZE) as u64;
         });
         Ok(())
+    }
+
+    /// Sets what the device owns in the header the tap wrote at the start of `chain`:
+    /// `num_buffers`, and zero flags without `GUEST_CSUM` (the tap may set `DATA_VALID`).
+    fn finish_header(&self, chain: &DescriptorChain, num_buffers: u16) -> QueueResult {
+        let mem = self.queue.memory();
+        match chain.writable().first() {
+            // The usual case: the first buffer holds the whole header.
+            Some(b) if b.len as usize >= VNET_HDR_SIZE => {
+                let at = |offset: u64| memory::GuestAddress(b.addr.0.wrapping_add(offset));
+                let write = |bytes: &[u8], offset| {
+                    mem.write_slice(bytes, at(offset))
+                        .map_err(virtio::Error::BufferAccess)
+                };
+                if !self.guest_csum {
+                    write(&[0], 0)?;
+                }
+                write(&num_buffers.to_le_bytes(), NUM_BUFFERS_OFFSET as u64)
+            }
+            _ => {
+                let mut w = chain.writer(mem);
+                if !self.guest_csum {
+                    w.write_obj(0u8)?;
+                } else {
+                    w.consume(1);
+                }
+                w.consume(NUM_BUFFERS_OFFSET - 1);
+                w.write_obj(num_buffers.to_le())
+            }
+        }
     }
 
     /// The buffers the next read fills and how many chains they cover: with `MRG_RXBUF`
@@ -1081,15 +1109,7 @@ impl<'a> Rx<'a> {
             return Ok(());
         };
         // The header is in the first chain (it has at least VNET_HDR_SIZE bytes).
-        let mut w = first.writer(self.queue.memory());
-        if !self.guest_csum {
-            // Without GUEST_CSUM the flags must be zero (the tap may set DATA_VALID).
-            w.write_obj(0u8)?;
-        } else {
-            w.consume(1);
-        }
-        w.consume(NUM_BUFFERS_OFFSET - 1);
-        w.write_obj((used.len() as u16).to_le())?;
+        self.finish_header(first, used.len() as u16)?;
         for &(head, len) in &used {
             self.queue.add_used(head, len)?;
             if let Some(c) = self.held.pop_front() {
@@ -1860,6 +1880,33 @@ mod tests {
                 let (hdr, p) = g.recv_where(|p| udp_payload(p, 5562).is_some()).await;
                 assert!(hdr.num_buffers >= 3, "{hdr:?}");
                 assert_eq!(udp_payload(&p, 5562).unwrap().0, data);
+                g.stop().await;
+            });
+            assert_eq!(dev.counters().rx_errors, 0);
+        });
+    }
+
+    #[test]
+    fn a_receive_header_split_across_buffers_is_filled_in() {
+        in_netns(|| {
+            let dev = device(host_tap("rvnet21"));
+            let sock = UdpSocket::bind((HOST_IP, 0)).unwrap();
+            run(async {
+                let features = 1 << VIRTIO_NET_F_MRG_RXBUF;
+                let mut g = Guest::start(dev.clone(), features).await;
+                // The 12-byte header lands in a 4- and an 8-byte buffer.
+                let split = [
+                    MockBuf::Writable(4),
+                    MockBuf::Writable(8),
+                    MockBuf::Writable(RX_BUF),
+                ];
+                for _ in 0..2 {
+                    g.rx.add(&split);
+                }
+                sock.send_to(b"split", (GUEST_IP, 5563)).unwrap();
+                let (hdr, p) = g.recv_where(|p| udp_payload(p, 5563).is_some()).await;
+                assert_eq!((hdr.num_buffers, hdr.flags), (1, 0), "{hdr:?}");
+                assert_eq!(udp_payload(&p, 5563).unwrap().0, b"split");
                 g.stop().await;
             });
             assert_eq!(dev.counters().rx_errors, 0);
