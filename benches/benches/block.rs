@@ -117,15 +117,7 @@ const WORKLOADS: [Workload; 6] = [
 ];
 
 fn main() {
-    let mut config = benches::Config::from_env();
-    let (secs, rounds) = if config.quick { QUICK } else { FULL };
-    if std::env::var_os("RINGVM_BENCH_SECS").is_none() {
-        config.measure = Duration::from_secs_f64(secs);
-        config.warmup = Duration::from_secs_f64(secs / rounds as f64);
-    }
-    if std::env::var_os("RINGVM_BENCH_ROUNDS").is_none() {
-        config.rounds = rounds;
-    }
+    let config = benches::Config::from_env_with(FULL, QUICK);
     let mut runner = Runner::with_config("block", config);
     if !WORKLOADS.iter().any(|w| runner.enabled(w.name)) {
         runner.finish().expect("write results");
@@ -201,13 +193,7 @@ fn main() {
     }
 
     print_details(&runner);
-    if let Err(e) = runner.finish() {
-        eprintln!("cannot write the bench results: {e}");
-    }
-    println!();
-    if runner.config().quick {
-        println!("quick run: the checks below are rough, not a claim");
-    }
+    runner.finish_before_checks();
     for bench in ["randread4k/qd32", "randwrite4k/qd32"] {
         runner.check(bench, "ringvm", Role::Limit, 0.95);
         runner.check(bench, "ringvm", Role::Peer, 1.15);
@@ -594,23 +580,7 @@ impl Drop for Backend {
 /// The ringvm binary and the suffix of its `--file` argument that asks for O_DIRECT, or why
 /// there is none that can serve a block device.
 fn ringvm_bin() -> Result<(PathBuf, &'static str), String> {
-    let bin = benches::process::ringvm_release()?;
-    let help = Command::new(&bin)
-        .args(["device", "block", "--help"])
-        .output()
-        .map_err(|e| format!("run {}: {e}", bin.display()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&help.stdout),
-        String::from_utf8_lossy(&help.stderr)
-    );
-    if !help.status.success() || !text.contains("--socket") {
-        return Err(format!(
-            "{} has no `device block`: {}",
-            bin.display(),
-            text.lines().next().unwrap_or("").trim()
-        ));
-    }
+    let (bin, text) = benches::process::ringvm_device("block", "--socket")?;
     // O_DIRECT like the limit and the peer: `--file PATH,direct=true`, or a flag.
     let direct = if text.contains("direct=") {
         ",direct=true"

@@ -37,39 +37,35 @@
 //! sender thread). The details table shows device, guest and sender CPU per frame.
 //!
 //! Run as root with `cargo bench -p benches --bench net [-- --quick] [-- FILTER...]`. ringvm
-//! is taken from $RINGVM_BIN, else built as `target/release/ringvm`. TCP bulk throughput
-//! with offloads is not measured.
+//! is taken from $RINGVM_BIN, else built as `target/release/ringvm`. TCP bulk throughput,
+//! with offloads and without, is measured by the `tcp` bench (`benches/benches/tcp.rs`).
 
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, UdpSocket};
-use std::num::Wrapping;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use benches::vnet::{
+    ip, main_thread_cpu_time, os_err, ringvm_bin, set_nonblocking, wait_readable, Dir, Guest,
+    QUEUE_SIZE, VNET_HDR,
+};
 use benches::{bench_dir, Role, Runner, Variant};
-use executor::{AsyncFd, Executor};
-use memory::{GuestAddress, GuestMemory};
-use virtio::mock::MockSplitQueue;
-use virtio::queue::desc::VIRTQ_DESC_F_WRITE;
-use virtio::vhost_user::{Connection, Frontend, VringConfig, VIRTIO_F_VERSION_1};
-use virtio::{Descriptor, VIRTIO_F_EVENT_IDX};
+use virtio::vhost_user::VIRTIO_F_VERSION_1;
+use virtio::VIRTIO_F_EVENT_IDX;
 
 /// Measured seconds per case (over all its rounds) and rounds, in a full and a quick run.
 const FULL: (f64, usize) = (6.0, 12);
 const QUICK: (f64, usize) = (0.3, 3);
 /// Frame sizes (Ethernet header to payload end, no vnet header, no FCS).
 const SIZES: [usize; 2] = [64, 1514];
-const VNET_HDR: usize = 12;
 /// `VIRTIO_NET_F_MRG_RXBUF`.
 const MRG_RXBUF: u32 = 15;
-const QUEUE_SIZE: u16 = 256;
 /// Receive buffer size: a full-MTU frame and its header, as Linux posts mergeable buffers.
 const RX_BUF: u32 = 1536;
 /// Slot size of the fixed buffers in guest memory.
@@ -84,15 +80,7 @@ const BATCH: usize = 64;
 const STALL: Duration = Duration::from_secs(5);
 
 fn main() {
-    let mut config = benches::Config::from_env();
-    let (secs, rounds) = if config.quick { QUICK } else { FULL };
-    if std::env::var_os("RINGVM_BENCH_SECS").is_none() {
-        config.measure = Duration::from_secs_f64(secs);
-        config.warmup = Duration::from_secs_f64(secs / rounds as f64);
-    }
-    if std::env::var_os("RINGVM_BENCH_ROUNDS").is_none() {
-        config.rounds = rounds;
-    }
+    let config = benches::Config::from_env_with(FULL, QUICK);
     let mut runner = Runner::with_config("net", config);
     let benches: Vec<(Dir, usize, String)> = [Dir::Tx, Dir::Rx]
         .into_iter()
@@ -179,13 +167,7 @@ fn main() {
     }
 
     print_details(&runner);
-    if let Err(e) = runner.finish() {
-        eprintln!("cannot write the bench results: {e}");
-    }
-    println!();
-    if runner.config().quick {
-        println!("quick run: the checks below are rough, not a claim");
-    }
+    runner.finish_before_checks();
     for (_, _, name) in &benches {
         runner.check(name, "ringvm", Role::Limit, 0.9);
     }
@@ -198,31 +180,9 @@ fn main() {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dir {
-    /// Guest -> tap.
-    Tx,
-    /// Tap -> guest.
-    Rx,
-}
-
-impl Dir {
-    fn name(self) -> &'static str {
-        match self {
-            Dir::Tx => "tx",
-            Dir::Rx => "rx",
-        }
-    }
-}
-
 /// A figure of the JSON line of a case.
 fn extra(runner: &Runner, bench: &str, name: &str, key: &str) -> Option<f64> {
-    runner
-        .case(bench, name)?
-        .extra
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| *v)
+    runner.case(bench, name)?.figure(key)
 }
 
 /// The second table: pps, Gbit/s, ratio and CPU per frame.
@@ -329,24 +289,6 @@ fn if_mac(name: &str) -> Result<[u8; 6], String> {
         *m = d as u8;
     }
     Ok(mac)
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {args:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-fn os_err<T>(what: &str) -> Result<T, String> {
-    Err(format!("{what}: {}", io::Error::last_os_error()))
 }
 
 // ---- host-side sockets ----
@@ -639,7 +581,9 @@ impl Endpoint {
             // The device made the tap before it listened.
             ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &tap])?;
             ip(&["link", "set", &tap, "up"])?;
-            let guest = Guest::connect(&socket)?;
+            let features =
+                (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << MRG_RXBUF);
+            let guest = Guest::connect(&socket, features, SLOT, RX_BUF)?;
             Ok((
                 guest,
                 UdpCounter::bind(host_ip)?,
@@ -684,14 +628,7 @@ impl Endpoint {
         tap.configure(host_ip, Ipv4Addr::new(255, 255, 255, 0))
             .map_err(|e| format!("configure {name}: {e}"))?;
         let fd = tap.into_fd();
-        // SAFETY: fcntl on our fd.
-        let r = unsafe {
-            let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK)
-        };
-        if r != 0 {
-            return os_err("O_NONBLOCK");
-        }
+        set_nonblocking(fd.as_fd())?;
         Ok(Endpoint {
             key: "raw-tap",
             role: Role::Limit,
@@ -731,7 +668,7 @@ impl Endpoint {
         let mut with_hdr = vec![0u8; VNET_HDR];
         with_hdr.extend_from_slice(&frame);
         if let (Kind::Ringvm(g), Dir::Tx) = (&mut self.kind, d) {
-            g.prepare_tx(&with_hdr)?;
+            prepare_tx(g, &with_hdr)?;
         }
         self.tx_frame = with_hdr;
         Ok(())
@@ -784,7 +721,7 @@ impl Endpoint {
         self.measure(n, n, |e| {
             let start = Instant::now();
             let sent = match &mut e.kind {
-                Kind::Ringvm(g) => g.transmit(n, &mut e.udp)?,
+                Kind::Ringvm(g) => transmit(g, n, &mut e.udp)?,
                 Kind::Raw(fd) => {
                     let mut got = 0;
                     for i in 0..n {
@@ -825,14 +762,14 @@ impl Endpoint {
             let start = Instant::now();
             sender.aim(Some(index));
             let got = match &mut e.kind {
-                Kind::Ringvm(g) => g.receive(n, want, true, sender),
+                Kind::Ringvm(g) => receive(g, n, want, true, sender),
                 Kind::Raw(fd) => raw_receive(fd.as_fd(), n, want, true, sender),
             };
             let elapsed = start.elapsed();
             sender.aim(None);
             let got = got?;
             match &mut e.kind {
-                Kind::Ringvm(g) => g.receive(u64::MAX, want, false, sender)?,
+                Kind::Ringvm(g) => receive(g, u64::MAX, want, false, sender)?,
                 Kind::Raw(fd) => raw_receive(fd.as_fd(), u64::MAX, want, false, sender)?,
             };
             Ok((elapsed, got))
@@ -919,303 +856,88 @@ fn raw_receive(
     Ok(got)
 }
 
-fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd.
-    unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
-}
+// ---- the guest: our vhost-user frontend ([`vnet::Guest`]) ----
 
-fn eventfd() -> Result<OwnedFd, String> {
-    // SAFETY: plain syscall; the fd is owned at once.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return os_err("eventfd");
+/// Writes `frame` (vnet header included) into every transmit slot.
+fn prepare_tx(g: &mut Guest, frame: &[u8]) -> Result<(), String> {
+    for i in 0..QUEUE_SIZE {
+        g.mem
+            .write_slice(frame, g.tx.slot(i))
+            .map_err(|e| e.to_string())?;
+        g.tx.set_desc(i, frame.len() as u32, 0)?;
     }
-    // SAFETY: a fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(())
 }
 
-fn eventfd_write(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: writes 8 bytes from a u64.
-    unsafe { libc::write(fd.as_raw_fd(), std::ptr::from_ref(&one).cast(), 8) };
-}
-
-/// Clears an eventfd.
-fn eventfd_read(fd: &OwnedFd) {
-    let mut v = 0u64;
-    // SAFETY: reads 8 bytes into a u64.
-    unsafe { libc::read(fd.as_raw_fd(), std::ptr::from_mut(&mut v).cast(), 8) };
-}
-
-// ---- the guest: our vhost-user frontend ----
-
-/// The driver side of one ring: fixed descriptors, descriptor `i` always on slot `i` of the
-/// ring's buffers, re-posted as it comes back.
-struct Ring {
-    q: MockSplitQueue,
-    kick: OwnedFd,
-    call: OwnedFd,
-    buffers: GuestAddress,
-    /// Used entries read so far.
-    seen: Wrapping<u16>,
-}
-
-impl Ring {
-    fn new(mem: &GuestMemory, base: u64, buffers: u64) -> Result<Ring, String> {
-        let q = MockSplitQueue::with_data_area(
-            mem,
-            GuestAddress(base),
-            QUEUE_SIZE,
-            GuestAddress(buffers),
-            SLOT * u64::from(QUEUE_SIZE),
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(Ring {
-            q,
-            kick: eventfd()?,
-            call: eventfd()?,
-            buffers: GuestAddress(buffers),
-            seen: Wrapping(0),
-        })
-    }
-
-    fn config(&self, index: u32) -> VringConfig<'_> {
-        VringConfig {
-            index,
-            size: QUEUE_SIZE,
-            desc: self.q.desc_table(),
-            avail: self.q.avail_addr(),
-            used: self.q.used_addr(),
-            base: 0,
-            kick: self.kick.as_fd(),
-            call: Some(self.call.as_fd()),
+/// Transmits `n` frames, keeping the ring full; drains `udp` as it goes. Returns the
+/// datagrams it counted.
+fn transmit(g: &mut Guest, n: u64, udp: &mut UdpCounter) -> Result<u64, String> {
+    let mut free: Vec<u16> = (0..QUEUE_SIZE).rev().collect();
+    let (mut posted, mut done, mut got) = (0u64, 0u64, 0u64);
+    let mut last = Instant::now();
+    while done < n {
+        let old = g.tx.q.avail_idx();
+        while posted < n {
+            let Some(i) = free.pop() else { break };
+            g.tx.post(i)?;
+            posted += 1;
         }
-    }
-
-    fn slot(&self, i: u16) -> GuestAddress {
-        GuestAddress(self.buffers.0 + SLOT * u64::from(i))
-    }
-
-    fn set_desc(&self, i: u16, len: u32, flags: u16) -> Result<(), String> {
-        let desc = Descriptor {
-            addr: self.slot(i).0,
-            len,
-            flags,
-            next: 0,
-        };
-        self.q.write_desc(i, desc).map_err(|e| e.to_string())
-    }
-
-    /// Publishes descriptor `i`.
-    fn post(&mut self, i: u16) -> Result<(), String> {
-        self.q.publish(i).map_err(|e| e.to_string())
-    }
-
-    /// Kicks if the device asked for it since avail index `old`.
-    fn kick_since(&self, old: u16) -> Result<(), String> {
-        if self.q.avail_idx() != old && self.q.needs_kick(true, old).map_err(|e| e.to_string())? {
-            eventfd_write(&self.kick);
+        g.tx.kick_since(old)?;
+        let mut reaped = 0;
+        while let Some((id, _)) = g.tx.used()? {
+            free.push(id);
+            reaped += 1;
         }
-        Ok(())
-    }
-
-    /// The next used entry.
-    fn used(&mut self) -> Result<Option<(u16, u32)>, String> {
-        let u = self.q.next_used().map_err(|e| e.to_string())?;
-        Ok(u.map(|u| {
-            self.seen += 1;
-            (u.id as u16, u.len)
-        }))
-    }
-
-    /// Asks for a call once `ahead` more entries are used and sleeps for it (at most
-    /// `timeout_ms`), unless entries came meanwhile.
-    fn wait(&self, ahead: u16, timeout_ms: i32) -> Result<(), String> {
-        let event = self.seen + Wrapping(ahead.max(1) - 1);
-        self.q.set_used_event(event.0).map_err(|e| e.to_string())?;
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.q.used_idx().map_err(|e| e.to_string())? != self.seen.0 {
-            return Ok(());
-        }
-        if wait_readable(self.call.as_raw_fd(), timeout_ms) {
-            eventfd_read(&self.call);
-        }
-        Ok(())
-    }
-}
-
-/// Our side of a vhost-user connection to `ringvm device net`: guest memory and the two
-/// rings. Fields drop in order: the frontend before its executor.
-struct Guest {
-    _fe: Frontend,
-    _ex: Executor,
-    mem: GuestMemory,
-    rx: Ring,
-    tx: Ring,
-}
-
-impl Guest {
-    fn connect(socket: &Path) -> Result<Box<Guest>, String> {
-        let stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-        let ex = Executor::new().map_err(|e| format!("executor: {e}"))?;
-        let mem = GuestMemory::new(&[(GuestAddress(0), 16 << 20)]).map_err(|e| e.to_string())?;
-        let rx = Ring::new(&mem, 0x1_0000, 0x10_0000)?;
-        let tx = Ring::new(&mem, 0x2_0000, 0x20_0000)?;
-        let features = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_EVENT_IDX) | (1 << MRG_RXBUF);
-        let fe = ex.run_until(async {
-            let fe = Frontend::connect(
-                Connection::new(AsyncFd::new(stream.into())),
-                Duration::from_secs(5),
-            )
-            .await
-            .map_err(|e| format!("vhost-user connect: {e}"))?;
-            if fe.features() & features != features {
-                return Err(format!(
-                    "the device offers {:#x}, without all of {features:#x}",
-                    fe.features()
-                ));
+        done += reaped;
+        got += udp.drain();
+        if reaped == 0 {
+            if last.elapsed() > STALL {
+                return Err(format!("{done} of {n} frames sent in {STALL:?}"));
             }
-            fe.start(features, &mem, &[rx.config(0), tx.config(1)])
-                .await
-                .map_err(|e| format!("vhost-user start: {e}"))?;
-            Ok(fe)
-        })?;
-        let mut g = Box::new(Guest {
-            _fe: fe,
-            _ex: ex,
-            mem,
-            rx,
-            tx,
-        });
-        // Every receive buffer posted, for good.
+            let in_flight = (posted - done) as u16;
+            g.tx.wait((in_flight / 2).max(1), 10)?;
+        } else {
+            last = Instant::now();
+        }
+    }
+    Ok(got)
+}
+
+/// Takes used receive entries and posts their buffers again until `n` frames of `want`
+/// bytes came (`counting`), or until none came for a while (draining). Returns the
+/// frames of `want` bytes.
+fn receive(
+    g: &mut Guest,
+    n: u64,
+    want: usize,
+    counting: bool,
+    sender: &Sender,
+) -> Result<u64, String> {
+    let mut got = 0u64;
+    let mut idle_since: Option<Instant> = None;
+    while got < n {
         let old = g.rx.q.avail_idx();
-        for i in 0..QUEUE_SIZE {
-            g.rx.set_desc(i, RX_BUF, VIRTQ_DESC_F_WRITE)?;
-            g.rx.post(i)?;
+        let mut reaped = 0;
+        while let Some((id, len)) = g.rx.used()? {
+            got += u64::from(len as usize == want);
+            g.rx.post(id)?;
+            reaped += 1;
         }
-        g.rx.kick_since(old)?;
-        Ok(g)
-    }
-
-    /// Writes `frame` (vnet header included) into every transmit slot.
-    fn prepare_tx(&mut self, frame: &[u8]) -> Result<(), String> {
-        for i in 0..QUEUE_SIZE {
-            self.mem
-                .write_slice(frame, self.tx.slot(i))
-                .map_err(|e| e.to_string())?;
-            self.tx.set_desc(i, frame.len() as u32, 0)?;
+        if reaped > 0 {
+            idle_since = None;
+            g.rx.kick_since(old)?;
+            sender.delivered(reaped);
+            continue;
         }
-        Ok(())
-    }
-
-    /// Transmits `n` frames, keeping the ring full; drains `udp` as it goes. Returns the
-    /// datagrams it counted.
-    fn transmit(&mut self, n: u64, udp: &mut UdpCounter) -> Result<u64, String> {
-        let mut free: Vec<u16> = (0..QUEUE_SIZE).rev().collect();
-        let (mut posted, mut done, mut got) = (0u64, 0u64, 0u64);
-        let mut last = Instant::now();
-        while done < n {
-            let old = self.tx.q.avail_idx();
-            while posted < n {
-                let Some(i) = free.pop() else { break };
-                self.tx.post(i)?;
-                posted += 1;
-            }
-            self.tx.kick_since(old)?;
-            let mut reaped = 0;
-            while let Some((id, _)) = self.tx.used()? {
-                free.push(id);
-                reaped += 1;
-            }
-            done += reaped;
-            got += udp.drain();
-            if reaped == 0 {
-                if last.elapsed() > STALL {
-                    return Err(format!("{done} of {n} frames sent in {STALL:?}"));
-                }
-                let in_flight = (posted - done) as u16;
-                self.tx.wait((in_flight / 2).max(1), 10)?;
-            } else {
-                last = Instant::now();
-            }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if !counting && since.elapsed() > Duration::from_millis(2) {
+            break;
         }
-        Ok(got)
-    }
-
-    /// Takes used receive entries and posts their buffers again until `n` frames of `want`
-    /// bytes came (`counting`), or until none came for a while (draining). Returns the
-    /// frames of `want` bytes.
-    fn receive(
-        &mut self,
-        n: u64,
-        want: usize,
-        counting: bool,
-        sender: &Sender,
-    ) -> Result<u64, String> {
-        let mut got = 0u64;
-        let mut idle_since: Option<Instant> = None;
-        while got < n {
-            let old = self.rx.q.avail_idx();
-            let mut reaped = 0;
-            while let Some((id, len)) = self.rx.used()? {
-                got += u64::from(len as usize == want);
-                self.rx.post(id)?;
-                reaped += 1;
-            }
-            if reaped > 0 {
-                idle_since = None;
-                self.rx.kick_since(old)?;
-                sender.delivered(reaped);
-                continue;
-            }
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            if !counting && since.elapsed() > Duration::from_millis(2) {
-                break;
-            }
-            if counting && since.elapsed() > STALL {
-                return Err(format!("{got} of {n} frames in {STALL:?}"));
-            }
-            let ahead = (n - got).min(u64::from(QUEUE_SIZE) / 4) as u16;
-            self.rx.wait(ahead, if counting { 100 } else { 1 })?;
+        if counting && since.elapsed() > STALL {
+            return Err(format!("{got} of {n} frames in {STALL:?}"));
         }
-        Ok(got)
+        let ahead = (n - got).min(u64::from(QUEUE_SIZE) / 4) as u16;
+        g.rx.wait(ahead, if counting { 100 } else { 1 })?;
     }
-}
-
-// ---- processes ----
-
-/// The CPU time of this process's main thread (the guest side of every variant).
-fn main_thread_cpu_time() -> Duration {
-    let pid = std::process::id();
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_nanos)
-}
-
-/// The ringvm binary, or why there is none with `device net`.
-fn ringvm_bin() -> Result<PathBuf, String> {
-    let bin = benches::process::ringvm_release()?;
-    let help = Command::new(&bin)
-        .args(["device", "net", "--help"])
-        .output()
-        .map_err(|e| format!("run {}: {e}", bin.display()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&help.stdout),
-        String::from_utf8_lossy(&help.stderr)
-    );
-    if !help.status.success() || !text.contains("--tap-name") {
-        return Err(format!(
-            "{} has no `device net --tap-name`: {}",
-            bin.display(),
-            text.lines().next().unwrap_or("").trim()
-        ));
-    }
-    Ok(bin)
+    Ok(got)
 }

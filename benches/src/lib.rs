@@ -21,7 +21,9 @@
 //! any other word filters the benches by substring. The environment may set
 //! `RINGVM_BENCH_SECS` (measured seconds per case) and `RINGVM_BENCH_ROUNDS`.
 
+pub mod netns;
 pub mod process;
+pub mod vnet;
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -156,6 +158,11 @@ pub struct Case {
 }
 
 impl Case {
+    /// The figure `key` added by [`Runner::annotate`].
+    pub fn figure(&self, key: &str) -> Option<f64> {
+        self.extra.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
     /// Half the range of the rounds relative to the median: a rough noise figure.
     pub fn spread(&self) -> f64 {
         (self.max_ops_per_sec - self.min_ops_per_sec) / 2.0 / self.ops_per_sec
@@ -213,6 +220,24 @@ impl Config {
             quick,
             filters,
         }
+    }
+}
+
+impl Config {
+    /// [`Config::from_env`] with a bench's own measured seconds and rounds per case, `full`
+    /// or `quick` as (seconds, rounds), and a round's time of warm-up;
+    /// `RINGVM_BENCH_SECS` and `RINGVM_BENCH_ROUNDS` still win.
+    pub fn from_env_with(full: (f64, usize), quick: (f64, usize)) -> Config {
+        let mut config = Config::from_env();
+        let (secs, rounds) = if config.quick { quick } else { full };
+        if std::env::var_os("RINGVM_BENCH_SECS").is_none() {
+            config.measure = Duration::from_secs_f64(secs);
+            config.warmup = Duration::from_secs_f64(secs / rounds as f64);
+        }
+        if std::env::var_os("RINGVM_BENCH_ROUNDS").is_none() {
+            config.rounds = rounds;
+        }
+        config
     }
 }
 
@@ -481,6 +506,18 @@ impl Runner {
             ));
         }
         s
+    }
+
+    /// [`Runner::finish`] (a failure to write the JSON lines is printed), then a blank line
+    /// and, in a quick run, a word that the PASS/MISS checks that follow are rough.
+    pub fn finish_before_checks(&self) {
+        if let Err(e) = self.finish() {
+            eprintln!("cannot write the bench results: {e}");
+        }
+        println!();
+        if self.config.quick {
+            println!("quick run: the checks below are rough, not a claim");
+        }
     }
 
     /// One case as a JSON object on one line.

@@ -82,6 +82,29 @@ pub fn process_cpu_time(pid: u32) -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// The ringvm binary ([`ringvm_release`]) and the help text of its `device <kind>`, or why
+/// it has no such device or the help does not mention `option`.
+pub fn ringvm_device(kind: &str, option: &str) -> Result<(PathBuf, String), String> {
+    let bin = ringvm_release()?;
+    let help = Command::new(&bin)
+        .args(["device", kind, "--help"])
+        .output()
+        .map_err(|e| format!("run {}: {e}", bin.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&help.stdout),
+        String::from_utf8_lossy(&help.stderr)
+    );
+    if !help.status.success() || !text.contains(option) {
+        return Err(format!(
+            "{} has no `device {kind} {option}`: {}",
+            bin.display(),
+            text.lines().next().unwrap_or("").trim()
+        ));
+    }
+    Ok((bin, text))
+}
+
 /// The ringvm binary to measure: $RINGVM_BIN, else `target/release/ringvm` built now (a bench
 /// that measures the binary must measure the current one).
 pub fn ringvm_release() -> Result<PathBuf, String> {
