@@ -1,9 +1,10 @@
 //! The net data path: `ringvm device net` beside raw tap I/O (the limit), in one run, in a
 //! private network namespace.
 //!
-//! The "guest" is this process: a vhost-user frontend (`virtio::vhost_user::Frontend`, set up by `benches::vnet`) on the device's socket,
-//! with its own guest memory (a memfd) and split rings laid out by `virtio::mock::MockSplitQueue`, so
-//! nothing here depends on a guest kernel's speed. It negotiates `VERSION_1`, `EVENT_IDX` and
+//! The "guest" is this process: a vhost-user frontend (`virtio::vhost_user::Frontend`, set
+//! up by `benches::vnet`) on the device's socket, with its own guest memory (a memfd) and
+//! split rings laid out by `virtio::mock::MockSplitQueue`, so nothing here depends on a
+//! guest kernel's speed. It negotiates `VERSION_1`, `EVENT_IDX` and
 //! `MRG_RXBUF`, no offloads: every frame is one descriptor (12-byte `virtio_net_hdr_v1` and
 //! the Ethernet frame), kicks are eventfd writes when `avail_event` asks for them, and
 //! completions are read from the used ring, sleeping on the call eventfd (with `used_event`
