@@ -5,9 +5,9 @@
 //! - Transmit: the task pops every available chain (up to [`TX_BATCH`]), checks each
 //!   (`[virtio_net_hdr_v1][frame]`, readable only, sane header and length) and submits one
 //!   `writev` per frame, all in the same turn of the executor (one `io_uring_enter` for the
-//!   batch): the header the device checked (a host copy, with unknown flags cleared and
-//!   `hdr_len` made sane, see [`VirtioNetHdr::for_tap`]), then the frame straight from guest
-//!   memory. Checksum and segmentation offloads pass through to the tap. A malformed chain is counted as dropped, a failed
+//!   batch), straight from guest memory; a header the device had to rewrite (flags it
+//!   ignores, an `hdr_len` the tap would refuse: [`VirtioNetHdr::for_tap`]) goes as a host
+//!   copy before the frame. Checksum and segmentation offloads pass through to the tap. A malformed chain is counted as dropped, a failed
 //!   write as an error; either way the chain is returned and the queue goes on.
 //! - Receive: the task first holds guest buffers (waiting for a kick when there are none),
 //!   then reads one frame from the tap straight into them with one `readv`. Without buffers
@@ -565,21 +565,33 @@ impl Tx<'_> {
             ));
         }
         let mut reader = chain.reader(self.queue.memory());
-        // The header is read once: the tap gets this checked copy, never the guest's bytes.
-        let hdr = match reader.read_obj::<[u8; VNET_HDR_SIZE]>() {
-            Ok(b) => VirtioNetHdr::from_bytes(&b),
+        let guest = match reader.read_obj::<[u8; VNET_HDR_SIZE]>() {
+            Ok(b) => b,
             Err(e) => return TxFrame::Drop(e.to_string()),
         };
-        let hdr = match hdr.for_tap(self.acked, total - VNET_HDR_SIZE) {
-            Ok(hdr) => hdr,
+        let hdr = match VirtioNetHdr::from_bytes(&guest).for_tap(self.acked, total - VNET_HDR_SIZE)
+        {
+            Ok(hdr) => hdr.to_bytes(),
             Err(e) => return TxFrame::Drop(e.to_string()),
         };
-        let frame = match reader.iovecs(total - VNET_HDR_SIZE) {
-            Ok(iovecs) => iovecs,
-            Err(e) => return TxFrame::Drop(e.to_string()),
+        // The tap reads the header up to `num_buffers` and skips that. A header the device
+        // left as it was goes straight from guest memory with the frame (usually one buffer:
+        // one plain write); a rewritten one goes as a host copy before the frame. A guest
+        // that changes its header after this check only spoils its own frame: the tap copies
+        // the header once and checks that copy itself (a refusal counts in `tx_errors`).
+        let as_is = hdr[..NUM_BUFFERS_OFFSET] == guest[..NUM_BUFFERS_OFFSET];
+        let (host, iovecs) = if as_is {
+            (Vec::new(), chain.reader(self.queue.memory()).iovecs(total))
+        } else {
+            (hdr.to_vec(), reader.iovecs(total - VNET_HDR_SIZE))
         };
-        let iovecs = sys::HostIoVecs::header(hdr.to_bytes().to_vec(), frame);
-        TxFrame::Write { iovecs, total }
+        match iovecs {
+            Ok(iovecs) => TxFrame::Write {
+                iovecs: sys::HostIoVecs::header(host, iovecs),
+                total,
+            },
+            Err(e) => TxFrame::Drop(e.to_string()),
+        }
     }
 }
 
@@ -1640,11 +1652,20 @@ mod tests {
                 g.send(VirtioNetHdr::default(), &full).await;
                 let (n, _) = sock.recv_from(&mut buf).unwrap();
                 assert_eq!(&buf[..n], b"full");
+                // An hdr_len hint the tap would refuse is rewritten, and the frame goes out.
+                let bad_hint = VirtioNetHdr {
+                    hdr_len: 5,
+                    ..VirtioNetHdr::default()
+                };
+                g.send(bad_hint, &full).await;
+                let (n, _) = sock.recv_from(&mut buf).unwrap();
+                assert_eq!(&buf[..n], b"full");
                 g.stop().await;
             });
+            assert_eq!(dev.counters().tx_errors, 0);
             assert_eq!(
                 dev.counters().tx_packets,
-                6,
+                7,
                 "the tap took all; the kernel dropped three"
             );
         });

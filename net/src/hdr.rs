@@ -31,7 +31,9 @@ pub(crate) const NUM_BUFFERS_OFFSET: usize = 10;
 /// a 64 KiB TSO/UFO packet with its Ethernet and VLAN headers (virtio 1.2 §5.1.6.3).
 pub const MAX_FRAME: usize = 65550;
 /// The shortest frame the device sends: an Ethernet header.
-pub const MIN_FRAME: usize = 14;
+pub const MIN_FRAME: usize = ETH_HLEN;
+/// An Ethernet header's length.
+const ETH_HLEN: usize = 14;
 
 /// A decoded `virtio_net_hdr_v1`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -127,8 +129,10 @@ impl VirtioNetHdr {
     /// tap error. Flags other than `NEEDS_CSUM` are ignored (virtio 1.2 §5.1.6.2.2: the
     /// device ignores flags it does not recognise; the driver must not set `DATA_VALID` or
     /// `RSC_INFO`, and the tap would take `DATA_VALID` as "checksum verified"); `hdr_len`,
-    /// a hint, is made one the tap takes (0 without GSO, else at least the checksum's end
-    /// and at most the frame); `num_buffers` is 0.
+    /// a hint, is kept when the tap takes it (0, or an Ethernet header to the whole frame)
+    /// and else made one it takes (the checksum's end with GSO, else 0); `num_buffers` is 0.
+    /// Where the result equals the guest's header but for `num_buffers` (which the tap
+    /// skips), the device may hand the tap the guest's own bytes.
     pub fn for_tap(&self, features: u64, frame_len: usize) -> Result<VirtioNetHdr, HdrError> {
         let has = |bit: u32| features & (1 << bit) != 0;
         let needs_csum = self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
@@ -145,9 +149,13 @@ impl VirtioNetHdr {
                 });
             }
         }
+        // The tap refuses a hint shorter than an Ethernet header (but for 0) or longer than
+        // the frame.
+        let hint_ok =
+            self.hdr_len == 0 || (ETH_HLEN..=frame_len).contains(&usize::from(self.hdr_len));
         let tap = VirtioNetHdr {
             flags: self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM,
-            hdr_len: 0,
+            hdr_len: if hint_ok { self.hdr_len } else { 0 },
             num_buffers: 0,
             ..*self
         };
@@ -171,8 +179,13 @@ impl VirtioNetHdr {
                 flags: self.flags,
             });
         }
-        // csum_end <= frame_len: checked above (GSO needs NEEDS_CSUM).
-        let hdr_len = usize::from(self.hdr_len).clamp(csum_end, frame_len);
+        if hint_ok {
+            return Ok(tap);
+        }
+        // csum_end <= frame_len (checked above: GSO needs NEEDS_CSUM), and frame_len >=
+        // MIN_FRAME (the device's check) for the Ethernet header; the tap raises hdr_len to
+        // csum_end by itself anyway.
+        let hdr_len = csum_end.max(ETH_HLEN).min(frame_len);
         Ok(VirtioNetHdr {
             // hdr_len <= frame_len <= MAX_FRAME < 65536.
             hdr_len: hdr_len as u16,
@@ -225,9 +238,7 @@ mod tests {
             gso_size: 1448,
             ..csum
         };
-        // hdr_len 0 becomes the checksum's end (42), as the tap would make it.
-        let tap_tso = VirtioNetHdr { hdr_len: 42, ..tso };
-        assert_eq!(tso.for_tap(CSUM_TSO, 9000), Ok(tap_tso));
+        assert_eq!(tso.for_tap(CSUM_TSO, 9000), Ok(tso));
         assert_eq!(
             tso.for_tap(1 << VIRTIO_NET_F_CSUM, 9000),
             Err(HdrError::GsoNotNegotiated(1))
@@ -242,7 +253,7 @@ mod tests {
         );
         assert_eq!(
             ecn.for_tap(CSUM_TSO | (1 << VIRTIO_NET_F_HOST_ECN), 9000),
-            Ok(VirtioNetHdr { hdr_len: 42, ..ecn })
+            Ok(ecn)
         );
         let no_size = VirtioNetHdr { gso_size: 0, ..tso };
         assert!(matches!(
@@ -263,6 +274,11 @@ mod tests {
             ..VirtioNetHdr::default()
         };
         assert_eq!(plain.for_tap(0, 60), Ok(VirtioNetHdr::default()));
+        let sane_hint = VirtioNetHdr {
+            hdr_len: 60,
+            ..plain
+        };
+        assert_eq!(sane_hint.for_tap(0, 60).unwrap().hdr_len, 60);
         let tso = VirtioNetHdr {
             flags: VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID,
             gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
@@ -275,7 +291,14 @@ mod tests {
         let tap = tso.for_tap(CSUM_TSO, 9000).unwrap();
         assert_eq!(tap.flags, VIRTIO_NET_HDR_F_NEEDS_CSUM);
         assert_eq!(tap.hdr_len, 66, "a sane hint is kept");
-        for (hint, kept) in [(1, 52), (51, 52), (60_000, 9000)] {
+        for (hint, kept) in [
+            (0, 0),
+            (1, 52),
+            (13, 52),
+            (14, 14),
+            (9000, 9000),
+            (9001, 52),
+        ] {
             let h = VirtioNetHdr {
                 hdr_len: hint,
                 ..tso

@@ -244,9 +244,8 @@ pub fn thread_cpu_time() -> io::Result<std::time::Duration> {
 ///   in the guest's: the tap reports a frame it had to cut as if it fit, so the device reads
 ///   into one byte more than the largest frame and copies an overflow into later buffers
 ///   (or counts the frame as too big) instead of handing the guest a truncated frame.
-/// - Write ([`HostIoVecs::header`]): the host buffer comes first and holds the vnet header
-///   the device checked, so the tap gets that header and not whatever the guest's copy says
-///   by the time the write runs.
+/// - Write ([`HostIoVecs::header`]): the host buffer comes first and holds a vnet header
+///   the device rewrote (empty when the guest's own goes with the frame).
 pub struct HostIoVecs {
     /// Keeps the guest mappings the guest iovecs point into alive.
     _guest: memory::GuestIoVecs,
