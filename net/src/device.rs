@@ -42,7 +42,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use executor::AsyncFd;
-use futures::future::{join_all, select, Either};
+use futures::future::{select, Either};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use virtio::vhost_user::{Device, StopSignal};
@@ -489,35 +489,27 @@ impl Tx<'_> {
 
     /// Writes a batch of chains to the tap, all in flight together, and returns them.
     async fn send(&self, batch: Vec<DescriptorChain>) -> QueueResult {
-        let frames: Vec<TxFrame> = batch.iter().map(|c| self.frame(c)).collect();
-        let mut writes = Vec::new();
-        let mut totals = Vec::new();
-        for f in frames {
-            match f {
+        // Every write is queued as it is made; the first await submits them all at once,
+        // and they are collected in order.
+        let writes: Vec<_> = batch
+            .iter()
+            .map(|chain| match self.frame(chain) {
                 TxFrame::Write { iovecs, total } => {
-                    writes.push(Some(self.pair.io.write_mem_at(iovecs, 0)));
-                    totals.push(Some(total));
+                    Some((self.pair.io.write_mem_at(iovecs, 0), total))
                 }
                 TxFrame::Drop(why) => {
                     self.dev.log_guest(format_args!("tx: frame dropped: {why}"));
                     self.dev.count(|c| c.tx_dropped += 1);
-                    writes.push(None);
-                    totals.push(None);
+                    None
                 }
-            }
-        }
-        let results = join_all(writes.into_iter().map(|w| async move {
-            match w {
-                Some(w) => Some(w.await),
-                None => None,
-            }
-        }))
-        .await;
-        for ((chain, result), total) in batch.iter().zip(results).zip(totals) {
-            let (Some((result, iovecs)), Some(total)) = (result, total) else {
+            })
+            .collect();
+        for (chain, write) in batch.iter().zip(writes) {
+            let Some((write, total)) = write else {
                 self.queue.add_used(chain.head_index(), 0)?;
                 continue;
             };
+            let (result, iovecs) = write.await;
             let result = match result {
                 // Cancelled before it ran (a receive task on this tap stopping): write again.
                 Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {

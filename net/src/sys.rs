@@ -247,9 +247,11 @@ pub fn thread_cpu_time() -> io::Result<std::time::Duration> {
 /// - Write ([`HostIoVecs::header`]): the host buffer comes first and holds a vnet header
 ///   the device rewrote (empty when the guest's own goes with the frame).
 pub struct HostIoVecs {
-    /// Keeps the guest mappings the guest iovecs point into alive.
-    _guest: memory::GuestIoVecs,
+    /// The guest iovecs; keeps the guest mappings they point into alive.
+    guest: memory::GuestIoVecs,
     host: Vec<u8>,
+    /// The guest iovecs and the host one, in order; empty (and unused) without a host
+    /// buffer, when `guest`'s own serve.
     iovecs: Vec<libc::iovec>,
 }
 
@@ -266,20 +268,23 @@ impl HostIoVecs {
 
     fn new(guest: memory::GuestIoVecs, mut host: Vec<u8>, host_first: bool) -> HostIoVecs {
         use executor::IoVecs;
-        let mut iovecs = Vec::with_capacity(guest.iovecs().len() + 1);
-        let host_iovec = (!host.is_empty()).then(|| libc::iovec {
-            iov_base: host.as_mut_ptr().cast(),
-            iov_len: host.len(),
-        });
-        if host_first {
-            iovecs.extend(host_iovec);
-        }
-        iovecs.extend_from_slice(guest.iovecs());
-        if !host_first {
-            iovecs.extend(host_iovec);
+        let mut iovecs = Vec::new();
+        if !host.is_empty() {
+            let host_iovec = libc::iovec {
+                iov_base: host.as_mut_ptr().cast(),
+                iov_len: host.len(),
+            };
+            iovecs.reserve_exact(guest.iovecs().len() + 1);
+            if host_first {
+                iovecs.push(host_iovec);
+            }
+            iovecs.extend_from_slice(guest.iovecs());
+            if !host_first {
+                iovecs.push(host_iovec);
+            }
         }
         HostIoVecs {
-            _guest: guest,
+            guest,
             host,
             iovecs,
         }
@@ -291,16 +296,21 @@ impl HostIoVecs {
     }
 }
 
-// SAFETY: the guest iovecs are copies of `_guest`'s, which stay valid while `_guest` (owned
-// here, never changed) is alive (`GuestIoVecs`' own `IoVecs` contract); the host one points
-// at `host`'s heap buffer, which does not move when this value moves and is neither
-// resized nor referenced until `into_host` consumes the value; `iovecs` is a Vec whose heap
-// buffer is stable and unchanged after `new`. Checked by
+// SAFETY: without a host buffer these are `guest`'s own iovecs (its `IoVecs` contract: owned
+// here and never changed). Otherwise the guest iovecs in `iovecs` are copies of `guest`'s,
+// which stay valid while `guest` is alive; the host one points at `host`'s heap buffer,
+// which does not move when this value moves and is neither resized nor referenced until
+// `into_host` consumes the value; `iovecs` is a Vec whose heap buffer is stable and
+// unchanged after `new`. Checked by
 // `device::tests::a_frame_larger_than_a_single_buffer_is_counted_not_delivered`,
 // `mergeable_frame_overflowing_the_buffers_waits_for_more` and the transmit tests.
 unsafe impl executor::IoVecs for HostIoVecs {
     fn iovecs(&self) -> &[libc::iovec] {
-        &self.iovecs
+        if self.host.is_empty() {
+            self.guest.iovecs()
+        } else {
+            &self.iovecs
+        }
     }
 }
 
