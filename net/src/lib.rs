@@ -8,7 +8,8 @@
 //! writes straight into and out of guest memory.
 //!
 //! What a device process needs once it is jailed: the tap fds (one per pair), io_uring with
-//! `READV`, `WRITEV`, `READ` (kick eventfds), `POLL_ADD` and `ASYNC_CANCEL`, and the
+//! `READV`, `WRITEV`, `READ` and `WRITE` (frames in one buffer; `READ` also for the kick
+//! eventfds), `POLL_ADD` and `ASYNC_CANCEL`, and the
 //! `ioctl`s `TUNSETOFFLOAD` (each receive queue start) and, with several pairs,
 //! `TUNSETQUEUE` (the driver enabling pairs). [`NetDevice::new`] also uses `TUNGETIFF`,
 //! `TUNSETVNETHDRSZ` and an `AF_INET` socket for `SIOCGIFMTU`: create the device before
