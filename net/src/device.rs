@@ -23,10 +23,12 @@
 //!   delivers what it may have read; chains still held go back to the avail ring
 //!   (`GET_VRING_BASE` reports them unconsumed). When every held chain takes a whole frame
 //!   by itself (Linux posts 1536-byte mergeable buffers), reads go in rounds instead, one per
-//!   chain and up to 32 per `io_uring_enter`: the first waits for data, the others take only
-//!   what the tap already has (`RWF_NOWAIT`). A chain whose first buffer is longer than the
-//!   largest frame is read with a plain `read` into that buffer (no iovec array, no spill):
-//!   a read that fills it is a frame the tap cut, counted in `rx_errors`.
+//!   chain: while the tap has frames, up to 32 reads per `io_uring_enter` that take only what
+//!   it already has (`RWF_NOWAIT`) and complete in order as they are submitted; once it is
+//!   empty, one read that waits. Frames go to the guest in read order, which is the tap's
+//!   order. A chain whose first buffer is longer than the largest frame is read with a
+//!   plain `read` into that buffer (no iovec array, no spill): a read that fills it is a
+//!   frame the tap cut, counted in `rx_errors`.
 //! - Several queue pairs (`MQ`): the control queue answers `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`
 //!   by attaching the tap queues of the enabled pairs and detaching the others, so the
 //!   kernel never steers a flow to a queue the driver does not serve; the receive tasks of
@@ -43,7 +45,6 @@ use std::task::{Context, Poll, Waker};
 
 use executor::AsyncFd;
 use futures::future::{select, Either};
-use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use virtio::vhost_user::{Device, StopSignal};
 use virtio::{AsyncQueue, Buffer, DescriptorChain, Writer};
@@ -603,8 +604,11 @@ struct Rx<'a> {
     guest_csum: bool,
     /// Buffer space to gather (with `MRG_RXBUF`) before reading: the largest frame.
     need: usize,
-    /// Reads in the next round of [`Rx::run_batch`].
+    /// Reads in the next round of [`Rx::run_batch`] that does not wait.
     burst: usize,
+    /// Whether the tap had frames at the end of the last round: the next round's reads do
+    /// not wait.
+    busy: bool,
     /// One-byte spill buffers of the reads, reused.
     spills: Vec<Vec<u8>>,
     /// Whether the tap takes reads that do not wait (`RWF_NOWAIT`).
@@ -638,7 +642,8 @@ impl<'a> Rx<'a> {
             mrg: has(VIRTIO_NET_F_MRG_RXBUF),
             guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
             need: VNET_HDR_SIZE + max_frame,
-            burst: 1,
+            burst: 2,
+            busy: false,
             spills: Vec::new(),
             nowait: true,
         }
@@ -779,16 +784,21 @@ impl<'a> Rx<'a> {
     }
 
     /// One round of reads, one per chain, each chain taking a whole frame: the held chains
-    /// and more popped, up to `burst`, all submitted at once. The first read waits for
-    /// data; the others do not (`RWF_NOWAIT`): they take what the tap already has, in
-    /// order, so an idle tap has one read waiting, and a busy one hands out several frames
-    /// per ring entry. Frames are delivered in completion order (the order the tap handed
-    /// them out), one notification per group of completions; chains left unused go back to
-    /// `held` in pop order. Returns whether to go on (false: stopped, or the tap failed
-    /// and the stop came).
+    /// and more popped. While the tap has frames (every read of the last round got one),
+    /// a round is up to `burst` reads that do not wait (`RWF_NOWAIT`), all submitted at once:
+    /// each completes as it is submitted, in order, with the tap's next frame or EAGAIN.
+    /// Once the tap is found empty a round is one read that waits for the next frame. So
+    /// the i-th read of a round holds its i-th frame, and frames are delivered in read order,
+    /// one notification per round; chains left unused go back to `held` in pop order.
+    /// Returns whether to go on (false: stopped, or the tap failed and the stop came).
     async fn run_batch(&mut self, stop: &StopSignal) -> std::result::Result<bool, virtio::Error> {
-        let mut chains: Vec<Option<DescriptorChain>> = Vec::with_capacity(self.burst);
-        while chains.len() < self.burst {
+        if stop.clone().now_or_never().is_some() {
+            return Ok(false);
+        }
+        let nowait_round = self.busy && self.nowait;
+        let want = if nowait_round { self.burst } else { 1 };
+        let mut chains: Vec<Option<DescriptorChain>> = Vec::with_capacity(want);
+        while chains.len() < want {
             let chain = match self.held.pop_front() {
                 Some(c) => {
                     self.held_len -= c.writable_len();
@@ -812,9 +822,8 @@ impl<'a> Rx<'a> {
             };
             chains.push(Some(chain));
         }
-        let mut reads = FuturesUnordered::new();
-        // The longest frame each read delivers: a longer read is a frame the tap cut.
         let mut longest = vec![0; chains.len()];
+        let mut reads = Vec::with_capacity(chains.len());
         for (i, chain) in chains.iter().enumerate() {
             let Some(chain) = chain else { continue };
             let first = chain.writable().first().copied();
@@ -840,111 +849,104 @@ impl<'a> Rx<'a> {
                 }
             };
             let iov = sys::HostIoVecs::spill(iov, spill);
-            let read = if i == 0 {
-                self.pair.io.read_mem_at(iov, 0).left_future()
-            } else {
+            reads.push(if nowait_round {
                 self.pair.io.read_mem_at_nowait(iov, 0).right_future()
-            };
-            reads.push(read.map(move |(res, iov)| (i, res, iov)));
+            } else {
+                self.pair.io.read_mem_at(iov, 0).left_future()
+            });
         }
         let io = &self.pair.io;
+        let mut results = Vec::with_capacity(reads.len());
         let mut stopped = false;
+        for read in reads {
+            if nowait_round {
+                results.push(read.await);
+                continue;
+            }
+            let mut read = pin!(read);
+            let done = match select(read.as_mut(), stop.clone()).await {
+                Either::Left((done, _)) => done,
+                Either::Right(((), _)) => {
+                    // Stopping: whatever the read took from the tap is delivered.
+                    stopped = true;
+                    loop {
+                        if let Err(e) = io.cancel_all().await {
+                            self.dev
+                                .log(format_args!("rx {}: cancelling tap reads: {e}", self.index));
+                        }
+                        // A read the cancel missed (re-armed meanwhile) is cancelled again.
+                        let wait = std::time::Duration::from_millis(20);
+                        if let Ok(done) = executor::timeout(wait, read.as_mut()).await {
+                            break done;
+                        }
+                    }
+                }
+            };
+            results.push(done);
+        }
         let mut readable = false;
         let mut detached = false;
         let mut failed = false;
+        let mut empty = false;
         let mut frames = 0;
-        while !reads.is_empty() {
-            let first = if stopped {
-                match executor::timeout(std::time::Duration::from_millis(20), reads.next()).await {
-                    Ok(done) => done,
-                    Err(_) => {
-                        // A read the cancel missed (re-armed meanwhile): cancel again.
-                        if let Err(e) = io.cancel_all().await {
-                            self.dev
-                                .log(format_args!("rx {}: cancelling tap reads: {e}", self.index));
-                        }
-                        continue;
-                    }
-                }
-            } else {
-                match select(reads.next(), stop.clone()).await {
-                    Either::Left((done, _)) => done,
-                    Either::Right(((), _)) => {
-                        // Stopping: whatever the reads took from the tap is delivered.
-                        stopped = true;
-                        if let Err(e) = io.cancel_all().await {
-                            self.dev
-                                .log(format_args!("rx {}: cancelling tap reads: {e}", self.index));
-                        }
-                        continue;
-                    }
-                }
+        for (i, (res, iov)) in results.into_iter().enumerate() {
+            self.spills.push(iov.into_host());
+            let Some(chain) = chains[i].take() else {
+                continue;
             };
-            let mut next = first;
-            let mut delivered = false;
-            while let Some((i, res, iov)) = next {
-                self.spills.push(iov.into_host());
-                let Some(chain) = chains[i].take() else {
-                    break;
-                };
-                match res {
-                    Ok(n) if n >= VNET_HDR_SIZE && n <= longest[i] => {
-                        // Chains popped before this one and not returned: no stepping back.
-                        if chains[..i].iter().any(Option::is_some) {
-                            self.contiguous = false;
-                        }
-                        self.deliver_chain(&chain, n)?;
-                        delivered = true;
-                        frames += 1;
+            match res {
+                Ok(n) if n >= VNET_HDR_SIZE && n <= longest[i] => {
+                    // Chains popped before this one and not returned: no stepping back.
+                    if chains[..i].iter().any(Option::is_some) {
+                        self.contiguous = false;
                     }
-                    Ok(n) => {
-                        // Cut by the tap: the chain stays held for the next frame.
-                        self.dev.log_guest(format_args!(
-                            "rx {}: a {n}-byte frame does not fit in {} bytes of buffers",
-                            self.index,
-                            chain.writable_len()
-                        ));
-                        self.dev.count(|c| c.rx_errors += 1);
-                        chains[i] = Some(chain);
-                    }
-                    Err(e) => {
-                        match e.raw_os_error() {
-                            // A read without wait found the tap empty.
-                            Some(libc::EAGAIN) if i > 0 => {}
-                            Some(libc::EAGAIN) => readable = true,
-                            Some(libc::EINTR | libc::ECANCELED) => {}
-                            Some(libc::EBADFD) => detached = true,
-                            // RWF_NOWAIT refused (a kernel whose tap lacks it): one read a
-                            // round from now on.
-                            _ if i > 0 => {
-                                if self.nowait {
-                                    self.dev.log(format_args!(
-                                        "rx {}: tap reads without wait fail ({e}): one \
-                                         read at a time",
-                                        self.index
-                                    ));
-                                }
-                                self.nowait = false;
-                            }
-                            _ => {
-                                if !failed {
-                                    self.dev.count(|c| c.rx_errors += 1);
-                                    self.dev.log(format_args!(
-                                        "rx {}: tap read failed: {e}",
-                                        self.index
-                                    ));
-                                }
-                                failed = true;
-                            }
-                        }
-                        chains[i] = Some(chain);
-                    }
+                    self.deliver_chain(&chain, n)?;
+                    frames += 1;
                 }
-                next = reads.next().now_or_never().flatten();
+                Ok(n) => {
+                    // Cut by the tap: the chain stays held for the next frame.
+                    self.dev.log_guest(format_args!(
+                        "rx {}: a {n}-byte frame does not fit in {} bytes of buffers",
+                        self.index,
+                        chain.writable_len()
+                    ));
+                    self.dev.count(|c| c.rx_errors += 1);
+                    chains[i] = Some(chain);
+                }
+                Err(e) => {
+                    match e.raw_os_error() {
+                        // A read without wait found the tap empty.
+                        Some(libc::EAGAIN) if nowait_round => empty = true,
+                        Some(libc::EAGAIN) => readable = true,
+                        Some(libc::EINTR | libc::ECANCELED) => {}
+                        Some(libc::EBADFD) => detached = true,
+                        // RWF_NOWAIT refused (a kernel whose tap lacks it): one waiting read
+                        // a round from now on.
+                        _ if nowait_round => {
+                            if self.nowait {
+                                self.dev.log(format_args!(
+                                    "rx {}: tap reads without wait fail ({e}): one read at \
+                                     a time",
+                                    self.index
+                                ));
+                            }
+                            self.nowait = false;
+                        }
+                        _ => {
+                            if !failed {
+                                self.dev.count(|c| c.rx_errors += 1);
+                                self.dev
+                                    .log(format_args!("rx {}: tap read failed: {e}", self.index));
+                            }
+                            failed = true;
+                        }
+                    }
+                    chains[i] = Some(chain);
+                }
             }
-            if delivered {
-                self.queue.signal_used()?;
-            }
+        }
+        if frames > 0 {
+            self.queue.signal_used()?;
         }
         // Unused chains go back in pop order, before any held chain (popped after them).
         for c in chains.into_iter().rev().flatten() {
@@ -954,12 +956,14 @@ impl<'a> Rx<'a> {
         if self.held.is_empty() {
             self.contiguous = true;
         }
-        // A busy tap gets more reads per round, an idle one fewer.
-        self.burst = if self.nowait {
-            (2 * frames).clamp(1, RX_READS)
+        // Reads without wait while the tap has frames, more of them while every one gets a
+        // frame; one waiting read once it is empty.
+        if nowait_round {
+            self.busy = !empty && self.nowait;
+            self.burst = (2 * frames).clamp(2, RX_READS);
         } else {
-            1
-        };
+            self.busy = frames > 0 && self.nowait;
+        }
         if stopped {
             return Ok(false);
         }
@@ -1788,17 +1792,17 @@ mod tests {
             run(async {
                 let features = 1 << VIRTIO_NET_F_MRG_RXBUF;
                 let mut g = Guest::start(dev.clone(), features).await;
-                g.post_rx(3, RX_BUF);
+                g.post_rx(8, RX_BUF);
                 executor::sleep(Duration::from_millis(50)).await.unwrap();
-                // The device held all three (MRG_RXBUF); those the kernel's own frames
-                // (IPv6 solicitations) did not fill go back unconsumed.
+                // The device held them (MRG_RXBUF); those the kernel's own frames (IPv6
+                // solicitations and reports, a few) did not fill go back unconsumed.
                 let base = g.fe.stop(&[0]).await.unwrap()[0];
                 assert_eq!(
                     base,
                     g.rx.driver.used_idx().unwrap(),
                     "only used chains consumed"
                 );
-                assert!(base < 3);
+                assert!(base < 8);
                 // Frames sent while the ring is stopped wait in the tap.
                 sock.send_to(b"after restart", (GUEST_IP, 5558)).unwrap();
                 g.fe.start(BASE | features, &g.mem, &[g.rx.config(0)])
