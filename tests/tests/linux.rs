@@ -52,9 +52,13 @@ fn linux_boots_to_userspace_over_pvh_with_two_vcpus_and_exits_0() {
     );
     // ringvm's default virtio-rng (a jailed device process over vhost-user, on virtio-pci
     // with MSI-X): Linux picked it as its hardware RNG and read from it.
+    let hwrng = run
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ringvm-guest: hwrng virtio_rng.0 "));
     assert!(
-        run.stdout.contains("ringvm-guest: hwrng virtio_rng.0 "),
-        "Linux did not use the virtio-rng device:\n{}\nstderr:\n{}",
+        hwrng.is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())),
+        "Linux did not read 16 bytes from the virtio-rng device:\n{}\nstderr:\n{}",
         run.stdout,
         run.stderr
     );
