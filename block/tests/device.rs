@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use block::device::{
@@ -17,6 +17,7 @@ use block::device::{
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use block::{BlockDevice, BlockOptions, Disk, OpenOptions};
+use common::{qemu_img, TempDir};
 use executor::{EventFd, EventFdStream, Executor, Task};
 use memory::{GuestAddress, GuestMemory};
 use virtio::mock::{MockBuf, MockChain, MockSplitQueue, MockUsed};
@@ -28,44 +29,10 @@ const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 16 * MIB;
 const VIRTIO_F_VERSION_1: u32 = 32;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "ringvm-blkdev-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn raw_image(dir: &TempDir, size: u64) -> PathBuf {
     let p = dir.path("disk.raw");
     std::fs::File::create(&p).unwrap().set_len(size).unwrap();
     p
-}
-
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn qcow2_image(dir: &TempDir, size: u64) -> PathBuf {

@@ -4,48 +4,25 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs::File;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use block::{BlockDevice, BlockOptions, Disk, OpenOptions};
+use common::TempDir;
 use executor::{AsyncFd, Executor};
 use virtio::vhost_user::{serve, Connection};
 
 const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 16 * MIB;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "ringvm-blkio-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Serves a block device for `image` on `socket` from a thread: one connection, then the
 /// thread ends with `serve`'s result.
