@@ -10,10 +10,12 @@
 
 pub mod netns;
 
+use std::ffi::OsString;
 use std::fmt;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -272,6 +274,116 @@ impl GuestRun {
     /// Ended by itself within the limit with exit status 0.
     pub fn exited_cleanly(&self) -> bool {
         self.status.is_some_and(|s| s.success())
+    }
+
+    /// Asserts [`GuestRun::exited_cleanly`], showing the status and both outputs otherwise.
+    pub fn assert_clean(&self) {
+        assert!(
+            self.exited_cleanly(),
+            "ringvm status {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
+/// The arguments of `ringvm run ARGS -p CMDLINE <the test guest>`, after the binary.
+pub fn test_guest_args(args: &[&str], cmdline: &GuestCmdline) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec!["run".into()];
+    v.extend(args.iter().map(OsString::from));
+    v.extend(["-p".into(), cmdline.to_string().into()]);
+    v.push(test_guest_path().into());
+    v
+}
+
+/// `ringvm run ARGS -p CMDLINE <the test guest>`.
+pub fn ringvm_run(args: &[&str], cmdline: &GuestCmdline) -> Command {
+    let mut c = Command::new(ringvm_bin());
+    c.args(test_guest_args(args, cmdline));
+    c
+}
+
+/// A running VMM whose stdout (the serial console) is read line by line as it comes; killed
+/// when dropped, so a test that fails half-way leaves no VM (or device process) behind.
+pub struct Live {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Live {
+    /// Spawns `cmd` with stdin closed and stdout and stderr piped.
+    pub fn start(cmd: &mut Command) -> Live {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringvm");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Live {
+            child,
+            lines: rx,
+            seen: String::new(),
+        }
+    }
+
+    /// Waits up to `limit` for a stdout line containing `needle`; panics (killing the
+    /// process) with the output so far when none comes.
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    if line.contains(needle) {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        panic!("no line with {needle:?}; stdout so far:\n{}", self.seen);
+    }
+
+    /// Waits up to `limit` for the process to end and kills it if it has not; returns
+    /// whether it ended by itself, its status and its stderr.
+    pub fn end(mut self, limit: Duration) -> (bool, ExitStatus, String) {
+        let ended = wait_until(limit, || matches!(self.child.try_wait(), Ok(Some(_))));
+        if !ended {
+            let _ = self.child.kill();
+        }
+        let status = self.child.wait().expect("wait ringvm");
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (ended, status, err)
+    }
+
+    /// [`Live::end`], asserting the process ended by itself within `limit`.
+    pub fn finish(self, limit: Duration) -> (ExitStatus, String) {
+        let (ended, status, err) = self.end(limit);
+        assert!(ended, "ringvm did not end within {limit:?}; stderr:\n{err}");
+        (status, err)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

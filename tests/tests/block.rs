@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{ringvm_bin, run_guest, test_guest_path, GuestCmdline, GuestRun, Scratch};
+use tests::{ringvm_bin, ringvm_run, run_guest, test_guest_path, GuestCmdline, GuestRun, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const SECTORS: u64 = 16384;
@@ -19,19 +19,8 @@ fn raw_image(path: &Path) {
 }
 
 fn run(args: &[&str], cmdline: &GuestCmdline) -> GuestRun {
-    let mut c = Command::new(ringvm_bin());
-    c.arg("run")
-        .args(args)
-        .args(["-p", &cmdline.to_string()])
-        .arg(test_guest_path());
-    let run = run_guest(&mut c, LIMIT).expect("run ringvm");
-    assert!(
-        run.exited_cleanly(),
-        "ringvm status {:?}\nstdout:\n{}\nstderr:\n{}",
-        run.status,
-        run.stdout,
-        run.stderr
-    );
+    let run = run_guest(&mut ringvm_run(args, cmdline), LIMIT).expect("run ringvm");
+    run.assert_clean();
     run
 }
 

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::netns::{NetNs, GUEST_IP, GUEST_MAC, HOST_IP, UDP_PORT};
-use tests::{ringvm_bin, run_guest, test_guest_path, GuestCmdline, GuestRun};
+use tests::{ringvm_bin, run_guest, test_guest_args, GuestCmdline, GuestRun};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -14,18 +14,9 @@ fn ringvm_in(netns: &str, args: &[&str], cmdline: &GuestCmdline) -> GuestRun {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", netns])
         .arg(ringvm_bin())
-        .arg("run")
-        .args(args)
-        .args(["-p", &cmdline.to_string()])
-        .arg(test_guest_path());
+        .args(test_guest_args(args, cmdline));
     let run = run_guest(&mut c, LIMIT).expect("run ringvm");
-    assert!(
-        run.exited_cleanly(),
-        "ringvm status {:?}\nstdout:\n{}\nstderr:\n{}",
-        run.status,
-        run.stdout,
-        run.stderr
-    );
+    run.assert_clean();
     run
 }
 

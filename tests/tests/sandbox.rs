@@ -8,88 +8,34 @@
 //! - With the filter on (the default), the first refused call kills the device by SIGSYS, and
 //!   ringvm ends the VM naming the device and the call.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use tests::{children_of, ringvm_bin, test_guest_path, GuestCmdline};
+use tests::{children_of, ringvm_bin, ringvm_run, GuestCmdline, Live};
 
-/// A VM whose guest halts forever (`wait`), its device process found.
+/// A VM whose guest halts forever (`wait`), its device process found; killed when dropped
+/// ([`Live`]), so a test that fails half-way leaves no halted VM (or device) behind.
 struct Vm {
-    child: Child,
+    live: Live,
     device: u32,
-    /// Kept so the reader thread keeps draining the console (a closed pipe would end the VM).
-    _console: mpsc::Receiver<String>,
-}
-
-/// A test that fails half-way must not leave a halted VM (and its device) behind.
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Vm {
     fn start(extra: &[&str]) -> Vm {
-        let mut child = Command::new(ringvm_bin())
-            .arg("run")
-            .args(extra)
-            .args(["-p", &GuestCmdline::new().test("wait").to_string()])
-            .arg(test_guest_path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringvm");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .expect("the guest never reached its wait");
-            if rx
-                .recv_timeout(left)
-                .expect("ringvm ended early")
-                .contains("wait halting")
-            {
-                break;
-            }
-        }
-        let devices = children_of(child.id());
+        let mut live = Live::start(&mut ringvm_run(extra, &GuestCmdline::new().test("wait")));
+        live.wait_for("wait halting", Duration::from_secs(60));
+        let devices = children_of(live.child.id());
         assert_eq!(devices.len(), 1, "one device process: {devices:?}");
         Vm {
             device: devices[0],
-            child,
-            _console: rx,
+            live,
         }
     }
 
     /// Ends the VM (if it runs) and returns its exit code and stderr.
-    fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let status = self.child.wait().expect("wait ringvm");
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
+    fn finish(self, limit: Duration) -> (Option<i32>, String) {
+        let (_, status, err) = self.live.end(limit);
         (status.code(), err)
     }
 }
@@ -129,7 +75,7 @@ const ENETUNREACH: &str = "101";
 #[test]
 fn jailed_device_cannot_reach_the_host_even_with_seccomp_logging_only() {
     let vm = Vm::start(&["--seccomp-log-failures"]);
-    let vmm = vm.child.id();
+    let vmm = vm.live.child.id();
     let probes: Vec<(&str, String, &[&str])> = vec![
         (
             "open a host path",

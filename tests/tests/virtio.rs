@@ -3,111 +3,26 @@
 //! (jailed and not), `ringvm device rng --socket` under ringvm's frontend, an independent
 //! backend (qemu-storage-daemon's vhost-user-blk), and backends that die or misbehave.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tests::{
-    children_of, process_exists, ringvm_bin, run_guest, test_guest_path, wait_until, GuestCmdline,
-    GuestRun, Scratch,
+    children_of, process_exists, ringvm_bin, ringvm_run, run_guest, wait_until, GuestCmdline,
+    GuestRun, Live, Scratch,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn ringvm(args: &[&str], cmdline: &GuestCmdline) -> Command {
-    let mut c = Command::new(ringvm_bin());
-    c.arg("run")
-        .args(args)
-        .args(["-p", &cmdline.to_string()])
-        .arg(test_guest_path());
-    c
-}
-
-fn assert_clean(run: &GuestRun) {
-    assert!(
-        run.exited_cleanly(),
-        "ringvm status {:?}\nstdout:\n{}\nstderr:\n{}",
-        run.status,
-        run.stdout,
-        run.stderr
-    );
-}
-
-/// A running `ringvm` whose stdout is read line by line as it comes.
-struct Live {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: String,
-}
-
-impl Live {
-    fn start(cmd: &mut Command) -> Live {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringvm");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Live {
-            child,
-            lines: rx,
-            seen: String::new(),
-        }
-    }
-
-    /// Waits for a stdout line containing `needle`.
-    fn wait_for(&mut self, needle: &str) {
-        let deadline = Instant::now() + LIMIT;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push_str(&line);
-                    self.seen.push('\n');
-                    if line.contains(needle) {
-                        return;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        let _ = self.child.kill();
-        panic!("no line with {needle:?}; stdout so far:\n{}", self.seen);
-    }
-
-    /// Waits for the process to end; returns its status and stderr.
-    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
-        let ok = wait_until(limit, || matches!(self.child.try_wait(), Ok(Some(_))));
-        if !ok {
-            let _ = self.child.kill();
-        }
-        let status = self.child.wait().expect("wait ringvm");
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        assert!(ok, "ringvm did not end within {limit:?}; stderr:\n{err}");
-        (status, err)
-    }
-}
-
 #[test]
 fn rng_device_process_feeds_the_guest_in_its_sandbox() {
     let cmdline = GuestCmdline::new().test("pci").test("virtio-rng");
-    let run = run_guest(&mut ringvm(&[], &cmdline), LIMIT).expect("run ringvm");
-    assert_clean(&run);
+    let run = run_guest(&mut ringvm_run(&[], &cmdline), LIMIT).expect("run ringvm");
+    run.assert_clean();
     let report = run.report();
     report.assert_ok(&["pci", "virtio-rng"]);
     assert!(
@@ -131,16 +46,16 @@ fn rng_device_process_feeds_the_guest_in_its_sandbox() {
 #[test]
 fn rng_device_process_works_without_the_sandbox() {
     let cmdline = GuestCmdline::new().test("virtio-rng");
-    let run = run_guest(&mut ringvm(&["--disable-sandbox"], &cmdline), LIMIT).expect("run");
-    assert_clean(&run);
+    let run = run_guest(&mut ringvm_run(&["--disable-sandbox"], &cmdline), LIMIT).expect("run");
+    run.assert_clean();
     run.report().assert_ok(&["virtio-rng"]);
 }
 
 #[test]
 fn no_rng_leaves_only_the_host_bridge() {
     let cmdline = GuestCmdline::new().test("pci");
-    let run = run_guest(&mut ringvm(&["--no-rng"], &cmdline), LIMIT).expect("run");
-    assert_clean(&run);
+    let run = run_guest(&mut ringvm_run(&["--no-rng"], &cmdline), LIMIT).expect("run");
+    run.assert_clean();
     let report = run.report();
     report.assert_ok(&["pci"]);
     assert!(
@@ -167,11 +82,11 @@ fn standalone_rng_backend_serves_ringvm_over_a_socket() {
     let spec = format!("type=rng,socket={}", sock.display());
     let cmdline = GuestCmdline::new().test("pci").test("virtio-rng");
     let run = run_guest(
-        &mut ringvm(&["--no-rng", "--vhost-user", &spec], &cmdline),
+        &mut ringvm_run(&["--no-rng", "--vhost-user", &spec], &cmdline),
         LIMIT,
     )
     .expect("run");
-    assert_clean(&run);
+    run.assert_clean();
     run.report().assert_ok(&["pci", "virtio-rng"]);
     // The frontend went away: the backend ends by itself, successfully.
     let ended = wait_until(Duration::from_secs(10), || {
@@ -191,8 +106,8 @@ fn standalone_rng_backend_serves_ringvm_over_a_socket() {
 #[test]
 fn killed_device_process_ends_the_vm_with_its_name_and_leaves_no_orphan() {
     let cmdline = GuestCmdline::new().test("virtio-rng").test("wait");
-    let mut live = Live::start(&mut ringvm(&[], &cmdline));
-    live.wait_for("wait halting");
+    let mut live = Live::start(&mut ringvm_run(&[], &cmdline));
+    live.wait_for("wait halting", LIMIT);
     let devices = children_of(live.child.id());
     assert_eq!(devices.len(), 1, "expected one device process: {devices:?}");
     let pid = devices[0];
@@ -213,8 +128,8 @@ fn killed_device_process_ends_the_vm_with_its_name_and_leaves_no_orphan() {
 #[test]
 fn killed_vmm_takes_its_device_processes_with_it() {
     let cmdline = GuestCmdline::new().test("wait");
-    let mut live = Live::start(&mut ringvm(&[], &cmdline));
-    live.wait_for("wait halting");
+    let mut live = Live::start(&mut ringvm_run(&[], &cmdline));
+    live.wait_for("wait halting", LIMIT);
     let devices = children_of(live.child.id());
     assert_eq!(devices.len(), 1, "expected one device process: {devices:?}");
     live.child.kill().expect("kill ringvm");
@@ -232,8 +147,8 @@ fn stop_on_the_control_socket_ends_vm_and_device_processes() {
     let sock = dir.path("vm.sock");
     let cmdline = GuestCmdline::new().test("wait");
     let sock_arg = sock.to_string_lossy().into_owned();
-    let mut live = Live::start(&mut ringvm(&["-s", &sock_arg], &cmdline));
-    live.wait_for("wait halting");
+    let mut live = Live::start(&mut ringvm_run(&["-s", &sock_arg], &cmdline));
+    live.wait_for("wait halting", LIMIT);
     let devices = children_of(live.child.id());
     assert_eq!(devices.len(), 1, "expected one device process: {devices:?}");
     let stop = Command::new(ringvm_bin())
@@ -264,7 +179,7 @@ fn run_with_backend(sock: &Path) -> GuestRun {
     let spec = format!("type=rng,socket={}", sock.display());
     let cmdline = GuestCmdline::new().test("virtio-rng");
     run_guest(
-        &mut ringvm(&["--no-rng", "--vhost-user", &spec], &cmdline),
+        &mut ringvm_run(&["--no-rng", "--vhost-user", &spec], &cmdline),
         LIMIT,
     )
     .expect("run")
@@ -354,13 +269,13 @@ fn guest_reads_and_writes_a_disk_exported_by_qemu_storage_daemon() {
     let spec = format!("type=blk,socket={}", sock.display());
     let cmdline = GuestCmdline::new().test("pci").test("virtio-blk");
     let run = run_guest(
-        &mut ringvm(&["--no-rng", "--vhost-user", &spec], &cmdline),
+        &mut ringvm_run(&["--no-rng", "--vhost-user", &spec], &cmdline),
         LIMIT,
     );
     let _ = qsd.kill();
     let _ = qsd.wait();
     let run = run.expect("run");
-    assert_clean(&run);
+    run.assert_clean();
     let report = run.report();
     report.assert_ok(&["pci", "virtio-blk"]);
     assert!(
