@@ -554,16 +554,10 @@ impl Backend {
         out.push(("lat_mean_us", mean / 1e3));
         out.push(("lat_p99_us", f64::from(p99) / 1e3));
         let client: Duration = measured.iter().map(|c| c.client_cpu).sum();
-        out.push((
-            "client_cpu_us_per_io",
-            client.as_secs_f64() * 1e6 / ops as f64,
-        ));
+        out.push(("client_cpu_us_per_io", benches::us_per(client, ops)));
         let cpu: Option<Duration> = measured.iter().map(|c| c.cpu).sum();
         if let Some(cpu) = cpu {
-            out.push((
-                "backend_cpu_us_per_io",
-                cpu.as_secs_f64() * 1e6 / ops as f64,
-            ));
+            out.push(("backend_cpu_us_per_io", benches::us_per(cpu, ops)));
         }
         out
     }

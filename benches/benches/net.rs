@@ -790,21 +790,12 @@ impl Endpoint {
             out.push(("delivered_frac", frames as f64 / offered as f64));
         }
         let guest: Duration = measured.iter().map(|c| c.guest_cpu).sum();
-        out.push((
-            "guest_cpu_us_per_pkt",
-            guest.as_secs_f64() * 1e6 / frames as f64,
-        ));
+        out.push(("guest_cpu_us_per_pkt", benches::us_per(guest, frames)));
         let bench: Duration = measured.iter().map(|c| c.bench_cpu).sum();
-        out.push((
-            "bench_cpu_us_per_pkt",
-            bench.as_secs_f64() * 1e6 / frames as f64,
-        ));
+        out.push(("bench_cpu_us_per_pkt", benches::us_per(bench, frames)));
         let dev: Option<Duration> = measured.iter().map(|c| c.dev_cpu).sum();
         if let Some(dev) = dev {
-            out.push((
-                "dev_cpu_us_per_pkt",
-                dev.as_secs_f64() * 1e6 / frames as f64,
-            ));
+            out.push(("dev_cpu_us_per_pkt", benches::us_per(dev, frames)));
         }
         out
     }

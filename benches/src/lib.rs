@@ -631,6 +631,11 @@ fn json_ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "null".to_owned(), |r| format!("{r:.4}"))
 }
 
+/// CPU time `d` spread over `n` operations, in microseconds each.
+pub fn us_per(d: Duration, n: u64) -> f64 {
+    d.as_secs_f64() * 1e6 / n as f64
+}
+
 /// A JSON string literal.
 pub fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
