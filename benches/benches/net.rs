@@ -23,13 +23,16 @@
 //!   `RINGVM_NET_FLOOD=1` sends flat out anyway, the surplus dropped by the tap and counted
 //!   for nobody). What counts is frames the device put in the guest's receive buffers (used
 //!   entries of the frame's length), buffers replenished as they come back. Limit: `read()`
-//!   from a tap fd with the same sender.
+//!   from a tap fd with the same sender. Reference (`uring-tap`): the same tap reads made
+//!   through io_uring the way the device makes them (rounds of reads that do not wait while
+//!   the tap has frames, one read that waits once it is empty, into 256 buffers in turn),
+//!   with no virtqueue and no guest: how far io_uring itself goes against `read()`.
 //! - Sizes: 64-byte frames and full-MTU 1514-byte frames (a 1500-byte IP packet), without
 //!   the vnet header; Gbit/s counts the Ethernet frame bytes.
 //!
 //! Subjects: `ringvm device net --socket S --tap-name T` jailed (`ringvm`) and with
 //! `--disable-sandbox` (`ringvm-nosandbox`). Each gets its own tap and subnet, the limit a
-//! third one; the bench process `unshare`s a new network namespace before it makes any of
+//! third one and the reference a fourth; the bench process `unshare`s a new network namespace before it makes any of
 //! them, so all traffic stays there and goes when the bench exits. Beside the rate each case
 //! reports Gbit/s and CPU time per frame in `<target>/bench/net.jsonl`: `dev_cpu_us_per_pkt`
 //! (every thread of the device's process tree, from `/proc/<pid>/task/*/schedstat`) and
@@ -128,6 +131,12 @@ fn main() {
         Ok(e) => endpoints.push(e),
         Err(e) => left_out.push(format!("limit raw-tap: {e}")),
     }
+    if benches.iter().any(|(d, _, _)| *d == Dir::Rx) {
+        match Endpoint::uring(3) {
+            Ok(e) => endpoints.push(e),
+            Err(e) => left_out.push(format!("reference uring-tap: {e}")),
+        }
+    }
 
     for (d, size, name) in &benches {
         let (d, size) = (*d, *size);
@@ -141,6 +150,8 @@ fn main() {
         let variants = endpoints
             .iter_mut()
             .enumerate()
+            // The io_uring reference reads only.
+            .filter(|(_, e)| d == Dir::Rx || !matches!(e.kind, Kind::Uring(_)))
             .map(|(i, e)| {
                 let (role, key, label) = (e.role, e.key, e.label(d));
                 let sender = sender.as_ref();
@@ -534,6 +545,8 @@ enum Kind {
     Ringvm(Box<Guest>),
     /// A tap fd of our own (non-blocking).
     Raw(OwnedFd),
+    /// A tap fd of our own read through io_uring (rx only).
+    Uring(Box<UringReader>),
 }
 
 /// One tap with what drives it: the host side (address, UDP counter, packet socket) and
@@ -618,8 +631,29 @@ impl Endpoint {
         })
     }
 
-    /// A tap `rvnb<net>` of our own, host side 10.0.<net>.1/24.
+    /// A tap `rvnb<net>` of our own, host side 10.0.<net>.1/24, read and written with
+    /// `read()`/`write()`: the limit.
     fn raw(net: u8) -> Result<Endpoint, String> {
+        Endpoint::own_tap(net, "raw-tap", Role::Limit, |fd| {
+            set_nonblocking(fd.as_fd())?;
+            Ok(Kind::Raw(fd))
+        })
+    }
+
+    /// A tap of our own read through io_uring (blocking: a read that waits is the ring's).
+    fn uring(net: u8) -> Result<Endpoint, String> {
+        Endpoint::own_tap(net, "uring-tap", Role::Reference, |fd| {
+            Ok(Kind::Uring(Box::new(UringReader::new(fd)?)))
+        })
+    }
+
+    /// A tap `rvnb<net>` of our own, host side 10.0.<net>.1/24, driven as `kind` makes.
+    fn own_tap(
+        net: u8,
+        key: &'static str,
+        role: Role,
+        kind: impl FnOnce(OwnedFd) -> Result<Kind, String>,
+    ) -> Result<Endpoint, String> {
         let name = format!("rvnb{net}");
         let tap = net::Tap::create(Some(&name), 1)
             .map_err(|e| format!("tap {name}: {e}"))?
@@ -628,12 +662,10 @@ impl Endpoint {
         let host_ip = Ipv4Addr::new(10, 0, net, 1);
         tap.configure(host_ip, Ipv4Addr::new(255, 255, 255, 0))
             .map_err(|e| format!("configure {name}: {e}"))?;
-        let fd = tap.into_fd();
-        set_nonblocking(fd.as_fd())?;
         Ok(Endpoint {
-            key: "raw-tap",
-            role: Role::Limit,
-            kind: Kind::Raw(fd),
+            key,
+            role,
+            kind: kind(tap.into_fd())?,
             tap_mac: if_mac(&name)?,
             udp: UdpCounter::bind(host_ip)?,
             psock: packet_socket(&name)?,
@@ -660,6 +692,7 @@ impl Endpoint {
             ),
             (Kind::Raw(_), Dir::Tx) => "write() to a tap fd".to_owned(),
             (Kind::Raw(_), Dir::Rx) => "read() from a tap fd".to_owned(),
+            (Kind::Uring(_), _) => "io_uring reads from a tap fd".to_owned(),
         }
     }
 
@@ -723,6 +756,7 @@ impl Endpoint {
             let start = Instant::now();
             let sent = match &mut e.kind {
                 Kind::Ringvm(g) => transmit(g, n, &mut e.udp)?,
+                Kind::Uring(_) => return Err("the io_uring reference only reads".to_owned()),
                 Kind::Raw(fd) => {
                     let mut got = 0;
                     for i in 0..n {
@@ -765,6 +799,7 @@ impl Endpoint {
             let got = match &mut e.kind {
                 Kind::Ringvm(g) => receive(g, n, want, true, sender),
                 Kind::Raw(fd) => raw_receive(fd.as_fd(), n, want, true, sender),
+                Kind::Uring(r) => r.receive(n, want, true, sender),
             };
             let elapsed = start.elapsed();
             sender.aim(None);
@@ -772,6 +807,7 @@ impl Endpoint {
             match &mut e.kind {
                 Kind::Ringvm(g) => receive(g, u64::MAX, want, false, sender)?,
                 Kind::Raw(fd) => raw_receive(fd.as_fd(), u64::MAX, want, false, sender)?,
+                Kind::Uring(r) => r.receive(u64::MAX, want, false, sender)?,
             };
             Ok((elapsed, got))
         })
@@ -809,6 +845,27 @@ impl Drop for Endpoint {
     }
 }
 
+/// How long a receive loop has gone without a frame.
+#[derive(Default)]
+struct Idle(Option<Instant>);
+
+impl Idle {
+    /// A frame came.
+    fn reset(&mut self) {
+        self.0 = None;
+    }
+
+    /// No frame came (`got` of `n` so far): whether to stop, draining (not `counting`) and
+    /// quiet for 2 ms; an error when counting and quiet for [`STALL`].
+    fn stop(&mut self, counting: bool, got: u64, n: u64) -> Result<bool, String> {
+        let quiet = self.0.get_or_insert_with(Instant::now).elapsed();
+        if counting && quiet > STALL {
+            return Err(format!("{got} of {n} frames in {STALL:?}"));
+        }
+        Ok(!counting && quiet > Duration::from_millis(2))
+    }
+}
+
 /// Reads frames from a non-blocking tap fd until `n` of `want` bytes came (`counting`), or
 /// until none came for a while (not `counting`: draining). Returns the frames of `want`
 /// bytes read.
@@ -821,12 +878,12 @@ fn raw_receive(
 ) -> Result<u64, String> {
     let mut buf = vec![0u8; 65536];
     let mut got = 0;
-    let mut idle_since: Option<Instant> = None;
+    let mut idle = Idle::default();
     while got < n {
         // SAFETY: reads into our buffer.
         let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if r >= 0 {
-            idle_since = None;
+            idle.reset();
             got += u64::from(r as usize == want);
             sender.delivered(1);
             continue;
@@ -835,17 +892,169 @@ fn raw_receive(
         if e.raw_os_error() != Some(libc::EAGAIN) {
             return Err(format!("tap read: {e}"));
         }
-        let since = *idle_since.get_or_insert_with(Instant::now);
-        if !counting && since.elapsed() > Duration::from_millis(2) {
+        if idle.stop(counting, got, n)? {
             break;
-        }
-        if counting && since.elapsed() > STALL {
-            return Err(format!("{got} of {n} frames in {STALL:?}"));
         }
         let timeout = if counting { 100 } else { 1 };
         wait_readable(fd.as_raw_fd(), timeout);
     }
     Ok(got)
+}
+
+/// Buffers of the io_uring reference, as many as the guest's receive ring has.
+const URING_BUFS: usize = QUEUE_SIZE as usize;
+/// Most reads of one round of the io_uring reference (the device's `RX_READS`).
+const URING_BURST: usize = 64;
+/// `user_data` bit of the read that waits.
+const WAITING: u64 = 1 << 32;
+
+/// The reference of the rx benches: a tap fd read through io_uring the way ringvm's device
+/// reads its tap, and nothing else (no virtqueue, no guest thread). While the tap has frames,
+/// rounds of up to [`URING_BURST`] reads that do not wait (`RWF_NOWAIT`), submitted at once;
+/// once a round finds it empty, one read that waits (the kernel polls the tap). Reads go
+/// into [`URING_BUFS`] buffers in turn, as the device's go into the guest's ring.
+struct UringReader {
+    /// Before `bufs`: dropped first, after `Drop` took back the read that waits.
+    ring: io_uring::IoUring,
+    fd: OwnedFd,
+    bufs: Vec<u8>,
+    /// The next buffer.
+    next: usize,
+    /// Whether the read that waits is in the ring.
+    waiting: bool,
+    /// Whether the last round found frames: the next round's reads do not wait.
+    busy: bool,
+    burst: usize,
+}
+
+impl UringReader {
+    fn new(fd: OwnedFd) -> Result<UringReader, String> {
+        let ring =
+            io_uring::IoUring::new(2 * URING_BURST as u32).map_err(|e| format!("io_uring: {e}"))?;
+        Ok(UringReader {
+            ring,
+            fd,
+            bufs: vec![0; URING_BUFS * SLOT as usize],
+            next: 0,
+            waiting: false,
+            busy: false,
+            burst: 2,
+        })
+    }
+
+    /// Queues a read into the next buffer.
+    fn queue_read(&mut self, nowait: bool) -> Result<(), String> {
+        use io_uring::{opcode, types};
+        let slot = self.next % URING_BUFS;
+        self.next += 1;
+        // SAFETY: in bounds of `bufs`, which outlives the ring (see `Drop`).
+        let buf = unsafe { self.bufs.as_mut_ptr().add(slot * SLOT as usize) };
+        let read = opcode::Read::new(types::Fd(self.fd.as_raw_fd()), buf, SLOT as u32);
+        let sqe = if nowait {
+            read.rw_flags(libc::RWF_NOWAIT).build().user_data(0)
+        } else {
+            read.build().user_data(WAITING)
+        };
+        // SAFETY: the buffer stays valid until the completion is reaped (`Drop` waits for
+        // the read that waits).
+        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| "submission queue full".into())
+    }
+
+    /// Submits and waits for `want` completions, at most `timeout_ms`; false on timeout.
+    fn submit_wait(&mut self, want: usize, timeout_ms: u32) -> Result<bool, String> {
+        let ts = io_uring::types::Timespec::new().nsec(timeout_ms * 1_000_000);
+        let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(want, &args) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => Ok(false),
+            Err(e) => Err(format!("io_uring_enter: {e}")),
+        }
+    }
+
+    /// Receives until `n` frames of `want` bytes came (`counting`), or until none came for a
+    /// while (not `counting`: draining; the read that waits may stay in the ring for the next
+    /// call). Returns the frames of `want` bytes read.
+    fn receive(
+        &mut self,
+        n: u64,
+        want: usize,
+        counting: bool,
+        sender: &Sender,
+    ) -> Result<u64, String> {
+        let mut got = 0;
+        let mut idle = Idle::default();
+        while got < n {
+            let nowait = self.busy;
+            let reads = if nowait { self.burst } else { 1 };
+            if nowait {
+                for _ in 0..reads {
+                    self.queue_read(true)?;
+                }
+            } else if !self.waiting {
+                self.queue_read(false)?;
+                self.waiting = true;
+            }
+            let timeout = if counting { 100 } else { 1 };
+            self.submit_wait(reads, timeout)?;
+            let (mut frames, mut empty) = (0, false);
+            for cqe in self.ring.completion() {
+                if cqe.user_data() == WAITING {
+                    self.waiting = false;
+                }
+                match cqe.result() {
+                    r if r >= 0 => {
+                        frames += 1;
+                        got += u64::from(r as usize == want);
+                    }
+                    r if -r == libc::EAGAIN => empty = true,
+                    r => return Err(format!("tap read: {}", io::Error::from_raw_os_error(-r))),
+                }
+            }
+            sender.delivered(frames);
+            if nowait {
+                self.busy = !empty;
+                self.burst = (2 * frames as usize).clamp(2, URING_BURST);
+            } else {
+                self.busy = frames > 0;
+            }
+            if frames > 0 {
+                idle.reset();
+                continue;
+            }
+            if idle.stop(counting, got, n)? {
+                break;
+            }
+        }
+        Ok(got)
+    }
+}
+
+impl Drop for UringReader {
+    fn drop(&mut self) {
+        if !self.waiting {
+            return;
+        }
+        let cancel = io_uring::opcode::AsyncCancel::new(WAITING)
+            .build()
+            .user_data(0);
+        // SAFETY: a cancel request holds no pointers.
+        if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+            std::mem::forget(std::mem::take(&mut self.bufs));
+            return;
+        }
+        while self.waiting {
+            if self.submit_wait(1, 100).is_err() {
+                // The kernel may still write the buffers: leak them.
+                std::mem::forget(std::mem::take(&mut self.bufs));
+                return;
+            }
+            for cqe in self.ring.completion() {
+                if cqe.user_data() == WAITING {
+                    self.waiting = false;
+                }
+            }
+        }
+    }
 }
 
 // ---- the guest: our vhost-user frontend ([`vnet::Guest`]) ----
@@ -906,7 +1115,7 @@ fn receive(
     sender: &Sender,
 ) -> Result<u64, String> {
     let mut got = 0u64;
-    let mut idle_since: Option<Instant> = None;
+    let mut idle = Idle::default();
     while got < n {
         let old = g.rx.q.avail_idx();
         let mut reaped = 0;
@@ -916,17 +1125,13 @@ fn receive(
             reaped += 1;
         }
         if reaped > 0 {
-            idle_since = None;
+            idle.reset();
             g.rx.kick_since(old)?;
             sender.delivered(reaped);
             continue;
         }
-        let since = *idle_since.get_or_insert_with(Instant::now);
-        if !counting && since.elapsed() > Duration::from_millis(2) {
+        if idle.stop(counting, got, n)? {
             break;
-        }
-        if counting && since.elapsed() > STALL {
-            return Err(format!("{got} of {n} frames in {STALL:?}"));
         }
         let ahead = (n - got).min(u64::from(QUEUE_SIZE) / 4) as u16;
         g.rx.wait(ahead, if counting { 100 } else { 1 })?;
