@@ -1,5 +1,6 @@
 //! Whole-range file I/O on the executor: loops over short transfers, guest buffer slicing.
 
+use std::borrow::Cow;
 use std::io;
 
 use executor::AsyncFd;
@@ -71,25 +72,7 @@ pub(crate) async fn read_guest(
     bufs: &Bufs,
     mem: &GuestMemory,
 ) -> Result<(), GuestIoError> {
-    let total = total_len(bufs).unwrap_or(u64::MAX);
-    let mut done = 0u64;
-    while done < total {
-        let rest = sub_bufs(bufs, done, total - done);
-        let iov = iovecs(mem, &rest).map_err(GuestIoError::Memory)?;
-        let (res, _) = fd.read_mem_at(iov, offset + done).await;
-        match res {
-            Ok(0) => {
-                for (addr, n) in rest {
-                    mem.fill(addr, n, 0).map_err(GuestIoError::Memory)?;
-                }
-                return Ok(());
-            }
-            Ok(n) => done += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(GuestIoError::Io(e)),
-        }
-    }
-    Ok(())
+    transfer(fd, offset, bufs, mem, false).await
 }
 
 /// Writes all of `bufs` to the file at `offset`.
@@ -99,14 +82,41 @@ pub(crate) async fn write_guest(
     bufs: &Bufs,
     mem: &GuestMemory,
 ) -> Result<(), GuestIoError> {
+    transfer(fd, offset, bufs, mem, true).await
+}
+
+/// Reads into or writes from all of `bufs` at `offset`, going on after short transfers: a
+/// read that meets the end of the file zeroes the rest, a write that moves nothing fails.
+async fn transfer(
+    fd: &AsyncFd,
+    offset: u64,
+    bufs: &Bufs,
+    mem: &GuestMemory,
+    write: bool,
+) -> Result<(), GuestIoError> {
     let total = total_len(bufs).unwrap_or(u64::MAX);
     let mut done = 0u64;
     while done < total {
-        let rest = sub_bufs(bufs, done, total - done);
+        // The usual request is one transfer of all its buffers, sliced by nothing.
+        let rest = if done == 0 {
+            Cow::Borrowed(bufs)
+        } else {
+            Cow::Owned(sub_bufs(bufs, done, total - done))
+        };
         let iov = iovecs(mem, &rest).map_err(GuestIoError::Memory)?;
-        let (res, _) = fd.write_mem_at(iov, offset + done).await;
+        let (res, _) = if write {
+            fd.write_mem_at(iov, offset + done).await
+        } else {
+            fd.read_mem_at(iov, offset + done).await
+        };
         match res {
-            Ok(0) => return Err(GuestIoError::Io(io::ErrorKind::WriteZero.into())),
+            Ok(0) if write => return Err(GuestIoError::Io(io::ErrorKind::WriteZero.into())),
+            Ok(0) => {
+                for &(addr, n) in rest.iter() {
+                    mem.fill(addr, n, 0).map_err(GuestIoError::Memory)?;
+                }
+                return Ok(());
+            }
             Ok(n) => done += n as u64,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(GuestIoError::Io(e)),
