@@ -33,6 +33,15 @@ enum Lifecycle {
     Completed(i32),
 }
 
+/// A CQE result: a count, or an OS error.
+pub(crate) fn to_result(res: i32) -> io::Result<i32> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res)
+    }
+}
+
 /// Runs when an ignored operation completes: releases what the completion created (a received
 /// fd, say) that would otherwise leak.
 pub(crate) type Cleanup = fn(&mut dyn Any, i32);
@@ -228,6 +237,28 @@ impl Driver {
     /// Whether `reap` left wakers or garbage for `take_ready`.
     pub(crate) fn has_ready(&self) -> bool {
         !self.to_wake.is_empty() || !self.garbage.is_empty()
+    }
+
+    /// The result of op `index` if it completed (its slot freed); else `Pending`, with
+    /// `waker` stored to be woken at the completion. The state it replaced comes back, for
+    /// the caller to drop once the driver is released.
+    fn poll_op(&mut self, index: usize, waker: &Waker) -> (Poll<i32>, Option<Lifecycle>) {
+        let state = self
+            .ops
+            .get_mut(index)
+            .expect("an in-flight op keeps its slab entry");
+        match state {
+            Lifecycle::Completed(res) => {
+                let res = *res;
+                self.ops.remove(index);
+                (Poll::Ready(res), None)
+            }
+            Lifecycle::Waiting(w) if w.will_wake(waker) => (Poll::Pending, None),
+            _ => {
+                let old = std::mem::replace(state, Lifecycle::Waiting(waker.clone()));
+                (Poll::Pending, Some(old))
+            }
+        }
     }
 
     fn cancel(&mut self, index: usize) -> io::Result<()> {
@@ -435,34 +466,13 @@ impl<T: 'static> Future for Op<T> {
             }
             State::Deferred(_) | State::Done => panic!("an op is polled after completion"),
         };
-        let mut d = driver.borrow_mut();
-        let state = d
-            .ops
-            .get_mut(index)
-            .expect("an in-flight op keeps its slab entry");
-        match state {
-            Lifecycle::Completed(res) => {
-                let res = *res;
-                d.ops.remove(index);
-                drop(d);
-                this.state = State::Done;
-                let data = this.data.take().expect("an op completes once");
-                let res = if res < 0 {
-                    Err(io::Error::from_raw_os_error(-res))
-                } else {
-                    Ok(res)
-                };
-                Poll::Ready((res, data))
-            }
-            Lifecycle::Waiting(waker) if waker.will_wake(cx.waker()) => Poll::Pending,
-            _ => {
-                let old = std::mem::replace(state, Lifecycle::Waiting(cx.waker().clone()));
-                drop(d);
-                // Dropped with the driver released: a waker's drop may run arbitrary code.
-                drop(old);
-                Poll::Pending
-            }
-        }
+        let (poll, old) = driver.borrow_mut().poll_op(index, cx.waker());
+        // Dropped with the driver released: a waker's drop may run arbitrary code.
+        drop(old);
+        let res = std::task::ready!(poll);
+        this.state = State::Done;
+        let data = this.data.take().expect("an op completes once");
+        Poll::Ready((to_result(res), data))
     }
 }
 
@@ -505,6 +515,133 @@ impl<T: 'static> Drop for Op<T> {
                 drop(old);
             }
         }
+    }
+}
+
+/// Submits `sqes` (their `user_data` set here), each an operation of its own in the op
+/// table, that together own `data`. Resolves to their results in order once all completed.
+///
+/// # Safety
+/// Every pointer in every entry must point into `data` (valid at the same address even when
+/// `data` moves) or into memory that outlives the operations.
+pub(crate) unsafe fn submit_all<T: 'static>(
+    driver: DriverRef,
+    sqes: impl IntoIterator<Item = squeue::Entry>,
+    data: T,
+) -> Ops<T> {
+    let slots = sqes
+        .into_iter()
+        // SAFETY: forwarded from the caller; `data` moves into the ops, which keep it (or
+        // hand it, shared, to the op table) until every completion is reaped.
+        .map(|sqe| match unsafe { register(&driver, &sqe) } {
+            Ok(index) => Slot::InFlight(index),
+            Err(e) => Slot::Done(-e.raw_os_error().unwrap_or(libc::EIO)),
+        })
+        .collect();
+    Ops {
+        driver,
+        slots,
+        data: Some(Rc::new(data)),
+    }
+}
+
+/// Where one of the [`Ops`] stands.
+enum Slot {
+    /// In the op table at this index.
+    InFlight(usize),
+    /// Completed with this result (`res` of the CQE).
+    Done(i32),
+}
+
+/// Operations submitted at once that share what they own: one future for a batch (the reads
+/// of a round, say) instead of one per operation. Resolves, once every one completed, to
+/// their results (`res` of each CQE) in submission order and the data. Dropping it first
+/// cancels those still in the kernel; the data lives on, shared, in their op table entries
+/// until the last completion is reaped.
+pub(crate) struct Ops<T: 'static> {
+    driver: DriverRef,
+    slots: Vec<Slot>,
+    /// `None` once resolved.
+    data: Option<Rc<T>>,
+}
+
+impl<T: 'static> Unpin for Ops<T> {}
+
+impl<T: 'static> Future for Ops<T> {
+    type Output = (Vec<i32>, T);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        assert!(this.data.is_some(), "ops are polled after completion");
+        let mut d = this.driver.borrow_mut();
+        for slot in &mut this.slots {
+            let Slot::InFlight(index) = *slot else {
+                continue;
+            };
+            // Only the first one still in the kernel wakes the task: the batch is done no
+            // sooner than it is.
+            match d.poll_op(index, cx.waker()) {
+                (Poll::Ready(res), _) => *slot = Slot::Done(res),
+                (Poll::Pending, old) => {
+                    drop(d);
+                    // Dropped with the driver released: a waker's drop may run arbitrary code.
+                    drop(old);
+                    return Poll::Pending;
+                }
+            }
+        }
+        drop(d);
+        let results = this
+            .slots
+            .iter()
+            .map(|s| match s {
+                Slot::Done(res) => *res,
+                Slot::InFlight(_) => unreachable!("every op completed"),
+            })
+            .collect();
+        let data = this.data.take().expect("checked above");
+        let data = Rc::try_unwrap(data)
+            .unwrap_or_else(|_| unreachable!("only dropped ops share their data"));
+        Poll::Ready((results, data))
+    }
+}
+
+impl<T: 'static> Drop for Ops<T> {
+    fn drop(&mut self) {
+        let Some(data) = self.data.take() else {
+            return;
+        };
+        let Ok(mut d) = self.driver.try_borrow_mut() else {
+            // Only reachable from inside the driver (a cleanup or a waker drop): keep the
+            // resources rather than risk freeing them early.
+            std::mem::forget(data);
+            return;
+        };
+        let mut old = Vec::new();
+        for slot in &self.slots {
+            let Slot::InFlight(index) = *slot else {
+                continue;
+            };
+            match d.ops.get_mut(index) {
+                Some(Lifecycle::Completed(_)) => {
+                    d.ops.remove(index);
+                }
+                Some(state) => {
+                    let shared: Box<dyn Any> = Box::new(data.clone());
+                    old.push(std::mem::replace(state, Lifecycle::Ignored(shared, None)));
+                    // If the cancel cannot be queued the op still completes on its own.
+                    let _ = d.cancel(index);
+                }
+                None => {
+                    // Only after a failed `shutdown` gave up on the ring: the kernel may
+                    // still use the resources, so leak them.
+                    std::mem::forget(data.clone());
+                }
+            }
+        }
+        drop(d);
+        drop(old);
+        drop(data);
     }
 }
 

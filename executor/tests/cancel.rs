@@ -379,3 +379,39 @@ fn timeout_drops_the_losing_read_and_keeps_its_buffer_alive() {
     drop(ex);
     assert_eq!(Arc::strong_count(&token), 1);
 }
+
+#[test]
+fn dropped_read_each_keeps_backing_mem_until_every_read_is_reaped_and_loses_nothing() {
+    let ex = Executor::new().unwrap();
+    let mem = Mapping::new(4096);
+    mem.fill(0);
+    let (r, w) = pipe();
+    write_fd(&w, b"x");
+    let r = AsyncFd::new(r);
+    ex.run_until(async {
+        // The first read takes the byte there is; the other two wait in the kernel.
+        let regions = MemIovecs::new(&mem, &[(0, 1), (8, 1), (16, 1)]);
+        let mut reads = Box::pin(r.read_each(regions, false));
+        poll_pending(&mut reads);
+        yield_now().await;
+        poll_pending(&mut reads);
+        assert_eq!(Arc::strong_count(&mem), 2);
+        drop(reads);
+        // Cancelled, not yet reaped: the waiting reads still hold the mapping.
+        assert_eq!(Arc::strong_count(&mem), 2);
+        for _ in 0..1000 {
+            if Arc::strong_count(&mem) == 1 {
+                break;
+            }
+            sleep(Duration::from_millis(1)).await.unwrap();
+        }
+        assert_eq!(Arc::strong_count(&mem), 1);
+        // The cancelled reads took nothing: what comes next goes to the next read.
+        write_fd(&w, b"y");
+        let (res, got) = r.read(Vec::with_capacity(1)).await;
+        assert_eq!(res.unwrap(), 1);
+        assert_eq!(got, b"y");
+    });
+    let bytes = mem.to_vec();
+    assert_eq!((bytes[0], bytes[8], bytes[16]), (b'x', 0, 0));
+}

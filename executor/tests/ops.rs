@@ -514,3 +514,58 @@ fn an_op_keeps_its_fd_open_after_the_handle_is_dropped() {
     assert_eq!(res.unwrap(), 4);
     assert_eq!(buf, b"late");
 }
+
+/// A datagram socket pair: each read takes one message, as from a tap.
+fn datagram_pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0);
+    // SAFETY: both descriptors are new and ours.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+#[test]
+fn read_each_gives_each_region_one_message_in_order() {
+    let ex = Executor::new().unwrap();
+    let mem = common::Mapping::new(4096);
+    mem.fill(0);
+    let (a, b) = datagram_pair();
+    write_fd(&b, b"abc");
+    write_fd(&b, b"defgh");
+    let a = AsyncFd::new(a);
+    let regions = common::MemIovecs::new(&mem, &[(0, 16), (100, 16), (200, 16)]);
+    let (results, regions) = ex.run_until(a.read_each(regions, true));
+    let results: Vec<_> = results
+        .into_iter()
+        .map(|r| r.map_err(|e| errno(&e)))
+        .collect();
+    assert_eq!(results, [Ok(3), Ok(5), Err(libc::EAGAIN)]);
+    let bytes = mem.to_vec();
+    assert_eq!(&bytes[0..4], b"abc\0");
+    assert_eq!(&bytes[100..106], b"defgh\0");
+    assert_eq!(bytes[200], 0);
+    // Without `nowait` a read waits for its message.
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_fd(&b, b"late");
+        b
+    });
+    let one = common::MemIovecs::new(&mem, &[(300, 16)]);
+    let (results, _) = ex.run_until(a.read_each(one, false));
+    assert_eq!(
+        results.into_iter().map(|r| r.unwrap()).collect::<Vec<_>>(),
+        [4]
+    );
+    assert_eq!(&mem.to_vec()[300..304], b"late");
+    drop(writer.join().unwrap());
+    drop(regions);
+    assert_eq!(std::sync::Arc::strong_count(&mem), 1);
+}

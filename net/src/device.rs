@@ -822,75 +822,20 @@ impl<'a> Rx<'a> {
             };
             chains.push(Some(chain));
         }
-        let mut longest = vec![0; chains.len()];
-        let mut reads = Vec::with_capacity(chains.len());
-        for (i, chain) in chains.iter().enumerate() {
-            let Some(chain) = chain else { continue };
-            let first = chain.writable().first().copied();
-            let mut spill = self.spills.pop().unwrap_or_default();
-            let iov = match first {
-                // One buffer takes the largest frame and a byte more: a plain read into it
-                // (no iovec array for the kernel to import); a read that fills it was cut.
-                Some(b) if b.len as usize > self.need => {
-                    longest[i] = b.len as usize - 1;
-                    spill.clear();
-                    self.queue
-                        .memory()
-                        .iovecs(&[(b.addr, b.len as usize)])
-                        .map_err(virtio::Error::BufferAccess)?
-                }
-                _ => {
-                    // One byte more than the chain: a frame the tap had to cut shows.
-                    longest[i] = chain.writable_len();
-                    spill.resize(1, 0);
-                    chain
-                        .writer(self.queue.memory())
-                        .iovecs(chain.writable_len())?
-                }
-            };
-            let iov = sys::HostIoVecs::spill(iov, spill);
-            reads.push(if nowait_round {
-                self.pair.io.read_mem_at_nowait(iov, 0).right_future()
-            } else {
-                self.pair.io.read_mem_at(iov, 0).left_future()
-            });
-        }
-        let io = &self.pair.io;
-        let mut results = Vec::with_capacity(reads.len());
-        let mut stopped = false;
-        for read in reads {
-            if nowait_round {
-                results.push(read.await);
-                continue;
+        let (results, longest, stopped) = match self.plain_reads(&chains)? {
+            Some((iov, longest)) => {
+                let reads = self.pair.io.read_each(iov, nowait_round);
+                let ((results, _), stopped) = self.await_reads(reads, nowait_round, stop).await;
+                (results, longest, stopped)
             }
-            let mut read = pin!(read);
-            let done = match select(read.as_mut(), stop.clone()).await {
-                Either::Left((done, _)) => done,
-                Either::Right(((), _)) => {
-                    // Stopping: whatever the read took from the tap is delivered.
-                    stopped = true;
-                    loop {
-                        if let Err(e) = io.cancel_all().await {
-                            self.dev
-                                .log(format_args!("rx {}: cancelling tap reads: {e}", self.index));
-                        }
-                        // A read the cancel missed (re-armed meanwhile) is cancelled again.
-                        let wait = std::time::Duration::from_millis(20);
-                        if let Ok(done) = executor::timeout(wait, read.as_mut()).await {
-                            break done;
-                        }
-                    }
-                }
-            };
-            results.push(done);
-        }
+            None => self.chain_reads(&chains, nowait_round, stop).await?,
+        };
         let mut readable = false;
         let mut detached = false;
         let mut failed = false;
         let mut empty = false;
         let mut frames = 0;
-        for (i, (res, iov)) in results.into_iter().enumerate() {
-            self.spills.push(iov.into_host());
+        for (i, res) in results.into_iter().enumerate() {
             let Some(chain) = chains[i].take() else {
                 continue;
             };
@@ -985,6 +930,99 @@ impl<'a> Rx<'a> {
             }
         }
         Ok(true)
+    }
+
+    /// When the first buffer of every chain of a round takes the largest frame and a byte
+    /// more: those buffers, one region each for one plain read per chain, and the longest
+    /// frame each read may bring (a read that fills its buffer was cut by the tap).
+    fn plain_reads(
+        &self,
+        chains: &[Option<DescriptorChain>],
+    ) -> std::result::Result<Option<(memory::GuestIoVecs, Vec<usize>)>, virtio::Error> {
+        let mut ranges = Vec::with_capacity(chains.len());
+        for chain in chains.iter().flatten() {
+            match chain.writable().first() {
+                Some(b) if b.len as usize > self.need => ranges.push((b.addr, b.len as usize)),
+                _ => return Ok(None),
+            }
+        }
+        let iov = self
+            .queue
+            .memory()
+            .iovecs(&ranges)
+            .map_err(virtio::Error::BufferAccess)?;
+        // A buffer across two memory regions takes two iovecs: not one read per region.
+        if iov.len() != ranges.len() {
+            return Ok(None);
+        }
+        let longest = ranges.iter().map(|&(_, len)| len - 1).collect();
+        Ok(Some((iov, longest)))
+    }
+
+    /// One read per chain, each into all of its buffers and a spill byte: the rounds whose
+    /// chains [`Rx::plain_reads`] does not take. Returns each read's result, the longest
+    /// frame each may bring, and whether the stop came.
+    async fn chain_reads(
+        &mut self,
+        chains: &[Option<DescriptorChain>],
+        nowait: bool,
+        stop: &StopSignal,
+    ) -> std::result::Result<(Vec<std::io::Result<usize>>, Vec<usize>, bool), virtio::Error> {
+        let mut longest = Vec::with_capacity(chains.len());
+        let mut reads = Vec::with_capacity(chains.len());
+        for chain in chains.iter().flatten() {
+            let mut spill = self.spills.pop().unwrap_or_default();
+            // One byte more than the chain: a frame the tap had to cut shows.
+            longest.push(chain.writable_len());
+            spill.resize(1, 0);
+            let iov = chain
+                .writer(self.queue.memory())
+                .iovecs(chain.writable_len())?;
+            let iov = sys::HostIoVecs::spill(iov, spill);
+            reads.push(if nowait {
+                self.pair.io.read_mem_at_nowait(iov, 0).right_future()
+            } else {
+                self.pair.io.read_mem_at(iov, 0).left_future()
+            });
+        }
+        let mut results = Vec::with_capacity(reads.len());
+        let mut stopped = false;
+        for read in reads {
+            let ((res, iov), stop_came) = self.await_reads(read, nowait, stop).await;
+            stopped |= stop_came;
+            self.spills.push(iov.into_host());
+            results.push(res);
+        }
+        Ok((results, longest, stopped))
+    }
+
+    /// Awaits `reads`: at once when they do not wait, else until they complete or `stop`
+    /// fires. On a stop they are cancelled and awaited, so that whatever they took from the
+    /// tap is delivered, never lost; the flag says the stop came.
+    async fn await_reads<F: Future>(
+        &self,
+        reads: F,
+        nowait: bool,
+        stop: &StopSignal,
+    ) -> (F::Output, bool) {
+        let mut reads = pin!(reads);
+        if nowait {
+            return (reads.await, false);
+        }
+        if let Either::Left((done, _)) = select(reads.as_mut(), stop.clone()).await {
+            return (done, false);
+        }
+        loop {
+            if let Err(e) = self.pair.io.cancel_all().await {
+                self.dev
+                    .log(format_args!("rx {}: cancelling tap reads: {e}", self.index));
+            }
+            // A read the cancel missed (re-armed meanwhile) is cancelled again.
+            let wait = std::time::Duration::from_millis(20);
+            if let Ok(done) = executor::timeout(wait, reads.as_mut()).await {
+                return (done, true);
+            }
+        }
     }
 
     /// Returns `chain`, which a frame of `n` bytes (header included) filled by itself.
