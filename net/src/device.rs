@@ -1040,30 +1040,33 @@ impl<'a> Rx<'a> {
     /// `num_buffers`, and zero flags without `GUEST_CSUM` (the tap may set `DATA_VALID`).
     fn finish_header(&self, chain: &DescriptorChain, num_buffers: u16) -> QueueResult {
         let mem = self.queue.memory();
-        match chain.writable().first() {
-            // The usual case: the first buffer holds the whole header.
-            Some(b) if b.len as usize >= VNET_HDR_SIZE => {
-                let at = |offset: u64| memory::GuestAddress(b.addr.0.wrapping_add(offset));
-                let write = |bytes: &[u8], offset| {
-                    mem.write_slice(bytes, at(offset))
-                        .map_err(virtio::Error::BufferAccess)
-                };
-                if !self.guest_csum {
-                    write(&[0], 0)?;
-                }
-                write(&num_buffers.to_le_bytes(), NUM_BUFFERS_OFFSET as u64)
-            }
-            _ => {
-                let mut w = chain.writer(mem);
-                if !self.guest_csum {
-                    w.write_obj(0u8)?;
+        // The usual case: the first buffer holds the whole header, in one memory region.
+        let first = chain.writable().first();
+        if let Some(b) = first.filter(|b| b.len as usize >= VNET_HDR_SIZE) {
+            if let Ok(hdr) = mem.get_slice(b.addr, VNET_HDR_SIZE) {
+                let flags = if self.guest_csum {
+                    Some(())
                 } else {
-                    w.consume(1);
-                }
-                w.consume(NUM_BUFFERS_OFFSET - 1);
-                w.write_obj(num_buffers.to_le())
+                    hdr.write_obj(0u8, 0)
+                };
+                let oob = memory::Error::OutOfBounds {
+                    addr: b.addr,
+                    len: VNET_HDR_SIZE as u64,
+                };
+                return flags
+                    .and_then(|()| hdr.write_obj(num_buffers.to_le(), NUM_BUFFERS_OFFSET))
+                    .ok_or(virtio::Error::BufferAccess(oob));
             }
         }
+        // A header split across buffers or memory regions.
+        let mut w = chain.writer(mem);
+        if !self.guest_csum {
+            w.write_obj(0u8)?;
+        } else {
+            w.consume(1);
+        }
+        w.consume(NUM_BUFFERS_OFFSET - 1);
+        w.write_obj(num_buffers.to_le())
     }
 
     /// The buffers the next read fills and how many chains they cover: with `MRG_RXBUF`
