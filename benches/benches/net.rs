@@ -904,7 +904,7 @@ fn raw_receive(
 /// Buffers of the io_uring reference, as many as the guest's receive ring has.
 const URING_BUFS: usize = QUEUE_SIZE as usize;
 /// Most reads of one round of the io_uring reference (the device's `RX_READS`).
-const URING_BURST: usize = 64;
+const URING_BURST: usize = 32;
 /// `user_data` bit of the read that waits.
 const WAITING: u64 = 1 << 32;
 
