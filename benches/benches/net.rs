@@ -960,13 +960,13 @@ impl UringReader {
         unsafe { self.ring.submission().push(&sqe) }.map_err(|_| "submission queue full".into())
     }
 
-    /// Submits and waits for `want` completions, at most `timeout_ms`; false on timeout.
-    fn submit_wait(&mut self, want: usize, timeout_ms: u32) -> Result<bool, String> {
+    /// Submits and waits for `want` completions, at most `timeout_ms`.
+    fn submit_wait(&mut self, want: usize, timeout_ms: u32) -> Result<(), String> {
         let ts = io_uring::types::Timespec::new().nsec(timeout_ms * 1_000_000);
         let args = io_uring::types::SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(want, &args) {
-            Ok(_) => Ok(true),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => Ok(false),
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => Ok(()),
             Err(e) => Err(format!("io_uring_enter: {e}")),
         }
     }
