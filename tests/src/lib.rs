@@ -357,6 +357,11 @@ impl Live {
         panic!("no line with {needle:?}; stdout so far:\n{}", self.seen);
     }
 
+    /// The stdout lines read so far, each ending in a newline.
+    pub fn seen(&self) -> &str {
+        &self.seen
+    }
+
     /// Waits up to `limit` for the process to end and kills it if it has not; returns
     /// whether it ended by itself, its status and its stderr.
     pub fn end(mut self, limit: Duration) -> (bool, ExitStatus, String) {

@@ -7,10 +7,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tests::netns::NetNs;
-use tests::{ringvm_bin, run_guest, workspace_root};
+use tests::{ringvm_bin, run_guest, workspace_root, Live, Scratch};
 
 /// Builds (or finds cached) vmlinux, bzImage and initrd; returns their directory.
 /// Once per test binary: the tests run in parallel threads, and two builds at once would
@@ -106,70 +106,35 @@ fn root_image(dir: &std::path::Path) -> PathBuf {
 #[test]
 fn linux_mounts_an_ext4_root_disk_with_dash_r_and_answers_ping_on_virtio_net() {
     let dir = guest_kernel();
-    let scratch = std::env::temp_dir().join(format!("ringvm-linux-root-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).expect("scratch dir");
-    let img = root_image(&scratch);
+    let scratch = Scratch::new("linux", "root");
+    let img = root_image(&scratch.0);
     let before = std::fs::read(&img).expect("read image");
     let mut netns = NetNs::empty("linux");
     let params = format!(
         "{HOST_PARAMS} quiet panic=-1 reboot=k init=/init rootfstype=ext4 \
          ip=10.0.2.15::10.0.2.1:255.255.255.0::eth0:off ringvm.wait=15"
     );
-    let mut child = Command::new("ip");
-    let mut child = child
-        .args(["netns", "exec", &netns.name])
+    let start = Instant::now();
+    let limit = Duration::from_secs(300);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &netns.name])
         .arg(ringvm_bin())
         .args(["run", "-m", "128", "-c", "1", "-r"])
         .arg(&img)
         .args(["--host-ip", "10.0.2.1", "--netmask", "255.255.255.0"])
         .args(["-p", &params, "--cpu-features", HOST_CPU_FEATURES])
-        .arg(dir.join("vmlinux"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run ringvm");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let mut pinged = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-        let Ok(line) = rx.recv_timeout(left) else {
-            break;
-        };
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains("ringvm-guest: waiting") {
-            // The peer pings the guest (10.0.2.15) until 3 replies came back or 12 s passed.
-            let peer = netns.start_peer(3, 12);
-            let summary = peer
-                .iter()
-                .find(|l| l.starts_with("pings sent="))
-                .unwrap_or_default();
-            pinged = Some(summary);
-        }
-    }
-    let _ = child.kill();
-    let status = child.wait().expect("wait ringvm");
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
+        .arg(dir.join("vmlinux"));
+    let mut live = Live::start(&mut cmd);
+    live.wait_for("ringvm-guest: waiting", limit);
+    let seen = live.seen().to_owned();
+    // The peer pings the guest (10.0.2.15) until 3 replies came back or 12 s passed.
+    let peer = netns.start_peer(3, 12);
+    let ping = peer
+        .iter()
+        .find(|l| l.starts_with("pings sent="))
+        .unwrap_or_default();
+    let (status, stderr) = live.finish(limit.saturating_sub(start.elapsed()));
     let after = std::fs::read(&img).expect("read image");
-    let _ = std::fs::remove_dir_all(&scratch);
     assert!(
         seen.contains("ringvm-guest: root /dev/root ext4 ro"),
         "the root file system is not the read-only ext4 disk; stdout:\n{seen}\nstderr:\n{stderr}"
@@ -178,7 +143,6 @@ fn linux_mounts_an_ext4_root_disk_with_dash_r_and_answers_ping_on_virtio_net() {
         seen.contains("ringvm-guest: eth0 52:54:00:12:34:56 10.0.2.15 up"),
         "eth0 is not configured from ip=:\n{seen}"
     );
-    let ping = pinged.expect("the guest never reached its wait");
     let replies: u32 = ping
         .rsplit_once("replies=")
         .and_then(|(_, n)| n.parse().ok())
