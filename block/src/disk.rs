@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use memory::{GuestAddress, GuestMemory};
 
@@ -15,8 +15,61 @@ use crate::{Error, Result};
 /// and loops, fail to open with [`Error::BackingTooDeep`].
 pub const MAX_BACKING_DEPTH: u32 = 16;
 
+/// An image format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Disk offset = file offset.
+    Raw,
+    /// qcow2, versions 2 and 3.
+    Qcow2,
+}
+
+impl Format {
+    /// The format's name, as `format=` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Format> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            _ => Err(Error::UnknownFormat(s.to_owned())),
+        }
+    }
+}
+
 /// How to open a disk image.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+///
+/// # Formats and backing files
+/// With `format` given, the image is opened in that format whatever its bytes say. Without
+/// it the format is probed (`QFI\xfb` at offset 0 is qcow2, anything else raw), and then:
+/// - a probed raw image refuses guest writes that would put the qcow2 magic in its first
+///   bytes ([`Error::RawSignature`]), so it stays raw at its next open;
+/// - a probed qcow2 image that names a backing file is refused ([`Error::ProbedBacking`]):
+///   an image whose format nobody stated never makes the device open another file. The same
+///   holds down a chain: a backing file whose format its overlay does not name is probed,
+///   under the same rule.
+///
+/// Backing files are opened read-only, named relative to the directory of the image that
+/// names them (or absolute), and must be regular files or block devices whose real path
+/// (symlinks followed, checked on the open descriptor) lies inside the directory of the image
+/// given to [`Disk::open`] or one of `backing_dirs` (subdirectories included); anything else
+/// is refused ([`Error::BackingOutside`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OpenOptions {
     /// Refuse every request that would change the image (and open the file `O_RDONLY`).
     pub read_only: bool,
@@ -25,6 +78,22 @@ pub struct OpenOptions {
     /// multiples of [`Disk::block_size`] then fail with [`Error::Unaligned`]; nothing is
     /// bounced.
     pub direct: bool,
+    /// The image's format; `None` probes it.
+    pub format: Option<Format>,
+    /// Directories, besides the image's own, that backing files may be in.
+    pub backing_dirs: Vec<PathBuf>,
+}
+
+/// One image of a chain being opened.
+pub(crate) struct Layer<'a> {
+    pub(crate) read_only: bool,
+    pub(crate) direct: bool,
+    /// `None`: probed.
+    pub(crate) format: Option<Format>,
+    /// Backing files above this image (0 for the image given to [`Disk::open`]).
+    pub(crate) depth: u32,
+    /// Canonical directories the chain's backing files must be in.
+    pub(crate) allowed: &'a [PathBuf],
 }
 
 /// A disk image: static dispatch over the formats.
@@ -40,22 +109,36 @@ pub enum Disk {
 }
 
 impl Disk {
-    /// Opens an image, read-only or read-write, buffered or `O_DIRECT`. The format is probed:
-    /// a file that starts with `QFI\xfb` is qcow2, anything else raw. qcow2 metadata (header,
-    /// L1 and refcount tables, backing files) is read here, synchronously.
+    /// Opens an image, read-only or read-write, buffered or `O_DIRECT`, in the given format or
+    /// a probed one (see [`OpenOptions`] for what probing allows). qcow2 metadata (header, L1
+    /// and refcount tables, backing files) is read here, synchronously.
     pub fn open(path: &Path, options: OpenOptions) -> Result<Disk> {
-        Disk::open_at_depth(path, options, 0)
+        let mut allowed = vec![canonical_dir(image_dir(path))?];
+        for d in &options.backing_dirs {
+            allowed.push(canonical_dir(d)?);
+        }
+        let file = open_file(path, options.read_only, options.direct)?;
+        let layer = Layer {
+            read_only: options.read_only,
+            direct: options.direct,
+            format: options.format,
+            depth: 0,
+            allowed: &allowed,
+        };
+        Disk::from_file(file, path, &layer)
     }
 
-    pub(crate) fn open_at_depth(path: &Path, options: OpenOptions, depth: u32) -> Result<Disk> {
-        let file = open_file(path, options)?;
-        if probe_magic(&file)? == qcow2::MAGIC {
-            if options.direct {
-                return Err(Error::DirectUnsupported);
-            }
-            Ok(Disk::Qcow2(Qcow2::from_file(file, path, options, depth)?))
-        } else {
-            Ok(Disk::Raw(Raw::from_file(file, path, options)?))
+    /// Opens `file` (named `path`) as one layer of a chain.
+    pub(crate) fn from_file(file: File, path: &Path, layer: &Layer<'_>) -> Result<Disk> {
+        let format = match layer.format {
+            Some(f) => f,
+            None if probe_magic(&file)? == qcow2::MAGIC => Format::Qcow2,
+            None => Format::Raw,
+        };
+        match format {
+            Format::Qcow2 if layer.direct => Err(Error::DirectUnsupported),
+            Format::Qcow2 => Ok(Disk::Qcow2(Qcow2::from_file(file, path, layer)?)),
+            Format::Raw => Ok(Disk::Raw(Raw::from_file(file, layer)?)),
         }
     }
 
@@ -163,13 +246,52 @@ pub(crate) fn check_request(offset: u64, bufs: &Bufs, size: u64) -> Result<u64> 
     Ok(len)
 }
 
-fn open_file(path: &Path, options: OpenOptions) -> Result<File> {
+fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<File> {
     let mut o = std::fs::OpenOptions::new();
-    o.read(true).write(!options.read_only);
-    if options.direct {
+    o.read(true).write(!read_only);
+    if direct {
         o.custom_flags(libc::O_DIRECT);
     }
     o.open(path).map_err(|e| Error::Open(path.to_owned(), e))
+}
+
+/// The directory `path` is named relative to: its parent, or `.` for a bare file name.
+pub(crate) fn image_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn canonical_dir(dir: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(dir).map_err(|e| Error::BackingDir(dir.to_owned(), e))
+}
+
+/// Opens a backing file read-only: a regular file or block device whose real path lies in
+/// one of the `allowed` directories.
+///
+/// The type is checked before the open (a FIFO would block it), and the path the open
+/// descriptor really names is checked after it, so a symlink or a rename in between cannot
+/// lead outside.
+pub(crate) fn open_backing_file(path: &Path, allowed: &[PathBuf]) -> Result<File> {
+    let not_file = || Error::BackingNotFile(path.to_owned());
+    let is_file = |t: std::fs::FileType| t.is_file() || t.is_block_device();
+    let meta = std::fs::metadata(path).map_err(|e| Error::Open(path.to_owned(), e))?;
+    if !is_file(meta.file_type()) {
+        return Err(not_file());
+    }
+    let file = open_file(path, true, false)?;
+    let opened = file.metadata().map_err(Error::Stat)?;
+    if !is_file(opened.file_type()) {
+        return Err(not_file());
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let real = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| Error::Open(path.to_owned(), e))?;
+    if !allowed.iter().any(|dir| real.starts_with(dir)) {
+        return Err(Error::BackingOutside(real));
+    }
+    Ok(file)
 }
 
 /// The first four bytes of the file (zeros if it is shorter). The read goes through a

@@ -32,7 +32,7 @@ mod qcow2;
 mod raw;
 
 pub use device::{BlockDevice, BlockOptions};
-pub use disk::{Disk, OpenOptions, MAX_BACKING_DEPTH};
+pub use disk::{Disk, Format, OpenOptions, MAX_BACKING_DEPTH};
 pub use qcow2::Qcow2;
 pub use raw::Raw;
 
@@ -80,8 +80,26 @@ pub enum Error {
     },
     /// A write that would give a probed raw image a qcow2 signature: the image would be
     /// opened as qcow2 next time, with a header (and backing file name) the guest chose.
-    #[error("refusing to write a qcow2 signature to the first sector of a raw image")]
+    #[error("refusing to write a qcow2 signature to the first sector of a probed raw image")]
     RawSignature,
+    /// A format name other than `raw` and `qcow2`.
+    #[error("unknown image format '{0}' (expected raw or qcow2)")]
+    UnknownFormat(String),
+    /// A qcow2 image whose format was probed, not given, names a backing file: a probed image
+    /// never makes the device open another file (its first bytes may be a guest's doing).
+    #[error("the image was probed as qcow2 and names a backing file ({0}); give its format (qcow2) to open the backing file")]
+    ProbedBacking(PathBuf),
+    /// A backing file whose real path is outside the directories a chain may use.
+    #[error(
+        "backing file {0} is outside the image's directory and the allowed backing directories"
+    )]
+    BackingOutside(PathBuf),
+    /// A backing file that is neither a regular file nor a block device.
+    #[error("backing file {0} is not a regular file or block device")]
+    BackingNotFile(PathBuf),
+    /// A directory allowed for backing files that cannot be resolved.
+    #[error("cannot resolve backing directory {0}")]
+    BackingDir(PathBuf, #[source] stdio::Error),
     /// A request buffer that is not guest RAM.
     #[error("request buffer is outside guest memory")]
     GuestMemory(#[source] memory::Error),

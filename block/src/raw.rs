@@ -2,14 +2,14 @@
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
 
-use executor::AsyncFd;
+use executor::{AlignedBuf, AsyncFd};
+use futures::lock::Mutex;
 use memory::{GuestAddress, GuestMemory};
 
-use crate::disk::{check_range, check_request, direct_block_size, file_size, OpenOptions};
+use crate::disk::{check_range, check_request, direct_block_size, file_size, Layer};
 use crate::io::{
-    copy_from_guest, read_guest, read_vec, write_guest, write_vec, Bufs, GuestIoError,
+    copy_from_guest, read_guest, read_vec, sub_bufs, write_guest, write_vec, Bufs, GuestIoError,
 };
 use crate::qcow2::MAGIC;
 use crate::{Error, Result};
@@ -21,6 +21,16 @@ const SIGNATURE_LEN: u64 = 4;
 const ZERO_CHUNK: u64 = 1 << 20;
 
 /// A raw image file or block device.
+///
+/// # The signature of a probed image
+/// An image whose format was probed (not given) is opened as qcow2 next time if its first
+/// bytes become the qcow2 magic, with a header, and a backing file, that the guest chose. So a
+/// write that reaches those bytes goes through a device-owned copy: the part of it within the
+/// first block is copied out of guest memory once, checked, and written from the copy (the
+/// guest cannot change it between the check and the write; another vCPU may well try), and
+/// such writes run one at a time (two of them cannot each pass with half of the magic). A
+/// write that would make the magic fails with [`Error::RawSignature`]. An image opened with
+/// its format given takes any bytes.
 #[derive(Debug)]
 pub struct Raw {
     fd: AsyncFd,
@@ -28,12 +38,16 @@ pub struct Raw {
     read_only: bool,
     block_size: u32,
     direct: bool,
+    /// The format was probed: the signature is guarded.
+    probed: bool,
+    /// Held by a write that reaches the signature, from its check to its completion.
+    head: Mutex<()>,
 }
 
 impl Raw {
-    pub(crate) fn from_file(file: File, _path: &Path, options: OpenOptions) -> Result<Raw> {
+    pub(crate) fn from_file(file: File, layer: &Layer<'_>) -> Result<Raw> {
         let size = file_size(&file)?;
-        let block_size = if options.direct {
+        let block_size = if layer.direct {
             direct_block_size(&file)
         } else {
             512
@@ -41,9 +55,11 @@ impl Raw {
         Ok(Raw {
             fd: AsyncFd::new(file.into()),
             size,
-            read_only: options.read_only,
+            read_only: layer.read_only,
             block_size,
-            direct: options.direct,
+            direct: layer.direct,
+            probed: layer.format.is_none(),
+            head: Mutex::new(()),
         })
     }
 
@@ -120,9 +136,13 @@ impl Raw {
         self.check_writable()?;
         let len = check_request(offset, bufs, self.size)?;
         self.check_aligned(offset, len, bufs)?;
-        if offset < SIGNATURE_LEN && len > 0 {
-            self.check_signature(offset, len, bufs, mem).await?;
+        if self.probed && offset < SIGNATURE_LEN && len > 0 {
+            return self.write_head(offset, len, bufs, mem).await;
         }
+        self.write_from_guest(offset, bufs, mem).await
+    }
+
+    async fn write_from_guest(&self, offset: u64, bufs: &Bufs, mem: &GuestMemory) -> Result<()> {
         write_guest(&self.fd, offset, bufs, mem)
             .await
             .map_err(|e| match e {
@@ -131,25 +151,50 @@ impl Raw {
             })
     }
 
-    /// Refuses a write that would make the image's first bytes the qcow2 magic (as QEMU
-    /// refuses format signatures in probed raw images): the format is probed at every open.
-    async fn check_signature(
+    /// A write to a probed image that reaches its signature (see [`Raw`]): the part within the
+    /// first block goes through a checked copy, the rest straight from guest memory.
+    async fn write_head(
         &self,
         offset: u64,
         len: u64,
         bufs: &Bufs,
         mem: &GuestMemory,
     ) -> Result<()> {
-        let mut head = if offset == 0 && len >= SIGNATURE_LEN {
-            vec![0u8; SIGNATURE_LEN as usize]
+        let _one_at_a_time = self.head.lock().await;
+        // O_DIRECT requests are aligned: offset 0 and at least one whole block.
+        let head = (u64::from(self.block_size) - offset).min(len);
+        let mut copy = AlignedBuf::zeroed(head as usize, self.block_size as usize)
+            .ok_or_else(|| Error::Write(offset, io::ErrorKind::OutOfMemory.into()))?;
+        copy_from_guest(mem, bufs, copy.as_mut_slice()).map_err(Error::GuestMemory)?;
+        // What the signature will be: the disk's bytes, where this write does not cover them
+        // (they change only under the lock held here).
+        let mut sig = if offset == 0 && head >= SIGNATURE_LEN {
+            [0u8; SIGNATURE_LEN as usize]
         } else {
-            self.read_vec(0, SIGNATURE_LEN as usize).await?
+            let now = self.read_vec(0, SIGNATURE_LEN as usize).await?;
+            let mut sig = [0u8; SIGNATURE_LEN as usize];
+            sig.copy_from_slice(&now);
+            sig
         };
-        let n = (SIGNATURE_LEN - offset).min(len) as usize;
         let at = offset as usize;
-        copy_from_guest(mem, bufs, &mut head[at..at + n]).map_err(Error::GuestMemory)?;
-        if head[..] == MAGIC {
+        let n = (SIGNATURE_LEN - offset).min(head) as usize;
+        sig[at..at + n].copy_from_slice(&copy.as_slice()[..n]);
+        if sig == MAGIC {
             return Err(Error::RawSignature);
+        }
+        let (res, copy) = self.fd.write_at(copy, offset).await;
+        let done = res.map_err(|e| Error::Write(offset, e))? as u64;
+        if done < head {
+            // A short write: the rest of the copy (a buffered file; O_DIRECT writes whole
+            // blocks or fail).
+            let rest = copy.as_slice()[done as usize..].to_vec();
+            write_vec(&self.fd, offset + done, rest)
+                .await
+                .map_err(|e| Error::Write(offset + done, e))?;
+        }
+        if head < len {
+            let rest = sub_bufs(bufs, head, len - head);
+            self.write_from_guest(offset + head, &rest, mem).await?;
         }
         Ok(())
     }

@@ -424,10 +424,13 @@ fn backing_loops_and_missing_backing_files_fail_open() {
     }
     // a -> b -> a -> ...
     qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
-    assert!(matches!(Disk::open(&b, rw()), Err(Error::BackingTooDeep)));
+    assert!(matches!(
+        Disk::open(&b, qcow2_rw()),
+        Err(Error::BackingTooDeep)
+    ));
 
     std::fs::remove_file(&a).expect("remove");
-    match Disk::open(&c, rw()) {
+    match Disk::open(&c, qcow2_rw()) {
         Err(Error::Backing(p, e)) => {
             assert_eq!(p, dir.path("a.qcow2"));
             assert!(matches!(*e, Error::Open(..)));

@@ -53,7 +53,7 @@ fn open(path: &Path, read_only: bool) -> Disk {
         path,
         OpenOptions {
             read_only,
-            direct: false,
+            ..OpenOptions::default()
         },
     )
     .unwrap()

@@ -287,7 +287,7 @@ fn qcow2_with_backing_files_copies_on_write() {
     model[1 << 20..(1 << 20) + 65536].fill(0x11);
     let vm = Vm::new();
     {
-        let disk = Disk::open(&top, rw()).expect("open");
+        let disk = Disk::open(&top, qcow2_rw()).expect("open");
         assert!(vm.read(&disk, 0, model.len()).expect("read") == model);
         for (off, len) in [
             (100u64, 10usize),
@@ -577,6 +577,7 @@ fn direct_raw_refuses_unaligned_requests() {
         OpenOptions {
             read_only: false,
             direct: true,
+            ..OpenOptions::default()
         },
     )
     .expect("open");
@@ -606,7 +607,8 @@ fn direct_raw_refuses_unaligned_requests() {
             &img,
             OpenOptions {
                 read_only: false,
-                direct: true
+                direct: true,
+                ..OpenOptions::default()
             }
         ),
         Err(Error::DirectUnsupported)

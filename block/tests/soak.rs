@@ -144,7 +144,7 @@ fn soak_qcow2(name: &str, create: &[&str], seed: u64, backing: Option<&Path>) {
     qemu_img(&args);
     let vm = Vm::new();
     let model = {
-        let disk = Disk::open(&img, rw()).expect("open");
+        let disk = Disk::open(&img, qcow2_rw()).expect("open");
         soak(&disk, &vm, model, seed, 150)
     };
     assert_check_clean(&img);

@@ -104,6 +104,78 @@ unsafe impl IoBuf for &'static str {
     }
 }
 
+/// A zeroed heap buffer whose start is aligned to a power of two: what `O_DIRECT` reads and
+/// writes of a device-owned copy need (a `Vec<u8>` is only aligned to 1).
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes starting at a multiple of `align`; `None` when `len` is 0, `align` is
+    /// not a power of two, or the allocation fails.
+    pub fn zeroed(len: usize, align: usize) -> Option<AlignedBuf> {
+        if len == 0 {
+            return None;
+        }
+        let layout = std::alloc::Layout::from_size_align(len, align).ok()?;
+        // SAFETY: the layout's size is not zero (checked above).
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(AlignedBuf { ptr, layout })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `layout.size()` bytes this value owns, initialised (zeroed at
+        // allocation), and `&self` keeps them from being written meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    /// The bytes, for writing.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was allocated in `zeroed` with this very layout and is freed only here.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.layout.size())
+            .field("align", &self.layout.align())
+            .finish()
+    }
+}
+
+// SAFETY: the allocation belongs to the value alone and does not move when the value moves;
+// it is freed only by `Drop`, which the executor delays until the kernel is done with it.
+unsafe impl IoBuf for AlignedBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.layout.size()
+    }
+    fn bytes_total(&self) -> usize {
+        self.layout.size()
+    }
+}
+
+// SAFETY: as for `IoBuf`; the buffer is always fully initialised (zeroed at allocation).
+unsafe impl IoBufMut for AlignedBuf {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    unsafe fn set_init(&mut self, _n: usize) {}
+}
+
 /// A list of memory regions the kernel may read from, for `writev`-style operations that go
 /// straight from memory the caller owns (guest memory) without a bounce copy.
 ///
@@ -181,6 +253,19 @@ unsafe impl<B: IoBuf> IoVecs for BufVec<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_buf_starts_at_its_alignment_and_is_zeroed() {
+        for align in [512, 4096] {
+            let mut b = AlignedBuf::zeroed(3 * align, align).expect("alloc");
+            assert_eq!(b.stable_ptr() as usize % align, 0);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            b.as_mut_slice()[align] = 7;
+            assert_eq!((b.bytes_init(), b.as_slice()[align]), (3 * align, 7));
+        }
+        assert!(AlignedBuf::zeroed(0, 512).is_none());
+        assert!(AlignedBuf::zeroed(512, 3).is_none());
+    }
 
     #[test]
     fn vec_set_init_never_shrinks() {

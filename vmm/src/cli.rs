@@ -49,13 +49,14 @@ pub struct RunArgs {
     #[argh(option)]
     pub cpu_features: Option<String>,
     /// read-only root disk image: the first virtio-blk disk, and root=/dev/vda ro on the
-    /// kernel command line; PATH[,direct=BOOL][,id=STR]
+    /// kernel command line; PATH[,format=raw|qcow2][,direct=BOOL][,id=STR][,backing-dir=DIR]
     #[argh(option, short = 'r')]
     pub root: Option<String>,
     /// read-write root disk image: like --root, with root=/dev/vda rw
     #[argh(option)]
     pub rwroot: Option<String>,
-    /// read-only disk image, after the root disk in the order given: PATH[,direct=BOOL][,id=STR]
+    /// read-only disk image, after the root disk in the order given:
+    /// PATH[,format=raw|qcow2][,direct=BOOL][,id=STR][,backing-dir=DIR]
     #[argh(option, short = 'd')]
     pub disk: Vec<String>,
     /// read-write disk image, after the root disk in the order given (with --disk)
@@ -247,8 +248,10 @@ pub struct BlockArgs {
     /// serve the vhost-user connection already open on this descriptor
     #[argh(option)]
     pub fd: Option<i32>,
-    /// the image: PATH[,ro][,direct=BOOL][,id=STR] (raw or qcow2, probed; direct=true opens it
-    /// with O_DIRECT, bypassing the host page cache; id is what GET_ID returns, 20 bytes max)
+    /// the image: PATH[,ro][,format=raw|qcow2][,direct=BOOL][,id=STR][,backing-dir=DIR]...
+    /// (format probed when not given; a probed image may not open a backing file; direct=true
+    /// opens it with O_DIRECT, bypassing the host page cache; id is what GET_ID returns, 20
+    /// bytes max; backing-dir allows backing files from DIR besides the image's directory)
     #[argh(option)]
     pub file: String,
     /// number of request queues (default 1)
@@ -266,13 +269,18 @@ pub struct BlockArgs {
     pub report_fd: Option<i32>,
 }
 
-/// A disk image and how to open it: `PATH[,ro][,direct=BOOL][,id=STR]`.
+/// A disk image and how to open it:
+/// `PATH[,ro|rw][,format=raw|qcow2][,direct=BOOL][,id=STR][,backing-dir=DIR]...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
     pub path: PathBuf,
     pub read_only: bool,
     pub direct: bool,
     pub id: Option<String>,
+    /// `None`: probed.
+    pub format: Option<block::Format>,
+    /// Directories besides the image's own that backing files may be in.
+    pub backing_dirs: Vec<PathBuf>,
 }
 
 impl DiskSpec {
@@ -282,6 +290,10 @@ impl DiskSpec {
         if self.read_only {
             s.push_str(",ro");
         }
+        if let Some(f) = self.format {
+            s.push_str(",format=");
+            s.push_str(f.name());
+        }
         if self.direct {
             s.push_str(",direct=true");
         }
@@ -289,7 +301,21 @@ impl DiskSpec {
             s.push_str(",id=");
             s.push_str(id);
         }
+        for d in &self.backing_dirs {
+            s.push_str(",backing-dir=");
+            s.push_str(&d.to_string_lossy());
+        }
         s
+    }
+
+    /// How the block device opens the image.
+    pub fn open_options(&self) -> block::OpenOptions {
+        block::OpenOptions {
+            read_only: self.read_only,
+            direct: self.direct,
+            format: self.format,
+            backing_dirs: self.backing_dirs.clone(),
+        }
     }
 }
 
@@ -308,6 +334,8 @@ pub fn parse_disk(spec: &str, read_only: bool) -> Result<DiskSpec, String> {
         read_only,
         direct: false,
         id: None,
+        format: None,
+        backing_dirs: Vec::new(),
     };
     for kv in parts.filter(|s| !s.is_empty()) {
         match kv.split_once('=') {
@@ -315,6 +343,10 @@ pub fn parse_disk(spec: &str, read_only: bool) -> Result<DiskSpec, String> {
             None if kv == "rw" => d.read_only = false,
             Some(("ro", v)) => d.read_only = parse_bool("ro", v)?,
             Some(("direct", v)) => d.direct = parse_bool("direct", v)?,
+            Some(("format", v)) => {
+                d.format = Some(v.parse().map_err(|e| format!("disk {path}: {e}"))?)
+            }
+            Some(("backing-dir", v)) if !v.is_empty() => d.backing_dirs.push(PathBuf::from(v)),
             Some(("id", v)) if v.len() <= MAX_DISK_ID && v.is_ascii() => d.id = Some(v.to_string()),
             Some(("id", v)) => {
                 return Err(format!(
@@ -670,6 +702,8 @@ mod tests {
                 read_only: false,
                 direct: true,
                 id: Some("disk-a".into()),
+                format: None,
+                backing_dirs: Vec::new(),
             }
         );
         assert!(parse_disk("a.img", true).expect("valid").read_only);
@@ -681,11 +715,23 @@ mod tests {
             "a,direct=maybe",
             "a,id=123456789012345678901",
             "a,cache=x",
+            "a,format=vmdk",
+            "a,format=",
+            "a,backing-dir=",
         ] {
             assert!(parse_disk(bad, false).is_err(), "{bad}");
         }
-        let d = parse_disk("a b.img,ro,direct=true,id=x", false).expect("valid");
+        let d = parse_disk(
+            "a b.img,ro,direct=true,id=x,format=qcow2,backing-dir=/b,backing-dir=c",
+            false,
+        )
+        .expect("valid");
+        assert_eq!(d.format, Some(block::Format::Qcow2));
+        assert_eq!(d.backing_dirs, [PathBuf::from("/b"), PathBuf::from("c")]);
         assert_eq!(parse_disk(&d.to_arg(), false), Ok(d));
+        let raw = parse_disk("a.img,format=raw", false).expect("valid");
+        assert_eq!(raw.format, Some(block::Format::Raw));
+        assert_eq!(parse_disk(&raw.to_arg(), false), Ok(raw));
     }
 
     #[test]

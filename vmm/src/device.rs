@@ -52,13 +52,10 @@ pub fn run(args: DeviceArgs) -> Result<()> {
                 BLOCK_OPS,
                 Forward::NONE(),
                 || {
-                    let options = block::OpenOptions {
-                        read_only: spec.read_only,
-                        direct: spec.direct,
-                    };
-                    let disk = block::Disk::open(&spec.path, options).with_context(|| {
-                        format!("cannot open disk image {}", spec.path.display())
-                    })?;
+                    let disk =
+                        block::Disk::open(&spec.path, spec.open_options()).with_context(|| {
+                            format!("cannot open disk image {}", spec.path.display())
+                        })?;
                     Ok(block::BlockDevice::new(
                         disk,
                         block::BlockOptions {

@@ -480,7 +480,7 @@ mod tests {
             &file.0,
             OpenOptions {
                 read_only: true,
-                direct: false,
+                ..OpenOptions::default()
             },
         )
         .unwrap();

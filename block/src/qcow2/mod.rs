@@ -36,7 +36,7 @@ use std::fmt;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use executor::AsyncFd;
 use futures::lock::Mutex;
@@ -48,7 +48,8 @@ use meta::Meta;
 use table::L2Entry;
 
 use crate::disk::{
-    check_range, check_request, file_size, read_up_to, Disk, OpenOptions, MAX_BACKING_DEPTH,
+    check_range, check_request, file_size, image_dir, open_backing_file, read_up_to, Disk, Format,
+    Layer, MAX_BACKING_DEPTH,
 };
 use crate::io::{
     copy_from_guest, copy_to_guest, read_guest, read_vec, sub_bufs, write_guest, write_vec, Bufs,
@@ -128,18 +129,13 @@ fn guest_err(at: u64, write: bool) -> impl Fn(GuestIoError) -> Error {
 }
 
 impl Qcow2 {
-    pub(crate) fn from_file(
-        file: File,
-        path: &Path,
-        options: OpenOptions,
-        depth: u32,
-    ) -> Result<Qcow2> {
+    pub(crate) fn from_file(file: File, path: &Path, layer: &Layer<'_>) -> Result<Qcow2> {
         let file_len = file_size(&file)?;
         let mut first = vec![0u8; file_len.min(1 << 21) as usize];
         let n = read_up_to(&file, &mut first, 0)?;
         first.truncate(n);
         let h = Header::parse(&first, file_len)?;
-        if !options.read_only {
+        if !layer.read_only {
             if h.incompatible & INCOMPAT_CORRUPT != 0 {
                 return Err(Error::MarkedCorrupt);
             }
@@ -161,7 +157,7 @@ impl Qcow2 {
                 "refcount table beyond the end of the file",
             ));
         }
-        if !options.read_only && h.autoclear != 0 {
+        if !layer.read_only && h.autoclear != 0 {
             // Features this implementation does not maintain (bitmaps) become invalid.
             file.write_all_at(&[0u8; 8], OFF_AUTOCLEAR)
                 .map_err(|e| Error::WriteMetadata(OFF_AUTOCLEAR, e))?;
@@ -169,22 +165,21 @@ impl Qcow2 {
         let backing = match &h.backing_file {
             None => None,
             Some(name) => {
-                if depth >= MAX_BACKING_DEPTH {
+                let name = Path::new(std::ffi::OsStr::from_bytes(name));
+                if layer.format.is_none() {
+                    return Err(Error::ProbedBacking(name.to_owned()));
+                }
+                if layer.depth >= MAX_BACKING_DEPTH {
                     return Err(Error::BackingTooDeep);
                 }
-                let name = Path::new(std::ffi::OsStr::from_bytes(name));
-                let bpath = if name.is_absolute() {
-                    name.to_owned()
-                } else {
-                    path.parent().unwrap_or(Path::new("")).join(name)
-                };
+                let bpath = image_dir(path).join(name);
                 let d =
-                    open_backing(&bpath, h.backing_format.as_deref(), depth + 1).map_err(|e| {
-                        match e {
+                    open_backing(&bpath, h.backing_format.as_deref(), layer).map_err(
+                        |e| match e {
                             Error::BackingTooDeep => Error::BackingTooDeep,
                             e => Error::Backing(bpath.clone(), Box::new(e)),
-                        }
-                    })?;
+                        },
+                    )?;
                 Some(Box::new(d))
             }
         };
@@ -195,7 +190,7 @@ impl Qcow2 {
             cluster_bits: h.cluster_bits,
             v3: h.version == 3,
             zstd: h.compression_type != 0,
-            read_only: options.read_only,
+            read_only: layer.read_only,
             backing,
             inflight: Cell::new(0),
         })
@@ -616,27 +611,23 @@ fn zero_guest(bufs: &Bufs, mem: &GuestMemory) -> Result<()> {
     Ok(())
 }
 
-/// Opens a backing file read-only, in the format its overlay names (probed when unnamed).
-fn open_backing(path: &PathBuf, format: Option<&str>, depth: u32) -> Result<Disk> {
-    let options = OpenOptions {
+/// Opens the backing file of the image `overlay` describes: read-only, within the chain's
+/// allowed directories, in the format the overlay names (probed when it names none).
+fn open_backing(path: &Path, format: Option<&str>, overlay: &Layer<'_>) -> Result<Disk> {
+    let format = match format {
+        None | Some("") => None,
+        Some(f) => Some(
+            f.parse::<Format>()
+                .map_err(|_| Error::InvalidHeader("unsupported backing file format"))?,
+        ),
+    };
+    let file = open_backing_file(path, overlay.allowed)?;
+    let layer = Layer {
         read_only: true,
         direct: false,
+        format,
+        depth: overlay.depth + 1,
+        allowed: overlay.allowed,
     };
-    match format {
-        None | Some("") | Some("qcow2") | Some("raw") => {}
-        Some(_) => return Err(Error::InvalidHeader("unsupported backing file format")),
-    }
-    let disk = Disk::open_at_depth(path, options, depth)?;
-    match (format, &disk) {
-        (Some("qcow2"), Disk::Raw(_)) => Err(Error::InvalidHeader("backing file is not qcow2")),
-        (Some("raw"), Disk::Qcow2(_)) => {
-            // Named raw: its bytes are the data, whatever they look like.
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .open(path)
-                .map_err(|e| Error::Open(path.clone(), e))?;
-            Ok(Disk::Raw(crate::raw::Raw::from_file(file, path, options)?))
-        }
-        _ => Ok(disk),
-    }
+    Disk::from_file(file, path, &layer)
 }

@@ -176,7 +176,15 @@ pub fn rw() -> OpenOptions {
 pub fn ro() -> OpenOptions {
     OpenOptions {
         read_only: true,
-        direct: false,
+        ..OpenOptions::default()
+    }
+}
+
+/// Read-write, format qcow2 given (a probed image may not open a backing file).
+pub fn qcow2_rw() -> OpenOptions {
+    OpenOptions {
+        format: Some(block::Format::Qcow2),
+        ..OpenOptions::default()
     }
 }
 
