@@ -524,6 +524,37 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+/// `ringvm device block --socket SOCKET --file SPEC` (jailed: it accepts, then serves from a
+/// jailed child), listening once `start` returns; killed on drop (the jailed child with it, by
+/// PR_SET_PDEATHSIG).
+pub struct BlockBackend(pub Child);
+
+impl BlockBackend {
+    pub fn start(file_spec: impl AsRef<std::ffi::OsStr>, socket: &Path) -> BlockBackend {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(ringvm_bin())
+            .args(["device", "block", "--socket"])
+            .arg(socket)
+            .arg("--file")
+            .arg(file_spec)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ringvm device block");
+        assert!(
+            wait_until(Duration::from_secs(10), || socket.exists()),
+            "the device never listened"
+        );
+        BlockBackend(child)
+    }
+}
+
+impl Drop for BlockBackend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

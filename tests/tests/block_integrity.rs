@@ -6,11 +6,11 @@ use std::fs::File;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
-use tests::{children_of, ringvm_bin, wait_until, Scratch};
+use tests::{children_of, BlockBackend, Scratch};
 
 const DISK: u64 = 16 << 20;
 /// Writes after the last flush of a round go here; what survives of them is not checked.
@@ -37,40 +37,10 @@ fn complete_one(q: &mut Blkioq) -> i32 {
     unsafe { c[0].assume_init_read() }.ret
 }
 
-/// The front process of `ringvm device block --socket`, killed (with the jailed child it
-/// started, by PR_SET_PDEATHSIG) if a round fails half-way.
-struct Backend(Child);
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The backend for one round: `ringvm device block --socket` (jailed: it accepts, then serves
-/// from a jailed child).
-fn start_backend(image: &Path, socket: &Path) -> Backend {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(ringvm_bin())
-        .args(["device", "block", "--socket"])
-        .arg(socket)
-        .arg("--file")
-        .arg(image)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn ringvm device block");
-    assert!(
-        wait_until(Duration::from_secs(10), || socket.exists()),
-        "the device never listened"
-    );
-    Backend(child)
-}
-
 /// One round: random writes, FLUSH, more writes that are never flushed, then kill -9 of the
 /// process serving the connection while they may still be in flight.
 fn round(image: &Path, socket: &Path, rng: &mut Rng, model: &mut [u8]) {
-    let mut parent = start_backend(image, socket);
+    let mut parent = BlockBackend::start(image, socket);
     let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
     b.set_str("path", socket.to_str().expect("utf-8 path"))
         .expect("path");

@@ -7,13 +7,13 @@ use std::fs::File;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
-use tests::{ringvm_bin, test_guest_path, wait_until, Scratch};
+use tests::{ringvm_bin, test_guest_path, BlockBackend, Scratch};
 
 const MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Requests in flight at once: several writes of sector 0 race each other too.
@@ -21,32 +21,6 @@ const DEPTH: usize = 8;
 const RACE: Duration = Duration::from_secs(10);
 /// What a request the device failed (VIRTIO_BLK_S_IOERR) completes with.
 const EIO: i32 = 5;
-
-/// `ringvm device block --socket` (jailed), killed on drop.
-struct Backend(Child);
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_backend(file_spec: &str, socket: &Path) -> Backend {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(ringvm_bin())
-        .args(["device", "block", "--socket"])
-        .arg(socket)
-        .args(["--file", file_spec])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn ringvm device block");
-    assert!(
-        wait_until(Duration::from_secs(10), || socket.exists()),
-        "the device never listened"
-    );
-    Backend(child)
-}
 
 /// A connected libblkio frontend with one 1 MiB memory region.
 struct Frontend {
@@ -92,7 +66,7 @@ fn complete(q: &mut Blkioq, n: usize) -> Vec<i32> {
 /// qcow2 magic half of the time). Returns (writes done, writes refused).
 fn race_magic_into_sector_0(image: &Path, file_spec: &str, dir: &Scratch) -> (u64, u64) {
     let socket = dir.path("blk.sock");
-    let _backend = start_backend(file_spec, &socket);
+    let _backend = BlockBackend::start(file_spec, &socket);
     let mut f = connect(&socket);
     let buf = f.region.addr as *mut u8;
     let mut sector = [0u8; 4096];
@@ -181,7 +155,7 @@ fn a_frontend_racing_the_qcow2_magic_into_a_probed_raw_image_never_gets_it_on_di
         );
         // Still raw at its next open: the guest sees what it wrote last, not a qcow2 disk.
         let socket = dir.path("check.sock");
-        let _backend = start_backend(&image.to_string_lossy(), &socket);
+        let _backend = BlockBackend::start(&image, &socket);
         let mut f = connect(&socket);
         let buf = f.region.addr as *mut u8;
         let q = &mut f.started.queues[0];
@@ -203,7 +177,7 @@ fn a_raw_image_given_as_raw_takes_the_magic_from_the_frontend() {
     let image = dir.path("disk.raw");
     raw_image(&image);
     let socket = dir.path("blk.sock");
-    let _backend = start_backend(&format!("{},format=raw", image.display()), &socket);
+    let _backend = BlockBackend::start(format!("{},format=raw", image.display()), &socket);
     let mut f = connect(&socket);
     let buf = f.region.addr as *mut u8;
     // SAFETY: the region is 1 MiB of this process's memory, mapped while `f` lives.
@@ -267,7 +241,7 @@ fn a_crafted_image_naming_a_host_file_as_backing_file_is_refused_or_read_as_raw(
     );
     // Given as raw: the guest reads the image's own bytes, the qcow2 header.
     let socket = dir.path("raw.sock");
-    let _backend = start_backend(&format!("{path},format=raw"), &socket);
+    let _backend = BlockBackend::start(format!("{path},format=raw"), &socket);
     let mut f = connect(&socket);
     let buf = f.region.addr as *mut u8;
     let q = &mut f.started.queues[0];
