@@ -199,7 +199,7 @@ fn main() {
         warmup: Duration::from_nanos(1),
         rounds,
         quick,
-        filters: env.filters,
+        ..env
     };
     let mut r = Runner::with_config("guest_blk", config);
 

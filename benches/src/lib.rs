@@ -18,11 +18,17 @@
 //! `<target>/bench/<group>.jsonl`, for tooling that compares runs.
 //!
 //! Command line (after `cargo bench --bench NAME --`): `--quick` for a run of seconds (CI),
-//! any other word filters the benches by substring. The environment may set
-//! `RINGVM_BENCH_SECS` (measured seconds per case) and `RINGVM_BENCH_ROUNDS`.
+//! `--save-baseline NAME` to keep this run's cases (each round's rate) under
+//! `<target>/bench/baselines/NAME/`, `--baseline NAME` to compare this run against them
+//! (criterion's words; [`compare`] and [`stats`] do the comparison: head/base with a 95%
+//! interval, a permutation p-value, and the limit's move), any other word filters the benches
+//! by substring. The environment may set `RINGVM_BENCH_SECS` (measured seconds per case) and
+//! `RINGVM_BENCH_ROUNDS`. `scripts/ab` compares two builds with the same statistics.
 
+pub mod compare;
 pub mod netns;
 pub mod process;
+pub mod stats;
 pub mod vnet;
 
 use std::fmt;
@@ -182,6 +188,10 @@ pub struct Config {
     pub quick: bool,
     /// Only benches whose name contains one of these run (all when empty).
     pub filters: Vec<String>,
+    /// `--save-baseline NAME`: keep this run's cases under that name.
+    pub save_baseline: Option<String>,
+    /// `--baseline NAME`: compare this run against the cases kept under that name.
+    pub baseline: Option<String>,
 }
 
 impl Config {
@@ -193,10 +203,14 @@ impl Config {
         let mut quick = false;
         let mut saw_bench = false;
         let mut filters = Vec::new();
-        for arg in std::env::args().skip(1) {
+        let (mut save_baseline, mut baseline) = (None, None);
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
                 "--bench" => saw_bench = true,
+                "--save-baseline" => save_baseline = args.next().filter(|n| baseline_name_ok(n)),
+                "--baseline" => baseline = args.next().filter(|n| baseline_name_ok(n)),
                 a if a.starts_with('-') => {}
                 a => filters.push(a.to_owned()),
             }
@@ -219,8 +233,23 @@ impl Config {
             rounds,
             quick,
             filters,
+            save_baseline,
+            baseline,
         }
     }
+}
+
+/// A baseline name is one plain path component; another is refused with a message.
+fn baseline_name_ok(name: &str) -> bool {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if !ok {
+        eprintln!("ignoring baseline name {name:?}: use letters, digits, '-', '_' and '.'");
+    }
+    ok
 }
 
 impl Config {
@@ -450,7 +479,71 @@ impl Runner {
             self.cases.len(),
             path.display()
         );
+        if let Some(name) = &self.config.baseline {
+            self.compare_with_baseline(name, &dir);
+        }
+        if let Some(name) = &self.config.save_baseline {
+            let saved = self.save_baseline(name, &dir, &out)?;
+            println!("saved baseline {name} to {}", saved.display());
+        }
         Ok(Some(path))
+    }
+
+    /// Keeps this run's lines as baseline `name` of this group; cases of the group that this
+    /// run did not measure (filtered out) keep their earlier lines.
+    fn save_baseline(&self, name: &str, dir: &Path, lines: &str) -> io::Result<PathBuf> {
+        let bdir = dir.join("baselines").join(name);
+        fs::create_dir_all(&bdir)?;
+        let path = bdir.join(format!("{}.jsonl", self.group));
+        let mut kept = String::new();
+        if let Ok(old) = fs::read_to_string(&path) {
+            for line in old.lines() {
+                let ran = compare::Record::parse(line)
+                    .is_some_and(|r| self.case(&r.bench, &r.variant).is_some());
+                if !ran {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+        }
+        kept.push_str(lines);
+        fs::write(&path, kept)?;
+        Ok(path)
+    }
+
+    /// Prints this run against baseline `name`: each case's rounds against the baseline's.
+    fn compare_with_baseline(&self, name: &str, dir: &Path) {
+        let path = dir
+            .join("baselines")
+            .join(name)
+            .join(format!("{}.jsonl", self.group));
+        let base = match compare::read_jsonl(&path) {
+            Ok(b) => compare::rounds_of(&b),
+            Err(e) => {
+                println!(
+                    "no baseline {name} for {} ({}: {e})",
+                    self.group,
+                    path.display()
+                );
+                return;
+            }
+        };
+        let head: compare::Samples = self
+            .cases
+            .iter()
+            .map(|c| {
+                (
+                    (c.group.clone(), c.bench.clone(), c.name.clone()),
+                    (c.role.as_str().to_owned(), c.round_ops_per_sec.clone()),
+                )
+            })
+            .collect();
+        let rows = compare::compare(&base, &head, false, stats::Gate::default());
+        println!(
+            "\n{} against baseline {name} (this run / baseline):",
+            self.group
+        );
+        print!("{}", compare::table(&rows));
     }
 
     /// The human table: one section per bench, ratios against its limit and peer.
@@ -535,13 +628,18 @@ impl Runner {
                 format!(",{}:{v}", json_str(k))
             })
             .collect();
+        let rounds: Vec<String> = c
+            .round_ops_per_sec
+            .iter()
+            .map(|r| format!("{r:.1}"))
+            .collect();
         format!(
             concat!(
                 "{{\"group\":{},\"bench\":{},\"case\":{},\"variant\":{},\"label\":{},",
                 "\"role\":{},\"ops_per_s\":{:.1},\"ns_per_op\":{:.2},\"min_ops_per_s\":{:.1},",
                 "\"max_ops_per_s\":{:.1},\"rounds\":{},\"ops\":{},\"ratio_vs_limit\":{},",
                 "\"ratio_vs_peer\":{},\"quick\":{},\"timestamp\":{},\"time\":{},\"git_rev\":{},",
-                "\"kernel\":{},\"cpus\":{}{}}}"
+                "\"kernel\":{},\"cpus\":{},\"round_ops_per_s\":[{}]{}}}"
             ),
             json_str(&c.group),
             json_str(&c.bench),
@@ -563,6 +661,7 @@ impl Runner {
             rev.map_or_else(|| "null".to_owned(), json_str),
             kernel_release().map_or_else(|| "null".to_owned(), |k| json_str(&k)),
             std::thread::available_parallelism().map_or(0, |n| n.get()),
+            rounds.join(","),
             extra,
         )
     }
@@ -773,6 +872,8 @@ mod tests {
             rounds: 3,
             quick: true,
             filters: Vec::new(),
+            save_baseline: None,
+            baseline: None,
         };
         let mut r = Runner::with_config("test", config);
         // Fake clocks: each variant reports a fixed time per operation.
@@ -802,6 +903,8 @@ mod tests {
             rounds: 2,
             quick: true,
             filters: Vec::new(),
+            save_baseline: None,
+            baseline: None,
         };
         let mut r = Runner::with_config("test", config);
         r.compare(
@@ -829,6 +932,8 @@ mod tests {
             rounds: 1,
             quick: true,
             filters: vec!["qd32".to_owned()],
+            save_baseline: None,
+            baseline: None,
         };
         let r = Runner::with_config("test", config);
         assert!(r.enabled("nop/qd32"));
@@ -844,6 +949,8 @@ mod tests {
             rounds: 1,
             quick: true,
             filters: vec!["nop/qd32/ringvm$".to_owned()],
+            save_baseline: None,
+            baseline: None,
         };
         let r = Runner::with_config("test", config);
         assert!(r.enabled("nop/qd32"));
