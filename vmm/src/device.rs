@@ -3,6 +3,7 @@
 //! `--socket PATH`.
 
 use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -26,6 +27,11 @@ const DEVICE_MEMLOCK: u64 = 64 << 20;
 
 /// Runs `ringvm device <type>` until its frontend disconnects.
 pub fn run(args: DeviceArgs) -> Result<()> {
+    end_plainly(match args.device {
+        DeviceCommand::Rng(_) => "rng",
+        DeviceCommand::Block(_) => "block",
+        DeviceCommand::Net(_) => "net",
+    });
     match args.device {
         DeviceCommand::Rng(a) => start(
             "rng",
@@ -107,6 +113,37 @@ pub fn run(args: DeviceArgs) -> Result<()> {
             )
         }
     }
+}
+
+/// Exit status of a device process that panicked (as Rust's own for a panic in `main`).
+pub const PANIC_STATUS: i32 = 101;
+
+/// Makes every way a device process ends work under its seccomp filter, whatever its
+/// environment: called first, long before the filter.
+///
+/// - Errors: `anyhow` captures a backtrace with every error it makes when
+///   `RUST_LIB_BACKTRACE`/`RUST_BACKTRACE` ask for one, and the unwinder that walks the
+///   stack makes system calls (futex) no device policy lists: a protocol error would end the
+///   device by SIGSYS instead of with its message and status 1. Backtraces are turned off
+///   here, and one capture pins that (std reads the variables once per process).
+///   ringvm's own devices get an empty environment anyway (`jail::spawn`); this covers a
+///   device that another launcher starts with `--fd`.
+/// - Panics: the hook writes `ringvm device NAME: panicked at ...` to stderr with one
+///   write(2) and exits with [`PANIC_STATUS`]. std's default hook may print a backtrace and
+///   unwinding may call into the unwinder; a panic in a device is a bug, and its message is
+///   what is worth keeping.
+fn end_plainly(name: &'static str) {
+    // Single-threaded here (the first thing `ringvm device` does after parsing its
+    // arguments), so changing the environment races with nothing.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    std::env::set_var("RUST_BACKTRACE", "0");
+    let _pinned = std::backtrace::Backtrace::capture();
+    std::panic::set_hook(Box::new(move |info| {
+        let mut line = sys::StackText::<1024>::new();
+        // A message longer than the buffer is cut; the write cannot fail otherwise.
+        let _ = writeln!(line, "ringvm device {name}: {info}");
+        sys::write_stderr_and_exit(line.as_bytes(), PANIC_STATUS)
+    }));
 }
 
 // io_uring opcodes of every device: vhost-user messages with fds, timeouts on replies, kick

@@ -305,3 +305,53 @@ pub fn install_sigsys_reporter(report: Option<OwnedFd>) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Text formatted on the stack, for messages written where allocating or locking is unsafe
+/// (signal handlers) or unwelcome (the panic hook of a device process). What does not fit
+/// in `N` bytes is cut off.
+pub struct StackText<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackText<N> {
+    pub const fn new() -> StackText<N> {
+        StackText {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<const N: usize> Default for StackText<N> {
+    fn default() -> StackText<N> {
+        StackText::new()
+    }
+}
+
+impl<const N: usize> std::fmt::Write for StackText<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let n = s.len().min(N - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        if n < s.len() {
+            return Err(std::fmt::Error);
+        }
+        Ok(())
+    }
+}
+
+/// Writes `msg` to stderr with one write(2) and ends the process with `code` (exit_group):
+/// the two system calls every device policy allows, and no lock, exit handler or unwinding.
+pub fn write_stderr_and_exit(msg: &[u8], code: i32) -> ! {
+    // SAFETY: writes a borrowed, live buffer of its own length to descriptor 2, then ends
+    // the process without running anything else of it.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(code)
+    }
+}
