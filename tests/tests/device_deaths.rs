@@ -11,10 +11,11 @@
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use tests::{ringvm_bin, wait_until, Scratch};
+use tests::{children_of, ringvm_bin, ringvm_run, wait_until, GuestCmdline, Live, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -138,5 +139,163 @@ fn device_without_a_frontend_still_ends_cleanly() {
     assert!(
         status.is_some_and(|s| s.success()) && report.is_empty(),
         "{status:?} {report:?}\n{stderr}"
+    );
+}
+
+/// A VM whose guest halts forever (`wait`) and its one jailed device process; killed when
+/// dropped ([`Live`]).
+struct Vm {
+    live: Live,
+    device: u32,
+}
+
+impl Vm {
+    /// `ringvm run EXTRA` with one device (rng unless `extra` says otherwise).
+    fn start(extra: &[&str]) -> Vm {
+        let mut live = Live::start(&mut ringvm_run(extra, &GuestCmdline::new().test("wait")));
+        live.wait_for("wait halting", Duration::from_secs(60));
+        let devices = children_of(live.child.id());
+        assert_eq!(devices.len(), 1, "one device process: {devices:?}");
+        Vm {
+            device: devices[0],
+            live,
+        }
+    }
+
+    /// Waits for the VM to end by itself; its exit code and stderr.
+    fn finish(self) -> (Option<i32>, String) {
+        let (status, err) = self.live.finish(LIMIT);
+        (status.code(), err)
+    }
+}
+
+/// Runs gdb expressions (C syntax) inside process `pid`, then detaches; returns the printed
+/// values (`$N = V`) in order. A call that faults leaves the process stopped on that signal,
+/// which it gets when gdb detaches, as if gdb had never been there.
+fn gdb_prints(pid: u32, exprs: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new("gdb");
+    // The device's own root is an empty tmpfs: read its binary and libraries from the host.
+    cmd.args(["-nx", "-batch", "-ex", "set sysroot /", "-ex"])
+        .arg(format!("file {}", ringvm_bin().display()))
+        .args(["-ex", &format!("attach {pid}"), "-ex", "set language c"]);
+    for e in exprs {
+        cmd.args(["-ex", &format!("print {e}")]);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gdb (apt package gdb)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix('$'))
+        .filter_map(|l| l.split_once(" = ").map(|(_, v)| v.to_string()))
+        .collect()
+}
+
+/// The descriptor of process `pid` open on `file`.
+fn fd_of(pid: u32, file: &Path) -> u32 {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("list the device's fds");
+    dir.flatten()
+        .find(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|l| l.ends_with(file.file_name().expect("a file")))
+        })
+        .and_then(|e| e.file_name().to_string_lossy().parse().ok())
+        .unwrap_or_else(|| panic!("the device holds no descriptor of {}", file.display()))
+}
+
+#[test]
+fn memory_fault_in_a_jailed_device_is_reported_with_its_address() {
+    // What a device meets when a file it maps is shorter than its mapping (a memory file
+    // shrunk by its frontend, an image truncated under it): the block device maps a page of
+    // its disk image 64 GiB in, far past the end (its own mmap, which its policy allows),
+    // and a strlen reads it: SIGBUS.
+    let dir = Scratch::new("deaths", "sigbus");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("write the disk image");
+    let disk_arg = disk.to_string_lossy().into_owned();
+    let vm = Vm::start(&["--no-rng", "--rwdisk", &disk_arg]);
+    let device = vm.device;
+    let fd = fd_of(device, &disk);
+    let values = gdb_prints(
+        device,
+        &[
+            &format!("(long)mmap(0, 4096, 1, 1, {fd}, 0x1000000000)"),
+            "(long)strlen((char*)$1)",
+        ],
+    );
+    let addr: i64 = values
+        .first()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("mmap in the device: {values:?}"));
+    assert!(addr > 0, "mmap in the device failed: {values:?}");
+    let (code, stderr) = vm.finish();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "device block0 (pid {device}) killed by signal 7 (SIGBUS) at address {addr:#x}: memory fault"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("refused system call"),
+        "a fault reported as a seccomp refusal:\n{stderr}"
+    );
+}
+
+#[test]
+fn segfault_in_a_jailed_device_is_reported_with_its_address() {
+    let vm = Vm::start(&[]);
+    let device = vm.device;
+    // Reads address 0x10, which nothing maps.
+    let _ = gdb_prints(device, &["(long)strlen((char*)16)"]);
+    let (code, stderr) = vm.finish();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "device rng (pid {device}) killed by signal 11 (SIGSEGV) at address 0x10: memory fault (address not mapped)"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn panic_in_a_device_ends_it_with_its_message_whatever_its_environment() {
+    // A device under its seccomp filter with backtraces asked for; gdb makes it call
+    // core::panicking::panic("boom from gdb") with a Location {file "gdb-injected", 7:9}.
+    let (child, _conn) = device_under_unshare(&BACKTRACES_ON, &["rng"]);
+    let unshare = child.id();
+    let mut device = Vec::new();
+    assert!(
+        wait_until(LIMIT, || {
+            device = children_of(unshare);
+            // The device is jailed (and filtered) once its root is the empty tmpfs.
+            device.len() == 1
+                && std::fs::read_dir(format!("/proc/{}/root/", device[0]))
+                    .is_ok_and(|d| d.count() == 0)
+        }),
+        "no jailed device under unshare"
+    );
+    let _ = gdb_prints(
+        device[0],
+        &[
+            "$l = (long)malloc(24)",
+            r#"*(long*)$l = (long)"gdb-injected""#,
+            "*(long*)($l + 8) = 12",
+            "*(int*)($l + 16) = 7",
+            "*(int*)($l + 20) = 9",
+            r#"((void(*)(long, long, long))'core::panicking::panic')((long)"boom from gdb", 13, $l)"#,
+        ],
+    );
+    let (status, report, stderr) = end(child, LIMIT);
+    let status = status.expect("the device did not end after its panic");
+    assert_eq!(status.code(), Some(101), "{status:?}\n{stderr}");
+    assert!(
+        stderr.contains("ringvm device rng: panicked at gdb-injected:7:9:\nboom from gdb"),
+        "{stderr}"
+    );
+    assert!(
+        report.is_empty(),
+        "the device reported a death: {report:?}\n{stderr}"
     );
 }

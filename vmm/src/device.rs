@@ -5,6 +5,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs::File;
+use std::io::Read as _;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -17,6 +18,7 @@ use virtio::vhost_user::backend::{self, Device};
 use virtio::vhost_user::Connection;
 
 use crate::cli::{self, DeviceArgs, DeviceCommand, Endpoint};
+use crate::death::{self, DeathReport};
 use crate::sys;
 
 /// Descriptor limit inside a device process: its socket, kick/call eventfds, memory regions,
@@ -303,10 +305,17 @@ impl Sandboxing {
 /// connection (`--fd 3`) and ends as it ends.
 fn accept_then_jail(name: &str, path: &Path, forward: Forward) -> Result<()> {
     let conn = accept_one(path)?;
-    let args = jailed_args(std::env::args_os().skip(1).collect(), &forward);
+    // The child's death report (see `crate::death`), after the forwarded descriptors.
+    let (mut report, report_tx) = std::io::pipe().context("cannot create the report pipe")?;
+    let mut args = jailed_args(std::env::args_os().skip(1).collect(), &forward);
+    args.extend([
+        "--report-fd".into(),
+        (4 + forward.fds.len()).to_string().into(),
+    ]);
     let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let mut fds = vec![conn.as_fd()];
     fds.extend(forward.fds.iter().map(|f| f.as_fd()));
+    fds.push(report_tx.as_fd());
     let child = jail::spawn(
         Path::new("/proc/self/exe"),
         &args,
@@ -317,14 +326,23 @@ fn accept_then_jail(name: &str, path: &Path, forward: Forward) -> Result<()> {
     drop(fds);
     drop(conn);
     drop(forward);
+    // Only the child holds the write end now: the read below ends when it does.
+    drop(report_tx);
     let status = child
         .wait()
         .with_context(|| format!("cannot wait for the jailed device {name}"))?;
     if status.success() {
-        Ok(())
-    } else {
-        Err(anyhow!("device {name} (pid {}) {status}", child.pid))
+        return Ok(());
     }
+    let mut record = Vec::new();
+    // A report the child did not write is no report.
+    let _ = report.read_to_end(&mut record);
+    let death = DeathReport::from_bytes(&record);
+    Err(anyhow!(
+        "device {name} (pid {}) {}",
+        child.pid,
+        death::describe(&status.to_string(), death.as_ref())
+    ))
 }
 
 /// This process's arguments with `--socket PATH` replaced by `--fd 3`, and the forwarded
@@ -387,15 +405,18 @@ fn serve<D: Device>(
         },
     )
     .context("cannot enter the device sandbox")?;
+    // How the process dies is reported (to ringvm through --report-fd, and on stderr): a
+    // memory fault with its signal and address, a refused call with its number.
+    let trap = sandbox.enabled && !sandbox.log_failures;
+    sys::install_death_reporters(report, trap)
+        .context("cannot install the signal handlers that report a death")?;
     // Last: from here on the process can only make the syscalls its policy lists. A refused
-    // call raises SIGSYS, whose handler reports its number (to ringvm through --report-fd)
-    // and ends the process by SIGSYS.
+    // call raises SIGSYS, whose handler reports its number and ends the process by SIGSYS.
     if sandbox.enabled {
-        let mode = if sandbox.log_failures {
-            seccomp::Mode::Log
-        } else {
-            sys::install_sigsys_reporter(report).context("cannot install the SIGSYS handler")?;
+        let mode = if trap {
             seccomp::Mode::Trap
+        } else {
+            seccomp::Mode::Log
         };
         seccomp::install_mode(policy, mode)
             .context("cannot install the device's seccomp filter")?;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use crate::death::{self, DeathReport};
 use crate::exit::{ExitReason, VmExit};
 
 /// The descriptor number the first of `spawn`'s `fds` gets in the child (the socket is 3).
@@ -19,7 +20,7 @@ pub const FIRST_EXTRA_FD: usize = 4;
 pub struct DeviceProcess {
     name: String,
     child: jail::Child,
-    /// The read end of the pipe its SIGSYS handler reports a refused system call on.
+    /// The read end of the pipe its signal handlers report its death on (`crate::death`).
     report: std::io::PipeReader,
 }
 
@@ -113,28 +114,25 @@ impl DeviceProcess {
             Ok(None) => "ended".to_string(),
             Err(e) => format!("ended (cannot get its status: {e})"),
         };
-        let refused = match self.refused_syscall().await {
-            Some(nr) => format!(
-                ": its seccomp policy refused system call {nr} ({})",
-                seccomp::syscall_name(i64::from(nr)).unwrap_or("unknown")
-            ),
-            None => String::new(),
-        };
+        let report = self.death_report().await;
         exit.report(ExitReason::Failed(format!(
-            "device {} (pid {}) {status}{refused}",
-            self.name, self.child.pid
+            "device {} (pid {}) {}",
+            self.name,
+            self.child.pid,
+            death::describe(&status, report.as_ref())
         )));
     }
 
-    /// The system call the ended process's seccomp filter refused, if that is how it ended.
-    /// Read through the ring: the VMM's own seccomp policy has no read(2).
-    async fn refused_syscall(&self) -> Option<i32> {
+    /// What the ended process's signal handlers reported of its death (a refused system
+    /// call, a memory fault), if it died that way. Read through the ring: the VMM's own
+    /// seccomp policy has no read(2).
+    async fn death_report(&self) -> Option<DeathReport> {
         let fd: OwnedFd = self.report.try_clone().ok()?.into();
         let pipe = executor::AsyncFd::new(fd);
-        // The process has ended, so this completes at once: its 4 bytes, or end-of-file.
-        let (res, buf) = pipe.read(Vec::with_capacity(4)).await;
+        // The process has ended, so this completes at once: its record, or end-of-file.
+        let (res, buf) = pipe.read(Vec::with_capacity(DeathReport::LEN)).await;
         match res {
-            Ok(4) => Some(i32::from_ne_bytes(buf[..4].try_into().ok()?)),
+            Ok(DeathReport::LEN) => DeathReport::from_bytes(&buf),
             _ => None,
         }
     }
