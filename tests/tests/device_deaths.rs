@@ -299,3 +299,53 @@ fn panic_in_a_device_ends_it_with_its_message_whatever_its_environment() {
         "the device reported a death: {report:?}\n{stderr}"
     );
 }
+
+#[test]
+fn a_flood_of_bad_chains_makes_a_bounded_log_with_a_summary() {
+    // 1000 malformed chains (a zero-length buffer each), then the usual entropy check.
+    const BAD: u64 = 1000;
+    let cmdline = GuestCmdline::new()
+        .test("virtio-rng")
+        .option("rng.bad", BAD);
+    let run = tests::run_guest(&mut ringvm_run(&[], &cmdline), Duration::from_secs(60))
+        .expect("run ringvm");
+    run.assert_clean();
+    run.report().assert_ok(&["virtio-rng"]);
+    assert!(
+        run.report()
+            .details("virtio-rng")
+            .contains(&"bad chains=1000 returned"),
+        "{}",
+        run.stdout
+    );
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("ringvm device rng:"))
+        .collect();
+    // The shared policy (virtio::GuestLog): the first 8 in full, then one line at each power
+    // of two (16 ... 512), and the rest counted when the queue stops: 15 lines.
+    assert!(
+        lines.len() <= 15,
+        "{} lines for {BAD} bad chains:\n{}",
+        lines.len(),
+        run.stderr
+    );
+    assert!(
+        lines[..8].iter().all(|l| l.contains("invalid chain")),
+        "the first bad chains are logged in full:\n{}",
+        run.stderr
+    );
+    assert!(
+        lines[8].contains("guest errors: 7 not logged since the last line, 16 in all"),
+        "no summary of what was not logged:\n{}",
+        run.stderr
+    );
+    assert!(
+        lines.last().is_some_and(
+            |l| l.ends_with("guest errors: 488 not logged since the last line, 1000 in all")
+        ),
+        "no final count when the queue stopped:\n{}",
+        run.stderr
+    );
+}
