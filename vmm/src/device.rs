@@ -5,7 +5,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -271,7 +271,7 @@ fn start<D: Device>(
     let device = make().with_context(|| format!("device {name}"))?;
     if let (Endpoint::Socket(path), true) = (&endpoint, sandbox.enabled) {
         drop(device);
-        return accept_then_jail(name, path, forward);
+        return accept_then_jail(name, path, forward, sandbox.report_fd);
     }
     let policy = seccomp::Policy::from_name(name)
         .ok_or_else(|| anyhow!("device {name}: no seccomp policy"))?;
@@ -303,7 +303,18 @@ impl Sandboxing {
 /// `--socket` with the sandbox on: the jail needs a process spawned into new namespaces, so
 /// this one accepts the frontend, then runs the same command jailed on the accepted
 /// connection (`--fd 3`) and ends as it ends.
-fn accept_then_jail(name: &str, path: &Path, forward: Forward) -> Result<()> {
+///
+/// The child reports how it died on a pipe of this process (`--report-fd` after the
+/// forwarded descriptors); its record is passed on to this process's own `report_fd`.
+fn accept_then_jail(
+    name: &str,
+    path: &Path,
+    forward: Forward,
+    report_fd: Option<i32>,
+) -> Result<()> {
+    let report_out = report_fd
+        .map(|fd| sys::inherited_fd(fd).with_context(|| format!("--report-fd {fd} is not open")))
+        .transpose()?;
     let conn = accept_one(path)?;
     // The child's death report (see `crate::death`), after the forwarded descriptors.
     let (mut report, report_tx) = std::io::pipe().context("cannot create the report pipe")?;
@@ -338,6 +349,10 @@ fn accept_then_jail(name: &str, path: &Path, forward: Forward) -> Result<()> {
     // A report the child did not write is no report.
     let _ = report.read_to_end(&mut record);
     let death = DeathReport::from_bytes(&record);
+    if let (Some(out), Some(d)) = (report_out, death) {
+        // Best effort: the error below says the same.
+        let _ = File::from(out).write_all(&d.to_bytes());
+    }
     Err(anyhow!(
         "device {name} (pid {}) {}",
         child.pid,
@@ -346,12 +361,13 @@ fn accept_then_jail(name: &str, path: &Path, forward: Forward) -> Result<()> {
 }
 
 /// This process's arguments with `--socket PATH` replaced by `--fd 3`, and the forwarded
-/// descriptors' options in place of what they were opened from.
+/// descriptors' options in place of what they were opened from. `--report-fd N` is
+/// dropped: N is this process's descriptor (the child gets its own report pipe).
 fn jailed_args(args: Vec<OsString>, forward: &Forward) -> Vec<OsString> {
     let mut out = Vec::with_capacity(args.len());
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        if a == "--socket" || forward.strip.iter().any(|s| a == *s) {
+        if a == "--socket" || a == "--report-fd" || forward.strip.iter().any(|s| a == *s) {
             it.next();
         } else {
             out.push(a);
@@ -461,9 +477,16 @@ mod tests {
 
     #[test]
     fn jailed_args_trade_the_socket_for_the_inherited_fd() {
-        let args = ["device", "rng", "--socket", "/run/rng.sock"]
-            .map(OsString::from)
-            .to_vec();
+        let args = [
+            "device",
+            "rng",
+            "--socket",
+            "/run/rng.sock",
+            "--report-fd",
+            "7",
+        ]
+        .map(OsString::from)
+        .to_vec();
         assert_eq!(
             jailed_args(args, &Forward::NONE()),
             ["device", "rng", "--fd", "3"].map(OsString::from).to_vec()
