@@ -259,10 +259,37 @@ fn segfault_in_a_jailed_device_is_reported_with_its_address() {
     );
 }
 
+/// gdb expressions that make the process call `core::panicking::panic("boom from gdb")` with
+/// a `Location` {file "gdb-injected", line 7, column 9} (a `&str` and two u32s).
+const INJECT_PANIC: [&str; 6] = [
+    "$l = (long)malloc(24)",
+    r#"*(long*)$l = (long)"gdb-injected""#,
+    "*(long*)($l + 8) = 12",
+    "*(int*)($l + 16) = 7",
+    "*(int*)($l + 20) = 9",
+    r#"((void(*)(long, long, long))'core::panicking::panic')((long)"boom from gdb", 13, $l)"#,
+];
+
+#[test]
+fn panic_in_a_vm_device_ends_the_vm_with_the_device_message_and_status_101() {
+    let vm = Vm::start(&[]);
+    let device = vm.device;
+    let _ = gdb_prints(device, &INJECT_PANIC);
+    let (code, stderr) = vm.finish();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ringvm device rng: panicked at gdb-injected:7:9:\nboom from gdb"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("device rng (pid {device}) exited with status 101")),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn panic_in_a_device_ends_it_with_its_message_whatever_its_environment() {
-    // A device under its seccomp filter with backtraces asked for; gdb makes it call
-    // core::panicking::panic("boom from gdb") with a Location {file "gdb-injected", 7:9}.
+    // A device under its seccomp filter with backtraces asked for; gdb makes it panic.
     let (child, _conn) = device_under_unshare(&BACKTRACES_ON, &["rng"]);
     let unshare = child.id();
     let mut device = Vec::new();
@@ -276,17 +303,7 @@ fn panic_in_a_device_ends_it_with_its_message_whatever_its_environment() {
         }),
         "no jailed device under unshare"
     );
-    let _ = gdb_prints(
-        device[0],
-        &[
-            "$l = (long)malloc(24)",
-            r#"*(long*)$l = (long)"gdb-injected""#,
-            "*(long*)($l + 8) = 12",
-            "*(int*)($l + 16) = 7",
-            "*(int*)($l + 20) = 9",
-            r#"((void(*)(long, long, long))'core::panicking::panic')((long)"boom from gdb", 13, $l)"#,
-        ],
-    );
+    let _ = gdb_prints(device[0], &INJECT_PANIC);
     let (status, report, stderr) = end(child, LIMIT);
     let status = status.expect("the device did not end after its panic");
     assert_eq!(status.code(), Some(101), "{status:?}\n{stderr}");

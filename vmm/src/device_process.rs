@@ -16,6 +16,10 @@ use crate::exit::{ExitReason, VmExit};
 /// The descriptor number the first of `spawn`'s `fds` gets in the child (the socket is 3).
 pub const FIRST_EXTRA_FD: usize = 4;
 
+/// How long [`DeviceProcess::watch`] waits for the status of a process that has ended.
+const STATUS_POLLS: u32 = 100;
+const STATUS_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// A running device process.
 pub struct DeviceProcess {
     name: String,
@@ -109,11 +113,7 @@ impl DeviceProcess {
         if pidfd.poll_readable().await.is_err() {
             return;
         }
-        let status = match self.child.try_wait() {
-            Ok(Some(status)) => status.to_string(),
-            Ok(None) => "ended".to_string(),
-            Err(e) => format!("ended (cannot get its status: {e})"),
-        };
+        let status = self.exit_status().await;
         let report = self.death_report().await;
         exit.report(ExitReason::Failed(format!(
             "device {} (pid {}) {}",
@@ -121,6 +121,21 @@ impl DeviceProcess {
             self.child.pid,
             death::describe(&status, report.as_ref())
         )));
+    }
+
+    /// The status of the process, whose pidfd says it has ended. A tracer (a debugger) is
+    /// told first, and the status is ours only once it has let go: poll a little.
+    async fn exit_status(&self) -> String {
+        for _ in 0..STATUS_POLLS {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.to_string(),
+                Ok(None) => {
+                    let _ = executor::sleep(STATUS_POLL_INTERVAL).await;
+                }
+                Err(e) => return format!("ended (cannot get its status: {e})"),
+            }
+        }
+        "ended".to_string()
     }
 
     /// What the ended process's signal handlers reported of its death (a refused system
