@@ -1,4 +1,5 @@
-//! The VMM's unsafe code, in one place: memory slots, vCPU kicks by signal, terminal modes.
+//! The VMM's unsafe code, in one place: memory slots, vCPU kicks by signal, terminal modes,
+//! and the signal handlers and plain exits of device processes.
 
 use std::cell::Cell;
 use std::fmt::Write as _;
@@ -6,10 +7,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Once;
 
-use crate::death::DeathReport;
-
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::death::DeathReport;
 
 /// Registers guest memory with KVM.
 ///
