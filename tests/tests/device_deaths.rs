@@ -259,6 +259,25 @@ fn segfault_in_a_jailed_device_is_reported_with_its_address() {
     );
 }
 
+#[test]
+fn sigbus_sent_by_another_process_is_not_called_a_fault() {
+    let vm = Vm::start(&[]);
+    let device = vm.device;
+    let sent = Command::new("kill")
+        .args(["-BUS", &device.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    let (code, stderr) = vm.finish();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "device rng (pid {device}) exited with status 135 after signal 7 (SIGBUS) sent by another process"
+        )),
+        "{stderr}"
+    );
+}
+
 /// gdb expressions that make the process call `core::panicking::panic("boom from gdb")` with
 /// a `Location` {file "gdb-injected", line 7, column 9} (a `&str` and two u32s).
 const INJECT_PANIC: [&str; 6] = [
