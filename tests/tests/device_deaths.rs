@@ -4,8 +4,14 @@
 //! - A protocol error ends the device with its own message and status 1, whatever its
 //!   environment (RUST_BACKTRACE would make the error capture a backtrace, whose unwinder
 //!   calls futex).
+//! - A panic ends it with its message and status 101 (std's default hook calls gettid, and
+//!   may print a backtrace).
 //! - A memory fault (SIGSEGV, SIGBUS) is reported as that signal and its address, not as
-//!   the rt_sigaction std's handler makes to re-raise it.
+//!   the rt_sigaction std's handler makes to re-raise it; the same signal sent by another
+//!   process is reported as sent.
+//!
+//! Faults and panics are injected with gdb (as in sandbox.rs): the device itself makes the
+//! call, under its jail and filter.
 //! - A guest that sends many bad chains gets a bounded number of log lines.
 
 use std::io::{Read, Write};
