@@ -1,6 +1,8 @@
 /* ringvm test guest: the virtio-rng scenario. Posts N 64-byte device-writable buffers over a few
  * notifications, waits for them (MSI-X + hlt by default), checks the lengths and that the bytes
- * look random (not all zero, not all equal), then resets the device. */
+ * look random (not all zero, not all equal), then resets the device. With ringvm.rng.bad=N it
+ * first posts N malformed chains (one zero-length buffer each), a queue's worth at a time, and
+ * checks that each comes back used with length 0. */
 #include "virtio.h"
 
 #define RNG_BUF 64
@@ -25,6 +27,32 @@ static const char *rng_run(struct virtio_dev *v)
 		return why;
 	if (nbufs > v->q.size)
 		return failf("ringvm.rng.bufs=%lu exceeds the queue size %u", nbufs, v->q.size);
+
+	u64 nbad = 0;
+	if (opt_u64("rng.bad", &nbad) && nbad > 1000000)
+		return failf("ringvm.rng.bad=%lu: want at most 1000000", nbad);
+	for (u64 k = 0; k < nbad;) {
+		u32 batch = 0;
+		for (; batch < v->q.size && k < nbad; batch++, k++) {
+			struct vq_buf b = {rng_buf[0], 0, 1};
+			if (vq_add(&v->q, &b, 1) < 0)
+				return failf("queue full at bad chain %lu", k);
+		}
+		vq_kick(&v->q);
+		for (u32 got = 0; got < batch;) {
+			struct vq_done done[VQ_MAX];
+			int n;
+			why = vq_wait(v, done, VQ_MAX, &n);
+			if (why)
+				return why;
+			for (int i = 0; i < n; i++)
+				if (done[i].len)
+					return failf("a malformed chain came back with used len %u", done[i].len);
+			got += (u32)n;
+		}
+	}
+	if (nbad)
+		say("virtio-rng bad chains=%lu returned", nbad);
 
 	memset(rng_buf, 0, sizeof(rng_buf));
 	u32 irq0 = irq_count[(v->vec_base + 1) & 15], cfg0 = irq_count[v->vec_base & 15];

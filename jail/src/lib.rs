@@ -44,7 +44,7 @@ use sys::ChildStep;
 /// An error of a jail step; each system call step has its own variant.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("program, argument or environment contains a nul byte")]
+    #[error("program or argument contains a nul byte")]
     NulByte,
     #[error("failed to open /dev/null")]
     OpenDevNull(#[source] io::Error),
@@ -273,8 +273,18 @@ fn cstring(bytes: &[u8]) -> Result<CString> {
 
 /// Starts `program args...` (`program` is a path: no PATH search) with `fds` installed as
 /// descriptors 3, 4, ... in order, stdin from /dev/null, stdout and stderr inherited, every
-/// other descriptor closed, an empty signal mask, the environment of this process, and
+/// other descriptor closed, an empty signal mask, an empty environment, and
 /// `PR_SET_PDEATHSIG(SIGKILL)`.
+///
+/// # Environment
+/// The child gets none of this process's environment: what it does is given by its
+/// arguments and descriptors alone. An inherited environment reaches code that runs before
+/// and inside the sandbox without being asked for: the dynamic loader (`LD_PRELOAD`,
+/// `LD_LIBRARY_PATH`, `GLIBC_TUNABLES`), the allocator (`MALLOC_*`), and Rust's runtime
+/// (`RUST_BACKTRACE`/`RUST_LIB_BACKTRACE` make every error and panic capture a backtrace,
+/// whose unwinder makes system calls a seccomp policy refuses). A device process needs none
+/// of it: its paths come as arguments, it has no locale, home or PATH (it never executes
+/// anything), and its messages go to the inherited stderr.
 ///
 /// With `sandbox.enabled` the child starts in new mount, PID, IPC, UTS and network
 /// namespaces, and when this process is not root also in a new user namespace where it is
@@ -301,23 +311,12 @@ pub fn spawn(
         .iter()
         .map(|a| cstring(a.as_bytes()))
         .collect::<Result<Vec<_>>>()?;
-    let env_c = std::env::vars_os()
-        .map(|(k, v)| {
-            let mut kv = k.into_encoded_bytes();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_encoded_bytes());
-            cstring(&kv)
-        })
-        .collect::<Result<Vec<_>>>()?;
     let argv: Vec<*const libc::c_char> = std::iter::once(program_c.as_ptr())
         .chain(args_c.iter().map(|a| a.as_ptr()))
         .chain(std::iter::once(std::ptr::null()))
         .collect();
-    let envp: Vec<*const libc::c_char> = env_c
-        .iter()
-        .map(|e| e.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
+    // The empty environment (see "Environment" above).
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
 
     // Every descriptor the child holds before its dups sits at or above 3 + n, so that
     // installing fds[i] as 3 + i clobbers none (a source may itself be in 3..3+n).

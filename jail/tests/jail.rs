@@ -47,6 +47,10 @@ fn main() {
         ),
         ("exit_status_is_reported", exit_status_is_reported),
         (
+            "child_environment_is_empty_in_and_out_of_the_jail",
+            child_environment_is_empty_in_and_out_of_the_jail,
+        ),
+        (
             "kill_try_wait_and_wait_report_sigkill",
             kill_try_wait_and_wait_report_sigkill,
         ),
@@ -92,6 +96,30 @@ fn main() {
 }
 
 // ---------------------------------------------------------------- parent side helpers
+
+/// The environment spawned children see.
+fn child_environment(sandbox: &Sandbox) -> String {
+    let (r, w) = pipe();
+    let child = spawn_mode(&["env"], &[w.as_fd()], sandbox);
+    drop(w);
+    let mut seen = String::new();
+    BufReader::new(r).read_to_string(&mut seen).unwrap();
+    assert!(child.wait().unwrap().success());
+    seen
+}
+
+fn child_environment_is_empty_in_and_out_of_the_jail() {
+    // This process has an environment (cargo sets several variables); RUST_BACKTRACE would
+    // make every error of a jailed device capture a backtrace.
+    assert!(
+        std::env::vars_os().next().is_some(),
+        "the test has no environment"
+    );
+    for sandbox in [JAILED, UNJAILED] {
+        let seen = child_environment(&sandbox);
+        assert_eq!(seen, "", "{sandbox:?}: the child inherited an environment");
+    }
+}
 
 fn exe() -> PathBuf {
     std::env::current_exe().unwrap()
@@ -426,6 +454,14 @@ fn child_main(args: &[String]) -> ! {
                 let mut f = sys::file_from_fd(3 + i as i32);
                 f.write_all(&[i as u8]).unwrap();
                 std::mem::forget(f);
+            }
+            std::process::exit(0)
+        }
+        "env" => {
+            // Reports every environment variable it sees, one per line, on fd 3.
+            let mut out = sys::file_from_fd(3);
+            for (k, v) in std::env::vars_os() {
+                writeln!(out, "{}={}", k.to_string_lossy(), v.to_string_lossy()).unwrap();
             }
             std::process::exit(0)
         }

@@ -47,7 +47,7 @@ use executor::AsyncFd;
 use futures::future::{select, Either};
 use futures::FutureExt;
 use virtio::vhost_user::{Device, StopSignal};
-use virtio::{AsyncQueue, Buffer, DescriptorChain, Writer};
+use virtio::{AsyncQueue, Buffer, DescriptorChain, GuestLog, Writer};
 
 use crate::features::*;
 use crate::hdr::{VirtioNetHdr, MAX_FRAME, MIN_FRAME, NUM_BUFFERS_OFFSET, VNET_HDR_SIZE};
@@ -81,9 +81,6 @@ const VIRTIO_NET_CTRL_MQ: u8 = 4;
 const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
 const VIRTIO_NET_OK: u8 = 0;
 const VIRTIO_NET_ERR: u8 = 1;
-
-/// Log lines about bad guest input stop after this many, so a guest cannot flood stderr.
-const MAX_LOGGED: u32 = 16;
 
 /// How the device is set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,7 +205,8 @@ pub struct NetDevice {
     /// Queue pairs the driver enabled (1 until it sets more through the control queue).
     active_pairs: Cell<usize>,
     pairs_changed: Changed,
-    logged: Cell<u32>,
+    /// Bad guest input (rate-limited: the guest sends as much as it likes).
+    errors: GuestLog,
 }
 
 impl fmt::Debug for NetDevice {
@@ -267,7 +265,7 @@ impl NetDevice {
             running: Cell::new(0),
             active_pairs: Cell::new(options.queue_pairs),
             pairs_changed: Changed::default(),
-            logged: Cell::new(0),
+            errors: GuestLog::new("net"),
         };
         dev.set_active_pairs(1)?;
         Ok(dev)
@@ -293,16 +291,9 @@ impl NetDevice {
         eprintln!("ringvm device net: {what}");
     }
 
-    /// Logs bad guest input, up to [`MAX_LOGGED`] lines; the first one past that says the
-    /// rest is only counted.
+    /// Logs bad guest input under the devices' shared rate limit ([`GuestLog`]).
     fn log_guest(&self, what: impl fmt::Display) {
-        let n = self.logged.get();
-        match n.cmp(&MAX_LOGGED) {
-            std::cmp::Ordering::Less => self.log(what),
-            std::cmp::Ordering::Equal => self.log("further bad guest input is counted, not logged"),
-            std::cmp::Ordering::Greater => return,
-        }
-        self.logged.set(n + 1);
+        self.errors.log(what);
     }
 
     fn num_pairs(&self) -> usize {
@@ -333,6 +324,7 @@ impl NetDevice {
         let n = self.running.get().saturating_sub(1);
         self.running.set(n);
         if n == 0 {
+            self.errors.flush();
             self.log(self.counters());
         }
     }

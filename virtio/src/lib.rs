@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 mod async_queue;
+pub mod log;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod queue;
@@ -49,6 +50,7 @@ pub mod rng;
 pub mod vhost_user;
 
 pub use async_queue::AsyncQueue;
+pub use log::GuestLog;
 pub use queue::{
     Buffer, ChainError, Descriptor, DescriptorChain, Queue, VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,

@@ -11,7 +11,7 @@ use executor::AsyncFd;
 use futures::future::{select, Either};
 
 use crate::vhost_user::{Device, StopSignal};
-use crate::{AsyncQueue, DescriptorChain, Error};
+use crate::{AsyncQueue, DescriptorChain, Error, GuestLog};
 
 /// The virtio device id of an entropy device.
 pub const VIRTIO_ID_RNG: u32 = 4;
@@ -24,6 +24,8 @@ pub const QUEUE_SIZE: u16 = 256;
 #[derive(Debug)]
 pub struct Rng {
     entropy: AsyncFd,
+    /// Malformed chains (rate-limited: the guest sends as many as it likes).
+    errors: GuestLog,
 }
 
 impl Rng {
@@ -31,6 +33,7 @@ impl Rng {
     pub fn new(entropy: OwnedFd) -> Rng {
         Rng {
             entropy: AsyncFd::new(entropy),
+            errors: GuestLog::new("rng"),
         }
     }
 
@@ -48,7 +51,8 @@ impl Rng {
         let iovecs = match writer.iovecs(want) {
             Ok(iovecs) => iovecs,
             Err(e) => {
-                self.log(format_args!("chain {}: {e}", chain.head_index()));
+                self.errors
+                    .log(format_args!("chain {}: {e}", chain.head_index()));
                 return 0;
             }
         };
@@ -69,14 +73,18 @@ impl Rng {
             let chain = match select(next, stop.clone()).await {
                 Either::Left((Ok(chain), _)) => chain,
                 Either::Left((Err(Error::InvalidChain { head, reason }), _)) => {
-                    self.log(format_args!("invalid chain at head {head}: {reason}"));
+                    self.errors
+                        .log(format_args!("invalid chain at head {head}: {reason}"));
                     if let Err(e) = queue.complete(head, 0) {
                         return self.fail(e, stop).await;
                     }
                     continue;
                 }
                 Either::Left((Err(e), _)) => return self.fail(e, stop).await,
-                Either::Right(((), _)) => return,
+                Either::Right(((), _)) => {
+                    self.errors.flush();
+                    return;
+                }
             };
             let len = self.fill(&queue, &chain).await;
             if let Err(e) = queue.complete(chain.head_index(), len) {
@@ -89,6 +97,7 @@ impl Rng {
     async fn fail(&self, e: Error, stop: StopSignal) {
         self.log(format_args!("queue stopped: {e}"));
         stop.await;
+        self.errors.flush();
     }
 }
 

@@ -141,8 +141,8 @@ pub struct NetArgs {
     /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
     #[argh(switch)]
     pub seccomp_log_failures: bool,
-    /// a pipe descriptor to which the process writes the number of a system call its
-    /// seccomp policy refused, before it dies (how ringvm names the call)
+    /// a pipe descriptor to which the process writes how it dies, before it does: a system
+    /// call its seccomp policy refused, or a memory fault and its address (ringvm reads it)
     #[argh(option)]
     pub report_fd: Option<i32>,
 }
@@ -263,8 +263,8 @@ pub struct BlockArgs {
     /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
     #[argh(switch)]
     pub seccomp_log_failures: bool,
-    /// a pipe descriptor to which the process writes the number of a system call its
-    /// seccomp policy refused, before it dies (how ringvm names the call)
+    /// a pipe descriptor to which the process writes how it dies, before it does: a system
+    /// call its seccomp policy refused, or a memory fault and its address (ringvm reads it)
     #[argh(option)]
     pub report_fd: Option<i32>,
 }
@@ -408,8 +408,8 @@ pub struct RngArgs {
     /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
     #[argh(switch)]
     pub seccomp_log_failures: bool,
-    /// a pipe descriptor to which the process writes the number of a system call its
-    /// seccomp policy refused, before it dies (how ringvm names the call)
+    /// a pipe descriptor to which the process writes how it dies, before it does: a system
+    /// call its seccomp policy refused, or a memory fault and its address (ringvm reads it)
     #[argh(option)]
     pub report_fd: Option<i32>,
 }

@@ -3,7 +3,9 @@
 //! `--socket PATH`.
 
 use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
 use std::fs::File;
+use std::io::{Read as _, Write as _};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -16,6 +18,7 @@ use virtio::vhost_user::backend::{self, Device};
 use virtio::vhost_user::Connection;
 
 use crate::cli::{self, DeviceArgs, DeviceCommand, Endpoint};
+use crate::death::{self, DeathReport};
 use crate::sys;
 
 /// Descriptor limit inside a device process: its socket, kick/call eventfds, memory regions,
@@ -26,6 +29,11 @@ const DEVICE_MEMLOCK: u64 = 64 << 20;
 
 /// Runs `ringvm device <type>` until its frontend disconnects.
 pub fn run(args: DeviceArgs) -> Result<()> {
+    end_plainly(match args.device {
+        DeviceCommand::Rng(_) => "rng",
+        DeviceCommand::Block(_) => "block",
+        DeviceCommand::Net(_) => "net",
+    });
     match args.device {
         DeviceCommand::Rng(a) => start(
             "rng",
@@ -104,6 +112,37 @@ pub fn run(args: DeviceArgs) -> Result<()> {
             )
         }
     }
+}
+
+/// Exit status of a device process that panicked (as Rust's own for a panic in `main`).
+pub const PANIC_STATUS: i32 = 101;
+
+/// Makes every way a device process ends work under its seccomp filter, whatever its
+/// environment: called first, long before the filter.
+///
+/// - Errors: `anyhow` captures a backtrace with every error it makes when
+///   `RUST_LIB_BACKTRACE`/`RUST_BACKTRACE` ask for one, and the unwinder that walks the
+///   stack makes system calls (futex) no device policy lists: a protocol error would end the
+///   device by SIGSYS instead of with its message and status 1. Backtraces are turned off
+///   here, and one capture pins that (std reads the variables once per process).
+///   ringvm's own devices get an empty environment anyway (`jail::spawn`); this covers a
+///   device that another launcher starts with `--fd`.
+/// - Panics: the hook writes `ringvm device NAME: panicked at ...` to stderr with one
+///   write(2) and exits with [`PANIC_STATUS`]. std's default hook may print a backtrace and
+///   unwinding may call into the unwinder; a panic in a device is a bug, and its message is
+///   what is worth keeping.
+fn end_plainly(name: &'static str) {
+    // Single-threaded here (the first thing `ringvm device` does after parsing its
+    // arguments), so changing the environment races with nothing.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    std::env::set_var("RUST_BACKTRACE", "0");
+    let _pinned = std::backtrace::Backtrace::capture();
+    std::panic::set_hook(Box::new(move |info| {
+        let mut line = sys::StackText::<1024>::new();
+        // A message longer than the buffer is cut; the write cannot fail otherwise.
+        let _ = writeln!(line, "ringvm device {name}: {info}");
+        sys::write_stderr_and_exit(line.as_bytes(), PANIC_STATUS)
+    }));
 }
 
 // io_uring opcodes of every device: vhost-user messages with fds, timeouts on replies, kick
@@ -229,7 +268,7 @@ fn start<D: Device>(
     let device = make().with_context(|| format!("device {name}"))?;
     if let (Endpoint::Socket(path), true) = (&endpoint, sandbox.enabled) {
         drop(device);
-        return accept_then_jail(name, path, forward);
+        return accept_then_jail(name, path, forward, sandbox.report_fd);
     }
     let policy = seccomp::Policy::from_name(name)
         .ok_or_else(|| anyhow!("device {name}: no seccomp policy"))?;
@@ -261,12 +300,30 @@ impl Sandboxing {
 /// `--socket` with the sandbox on: the jail needs a process spawned into new namespaces, so
 /// this one accepts the frontend, then runs the same command jailed on the accepted
 /// connection (`--fd 3`) and ends as it ends.
-fn accept_then_jail(name: &str, path: &Path, forward: Forward) -> Result<()> {
+///
+/// The child reports how it died on a pipe of this process (`--report-fd` after the
+/// forwarded descriptors); its record is passed on to this process's own `report_fd`.
+fn accept_then_jail(
+    name: &str,
+    path: &Path,
+    forward: Forward,
+    report_fd: Option<i32>,
+) -> Result<()> {
+    let report_out = report_fd
+        .map(|fd| sys::inherited_fd(fd).with_context(|| format!("--report-fd {fd} is not open")))
+        .transpose()?;
     let conn = accept_one(path)?;
-    let args = jailed_args(std::env::args_os().skip(1).collect(), &forward);
+    // The child's death report (see `crate::death`), after the forwarded descriptors.
+    let (mut report, report_tx) = std::io::pipe().context("cannot create the report pipe")?;
+    let mut args = jailed_args(std::env::args_os().skip(1).collect(), &forward);
+    args.extend([
+        "--report-fd".into(),
+        (4 + forward.fds.len()).to_string().into(),
+    ]);
     let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let mut fds = vec![conn.as_fd()];
     fds.extend(forward.fds.iter().map(|f| f.as_fd()));
+    fds.push(report_tx.as_fd());
     let child = jail::spawn(
         Path::new("/proc/self/exe"),
         &args,
@@ -277,23 +334,37 @@ fn accept_then_jail(name: &str, path: &Path, forward: Forward) -> Result<()> {
     drop(fds);
     drop(conn);
     drop(forward);
+    // Only the child holds the write end now: the read below ends when it does.
+    drop(report_tx);
     let status = child
         .wait()
         .with_context(|| format!("cannot wait for the jailed device {name}"))?;
     if status.success() {
-        Ok(())
-    } else {
-        Err(anyhow!("device {name} (pid {}) {status}", child.pid))
+        return Ok(());
     }
+    let mut record = Vec::new();
+    // A report the child did not write is no report.
+    let _ = report.read_to_end(&mut record);
+    let death = DeathReport::from_bytes(&record);
+    if let (Some(out), Some(d)) = (report_out, death) {
+        // Best effort: the error below says the same.
+        let _ = File::from(out).write_all(&d.to_bytes());
+    }
+    Err(anyhow!(
+        "device {name} (pid {}) {}",
+        child.pid,
+        death::describe(&status.to_string(), death.as_ref())
+    ))
 }
 
 /// This process's arguments with `--socket PATH` replaced by `--fd 3`, and the forwarded
-/// descriptors' options in place of what they were opened from.
+/// descriptors' options in place of what they were opened from. `--report-fd N` is
+/// dropped: N is this process's descriptor (the child gets its own report pipe).
 fn jailed_args(args: Vec<OsString>, forward: &Forward) -> Vec<OsString> {
     let mut out = Vec::with_capacity(args.len());
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        if a == "--socket" || forward.strip.iter().any(|s| a == *s) {
+        if a == "--socket" || a == "--report-fd" || forward.strip.iter().any(|s| a == *s) {
             it.next();
         } else {
             out.push(a);
@@ -347,15 +418,18 @@ fn serve<D: Device>(
         },
     )
     .context("cannot enter the device sandbox")?;
+    // How the process dies is reported (to ringvm through --report-fd, and on stderr): a
+    // memory fault with its signal and address, a refused call with its number.
+    let trap = sandbox.enabled && !sandbox.log_failures;
+    sys::install_death_reporters(report, trap)
+        .context("cannot install the signal handlers that report a death")?;
     // Last: from here on the process can only make the syscalls its policy lists. A refused
-    // call raises SIGSYS, whose handler reports its number (to ringvm through --report-fd)
-    // and ends the process by SIGSYS.
+    // call raises SIGSYS, whose handler reports its number and ends the process by SIGSYS.
     if sandbox.enabled {
-        let mode = if sandbox.log_failures {
-            seccomp::Mode::Log
-        } else {
-            sys::install_sigsys_reporter(report).context("cannot install the SIGSYS handler")?;
+        let mode = if trap {
             seccomp::Mode::Trap
+        } else {
+            seccomp::Mode::Log
         };
         seccomp::install_mode(policy, mode)
             .context("cannot install the device's seccomp filter")?;
@@ -400,9 +474,16 @@ mod tests {
 
     #[test]
     fn jailed_args_trade_the_socket_for_the_inherited_fd() {
-        let args = ["device", "rng", "--socket", "/run/rng.sock"]
-            .map(OsString::from)
-            .to_vec();
+        let args = [
+            "device",
+            "rng",
+            "--socket",
+            "/run/rng.sock",
+            "--report-fd",
+            "7",
+        ]
+        .map(OsString::from)
+        .to_vec();
         assert_eq!(
             jailed_args(args, &Forward::NONE()),
             ["device", "rng", "--fd", "3"].map(OsString::from).to_vec()

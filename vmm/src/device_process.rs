@@ -10,16 +10,21 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use crate::death::{self, DeathReport};
 use crate::exit::{ExitReason, VmExit};
 
 /// The descriptor number the first of `spawn`'s `fds` gets in the child (the socket is 3).
 pub const FIRST_EXTRA_FD: usize = 4;
 
+/// How long [`DeviceProcess::watch`] waits for the status of a process that has ended.
+const STATUS_POLLS: u32 = 100;
+const STATUS_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// A running device process.
 pub struct DeviceProcess {
     name: String,
     child: jail::Child,
-    /// The read end of the pipe its SIGSYS handler reports a refused system call on.
+    /// The read end of the pipe its signal handlers report its death on (`crate::death`).
     report: std::io::PipeReader,
 }
 
@@ -108,33 +113,41 @@ impl DeviceProcess {
         if pidfd.poll_readable().await.is_err() {
             return;
         }
-        let status = match self.child.try_wait() {
-            Ok(Some(status)) => status.to_string(),
-            Ok(None) => "ended".to_string(),
-            Err(e) => format!("ended (cannot get its status: {e})"),
-        };
-        let refused = match self.refused_syscall().await {
-            Some(nr) => format!(
-                ": its seccomp policy refused system call {nr} ({})",
-                seccomp::syscall_name(i64::from(nr)).unwrap_or("unknown")
-            ),
-            None => String::new(),
-        };
+        let status = self.exit_status().await;
+        let report = self.death_report().await;
         exit.report(ExitReason::Failed(format!(
-            "device {} (pid {}) {status}{refused}",
-            self.name, self.child.pid
+            "device {} (pid {}) {}",
+            self.name,
+            self.child.pid,
+            death::describe(&status, report.as_ref())
         )));
     }
 
-    /// The system call the ended process's seccomp filter refused, if that is how it ended.
-    /// Read through the ring: the VMM's own seccomp policy has no read(2).
-    async fn refused_syscall(&self) -> Option<i32> {
+    /// The status of the process, whose pidfd says it has ended. A tracer (a debugger) is
+    /// told first, and the status is ours only once it has let go: poll a little.
+    async fn exit_status(&self) -> String {
+        for _ in 0..STATUS_POLLS {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.to_string(),
+                Ok(None) => {
+                    let _ = executor::sleep(STATUS_POLL_INTERVAL).await;
+                }
+                Err(e) => return format!("ended (cannot get its status: {e})"),
+            }
+        }
+        "ended".to_string()
+    }
+
+    /// What the ended process's signal handlers reported of its death (a refused system
+    /// call, a memory fault), if it died that way. Read through the ring: the VMM's own
+    /// seccomp policy has no read(2).
+    async fn death_report(&self) -> Option<DeathReport> {
         let fd: OwnedFd = self.report.try_clone().ok()?.into();
         let pipe = executor::AsyncFd::new(fd);
-        // The process has ended, so this completes at once: its 4 bytes, or end-of-file.
-        let (res, buf) = pipe.read(Vec::with_capacity(4)).await;
+        // The process has ended, so this completes at once: its record, or end-of-file.
+        let (res, buf) = pipe.read(Vec::with_capacity(DeathReport::LEN)).await;
         match res {
-            Ok(4) => Some(i32::from_ne_bytes(buf[..4].try_into().ok()?)),
+            Ok(DeathReport::LEN) => DeathReport::from_bytes(&buf),
             _ => None,
         }
     }

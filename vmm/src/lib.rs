@@ -6,6 +6,7 @@ pub mod boot;
 pub mod cli;
 pub mod control;
 pub mod cpuid;
+pub mod death;
 pub mod device;
 mod device_process;
 pub mod devices;

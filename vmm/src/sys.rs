@@ -1,12 +1,16 @@
-//! The VMM's unsafe code, in one place: memory slots, vCPU kicks by signal, terminal modes.
+//! The VMM's unsafe code, in one place: memory slots, vCPU kicks by signal, terminal modes,
+//! and the signal handlers and plain exits of device processes.
 
 use std::cell::Cell;
+use std::fmt::Write as _;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Once;
 
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::death::DeathReport;
 
 /// Registers guest memory with KVM.
 ///
@@ -238,8 +242,36 @@ pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Where the SIGSYS handler of a device process writes the refused system call's number.
-static SIGSYS_REPORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+/// Where the death reporters of a device process write their [`DeathReport`] (ringvm's
+/// pipe, `--report-fd`); -1 for none.
+static REPORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Writes `report` to the report descriptor (if any) and a line saying what happened to
+/// stderr. Async-signal-safe: formatting into a stack buffer and write(2) only.
+fn report_death(report: DeathReport) {
+    let fd = REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
+    let record = report.to_bytes();
+    if fd >= 0 {
+        // SAFETY: writes a live stack array of its own length to a descriptor this process
+        // owns (kept open for its life by `install_death_reporters`).
+        unsafe { libc::write(fd, record.as_ptr().cast(), record.len()) };
+    }
+    let mut line = StackText::<160>::new();
+    // Cut short at worst; nothing here allocates.
+    let _ = if report.sent() {
+        writeln!(line, "ringvm device: exiting{}", report.suffix())
+    } else {
+        writeln!(
+            line,
+            "ringvm device: signal {} ({}){}",
+            report.signal,
+            crate::death::signal_name(report.signal),
+            report.suffix()
+        )
+    };
+    // SAFETY: writes a live stack buffer of its own length to stderr.
+    unsafe { libc::write(2, line.as_bytes().as_ptr().cast(), line.as_bytes().len()) };
+}
 
 /// Offset of `si_syscall` in x86_64's `siginfo_t`: signo, errno, code, padding, then the
 /// `_sigsys` member {void *_call_addr; int _syscall; unsigned _arch} at 16.
@@ -256,24 +288,13 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             .cast::<i32>()
             .read_unaligned()
     };
-    let fd = SIGSYS_REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
-    if fd >= 0 {
-        // SAFETY: writes 4 bytes from a live i32 to a descriptor this process owns.
-        unsafe { libc::write(fd, (&nr as *const i32).cast(), 4) };
-    }
-    let mut line = *b"ringvm device: seccomp refused system call          \n";
-    let mut at = line.len() - 2;
-    let mut n = nr.unsigned_abs();
-    loop {
-        line[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 || at == 43 {
-            break;
-        }
-        at -= 1;
-    }
-    // SAFETY: writes a stack buffer to stderr.
-    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+    // SAFETY: as above; _call_addr is the first field of the union (offset 16, as si_addr).
+    let addr = unsafe { (*info).si_addr() } as u64;
+    report_death(DeathReport {
+        signal: libc::SIGSYS,
+        value: nr,
+        addr,
+    });
     // The handler was reset (SA_RESETHAND) and SIGSYS is not blocked in it (SA_NODEFER): the
     // next refused call kills the process with SIGSYS. getppid is in no device policy.
     // SAFETY: plain system calls.
@@ -283,25 +304,114 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
 }
 
-/// Installs the SIGSYS handler of a device process whose seccomp filter traps: it writes the
-/// refused call's number to `report` (ringvm's pipe, read when the process has ended) and to
-/// stderr, then the process dies by SIGSYS.
-pub fn install_sigsys_reporter(report: Option<OwnedFd>) -> io::Result<()> {
+extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers; si_code is a
+    // plain field, and si_addr (the faulting address of SIGSEGV and SIGBUS) is read as the
+    // first word of the union whatever the code. Checked by the e2e tests
+    // `memory_fault_in_a_jailed_device_is_reported_with_its_address` (device_deaths.rs).
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
+    report_death(DeathReport {
+        signal: sig,
+        value: code,
+        addr,
+    });
+    if code <= 0 {
+        // Sent by a process (SI_USER, SI_TKILL, ...): there is no instruction to fault again.
+        // SAFETY: ends the process; exit_group is in every device policy.
+        unsafe { libc::_exit(128 + sig) };
+    }
+    // Returning (rt_sigreturn) runs the faulting instruction again; SA_RESETHAND has made the
+    // action the default, so that fault kills the process by the same signal. No
+    // rt_sigaction (std's own handler re-raises with one, which the seccomp filter refuses).
+}
+
+/// Installs the handlers that report how a device process dies, to `report` (ringvm's
+/// pipe, read when the process has ended; see [`DeathReport`]) and to stderr:
+///
+/// - SIGSEGV and SIGBUS (in place of std's, whose re-raise calls rt_sigaction, which the
+///   seccomp filter refuses): the signal, its code and the faulting address, then the
+///   handler returns and the fault, repeated, kills the process by that signal. They run on
+///   the signal stack std set up for the main thread (SA_ONSTACK), so a stack overflow is
+///   reported too.
+/// - With `trap_sigsys` (the filter traps), SIGSYS: the refused call's number, then the
+///   process dies by SIGSYS.
+pub fn install_death_reporters(report: Option<OwnedFd>, trap_sigsys: bool) -> io::Result<()> {
     if let Some(fd) = report {
-        // Kept open for the life of the process: the handler may run at any time.
-        SIGSYS_REPORT_FD.store(
+        // Kept open for the life of the process: a handler may run at any time.
+        REPORT_FD.store(
             std::os::fd::IntoRawFd::into_raw_fd(fd),
             std::sync::atomic::Ordering::Relaxed,
         );
     }
-    // SAFETY: a zeroed sigaction is valid; the fields set below make it a SA_SIGINFO handler
-    // with an empty mask.
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = on_sigsys as *const () as usize;
-    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND | libc::SA_NODEFER;
-    // SAFETY: `sa` is initialised; the handler only makes async-signal-safe calls.
-    if unsafe { libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) } < 0 {
-        return Err(io::Error::last_os_error());
+    let handlers: [(libc::c_int, usize); 3] = [
+        (libc::SIGSEGV, on_fault as *const () as usize),
+        (libc::SIGBUS, on_fault as *const () as usize),
+        (libc::SIGSYS, on_sigsys as *const () as usize),
+    ];
+    for (sig, handler) in handlers {
+        if sig == libc::SIGSYS && !trap_sigsys {
+            continue;
+        }
+        // SAFETY: a zeroed sigaction is valid; the fields set below make it a SA_SIGINFO
+        // handler with an empty mask, reset to the default action when it runs.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = handler;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND | libc::SA_NODEFER | libc::SA_ONSTACK;
+        // SAFETY: `sa` is initialised; the handlers only make async-signal-safe calls
+        // (`report_death`, _exit).
+        if unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
+}
+
+/// Text formatted on the stack, for messages written where allocating or locking is unsafe
+/// (signal handlers) or unwelcome (the panic hook of a device process). What does not fit
+/// in `N` bytes is cut off.
+pub struct StackText<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackText<N> {
+    pub const fn new() -> StackText<N> {
+        StackText {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<const N: usize> Default for StackText<N> {
+    fn default() -> StackText<N> {
+        StackText::new()
+    }
+}
+
+impl<const N: usize> std::fmt::Write for StackText<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let n = s.len().min(N - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        if n < s.len() {
+            return Err(std::fmt::Error);
+        }
+        Ok(())
+    }
+}
+
+/// Writes `msg` to stderr with one write(2) and ends the process with `code` (exit_group):
+/// the two system calls every device policy allows, and no lock, exit handler or unwinding.
+pub fn write_stderr_and_exit(msg: &[u8], code: i32) -> ! {
+    // SAFETY: writes a borrowed, live buffer of its own length to descriptor 2, then ends
+    // the process without running anything else of it.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(code)
+    }
 }

@@ -28,8 +28,6 @@
 
 mod request;
 
-use std::cell::Cell;
-use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::rc::Rc;
@@ -38,7 +36,7 @@ use std::task::Poll;
 use futures::stream::{FuturesUnordered, StreamExt};
 use memory::GuestMemory;
 use virtio::vhost_user::{Device, StopSignal};
-use virtio::{AsyncQueue, DescriptorChain};
+use virtio::{AsyncQueue, DescriptorChain, GuestLog};
 
 use request::{execute, Limits, Parts};
 pub use request::{
@@ -99,28 +97,6 @@ impl Default for BlockOptions {
     }
 }
 
-/// Logs the first few messages of a kind, then only every power-of-two-th: a guest cannot
-/// flood the log.
-#[derive(Debug, Default)]
-struct RateLimit {
-    count: Cell<u64>,
-}
-
-impl RateLimit {
-    const ALWAYS: u64 = 8;
-
-    /// Logs `what` unless it is over the limit; returns whether it did.
-    fn log(&self, what: impl fmt::Display) -> bool {
-        let n = self.count.get().saturating_add(1);
-        self.count.set(n);
-        let logged = n <= Self::ALWAYS || n.is_power_of_two();
-        if logged {
-            eprintln!("ringvm device block: {what} (#{n})");
-        }
-        logged
-    }
-}
-
 /// A virtio-blk device serving one [`Disk`].
 #[derive(Debug)]
 pub struct BlockDevice {
@@ -131,8 +107,9 @@ pub struct BlockDevice {
     /// Capacity in 512-byte sectors (a partial last sector is not served).
     capacity: u64,
     config: [u8; CONFIG_SIZE],
-    /// Malformed chains and failed requests.
-    errors: RateLimit,
+    /// Malformed chains and failed requests (rate-limited: the guest sends as many as it
+    /// likes).
+    errors: GuestLog,
 }
 
 impl BlockDevice {
@@ -156,7 +133,7 @@ impl BlockDevice {
             queue_size,
             capacity,
             config: [0; CONFIG_SIZE],
-            errors: RateLimit::default(),
+            errors: GuestLog::new("block"),
             disk,
         };
         device.config = device.build_config();
@@ -297,6 +274,7 @@ impl BlockDevice {
             self.add_used(index, &queue, head, len);
         }
         self.signal(index, &queue);
+        self.errors.flush();
     }
 
     /// A chain that could not be popped. A malformed one is returned empty and the queue
@@ -542,12 +520,5 @@ mod tests {
             std::fs::read(&file.0).unwrap() == contents,
             "the read-only image is unchanged"
         );
-    }
-
-    #[test]
-    fn rate_limit_logs_the_first_few_then_powers_of_two() {
-        let limit = RateLimit::default();
-        let logged: Vec<u64> = (1..=100u64).filter(|_| limit.log("x")).collect();
-        assert_eq!(logged, [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]);
     }
 }
