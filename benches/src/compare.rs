@@ -148,7 +148,7 @@ pub fn table(rows: &[Row]) -> String {
         .unwrap_or(4)
         .max(4);
     let mut s = format!(
-        "{:case_w$}  {:>7}  {:>17}  {:>7}  {:>3}  {:>7}  verdict\n",
+        "{:case_w$}  {:>9}  {:>17}  {:>7}  {:>3}  {:>7}  verdict\n",
         "case", "head/base", "95% CI", "p", "n", "limit"
     );
     for r in rows {

@@ -33,10 +33,13 @@ options:
   --rounds N         alternating rounds (default 10)
   --threshold PCT    loss that counts as a regression, in percent (default 5)
   --alpha P          significance level (default 0.05)
-  --secs S           measured seconds per case in each run (default 1)
+  --secs S           measured seconds per case in each run (default 0.5)
   --bench-rounds N   rounds inside each run (default 5)
-  --json FILE        write the comparison as JSON
-  --bmf FILE         write the head's rates in the Bencher Metric Format
+  --repeat N         build once, then make N independent comparisons (the rounds each
+                     time) and say in how many a regression was flagged (default 1)
+  --json FILE        write the (last) comparison as JSON
+  --bmf FILE         write the head's rates (of the last comparison) in the Bencher Metric
+                     Format
 ";
 
 #[derive(Debug)]
@@ -49,6 +52,7 @@ struct Options {
     gate: Gate,
     secs: f64,
     bench_rounds: usize,
+    repeat: usize,
     json: Option<PathBuf>,
     bmf: Option<PathBuf>,
 }
@@ -61,8 +65,9 @@ fn parse(args: Vec<String>) -> Result<Options, String> {
         filters: Vec::new(),
         rounds: 10,
         gate: Gate::default(),
-        secs: 1.0,
+        secs: 0.5,
         bench_rounds: 5,
+        repeat: 1,
         json: None,
         bmf: None,
     };
@@ -81,6 +86,7 @@ fn parse(args: Vec<String>) -> Result<Options, String> {
             "--alpha" => o.gate.alpha = num("--alpha", it.next())?,
             "--secs" => o.secs = num("--secs", it.next())?,
             "--bench-rounds" => o.bench_rounds = num("--bench-rounds", it.next())?,
+            "--repeat" => o.repeat = num("--repeat", it.next())?,
             "--json" => o.json = Some(it.next().ok_or("--json needs a file")?.into()),
             "--bmf" => o.bmf = Some(it.next().ok_or("--bmf needs a file")?.into()),
             "--" => {
@@ -103,8 +109,11 @@ fn parse(args: Vec<String>) -> Result<Options, String> {
     let mut revs = revs.into_iter();
     o.base = revs.next();
     o.head = revs.next();
-    if o.rounds < 2 || o.bench_rounds == 0 || o.secs <= 0.0 || o.benches.is_empty() {
-        return Err("--rounds needs at least 2, --bench-rounds and --secs more than 0".into());
+    if o.rounds < 2 || o.bench_rounds == 0 || o.repeat == 0 || o.secs <= 0.0 || o.benches.is_empty()
+    {
+        return Err(
+            "--rounds needs at least 2, --bench-rounds, --repeat and --secs more than 0".into(),
+        );
     }
     if !(0.0..1.0).contains(&o.gate.threshold) || !(0.0..1.0).contains(&o.gate.alpha) {
         return Err("--threshold is a percentage below 100, --alpha below 1".into());
@@ -185,7 +194,7 @@ fn run(o: &Options) -> Result<bool, String> {
     if let Some(r) = &o.head {
         add_worktree(&root, &head.src, &rev_parse(&root, r)?)?;
     }
-    let result = measure(o, &work, &mut base, &mut head);
+    let result = build_and_compare(o, &work, &mut base, &mut head);
     for side in [&base, &head] {
         if side.worktree {
             let _ = git(
@@ -194,46 +203,26 @@ fn run(o: &Options) -> Result<bool, String> {
             );
         }
     }
-    result?;
-
-    let rows = compare::compare(&base.samples, &head.samples, true, o.gate);
-    println!(
-        "\nA/B: head {} / base {}, {} alternating rounds, {:.1} s per case per run, threshold {:.1}%, alpha {}",
-        head.label,
-        base.label,
-        o.rounds,
-        o.secs,
-        o.gate.threshold * 100.0,
-        o.gate.alpha
-    );
-    print!("{}", compare::table(&rows));
-    let regressed = compare::regressed(&rows);
-    println!(
-        "{} ({} cases, {:.0} s)",
-        if regressed {
-            "REGRESSION: a case lost beyond the threshold while its limit held"
-        } else {
-            "no regression"
-        },
-        rows.len(),
-        started.elapsed().as_secs_f64()
-    );
-    if rows.is_empty() {
-        return Err("no case ran on both sides (check the bench names and filters)".into());
+    let flagged = result?;
+    if o.repeat > 1 {
+        println!(
+            "\nregression flagged in {flagged} of {} comparisons ({} rounds each, {:.0} s in all)",
+            o.repeat,
+            o.rounds,
+            started.elapsed().as_secs_f64()
+        );
     }
-    if let Some(p) = &o.json {
-        std::fs::write(p, compare::json(&rows, o.gate))
-            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    if let Some(p) = &o.bmf {
-        std::fs::write(p, compare::bmf(&head.samples))
-            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    Ok(regressed)
+    Ok(flagged > 0)
 }
 
-/// Builds both sides, then runs the rounds.
-fn measure(o: &Options, work: &Path, base: &mut Side, head: &mut Side) -> Result<(), String> {
+/// Builds both sides, then makes `o.repeat` comparisons; returns how many flagged a
+/// regression.
+fn build_and_compare(
+    o: &Options,
+    work: &Path,
+    base: &mut Side,
+    head: &mut Side,
+) -> Result<usize, String> {
     base.exes = build(&base.src, &work.join("target-base"), &o.benches)?;
     let head_target = if head.worktree {
         work.join("target-head")
@@ -241,6 +230,53 @@ fn measure(o: &Options, work: &Path, base: &mut Side, head: &mut Side) -> Result
         benches::target_dir()
     };
     head.exes = build(&head.src, &head_target, &o.benches)?;
+    let mut flagged = 0;
+    for rep in 0..o.repeat {
+        let started = Instant::now();
+        base.samples.clear();
+        head.samples.clear();
+        measure(o, work, base, head)?;
+        let rows = compare::compare(&base.samples, &head.samples, true, o.gate);
+        println!(
+            "\nA/B{}: head {} / base {}, {} alternating rounds, {:.1} s per case per run, threshold {:.1}%, alpha {}",
+            if o.repeat > 1 { format!(" {}/{}", rep + 1, o.repeat) } else { String::new() },
+            head.label,
+            base.label,
+            o.rounds,
+            o.secs,
+            o.gate.threshold * 100.0,
+            o.gate.alpha
+        );
+        print!("{}", compare::table(&rows));
+        if rows.is_empty() {
+            return Err("no case ran on both sides (check the bench names and filters)".into());
+        }
+        let regressed = compare::regressed(&rows);
+        println!(
+            "{} ({} cases, {:.0} s)",
+            if regressed {
+                "REGRESSION: a case lost beyond the threshold while its limit held"
+            } else {
+                "no regression"
+            },
+            rows.len(),
+            started.elapsed().as_secs_f64()
+        );
+        flagged += usize::from(regressed);
+        if let Some(p) = &o.json {
+            std::fs::write(p, compare::json(&rows, o.gate))
+                .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        }
+        if let Some(p) = &o.bmf {
+            std::fs::write(p, compare::bmf(&head.samples))
+                .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        }
+    }
+    Ok(flagged)
+}
+
+/// The alternating rounds: base then head, head then base, ...
+fn measure(o: &Options, work: &Path, base: &mut Side, head: &mut Side) -> Result<(), String> {
     let runs = work.join("runs");
     let _ = std::fs::remove_dir_all(&runs);
     for round in 0..o.rounds {
