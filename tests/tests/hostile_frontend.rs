@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use executor::EventFd;
 use tests::hostile::{vring, GuestRam, HostileFrontend};
 use virtio::mock::MockBuf;
-use virtio::vhost_user::message::Body;
 use virtio::vhost_user::{Config, Error, Request, VringAddr, VringFd, VringState};
 use virtio::VIRTIO_F_EVENT_IDX;
 
@@ -119,7 +118,7 @@ fn get_config(h: &HostileFrontend, offset: u32, size: u32) -> Result<Config, Err
         payload: vec![0; size as usize],
     };
     let reply = h.get(Request::GetConfig, &request)?;
-    Config::decode(&reply).map_err(|e| Error::BadReply(Request::GetConfig, e))
+    Config::decode_framed(&reply).map_err(|e| Error::BadReply(Request::GetConfig, e))
 }
 
 /// Class 7: `GET_CONFIG` outside the 256-byte config space, or with an offset and size whose

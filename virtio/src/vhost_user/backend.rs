@@ -450,8 +450,8 @@ impl<D: Device> Server<D> {
         Ok(())
     }
 
-    /// The `GET_CONFIG` reply: the bytes, or an empty payload if the range is not valid
-    /// (the spec's failure reply).
+    /// The `GET_CONFIG` reply: the bytes, or an empty payload if the range (or the flags)
+    /// cannot be served: the spec's failure reply, sent for every well-framed request.
     fn get_config(&self, config: &Config) -> Vec<u8> {
         let mut reply = Config {
             offset: config.offset,
@@ -459,7 +459,11 @@ impl<D: Device> Server<D> {
             flags: 0,
             payload: vec![0; config.size as usize],
         };
-        match self.config_range(config) {
+        let valid = config
+            .check_range_and_flags()
+            .map_err(Error::Message)
+            .and_then(|()| self.config_range(config));
+        match valid {
             Ok(()) => self.device.read_config(config.offset, &mut reply.payload),
             Err(e) => {
                 self.log(format_args!("GetConfig failed: {}", error_chain(&e)));
