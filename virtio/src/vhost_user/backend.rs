@@ -382,13 +382,16 @@ impl<D: Device> Server<D> {
             }
             (Request::SetVringKick, RequestBody::VringFd(body)) => {
                 let i = self.vring_fd_index(body)?;
+                // The no-fd bit asks the back-end to poll the ring instead of waiting for
+                // kicks. Queues here run on the one executor that also serves this socket:
+                // they wait for kicks and do not poll, so the request is refused (a failure
+                // REPLY_ACK, or a closed connection) rather than acknowledged and the queue
+                // never processed. The ring keeps its previous kick fd, if it had one.
+                let kick = fds
+                    .pop()
+                    .ok_or(Error::PolledRing(u32::from(body.index())))?;
                 self.stop_vring(i).await;
-                self.vrings[i].kick = fds.pop();
-                if self.vrings[i].kick.is_none() {
-                    self.log(format_args!(
-                        "queue {i} has no kick fd; it is not processed until it gets one"
-                    ));
-                }
+                self.vrings[i].kick = Some(kick);
                 self.start_vring(i)?;
             }
             (Request::SetVringCall, RequestBody::VringFd(body)) => {

@@ -186,6 +186,10 @@ pub enum Error {
         /// The base.
         base: u32,
     },
+    /// `SET_VRING_KICK` without an fd: the frontend asks for a polled ring, which this
+    /// backend does not do.
+    #[error("queue {0}: SET_VRING_KICK without an fd asks for polling, which is not supported")]
+    PolledRing(u32),
     /// A ring's layout changed while it runs.
     #[error("{request:?} for queue {index} while it runs")]
     RingRunning {
