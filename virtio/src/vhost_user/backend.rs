@@ -594,6 +594,10 @@ impl<D: Device> Server<D> {
             Some(fd) => EventFd::from(fd.as_fd().try_clone_to_owned().map_err(Error::DupFd)?),
             None => EventFd::new().map_err(Error::EventFd)?,
         };
+        // The frontend's eventfd may be full and never read: signalling it must not block
+        // the executor (and with it every queue and this socket). Nonblocking, a full counter
+        // is a pending wake-up and `signal_used` goes on.
+        call.set_nonblocking().map_err(Error::CallNonblocking)?;
         let queue = Rc::new(AsyncQueue::new(queue, mem.clone(), kick, call));
         let stop = StopSignal::new();
         let future = self

@@ -226,6 +226,9 @@ pub enum Error {
     /// Creating an eventfd failed.
     #[error("failed to create an eventfd")]
     EventFd(#[source] io::Error),
+    /// Making a call eventfd nonblocking failed.
+    #[error("failed to make the call eventfd nonblocking")]
+    CallNonblocking(#[source] io::Error),
     /// Duplicating a file descriptor failed.
     #[error("failed to duplicate a file descriptor")]
     DupFd(#[source] io::Error),
