@@ -334,6 +334,9 @@ fn serve<D: Device>(
         }
         Endpoint::Socket(path) => accept_one(&path)?,
     };
+    // Before the filter (it calls sigaction): a frontend that shrinks the memory it sent
+    // makes the device end with an error naming the region, not die of SIGBUS.
+    memory::fault::install_sigbus_handler().context("cannot install the SIGBUS handler")?;
     // The ring exists and is restricted before the jail: io_uring operations are not seen by
     // seccomp, so the ring may only do what this device needs, and nothing that opens a path.
     let ex = executor::Builder::new()

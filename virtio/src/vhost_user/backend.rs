@@ -7,16 +7,21 @@
 //! asking for a reply, the failure is answered with a nonzero status and the connection goes
 //! on; otherwise the backend logs it (`ringvm device <name>: ...` on stderr), stops its
 //! queues, closes the connection and `serve` returns the error.
+//!
+//! A frontend may also shrink a memory region's file after `SET_MEM_TABLE`. In a device
+//! process (which installs [`memory::fault::install_sigbus_handler`]) the access that finds
+//! the hole survives, and the server ends with [`Error::MemoryShrunk`] naming the region.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use executor::{EventFd, EventFdStream, Task};
+use futures::future::{self, Either};
 use memory::{GuestAddress, GuestMemory, RegionFd};
 
 use super::connection::Connection;
@@ -246,8 +251,27 @@ impl<D: Device> Server<D> {
     }
 
     async fn run(&mut self) -> Result<()> {
+        // In a device process, the SIGBUS handler's notifier: the frontend shrank memory.
+        let mut faults = match memory::fault::notifier() {
+            Some(fd) => Some(EventFdStream::new(
+                fd.try_clone_to_owned().map_err(Error::DupFd)?,
+            )),
+            None => None,
+        };
         loop {
-            let Some((msg, fds)) = self.conn.recv().await? else {
+            let received = match faults.as_mut() {
+                None => self.conn.recv().await?,
+                Some(faults) => {
+                    let recv = pin!(self.conn.recv());
+                    let fault = pin!(faults.next_value());
+                    match future::select(recv, fault).await {
+                        Either::Left((received, _)) => received?,
+                        // A part-received message is dropped with the connection.
+                        Either::Right(_) => return Err(self.memory_fault()),
+                    }
+                }
+            };
+            let Some((msg, fds)) = received else {
                 return Ok(());
             };
             if msg.header.is_reply() {
@@ -273,6 +297,15 @@ impl<D: Device> Server<D> {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// The error for a fault in guest memory that the SIGBUS handler survived: the region
+    /// whose file the frontend shrank, if it is in the current table.
+    fn memory_fault(&self) -> Error {
+        match self.mem.as_ref().map(GuestMemory::check_backing) {
+            Some(Err(e)) => Error::MemoryShrunk(e),
+            _ => Error::MemoryFault(memory::fault::faults()),
         }
     }
 

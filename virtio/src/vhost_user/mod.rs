@@ -204,6 +204,14 @@ pub enum Error {
     /// Mapping the memory table failed.
     #[error("failed to map the memory table")]
     MapMemory(#[source] memory::Error),
+    /// The frontend shrank the file of a memory region after sending it; the device's
+    /// access to the missing pages was survived ([`memory::fault`]).
+    #[error("the frontend shrank guest memory under the device")]
+    MemoryShrunk(#[source] memory::Error),
+    /// An access to guest memory faulted, though the current table's files are intact (an
+    /// older table's region shrank).
+    #[error("{0} accesses to guest memory faulted: a region's file shrank")]
+    MemoryFault(u64),
     /// A ring address that is in none of the memory table's regions.
     #[error("the {ring} of queue {index} at user address {addr:#x} is outside the memory table")]
     VringAddress {
