@@ -13,7 +13,9 @@
 //!   device then finds the region whose file shrank ([`GuestMemory::check_backing`]) and
 //!   ends with an error naming it, instead of dying.
 //! - any other SIGBUS writes a line on stderr and ends the process (exit status 128 + 7):
-//!   the handler cannot restore the default action under the device's seccomp policy.
+//!   the handler cannot restore the default action under the device's seccomp policy. So
+//!   does one in a region backed by huge pages (hugetlbfs), where one 4 KiB page cannot be
+//!   mapped over part of a huge one.
 //!
 //! I/O the kernel does into such pages (io_uring reads and writes) fails with EFAULT and
 //! raises no signal. Regions are guarded only once the handler is installed, and only those
@@ -124,7 +126,8 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             return;
         }
     }
-    let line = b"ringvm: SIGBUS outside guest memory the frontend can shrink\n";
+    // Outside received guest memory, or a page that could not be replaced (a huge page).
+    let line = b"ringvm: SIGBUS outside guest memory a frontend sent, or not survivable there\n";
     // SAFETY: writes a static buffer to stderr, then ends the process.
     unsafe {
         libc::write(2, line.as_ptr().cast(), line.len());
