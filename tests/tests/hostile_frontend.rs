@@ -4,7 +4,7 @@
 
 use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use executor::EventFd;
 use tests::hostile::{vring, GuestRam, HostileFrontend};
@@ -96,28 +96,30 @@ fn a_saturated_call_eventfd_does_not_block_the_device() {
     for round in 0..3 {
         queue.add_chain(&[MockBuf::Writable(64)]).unwrap();
         kick.write(1).unwrap();
-        let start = Instant::now();
-        let used = loop {
-            if let Some(used) = queue.next_used().unwrap() {
-                break Some(used);
-            }
-            if start.elapsed() > EXIT_LIMIT {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        assert!(
-            used.is_some(),
-            "round {round}: the request was not completed"
-        );
+        let used = tests::wait_until(EXIT_LIMIT, || matches!(queue.next_used(), Ok(Some(_))));
+        assert!(used, "round {round}: the request was not completed");
         assert!(h.answers(), "round {round}: the device stopped answering");
     }
+    // Every signal found the counter full: it is as the frontend left it, and once the
+    // frontend reads it the next completion signals again.
+    let mut calls = call.try_clone().unwrap().into_stream();
+    let read = |calls: &mut executor::EventFdStream| {
+        h.block_on(executor::timeout(EXIT_LIMIT, calls.next_value()))
+            .expect("the call eventfd is signalled")
+            .unwrap()
+    };
+    assert_eq!(read(&mut calls), 0xffff_ffff_ffff_fffe);
+    queue.add_chain(&[MockBuf::Writable(64)]).unwrap();
+    kick.write(1).unwrap();
+    assert_eq!(read(&mut calls), 1);
+    drop(calls);
     let exit = h.disconnect(EXIT_LIMIT);
     assert!(
         exit.ended,
         "the device did not exit when the frontend disconnected: {}",
         exit.stderr
     );
+    assert!(exit.status.success(), "{}: {}", exit.status, exit.stderr);
 }
 
 /// The reply to a `GET_CONFIG` of `offset`/`size`, sent raw (the frontend's own `get_config`
