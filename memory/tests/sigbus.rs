@@ -5,6 +5,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
 use std::time::Duration;
 
 use executor::{EventFdStream, Executor};
@@ -12,9 +14,15 @@ use memory::{fault, Error, GuestAddress, GuestMemory, RegionFd};
 
 const SIZE: u64 = 0x10000;
 
+/// Set in the child process of `a_fault_outside_guarded_memory_ends_the_process`.
+const CHILD_ENV: &str = "RINGVM_SIGBUS_TEST_CHILD";
+
 /// An unlinked tmpfs file of `SIZE` bytes, filled with 0xaa.
 fn shm_file() -> File {
-    let path = format!("/dev/shm/ringvm-sigbus-test-{}", std::process::id());
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = format!("/dev/shm/ringvm-sigbus-test-{}-{n}", std::process::id());
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -76,4 +84,45 @@ fn a_shrunk_region_reads_zeros_and_the_fault_is_reported() {
         .expect("the handler wrote the notifier")
         .expect("read");
     assert_eq!(count, 2);
+}
+
+/// Memory mapped before the handler was installed is not guarded: a fault there is not
+/// survived, and ends the process with a line on stderr and status 128 + SIGBUS (not a
+/// SIGBUS death: the handler cannot restore the default action under seccomp). Runs in a
+/// child process (this test binary, running `unguarded_fault_child` only).
+#[test]
+fn a_fault_outside_guarded_memory_ends_the_process() {
+    let out = Command::new(std::env::current_exe().expect("current_exe"))
+        .args(["--exact", "unguarded_fault_child", "--nocapture"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .expect("run the child");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), None, "{stderr}");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGBUS), "{stderr}");
+    assert!(
+        stderr.contains("ringvm: SIGBUS outside guest memory a frontend sent"),
+        "{stderr}"
+    );
+}
+
+/// The child of `a_fault_outside_guarded_memory_ends_the_process`; does nothing elsewhere.
+#[test]
+fn unguarded_fault_child() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let file = shm_file();
+    let mem = GuestMemory::from_regions(vec![RegionFd {
+        fd: file.try_clone().expect("dup").into(),
+        fd_offset: 0,
+        size: SIZE,
+        guest_addr: GuestAddress(0),
+        user_addr: 0,
+    }])
+    .expect("map");
+    fault::install_sigbus_handler().expect("install");
+    file.set_len(0).expect("shrink");
+    let _ = mem.read_obj::<u8>(GuestAddress(0));
+    unreachable!("the read faults and the handler ends the process");
 }
