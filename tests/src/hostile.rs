@@ -16,9 +16,14 @@
 //! Every wait has a limit: a device that stops answering fails the test instead of hanging it,
 //! and [`HostileFrontend::disconnect`] reports whether the device then exited by itself.
 //!
+//! A new class of attack is one test in `tests/tests/hostile_frontend.rs`: set up with the
+//! well-behaved view, attack with the raw one, then check the device's answer, that it still
+//! [answers](HostileFrontend::answers) (or ended with a clear error on stderr), and that it
+//! exited by itself, never by a signal, once disconnected.
+//!
 //! ```no_run
 //! use tests::hostile::{GuestRam, HostileFrontend};
-//! let mut h = HostileFrontend::spawn("rng", &[]);
+//! let h = HostileFrontend::spawn("rng", &[]);
 //! let ram = GuestRam::sealed(4 << 20);
 //! let features = h.frontend().features();
 //! h.block_on(h.frontend().start(features, &ram.mem, &[])).expect("start");
@@ -48,8 +53,9 @@ use crate::{ringvm_bin, wait_until, Live, Scratch};
 /// How long a reply (or an acknowledgement) may take.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The `userspace_addr` [`GuestRam`] announces for guest address 0: any value works, the
-/// device only uses it to translate ring addresses, which [`Frontend`] derives from it.
+/// The `userspace_addr` [`GuestRam::unsealed`] announces for guest address 0: any value
+/// works, the device only uses it to translate ring addresses, which [`Frontend`] derives
+/// from it. ([`GuestRam::sealed`] announces its mapping's address, as ringvm's VMM does.)
 pub const USER_BASE: u64 = 0x7f00_0000_0000;
 
 /// A device process driven by a hostile frontend.
