@@ -357,6 +357,12 @@ fn serve<D: Device>(
     // call raises SIGSYS, whose handler reports its number (to ringvm through --report-fd)
     // and ends the process by SIGSYS.
     if sandbox.enabled {
+        // anyhow captures a backtrace for the device's error when RUST_BACKTRACE asks for
+        // one, and the unwinder's first use wakes a futex (pthread_once), which the filter
+        // refuses: the device would die of SIGSYS right after printing its error. Its errors
+        // carry their chain of causes instead. (Still one thread here: nothing reads the
+        // environment concurrently.)
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
         let mode = if sandbox.log_failures {
             seccomp::Mode::Log
         } else {
