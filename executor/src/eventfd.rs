@@ -32,7 +32,10 @@ impl EventFd {
         Ok(EventFd { fd })
     }
 
-    /// Adds `value` to the counter (wakes a reader). Never blocks short of a counter overflow.
+    /// Adds `value` to the counter (wakes a reader). Blocks while the counter cannot take
+    /// `value` without passing its maximum (`u64::MAX - 1`), unless the eventfd is
+    /// [nonblocking](EventFd::set_nonblocking), where that fails with `WouldBlock`. An eventfd
+    /// from another process may be full on purpose: signal those with [`EventFd::notify`].
     pub fn write(&self, value: u64) -> io::Result<()> {
         // SAFETY: writes 8 bytes from a live u64 to a descriptor we own.
         let n = unsafe { libc::write(self.fd.as_raw_fd(), (&value as *const u64).cast(), 8) };
@@ -42,6 +45,32 @@ impl EventFd {
             Err(io::Error::last_os_error())
         } else {
             Err(io::Error::other("short eventfd write"))
+        }
+    }
+
+    /// Makes the eventfd nonblocking: a write that would block fails with `WouldBlock`
+    /// instead. This sets `O_NONBLOCK` on the open file description, which every holder of
+    /// the eventfd shares (the peer that sent it, too; readers that wait with poll, io_uring
+    /// or a KVM irqfd are unaffected). The other `F_SETFL` flags mean nothing to an eventfd, so
+    /// the call sets exactly `O_NONBLOCK` (device seccomp policies allow only that value).
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        // SAFETY: F_SETFL on a descriptor we own changes only its status flags; checked.
+        if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Wakes the reader without ever blocking, on a [nonblocking](EventFd::set_nonblocking)
+    /// eventfd: adds 1 to the counter and returns `Ok(true)`, or returns `Ok(false)` when the
+    /// counter is already at its maximum. A full counter is nonzero, so its reader has a
+    /// wake-up pending anyway: nothing is lost. (On a blocking eventfd a full counter blocks,
+    /// as [`EventFd::write`] does.)
+    pub fn notify(&self) -> io::Result<bool> {
+        match self.write(1) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -186,6 +215,23 @@ mod tests {
         let e = EventFd::new().unwrap();
         let err = e.write(u64::MAX).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn notify_on_a_full_nonblocking_eventfd_returns_at_once() {
+        let e = EventFd::new().unwrap();
+        let peer = e.try_clone().unwrap();
+        peer.write(u64::MAX - 1).unwrap();
+        e.set_nonblocking().unwrap();
+        // The flag is on the shared open file description.
+        // SAFETY: F_GETFL only inspects the descriptor.
+        let fl = unsafe { libc::fcntl(peer.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+        // A blocking write(1) would wait here for a reader forever.
+        assert!(!e.notify().unwrap());
+        assert_eq!(read_counter(&peer), u64::MAX - 1);
+        assert!(e.notify().unwrap());
+        assert_eq!(read_counter(&peer), 1);
     }
 
     #[test]

@@ -168,6 +168,25 @@ impl GuestMemory {
         })
     }
 
+    /// Checks that every region's file still holds the region ([`Error::FdTooSmall`] names
+    /// the first that does not): a peer that sent the fd may have shrunk it since it was
+    /// mapped (see [`crate::fault`]).
+    pub fn check_backing(&self) -> Result<()> {
+        for r in self.regions.iter() {
+            let addr = GuestAddress(r.start);
+            let actual = r.mmap.file_size().map_err(|e| Error::Fstat(addr, e))?;
+            let needed = r.mmap.fd_offset() + (r.end - r.start);
+            if actual < needed {
+                return Err(Error::FdTooSmall {
+                    addr,
+                    needed,
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The regions, by guest address, as vhost-user `SET_MEM_TABLE` describes them.
     pub fn regions(&self) -> impl Iterator<Item = RegionInfo<'_>> {
         self.regions.iter().map(|r| RegionInfo {

@@ -16,14 +16,16 @@
 //! # }
 //! ```
 //!
-//! Unsafe code lives only in the modules that are allowed it below (`bytes`, `region`,
-//! `volatile`, `iovec`); everything else is checked by the compiler.
+//! Unsafe code lives only in the modules that are allowed it below (`bytes`, `fault`,
+//! `region`, `volatile`, `iovec`); everything else is checked by the compiler.
 
 #![deny(unsafe_code)]
 
 mod address;
 #[allow(unsafe_code)]
 mod bytes;
+#[allow(unsafe_code)]
+pub mod fault;
 mod guest;
 #[allow(unsafe_code)]
 mod iovec;
@@ -95,6 +97,9 @@ pub enum Error {
         /// The fd's size.
         actual: u64,
     },
+    /// More received regions mapped at once than the SIGBUS handler can guard.
+    #[error("more than {0} received memory regions mapped at once")]
+    TooManyGuardedRegions(usize),
     /// An access to a guest range that is not entirely guest RAM (or not in one region, for
     /// accesses that must be contiguous in host memory).
     #[error("guest range {addr}+{len:#x} is outside guest memory")]

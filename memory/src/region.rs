@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr;
 
+use crate::fault::{self, Guard};
 use crate::{Error, GuestAddress, Result, VolatileSlice};
 
 /// The host page size (x86_64).
@@ -23,6 +24,8 @@ pub(crate) struct MmapRegion {
     reservation_len: usize,
     /// First byte of the region itself.
     host: *mut u8,
+    /// The registration of a received fd's mapping with the SIGBUS handler.
+    guard: Option<Guard>,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value until `Drop`; nothing in it
@@ -85,7 +88,11 @@ impl MmapRegion {
                 actual,
             });
         }
-        Self::map(addr, fd, fd_offset, size)
+        let mut region = Self::map(addr, fd, fd_offset, size)?;
+        // The sender may shrink the file later: a fault in this mapping is survived.
+        let mapping = region.host as usize - (fd_offset % HOST_PAGE as u64) as usize;
+        region.guard = fault::guard(mapping, region.reservation_len - 2 * HOST_PAGE)?;
+        Ok(region)
     }
 
     fn map(addr: GuestAddress, fd: OwnedFd, fd_offset: u64, size: usize) -> Result<MmapRegion> {
@@ -146,6 +153,7 @@ impl MmapRegion {
             reservation_len,
             // SAFETY: `delta < HOST_PAGE <= map_len`, inside the mapping.
             host: unsafe { inner.add(delta) },
+            guard: None,
         })
     }
 
@@ -167,6 +175,11 @@ impl MmapRegion {
         self.fd_offset
     }
 
+    /// The current size of the backing file (a peer may have resized it since `from_fd`).
+    pub(crate) fn file_size(&self) -> io::Result<u64> {
+        fd_size(self.fd.as_fd())
+    }
+
     /// Host address of the first byte (for vhost-user's `userspace_addr`).
     pub(crate) fn host_addr(&self) -> u64 {
         self.host as u64
@@ -175,6 +188,8 @@ impl MmapRegion {
 
 impl Drop for MmapRegion {
     fn drop(&mut self) {
+        // No longer the SIGBUS handler's to repair once it is unmapped.
+        drop(self.guard.take());
         // SAFETY: unmaps exactly the reservation made in `map` (mapping and guard pages);
         // every `VolatileSlice` into it borrowed `self` and is gone, and `GuestIoVecs` keep
         // the owning `GuestMemory` (and so this value) alive while the kernel uses them

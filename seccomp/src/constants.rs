@@ -57,6 +57,7 @@ pub fn constants() -> Vec<(&'static str, u64)> {
         F_SETFL,
         F_GETFD,
         F_SETFD,
+        O_NONBLOCK,
         AT_EMPTY_PATH,
         AF_UNIX,
         SOCK_STREAM,

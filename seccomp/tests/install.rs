@@ -134,6 +134,20 @@ fn child(name: &str) -> ! {
             must(install(Policy::Rng, false));
             call(libc::SYS_fcntl, [1, libc::F_SETFL as _, 0, 0, 0, 0]);
         }
+        "rng_fcntl_setfl_nonblock" => {
+            must(install(Policy::Rng, false));
+            // Allowed (call eventfds are made nonblocking); fails on a bad descriptor.
+            let nonblock = libc::O_NONBLOCK as libc::c_long;
+            assert_eq!(
+                call(libc::SYS_fcntl, [-1, libc::F_SETFL as _, nonblock, 0, 0, 0]),
+                -1
+            );
+            // Any other F_SETFL value is still refused.
+            call(
+                libc::SYS_fcntl,
+                [-1, libc::F_SETFL as _, nonblock | 0x400, 0, 0, 0],
+            );
+        }
         "net_ioctl_tunsetoffload" => {
             must(install(Policy::Net, false));
             // Allowed; fails on a bad descriptor.
@@ -280,6 +294,7 @@ const SCENARIOS: &[(&str, Expect)] = &[
         Expect::Killed(libc::SYS_mprotect),
     ),
     ("rng_fcntl_setfl", Expect::Killed(libc::SYS_fcntl)),
+    ("rng_fcntl_setfl_nonblock", Expect::Killed(libc::SYS_fcntl)),
     ("net_ioctl_tunsetoffload", Expect::Ok),
     ("net_ioctl_tcgets", Expect::Killed(libc::SYS_ioctl)),
     (

@@ -126,7 +126,9 @@ impl AsyncQueue {
     pub fn signal_used(&self) -> Result<bool> {
         let notify = self.queue.borrow_mut().needs_notification(&self.mem)?;
         if notify {
-            self.call.write(1).map_err(Error::Call)?;
+            // Never blocks on a nonblocking call eventfd (the vhost-user backend makes every
+            // one so): a counter the peer let fill up already wakes it.
+            self.call.notify().map_err(Error::Call)?;
         }
         Ok(notify)
     }

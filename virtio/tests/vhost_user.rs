@@ -585,6 +585,24 @@ fn queue_index_beyond_the_device_closes_with_the_error() {
 }
 
 #[test]
+fn kick_without_an_fd_is_refused_with_a_failure_ack_or_a_close() {
+    let nofd = VringFd::new(0, true).to_bytes();
+    let result = with_raw_rng(|raw| async move {
+        raw.negotiate(REPLY_ACK).await;
+        assert_eq!(raw.acked(Request::SetVringKick, &nofd, &[]).await, 1);
+        raw.alive().await;
+    });
+    assert!(result.is_ok(), "{result:?}");
+    let nofd = VringFd::new(0, true).to_bytes();
+    let result = with_raw_rng(|raw| async move {
+        raw.negotiate(0).await;
+        raw.send(Request::SetVringKick, 0, &nofd, &[]).await;
+        raw.closed().await;
+    });
+    assert!(matches!(result, Err(Error::PolledRing(0))), "{result:?}");
+}
+
+#[test]
 fn need_reply_without_reply_ack_negotiated_gets_no_ack() {
     let result = with_raw_rng(|raw| async move {
         raw.negotiate(0).await;

@@ -423,6 +423,10 @@ fn serve<D: Device>(
     let trap = sandbox.enabled && !sandbox.log_failures;
     sys::install_death_reporters(report, trap)
         .context("cannot install the signal handlers that report a death")?;
+    // Then, in front of the SIGBUS reporter (which it calls for a fault it cannot survive): a
+    // frontend that shrinks the memory it sent makes the device end with an error naming the
+    // region, not die of SIGBUS.
+    memory::fault::install_sigbus_handler().context("cannot install the SIGBUS handler")?;
     // Last: from here on the process can only make the syscalls its policy lists. A refused
     // call raises SIGSYS, whose handler reports its number and ends the process by SIGSYS.
     if sandbox.enabled {

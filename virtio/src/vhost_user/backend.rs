@@ -7,16 +7,21 @@
 //! asking for a reply, the failure is answered with a nonzero status and the connection goes
 //! on; otherwise the backend logs it (`ringvm device <name>: ...` on stderr), stops its
 //! queues, closes the connection and `serve` returns the error.
+//!
+//! A frontend may also shrink a memory region's file after `SET_MEM_TABLE`. In a device
+//! process (which installs [`memory::fault::install_sigbus_handler`]) the access that finds
+//! the hole survives, and the server ends with [`Error::MemoryShrunk`] naming the region.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use executor::{EventFd, EventFdStream, Task};
+use futures::future::{self, Either};
 use memory::{GuestAddress, GuestMemory, RegionFd};
 
 use super::connection::Connection;
@@ -246,8 +251,27 @@ impl<D: Device> Server<D> {
     }
 
     async fn run(&mut self) -> Result<()> {
+        // In a device process, the SIGBUS handler's notifier: the frontend shrank memory.
+        let mut faults = match memory::fault::notifier() {
+            Some(fd) => Some(EventFdStream::new(
+                fd.try_clone_to_owned().map_err(Error::DupFd)?,
+            )),
+            None => None,
+        };
         loop {
-            let Some((msg, fds)) = self.conn.recv().await? else {
+            let received = match faults.as_mut() {
+                None => self.conn.recv().await?,
+                Some(faults) => {
+                    let recv = pin!(self.conn.recv());
+                    let fault = pin!(faults.next_value());
+                    match future::select(recv, fault).await {
+                        Either::Left((received, _)) => received?,
+                        // A part-received message is dropped with the connection.
+                        Either::Right(_) => return Err(self.memory_fault()),
+                    }
+                }
+            };
+            let Some((msg, fds)) = received else {
                 return Ok(());
             };
             if msg.header.is_reply() {
@@ -273,6 +297,15 @@ impl<D: Device> Server<D> {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// The error for a fault in guest memory that the SIGBUS handler survived: the region
+    /// whose file the frontend shrank, if it is in the current table.
+    fn memory_fault(&self) -> Error {
+        match self.mem.as_ref().map(GuestMemory::check_backing) {
+            Some(Err(e)) => Error::MemoryShrunk(e),
+            _ => Error::MemoryFault(memory::fault::faults()),
         }
     }
 
@@ -382,13 +415,16 @@ impl<D: Device> Server<D> {
             }
             (Request::SetVringKick, RequestBody::VringFd(body)) => {
                 let i = self.vring_fd_index(body)?;
+                // The no-fd bit asks the back-end to poll the ring instead of waiting for
+                // kicks. Queues here run on the one executor that also serves this socket:
+                // they wait for kicks and do not poll, so the request is refused (a failure
+                // REPLY_ACK, or a closed connection) rather than acknowledged and the queue
+                // never processed. The ring keeps its previous kick fd, if it had one.
+                let kick = fds
+                    .pop()
+                    .ok_or(Error::PolledRing(u32::from(body.index())))?;
                 self.stop_vring(i).await;
-                self.vrings[i].kick = fds.pop();
-                if self.vrings[i].kick.is_none() {
-                    self.log(format_args!(
-                        "queue {i} has no kick fd; it is not processed until it gets one"
-                    ));
-                }
+                self.vrings[i].kick = Some(kick);
                 self.start_vring(i)?;
             }
             (Request::SetVringCall, RequestBody::VringFd(body)) => {
@@ -450,8 +486,8 @@ impl<D: Device> Server<D> {
         Ok(())
     }
 
-    /// The `GET_CONFIG` reply: the bytes, or an empty payload if the range is not valid
-    /// (the spec's failure reply).
+    /// The `GET_CONFIG` reply: the bytes, or an empty payload if the range (or the flags)
+    /// cannot be served: the spec's failure reply, sent for every well-framed request.
     fn get_config(&self, config: &Config) -> Vec<u8> {
         let mut reply = Config {
             offset: config.offset,
@@ -459,7 +495,11 @@ impl<D: Device> Server<D> {
             flags: 0,
             payload: vec![0; config.size as usize],
         };
-        match self.config_range(config) {
+        let valid = config
+            .check_range_and_flags()
+            .map_err(Error::Message)
+            .and_then(|()| self.config_range(config));
+        match valid {
             Ok(()) => self.device.read_config(config.offset, &mut reply.payload),
             Err(e) => {
                 self.log(format_args!("GetConfig failed: {}", error_chain(&e)));
@@ -587,6 +627,10 @@ impl<D: Device> Server<D> {
             Some(fd) => EventFd::from(fd.as_fd().try_clone_to_owned().map_err(Error::DupFd)?),
             None => EventFd::new().map_err(Error::EventFd)?,
         };
+        // The frontend's eventfd may be full and never read: signalling it must not block
+        // the executor (and with it every queue and this socket). Nonblocking, a full counter
+        // is a pending wake-up and `signal_used` goes on.
+        call.set_nonblocking().map_err(Error::CallNonblocking)?;
         let queue = Rc::new(AsyncQueue::new(queue, mem.clone(), kick, call));
         let stop = StopSignal::new();
         let future = self

@@ -689,15 +689,12 @@ pub struct Config {
     pub payload: Vec<u8>,
 }
 
-impl Body for Config {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.offset.to_le_bytes());
-        out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(&self.flags.to_le_bytes());
-        out.extend_from_slice(&self.payload);
-    }
-
-    fn decode(buf: &[u8]) -> Result<Self> {
+impl Config {
+    /// Decodes a config body checking only its framing: the 12-byte header and a payload of
+    /// `size` bytes. This is what a `GET_CONFIG` request must be to be answered: a range or
+    /// flags the device cannot serve get the spec's failure reply (an empty payload), not a
+    /// closed connection. [`Body::decode`] also checks the range and the flags.
+    pub fn decode_framed(buf: &[u8]) -> Result<Self> {
         let mut cursor = Cursor::new(buf);
         let config = Config {
             offset: cursor.u32()?,
@@ -705,17 +702,18 @@ impl Body for Config {
             flags: cursor.u32()?,
             payload: cursor.rest().to_vec(),
         };
-        config.validate()?;
+        if config.size as usize != config.payload.len() {
+            return Err(MessageError::ConfigSizeMismatch {
+                size: config.size,
+                payload: config.payload.len(),
+            });
+        }
         Ok(config)
     }
 
-    fn validate(&self) -> Result<()> {
-        if self.size as usize != self.payload.len() {
-            return Err(MessageError::ConfigSizeMismatch {
-                size: self.size,
-                payload: self.payload.len(),
-            });
-        }
+    /// Checks that the range lies inside the largest config space ([`MAX_CONFIG_SIZE`]) and
+    /// that the flags are defined.
+    pub fn check_range_and_flags(&self) -> Result<()> {
         if u64::from(self.offset) + u64::from(self.size) > u64::from(MAX_CONFIG_SIZE) {
             return Err(MessageError::ConfigOutOfRange {
                 offset: self.offset,
@@ -726,6 +724,31 @@ impl Body for Config {
             return Err(MessageError::ConfigFlags(self.flags));
         }
         Ok(())
+    }
+}
+
+impl Body for Config {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.payload);
+    }
+
+    fn decode(buf: &[u8]) -> Result<Self> {
+        let config = Config::decode_framed(buf)?;
+        config.check_range_and_flags()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.size as usize != self.payload.len() {
+            return Err(MessageError::ConfigSizeMismatch {
+                size: self.size,
+                payload: self.payload.len(),
+            });
+        }
+        self.check_range_and_flags()
     }
 }
 
@@ -789,7 +812,7 @@ pub enum RequestBody {
     MemTable(MemTable),
     /// `SET_VRING_KICK`, `SET_VRING_CALL`, `SET_VRING_ERR`.
     VringFd(VringFd),
-    /// `GET_CONFIG`, `SET_CONFIG`.
+    /// `GET_CONFIG` (only its framing checked: see [`Config::decode_framed`]), `SET_CONFIG`.
     Config(Config),
     /// `ADD_MEM_REG`.
     AddMemReg(SingleMemRegion),
@@ -823,7 +846,9 @@ impl RequestBody {
             SetVringKick | SetVringCall | SetVringErr => {
                 RequestBody::VringFd(VringFd::decode(buf)?)
             }
-            GetConfig | SetConfig => RequestBody::Config(Config::decode(buf)?),
+            // Answered even when the device cannot serve the range (see `decode_framed`).
+            GetConfig => RequestBody::Config(Config::decode_framed(buf)?),
+            SetConfig => RequestBody::Config(Config::decode(buf)?),
             AddMemReg => RequestBody::AddMemReg(SingleMemRegion::decode(buf)?),
             RemMemReg => RequestBody::RemMemReg(SingleMemRegion::decode(buf)?),
         })
@@ -1488,6 +1513,45 @@ mod tests {
         round_trip(full.clone());
         let message = Message::request(Request::SetConfig, &full, false);
         assert_eq!(Message::decode(&message.encode(), 0), Ok(message));
+    }
+
+    #[test]
+    fn get_config_of_any_range_is_a_request_set_config_is_not() {
+        for (offset, size, flags) in [
+            (250, 8, 0),
+            (0, 300, 0),
+            (u32::MAX, 4, 0),
+            (u32::MAX, 0, 0),
+            (0, 4, 7),
+        ] {
+            let config = Config {
+                offset,
+                size,
+                flags,
+                payload: vec![0; size as usize],
+            };
+            let get = Message::request(Request::GetConfig, &config, false);
+            assert_eq!(Message::decode(&get.encode(), 0), Ok(get.clone()));
+            assert_eq!(get.parse_body(), Ok(RequestBody::Config(config.clone())));
+            let set = Message::request(Request::SetConfig, &config, false);
+            assert!(Message::decode(&set.encode(), 0).is_err());
+        }
+        // A GET_CONFIG whose size does not match its payload is not well framed.
+        let mut body = Config {
+            offset: 0,
+            size: 4,
+            flags: 0,
+            payload: vec![0; 4],
+        }
+        .to_bytes();
+        body[4] = 5;
+        assert_eq!(
+            Message::decode(&raw(24, 1, &body), 0),
+            Err(MessageError::ConfigSizeMismatch {
+                size: 5,
+                payload: 4
+            })
+        );
     }
 
     #[test]

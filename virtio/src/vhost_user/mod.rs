@@ -186,6 +186,10 @@ pub enum Error {
         /// The base.
         base: u32,
     },
+    /// `SET_VRING_KICK` without an fd: the frontend asks for a polled ring, which this
+    /// backend does not do.
+    #[error("queue {0}: SET_VRING_KICK without an fd asks for polling, which is not supported")]
+    PolledRing(u32),
     /// A ring's layout changed while it runs.
     #[error("{request:?} for queue {index} while it runs")]
     RingRunning {
@@ -200,6 +204,14 @@ pub enum Error {
     /// Mapping the memory table failed.
     #[error("failed to map the memory table")]
     MapMemory(#[source] memory::Error),
+    /// The frontend shrank the file of a memory region after sending it; the device's
+    /// access to the missing pages was survived ([`memory::fault`]).
+    #[error("the frontend shrank guest memory under the device")]
+    MemoryShrunk(#[source] memory::Error),
+    /// An access to guest memory faulted, though the current table's files are intact (an
+    /// older table's region shrank).
+    #[error("{0} accesses to guest memory faulted: a region's file shrank")]
+    MemoryFault(u64),
     /// A ring address that is in none of the memory table's regions.
     #[error("the {ring} of queue {index} at user address {addr:#x} is outside the memory table")]
     VringAddress {
@@ -222,6 +234,9 @@ pub enum Error {
     /// Creating an eventfd failed.
     #[error("failed to create an eventfd")]
     EventFd(#[source] io::Error),
+    /// Making a call eventfd nonblocking failed.
+    #[error("failed to make the call eventfd nonblocking")]
+    CallNonblocking(#[source] io::Error),
     /// Duplicating a file descriptor failed.
     #[error("failed to duplicate a file descriptor")]
     DupFd(#[source] io::Error),
