@@ -1,10 +1,10 @@
 //! Statistics for telling a real change from noise: two sets of rates (operations per second,
 //! higher is better) of one case, before (`base`) and after (`head`).
 //!
-//! - [`paired`]: runs that alternated (`scripts/ab`: base, head, base, head, ...), so round `i`
-//!   of each side shared the machine's load. The estimate is the geometric mean of the
-//!   per-round ratios; its confidence interval comes from a bootstrap of the rounds, and its
-//!   p-value from a sign-flip permutation test (exact up to 16 rounds).
+//! - [`paired`]: runs that alternated (`scripts/ab`: base, head, head, base, ...), so round
+//!   `i` of each side shared the machine's load. The estimate is the median of the per-round
+//!   ratios; its confidence interval comes from a bootstrap of the rounds, and its p-value
+//!   from the Wilcoxon signed-rank test (exact up to 16 rounds).
 //! - [`unpaired`]: samples taken at different times (a stored baseline against this run). The
 //!   estimate is the ratio of the medians; the interval is a bootstrap of each side, the
 //!   p-value a permutation test of the difference of the medians of the logarithms.
@@ -20,7 +20,7 @@
 const BOOTSTRAP: usize = 4000;
 /// Random permutations when an exact test would take too many.
 const PERMUTATIONS: usize = 20_000;
-/// Up to this many pairs the sign-flip test enumerates every flip (2^n).
+/// Up to this many pairs the signed-rank test enumerates every sign assignment (2^n).
 const EXACT_PAIRS: usize = 16;
 
 /// `head` against `base`: the ratio head/base with a 95% confidence interval and the p-value
@@ -41,6 +41,10 @@ pub struct Comparison {
 
 /// Compares paired samples: `base[i]` and `head[i]` ran next to each other. `None` when there
 /// are fewer than two pairs or a rate is not a positive number.
+///
+/// The estimate is the median of the per-pair ratios (robust to a round that a burst of load
+/// hit), its interval a bootstrap of that median, and its p-value the Wilcoxon signed-rank
+/// test's, exact (every sign assignment) up to 16 pairs.
 pub fn paired(base: &[f64], head: &[f64]) -> Option<Comparison> {
     let n = base.len().min(head.len());
     if n < 2 || !positive(base) || !positive(head) {
@@ -51,50 +55,71 @@ pub fn paired(base: &[f64], head: &[f64]) -> Option<Comparison> {
         .zip(&head[..n])
         .map(|(b, h)| (h / b).ln())
         .collect();
-    let observed = mean(&d);
+    let observed = median_of(&d);
     let mut rng = Rng::new(0x5eed_0001);
-    let mut means: Vec<f64> = (0..BOOTSTRAP)
+    let mut resample = d.clone();
+    let mut medians: Vec<f64> = (0..BOOTSTRAP)
         .map(|_| {
-            let s: f64 = (0..n).map(|_| d[rng.below(n)]).sum();
-            s / n as f64
+            resample.iter_mut().for_each(|v| *v = d[rng.below(n)]);
+            median_in_place(&mut resample)
         })
         .collect();
-    means.sort_by(f64::total_cmp);
-    // Sign flips: under "no change" each log ratio is as likely negative as positive.
-    let extreme = |m: f64| m.abs() >= observed.abs() * (1.0 - 1e-12);
-    let (hits, total) = if n <= EXACT_PAIRS {
-        let total = 1usize << n;
-        let hits = (0..total)
-            .filter(|mask| {
-                let s: f64 = d
-                    .iter()
-                    .enumerate()
-                    .map(|(i, x)| if mask >> i & 1 == 1 { -x } else { *x })
-                    .sum();
-                extreme(s / n as f64)
-            })
-            .count();
-        (hits, total)
-    } else {
-        let hits = (0..PERMUTATIONS)
-            .filter(|_| {
-                let s: f64 = d
-                    .iter()
-                    .map(|x| if rng.next() & 1 == 1 { -x } else { *x })
-                    .sum();
-                extreme(s / n as f64)
-            })
-            .count();
-        // The observed arrangement counts as one of them.
-        (hits + 1, PERMUTATIONS + 1)
-    };
+    medians.sort_by(f64::total_cmp);
     Some(Comparison {
         ratio: observed.exp(),
-        low: quantile(&means, 0.025).exp(),
-        high: quantile(&means, 0.975).exp(),
-        p: hits as f64 / total as f64,
+        low: quantile(&medians, 0.025).exp(),
+        high: quantile(&medians, 0.975).exp(),
+        p: signed_rank_p(&d, &mut rng),
         n,
     })
+}
+
+/// Two-sided p-value of the Wilcoxon signed-rank test that the differences `d` are
+/// symmetric around 0 (zeros dropped, ties given their average rank).
+fn signed_rank_p(d: &[f64], rng: &mut Rng) -> f64 {
+    let mut nz: Vec<f64> = d.iter().copied().filter(|x| *x != 0.0).collect();
+    let m = nz.len();
+    if m == 0 {
+        return 1.0;
+    }
+    nz.sort_by(|a, b| a.abs().total_cmp(&b.abs()));
+    // Ranks 1..=m, ties averaged.
+    let mut ranks = vec![0.0; m];
+    let mut i = 0;
+    while i < m {
+        let mut j = i;
+        while j + 1 < m && nz[j + 1].abs() == nz[i].abs() {
+            j += 1;
+        }
+        let r = (i + j) as f64 / 2.0 + 1.0;
+        ranks[i..=j].iter_mut().for_each(|x| *x = r);
+        i = j + 1;
+    }
+    let centre = ranks.iter().sum::<f64>() / 2.0;
+    let w: f64 = nz
+        .iter()
+        .zip(&ranks)
+        .filter(|(x, _)| **x > 0.0)
+        .map(|(_, r)| r)
+        .sum();
+    let far = (w - centre).abs() * (1.0 - 1e-12);
+    let extreme = |mask: u64| {
+        let w: f64 = (0..m)
+            .filter(|i| mask >> i & 1 == 1)
+            .map(|i| ranks[i])
+            .sum();
+        (w - centre).abs() >= far
+    };
+    if m <= EXACT_PAIRS {
+        let total = 1u64 << m;
+        (0..total).filter(|&mask| extreme(mask)).count() as f64 / total as f64
+    } else {
+        let hits = (0..PERMUTATIONS)
+            .filter(|_| extreme(rng.next() & ((1u64 << m.min(63)) - 1)))
+            .count();
+        // The observed assignment counts as one of them.
+        (hits + 1) as f64 / (PERMUTATIONS + 1) as f64
+    }
 }
 
 /// Compares independent samples (taken at different times). `None` when a side has fewer
@@ -170,10 +195,11 @@ pub struct Gate {
 }
 
 impl Default for Gate {
+    /// 5% at p < 0.01: with 10 rounds, at least 9 of them must agree that head lost.
     fn default() -> Gate {
         Gate {
             threshold: 0.05,
-            alpha: 0.05,
+            alpha: 0.01,
         }
     }
 }
@@ -205,10 +231,6 @@ impl Gate {
 
 fn positive(v: &[f64]) -> bool {
     v.iter().all(|x| x.is_finite() && *x > 0.0)
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
 }
 
 fn median_of(v: &[f64]) -> f64 {
@@ -371,14 +393,20 @@ mod tests {
     }
 
     #[test]
-    fn the_exact_sign_flip_test_gives_the_textbook_p_value() {
-        // Every one of 8 pairs lost: only the all-lost and all-gained flips are as extreme.
+    fn the_exact_signed_rank_test_gives_the_textbook_p_value() {
+        // Every one of 8 pairs lost: only the all-lost and all-gained assignments are as
+        // extreme.
         let base = [100.0; 8];
         let head = [90.0, 91.0, 89.0, 90.0, 92.0, 88.0, 90.0, 90.5];
         let c = paired(&base, &head).expect("comparison");
         assert!((c.p - 2.0 / 256.0).abs() < 1e-12, "{c:?}");
         // Identical samples: p = 1.
         assert_eq!(paired(&base, &base).expect("comparison").p, 1.0);
+        // One gain among 8 (the smallest difference, rank 1): W+ = 1 of 36; as or more
+        // extreme are W+ in {0, 1} and, on the other side, {35, 36}: 4 of 256.
+        let head = [90.0, 91.0, 89.0, 90.0, 92.0, 88.0, 90.0, 100.5];
+        let c = paired(&base, &head).expect("comparison");
+        assert!((c.p - 4.0 / 256.0).abs() < 1e-12, "{c:?}");
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! the working tree as it is) and built in their own target folders. Then every chosen bench
 //! runs in rounds: base then head, head then base, and so on, so that both sides see the same
 //! drift of the machine's load. Each run gives one rate per case; the rounds give paired
-//! samples, compared with `benches::stats::paired` (geometric mean of head/base, bootstrap
-//! 95% interval, exact sign-flip p-value). A subject case regressed when it lost more than
+//! samples, compared with `benches::stats::paired` (median of head/base, bootstrap 95%
+//! interval, exact Wilcoxon signed-rank p-value). A subject case regressed when it lost more than
 //! the threshold, significantly, while the limit of its bench (the hand-written path, the same
 //! code on both sides) held; when the limit lost too, the machine got slower: "drift".
 //!
@@ -32,7 +32,7 @@ could not run. BENCH defaults to executor,virtqueue; FILTERs select cases as in 
 options:
   --rounds N         alternating rounds (default 10)
   --threshold PCT    loss that counts as a regression, in percent (default 5)
-  --alpha P          significance level (default 0.05)
+  --alpha P          significance level (default 0.01)
   --secs S           measured seconds per case in each run (default 0.5)
   --bench-rounds N   rounds inside each run (default 5)
   --repeat N         build once, then make N independent comparisons (the rounds each
