@@ -47,6 +47,7 @@ pub mod mock;
 pub mod queue;
 mod reader_writer;
 pub mod rng;
+pub mod types;
 pub mod vhost_user;
 
 pub use async_queue::AsyncQueue;
@@ -57,6 +58,7 @@ pub use queue::{
 };
 pub use reader_writer::{Reader, Writer};
 pub use rng::Rng;
+pub use types::DeviceType;
 
 use std::io;
 

@@ -11,10 +11,8 @@ use executor::AsyncFd;
 use futures::future::{select, Either};
 
 use crate::vhost_user::{Device, StopSignal};
-use crate::{AsyncQueue, DescriptorChain, Error, GuestLog};
+use crate::{AsyncQueue, DescriptorChain, DeviceType, Error, GuestLog};
 
-/// The virtio device id of an entropy device.
-pub const VIRTIO_ID_RNG: u32 = 4;
 /// The most bytes one chain gets.
 pub const MAX_CHAIN_BYTES: usize = 64 << 10;
 /// The queue size the device offers.
@@ -107,7 +105,7 @@ impl Device for Rng {
     }
 
     fn device_type(&self) -> u32 {
-        VIRTIO_ID_RNG
+        DeviceType::Rng.id()
     }
 
     fn num_queues(&self) -> usize {

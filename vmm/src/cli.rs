@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use argh::FromArgs;
+use virtio::DeviceType;
 
 /// ringvm: an async-native virtual machine monitor for Linux/KVM.
 #[derive(FromArgs, Debug)]
@@ -425,40 +426,18 @@ pub fn endpoint(socket: &Option<PathBuf>, fd: Option<i32>) -> Result<Endpoint, S
     }
 }
 
-/// The virtio device types `--vhost-user` accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VhostUserType {
-    Block,
-    Net,
-    Rng,
-    Vsock,
-}
-
-impl VhostUserType {
-    /// The virtio device ID.
-    pub fn device_type(self) -> u32 {
-        match self {
-            VhostUserType::Net => 1,
-            VhostUserType::Block => 2,
-            VhostUserType::Rng => 4,
-            VhostUserType::Vsock => 19,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            VhostUserType::Net => "net",
-            VhostUserType::Block => "blk",
-            VhostUserType::Rng => "rng",
-            VhostUserType::Vsock => "vsock",
-        }
-    }
-}
+/// The virtio device types `--vhost-user` accepts (the ones ringvm's transport tests).
+pub const VHOST_USER_TYPES: [DeviceType; 4] = [
+    DeviceType::Block,
+    DeviceType::Net,
+    DeviceType::Rng,
+    DeviceType::Vsock,
+];
 
 /// One `--vhost-user` option.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhostUserSpec {
-    pub kind: VhostUserType,
+    pub kind: DeviceType,
     pub socket: PathBuf,
 }
 
@@ -472,17 +451,13 @@ pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
             .ok_or_else(|| format!("--vhost-user: '{kv}' is not key=value"))?;
         match k {
             "type" => {
-                kind = Some(match v {
-                    "blk" | "block" => VhostUserType::Block,
-                    "net" => VhostUserType::Net,
-                    "rng" => VhostUserType::Rng,
-                    "vsock" => VhostUserType::Vsock,
-                    _ => {
-                        return Err(format!(
-                            "--vhost-user type={v}: expected blk, net, rng or vsock"
-                        ))
-                    }
-                })
+                kind = Some(
+                    DeviceType::from_name(v)
+                        .filter(|t| VHOST_USER_TYPES.contains(t))
+                        .ok_or_else(|| {
+                            format!("--vhost-user type={v}: expected blk, net, rng or vsock")
+                        })?,
+                )
             }
             "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
             "socket" => return Err("--vhost-user socket= is empty".into()),
@@ -674,13 +649,13 @@ mod tests {
         assert_eq!(
             parse_vhost_user("type=blk,socket=/run/b.sock").expect("valid"),
             VhostUserSpec {
-                kind: VhostUserType::Block,
+                kind: DeviceType::Block,
                 socket: "/run/b.sock".into()
             }
         );
         assert_eq!(
             parse_vhost_user("socket=s,type=rng").expect("valid").kind,
-            VhostUserType::Rng
+            DeviceType::Rng
         );
         for bad in [
             "type=gpu,socket=s",

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
+use virtio::DeviceType;
 
 use crate::boot;
 use crate::cli::{
     self, DiskSpec, NicSpec, RunArgs, SerialOut, SerialSpec, TapSource, VhostUserSpec,
-    VhostUserType,
 };
 use crate::control::{self, ControlSocket, VmExitHandle};
 use crate::cpuid::{self, Toggle};
@@ -410,8 +410,8 @@ async fn add_devices(
             OsStr::new("--queues"),
             OsStr::new(&queues),
         ];
-        let sock = spawn_device(config, processes, &name, VhostUserType::Block, &extra, &[])?;
-        backends.push(attach(machine, &name, VhostUserType::Block.device_type(), sock).await?);
+        let sock = spawn_device(config, processes, &name, DeviceType::Block, &extra, &[])?;
+        backends.push(attach(machine, &name, DeviceType::Block, sock).await?);
     }
     for (i, nic) in config.nics.iter().enumerate() {
         let name = format!("net{i}");
@@ -426,19 +426,12 @@ async fn add_devices(
             extra.push(OsStr::new(a));
         }
         let borrowed: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
-        let sock = spawn_device(
-            config,
-            processes,
-            &name,
-            VhostUserType::Net,
-            &extra,
-            &borrowed,
-        )?;
-        backends.push(attach(machine, &name, VhostUserType::Net.device_type(), sock).await?);
+        let sock = spawn_device(config, processes, &name, DeviceType::Net, &extra, &borrowed)?;
+        backends.push(attach(machine, &name, DeviceType::Net, sock).await?);
     }
     if config.rng {
-        let sock = spawn_device(config, processes, "rng", VhostUserType::Rng, &[], &[])?;
-        backends.push(attach(machine, "rng", VhostUserType::Rng.device_type(), sock).await?);
+        let sock = spawn_device(config, processes, "rng", DeviceType::Rng, &[], &[])?;
+        backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
@@ -447,7 +440,7 @@ async fn add_devices(
             .with_context(|| format!("device {name}: cannot connect"))?
             .into_owned()
             .map_err(|_| anyhow!("device {name}: the socket is not a plain descriptor"))?;
-        backends.push(attach(machine, &name, spec.kind.device_type(), sock).await?);
+        backends.push(attach(machine, &name, spec.kind, sock).await?);
     }
     Ok(backends)
 }
@@ -458,19 +451,13 @@ fn spawn_device(
     config: &VmConfig,
     processes: &mut DeviceProcesses,
     name: &str,
-    kind: VhostUserType,
+    kind: DeviceType,
     extra: &[&OsStr],
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<OwnedFd> {
-    let command = match kind {
-        VhostUserType::Block => "block",
-        VhostUserType::Net => "net",
-        VhostUserType::Rng => "rng",
-        VhostUserType::Vsock => bail!("device {name}: ringvm has no vsock device process"),
-    };
     let (process, sock) = device_process::spawn(
         name,
-        command,
+        kind.name(),
         extra,
         fds,
         config.sandbox,
@@ -484,7 +471,7 @@ fn spawn_device(
 async fn attach(
     machine: &Machine,
     name: &str,
-    device_type: u32,
+    device_type: DeviceType,
     sock: OwnedFd,
 ) -> Result<vhost_user::Backend> {
     let (device, backend) = vhost_user::connect(name, device_type, sock).await?;

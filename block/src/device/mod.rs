@@ -36,7 +36,7 @@ use std::task::Poll;
 use futures::stream::{FuturesUnordered, StreamExt};
 use memory::GuestMemory;
 use virtio::vhost_user::{Device, StopSignal};
-use virtio::{AsyncQueue, DescriptorChain, GuestLog};
+use virtio::{AsyncQueue, DescriptorChain, DeviceType, GuestLog};
 
 use request::{execute, Limits, Parts};
 pub use request::{
@@ -47,8 +47,6 @@ pub use request::{
 
 use crate::Disk;
 
-/// The virtio device id of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// `VIRTIO_BLK_F_SIZE_MAX`: `size_max` is the largest data buffer.
 pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
 /// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is the most data buffers per request.
@@ -348,7 +346,7 @@ impl Device for BlockDevice {
     }
 
     fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
+        DeviceType::Block.id()
     }
 
     fn num_queues(&self) -> usize {

@@ -17,6 +17,7 @@ use futures::StreamExt;
 use memory::{GuestAddress, GuestMemory};
 use virtio::vhost_user::frontend::{Frontend, VringConfig};
 use virtio::vhost_user::Connection;
+use virtio::DeviceType;
 
 use crate::devices::pci::{QueueConfig, VirtioDevice};
 use crate::exit::{ExitReason, VmExit};
@@ -27,25 +28,6 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const HANGUP_GRACE: Duration = Duration::from_millis(250);
 /// Largest queue the transport offers for a vhost-user device.
 const MAX_QUEUE_SIZE: u16 = 256;
-
-/// Bytes of device configuration space read from the backend, per virtio device type.
-fn config_size(device_type: u32) -> u32 {
-    match device_type {
-        1 => 20, // net: mac, status, max_virtqueue_pairs, mtu, speed, duplex
-        2 => 60, // block: capacity ... write_zeroes_may_unmap
-        19 => 8, // vsock: guest_cid
-        _ => 0,
-    }
-}
-
-/// Queues of a device type when the backend does not say (no MQ protocol feature).
-fn default_queues(device_type: u32) -> usize {
-    match device_type {
-        1 => 2,  // one rx/tx pair
-        19 => 3, // rx, tx, event
-        _ => 1,
-    }
-}
 
 /// A vring as the transport handed it over, with descriptors this side owns.
 struct Vring {
@@ -96,7 +78,7 @@ pub struct Backend {
 /// the device: its features, queue count and configuration space.
 pub async fn connect(
     name: &str,
-    device_type: u32,
+    device_type: DeviceType,
     sock: OwnedFd,
 ) -> Result<(VhostUserDevice, Backend)> {
     let watch = sock
@@ -108,14 +90,14 @@ pub async fn connect(
         .with_context(|| format!("device {name}: vhost-user set-up failed"))?;
     let num_queues = match frontend.queue_num() {
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
-        None => default_queues(device_type),
+        None => device_type.default_queues(),
     };
     if num_queues == 0 || num_queues > virtio::vhost_user::message::MAX_QUEUES as usize {
         return Err(anyhow!(
             "device {name}: the backend reports {num_queues} queues"
         ));
     }
-    let size = config_size(device_type);
+    let size = device_type.config_size();
     let config = if size > 0 {
         frontend
             .get_config(0, size)
@@ -127,7 +109,7 @@ pub async fn connect(
     let (tx, rx) = mpsc::unbounded();
     let device = VhostUserDevice {
         name: name.to_string(),
-        device_type,
+        device_type: device_type.id(),
         features: frontend.features(),
         num_queues,
         config,

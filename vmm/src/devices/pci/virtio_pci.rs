@@ -108,11 +108,7 @@ pub struct QueueConfig<'a> {
 }
 
 fn class_of(device_type: u32) -> u32 {
-    match device_type {
-        1 => 0x02_0000, // network controller
-        2 => 0x01_8000, // mass storage, other
-        _ => 0xff_0000,
-    }
+    virtio::DeviceType::from_id(device_type).map_or(0xff_0000, virtio::DeviceType::pci_class)
 }
 
 /// Offsets of the regions that depend on the queue count.
