@@ -30,11 +30,13 @@ mod disk;
 mod io;
 mod qcow2;
 mod raw;
+mod spec;
 
 pub use device::{BlockDevice, BlockOptions};
 pub use disk::{Disk, Format, OpenOptions, MAX_BACKING_DEPTH};
 pub use qcow2::Qcow2;
 pub use raw::Raw;
+pub use spec::{DiskSpec, MAX_DISK_ID};
 
 use std::io as stdio;
 use std::path::PathBuf;

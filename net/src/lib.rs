@@ -17,6 +17,7 @@
 
 mod device;
 pub mod hdr;
+mod mac;
 mod sys;
 mod tap;
 #[cfg(test)]
@@ -27,6 +28,7 @@ pub use device::{
     VIRTIO_ID_NET,
 };
 pub use hdr::{VirtioNetHdr, VNET_HDR_SIZE};
+pub use mac::MacAddress;
 pub use tap::Tap;
 
 use std::io;

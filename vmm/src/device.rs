@@ -48,7 +48,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
             },
         ),
         DeviceCommand::Block(a) => {
-            let spec = cli::parse_disk(&a.file, false).map_err(|e| anyhow!("--file: {e}"))?;
+            let spec = a.file;
             if a.queues == 0 || a.queues > MAX_BLOCK_QUEUES {
                 bail!("--queues {}: expected 1 to {MAX_BLOCK_QUEUES}", a.queues);
             }
@@ -76,10 +76,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
             )
         }
         DeviceCommand::Net(a) => {
-            let mac = match &a.mac {
-                Some(m) => cli::parse_mac(m).map_err(|e| anyhow!("--mac: {e}"))?,
-                None => cli::DEFAULT_MAC,
-            };
+            let mac = a.mac.unwrap_or(net::MacAddress::DEFAULT).0;
             let taps = open_taps(&a)?;
             let forward = Forward {
                 fds: taps

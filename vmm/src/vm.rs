@@ -13,14 +13,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use block::DiskSpec;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use virtio::DeviceType;
 
 use crate::boot;
-use crate::cli::{
-    self, DiskSpec, NicSpec, RunArgs, SerialOut, SerialSpec, TapSource, VhostUserSpec,
-};
+use crate::cli::{self, NicSpec, RunArgs, SerialOut, SerialSpec, TapSource, VhostUserSpec};
 use crate::control::{self, ControlSocket, VmExitHandle};
 use crate::cpuid::{self, Toggle};
 use crate::device_process::{self, DeviceProcesses};
@@ -71,16 +70,8 @@ const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// `ringvm run`: builds the config from arguments, runs the VM, maps the exit reason.
 pub fn run_from_args(args: RunArgs) -> Result<()> {
     let serials = cli::validate(&args).map_err(|e| anyhow!(e))?;
-    let vhost_user = args
-        .vhost_user
-        .iter()
-        .map(|s| cli::parse_vhost_user(s))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!(e))?;
-    let (cpu_toggles, kvm_pv) = match &args.cpu_features {
-        Some(spec) => cpuid::parse_toggles(spec).map_err(|e| anyhow!("--cpu-features: {e}"))?,
-        None => (Vec::new(), None),
-    };
+    let vhost_user = args.vhost_user.clone();
+    let (cpu_toggles, kvm_pv) = args.cpu_features.clone().unwrap_or_default();
     let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
     let nics = cli::nics(&args).map_err(|e| anyhow!(e))?;
     let mut cmdline = args.params.join(" ");
@@ -403,7 +394,7 @@ async fn add_devices(
     let queues = config.cpus.to_string();
     for (i, disk) in config.disks.iter().enumerate() {
         let name = format!("block{i}");
-        let file = disk.to_arg();
+        let file = disk.to_string();
         let extra = [
             OsStr::new("--file"),
             OsStr::new(&file),
@@ -416,7 +407,7 @@ async fn add_devices(
     for (i, nic) in config.nics.iter().enumerate() {
         let name = format!("net{i}");
         let taps = open_taps(&nic.tap, config.cpus).with_context(|| format!("device {name}"))?;
-        let mac = cli::format_mac(&nic.mac);
+        let mac = nic.mac.to_string();
         let fd_args: Vec<String> = (0..taps.len())
             .map(|i| (device_process::FIRST_EXTRA_FD + i).to_string())
             .collect();
