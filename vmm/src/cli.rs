@@ -164,6 +164,31 @@ pub enum TapSource {
     Fd(i32),
 }
 
+/// The tap queue descriptors of a NIC, for `ringvm run` and `ringvm device net` alike:
+/// `queues` of them for a tap ringvm creates or opens by name (multi-queue), the one
+/// inherited descriptor for `Fd`.
+pub fn open_taps(source: &TapSource, queues: usize) -> anyhow::Result<Vec<std::os::fd::OwnedFd>> {
+    use anyhow::Context;
+    let taps = match source {
+        TapSource::Create { ip, netmask } => {
+            let taps = net::Tap::create(None, queues).context("cannot create a tap device")?;
+            taps[0].configure(*ip, *netmask).with_context(|| {
+                format!("cannot configure tap {} as {ip}/{netmask}", taps[0].name())
+            })?;
+            taps
+        }
+        TapSource::Name(name) => net::Tap::create(Some(name), queues)
+            .with_context(|| format!("cannot open tap {name}"))?,
+        TapSource::Fd(fd) => {
+            let owned = crate::sys::inherited_fd(*fd)
+                .with_context(|| format!("--tap-fd {fd} is not an open descriptor"))?;
+            vec![net::Tap::from_fd(owned)
+                .with_context(|| format!("--tap-fd {fd} is not a usable tap"))?]
+        }
+    };
+    Ok(taps.into_iter().map(net::Tap::into_fd).collect())
+}
+
 /// One virtio-net NIC of `ringvm run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicSpec {

@@ -204,23 +204,15 @@ fn open_taps(a: &cli::NetArgs) -> Result<Vec<OwnedFd>> {
                     a.queue_pairs
                 );
             }
-            Ok(net::Tap::create(Some(name), a.queue_pairs)
-                .with_context(|| format!("cannot open tap {name}"))?
-                .into_iter()
-                .map(net::Tap::into_fd)
-                .collect())
+            cli::open_taps(&cli::TapSource::Name(name.clone()), a.queue_pairs)
         }
-        (None, false) => a
-            .tap_fd
-            .iter()
-            .map(|&fd| {
-                let owned = sys::inherited_fd(fd)
-                    .with_context(|| format!("--tap-fd {fd} is not an open descriptor"))?;
-                Ok(net::Tap::from_fd(owned)
-                    .with_context(|| format!("--tap-fd {fd} is not a usable tap"))?
-                    .into_fd())
-            })
-            .collect(),
+        (None, false) => {
+            let mut fds = Vec::new();
+            for &fd in &a.tap_fd {
+                fds.extend(cli::open_taps(&cli::TapSource::Fd(fd), 1)?);
+            }
+            Ok(fds)
+        }
     }
 }
 

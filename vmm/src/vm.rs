@@ -19,7 +19,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use virtio::DeviceType;
 
 use crate::boot;
-use crate::cli::{self, NicSpec, RunArgs, SerialOut, SerialSpec, TapSource, VhostUserSpec};
+use crate::cli::{self, NicSpec, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
 use crate::control::{self, ControlSocket, VmExitHandle};
 use crate::cpuid::{self, Toggle};
 use crate::device_process::{self, DeviceProcesses};
@@ -133,6 +133,8 @@ struct Machine {
     pci: Arc<Mutex<PciRoot>>,
     stdin_serial: Option<Arc<Mutex<Serial>>>,
     exit: Arc<VmExit>,
+    /// Where the boot vCPU starts.
+    entry: boot::image::Entry,
     ram: GuestRam,
 }
 
@@ -194,7 +196,8 @@ fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
         }
         None => None,
     };
-    boot::load(
+    // The kernel is read and parsed here, once: the boot vCPU's entry comes from this load.
+    let loaded = boot::load(
         &ram,
         &kernel,
         initrd.as_deref(),
@@ -245,6 +248,7 @@ fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
         pci,
         stdin_serial,
         exit,
+        entry: loaded.entry,
         ram,
     })
 }
@@ -282,8 +286,7 @@ fn start_vcpus(
         boot::regs::setup_common(&vcpu).with_context(|| format!("set-up of vCPU {id}"))?;
         vcpus.push(vcpu);
     }
-    let entry = boot::image::parse(&std::fs::read(&config.kernel)?)?.entry;
-    boot::regs::setup_boot_cpu(&vcpus[0], entry).context("set-up of the boot vCPU")?;
+    boot::regs::setup_boot_cpu(&vcpus[0], m.entry).context("set-up of the boot vCPU")?;
 
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
@@ -357,30 +360,6 @@ async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
     }
 }
 
-/// A NIC's tap queue descriptors: one per vCPU for a tap ringvm creates or opens by name
-/// (multi-queue), one for an inherited descriptor.
-fn open_taps(source: &TapSource, cpus: usize) -> Result<Vec<OwnedFd>> {
-    let taps = match source {
-        TapSource::Create { ip, netmask } => {
-            let taps = net::Tap::create(None, cpus).context("cannot create a tap device")?;
-            taps[0].configure(*ip, *netmask).with_context(|| {
-                format!("cannot configure tap {} as {ip}/{netmask}", taps[0].name())
-            })?;
-            taps
-        }
-        TapSource::Name(name) => {
-            net::Tap::create(Some(name), cpus).with_context(|| format!("cannot open tap {name}"))?
-        }
-        TapSource::Fd(fd) => {
-            let owned = sys::inherited_fd(*fd)
-                .with_context(|| format!("--tap-fd {fd} is not an open descriptor"))?;
-            vec![net::Tap::from_fd(owned)
-                .with_context(|| format!("--tap-fd {fd} is not a usable tap"))?]
-        }
-    };
-    Ok(taps.into_iter().map(net::Tap::into_fd).collect())
-}
-
 /// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
 /// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
 /// the PCI bus: ringvm's own device processes first, then `--vhost-user` backends.
@@ -406,7 +385,8 @@ async fn add_devices(
     }
     for (i, nic) in config.nics.iter().enumerate() {
         let name = format!("net{i}");
-        let taps = open_taps(&nic.tap, config.cpus).with_context(|| format!("device {name}"))?;
+        let taps =
+            cli::open_taps(&nic.tap, config.cpus).with_context(|| format!("device {name}"))?;
         let mac = nic.mac.to_string();
         let fd_args: Vec<String> = (0..taps.len())
             .map(|i| (device_process::FIRST_EXTRA_FD + i).to_string())
