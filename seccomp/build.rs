@@ -51,8 +51,19 @@ impl compiler::Env for Env {
     }
 }
 
-/// The policies, as the `Policy` enum of src/lib.rs names them.
-const POLICIES: &[&str] = &["rng", "block", "net", "vmm", "vcpu"];
+/// The policies: every `policies/<name>.policy`, in name order. Adding a file adds a policy;
+/// nothing in Rust names them.
+fn policy_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("seccomp: cannot list {}: {e}", dir.display()))
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".policy").map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    names
+}
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
@@ -75,7 +86,13 @@ fn main() {
         dir: dir.clone(),
     };
     let mut rules_rs = String::new();
-    for name in POLICIES {
+    let mut table = String::from("pub(crate) static TABLE: &[Entry] = &[\n");
+    for name in &policy_names(&dir) {
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "seccomp: policy file names are lowercase letters, digits and '_': {name}"
+        );
         let file = format!("{name}.policy");
         let path = dir.join(&file);
         let text = std::fs::read_to_string(&path)
@@ -91,9 +108,26 @@ fn main() {
                 .unwrap_or_else(|e| panic!("seccomp: cannot compile {file}: {e}"));
             let bytes: Vec<u8> = program.iter().flat_map(|i| i.to_ne_bytes()).collect();
             write(&out.join(format!("{name}.{suffix}")), &bytes);
+            let upper = format!(
+                "{}_{}",
+                name.to_uppercase(),
+                suffix.replace('.', "_").to_uppercase()
+            );
+            let _ = writeln!(
+                rules_rs,
+                "static {upper}: [SockFilter; {}] = decode(include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.{suffix}\")));",
+                program.len()
+            );
         }
         write_rules(&mut rules_rs, name, &policy);
+        let upper = name.to_uppercase();
+        let _ = writeln!(
+            table,
+            "    Entry {{ name: {name:?}, kill: &{upper}_BPF, log: &{upper}_LOG_BPF, trap: &{upper}_TRAP_BPF, rules: {upper}_RULES }},"
+        );
     }
+    table.push_str("];\n");
+    rules_rs.push_str(&table);
     write(&out.join("policies.rs"), rules_rs.as_bytes());
 }
 

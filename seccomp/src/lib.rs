@@ -6,7 +6,7 @@
 //! (anything else is killed), x32 calls killed, then one test per call in file order, then
 //! the default action — and this crate embeds the programs with `include_bytes!`.
 //!
-//! [`install`] applies a policy to the calling process (or, for [`Policy::Vcpu`], thread).
+//! [`install`] applies a policy to the calling process (or, for [`Policy::VCPU`], thread).
 //! io_uring operations are not seen by seccomp: a device's ring must be restricted to its
 //! opcodes before the filter goes on (`executor::Builder::allow_ops`).
 
@@ -38,50 +38,57 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The processes and threads that have a policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Policy {
-    /// `ringvm device rng`.
-    Rng,
-    /// `ringvm device block`.
-    Block,
-    /// `ringvm device net`.
-    Net,
-    /// The whole VMM process after set-up (main thread and, under their own filter, vCPUs).
-    VmmMain,
-    /// A vCPU thread's KVM_RUN loop.
-    Vcpu,
+/// A compiled policy: one of `policies/<name>.policy`. Every file there is one; nothing in
+/// Rust names them, so a new device's policy is one new file.
+#[derive(Clone, Copy)]
+pub struct Policy(&'static generated::Entry);
+
+impl PartialEq for Policy {
+    fn eq(&self, other: &Policy) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Policy {}
+
+impl std::hash::Hash for Policy {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name.hash(state)
+    }
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Policy({})", self.0.name)
+    }
 }
 
 impl Policy {
-    pub const ALL: [Policy; 5] = [
-        Policy::Rng,
-        Policy::Block,
-        Policy::Net,
-        Policy::VmmMain,
-        Policy::Vcpu,
-    ];
+    /// The whole VMM process after set-up (main thread and, under their own filter, vCPUs).
+    pub const VMM: &'static str = "vmm";
+    /// A vCPU thread's KVM_RUN loop.
+    pub const VCPU: &'static str = "vcpu";
 
-    /// The policy's file name in `policies/`, without `.policy`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Policy::Rng => "rng",
-            Policy::Block => "block",
-            Policy::Net => "net",
-            Policy::VmmMain => "vmm",
-            Policy::Vcpu => "vcpu",
-        }
+    /// Every policy, in name order.
+    pub fn all() -> impl Iterator<Item = Policy> {
+        generated::TABLE.iter().map(Policy)
     }
 
-    /// The policy of a device type (`ringvm device <name>`).
+    /// The policy's file name in `policies/`, without `.policy`: a device type's name
+    /// (`ringvm device <name>`), [`Policy::VMM`] or [`Policy::VCPU`].
+    pub fn name(self) -> &'static str {
+        self.0.name
+    }
+
+    /// The policy named `name`.
     pub fn from_name(name: &str) -> Option<Policy> {
-        Policy::ALL.into_iter().find(|p| p.name() == name)
+        Policy::all().find(|p| p.name() == name)
     }
 
     /// Whether [`install`] applies it to every thread of the process (TSYNC): all but the
     /// per-thread vCPU filter.
     pub fn process_wide(self) -> bool {
-        self != Policy::Vcpu
+        self.0.name != Policy::VCPU
     }
 }
 
@@ -147,7 +154,17 @@ impl Rule {
 }
 
 mod generated {
-    use super::{ArgOp, ArgTest, Rule};
+    use super::{decode, ArgOp, ArgTest, Rule, SockFilter};
+
+    /// One compiled policy file.
+    pub struct Entry {
+        pub name: &'static str,
+        pub kill: &'static [SockFilter],
+        pub log: &'static [SockFilter],
+        pub trap: &'static [SockFilter],
+        pub rules: &'static [Rule],
+    }
+
     include!(concat!(env!("OUT_DIR"), "/policies.rs"));
 }
 
@@ -177,39 +194,11 @@ const fn decode<const N: usize>(bytes: &[u8]) -> [SockFilter; N] {
     out
 }
 
-macro_rules! embed {
-    ($kill:ident, $log:ident, $trap:ident, $name:literal) => {
-        static $trap: [SockFilter;
-            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".trap.bpf")).len() / 8] = decode(
-            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".trap.bpf")),
-        );
-        static $kill: [SockFilter;
-            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bpf")).len() / 8] =
-            decode(include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bpf")));
-        static $log: [SockFilter;
-            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".log.bpf")).len() / 8] = decode(
-            include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".log.bpf")),
-        );
-    };
-}
-
-embed!(RNG, RNG_LOG, RNG_TRAP, "rng");
-embed!(BLOCK, BLOCK_LOG, BLOCK_TRAP, "block");
-embed!(NET, NET_LOG, NET_TRAP, "net");
-embed!(VMM, VMM_LOG, VMM_TRAP, "vmm");
-embed!(VCPU, VCPU_LOG, VCPU_TRAP, "vcpu");
-
 /// The same program with SECCOMP_RET_TRAP as its default action: a call it does not allow
 /// is not run and raises SIGSYS with the call's number in `si_syscall`, for a handler that
 /// reports it and ends the process. A wrong architecture or an x32 call is still killed.
 pub fn trapping_filter(policy: Policy) -> &'static [SockFilter] {
-    match policy {
-        Policy::Rng => &RNG_TRAP,
-        Policy::Block => &BLOCK_TRAP,
-        Policy::Net => &NET_TRAP,
-        Policy::VmmMain => &VMM_TRAP,
-        Policy::Vcpu => &VCPU_TRAP,
-    }
+    policy.0.trap
 }
 
 /// What a filter does with a call its policy does not allow.
@@ -236,37 +225,19 @@ pub fn syscall_name(nr: i64) -> Option<&'static str> {
 
 /// The policy's program: calls it does not allow kill the process (SECCOMP_RET_KILL_PROCESS).
 pub fn filter(policy: Policy) -> &'static [SockFilter] {
-    match policy {
-        Policy::Rng => &RNG,
-        Policy::Block => &BLOCK,
-        Policy::Net => &NET,
-        Policy::VmmMain => &VMM,
-        Policy::Vcpu => &VCPU,
-    }
+    policy.0.kill
 }
 
 /// The same program with SECCOMP_RET_LOG as its default action: calls it does not allow are
 /// logged by the kernel (audit, or dmesg `type=1326 ... syscall=N`) and then run. A wrong
 /// architecture or an x32 call is still killed.
 pub fn logging_filter(policy: Policy) -> &'static [SockFilter] {
-    match policy {
-        Policy::Rng => &RNG_LOG,
-        Policy::Block => &BLOCK_LOG,
-        Policy::Net => &NET_LOG,
-        Policy::VmmMain => &VMM_LOG,
-        Policy::Vcpu => &VCPU_LOG,
-    }
+    policy.0.log
 }
 
 /// The policy's rules, in file order.
 pub fn rules(policy: Policy) -> &'static [Rule] {
-    match policy {
-        Policy::Rng => generated::RNG_RULES,
-        Policy::Block => generated::BLOCK_RULES,
-        Policy::Net => generated::NET_RULES,
-        Policy::VmmMain => generated::VMM_RULES,
-        Policy::Vcpu => generated::VCPU_RULES,
-    }
+    policy.0.rules
 }
 
 /// The names of the system calls the policy allows (some only with some arguments), in file
@@ -296,7 +267,7 @@ pub fn allows(policy: Policy, nr: u32, args: &[u64; 6]) -> bool {
 /// flag-less seccomp call, so that vCPU threads can add theirs under it). Process-wide
 /// policies go on every thread at once (SECCOMP_FILTER_FLAG_TSYNC), which fails with
 /// [`Error::ThreadSync`] if another thread has already installed a filter of its own: install
-/// [`Policy::VmmMain`] before the vCPU threads install [`Policy::Vcpu`], which goes on the
+/// [`Policy::VMM`] before the vCPU threads install [`Policy::VCPU`], which goes on the
 /// calling thread only. Filters stack: a later one can only take away. Threads must have
 /// started before a process-wide install (their start-up calls are in no policy).
 pub fn install(policy: Policy, log_failures: bool) -> Result<()> {
@@ -328,6 +299,10 @@ pub fn install_mode(policy: Policy, mode: Mode) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn named(name: &str) -> Policy {
+        Policy::from_name(name).expect("a policy of that name")
+    }
+
     #[test]
     fn syscall_names_come_from_the_table() {
         assert_eq!(syscall_name(libc::SYS_socket), Some("socket"));
@@ -340,7 +315,7 @@ mod tests {
 
     #[test]
     fn every_policy_has_a_program_and_rules() {
-        for p in Policy::ALL {
+        for p in Policy::all() {
             assert!(filter(p).len() > 6, "{p:?}");
             assert_eq!(filter(p).len(), logging_filter(p).len(), "{p:?}");
             assert!(!rules(p).is_empty(), "{p:?}");
@@ -349,11 +324,28 @@ mod tests {
     }
 
     #[test]
+    fn every_policy_file_is_a_policy_and_nothing_else_is() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .expect("policies/")
+            .filter_map(|e| {
+                let name = e.expect("entry").file_name().into_string().expect("utf-8");
+                name.strip_suffix(".policy").map(str::to_owned)
+            })
+            .collect();
+        files.sort();
+        let names: Vec<&str> = Policy::all().map(Policy::name).collect();
+        assert_eq!(files, names);
+        assert!(names.contains(&Policy::VMM) && names.contains(&Policy::VCPU));
+        assert!(Policy::from_name("nosuch").is_none());
+    }
+
+    #[test]
     fn the_vmm_policy_holds_what_its_vcpu_threads_need() {
         // TSYNC puts the VMM filter on the vCPU threads too: both filters must allow a call.
-        for rule in rules(Policy::Vcpu) {
+        for rule in rules(named("vcpu")) {
             assert!(
-                allowed(Policy::VmmMain).contains(&rule.syscall),
+                allowed(named("vmm")).contains(&rule.syscall),
                 "{}",
                 rule.syscall
             );

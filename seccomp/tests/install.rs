@@ -13,6 +13,11 @@ use std::sync::mpsc;
 
 use seccomp::{install, Error, Policy};
 
+/// The policy compiled from `policies/<name>.policy`.
+fn named(name: &str) -> Policy {
+    Policy::from_name(name).unwrap_or_else(|| panic!("no policy {name}"))
+}
+
 const CHILD_ENV: &str = "SECCOMP_TEST_CHILD";
 
 /// How a scenario must end.
@@ -72,70 +77,70 @@ fn child(name: &str) -> ! {
             exit(0)
         }
         "rng_openat" => {
-            must(install(Policy::Rng, false));
+            must(install(named("rng"), false));
             call(
                 libc::SYS_openat,
                 [libc::AT_FDCWD as _, c"/".as_ptr() as _, 0, 0, 0, 0],
             );
         }
         "rng_socket_unix" => {
-            must(install(Policy::Rng, false));
+            must(install(named("rng"), false));
             call(
                 libc::SYS_socket,
                 [libc::AF_UNIX as _, libc::SOCK_STREAM as _, 0, 0, 0, 0],
             );
         }
         "block_socket_inet" => {
-            must(install(Policy::Block, false));
+            must(install(named("block"), false));
             call(
                 libc::SYS_socket,
                 [libc::AF_INET as _, libc::SOCK_STREAM as _, 0, 0, 0, 0],
             );
         }
         "rng_execve" => {
-            must(install(Policy::Rng, false));
+            must(install(named("rng"), false));
             call(
                 libc::SYS_execve,
                 [c"/bin/true".as_ptr() as _, 0, 0, 0, 0, 0],
             );
         }
         "rng_ptrace" => {
-            must(install(Policy::Rng, false));
+            must(install(named("rng"), false));
             call(libc::SYS_ptrace, [libc::PTRACE_TRACEME as _, 0, 0, 0, 0, 0]);
         }
         "block_hashmap_after_the_filter" => {
-            must(install(Policy::Block, false));
+            must(install(named("block"), false));
             // The first HashMap of the process seeds its keys with getrandom.
             let mut m = std::collections::HashMap::new();
             m.insert(1u8, 2u8);
             exit(i32::from(m.len() != 1))
         }
         "block_mount" => {
-            must(install(Policy::Block, false));
+            must(install(named("block"), false));
             call(libc::SYS_mount, [0, 0, 0, 0, 0, 0]);
         }
         "rng_clone3" => {
-            must(install(Policy::Rng, false));
+            must(install(named("rng"), false));
             call(libc::SYS_clone3, [0, 0, 0, 0, 0, 0]);
         }
         "block_mmap_exec" => {
-            must(install(Policy::Block, false));
+            must(install(named("block"), false));
             let prot = (libc::PROT_READ | libc::PROT_EXEC) as libc::c_long;
             call(libc::SYS_mmap, [0, 4096, prot, anon, -1, 0]);
         }
         "block_mmap_read_then_mprotect" => {
-            must(install(Policy::Block, false));
+            must(install(named("block"), false));
             let p = call(libc::SYS_mmap, [0, 4096, libc::PROT_READ as _, anon, -1, 0]);
             assert!(p > 0);
             // Device processes never change protections.
             call(libc::SYS_mprotect, [p, 4096, prot_rw, 0, 0, 0]);
         }
         "rng_fcntl_setfl" => {
-            must(install(Policy::Rng, false));
+            must(install(named("rng"), false));
             call(libc::SYS_fcntl, [1, libc::F_SETFL as _, 0, 0, 0, 0]);
         }
         "rng_fcntl_setfl_nonblock" => {
-            must(install(Policy::Rng, false));
+            must(install(named("rng"), false));
             // Allowed (call eventfds are made nonblocking); fails on a bad descriptor.
             let nonblock = libc::O_NONBLOCK as libc::c_long;
             assert_eq!(
@@ -149,7 +154,7 @@ fn child(name: &str) -> ! {
             );
         }
         "net_ioctl_tunsetoffload" => {
-            must(install(Policy::Net, false));
+            must(install(named("net"), false));
             // Allowed; fails on a bad descriptor.
             assert_eq!(
                 call(libc::SYS_ioctl, [-1, libc::TUNSETOFFLOAD as _, 0, 0, 0, 0]),
@@ -158,15 +163,15 @@ fn child(name: &str) -> ! {
             exit(0)
         }
         "net_ioctl_tcgets" => {
-            must(install(Policy::Net, false));
+            must(install(named("net"), false));
             call(libc::SYS_ioctl, [0, libc::TCGETS as _, 0, 0, 0, 0]);
         }
         "rng_x32_call_even_when_logging" => {
-            must(install(Policy::Rng, true));
+            must(install(named("rng"), true));
             call(libc::SYS_getpid | 0x4000_0000, [0; 6]);
         }
         "rng_i386_call_even_when_logging" => {
-            must(install(Policy::Rng, true));
+            must(install(named("rng"), true));
             say("calling 20\n");
             // i386 getpid (20) through int 0x80: seccomp sees AUDIT_ARCH_I386.
             // SAFETY: int 0x80 with eax = 20 only reads the pid (were it allowed); it clobbers
@@ -181,7 +186,7 @@ fn child(name: &str) -> ! {
             say("returned\n");
         }
         "rng_log_failures_runs_the_call" => {
-            must(install(Policy::Rng, true));
+            must(install(named("rng"), true));
             // getppid is not in the policy: logged, then run.
             let ppid = call(libc::SYS_getppid, [0; 6]);
             assert!(ppid > 0);
@@ -194,7 +199,7 @@ fn child(name: &str) -> ! {
                 0xae01
             };
             let t = std::thread::spawn(move || {
-                must(install(Policy::Vcpu, false));
+                must(install(named("vcpu"), false));
                 // Allowed or not by number; fails on a bad descriptor when allowed.
                 assert_eq!(call(libc::SYS_ioctl, [-1, request, 0, 0, 0, 0]), -1);
                 // The thread then ends under its filter (munmap, sigaltstack, madvise, exit).
@@ -205,7 +210,7 @@ fn child(name: &str) -> ! {
             exit(0)
         }
         "vcpu_filter_stays_on_its_thread" => {
-            let t = std::thread::spawn(|| must(install(Policy::Vcpu, false)));
+            let t = std::thread::spawn(|| must(install(named("vcpu"), false)));
             if t.join().is_err() {
                 exit(3);
             }
@@ -222,7 +227,7 @@ fn child(name: &str) -> ! {
                 call(libc::SYS_getppid, [0; 6]);
             });
             let _ = ready_rx.recv();
-            must(install(Policy::VmmMain, false));
+            must(install(named("vmm"), false));
             let _ = go_tx.send(());
             // Wait (futex) for the thread to be killed with the process.
             std::thread::sleep(std::time::Duration::from_secs(5));
@@ -238,11 +243,11 @@ fn child(name: &str) -> ! {
             let t = std::thread::spawn(move || {
                 let _ = ready_tx.send(());
                 let _ = go_rx.recv();
-                must(install(Policy::Vcpu, false));
+                must(install(named("vcpu"), false));
                 assert_eq!(call(libc::SYS_ioctl, [-1, 0xae80, 0, 0, 0, 0]), -1);
             });
             let _ = ready_rx.recv();
-            must(install(Policy::VmmMain, false));
+            must(install(named("vmm"), false));
             let _ = go_tx.send(());
             if t.join().is_err() {
                 exit(3);
@@ -253,12 +258,12 @@ fn child(name: &str) -> ! {
             let (tx, rx) = mpsc::channel::<()>();
             let (hold_tx, hold_rx) = mpsc::channel::<()>();
             let _t = std::thread::spawn(move || {
-                must(install(Policy::Vcpu, false));
+                must(install(named("vcpu"), false));
                 let _ = tx.send(());
                 let _ = hold_rx.recv();
             });
             let _ = rx.recv();
-            match install(Policy::VmmMain, false) {
+            match install(named("vmm"), false) {
                 Err(Error::ThreadSync { tid, .. }) if tid > 0 => exit(0),
                 other => {
                     say(&format!("unexpected {other:?}\n"));

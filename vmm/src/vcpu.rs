@@ -63,7 +63,11 @@ impl FilterGate {
 /// Runs the vCPU until the VM stops. Every way out reports an exit reason.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
     if let VcpuFilter::Install { log_failures } = ctx.filters.wait() {
-        if let Err(e) = seccomp::install(seccomp::Policy::Vcpu, log_failures) {
+        let installed = match seccomp::Policy::from_name(seccomp::Policy::VCPU) {
+            Some(policy) => seccomp::install(policy, log_failures).map_err(|e| e.to_string()),
+            None => Err("there is no vcpu policy".into()),
+        };
+        if let Err(e) = installed {
             ctx.exit.report(ExitReason::Failed(format!(
                 "vCPU {}: cannot install its seccomp filter: {e}",
                 ctx.id

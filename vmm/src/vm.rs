@@ -491,7 +491,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     if config.sandbox {
         // After set-up (memory, devices, threads): the VMM's own filter on every thread, then
         // each vCPU thread its narrower one.
-        seccomp::install(seccomp::Policy::VmmMain, config.seccomp_log_failures)
+        let policy = seccomp::Policy::from_name(seccomp::Policy::VMM)
+            .context("the VMM has no seccomp policy")?;
+        seccomp::install(policy, config.seccomp_log_failures)
             .context("cannot install the VMM's seccomp filter")?;
         filters.open(VcpuFilter::Install {
             log_failures: config.seccomp_log_failures,
