@@ -28,12 +28,14 @@
 pub mod device;
 mod disk;
 mod io;
+pub mod process;
 mod qcow2;
 mod raw;
 mod spec;
 
 pub use device::{BlockDevice, BlockOptions};
 pub use disk::{Disk, Format, OpenOptions, MAX_BACKING_DEPTH};
+pub use process::{BlockArgs, BlockProcess};
 pub use qcow2::Qcow2;
 pub use raw::Raw;
 pub use spec::{DiskSpec, MAX_DISK_ID};
@@ -175,6 +177,12 @@ pub enum Error {
     /// Opening a backing file failed.
     #[error("failed to open backing file {0}")]
     Backing(PathBuf, #[source] Box<Error>),
+    /// Opening the image a device process serves failed.
+    #[error("cannot open disk image {0}")]
+    Image(PathBuf, #[source] Box<Error>),
+    /// A device process asked for a queue count it does not take.
+    #[error("--queues {0}: expected 1 to {max}", max = process::MAX_PROCESS_QUEUES)]
+    Queues(usize),
     /// A backing chain longer than [`MAX_BACKING_DEPTH`] (or a loop).
     #[error("backing chain is deeper than {MAX_BACKING_DEPTH} images")]
     BackingTooDeep,

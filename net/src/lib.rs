@@ -18,6 +18,7 @@
 mod device;
 pub mod hdr;
 mod mac;
+pub mod process;
 mod sys;
 mod tap;
 #[cfg(test)]
@@ -29,6 +30,7 @@ pub use device::{
 };
 pub use hdr::{VirtioNetHdr, VNET_HDR_SIZE};
 pub use mac::MacAddress;
+pub use process::{NetArgs, NetProcess};
 pub use tap::Tap;
 
 use std::io;

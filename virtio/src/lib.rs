@@ -44,6 +44,7 @@ mod async_queue;
 pub mod log;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
+pub mod process;
 pub mod queue;
 mod reader_writer;
 pub mod rng;
@@ -52,12 +53,13 @@ pub mod vhost_user;
 
 pub use async_queue::AsyncQueue;
 pub use log::GuestLog;
+pub use process::DeviceProcess;
 pub use queue::{
     Buffer, ChainError, Descriptor, DescriptorChain, Queue, VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
 };
 pub use reader_writer::{Reader, Writer};
-pub use rng::Rng;
+pub use rng::{Rng, RngProcess};
 pub use types::DeviceType;
 
 use std::io;

@@ -10,6 +10,7 @@ use std::rc::Rc;
 use executor::AsyncFd;
 use futures::future::{select, Either};
 
+use crate::process::{DeviceProcess, Made, MakeError};
 use crate::vhost_user::{Device, StopSignal};
 use crate::{AsyncQueue, DescriptorChain, DeviceType, Error, GuestLog};
 
@@ -128,6 +129,36 @@ impl Device for Rng {
         stop: StopSignal,
     ) -> Pin<Box<dyn Future<Output = ()>>> {
         Box::pin(self.run(queue, stop))
+    }
+}
+
+/// `ringvm device rng`: no options of its own.
+#[derive(argh::FromArgs, Debug, PartialEq, Eq)]
+#[argh(description = "virtio-rng: entropy from the host's /dev/urandom")]
+pub struct RngOptions {}
+
+/// virtio-rng as a device process.
+#[derive(Debug)]
+pub struct RngProcess;
+
+impl DeviceProcess for RngProcess {
+    const TYPE: DeviceType = DeviceType::Rng;
+    /// Entropy is read straight into guest buffers.
+    const OPS: &'static [u8] = &[executor::opcode::Readv::CODE];
+    type Options = RngOptions;
+    type Device = Rng;
+
+    fn make(
+        _options: &RngOptions,
+        _inherit: &mut dyn FnMut(i32) -> std::io::Result<OwnedFd>,
+    ) -> Result<Made<Rng>, MakeError> {
+        let entropy = std::fs::File::open("/dev/urandom")
+            .map_err(|e| format!("cannot open /dev/urandom: {e}"))?;
+        Ok(Made::alone(Rng::new(entropy.into())))
+    }
+
+    fn to_args(_options: &RngOptions) -> Vec<std::ffi::OsString> {
+        Vec::new()
     }
 }
 

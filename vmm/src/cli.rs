@@ -100,44 +100,30 @@ pub struct RunArgs {
     pub kernel: PathBuf,
 }
 
-/// Run a device as a vhost-user backend, for ringvm or any vhost-user frontend.
+/// Run a device as a vhost-user backend, for ringvm or any vhost-user frontend:
+/// `ringvm device NAME [--socket PATH | --fd N] [--disable-sandbox] [--seccomp-log-failures]
+/// [--report-fd N] [the device's own options]`; `ringvm device NAME --help` lists them.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "device")]
 pub struct DeviceArgs {
-    #[argh(subcommand)]
-    pub device: DeviceCommand,
+    /// the device: rng, block or net
+    #[argh(positional)]
+    pub name: String,
+    /// the options every device takes (above) and the device's own
+    #[argh(positional, greedy)]
+    pub args: Vec<String>,
 }
 
-#[derive(FromArgs, Debug)]
-#[argh(subcommand)]
-pub enum DeviceCommand {
-    Rng(RngArgs),
-    Block(BlockArgs),
-    Net(NetArgs),
-}
-
-/// virtio-net backend on a tap device (one tap queue per queue pair).
-#[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "net")]
-pub struct NetArgs {
+/// The options every device process takes.
+#[derive(FromArgs, Debug, Default, PartialEq, Eq)]
+#[argh(description = "options every device process takes")]
+pub struct CommonArgs {
     /// listen on this unix socket path for one vhost-user frontend
     #[argh(option)]
     pub socket: Option<PathBuf>,
     /// serve the vhost-user connection already open on this descriptor
     #[argh(option)]
     pub fd: Option<i32>,
-    /// an open tap queue descriptor (IFF_VNET_HDR); repeat for one per queue pair
-    #[argh(option)]
-    pub tap_fd: Vec<i32>,
-    /// a tap device to create or attach to by name, instead of --tap-fd
-    #[argh(option)]
-    pub tap_name: Option<String>,
-    /// queue pairs with --tap-name (default 1)
-    #[argh(option, default = "1")]
-    pub queue_pairs: usize,
-    /// the guest's MAC address (default 52:54:00:12:34:56)
-    #[argh(option)]
-    pub mac: Option<MacAddress>,
     /// serve without the jail (namespaces, pivot_root, no capabilities, seccomp)
     #[argh(switch)]
     pub disable_sandbox: bool,
@@ -148,6 +134,41 @@ pub struct NetArgs {
     /// call its seccomp policy refused, or a memory fault and its address (ringvm reads it)
     #[argh(option)]
     pub report_fd: Option<i32>,
+}
+
+/// The options of [`CommonArgs`] that take a value.
+const COMMON_VALUED: &[&str] = &["--socket", "--fd", "--report-fd"];
+/// The switches of [`CommonArgs`].
+const COMMON_SWITCHES: &[&str] = &["--disable-sandbox", "--seccomp-log-failures"];
+
+impl CommonArgs {
+    /// Takes the shared options out of `args` (wherever they stand, each with its value);
+    /// returns them parsed, and the rest, in order, for the device's own options.
+    pub fn split(args: &[String]) -> Result<(CommonArgs, Vec<String>), String> {
+        let (mut common, mut own) = (Vec::new(), Vec::new());
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if COMMON_VALUED.contains(&a.as_str()) {
+                common.push(a.as_str());
+                common.push(it.next().ok_or_else(|| format!("{a} needs a value"))?);
+            } else if COMMON_SWITCHES.contains(&a.as_str()) {
+                common.push(a.as_str());
+            } else {
+                own.push(a.clone());
+            }
+        }
+        let parsed = CommonArgs::from_args(&["ringvm device"], &common)
+            .map_err(|e| e.output.trim_end().to_owned())?;
+        Ok((parsed, own))
+    }
+
+    /// The shared options' help text.
+    pub fn help() -> String {
+        match CommonArgs::from_args(&["ringvm device NAME"], &["--help"]) {
+            Err(e) => e.output,
+            Ok(_) => String::new(),
+        }
+    }
 }
 
 /// Where a NIC's tap comes from.
@@ -229,37 +250,6 @@ pub fn nics(args: &RunArgs) -> Result<Vec<NicSpec>, String> {
         .collect())
 }
 
-/// virtio-blk backend for a raw or qcow2 image.
-#[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "block")]
-pub struct BlockArgs {
-    /// listen on this unix socket path for one vhost-user frontend
-    #[argh(option)]
-    pub socket: Option<PathBuf>,
-    /// serve the vhost-user connection already open on this descriptor
-    #[argh(option)]
-    pub fd: Option<i32>,
-    /// the image: PATH[,ro][,format=raw|qcow2][,direct=BOOL][,id=STR][,backing-dir=DIR]...
-    /// (format probed when not given; a probed image may not open a backing file; direct=true
-    /// opens it with O_DIRECT, bypassing the host page cache; id is what GET_ID returns, 20
-    /// bytes max; backing-dir allows backing files from DIR besides the image's directory)
-    #[argh(option)]
-    pub file: DiskSpec,
-    /// number of request queues (default 1)
-    #[argh(option, default = "1")]
-    pub queues: usize,
-    /// serve without the jail (namespaces, pivot_root, no capabilities, seccomp)
-    #[argh(switch)]
-    pub disable_sandbox: bool,
-    /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
-    #[argh(switch)]
-    pub seccomp_log_failures: bool,
-    /// a pipe descriptor to which the process writes how it dies, before it does: a system
-    /// call its seccomp policy refused, or a memory fault and its address (ringvm reads it)
-    #[argh(option)]
-    pub report_fd: Option<i32>,
-}
-
 /// `--root` and `--disk`: read-only unless the spec says `rw`.
 fn read_only_disk(spec: &str) -> Result<DiskSpec, String> {
     DiskSpec::parse(spec, true)
@@ -299,28 +289,6 @@ pub enum Endpoint {
     Socket(PathBuf),
     /// An already connected socket inherited as this descriptor (how ringvm spawns devices).
     Fd(i32),
-}
-
-/// virtio-rng backend (entropy from /dev/urandom).
-#[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "rng")]
-pub struct RngArgs {
-    /// listen on this unix socket path for one vhost-user frontend
-    #[argh(option)]
-    pub socket: Option<PathBuf>,
-    /// serve the vhost-user connection already open on this descriptor
-    #[argh(option)]
-    pub fd: Option<i32>,
-    /// serve without the jail (namespaces, pivot_root, no capabilities, seccomp)
-    #[argh(switch)]
-    pub disable_sandbox: bool,
-    /// log syscalls the seccomp policy does not allow (kernel audit log) instead of killing
-    #[argh(switch)]
-    pub seccomp_log_failures: bool,
-    /// a pipe descriptor to which the process writes how it dies, before it does: a system
-    /// call its seccomp policy refused, or a memory fault and its address (ringvm reads it)
-    #[argh(option)]
-    pub report_fd: Option<i32>,
 }
 
 /// Picks the one endpoint out of `--socket` and `--fd`.

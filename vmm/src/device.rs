@@ -12,12 +12,14 @@ use std::path::Path;
 use std::rc::Rc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use executor::{opcode, AsyncFd};
-use virtio::rng::Rng;
+use argh::FromArgs;
+use executor::AsyncFd;
+use virtio::process::{DeviceProcess, Forward, VHOST_USER_OPS};
 use virtio::vhost_user::backend::{self, Device};
 use virtio::vhost_user::Connection;
+use virtio::DeviceType;
 
-use crate::cli::{self, DeviceArgs, DeviceCommand, Endpoint};
+use crate::cli::{self, Endpoint};
 use crate::death::{self, DeathReport};
 use crate::sys;
 
@@ -27,88 +29,97 @@ const DEVICE_NOFILE: u64 = 1024;
 /// Locked memory an io_uring ring may need on kernels that still count it.
 const DEVICE_MEMLOCK: u64 = 64 << 20;
 
-/// Runs `ringvm device <type>` until its frontend disconnects.
-pub fn run(args: DeviceArgs) -> Result<()> {
-    end_plainly(match args.device {
-        DeviceCommand::Rng(_) => "rng",
-        DeviceCommand::Block(_) => "block",
-        DeviceCommand::Net(_) => "net",
-    });
-    match args.device {
-        DeviceCommand::Rng(a) => start(
-            "rng",
-            &a.socket,
-            a.fd,
-            Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures, a.report_fd),
-            RNG_OPS,
-            Forward::NONE(),
-            || {
-                let entropy = File::open("/dev/urandom").context("cannot open /dev/urandom")?;
-                Ok(Rng::new(entropy.into()))
-            },
-        ),
-        DeviceCommand::Block(a) => {
-            let spec = a.file;
-            if a.queues == 0 || a.queues > MAX_BLOCK_QUEUES {
-                bail!("--queues {}: expected 1 to {MAX_BLOCK_QUEUES}", a.queues);
-            }
-            start(
-                "block",
-                &a.socket,
-                a.fd,
-                Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures, a.report_fd),
-                BLOCK_OPS,
-                Forward::NONE(),
-                || {
-                    let disk =
-                        block::Disk::open(&spec.path, spec.open_options()).with_context(|| {
-                            format!("cannot open disk image {}", spec.path.display())
-                        })?;
-                    Ok(block::BlockDevice::new(
-                        disk,
-                        block::BlockOptions {
-                            id: spec.id.clone(),
-                            num_queues: a.queues,
-                            queue_size: BLOCK_QUEUE_SIZE,
-                        },
-                    ))
-                },
-            )
-        }
-        DeviceCommand::Net(a) => {
-            let mac = a.mac.unwrap_or(net::MacAddress::DEFAULT).0;
-            let taps = open_taps(&a)?;
-            let forward = Forward {
-                fds: taps
-                    .iter()
-                    .map(|t| t.try_clone())
-                    .collect::<std::io::Result<_>>()
-                    .context("cannot duplicate a tap descriptor")?,
-                flag: "--tap-fd",
-                strip: NET_STRIP,
-            };
-            start(
-                "net",
-                &a.socket,
-                a.fd,
-                Sandboxing::from_flags(a.disable_sandbox, a.seccomp_log_failures, a.report_fd),
-                NET_OPS,
-                forward,
-                || {
-                    let queue_pairs = taps.len();
-                    net::NetDevice::new(
-                        taps,
-                        net::NetOptions {
-                            mac,
-                            queue_pairs,
-                            queue_size: NET_QUEUE_SIZE,
-                        },
-                    )
-                    .context("cannot set up the virtio-net device")
-                },
-            )
-        }
+/// A device process: its type and its entry.
+pub struct Registered {
+    pub device_type: DeviceType,
+    entry: fn(&[String]) -> Result<()>,
+}
+
+/// Every device ringvm runs as a process of its own: `ringvm device <name>`.
+pub const REGISTRY: &[Registered] = &[
+    register::<virtio::RngProcess>(),
+    register::<block::BlockProcess>(),
+    register::<net::NetProcess>(),
+];
+
+const fn register<P: DeviceProcess>() -> Registered {
+    Registered {
+        device_type: P::TYPE,
+        entry: run_process::<P>,
     }
+}
+
+/// Runs `ringvm device <name> [options...]` (`args` after `device`) until its frontend
+/// disconnects. The arguments come straight from the command line: argh cannot take the
+/// shared options and the device's own in one pass, so [`run_process`] parses them.
+pub fn run(args: &[String]) -> Result<()> {
+    let names: Vec<&str> = REGISTRY.iter().map(|r| r.device_type.name()).collect();
+    match args.first().map(String::as_str) {
+        None | Some("--help" | "-h" | "help") => {
+            print!(
+                "Usage: ringvm device <{}> [options]\n\n\
+                 Run a device as a vhost-user backend, for ringvm or any vhost-user frontend.\n\
+                 `ringvm device NAME --help` lists its options.\n",
+                names.join("|")
+            );
+            Ok(())
+        }
+        Some(name) => match REGISTRY.iter().find(|r| r.device_type.name() == name) {
+            Some(r) => (r.entry)(&args[1..]),
+            None => bail!("unknown device {name} (expected {})", names.join(", ")),
+        },
+    }
+}
+
+/// The one entry of every device process: the shared options, the device's own, the device
+/// made before the jail, then served.
+fn run_process<P: DeviceProcess>(args: &[String]) -> Result<()> {
+    let name = P::TYPE.name();
+    end_plainly(name);
+    let (common, own) = cli::CommonArgs::split(args).map_err(|e| anyhow!(e))?;
+    let own: Vec<&str> = own.iter().map(String::as_str).collect();
+    let command = format!("ringvm device {name}");
+    let options = match P::Options::from_args(&[command.as_str()], &own) {
+        Ok(o) => o,
+        Err(early) if early.status.is_ok() => {
+            // --help: the device's own options, then the shared ones.
+            print!("{}\n{}", early.output, cli::CommonArgs::help());
+            return Ok(());
+        }
+        Err(early) => bail!("{}", early.output.trim_end()),
+    };
+    let endpoint = cli::endpoint(&common.socket, common.fd).map_err(|e| anyhow!(e))?;
+    let sandbox = Sandboxing::from_flags(
+        common.disable_sandbox,
+        common.seccomp_log_failures,
+        common.report_fd,
+    );
+    // Every inherited descriptor number once: the connection, the report pipe, the device's.
+    let mut taken: Vec<i32> = common.fd.into_iter().chain(common.report_fd).collect();
+    if taken.len() == 2 && taken[0] == taken[1] {
+        bail!("--report-fd {} is also the connection's --fd", taken[0]);
+    }
+    let mut inherit = |fd: i32| -> std::io::Result<OwnedFd> {
+        if taken.contains(&fd) {
+            return Err(std::io::Error::other(format!(
+                "descriptor {fd} is given twice (--fd, --report-fd and the device's own)"
+            )));
+        }
+        taken.push(fd);
+        sys::inherited_fd(fd)
+    };
+    // Made here even when a jailed child will serve: bad arguments fail before listening.
+    let made = P::make(&options, &mut inherit)
+        .map_err(anyhow::Error::from_boxed)
+        .with_context(|| format!("device {name}"))?;
+    if let (Endpoint::Socket(path), true) = (&endpoint, sandbox.enabled) {
+        drop(made.device);
+        return accept_then_jail(name, path, made.forward, sandbox.report_fd);
+    }
+    let policy = seccomp::Policy::from_name(name)
+        .ok_or_else(|| anyhow!("device {name}: no seccomp policy"))?;
+    let ops: Vec<u8> = VHOST_USER_OPS.iter().chain(P::OPS).copied().collect();
+    serve(made.device, endpoint, sandbox, policy, &ops).with_context(|| format!("device {name}"))
 }
 
 /// Exit status of a device process that panicked (as Rust's own for a panic in `main`).
@@ -140,128 +151,6 @@ fn end_plainly(name: &'static str) {
         let _ = writeln!(line, "ringvm device {name}: {info}");
         sys::write_stderr_and_exit(line.as_bytes(), PANIC_STATUS)
     }));
-}
-
-// io_uring opcodes of every device: vhost-user messages with fds, timeouts on replies, kick
-// eventfd reads and readiness polls (Read, AsyncCancel and Nop are always allowed), then the
-// device's own data path.
-/// virtio-rng: entropy read straight into guest buffers.
-const RNG_OPS: &[u8] = &[
-    opcode::RecvMsg::CODE,
-    opcode::SendMsg::CODE,
-    opcode::PollAdd::CODE,
-    opcode::Timeout::CODE,
-    opcode::Readv::CODE,
-];
-/// virtio-blk: reads and writes into guest memory, flush, discard and write-zeroes.
-const BLOCK_OPS: &[u8] = &[
-    opcode::RecvMsg::CODE,
-    opcode::SendMsg::CODE,
-    opcode::PollAdd::CODE,
-    opcode::Timeout::CODE,
-    opcode::Readv::CODE,
-    opcode::Writev::CODE,
-    opcode::Write::CODE,
-    opcode::Fsync::CODE,
-    opcode::Fallocate::CODE,
-];
-
-/// virtio-net: frames between the tap and guest memory.
-const NET_OPS: &[u8] = &[
-    opcode::RecvMsg::CODE,
-    opcode::SendMsg::CODE,
-    opcode::PollAdd::CODE,
-    opcode::Timeout::CODE,
-    opcode::Readv::CODE,
-    opcode::Writev::CODE,
-    opcode::Write::CODE,
-];
-/// Descriptors per net queue.
-const NET_QUEUE_SIZE: u16 = 256;
-/// The options a jailed net child gets as `--tap-fd` instead.
-const NET_STRIP: &[&str] = &["--tap-fd", "--tap-name", "--queue-pairs"];
-
-/// The tap queue descriptors of `ringvm device net`: inherited, or made by name.
-fn open_taps(a: &cli::NetArgs) -> Result<Vec<OwnedFd>> {
-    let mut numbers: Vec<i32> = a
-        .tap_fd
-        .iter()
-        .copied()
-        .chain(a.fd)
-        .chain(a.report_fd)
-        .collect();
-    numbers.sort_unstable();
-    if numbers.windows(2).any(|w| w[0] == w[1]) {
-        bail!("a descriptor number is given twice (--fd, --tap-fd, --report-fd)");
-    }
-    match (&a.tap_name, a.tap_fd.is_empty()) {
-        (Some(_), false) => bail!("give --tap-fd or --tap-name, not both"),
-        (None, true) => bail!("give --tap-fd N (one per queue pair) or --tap-name NAME"),
-        (Some(name), true) => {
-            if a.queue_pairs == 0 || a.queue_pairs > MAX_NET_PAIRS {
-                bail!(
-                    "--queue-pairs {}: expected 1 to {MAX_NET_PAIRS}",
-                    a.queue_pairs
-                );
-            }
-            cli::open_taps(&cli::TapSource::Name(name.clone()), a.queue_pairs)
-        }
-        (None, false) => {
-            let mut fds = Vec::new();
-            for &fd in &a.tap_fd {
-                fds.extend(cli::open_taps(&cli::TapSource::Fd(fd), 1)?);
-            }
-            Ok(fds)
-        }
-    }
-}
-
-/// Most queue pairs a NIC takes.
-const MAX_NET_PAIRS: usize = 64;
-
-/// Most request queues a block device takes (one per vCPU is the VMM's default).
-const MAX_BLOCK_QUEUES: usize = 64;
-/// Descriptors per block queue.
-const BLOCK_QUEUE_SIZE: u16 = 256;
-
-/// Descriptors a `--socket` device hands on to its jailed child (which cannot open them in
-/// its own namespaces): they become `flag 4`, `flag 5`, ... after the connection on 3, and the
-/// options in `strip` (each with its value) are dropped from the child's arguments.
-struct Forward {
-    fds: Vec<OwnedFd>,
-    flag: &'static str,
-    strip: &'static [&'static str],
-}
-
-impl Forward {
-    const NONE: fn() -> Forward = || Forward {
-        fds: Vec::new(),
-        flag: "",
-        strip: &[],
-    };
-}
-
-/// Makes the device (opening its files while the whole file system is still visible), then
-/// serves it: in this process, or with `--socket` and the sandbox on, in a jailed child.
-fn start<D: Device>(
-    name: &str,
-    socket: &Option<std::path::PathBuf>,
-    fd: Option<i32>,
-    sandbox: Sandboxing,
-    ops: &[u8],
-    forward: Forward,
-    make: impl FnOnce() -> Result<D>,
-) -> Result<()> {
-    let endpoint = cli::endpoint(socket, fd).map_err(|e| anyhow!(e))?;
-    // Made here even when a jailed child will serve: bad arguments fail before listening.
-    let device = make().with_context(|| format!("device {name}"))?;
-    if let (Endpoint::Socket(path), true) = (&endpoint, sandbox.enabled) {
-        drop(device);
-        return accept_then_jail(name, path, forward, sandbox.report_fd);
-    }
-    let policy = seccomp::Policy::from_name(name)
-        .ok_or_else(|| anyhow!("device {name}: no seccomp policy"))?;
-    serve(device, endpoint, sandbox, policy, ops).with_context(|| format!("device {name}"))
 }
 
 /// `--disable-sandbox`, `--seccomp-log-failures` and `--report-fd` of a device.
@@ -478,7 +367,7 @@ mod tests {
         .map(OsString::from)
         .to_vec();
         assert_eq!(
-            jailed_args(args, &Forward::NONE()),
+            jailed_args(args, &Forward::default()),
             ["device", "rng", "--fd", "3"].map(OsString::from).to_vec()
         );
     }
@@ -503,7 +392,7 @@ mod tests {
         let forward = Forward {
             fds: vec![a.into(), b.into()],
             flag: "--tap-fd",
-            strip: NET_STRIP,
+            strip: &["--tap-fd", "--tap-name", "--queue-pairs"],
         };
         assert_eq!(
             jailed_args(args, &forward),

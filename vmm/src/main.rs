@@ -6,11 +6,28 @@ use anyhow::Context;
 use vmm::cli::{Args, Command};
 
 fn main() -> ExitCode {
-    let args: Args = argh::from_env();
-    let result = match args.command {
-        Command::Run(run) => vmm::vm::run_from_args(run),
-        Command::Stop(stop) => stop_vm(&stop.socket),
-        Command::Device(device) => vmm::device::run(device),
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let result = if argv.get(1).is_some_and(|a| a == "device") {
+        // A device process parses its own arguments (the shared options and the device's).
+        argv[2..]
+            .iter()
+            .map(|a| {
+                a.clone()
+                    .into_string()
+                    .map_err(|a| anyhow::anyhow!("argument {a:?} is not UTF-8"))
+            })
+            .collect::<anyhow::Result<Vec<String>>>()
+            .and_then(|args| vmm::device::run(&args))
+    } else {
+        let args: Args = argh::from_env();
+        match args.command {
+            Command::Run(run) => vmm::vm::run_from_args(run),
+            Command::Stop(stop) => stop_vm(&stop.socket),
+            // Dispatched above; what argh parsed goes the same way.
+            Command::Device(d) => {
+                vmm::device::run(&std::iter::once(d.name).chain(d.args).collect::<Vec<_>>())
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use block::DiskSpec;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use virtio::DeviceType;
+use virtio::{DeviceProcess, DeviceType};
 
 use crate::boot;
 use crate::cli::{self, NicSpec, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
@@ -361,7 +361,6 @@ async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
 }
 
 /// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
-/// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
 /// the PCI bus: ringvm's own device processes first, then `--vhost-user` backends.
 async fn add_devices(
     config: &VmConfig,
@@ -369,39 +368,35 @@ async fn add_devices(
     processes: &mut DeviceProcesses,
 ) -> Result<Vec<vhost_user::Backend>> {
     let mut backends = Vec::new();
-    // One request queue per vCPU, like crosvm.
-    let queues = config.cpus.to_string();
     for (i, disk) in config.disks.iter().enumerate() {
         let name = format!("block{i}");
-        let file = disk.to_string();
-        let extra = [
-            OsStr::new("--file"),
-            OsStr::new(&file),
-            OsStr::new("--queues"),
-            OsStr::new(&queues),
-        ];
-        let sock = spawn_device(config, processes, &name, DeviceType::Block, &extra, &[])?;
+        let options = block::BlockArgs {
+            file: disk.clone(),
+            // One request queue per vCPU, like crosvm.
+            queues: config.cpus,
+        };
+        let sock = spawn_device::<block::BlockProcess>(config, processes, &name, &options, &[])?;
         backends.push(attach(machine, &name, DeviceType::Block, sock).await?);
     }
     for (i, nic) in config.nics.iter().enumerate() {
         let name = format!("net{i}");
         let taps =
             cli::open_taps(&nic.tap, config.cpus).with_context(|| format!("device {name}"))?;
-        let mac = nic.mac.to_string();
-        let fd_args: Vec<String> = (0..taps.len())
-            .map(|i| (device_process::FIRST_EXTRA_FD + i).to_string())
-            .collect();
-        let mut extra = vec![OsStr::new("--mac"), OsStr::new(&mac)];
-        for a in &fd_args {
-            extra.push(OsStr::new("--tap-fd"));
-            extra.push(OsStr::new(a));
-        }
+        let options = net::NetArgs {
+            tap_fd: (0..taps.len())
+                .map(|i| (device_process::FIRST_EXTRA_FD + i) as i32)
+                .collect(),
+            tap_name: None,
+            queue_pairs: 1,
+            mac: Some(nic.mac),
+        };
         let borrowed: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
-        let sock = spawn_device(config, processes, &name, DeviceType::Net, &extra, &borrowed)?;
+        let sock = spawn_device::<net::NetProcess>(config, processes, &name, &options, &borrowed)?;
         backends.push(attach(machine, &name, DeviceType::Net, sock).await?);
     }
     if config.rng {
-        let sock = spawn_device(config, processes, "rng", DeviceType::Rng, &[], &[])?;
+        let options = virtio::rng::RngOptions {};
+        let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
         backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
     }
     for spec in &config.vhost_user {
@@ -416,20 +411,21 @@ async fn add_devices(
     Ok(backends)
 }
 
-/// Starts `ringvm device <kind>` for device `name` (kept in `processes`); returns the VMM's
-/// end of its vhost-user socket.
-fn spawn_device(
+/// Starts `ringvm device <P's name> <options>` for device `name` (kept in `processes`), with
+/// `fds` as descriptors 4, 5, ...; returns the VMM's end of its vhost-user socket.
+fn spawn_device<P: DeviceProcess>(
     config: &VmConfig,
     processes: &mut DeviceProcesses,
     name: &str,
-    kind: DeviceType,
-    extra: &[&OsStr],
+    options: &P::Options,
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<OwnedFd> {
+    let args = P::to_args(options);
+    let extra: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let (process, sock) = device_process::spawn(
         name,
-        kind.name(),
-        extra,
+        P::TYPE.name(),
+        &extra,
         fds,
         config.sandbox,
         config.seccomp_log_failures,
