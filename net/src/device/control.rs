@@ -25,7 +25,7 @@ const VIRTIO_NET_ERR: u8 = 1;
 /// Wakes the receive tasks of pairs waiting to be enabled.
 #[derive(Default)]
 pub(super) struct Changed {
-    pub(super) generation: Cell<u64>,
+    generation: Cell<u64>,
     wakers: RefCell<Vec<Waker>>,
 }
 
@@ -82,6 +82,13 @@ impl NetDevice {
         self.pairs_changed.notify();
         Ok(())
     }
+    /// Waits until the driver changes the enabled pairs; false if `stop` came first.
+    pub(super) async fn pairs_changed(&self, stop: &StopSignal) -> bool {
+        let since = self.pairs_changed.generation.get();
+        let changed = pin!(self.pairs_changed.after(since));
+        matches!(select(changed, stop.clone()).await, Either::Left(_))
+    }
+
     /// The control queue: `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`; every other command gets
     /// `VIRTIO_NET_ERR`.
     pub(super) async fn run_ctrl(

@@ -300,3 +300,26 @@ pub fn udp_checksum_ok(p: &Parsed) -> bool {
 pub fn run<F: Future>(f: F) -> F::Output {
     Executor::new().unwrap().run_until(f)
 }
+
+/// Receive chains as a driver posts them, popped from a mock ring: one per list of
+/// writable buffer lengths.
+pub fn rx_chains(chains: &[&[u32]]) -> Vec<virtio::DescriptorChain> {
+    let mem = GuestMemory::new(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let mut driver = MockSplitQueue::with_data_area(
+        &mem,
+        GuestAddress(0x1000),
+        2048,
+        GuestAddress(1 << 20),
+        15 << 20,
+    )
+    .unwrap();
+    for lens in chains {
+        let bufs: Vec<MockBuf> = lens.iter().map(|&len| MockBuf::Writable(len)).collect();
+        driver.add_chain(&bufs).unwrap();
+    }
+    let mut queue = driver.queue().unwrap();
+    chains
+        .iter()
+        .map(|_| queue.pop(&mem).unwrap().unwrap())
+        .collect()
+}
