@@ -1,4 +1,10 @@
 //! The control queue and the queue pairs the driver enables.
+//!
+//! With several pairs (`MQ`) the device starts with one: the tap queues of the others are
+//! detached, so the kernel steers no flow to them. `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` on the
+//! control queue attaches the tap queues of the pairs it enables and detaches the rest;
+//! receive tasks of disabled pairs wait on [`Changed`] until the pairs change. Every other
+//! command gets `VIRTIO_NET_ERR`.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

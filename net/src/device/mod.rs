@@ -1,38 +1,49 @@
 //! The virtio-net device (virtio 1.2 §5.1) over tap queues, one task per virtqueue.
 //!
-//! Queues are `rx0, tx0, rx1, tx1, ...` and, with several pairs, a control queue last.
+//! Queues are `rx0, tx0, rx1, tx1, ...` and, with several pairs, a control queue last; each
+//! pair has a tap queue of its own. [`NetDevice::run`] runs the task a queue's index names:
+//! receive ([`rx`]), transmit ([`tx`]) or control ([`control`]).
 //!
-//! - Transmit: the task pops every available chain (up to [`TX_BATCH`]), checks each
-//!   (`[virtio_net_hdr_v1][frame]`, readable only, sane header and length) and submits one
-//!   `writev` per frame, all in the same turn of the executor (one `io_uring_enter` for the
-//!   batch), straight from guest memory; a header the device had to rewrite (flags it
-//!   ignores, an `hdr_len` the tap would refuse: [`VirtioNetHdr::for_tap`]) goes as a host
-//!   copy before the frame. Checksum and segmentation offloads pass through to the tap. A malformed chain is counted as dropped, a failed
-//!   write as an error; either way the chain is returned and the queue goes on.
-//! - Receive: the task first holds guest buffers (waiting for a kick when there are none),
-//!   then reads one frame from the tap straight into them with one `readv`. Without buffers
-//!   it does not read the tap at all: frames wait in the kernel's tap queue (which drops, and
-//!   counts, beyond its length), and the task sleeps until the driver kicks. With
-//!   `MRG_RXBUF` a frame may span several chains: the task holds chains until they can take
-//!   the largest frame the negotiated offloads allow (or the ring has no more), reads once,
-//!   and returns the chains the frame filled with `num_buffers` set; the rest wait for the
-//!   next frame. Each read ends in a host spill buffer one byte longer than the largest
-//!   frame: a frame larger than the held chains lands partly there and is copied into the
-//!   next chains the driver posts (`MRG_RXBUF`) or counted in `rx_errors` (one chain per
-//!   frame without it), never handed over cut. Stopping cancels the pending read and
-//!   delivers what it may have read; chains still held go back to the avail ring
-//!   (`GET_VRING_BASE` reports them unconsumed). When every held chain takes a whole frame
-//!   by itself (Linux posts 1536-byte mergeable buffers), reads go in rounds instead, one per
-//!   chain: while the tap has frames, up to 32 reads per `io_uring_enter` that take only what
-//!   it already has (`RWF_NOWAIT`) and complete in order as they are submitted; once it is
-//!   empty, one read that waits. Frames go to the guest in read order, which is the tap's
-//!   order. A chain whose first buffer is longer than the largest frame is read with a
-//!   plain `read` into that buffer (no iovec array, no spill): a read that fills it is a
-//!   frame the tap cut, counted in `rx_errors`.
-//! - Several queue pairs (`MQ`): the control queue answers `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`
-//!   by attaching the tap queues of the enabled pairs and detaching the others, so the
-//!   kernel never steers a flow to a queue the driver does not serve; the receive tasks of
-//!   disabled pairs sleep until they are enabled.
+//! # Data path
+//! Frames go between guest memory and the tap with io_uring reads and writes, never through
+//! a device buffer: the guest's `virtio_net_hdr_v1` is the tap's vnet header, so frames and
+//! their offload metadata pass without translation, and checksum and segmentation offloads
+//! pass through (a receive queue sets the tap's offloads from the acked features as it
+//! starts).
+//! - Transmit: the task pops every available chain (up to [`tx::TX_BATCH`]), checks each and
+//!   submits one `writev` per frame straight from guest memory, all in one turn of the
+//!   executor; a header the device had to rewrite goes as a host copy before the frame.
+//! - Receive: the task holds guest chains and reads frames into them as its plan says
+//!   (`RxPlan`, in [`rx`]): rounds of reads, one per chain, when every chain takes a whole
+//!   frame (plain `read`s into first buffers that do, as Linux posts them); else one
+//!   `readv` at a time ending in a host spill buffer, a frame spanning chains with
+//!   `MRG_RXBUF`. Without chains it does not read the tap: frames wait in the kernel's tap
+//!   queue and the task sleeps until the driver kicks.
+//!
+//! # In flight
+//! A transmit batch is in flight at once and collected in order; a write cancelled before
+//! it ran (a receive task on the same tap cancelling its reads) is written again. A receive
+//! round is up to 32 reads that do not wait while the tap has frames, one read that waits
+//! once it is empty; frames go to the guest in read order, which is the tap's, one
+//! notification per round or spill read.
+//!
+//! # Queue pairs
+//! With several pairs (`MQ`) the control queue answers `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` by
+//! attaching the tap queues of the enabled pairs and detaching the others, so the kernel
+//! never steers a flow to a queue the driver does not serve; the receive tasks of disabled
+//! pairs sleep until they are enabled. A reset goes back to one pair.
+//!
+//! # Bad input
+//! A malformed transmit chain is counted as dropped, a write the tap refuses as an error; a
+//! receive chain that is invalid or too small for a header goes back empty; a frame larger
+//! than the buffers is counted in `rx_errors`, never handed over cut. Either way the queue
+//! goes on. A queue whose rings become inaccessible logs why and waits to be stopped.
+//!
+//! # Stop
+//! When its [`StopSignal`] fires, a transmit task finishes the batch in flight; a receive
+//! task cancels its reads, delivers what they took from the tap, and gives back the chains
+//! it holds (unconsumed in the avail ring when they are the last popped). The counters are
+//! logged when the last queue stops.
 
 mod control;
 mod rx;

@@ -1,4 +1,13 @@
 //! The transmit queue: guest frames to the tap.
+//!
+//! The task pops every available chain (up to [`TX_BATCH`]), checks each
+//! (`[virtio_net_hdr_v1][frame]`, readable only, sane header and length) and submits one
+//! `writev` per frame, all in the same turn of the executor (one `io_uring_enter` for the
+//! batch), straight from guest memory; a header the device had to rewrite (flags it
+//! ignores, an `hdr_len` the tap would refuse: [`VirtioNetHdr::for_tap`]) goes as a host
+//! copy before the frame. Checksum and segmentation offloads pass through to the tap. A
+//! malformed chain is counted as dropped, a failed write as an error; either way the chain
+//! is returned and the queue goes on.
 
 use std::pin::pin;
 
