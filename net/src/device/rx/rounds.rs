@@ -216,8 +216,9 @@ impl Rx<'_> {
     }
 
     /// One read per chain, each into all of its buffers and a spill byte: the rounds planned
-    /// [`RxPlan::PerChain`] (or [`RxPlan::Plain`] with a buffer across memory regions). Returns each read's result, the longest
-    /// frame each may bring, and whether the stop came.
+    /// [`RxPlan::PerChain`] (or [`RxPlan::Plain`] with a buffer across memory regions).
+    /// Returns each read's result, the longest frame each may bring, and whether the stop
+    /// came.
     async fn chain_reads(
         &mut self,
         chains: &[Option<DescriptorChain>],

@@ -1,5 +1,5 @@
 //! One read at a time into held chains and a host spill buffer, when some chain is smaller
-//! than the largest frame ([`RxPlan::Spill`]).
+//! than the largest frame ([`RxPlan::Spill`](super::plan::RxPlan::Spill)).
 
 use std::pin::pin;
 
@@ -7,8 +7,6 @@ use futures::future::{select, Either};
 use virtio::vhost_user::StopSignal;
 use virtio::{Buffer, Writer};
 
-#[cfg(doc)]
-use super::plan::RxPlan;
 use super::{Rx, MAX_READ_BUFFERS};
 use crate::device::QueueResult;
 use crate::hdr::VNET_HDR_SIZE;
@@ -105,8 +103,8 @@ impl Rx<'_> {
 
     /// A read of `n` bytes (header included) into `capacity` bytes of the first `chains` held
     /// chains and then `spill`: delivers the frame, copying an overflow into more chains with
-    /// `MRG_RXBUF`
-    /// (waiting for the driver to post them), or counts it as an error if it cannot fit.
+    /// `MRG_RXBUF` (waiting for the driver to post them), or counts it as an error if it
+    /// cannot fit.
     async fn received(
         &mut self,
         n: usize,
