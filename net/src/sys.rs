@@ -302,7 +302,7 @@ impl HostIoVecs {
 // which does not move when this value moves and is neither resized nor referenced until
 // `into_host` consumes the value; `iovecs` is a Vec whose heap buffer is stable and
 // unchanged after `new`. Checked by
-// `device::tests::a_frame_larger_than_a_single_buffer_is_counted_not_delivered`,
+// `device::rx::tests::a_frame_larger_than_a_single_buffer_is_counted_not_delivered`,
 // `mergeable_frame_overflowing_the_buffers_waits_for_more` and the transmit tests.
 unsafe impl executor::IoVecs for HostIoVecs {
     fn iovecs(&self) -> &[libc::iovec] {
