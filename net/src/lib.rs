@@ -26,7 +26,6 @@ mod testing;
 
 pub use device::{
     Counters, NetDevice, NetOptions, CONFIG_SIZE, DEFAULT_QUEUE_SIZE, MAX_QUEUE_PAIRS,
-    VIRTIO_ID_NET,
 };
 pub use hdr::{VirtioNetHdr, VNET_HDR_SIZE};
 pub use mac::MacAddress;

@@ -70,8 +70,6 @@ use crate::features::*;
 use crate::tap::Tap;
 use crate::{Error, Result};
 
-/// The virtio device id of a network device.
-pub const VIRTIO_ID_NET: u32 = 1;
 /// The queue size offered unless the options say otherwise.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// The most queue pairs a device takes (the vhost-user limit of 256 queues, with room for
@@ -324,7 +322,7 @@ impl Device for NetDevice {
     }
 
     fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
+        virtio::DeviceType::Net.id()
     }
 
     fn num_queues(&self) -> usize {
