@@ -15,10 +15,14 @@
 //! `TUNSETVNETHDRSZ` and an `AF_INET` socket for `SIOCGIFMTU`: create the device before
 //! the seccomp filter goes on (in another network namespace the MTU falls back to 1500).
 
+#![deny(unsafe_code)]
+
 mod device;
 pub mod hdr;
 mod mac;
 pub mod process;
+// Unsafe code lives here alone: the tap ioctls.
+#[allow(unsafe_code)]
 mod sys;
 mod tap;
 #[cfg(test)]

@@ -6,18 +6,14 @@
 //! KVM_IRQ_LINE on the ISA lines — the serial ports — and the PIT keep working).
 
 use std::collections::BTreeMap;
-use std::os::fd::BorrowedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
     kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_IRQ_ROUTES,
 };
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-
-use crate::devices::pci::{self, PciVm};
-use crate::sys;
+use kvm_ioctls::VmFd;
 
 /// IOAPIC pins; GSIs below this are the irqchip's.
 pub const IOAPIC_PINS: u32 = 24;
@@ -163,61 +159,6 @@ impl GsiRouting {
     }
 }
 
-/// [`PciVm`] over a real VM: KVM ioeventfds, irqfds and the shared routing table.
-pub struct KvmPciVm {
-    vm: Arc<VmFd>,
-    routing: Arc<Mutex<GsiRouting>>,
-}
-
-impl KvmPciVm {
-    pub fn new(vm: Arc<VmFd>, routing: Arc<Mutex<GsiRouting>>) -> KvmPciVm {
-        KvmPciVm { vm, routing }
-    }
-
-    fn routing(&self) -> std::sync::MutexGuard<'_, GsiRouting> {
-        self.routing.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl PciVm for KvmPciVm {
-    fn allocate_gsi(&self) -> pci::Result<u32> {
-        Ok(self.routing().allocate()?)
-    }
-
-    fn set_msi_routes(&self, routes: &[(u32, Option<MsiMessage>)]) -> pci::Result<()> {
-        Ok(self.routing().set_msi(routes)?)
-    }
-
-    fn register_irqfd(&self, fd: BorrowedFd<'_>, gsi: u32) -> pci::Result<()> {
-        let e = sys::kvm_eventfd(fd).map_err(pci::Error::Dup)?;
-        self.vm
-            .register_irqfd(&e, gsi)
-            .map_err(|e| pci::Error::Irqfd(gsi, e))
-    }
-
-    fn unregister_irqfd(&self, fd: BorrowedFd<'_>, gsi: u32) -> pci::Result<()> {
-        let e = sys::kvm_eventfd(fd).map_err(pci::Error::Dup)?;
-        self.vm
-            .unregister_irqfd(&e, gsi)
-            .map_err(|e| pci::Error::Irqfd(gsi, e))
-    }
-
-    fn register_ioeventfd(&self, fd: BorrowedFd<'_>, addr: u64) -> pci::Result<()> {
-        let e = sys::kvm_eventfd(fd).map_err(pci::Error::Dup)?;
-        // NoDatamatch: length 0, any access size and value at `addr`.
-        self.vm
-            .register_ioevent(&e, &IoEventAddress::Mmio(addr), NoDatamatch)
-            .map_err(|e| pci::Error::Ioeventfd(addr, e))
-    }
-
-    fn unregister_ioeventfd(&self, fd: BorrowedFd<'_>, addr: u64) -> pci::Result<()> {
-        let e = sys::kvm_eventfd(fd).map_err(pci::Error::Dup)?;
-        self.vm
-            .unregister_ioevent(&e, &IoEventAddress::Mmio(addr), NoDatamatch)
-            .map_err(|e| pci::Error::Ioeventfd(addr, e))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,43 +181,6 @@ mod tests {
             let n = r.iter().filter(|e| e.gsi == gsi).count();
             assert_eq!(n, if gsi < 16 { 2 } else { 1 }, "gsi {gsi}");
         }
-    }
-
-    #[test]
-    fn serial_irq_lines_still_route_after_msi_routes_are_installed() {
-        let vm = vm_with_irqchip();
-        let mut routing = GsiRouting::new(vm.clone()).expect("default routing");
-        let gsi = routing.allocate().expect("gsi");
-        assert_eq!(gsi, FIRST_MSI_GSI);
-        let msg = MsiMessage {
-            address: 0xfee0_0000,
-            data: 0x4041,
-        };
-        routing.set_msi(&[(gsi, Some(msg))]).expect("msi route");
-        assert_eq!(routing.msi(gsi), Some(msg));
-        // KVM_IRQ_LINE on the COM1/COM2 lines goes through the routing table and reaches
-        // both the IOAPIC and the PIC (the pins are masked, so the request stays in IRR).
-        for irq in [3u32, 4] {
-            vm.set_irq_line(irq, true).expect("irq line up");
-            let (ioapic, pic) = sys::irqchip_irr(&vm).expect("irqchip state");
-            assert_ne!(ioapic & 1 << irq, 0, "IOAPIC pin {irq}");
-            assert_ne!(pic & 1 << irq, 0, "PIC pin {irq}");
-            vm.set_irq_line(irq, false).expect("irq line down");
-            let (ioapic, _) = sys::irqchip_irr(&vm).expect("irqchip state");
-            assert_eq!(ioapic & 1 << irq, 0, "IOAPIC pin {irq} lowered");
-        }
-        // An irqfd on the MSI GSI and on a serial GSI registers.
-        let pvm = KvmPciVm::new(vm.clone(), Arc::new(Mutex::new(routing)));
-        let call = executor::EventFd::new().expect("eventfd");
-        use std::os::fd::AsFd;
-        pvm.register_irqfd(call.as_fd(), gsi).expect("irqfd");
-        // The same eventfd twice is refused: the first registration is live.
-        assert!(pvm.register_irqfd(call.as_fd(), gsi).is_err());
-        pvm.unregister_irqfd(call.as_fd(), gsi).expect("unregister");
-        pvm.register_irqfd(call.as_fd(), gsi).expect("irqfd again");
-        // Removing the route keeps the irqfd registered and delivers nothing.
-        pvm.set_msi_routes(&[(gsi, None)]).expect("route removed");
-        call.write(1).expect("signal");
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! The ringvm VMM: KVM VM and vCPUs, boot, platform devices, control socket.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over [`vm::run`].
+//!
+//! Unsafe code lives in `sys` alone (system calls, signal handlers, KVM memory slots).
+
+#![deny(unsafe_code)]
 
 pub mod boot;
 pub mod cli;
@@ -13,6 +17,7 @@ pub mod devices;
 pub mod exit;
 pub mod guest;
 pub mod irq;
+#[allow(unsafe_code)]
 mod sys;
 pub mod vcpu;
 pub mod vm;

@@ -25,6 +25,7 @@ use crate::cpuid::{self, Toggle};
 use crate::device_process::{self, DeviceProcesses};
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
+use crate::devices::pci::KvmPciVm;
 use crate::devices::pci::{
     self, PciConfigPort, PciDeviceInfo, PciMmioWindow, PciRoot, VirtioDevice,
 };
@@ -33,7 +34,7 @@ use crate::devices::vhost_user;
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
-use crate::irq::{GsiRouting, KvmPciVm};
+use crate::irq::GsiRouting;
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
 

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod host_bridge;
+mod kvm;
 pub mod msix;
 pub mod virtio_pci;
 
@@ -25,6 +26,7 @@ use crate::irq::{self, MsiMessage};
 
 pub use config::PciConfig;
 pub use host_bridge::HostBridge;
+pub use kvm::KvmPciVm;
 pub use virtio_pci::{QueueConfig, VirtioDevice, VirtioPciDevice};
 
 /// Start of the 32-bit PCI MMIO window (RAM below 4 GiB ends here).
@@ -60,7 +62,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What PCI devices need from the VM: MSI routes, irqfds and MMIO ioeventfds. The real one is
-/// [`crate::irq::KvmPciVm`]; tests use a recording fake.
+/// [`KvmPciVm`]; tests use a recording fake.
 pub trait PciVm: Send + Sync {
     /// A GSI of its own for one MSI-X vector; it routes nowhere until `set_msi_routes`.
     fn allocate_gsi(&self) -> Result<u32>;

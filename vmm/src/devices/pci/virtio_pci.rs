@@ -1419,11 +1419,12 @@ mod tests {
         vcpu
     }
 
+    use crate::devices::pci::KvmPciVm;
     use crate::devices::pci::{
         PciConfigPort, PciDeviceInfo, PciMmioWindow, PciRoot, MMIO_WINDOW_BASE,
     };
     use crate::devices::BusDevice;
-    use crate::irq::{GsiRouting, KvmPciVm};
+    use crate::irq::GsiRouting;
 
     /// A real VM with the fake device at 00:01.0, driven like a driver would: features
     /// negotiated, both queues on MSI-X vector 0 (addr 0xfee00000, data 0x31: fixed, vector
