@@ -1,6 +1,17 @@
 //! The real device processes against a hostile vhost-user frontend ([`tests::hostile`]): each
 //! test is one class of attack a compromised VMM (or any peer on the socket) can make, and
 //! checks that the device neither dies nor wedges, and says what went wrong.
+//!
+//! The eight classes of the security review, and where each is driven through the real
+//! process boundary:
+//! 1. a guest racing the qcow2 magic into a probed raw image, and crafted backing files:
+//!    `block_probing.rs` (libblkio as the frontend, a second thread flipping the buffer);
+//! 2. errors and panics of a jailed device with backtraces asked for, 3. memory faults
+//!    reported as what they are, 4. a flood of bad chains kept out of the host log:
+//!    `device_deaths.rs`;
+//! 5. guest memory shrunk under the device, 6. a saturated call eventfd, 7. GET_CONFIG
+//!    outside the config space, 8. a kick without a descriptor: here (the harness also runs
+//!    every device with `RUST_BACKTRACE=1`, class 2's trigger).
 
 use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
