@@ -1,0 +1,472 @@
+//! One connection's state and credit (virtio 1.2 §5.10.6.3), without any I/O: what the
+//! guest is owed next, how much each side may send, and what the guest may not do.
+
+use std::collections::VecDeque;
+
+use crate::packet::{Op, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
+
+/// The most bytes read from a host stream at once (and so buffered for the guest).
+pub(crate) const MAX_READ: usize = 64 << 10;
+/// The most bytes written to a host stream at once.
+pub(crate) const MAX_WRITE: usize = 64 << 10;
+
+/// A connection's address: the host-side port and the guest-side port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    /// The host's port (the `PATH_<port>` listener, or the port the device gave a host
+    /// process that connected to `PATH`).
+    pub local: u32,
+    /// The guest's port.
+    pub peer: u32,
+}
+
+/// Where a connection is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    /// The guest asked to connect; the broker is connecting (request id).
+    Connecting(u32),
+    /// A host process asked to connect; the guest has not answered.
+    Requesting,
+    /// Both sides may send.
+    Established,
+    /// Reset: only the RST for the guest is left to send.
+    Reset,
+}
+
+/// Something the guest may not do on a connection: the device resets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Violation {
+    /// More data than the credit the device gave.
+    #[error("{len} bytes sent with {free} bytes of credit")]
+    CreditExceeded {
+        /// Payload length.
+        len: u32,
+        /// The device's free buffer space.
+        free: u32,
+    },
+    /// A `fwd_cnt` that went back, or past the bytes the device sent.
+    #[error("fwd_cnt {fwd_cnt} is not between {old} and {tx_cnt}")]
+    BadFwdCnt {
+        /// The new value.
+        fwd_cnt: u32,
+        /// The previous value.
+        old: u32,
+        /// Bytes the device sent.
+        tx_cnt: u32,
+    },
+    /// An op the connection's state does not take.
+    #[error("{op:?} in state {state:?}")]
+    Unexpected {
+        /// The op.
+        op: Op,
+        /// The state.
+        state: State,
+    },
+}
+
+/// A packet the device owes the guest: op, flags and payload.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Outgoing {
+    pub op: Op,
+    pub flags: u32,
+    pub data: Vec<u8>,
+}
+
+/// One connection.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    /// Unique per device: tells a connection from a later one at the same key.
+    pub id: u64,
+    pub state: State,
+    /// A REQUEST is owed (host-initiated).
+    send_request: bool,
+    /// A RESPONSE is owed (guest-initiated, once the host stream is there).
+    send_response: bool,
+    /// A credit update is owed (the guest asked, or its view of our buffer is stale).
+    send_credit: bool,
+    /// SHUTDOWN flags owed to the guest.
+    shutdown_owed: u32,
+    /// SHUTDOWN flags sent to the guest.
+    shutdown_sent: u32,
+    /// SHUTDOWN flags the guest sent.
+    pub peer_shutdown: u32,
+    /// The host stream reached its end.
+    pub host_eof: bool,
+    /// The host stream's write side is shut.
+    pub host_shut: bool,
+    /// The guest's receive buffer, and what it forwarded of it.
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes sent to the guest.
+    tx_cnt: u32,
+    /// Our receive buffer (advertised), and what we forwarded to the host.
+    buf_alloc: u32,
+    fwd_cnt: u32,
+    /// The `fwd_cnt` the guest last heard.
+    fwd_cnt_sent: u32,
+    /// Guest data not yet written to the host (at most `buf_alloc` bytes).
+    pub to_host: VecDeque<u8>,
+    /// Host data not yet sent to the guest (at most [`MAX_READ`] bytes).
+    pub to_guest: VecDeque<u8>,
+    /// In the device's list of connections with something for the guest.
+    pub queued: bool,
+}
+
+impl Conn {
+    fn new(id: u64, state: State, buf_alloc: u32) -> Conn {
+        Conn {
+            id,
+            state,
+            send_request: false,
+            send_response: false,
+            send_credit: false,
+            shutdown_owed: 0,
+            shutdown_sent: 0,
+            peer_shutdown: 0,
+            host_eof: false,
+            host_shut: false,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            buf_alloc,
+            fwd_cnt: 0,
+            fwd_cnt_sent: 0,
+            to_host: VecDeque::new(),
+            to_guest: VecDeque::new(),
+            queued: false,
+        }
+    }
+
+    /// A connection the guest asked for, waiting for request `request` of the broker.
+    pub fn guest_initiated(id: u64, request: u32, buf_alloc: u32) -> Conn {
+        Conn::new(id, State::Connecting(request), buf_alloc)
+    }
+
+    /// A connection a host process asked for: a REQUEST is owed to the guest.
+    pub fn host_initiated(id: u64, buf_alloc: u32) -> Conn {
+        let mut c = Conn::new(id, State::Requesting, buf_alloc);
+        c.send_request = true;
+        c
+    }
+
+    /// The host stream of a guest-initiated connection is there: a RESPONSE is owed.
+    pub fn connected(&mut self) {
+        self.state = State::Established;
+        self.send_response = true;
+    }
+
+    /// The guest accepted a host-initiated connection.
+    pub fn accepted(&mut self) -> Result<(), Violation> {
+        if self.state != State::Requesting || self.send_request {
+            return Err(self.unexpected(Op::Response));
+        }
+        self.state = State::Established;
+        Ok(())
+    }
+
+    /// Resets the connection: everything buffered is dropped, an RST is owed.
+    pub fn reset(&mut self) {
+        self.state = State::Reset;
+        self.to_host = VecDeque::new();
+        self.to_guest = VecDeque::new();
+    }
+
+    pub fn unexpected(&self, op: Op) -> Violation {
+        Violation::Unexpected {
+            op,
+            state: self.state,
+        }
+    }
+
+    /// Takes the credit fields of a guest packet: `fwd_cnt` may only move forward, and not
+    /// past what the device sent.
+    pub fn peer_credit(&mut self, buf_alloc: u32, fwd_cnt: u32) -> Result<(), Violation> {
+        let advanced = fwd_cnt.wrapping_sub(self.peer_fwd_cnt);
+        let outstanding = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
+        if advanced > outstanding {
+            return Err(Violation::BadFwdCnt {
+                fwd_cnt,
+                old: self.peer_fwd_cnt,
+                tx_cnt: self.tx_cnt,
+            });
+        }
+        self.peer_buf_alloc = buf_alloc;
+        self.peer_fwd_cnt = fwd_cnt;
+        Ok(())
+    }
+
+    /// Bytes the guest can take now (0 when it shrank its buffer below what is in flight).
+    pub fn peer_free(&self) -> u32 {
+        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    /// Free space in our receive buffer: the credit the guest has.
+    pub fn free(&self) -> u32 {
+        self.buf_alloc
+            .saturating_sub(u32::try_from(self.to_host.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Takes `data` from the guest for the host, within the credit.
+    pub fn guest_data(&mut self, data: &[u8]) -> Result<(), Violation> {
+        if self.state != State::Established || self.peer_shutdown & SHUTDOWN_SEND != 0 {
+            return Err(self.unexpected(Op::Rw));
+        }
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let free = self.free();
+        if len > free {
+            return Err(Violation::CreditExceeded { len, free });
+        }
+        self.to_host.extend(data);
+        Ok(())
+    }
+
+    /// Takes the guest's SHUTDOWN flags.
+    pub fn guest_shutdown(&mut self, flags: u32) -> Result<(), Violation> {
+        if self.state != State::Established {
+            return Err(self.unexpected(Op::Shutdown));
+        }
+        self.peer_shutdown |= flags & SHUTDOWN_BOTH;
+        Ok(())
+    }
+
+    /// The guest asked for our credit.
+    pub fn credit_requested(&mut self) {
+        self.send_credit = true;
+    }
+
+    /// How much to read from the host now (0: not now).
+    pub fn read_size(&self) -> usize {
+        let open = self.state == State::Established
+            && !self.host_eof
+            && self.peer_shutdown & SHUTDOWN_RCV == 0
+            && self.to_guest.is_empty();
+        if !open {
+            return 0;
+        }
+        (self.peer_free() as usize).min(MAX_READ)
+    }
+
+    /// Data read from the host.
+    pub fn host_data(&mut self, data: &[u8]) {
+        self.to_guest.extend(data);
+    }
+
+    /// The host stream ended: once its data is out, the guest hears SHUTDOWN(SEND).
+    pub fn host_eof(&mut self) {
+        self.host_eof = true;
+        self.shutdown_owed |= SHUTDOWN_SEND & !self.shutdown_sent;
+    }
+
+    /// The next bytes to write to the host (at most [`MAX_WRITE`]).
+    pub fn write_chunk(&self) -> Vec<u8> {
+        let n = self.to_host.len().min(MAX_WRITE);
+        self.to_host.iter().take(n).copied().collect()
+    }
+
+    /// `n` bytes reached the host. The guest hears of it when its view of our free space
+    /// fell below half (or to nothing, where it waits).
+    pub fn host_wrote(&mut self, n: usize) {
+        let n = n.min(self.to_host.len());
+        self.to_host.drain(..n);
+        self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+        let unheard = self.fwd_cnt.wrapping_sub(self.fwd_cnt_sent);
+        let in_flight_as_guest_sees = unheard.saturating_add(self.buf_alloc - self.free());
+        if self.buf_alloc.saturating_sub(in_flight_as_guest_sees) < self.buf_alloc / 2 {
+            self.send_credit = true;
+        }
+    }
+
+    /// Whether the host's write side should be shut now (the guest will send no more and
+    /// everything it sent is written).
+    pub fn should_shut_host(&self) -> bool {
+        self.state == State::Established
+            && self.peer_shutdown & SHUTDOWN_SEND != 0
+            && self.to_host.is_empty()
+            && !self.host_shut
+    }
+
+    /// Whether the connection is done: the guest shut both directions and everything it
+    /// sent reached the host. The device then resets it (the guest waits for that RST).
+    pub fn finished(&self) -> bool {
+        self.state == State::Established
+            && self.peer_shutdown == SHUTDOWN_BOTH
+            && self.to_host.is_empty()
+    }
+
+    /// Whether a packet is owed to the guest now.
+    pub fn has_output(&self) -> bool {
+        match self.state {
+            State::Reset => true,
+            State::Connecting(_) => false,
+            State::Requesting => self.send_request,
+            State::Established => {
+                self.send_response
+                    || (!self.to_guest.is_empty() && self.peer_free() > 0)
+                    || (self.shutdown_owed != 0 && self.to_guest.is_empty())
+                    || self.send_credit
+            }
+        }
+    }
+
+    /// The next packet owed to the guest, with at most `room` payload bytes; it is taken as
+    /// sent. Every packet carries our credit, so a separate update is no longer owed.
+    pub fn next_packet(&mut self, room: usize) -> Option<Outgoing> {
+        let (op, flags, data) = match self.state {
+            State::Reset => (Op::Rst, 0, Vec::new()),
+            State::Requesting if self.send_request => {
+                self.send_request = false;
+                (Op::Request, 0, Vec::new())
+            }
+            State::Established if self.send_response => {
+                self.send_response = false;
+                (Op::Response, 0, Vec::new())
+            }
+            State::Established if !self.to_guest.is_empty() && self.peer_free() > 0 && room > 0 => {
+                let n = self.to_guest.len().min(self.peer_free() as usize).min(room);
+                let data: Vec<u8> = self.to_guest.drain(..n).collect();
+                self.tx_cnt = self.tx_cnt.wrapping_add(n as u32);
+                (Op::Rw, 0, data)
+            }
+            State::Established if self.shutdown_owed != 0 && self.to_guest.is_empty() => {
+                let flags = self.shutdown_owed;
+                self.shutdown_sent |= flags;
+                self.shutdown_owed = 0;
+                (Op::Shutdown, flags, Vec::new())
+            }
+            State::Established if self.send_credit => (Op::CreditUpdate, 0, Vec::new()),
+            _ => return None,
+        };
+        self.send_credit = false;
+        self.fwd_cnt_sent = self.fwd_cnt;
+        Some(Outgoing { op, flags, data })
+    }
+
+    /// Our credit fields for an outgoing header: `(buf_alloc, fwd_cnt)`.
+    pub fn credit(&self) -> (u32, u32) {
+        (self.buf_alloc, self.fwd_cnt)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn established(peer_buf: u32) -> Conn {
+        let mut c = Conn::guest_initiated(1, 0, 1024);
+        c.peer_credit(peer_buf, 0).unwrap();
+        c.connected();
+        assert_eq!(c.next_packet(4096).unwrap().op, Op::Response);
+        c
+    }
+
+    #[test]
+    fn the_device_never_sends_more_than_the_guests_credit() {
+        let mut c = established(100);
+        assert_eq!(c.read_size(), 100);
+        c.host_data(&[7; 100]);
+        assert_eq!(c.read_size(), 0, "nothing more is read while data waits");
+        let p = c.next_packet(30).unwrap();
+        assert_eq!((p.op, p.data.len()), (Op::Rw, 30));
+        let p = c.next_packet(4096).unwrap();
+        assert_eq!(p.data.len(), 70);
+        assert_eq!(c.peer_free(), 0);
+        assert_eq!(c.read_size(), 0, "no credit: nothing is read");
+        c.host_data(&[1; 10]);
+        assert!(!c.has_output(), "no credit: nothing is sent");
+        assert_eq!(c.next_packet(4096), None);
+        c.peer_credit(100, 40).unwrap();
+        assert_eq!(c.next_packet(4096).unwrap().data.len(), 10);
+        assert_eq!(c.peer_free(), 30);
+    }
+
+    #[test]
+    fn a_shrunk_guest_buffer_leaves_no_credit_instead_of_wrapping() {
+        let mut c = established(100);
+        c.host_data(&[0; 100]);
+        c.next_packet(4096).unwrap();
+        c.peer_credit(10, 0).unwrap();
+        assert_eq!(c.peer_free(), 0);
+    }
+
+    #[test]
+    fn fwd_cnt_may_not_go_back_or_past_what_was_sent() {
+        let mut c = established(100);
+        c.host_data(&[0; 50]);
+        c.next_packet(4096).unwrap();
+        assert!(matches!(
+            c.peer_credit(100, 51),
+            Err(Violation::BadFwdCnt { .. })
+        ));
+        c.peer_credit(100, 50).unwrap();
+        assert!(matches!(
+            c.peer_credit(100, 49),
+            Err(Violation::BadFwdCnt { .. })
+        ));
+        assert!(c.peer_credit(100, u32::MAX).is_err());
+    }
+
+    #[test]
+    fn guest_data_beyond_the_credit_is_a_violation() {
+        let mut c = established(100);
+        c.guest_data(&[0; 1000]).unwrap();
+        assert_eq!(c.free(), 24);
+        assert_eq!(
+            c.guest_data(&[0; 25]),
+            Err(Violation::CreditExceeded { len: 25, free: 24 })
+        );
+        assert_eq!(c.write_chunk().len(), 1000);
+        c.host_wrote(1000);
+        assert_eq!(c.free(), 1024);
+        assert!(c.has_output(), "a credit update is owed");
+        let p = c.next_packet(0).unwrap();
+        assert_eq!(p.op, Op::CreditUpdate);
+        assert_eq!(c.credit(), (1024, 1000));
+    }
+
+    #[test]
+    fn host_eof_becomes_shutdown_send_after_the_data() {
+        let mut c = established(100);
+        c.host_data(b"abc");
+        c.host_eof();
+        assert_eq!(c.next_packet(4096).unwrap().op, Op::Rw);
+        let p = c.next_packet(4096).unwrap();
+        assert_eq!((p.op, p.flags), (Op::Shutdown, SHUTDOWN_SEND));
+        assert_eq!(c.next_packet(4096), None);
+        assert_eq!(c.read_size(), 0);
+    }
+
+    #[test]
+    fn guest_shutdown_shuts_the_host_then_finishes() {
+        let mut c = established(100);
+        c.guest_data(b"xy").unwrap();
+        c.guest_shutdown(SHUTDOWN_BOTH).unwrap();
+        assert!(!c.should_shut_host() && !c.finished());
+        assert!(c.guest_data(b"z").is_err(), "no data after SHUTDOWN(SEND)");
+        c.host_wrote(2);
+        assert!(c.should_shut_host() && c.finished());
+    }
+
+    #[test]
+    fn host_initiated_needs_the_request_sent_before_a_response() {
+        let mut c = Conn::host_initiated(1, 1024);
+        assert!(
+            c.accepted().is_err(),
+            "response before the request went out"
+        );
+        assert_eq!(c.next_packet(0).unwrap().op, Op::Request);
+        c.accepted().unwrap();
+        assert_eq!(c.state, State::Established);
+        assert!(c.accepted().is_err());
+    }
+
+    #[test]
+    fn a_reset_connection_owes_only_an_rst() {
+        let mut c = established(100);
+        c.host_data(b"data");
+        c.reset();
+        assert_eq!(c.next_packet(4096).unwrap().op, Op::Rst);
+        assert_eq!(c.read_size(), 0);
+    }
+}

@@ -1,0 +1,524 @@
+//! The virtio-vsock device (virtio 1.2 §5.10) over vhost-user: [`VsockDevice`] serves stream
+//! connections between the guest and host processes on unix sockets, three queues (rx 0,
+//! tx 1, event 2), each run by its own executor task.
+//!
+//! # Connections
+//! A connection is keyed by (host port, guest port) and lives in the device, not in a
+//! queue's task: it survives a queue being stopped and started again (a memory table
+//! change). Its state machine and credit are in `conn` (no I/O); its host stream is driven
+//! by two tasks of its own (`stream`: one reads the host into a bounded buffer for the
+//! guest, one writes the guest's data to the host), and the broker channel by two more
+//! (`channel`). None of those tasks touches guest memory: only the queue tasks do, by copy,
+//! so stopping the queues is enough to hand guest memory back.
+//!
+//! # Data path
+//! tx: the tx task copies each packet's header out of the chain, checks the copy, and acts
+//! on it at once (a connect request goes to the broker, data is copied into the
+//! connection's buffer for the host writer); the chain is returned straight away, so one
+//! connection never holds up the queue for the others. rx: connections with something for
+//! the guest (a control packet, data within the guest's credit) wait in a ready list, served
+//! round-robin, one packet per rx chain; the rx task holds at most one chain while nothing
+//! is ready, and steps back over it when it stops.
+//!
+//! # Flow control
+//! The device never sends the guest more than its credit (`buf_alloc - (tx_cnt -
+//! fwd_cnt)`), and reads a host stream only when the guest has credit and the last read
+//! was passed on: a guest that stops reading stops the host writer. Each connection
+//! advertises [`VsockOptions::buf_alloc`] bytes, and the guest data it buffers for the host
+//! never exceeds that: a guest that sends beyond its credit is reset. So a connection holds
+//! at most `buf_alloc` + 64 KiB, the device at most [`VsockOptions::max_connections`] of
+//! them, and the queue of replies to unknown connections [`MAX_RESETS`] packets.
+//!
+//! # Bad input
+//! Chains too short for a header, wrong CIDs, unknown types and ops, lengths beyond the
+//! chain or 64 KiB, credit violations and packets for connections that do not exist are
+//! answered with an RST (or dropped, for wrong CIDs and when the reply queue is full) and
+//! counted in [`Stats`]; the log lines go through [`GuestLog`]. Nothing the guest sends
+//! stops the other connections.
+//!
+//! # Reset
+//! [`Device::reset`] drops every connection (closing its host stream) and queues a
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, sent on the event queue once it runs again.
+
+mod channel;
+mod conn;
+mod rx;
+mod stream;
+mod tx;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+
+use executor::{AsyncFd, Task};
+use futures::future::{select, Either};
+use virtio::vhost_user::{Device, StopSignal};
+use virtio::{AsyncQueue, GuestLog};
+
+use crate::broker::Frame;
+use crate::notify::Notify;
+use crate::packet::{Header, Op, HOST_CID, TYPE_STREAM};
+use crate::{Error, Result};
+use conn::{Conn, Key, State, Violation};
+use stream::Stream;
+
+/// The virtio device id of a socket device.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+/// `VIRTIO_VSOCK_F_STREAM`: stream sockets (the only type offered).
+pub const VIRTIO_VSOCK_F_STREAM: u32 = 0;
+/// The queue size the device offers.
+pub const QUEUE_SIZE: u16 = 256;
+/// The largest payload of one packet, either way (Linux's `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`).
+pub const MAX_PACKET: u32 = 64 << 10;
+/// Replies to packets of unknown connections waiting for an rx buffer; more are dropped.
+pub const MAX_RESETS: usize = 64;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+/// The first port the device gives a host process that connects to `PATH`.
+pub const FIRST_HOST_PORT: u32 = 1 << 30;
+
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// How to serve a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VsockOptions {
+    /// The guest's CID (3 to `u32::MAX - 1`).
+    pub guest_cid: u64,
+    /// The most connections at once (each costs up to `buf_alloc` + 64 KiB of buffers).
+    pub max_connections: usize,
+    /// The receive buffer each connection advertises to the guest.
+    pub buf_alloc: u32,
+}
+
+impl VsockOptions {
+    /// The defaults for `guest_cid`: 1024 connections of 64 KiB.
+    pub fn new(guest_cid: u64) -> VsockOptions {
+        VsockOptions {
+            guest_cid,
+            max_connections: 1024,
+            buf_alloc: 64 << 10,
+        }
+    }
+}
+
+/// What the device refused or dropped, by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// tx chains too short for a header, or malformed (returned empty).
+    pub bad_chains: u64,
+    /// Packets with a source CID other than the guest's or a destination other than the
+    /// host (dropped).
+    pub bad_cids: u64,
+    /// Packets of an unknown type or op, or whose length exceeds their chain or 64 KiB.
+    pub bad_packets: u64,
+    /// Packets for connections that do not exist.
+    pub unknown_connections: u64,
+    /// Packets beyond the credit, or with a `fwd_cnt` that went back or ahead.
+    pub credit_violations: u64,
+    /// Ops the connection's state does not take.
+    pub unexpected_ops: u64,
+    /// Connections refused at the limit.
+    pub refused: u64,
+    /// Guest connects the broker could not make.
+    pub connect_failures: u64,
+    /// Replies dropped because [`MAX_RESETS`] were waiting.
+    pub dropped_resets: u64,
+}
+
+/// A connection and its host stream.
+struct Entry {
+    conn: Conn,
+    stream: Slot,
+}
+
+/// A connection's host stream.
+enum Slot {
+    None,
+    /// Handed over by the broker; the guest has not accepted yet.
+    Waiting(OwnedFd),
+    Running(Stream),
+}
+
+/// The device's state, shared by the queue, stream and channel tasks.
+struct Shared {
+    guest_cid: u64,
+    max_connections: usize,
+    buf_alloc: u32,
+    conns: RefCell<HashMap<Key, Entry>>,
+    /// Connections with something for the guest, in turn.
+    ready: RefCell<VecDeque<Key>>,
+    /// RSTs for packets of connections that do not exist.
+    resets: RefCell<VecDeque<Header>>,
+    /// Broker requests in flight: id to connection.
+    requests: RefCell<HashMap<u32, Key>>,
+    /// Frames for the broker.
+    outbox: RefCell<VecDeque<Frame>>,
+    next_request: Cell<u32>,
+    next_port: Cell<u32>,
+    next_id: Cell<u64>,
+    rx_wake: Notify,
+    event_wake: Notify,
+    outbox_wake: Notify,
+    transport_reset: Cell<bool>,
+    stats: Cell<Stats>,
+    errors: GuestLog,
+    broker: AsyncFd,
+    /// The broker channel's tasks, started by the first queue that runs.
+    channel: RefCell<Option<(Task<()>, Task<()>)>>,
+}
+
+/// A virtio-vsock device (see the module docs).
+pub struct VsockDevice {
+    shared: Rc<Shared>,
+}
+
+impl std::fmt::Debug for VsockDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockDevice")
+            .field("guest_cid", &self.shared.guest_cid)
+            .field("connections", &self.shared.conns.borrow().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VsockDevice {
+    /// A device for `options`, taking host streams from the broker channel `broker` (the
+    /// device end of [`Broker::new`](crate::Broker::new)'s pair).
+    pub fn new(options: VsockOptions, broker: OwnedFd) -> Result<VsockDevice> {
+        let cid = options.guest_cid;
+        if cid <= HOST_CID || cid >= u64::from(u32::MAX) {
+            return Err(Error::InvalidCid(cid));
+        }
+        Ok(VsockDevice {
+            shared: Rc::new(Shared {
+                guest_cid: cid,
+                max_connections: options.max_connections.max(1),
+                buf_alloc: options.buf_alloc,
+                conns: RefCell::default(),
+                ready: RefCell::default(),
+                resets: RefCell::default(),
+                requests: RefCell::default(),
+                outbox: RefCell::default(),
+                next_request: Cell::new(0),
+                next_port: Cell::new(FIRST_HOST_PORT),
+                next_id: Cell::new(0),
+                rx_wake: Notify::default(),
+                event_wake: Notify::default(),
+                outbox_wake: Notify::default(),
+                transport_reset: Cell::new(false),
+                stats: Cell::default(),
+                errors: GuestLog::new("vsock"),
+                broker: AsyncFd::new(broker),
+                channel: RefCell::new(None),
+            }),
+        })
+    }
+
+    /// What the device refused or dropped so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats.get()
+    }
+
+    /// The number of connections (in any state).
+    pub fn connections(&self) -> usize {
+        self.shared.conns.borrow().len()
+    }
+
+    /// Bytes buffered for all connections, both ways.
+    pub fn buffered(&self) -> usize {
+        self.shared
+            .conns
+            .borrow()
+            .values()
+            .map(|e| e.conn.to_host.len() + e.conn.to_guest.len())
+            .sum()
+    }
+}
+
+impl Drop for VsockDevice {
+    fn drop(&mut self) {
+        // The tasks hold the shared state: dropping them (cancelling their I/O) and the
+        // connections that own them ends the cycle.
+        let channel = self.shared.channel.take();
+        let conns = self.shared.conns.take();
+        drop((channel, conns));
+    }
+}
+
+impl Shared {
+    fn count(&self, f: impl FnOnce(&mut Stats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
+    /// Starts the broker channel's tasks, once.
+    fn start_channel(self: &Rc<Self>) {
+        let mut channel = self.channel.borrow_mut();
+        if channel.is_none() {
+            *channel = Some((
+                executor::spawn(channel::receive(self.clone())),
+                executor::spawn(channel::send(self.clone())),
+            ));
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id.wrapping_add(1));
+        id
+    }
+
+    /// Whether an rx buffer would be used now.
+    fn rx_pending(&self) -> bool {
+        !self.resets.borrow().is_empty() || !self.ready.borrow().is_empty()
+    }
+
+    /// Queues an RST answering `hdr` (a packet of no connection), unless `hdr` is an RST.
+    fn reply_rst(&self, hdr: &Header) {
+        if hdr.op == Op::Rst.to_u16() {
+            return;
+        }
+        let mut resets = self.resets.borrow_mut();
+        if resets.len() >= MAX_RESETS {
+            self.count(|s| s.dropped_resets += 1);
+            return;
+        }
+        resets.push_back(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            len: 0,
+            kind: TYPE_STREAM,
+            op: Op::Rst.to_u16(),
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+        self.rx_wake.notify();
+    }
+
+    /// Runs `f` on connection `key` if it is still connection `id`, then settles it.
+    fn with_conn<R>(&self, key: Key, id: u64, f: impl FnOnce(&mut Conn) -> R) -> Option<R> {
+        let mut conns = self.conns.borrow_mut();
+        let entry = conns.get_mut(&key).filter(|e| e.conn.id == id)?;
+        let r = f(&mut entry.conn);
+        self.settle(key, entry);
+        Some(r)
+    }
+
+    /// Resets connection `key`: its host stream is closed, an RST is owed to the guest.
+    fn reset_entry(&self, entry: &mut Entry) {
+        if let State::Connecting(request) = entry.conn.state {
+            self.requests.borrow_mut().remove(&request);
+        }
+        entry.conn.reset();
+    }
+
+    /// After a change to `entry`: resets a finished connection, closes the stream of a reset
+    /// one, queues it for the guest, and wakes its stream tasks if they have work.
+    fn settle(&self, key: Key, entry: &mut Entry) {
+        if entry.conn.finished() {
+            self.reset_entry(entry);
+        }
+        let c = &mut entry.conn;
+        if c.state == State::Reset {
+            entry.stream = Slot::None;
+        }
+        if c.has_output() && !c.queued {
+            c.queued = true;
+            self.ready.borrow_mut().push_back(key);
+            self.rx_wake.notify();
+        }
+        if let Slot::Running(s) = &entry.stream {
+            if c.read_size() > 0 {
+                s.read_wake.notify();
+            }
+            if !c.to_host.is_empty() || c.should_shut_host() {
+                s.write_wake.notify();
+            }
+        }
+    }
+
+    /// Removes connection `key` (closing its stream) without telling the guest.
+    fn remove(&self, key: Key) {
+        let entry = self.conns.borrow_mut().remove(&key);
+        if let Some(mut entry) = entry {
+            if let State::Connecting(request) = entry.conn.state {
+                self.requests.borrow_mut().remove(&request);
+            }
+            if entry.conn.queued {
+                self.ready.borrow_mut().retain(|k| *k != key);
+            }
+            entry.stream = Slot::None;
+        }
+    }
+
+    /// A guest violation on connection `key`: logged, counted, the connection reset.
+    fn violation(&self, key: Key, v: Violation) {
+        self.count(|s| match v {
+            Violation::CreditExceeded { .. } | Violation::BadFwdCnt { .. } => {
+                s.credit_violations += 1
+            }
+            Violation::Unexpected { .. } => s.unexpected_ops += 1,
+        });
+        self.errors.log(format_args!(
+            "connection host port {} guest port {}: {v}; reset",
+            key.local, key.peer
+        ));
+        let mut conns = self.conns.borrow_mut();
+        if let Some(entry) = conns.get_mut(&key) {
+            self.reset_entry(entry);
+            self.settle(key, entry);
+        }
+    }
+
+    /// A port for a host process that connected to `PATH`, not in use by any connection.
+    fn host_port(&self) -> u32 {
+        let conns = self.conns.borrow();
+        loop {
+            let p = self.next_port.get();
+            self.next_port.set(if p == u32::MAX {
+                FIRST_HOST_PORT
+            } else {
+                p + 1
+            });
+            if !conns.keys().any(|k| k.local == p) {
+                return p;
+            }
+        }
+    }
+
+    /// Starts the stream tasks of connection `key` on `fd`, writing `preamble` first.
+    fn start_stream(self: &Rc<Self>, key: Key, entry: &mut Entry, fd: OwnedFd, preamble: Vec<u8>) {
+        match Stream::start(self.clone(), key, entry.conn.id, fd, preamble) {
+            Ok(s) => entry.stream = Slot::Running(s),
+            Err(e) => {
+                eprintln!("ringvm device vsock: starting a host stream failed: {e}");
+                self.reset_entry(entry);
+            }
+        }
+    }
+
+    /// Drops every connection and queues a transport reset event.
+    fn reset(&self) {
+        let conns = self.conns.take();
+        self.ready.borrow_mut().clear();
+        self.resets.borrow_mut().clear();
+        self.requests.borrow_mut().clear();
+        self.outbox.borrow_mut().clear();
+        drop(conns);
+        self.transport_reset.set(true);
+        self.event_wake.notify();
+    }
+
+    /// Sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` when one is owed.
+    async fn run_event(self: Rc<Self>, queue: Rc<AsyncQueue>, stop: StopSignal) {
+        self.start_channel();
+        loop {
+            if !self.transport_reset.get() {
+                match select(pin!(self.event_wake.wait()), stop.clone()).await {
+                    Either::Left(_) => continue,
+                    Either::Right(_) => break,
+                }
+            }
+            let chain = match select(pin!(queue.next_chain()), stop.clone()).await {
+                Either::Left((Ok(chain), _)) => chain,
+                Either::Left((Err(virtio::Error::InvalidChain { head, reason }), _)) => {
+                    self.errors.log(format_args!(
+                        "event queue: invalid chain at head {head}: {reason}"
+                    ));
+                    if queue.complete(head, 0).is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                Either::Left((Err(e), _)) => {
+                    eprintln!("ringvm device vsock: event queue stopped: {e}");
+                    break;
+                }
+                Either::Right(_) => break,
+            };
+            let mut w = chain.writer(queue.memory());
+            let len = match w.write_all_bytes(&EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                Ok(()) => {
+                    self.transport_reset.set(false);
+                    4
+                }
+                Err(e) => {
+                    self.errors
+                        .log(format_args!("event chain {}: {e}", chain.head_index()));
+                    0
+                }
+            };
+            if let Err(e) = queue.complete(chain.head_index(), len) {
+                eprintln!("ringvm device vsock: event queue stopped: {e}");
+                break;
+            }
+        }
+        stop.await;
+        self.errors.flush();
+    }
+}
+
+impl Device for VsockDevice {
+    fn name(&self) -> &'static str {
+        "vsock"
+    }
+
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn num_queues(&self) -> usize {
+        3
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_VSOCK_F_STREAM
+    }
+
+    fn config_size(&self) -> usize {
+        8
+    }
+
+    fn read_config(&self, offset: u32, data: &mut [u8]) {
+        let config = self.shared.guest_cid.to_le_bytes();
+        let start = offset as usize;
+        match config.get(start..start.saturating_add(data.len())) {
+            Some(bytes) => data.copy_from_slice(bytes),
+            None => data.fill(0),
+        }
+    }
+
+    fn run_queue(
+        self: Rc<Self>,
+        index: usize,
+        queue: Rc<AsyncQueue>,
+        _acked_features: u64,
+        stop: StopSignal,
+    ) -> Pin<Box<dyn Future<Output = ()>>> {
+        let shared = self.shared.clone();
+        match index {
+            RX => Box::pin(rx::run(shared, queue, stop)),
+            TX => Box::pin(tx::run(shared, queue, stop)),
+            _ => Box::pin(shared.run_event(queue, stop)),
+        }
+    }
+
+    fn reset(&self) {
+        self.shared.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,174 @@
+//! A connection's host stream: one task reads the host into the connection's buffer for the
+//! guest (only as much as the guest has credit for, and only once the last read went out),
+//! one writes what the guest sent to the host and returns the credit.
+//!
+//! Writes are `sendmsg` with `MSG_NOSIGNAL`: a host process that closed its end gives
+//! EPIPE (the connection is reset), never a SIGPIPE.
+//!
+//! Both tasks look their connection up by key and id on every step and end when it is
+//! gone; dropping a [`Stream`] cancels them (and their I/O) and closes the descriptor.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+
+use executor::{AsyncFd, Task};
+
+use super::conn::Key;
+use super::Shared;
+use crate::notify::Notify;
+
+/// The running tasks of one host stream.
+pub(super) struct Stream {
+    pub read_wake: Rc<Notify>,
+    pub write_wake: Rc<Notify>,
+    _reader: Task<()>,
+    _writer: Task<()>,
+}
+
+impl Stream {
+    /// Starts the tasks of connection `key` (`id`) on `fd`; the writer sends `preamble`
+    /// first (the `OK <port>` line of a host-initiated connection).
+    pub fn start(
+        shared: Rc<Shared>,
+        key: Key,
+        id: u64,
+        fd: OwnedFd,
+        preamble: Vec<u8>,
+    ) -> io::Result<Stream> {
+        // A second handle for shutdown(2), which io_uring is not asked for here.
+        let control = UnixStream::from(fd.try_clone()?);
+        let fd = AsyncFd::new(fd);
+        let read_wake = Rc::new(Notify::default());
+        let write_wake = Rc::new(Notify::default());
+        let host = Host {
+            shared,
+            key,
+            id,
+            fd,
+        };
+        let reader = executor::spawn(host.clone().read(read_wake.clone()));
+        let writer = executor::spawn(host.write(control, write_wake.clone(), preamble));
+        Ok(Stream {
+            read_wake,
+            write_wake,
+            _reader: reader,
+            _writer: writer,
+        })
+    }
+}
+
+/// What a stream task works on.
+#[derive(Clone)]
+struct Host {
+    shared: Rc<Shared>,
+    key: Key,
+    id: u64,
+    fd: AsyncFd,
+}
+
+enum Job {
+    Idle,
+    Shut,
+    Write(Vec<u8>),
+}
+
+impl Host {
+    /// The host failed (closed, reset): the connection is reset. Closing is how a host
+    /// process ends a connection, so that is not logged.
+    fn failed(&self, what: &str, e: io::Error) {
+        let quiet = matches!(
+            e.raw_os_error(),
+            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ECANCELED)
+        );
+        if !quiet {
+            eprintln!(
+                "ringvm device vsock: host port {} guest port {}: {what} failed: {e}",
+                self.key.local, self.key.peer
+            );
+        }
+        let mut conns = self.shared.conns.borrow_mut();
+        if let Some(entry) = conns.get_mut(&self.key).filter(|e| e.conn.id == self.id) {
+            self.shared.reset_entry(entry);
+            self.shared.settle(self.key, entry);
+        }
+    }
+
+    async fn read(self, wake: Rc<Notify>) {
+        loop {
+            let Some(want) = self.shared.with_conn(self.key, self.id, |c| c.read_size()) else {
+                return;
+            };
+            if want == 0 {
+                wake.wait().await;
+                continue;
+            }
+            let (res, buf) = self.fd.read(vec![0u8; want].into_boxed_slice()).await;
+            let alive = match res {
+                Ok(0) => self.shared.with_conn(self.key, self.id, |c| c.host_eof()),
+                Ok(n) => self
+                    .shared
+                    .with_conn(self.key, self.id, |c| c.host_data(&buf[..n.min(buf.len())])),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match self.fd.poll_readable().await {
+                        Ok(_) => Some(()),
+                        Err(e) => return self.failed("polling", e),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Some(()),
+                Err(e) => return self.failed("reading", e),
+            };
+            if alive.is_none() {
+                return;
+            }
+        }
+    }
+
+    async fn write(self, control: UnixStream, wake: Rc<Notify>, preamble: Vec<u8>) {
+        let mut preamble = preamble;
+        while !preamble.is_empty() {
+            match self.fd.sendmsg(preamble, &[]).await {
+                (Ok(n), buf) if n > 0 => preamble = buf[n.min(buf.len())..].to_vec(),
+                (Ok(_), _) => return self.failed("writing", io::ErrorKind::WriteZero.into()),
+                (Err(e), _) => return self.failed("writing", e),
+            }
+        }
+        loop {
+            let job = self.shared.with_conn(self.key, self.id, |c| {
+                if c.should_shut_host() {
+                    Job::Shut
+                } else if c.to_host.is_empty() {
+                    Job::Idle
+                } else {
+                    Job::Write(c.write_chunk())
+                }
+            });
+            match job {
+                None => return,
+                Some(Job::Idle) => wake.wait().await,
+                Some(Job::Shut) => {
+                    // The host may be gone already; its end is then closed anyway.
+                    let _ = control.shutdown(Shutdown::Write);
+                    self.shared
+                        .with_conn(self.key, self.id, |c| c.host_shut = true);
+                }
+                Some(Job::Write(buf)) => match self.fd.sendmsg(buf, &[]).await.0 {
+                    Ok(n) if n > 0 => {
+                        self.shared
+                            .with_conn(self.key, self.id, |c| c.host_wrote(n));
+                    }
+                    Ok(_) => return self.failed("writing", io::ErrorKind::WriteZero.into()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.fd.poll_writable().await {
+                            return self.failed("polling", e);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return self.failed("writing", e),
+                },
+            }
+        }
+    }
+}
