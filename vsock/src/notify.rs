@@ -41,6 +41,7 @@ impl Notify {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::pin::pin;
 
     use super::*;

@@ -1,1 +1,828 @@
+//! The device driven by a mock guest driver on its three queues, with the test as the
+//! broker (or a real [`crate::Broker`]) and unix socketpairs as host streams.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use executor::{EventFd, Executor};
+use memory::{GuestAddress, GuestMemory};
+use virtio::mock::{MockBuf, MockChain, MockSplitQueue};
+
 use super::*;
+use crate::broker::{To, FRAME_SIZE};
+use crate::packet::{HEADER_SIZE, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_SEQPACKET};
+
+const CID: u64 = 3;
+const RX_BUF: u32 = 4096;
+
+/// The guest's side of the three queues, the test's end of the broker channel, and the
+/// device running on them.
+struct Guest {
+    device: Rc<VsockDevice>,
+    mem: GuestMemory,
+    queues: [MockSplitQueue; 3],
+    kicks: [EventFd; 3],
+    stops: Vec<StopSignal>,
+    tasks: Vec<Task<()>>,
+    rx_posted: HashMap<u16, MockChain>,
+    /// The test's end of the broker channel.
+    broker: AsyncFd,
+    /// Received packets not yet looked at.
+    inbox: VecDeque<(Header, Vec<u8>)>,
+    /// Last, so the device and its tasks go first.
+    ex: Executor,
+}
+
+fn header(src_port: u32, dst_port: u32, op: Op) -> Header {
+    Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len: 0,
+        kind: TYPE_STREAM,
+        op: op.to_u16(),
+        flags: 0,
+        buf_alloc: 1 << 20,
+        fwd_cnt: 0,
+    }
+}
+
+impl Guest {
+    fn new() -> Guest {
+        Guest::with_options(VsockOptions::new(CID))
+    }
+
+    fn with_options(options: VsockOptions) -> Guest {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        Guest::with_channel(options, ours.into(), theirs.into())
+    }
+
+    fn with_channel(options: VsockOptions, ours: OwnedFd, device_end: OwnedFd) -> Guest {
+        let ex = Executor::new().unwrap();
+        let mem = GuestMemory::new_x86(64 << 20).unwrap();
+        let kicks = [(); 3].map(|()| EventFd::new().unwrap());
+        let device = Rc::new(VsockDevice::new(options, device_end).unwrap());
+        let mut g = Guest {
+            queues: Guest::layout(&mem),
+            device,
+            mem,
+            kicks,
+            stops: Vec::new(),
+            tasks: Vec::new(),
+            rx_posted: HashMap::new(),
+            broker: AsyncFd::new(ours),
+            inbox: VecDeque::new(),
+            ex,
+        };
+        g.start();
+        g
+    }
+
+    /// Fresh rings for the three queues (zeroed, as a driver sets them up).
+    fn layout(mem: &GuestMemory) -> [MockSplitQueue; 3] {
+        let queue = |base: u64, size: u16, data: u64| {
+            MockSplitQueue::with_data_area(
+                mem,
+                GuestAddress(base),
+                size,
+                GuestAddress(data),
+                8 << 20,
+            )
+            .unwrap()
+        };
+        [
+            queue(0x1_0000, 256, 0x10_0000),
+            queue(0x2_0000, 256, 0x100_0000),
+            queue(0x3_0000, 16, 0x200_0000),
+        ]
+    }
+
+    /// Starts the device's queues on the current rings and posts rx buffers.
+    fn start(&mut self) {
+        for i in 0..3 {
+            let queue = Rc::new(AsyncQueue::new(
+                self.queues[i].queue().unwrap(),
+                self.mem.clone(),
+                self.kicks[i].try_clone().unwrap().into_stream(),
+                EventFd::new().unwrap(),
+            ));
+            let stop = StopSignal::new();
+            let task = self
+                .ex
+                .spawn(self.device.clone().run_queue(i, queue, 0, stop.clone()));
+            self.stops.push(stop);
+            self.tasks.push(task);
+        }
+        self.post_rx(64);
+    }
+
+    fn stop(&mut self) {
+        for s in self.stops.drain(..) {
+            s.stop();
+        }
+        for t in self.tasks.drain(..) {
+            self.ex
+                .run_until(executor::timeout(Duration::from_secs(5), t))
+                .unwrap();
+        }
+    }
+
+    fn post_rx(&mut self, n: usize) {
+        for _ in 0..n {
+            let c = self.queues[RX]
+                .add_chain(&[MockBuf::Writable(HEADER_SIZE as u32 + RX_BUF)])
+                .unwrap();
+            self.rx_posted.insert(c.head, c);
+        }
+        self.kicks[RX].write(1).unwrap();
+    }
+
+    fn send(&mut self, hdr: Header, payload: &[u8]) {
+        let mut hdr = hdr;
+        if hdr.len == 0 {
+            hdr.len = payload.len() as u32;
+        }
+        let mut bufs = vec![MockBuf::Readable(hdr.encode().to_vec())];
+        if !payload.is_empty() {
+            bufs.push(MockBuf::Readable(payload.to_vec()));
+        }
+        self.send_bufs(&bufs);
+    }
+
+    fn send_bufs(&mut self, bufs: &[MockBuf]) {
+        self.queues[TX].add_chain(bufs).unwrap();
+        self.kicks[TX].write(1).unwrap();
+    }
+
+    /// Runs the executor a little, collects rx packets and frees tx chains.
+    fn turn(&mut self) {
+        self.ex
+            .run_until(executor::sleep(Duration::from_millis(1)))
+            .unwrap();
+        while let Some(u) = self.queues[TX].next_used().unwrap() {
+            assert_eq!(u.len, 0);
+        }
+        let mut reposts = 0;
+        while let Some(u) = self.queues[RX].next_used().unwrap() {
+            let chain = self.rx_posted.remove(&(u.id as u16)).unwrap();
+            let bytes = self.queues[RX].read_writable(&chain).unwrap();
+            let hdr = Header::decode(bytes[..HEADER_SIZE].try_into().unwrap());
+            let end = HEADER_SIZE + hdr.len as usize;
+            assert_eq!(u.len as usize, end, "used length is header + payload");
+            self.inbox
+                .push_back((hdr, bytes[HEADER_SIZE..end].to_vec()));
+            reposts += 1;
+        }
+        if reposts > 0 {
+            self.post_rx(reposts);
+        }
+    }
+
+    /// Turns until `f` gives something (5 s at most).
+    fn until<T>(&mut self, what: &str, mut f: impl FnMut(&mut Guest) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            self.turn();
+            if let Some(t) = f(self) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        }
+    }
+
+    /// The next packet for the guest.
+    fn recv(&mut self) -> (Header, Vec<u8>) {
+        self.until("an rx packet", |g| g.inbox.pop_front())
+    }
+
+    /// The next packet for the guest, which must have `op`.
+    fn expect(&mut self, op: Op) -> (Header, Vec<u8>) {
+        let (h, data) = self.recv();
+        assert_eq!(h.op(), Some(op), "{h:?}");
+        assert_eq!((h.src_cid, h.dst_cid, h.kind), (HOST_CID, CID, TYPE_STREAM));
+        (h, data)
+    }
+
+    /// Nothing reaches the guest for a while.
+    fn quiet(&mut self) {
+        for _ in 0..30 {
+            self.turn();
+        }
+        assert!(self.inbox.is_empty(), "unexpected {:?}", self.inbox);
+    }
+
+    /// The next frame from the device, on the broker channel.
+    fn frame(&mut self) -> Frame {
+        let recv = self
+            .broker
+            .recvmsg(vec![0u8; FRAME_SIZE].into_boxed_slice(), 1);
+        let (res, buf) = self
+            .ex
+            .run_until(executor::timeout(Duration::from_secs(5), recv))
+            .unwrap();
+        let msg = res.unwrap();
+        Frame::decode(&buf[..msg.len], msg.fds.len(), To::Broker).unwrap()
+    }
+
+    fn tell_device(&mut self, frame: Frame, fd: Option<&OwnedFd>) {
+        let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+        let (res, _) = self
+            .ex
+            .run_until(self.broker.sendmsg(frame.encode().to_vec(), &fds));
+        assert_eq!(res.unwrap(), FRAME_SIZE);
+    }
+
+    /// The guest connects from `guest_port` to host port `port`; the test, as the broker,
+    /// connects it to a socketpair and returns the host's end (nonblocking).
+    fn connect(&mut self, guest_port: u32, port: u32) -> UnixStream {
+        self.send(header(guest_port, port, Op::Request), &[]);
+        let Frame::ConnectHost { id, port: p } = self.frame() else {
+            panic!("not a connect request");
+        };
+        assert_eq!(p, port);
+        let (host, device_end) = UnixStream::pair().unwrap();
+        self.tell_device(Frame::Connected { id }, Some(&device_end.into()));
+        let (h, _) = self.expect(Op::Response);
+        assert_eq!((h.src_port, h.dst_port), (port, guest_port));
+        assert_eq!(h.buf_alloc, self.device.shared.buf_alloc);
+        host.set_nonblocking(true).unwrap();
+        host
+    }
+
+    /// Reads what the host has, until `n` bytes came.
+    fn host_read(&mut self, host: &mut UnixStream, n: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        self.until("host data", |_| {
+            let mut buf = [0u8; 65536];
+            loop {
+                match host.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => got.extend_from_slice(&buf[..k]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            (got.len() >= n).then_some(())
+        });
+        got
+    }
+
+    /// Waits for the host's end to see end-of-file.
+    fn host_eof(&mut self, host: &mut UnixStream) {
+        self.until("host eof", |_| {
+            let mut buf = [0u8; 64];
+            match host.read(&mut buf) {
+                Ok(0) => Some(()),
+                Ok(_) => panic!("data instead of eof"),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+                // A reset connection ends with ECONNRESET on some kernels.
+                Err(_) => Some(()),
+            }
+        });
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn device_identity_and_config() {
+    let (_, theirs) = UnixStream::pair().unwrap();
+    let d = VsockDevice::new(
+        VsockOptions::new(0x1_2345_6789 & 0xffff_ffff),
+        theirs.into(),
+    )
+    .unwrap();
+    assert_eq!(
+        (d.name(), d.device_type(), d.num_queues(), d.features()),
+        ("vsock", 19, 3, 1)
+    );
+    assert_eq!(d.config_size(), 8);
+    let mut cfg = [0u8; 8];
+    d.read_config(0, &mut cfg);
+    assert_eq!(u64::from_le_bytes(cfg), 0x2345_6789);
+    let mut hi = [0u8; 4];
+    d.read_config(4, &mut hi);
+    assert_eq!(hi, [0; 4]);
+    for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 32] {
+        let (_, theirs) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            VsockDevice::new(VsockOptions::new(cid), theirs.into()),
+            Err(Error::InvalidCid(_))
+        ));
+    }
+}
+
+#[test]
+fn guest_connects_to_host_and_echoes_then_closes() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1000, 80);
+    g.send(header(1000, 80, Op::Rw), b"hello");
+    assert_eq!(g.host_read(&mut host, 5), b"hello");
+    host.write_all(b"world").unwrap();
+    let (h, data) = g.expect(Op::Rw);
+    assert_eq!(
+        (h.src_port, h.dst_port, data.as_slice()),
+        (80, 1000, &b"world"[..])
+    );
+    // The guest closes: SHUTDOWN(both); the host sees EOF and the guest gets its RST.
+    let mut shut = header(1000, 80, Op::Shutdown);
+    shut.flags = SHUTDOWN_BOTH;
+    shut.fwd_cnt = 5;
+    g.send(shut, &[]);
+    g.host_eof(&mut host);
+    g.expect(Op::Rst);
+    g.until("the connection to go", |g| {
+        (g.device.connections() == 0).then_some(())
+    });
+    assert_eq!(g.device.stats(), Stats::default());
+}
+
+#[test]
+fn host_eof_reaches_the_guest_as_shutdown_send_after_the_data() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1000, 80);
+    host.write_all(b"bye").unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let (_, data) = g.expect(Op::Rw);
+    assert_eq!(data, b"bye");
+    let (h, _) = g.expect(Op::Shutdown);
+    assert_eq!(h.flags, SHUTDOWN_SEND);
+    // Half-closed: the guest may still send.
+    let mut rw = header(1000, 80, Op::Rw);
+    rw.fwd_cnt = 3;
+    g.send(rw, b"still here");
+    assert_eq!(g.host_read(&mut host, 10), b"still here");
+}
+
+#[test]
+fn host_connects_to_a_guest_listener() {
+    let mut g = Guest::new();
+    let (host, device_end) = UnixStream::pair().unwrap();
+    host.set_nonblocking(true).unwrap();
+    let mut host = host;
+    g.tell_device(Frame::HostConnect { port: 1234 }, Some(&device_end.into()));
+    let (req, _) = g.expect(Op::Request);
+    assert_eq!(req.dst_port, 1234);
+    assert_eq!(req.src_port, FIRST_HOST_PORT);
+    g.send(header(1234, req.src_port, Op::Response), &[]);
+    let ok = format!("OK {}\n", req.src_port);
+    assert_eq!(g.host_read(&mut host, ok.len()), ok.as_bytes());
+    host.write_all(b"ping").unwrap();
+    let (_, data) = g.expect(Op::Rw);
+    assert_eq!(data, b"ping");
+    g.send(header(1234, req.src_port, Op::Rw), b"pong");
+    assert_eq!(g.host_read(&mut host, 4), b"pong");
+}
+
+#[test]
+fn a_refused_host_connection_closes_the_host_stream() {
+    let mut g = Guest::new();
+    let (host, device_end) = UnixStream::pair().unwrap();
+    host.set_nonblocking(true).unwrap();
+    let mut host = host;
+    g.tell_device(Frame::HostConnect { port: 1234 }, Some(&device_end.into()));
+    let (req, _) = g.expect(Op::Request);
+    g.send(header(1234, req.src_port, Op::Rst), &[]);
+    g.host_eof(&mut host);
+    assert_eq!(g.device.connections(), 0);
+    g.quiet();
+}
+
+#[test]
+fn sixty_four_connections_at_once() {
+    let mut g = Guest::new();
+    let mut hosts: Vec<UnixStream> = (0..64).map(|i| g.connect(2000 + i, 80)).collect();
+    for i in 0..64u32 {
+        g.send(
+            header(2000 + i, 80, Op::Rw),
+            format!("from guest {i}").as_bytes(),
+        );
+    }
+    for (i, host) in hosts.iter_mut().enumerate() {
+        let want = format!("from guest {i}");
+        assert_eq!(g.host_read(host, want.len()), want.as_bytes());
+        host.write_all(format!("from host {i}").as_bytes()).unwrap();
+    }
+    let mut seen = HashMap::new();
+    while seen.len() < 64 {
+        let (h, data) = g.expect(Op::Rw);
+        seen.insert(h.dst_port, data);
+    }
+    for i in 0..64u32 {
+        assert_eq!(seen[&(2000 + i)], format!("from host {i}").as_bytes());
+    }
+    assert_eq!(g.device.connections(), 64);
+}
+
+#[test]
+fn a_stalled_host_reader_stalls_the_guest_sender_through_credit() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1000, 80);
+    let buf_alloc = 64 << 10;
+    // The guest sends within the credit the device gives, as a driver does, until no more
+    // comes: the host reads nothing.
+    let (mut sent, mut fwd_cnt) = (0u32, 0u32);
+    let chunk = vec![0x5a; 4096];
+    let mut idle = 0;
+    while idle < 50 {
+        let credit = buf_alloc - (sent - fwd_cnt);
+        if credit > 0 {
+            let n = (credit as usize).min(chunk.len());
+            g.send(header(1000, 80, Op::Rw), &chunk[..n]);
+            sent += n as u32;
+            idle = 0;
+        } else {
+            idle += 1;
+        }
+        g.turn();
+        while let Some((h, _)) = g.inbox.pop_front() {
+            assert_eq!(h.op(), Some(Op::CreditUpdate));
+            fwd_cnt = h.fwd_cnt;
+        }
+        assert!(g.device.buffered() <= buf_alloc as usize);
+        assert!(sent < 64 << 20, "the guest was never stopped");
+    }
+    assert_eq!(g.device.stats(), Stats::default(), "no credit was exceeded");
+    // Everything the host did not take waits in the device (at most buf_alloc) or its
+    // socket; now the host reads it all, and the guest may go on.
+    let got = g.host_read(&mut host, sent as usize);
+    assert_eq!(got.len(), sent as usize);
+    assert!(got.iter().all(|&b| b == 0x5a));
+    g.until("a credit update", |g| {
+        while let Some((h, _)) = g.inbox.pop_front() {
+            fwd_cnt = h.fwd_cnt;
+        }
+        (buf_alloc - (sent - fwd_cnt) > 0).then_some(())
+    });
+    g.send(header(1000, 80, Op::Rw), b"more");
+    assert_eq!(g.host_read(&mut host, 4), b"more");
+}
+
+#[test]
+fn a_guest_that_stops_reading_stalls_the_host_writer() {
+    let mut g = Guest::new();
+    // The guest's receive buffer is 8 KiB and it never says it read anything.
+    let mut req = header(1000, 80, Op::Request);
+    req.buf_alloc = 8192;
+    g.send(req, &[]);
+    let Frame::ConnectHost { id, .. } = g.frame() else {
+        panic!("not a connect request");
+    };
+    let (host, device_end) = UnixStream::pair().unwrap();
+    g.tell_device(Frame::Connected { id }, Some(&device_end.into()));
+    g.expect(Op::Response);
+    host.set_nonblocking(true).unwrap();
+    let mut host = host;
+    let mut written = 0usize;
+    let mut received = 0usize;
+    let block = vec![1u8; 65536];
+    for _ in 0..200 {
+        match host.write(&block) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        g.turn();
+        while let Some((h, data)) = g.inbox.pop_front() {
+            assert_eq!(h.op(), Some(Op::Rw));
+            received += data.len();
+        }
+        assert!(g.device.buffered() <= 64 << 10);
+    }
+    assert_eq!(received, 8192, "exactly the guest's credit");
+    assert!(written > received, "the host wrote more than went through");
+    assert!(
+        matches!(host.write(&block), Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "the host writer is stalled"
+    );
+    // The guest reads: the rest flows.
+    let mut update = header(1000, 80, Op::CreditUpdate);
+    update.buf_alloc = 8192;
+    update.fwd_cnt = 8192;
+    g.send(update, &[]);
+    let (_, data) = g.expect(Op::Rw);
+    assert!(!data.is_empty() && data.len() <= 8192);
+}
+
+#[test]
+fn guest_rst_closes_the_host_stream() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1000, 80);
+    g.send(header(1000, 80, Op::Rst), &[]);
+    g.host_eof(&mut host);
+    assert_eq!(g.device.connections(), 0);
+    g.quiet();
+}
+
+#[test]
+fn reset_drops_connections_and_sends_a_transport_reset_event() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1000, 80);
+    let before = g.queues[2].add_chain(&[MockBuf::Writable(4)]).unwrap();
+    g.kicks[2].write(1).unwrap();
+    g.quiet();
+    let _ = before;
+    assert_eq!(
+        g.queues[2].next_used().unwrap(),
+        None,
+        "no event before a reset"
+    );
+    g.stop();
+    g.device.reset();
+    assert_eq!(g.device.connections(), 0);
+    g.host_eof(&mut host);
+    // The driver sets the queues up again and runs them.
+    g.queues = Guest::layout(&g.mem);
+    g.rx_posted.clear();
+    g.start();
+    let ev = g.queues[2].add_chain(&[MockBuf::Writable(4)]).unwrap();
+    g.kicks[2].write(1).unwrap();
+    let used = g.until("the event", |g| g.queues[2].next_used().unwrap());
+    assert_eq!((used.id, used.len), (u32::from(ev.head), 4));
+    assert_eq!(
+        g.queues[2].read_writable(&ev).unwrap(),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
+    );
+    // Connections work again afterwards.
+    let mut host = g.connect(1001, 80);
+    g.send(header(1001, 80, Op::Rw), b"again");
+    assert_eq!(g.host_read(&mut host, 5), b"again");
+}
+
+#[test]
+fn chains_without_a_whole_header_are_counted_and_others_go_on() {
+    let mut g = Guest::new();
+    g.send_bufs(&[MockBuf::Readable(vec![0; HEADER_SIZE - 1])]);
+    g.send_bufs(&[MockBuf::Writable(64)]);
+    let mut host = g.connect(1000, 80);
+    assert_eq!(g.device.stats().bad_chains, 2);
+    // A header split over two buffers is fine.
+    let h = {
+        let mut h = header(1000, 80, Op::Rw);
+        h.len = 2;
+        h.encode()
+    };
+    g.send_bufs(&[
+        MockBuf::Readable(h[..10].to_vec()),
+        MockBuf::Readable(h[10..].to_vec()),
+        MockBuf::Readable(b"ok".to_vec()),
+    ]);
+    assert_eq!(g.host_read(&mut host, 2), b"ok");
+}
+
+#[test]
+fn wrong_cids_are_dropped_and_counted() {
+    let mut g = Guest::new();
+    let mut spoofed = header(1000, 80, Op::Request);
+    spoofed.src_cid = 4;
+    g.send(spoofed, &[]);
+    let mut elsewhere = header(1000, 80, Op::Request);
+    elsewhere.dst_cid = 5;
+    g.send(elsewhere, &[]);
+    g.quiet();
+    assert_eq!(g.device.stats().bad_cids, 2);
+    assert_eq!(g.device.connections(), 0);
+}
+
+#[test]
+fn unknown_ops_and_types_get_an_rst() {
+    let mut g = Guest::new();
+    let mut bad_op = header(1000, 80, Op::Request);
+    bad_op.op = 99;
+    g.send(bad_op, &[]);
+    let (h, _) = g.expect(Op::Rst);
+    assert_eq!((h.src_port, h.dst_port), (80, 1000));
+    let mut seqpacket = header(1001, 80, Op::Request);
+    seqpacket.kind = TYPE_SEQPACKET;
+    g.send(seqpacket, &[]);
+    let (h, _) = g.expect(Op::Rst);
+    assert_eq!(h.dst_port, 1001);
+    // On an open connection it is reset.
+    let mut host = g.connect(1002, 80);
+    let mut bad = header(1002, 80, Op::Rw);
+    bad.op = 0;
+    g.send(bad, &[]);
+    g.expect(Op::Rst);
+    g.host_eof(&mut host);
+    assert_eq!(g.device.stats().bad_packets, 3);
+}
+
+#[test]
+fn a_length_beyond_the_buffers_resets_the_connection() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1000, 80);
+    let mut lying = header(1000, 80, Op::Rw);
+    lying.len = 100;
+    g.send(lying, b"only ten b");
+    g.expect(Op::Rst);
+    g.host_eof(&mut host);
+    let mut huge = header(1001, 80, Op::Rw);
+    huge.len = u32::MAX;
+    g.send(huge, &[]);
+    g.expect(Op::Rst);
+    assert_eq!(g.device.stats().bad_packets, 2);
+    // Another connection is unaffected.
+    let mut other = g.connect(1002, 80);
+    g.send(header(1002, 80, Op::Rw), b"fine");
+    assert_eq!(g.host_read(&mut other, 4), b"fine");
+}
+
+#[test]
+fn data_beyond_the_credit_resets_the_connection() {
+    let mut g = Guest::with_options(VsockOptions {
+        buf_alloc: 1024,
+        ..VsockOptions::new(CID)
+    });
+    let mut host = g.connect(1000, 80);
+    let mut neighbour = g.connect(1001, 80);
+    // The host reads nothing, so the device buffer is what the guest may fill: 1024 bytes,
+    // but the device writes to the host at once; a packet beyond 1024 exceeds it alone.
+    g.send(header(1000, 80, Op::Rw), &[7; 1025]);
+    g.expect(Op::Rst);
+    g.host_eof(&mut host);
+    assert_eq!(g.device.stats().credit_violations, 1);
+    // A fwd_cnt ahead of what was sent, too.
+    let mut ahead = header(1001, 80, Op::CreditUpdate);
+    ahead.fwd_cnt = 10;
+    g.send(ahead, &[]);
+    g.expect(Op::Rst);
+    g.host_eof(&mut neighbour);
+    assert_eq!(g.device.stats().credit_violations, 2);
+}
+
+#[test]
+fn packets_for_unknown_connections_get_an_rst_and_rsts_get_nothing() {
+    let mut g = Guest::new();
+    for op in [
+        Op::Rw,
+        Op::Response,
+        Op::Shutdown,
+        Op::CreditUpdate,
+        Op::CreditRequest,
+    ] {
+        g.send(header(1000, 80, op), &[]);
+        let (h, _) = g.expect(Op::Rst);
+        assert_eq!((h.src_port, h.dst_port), (80, 1000));
+    }
+    g.send(header(1000, 80, Op::Rst), &[]);
+    g.quiet();
+    assert_eq!(g.device.stats().unknown_connections, 5);
+}
+
+#[test]
+fn a_flood_of_bad_packets_without_rx_buffers_stays_bounded() {
+    let mut g = Guest::new();
+    // 64 rx buffers are posted and never given back; the guest floods the tx queue.
+    let flood = MAX_RESETS as u64 + 64 + 100;
+    for i in 0..flood as u32 {
+        g.send(header(5000 + i, 80, Op::Rw), &[]);
+        if i % 64 == 0 {
+            g.ex.run_until(executor::sleep(Duration::from_millis(1)))
+                .unwrap();
+            while g.queues[TX].next_used().unwrap().is_some() {}
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.device.stats().unknown_connections < flood {
+        assert!(Instant::now() < deadline, "the flood was not taken");
+        g.ex.run_until(executor::sleep(Duration::from_millis(1)))
+            .unwrap();
+        while g.queues[TX].next_used().unwrap().is_some() {}
+    }
+    assert!(g.device.shared.resets.borrow().len() <= MAX_RESETS);
+    assert!(g.device.stats().dropped_resets >= 100);
+    // The guest reads again: the queued replies go, and the device still serves.
+    g.until("the replies to go", |g| {
+        g.device.shared.resets.borrow().is_empty().then_some(())
+    });
+    g.quiet_drain();
+    let mut host = g.connect(1, 80);
+    g.send(header(1, 80, Op::Rw), b"x");
+    assert_eq!(g.host_read(&mut host, 1), b"x");
+}
+
+impl Guest {
+    /// Turns a while and forgets what the guest received.
+    fn quiet_drain(&mut self) {
+        for _ in 0..10 {
+            self.turn();
+        }
+        self.inbox.clear();
+    }
+}
+
+#[test]
+fn duplicate_request_resets_the_connection() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1000, 80);
+    g.send(header(1000, 80, Op::Request), &[]);
+    g.expect(Op::Rst);
+    g.host_eof(&mut host);
+    assert_eq!(g.device.stats().unexpected_ops, 1);
+}
+
+#[test]
+fn a_failed_broker_connect_resets_the_guest() {
+    let mut g = Guest::new();
+    g.send(header(1000, 81, Op::Request), &[]);
+    let Frame::ConnectHost { id, port } = g.frame() else {
+        panic!("not a connect request");
+    };
+    assert_eq!(port, 81);
+    g.tell_device(
+        Frame::Failed {
+            id,
+            errno: libc::ECONNREFUSED as u32,
+        },
+        None,
+    );
+    let (h, _) = g.expect(Op::Rst);
+    assert_eq!((h.src_port, h.dst_port), (81, 1000));
+    assert_eq!(g.device.stats().connect_failures, 1);
+    assert_eq!(g.device.connections(), 0);
+}
+
+#[test]
+fn a_broker_answer_after_the_guest_gave_up_closes_the_stream() {
+    let mut g = Guest::new();
+    g.send(header(1000, 80, Op::Request), &[]);
+    let Frame::ConnectHost { id, .. } = g.frame() else {
+        panic!("not a connect request");
+    };
+    g.send(header(1000, 80, Op::Rst), &[]);
+    g.quiet();
+    let (host, device_end) = UnixStream::pair().unwrap();
+    host.set_nonblocking(true).unwrap();
+    let mut host = host;
+    g.tell_device(Frame::Connected { id }, Some(&device_end.into()));
+    g.host_eof(&mut host);
+    g.quiet();
+}
+
+#[test]
+fn the_connection_limit_refuses_with_an_rst() {
+    let mut g = Guest::with_options(VsockOptions {
+        max_connections: 2,
+        ..VsockOptions::new(CID)
+    });
+    let _a = g.connect(1, 80);
+    let _b = g.connect(2, 80);
+    g.send(header(3, 80, Op::Request), &[]);
+    g.expect(Op::Rst);
+    let (host, device_end) = UnixStream::pair().unwrap();
+    host.set_nonblocking(true).unwrap();
+    let mut host = host;
+    g.tell_device(Frame::HostConnect { port: 7 }, Some(&device_end.into()));
+    g.host_eof(&mut host);
+    assert_eq!(g.device.stats().refused, 2);
+}
+
+#[test]
+fn with_the_real_broker_guest_connects_reach_path_port_or_get_an_rst() {
+    let dir = std::env::temp_dir().join(format!("ringvm-vsock-dev-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("v.sock");
+    let (broker, device_end) = crate::Broker::new(&path).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(broker.port_path(80)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let thread = broker.spawn().unwrap();
+    let (ours, _) = UnixStream::pair().unwrap();
+    let mut g = Guest::with_channel(VsockOptions::new(CID), ours.into(), device_end);
+    g.send(header(1000, 80, Op::Request), &[]);
+    g.expect(Op::Response);
+    let mut host = g
+        .until("the broker's connect", |_| listener.accept().ok())
+        .0;
+    host.set_nonblocking(true).unwrap();
+    g.send(header(1000, 80, Op::Rw), b"via broker");
+    assert_eq!(g.host_read(&mut host, 10), b"via broker");
+    // No listener at PATH_81: the guest gets an RST.
+    g.send(header(1001, 81, Op::Request), &[]);
+    let (h, _) = g.expect(Op::Rst);
+    assert_eq!(h.dst_port, 1001);
+    // A host process connects to PATH for guest port 1234.
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.write_all(b"CONNECT 1234\n").unwrap();
+    let (req, _) = g.expect(Op::Request);
+    assert_eq!(req.dst_port, 1234);
+    g.send(header(1234, req.src_port, Op::Response), &[]);
+    client.set_nonblocking(true).unwrap();
+    let ok = format!("OK {}\n", req.src_port);
+    assert_eq!(g.host_read(&mut client, ok.len()), ok.as_bytes());
+    // The device goes: the broker ends and removes PATH.
+    drop(g);
+    thread.join().unwrap().unwrap();
+    assert!(!path.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
