@@ -21,12 +21,12 @@ pub(super) async fn receive(shared: Rc<Shared>) {
             Ok(msg) => msg,
             Err(e) => {
                 eprintln!("ringvm device vsock: broker channel: receiving failed: {e}");
-                return;
+                return shared.channel_closed();
             }
         };
         if msg.len == 0 {
             eprintln!("ringvm device vsock: the broker closed its channel");
-            return;
+            return shared.channel_closed();
         }
         let frame = Frame::decode(&buf[..msg.len.min(buf.len())], msg.fds.len(), To::Device);
         match frame {
@@ -34,7 +34,7 @@ pub(super) async fn receive(shared: Rc<Shared>) {
             Err(e) => {
                 eprintln!("ringvm device vsock: broker channel: {e}; closing it");
                 shared.outbox_wake.notify();
-                return;
+                return shared.channel_closed();
             }
         }
     }
@@ -42,7 +42,7 @@ pub(super) async fn receive(shared: Rc<Shared>) {
 
 /// Sends the queued frames.
 pub(super) async fn send(shared: Rc<Shared>) {
-    loop {
+    while !shared.channel_closed.get() {
         let next = shared.outbox.borrow_mut().pop_front();
         let Some(frame) = next else {
             shared.outbox_wake.wait().await;
@@ -53,11 +53,11 @@ pub(super) async fn send(shared: Rc<Shared>) {
             Ok(n) if n == FRAME_SIZE => {}
             Ok(n) => {
                 eprintln!("ringvm device vsock: broker channel: short send of {n} bytes");
-                return;
+                return shared.channel_closed();
             }
             Err(e) => {
                 eprintln!("ringvm device vsock: broker channel: sending failed: {e}");
-                return;
+                return shared.channel_closed();
             }
         }
     }

@@ -227,6 +227,10 @@ impl Conn {
             return Err(self.unexpected(Op::Shutdown));
         }
         self.peer_shutdown |= flags & SHUTDOWN_BOTH;
+        if self.peer_shutdown & SHUTDOWN_RCV != 0 {
+            // The guest takes no more data: what waits for it is dropped.
+            self.to_guest = VecDeque::new();
+        }
         Ok(())
     }
 
@@ -247,9 +251,12 @@ impl Conn {
         (self.peer_free() as usize).min(MAX_READ)
     }
 
-    /// Data read from the host.
+    /// Data read from the host (dropped once the guest shut its receive side: a read in
+    /// flight then still completes).
     pub fn host_data(&mut self, data: &[u8]) {
-        self.to_guest.extend(data);
+        if self.peer_shutdown & SHUTDOWN_RCV == 0 {
+            self.to_guest.extend(data);
+        }
     }
 
     /// The host stream ended: once its data is out, the guest hears SHUTDOWN(SEND).

@@ -108,7 +108,8 @@ impl VsockOptions {
 /// What the device refused or dropped, by cause.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// tx chains too short for a header, or malformed (returned empty).
+    /// Chains that are malformed, too short for a header (tx), or without room for one
+    /// (rx, event): returned empty.
     pub bad_chains: u64,
     /// Packets with a source CID other than the guest's or a destination other than the
     /// host (dropped).
@@ -123,7 +124,8 @@ pub struct Stats {
     pub unexpected_ops: u64,
     /// Connections refused at the limit.
     pub refused: u64,
-    /// Guest connects the broker could not make.
+    /// Guest connects the broker could not make, or could not be asked for (its channel
+    /// is closed).
     pub connect_failures: u64,
     /// Replies dropped because [`MAX_RESETS`] were waiting.
     pub dropped_resets: u64,
@@ -169,6 +171,8 @@ struct Shared {
     broker: AsyncFd,
     /// The broker channel's tasks, started by the first queue that runs.
     channel: RefCell<Option<(Task<()>, Task<()>)>>,
+    /// The broker channel failed or was closed: no more connects.
+    channel_closed: Cell<bool>,
 }
 
 /// A virtio-vsock device (see the module docs).
@@ -214,6 +218,7 @@ impl VsockDevice {
                 errors: GuestLog::new("vsock"),
                 broker: AsyncFd::new(broker),
                 channel: RefCell::new(None),
+                channel_closed: Cell::new(false),
             }),
         })
     }
@@ -405,6 +410,21 @@ impl Shared {
         }
     }
 
+    /// The broker channel is gone: the guest's connects waiting for it are reset, and
+    /// later ones refused.
+    fn channel_closed(&self) {
+        self.channel_closed.set(true);
+        self.outbox.borrow_mut().clear();
+        let mut conns = self.conns.borrow_mut();
+        for (key, entry) in conns.iter_mut() {
+            if matches!(entry.conn.state, State::Connecting(_)) {
+                self.count(|s| s.connect_failures += 1);
+                self.reset_entry(entry);
+                self.settle(*key, entry);
+            }
+        }
+    }
+
     /// Drops every connection and queues a transport reset event.
     fn reset(&self) {
         let conns = self.conns.take();
@@ -430,6 +450,7 @@ impl Shared {
             let chain = match select(pin!(queue.next_chain()), stop.clone()).await {
                 Either::Left((Ok(chain), _)) => chain,
                 Either::Left((Err(virtio::Error::InvalidChain { head, reason }), _)) => {
+                    self.count(|s| s.bad_chains += 1);
                     self.errors.log(format_args!(
                         "event queue: invalid chain at head {head}: {reason}"
                     ));
@@ -451,6 +472,7 @@ impl Shared {
                     4
                 }
                 Err(e) => {
+                    self.count(|s| s.bad_chains += 1);
                     self.errors
                         .log(format_args!("event chain {}: {e}", chain.head_index()));
                     0

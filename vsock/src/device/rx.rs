@@ -41,6 +41,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
             None => match select(pin!(queue.next_chain()), stop.clone()).await {
                 Either::Left((Ok(chain), _)) => chain,
                 Either::Left((Err(virtio::Error::InvalidChain { head, reason }), _)) => {
+                    shared.count(|s| s.bad_chains += 1);
                     shared
                         .errors
                         .log(format_args!("rx: invalid chain at head {head}: {reason}"));
@@ -75,6 +76,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
                 Err(virtio::Error::InvalidChain { head, reason }) => {
+                    shared.count(|s| s.bad_chains += 1);
                     shared
                         .errors
                         .log(format_args!("rx: invalid chain at head {head}: {reason}"));
@@ -119,6 +121,7 @@ impl Shared {
     fn fill(&self, chain: &DescriptorChain, mem: &GuestMemory) -> Fill {
         let mut writer = chain.writer(mem);
         let Some(room) = writer.available_bytes().checked_sub(HEADER_SIZE) else {
+            self.count(|s| s.bad_chains += 1);
             self.errors.log(format_args!(
                 "rx chain {}: {} writable bytes, no room for a header",
                 chain.head_index(),

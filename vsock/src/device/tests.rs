@@ -826,3 +826,56 @@ fn with_the_real_broker_guest_connects_reach_path_port_or_get_an_rst() {
     assert!(!path.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_closed_broker_channel_resets_waiting_connects_and_refuses_new_ones() {
+    let mut g = Guest::new();
+    g.send(header(1000, 80, Op::Request), &[]);
+    let Frame::ConnectHost { .. } = g.frame() else {
+        panic!("not a connect request");
+    };
+    // The broker goes away before it answers.
+    g.broker = AsyncFd::new(UnixStream::pair().unwrap().0.into());
+    let (h, _) = g.expect(Op::Rst);
+    assert_eq!(h.dst_port, 1000);
+    g.send(header(1001, 80, Op::Request), &[]);
+    let (h, _) = g.expect(Op::Rst);
+    assert_eq!(h.dst_port, 1001);
+    assert_eq!(g.device.stats().connect_failures, 2);
+    assert_eq!(g.device.connections(), 0);
+}
+
+#[test]
+fn rx_chains_without_room_for_a_header_are_returned_empty() {
+    let mut g = Guest::new();
+    g.stop();
+    g.queues = Guest::layout(&g.mem);
+    g.rx_posted.clear();
+    // Only a tiny rx buffer first, then the normal ones.
+    let tiny = g.queues[RX].add_chain(&[MockBuf::Writable(8)]).unwrap();
+    g.start();
+    g.send(header(1000, 80, Op::Rw), &[]);
+    g.ex.run_until(executor::sleep(Duration::from_millis(20)))
+        .unwrap();
+    assert_eq!(
+        g.queues[RX].next_used().unwrap().map(|u| (u.id, u.len)),
+        Some((u32::from(tiny.head), 0))
+    );
+    g.expect(Op::Rst);
+    assert_eq!(g.device.stats().bad_chains, 1);
+}
+
+#[test]
+fn guest_shutdown_rcv_stops_host_data_for_the_guest() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1000, 80);
+    let mut shut = header(1000, 80, Op::Shutdown);
+    shut.flags = crate::packet::SHUTDOWN_RCV;
+    g.send(shut, &[]);
+    g.quiet();
+    host.write_all(b"nobody reads this").unwrap();
+    g.quiet();
+    // The other direction still works.
+    g.send(header(1000, 80, Op::Rw), b"up");
+    assert_eq!(g.host_read(&mut host, 2), b"up");
+}

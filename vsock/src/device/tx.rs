@@ -193,11 +193,21 @@ impl Shared {
             };
             return self.violation(key, v);
         }
-        if self.conns.borrow().len() >= self.max_connections {
+        // Frames of connections the guest already gave up on may still wait for the broker.
+        let busy = self.outbox.borrow().len() >= self.max_connections;
+        if busy || self.conns.borrow().len() >= self.max_connections {
             self.count(|s| s.refused += 1);
             self.errors.log(format_args!(
                 "guest port {} to host port {}: {} connections already; refused",
                 key.peer, key.local, self.max_connections
+            ));
+            return self.reply_rst(hdr);
+        }
+        if self.channel_closed.get() {
+            self.count(|s| s.connect_failures += 1);
+            self.errors.log(format_args!(
+                "guest port {} to host port {}: the broker channel is closed; refused",
+                key.peer, key.local
             ));
             return self.reply_rst(hdr);
         }
