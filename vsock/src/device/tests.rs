@@ -64,7 +64,20 @@ impl Guest {
     }
 
     fn with_channel(options: VsockOptions, ours: OwnedFd, device_end: OwnedFd) -> Guest {
-        let ex = Executor::new().unwrap();
+        Guest::on(Executor::new().unwrap(), options, ours, device_end)
+    }
+
+    /// On a ring restricted to [`crate::VSOCK_OPS`], as in the device process.
+    fn restricted() -> Guest {
+        let ex = executor::Builder::new()
+            .allow_ops(crate::VSOCK_OPS)
+            .build()
+            .unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        Guest::on(ex, VsockOptions::new(CID), ours.into(), theirs.into())
+    }
+
+    fn on(ex: Executor, options: VsockOptions, ours: OwnedFd, device_end: OwnedFd) -> Guest {
         let mem = GuestMemory::new_x86(64 << 20).unwrap();
         let kicks = [(); 3].map(|()| EventFd::new().unwrap());
         let device = Rc::new(VsockDevice::new(options, device_end).unwrap());
@@ -878,4 +891,30 @@ fn guest_shutdown_rcv_stops_host_data_for_the_guest() {
     // The other direction still works.
     g.send(header(1000, 80, Op::Rw), b"up");
     assert_eq!(g.host_read(&mut host, 2), b"up");
+}
+
+#[test]
+fn the_device_runs_on_a_ring_restricted_to_vsock_ops() {
+    let mut g = Guest::restricted();
+    let mut host = g.connect(1000, 80);
+    g.send(header(1000, 80, Op::Rw), b"restricted");
+    assert_eq!(g.host_read(&mut host, 10), b"restricted");
+    host.write_all(b"ring").unwrap();
+    let (_, data) = g.expect(Op::Rw);
+    assert_eq!(data, b"ring");
+    let (other, device_end) = UnixStream::pair().unwrap();
+    other.set_nonblocking(true).unwrap();
+    let mut other = other;
+    g.tell_device(Frame::HostConnect { port: 9 }, Some(&device_end.into()));
+    let (req, _) = g.expect(Op::Request);
+    g.send(header(9, req.src_port, Op::Response), &[]);
+    let ok = format!("OK {}\n", req.src_port);
+    assert_eq!(g.host_read(&mut other, ok.len()), ok.as_bytes());
+    let mut shut = header(1000, 80, Op::Shutdown);
+    shut.flags = SHUTDOWN_BOTH;
+    shut.fwd_cnt = 4;
+    g.send(shut, &[]);
+    g.host_eof(&mut host);
+    g.expect(Op::Rst);
+    assert_eq!(g.device.stats(), Stats::default());
 }
