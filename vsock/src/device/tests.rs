@@ -983,7 +983,7 @@ fn random_packets_never_panic_and_the_device_keeps_serving() {
                 g.turn();
                 g.inbox.clear();
                 let conns = g.device.connections();
-                prop_assert!(g.device.buffered() <= conns * (2 * 64 << 10));
+                prop_assert!(g.device.buffered() <= conns * (128 << 10));
                 prop_assert!(g.device.shared.resets.borrow().len() <= MAX_RESETS);
                 Ok(())
             },
