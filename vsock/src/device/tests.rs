@@ -545,10 +545,9 @@ fn guest_rst_closes_the_host_stream() {
 fn reset_drops_connections_and_sends_a_transport_reset_event() {
     let mut g = Guest::new();
     let mut host = g.connect(1000, 80);
-    let before = g.queues[2].add_chain(&[MockBuf::Writable(4)]).unwrap();
+    g.queues[2].add_chain(&[MockBuf::Writable(4)]).unwrap();
     g.kicks[2].write(1).unwrap();
     g.quiet();
-    let _ = before;
     assert_eq!(
         g.queues[2].next_used().unwrap(),
         None,
