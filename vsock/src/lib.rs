@@ -12,6 +12,30 @@
 //! Everything the guest writes is untrusted: a malformed packet gets a reset (or is dropped)
 //! and counted in [`Stats`], never a panic, and the other connections go on. Everything a
 //! host process writes before it is handed over is checked by the broker.
+//!
+//! # Wiring
+//! The unjailed side makes the [`Broker`] (it binds `PATH`) and runs it on a thread of its
+//! own; the device process gets the other end of the broker channel like any backend fd,
+//! builds its ring restricted to [`VSOCK_OPS`], enters its jail and seccomp policy
+//! (`vsock/vsock.policy`: the common device calls and `shutdown(SHUT_WR)`), and serves:
+//!
+//! ```no_run
+//! use std::rc::Rc;
+//! use vsock::{Broker, VsockDevice, VsockOptions, VSOCK_OPS};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Unjailed, before the device process starts:
+//! let (broker, channel) = Broker::new("/run/ringvm/vm1.vsock")?;
+//! let broker = broker.spawn()?;
+//! // In the device process (channel inherited), before the jail:
+//! let ex = executor::Builder::new().allow_ops(VSOCK_OPS).build()?;
+//! let device = Rc::new(VsockDevice::new(VsockOptions::new(3), channel)?);
+//! # let (_, vhost_user) = executor::socketpair()?;
+//! // ... jail, seccomp, then:
+//! ex.run_until(virtio::vhost_user::serve(device, virtio::vhost_user::Connection::new(vhost_user)))?;
+//! # drop(broker);
+//! # Ok(())
+//! # }
+//! ```
 
 #![forbid(unsafe_code)]
 
