@@ -37,6 +37,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_HANDSHAKES: usize = 64;
 /// Guest connects in flight at once.
 pub const MAX_CONNECTS: usize = 64;
+/// How long a guest connect to `PATH_<port>` may take (a listener whose backlog is full
+/// never finishes it); then it fails with `ETIMEDOUT`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The host side of a vsock device (see the module docs).
 #[derive(Debug)]
@@ -211,7 +214,12 @@ async fn requests(state: Rc<State>) -> Result<()> {
 
 /// Connects request `id` to `PATH_<port>` and answers the device.
 async fn connect(state: Rc<State>, id: u32, port: u32) {
-    let connected = executor::connect_unix(port_path(&state.path, port)).await;
+    let connect = executor::connect_unix(port_path(&state.path, port));
+    let connected = match executor::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(connected) => connected,
+        // A listener that does not accept (its backlog full).
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    };
     state.connects.set(state.connects.get() - 1);
     let fd = connected.and_then(|fd| {
         fd.into_owned()
@@ -220,7 +228,10 @@ async fn connect(state: Rc<State>, id: u32, port: u32) {
     let sent = match fd {
         Ok(fd) => state.send(Frame::Connected { id }, Some(&fd)).await,
         Err(e) => {
-            let errno = e.raw_os_error().unwrap_or(libc::EIO).max(1) as u32;
+            let errno = match e.kind() {
+                io::ErrorKind::TimedOut => libc::ETIMEDOUT,
+                _ => e.raw_os_error().unwrap_or(libc::EIO).max(1),
+            } as u32;
             state.send(Frame::Failed { id, errno }, None).await
         }
     };

@@ -63,6 +63,28 @@ pub(super) async fn send(shared: Rc<Shared>) {
     }
 }
 
+/// Resets host-initiated connection `key` (`id`) if the guest has not answered in time. The
+/// task is dropped (cancelled) when the guest answers.
+async fn request_timer(shared: Rc<Shared>, key: Key, id: u64) {
+    // A failed timer (the ring refused it) waits for the guest instead.
+    if executor::sleep(shared.request_timeout).await.is_err() {
+        return;
+    }
+    let mut conns = shared.conns.borrow_mut();
+    let Some(entry) = conns.get_mut(&key).filter(|e| e.conn.id == id) else {
+        return;
+    };
+    if entry.conn.state == State::Requesting {
+        shared.count(|s| s.request_timeouts += 1);
+        shared.errors.log(format_args!(
+            "guest port {} did not answer host port {} in {:?}; reset",
+            key.peer, key.local, shared.request_timeout
+        ));
+        shared.reset_entry(entry);
+        shared.settle(key, entry);
+    }
+}
+
 impl Shared {
     fn on_frame(self: &Rc<Self>, frame: Frame, fd: Option<OwnedFd>) {
         match (frame, fd) {
@@ -85,9 +107,11 @@ impl Shared {
             local: self.host_port(),
             peer: port,
         };
+        let id = self.next_id();
+        let timer = executor::spawn(request_timer(self.clone(), key, id));
         let mut entry = Entry {
-            conn: Conn::host_initiated(self.next_id(), self.buf_alloc),
-            stream: Slot::Waiting(fd),
+            conn: Conn::host_initiated(id, self.buf_alloc),
+            stream: Slot::Waiting(fd, timer),
         };
         self.settle(key, &mut entry);
         self.conns.borrow_mut().insert(key, entry);
@@ -136,7 +160,7 @@ impl Shared {
 
     /// The guest accepted host-initiated connection `key`: its stream starts with `OK`.
     pub(super) fn accept_host(self: &Rc<Self>, key: Key, entry: &mut Entry) {
-        if let Slot::Waiting(fd) = std::mem::replace(&mut entry.stream, Slot::None) {
+        if let Slot::Waiting(fd, _timer) = std::mem::replace(&mut entry.stream, Slot::None) {
             self.start_stream(key, entry, fd, ok_line(key.local));
         }
     }

@@ -52,6 +52,7 @@ use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
+use std::time::Duration;
 
 use executor::{AsyncFd, Task};
 use futures::future::{select, Either};
@@ -92,15 +93,20 @@ pub struct VsockOptions {
     pub max_connections: usize,
     /// The receive buffer each connection advertises to the guest.
     pub buf_alloc: u32,
+    /// How long a host process waits for the guest to accept (or refuse) its connection
+    /// before the device gives up on it: reset for the guest, closed for the host.
+    pub request_timeout: Duration,
 }
 
 impl VsockOptions {
-    /// The defaults for `guest_cid`: 1024 connections of 64 KiB.
+    /// The defaults for `guest_cid`: 1024 connections of 64 KiB, 2 s for the guest to
+    /// answer a host connect (Firecracker's and Linux's connect timeout).
     pub fn new(guest_cid: u64) -> VsockOptions {
         VsockOptions {
             guest_cid,
             max_connections: 1024,
             buf_alloc: 64 << 10,
+            request_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -124,6 +130,8 @@ pub struct Stats {
     pub unexpected_ops: u64,
     /// Connections refused at the limit.
     pub refused: u64,
+    /// Host connects the guest did not answer in time.
+    pub request_timeouts: u64,
     /// Guest connects the broker could not make, or could not be asked for (its channel
     /// is closed).
     pub connect_failures: u64,
@@ -140,8 +148,9 @@ struct Entry {
 /// A connection's host stream.
 enum Slot {
     None,
-    /// Handed over by the broker; the guest has not accepted yet.
-    Waiting(OwnedFd),
+    /// Handed over by the broker; the guest has not accepted yet. The task resets the
+    /// connection when the guest does not answer in time.
+    Waiting(OwnedFd, Task<()>),
     Running(Stream),
 }
 
@@ -150,6 +159,7 @@ struct Shared {
     guest_cid: u64,
     max_connections: usize,
     buf_alloc: u32,
+    request_timeout: Duration,
     conns: RefCell<HashMap<Key, Entry>>,
     /// Connections with something for the guest, in turn.
     ready: RefCell<VecDeque<Key>>,
@@ -202,6 +212,7 @@ impl VsockDevice {
                 guest_cid: cid,
                 max_connections: options.max_connections.max(1),
                 buf_alloc: options.buf_alloc,
+                request_timeout: options.request_timeout,
                 conns: RefCell::default(),
                 ready: RefCell::default(),
                 resets: RefCell::default(),

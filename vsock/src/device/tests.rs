@@ -997,3 +997,34 @@ fn random_packets_never_panic_and_the_device_keeps_serving() {
     g.send(header(4242, 77777, Op::Rw), b"still serving");
     assert_eq!(g.host_read(&mut host, 13), b"still serving");
 }
+
+#[test]
+fn a_guest_that_never_answers_a_host_connect_times_out() {
+    let mut g = Guest::with_options(VsockOptions {
+        request_timeout: Duration::from_millis(50),
+        ..VsockOptions::new(CID)
+    });
+    let (host, device_end) = UnixStream::pair().unwrap();
+    host.set_nonblocking(true).unwrap();
+    let mut host = host;
+    g.tell_device(Frame::HostConnect { port: 1234 }, Some(&device_end.into()));
+    let (req, _) = g.expect(Op::Request);
+    let (rst, _) = g.expect(Op::Rst);
+    assert_eq!((rst.src_port, rst.dst_port), (req.src_port, 1234));
+    g.host_eof(&mut host);
+    assert_eq!(g.device.stats().request_timeouts, 1);
+    assert_eq!(g.device.connections(), 0);
+    // An answer in time cancels the timer.
+    let (host, device_end) = UnixStream::pair().unwrap();
+    host.set_nonblocking(true).unwrap();
+    let mut host = host;
+    g.tell_device(Frame::HostConnect { port: 1235 }, Some(&device_end.into()));
+    let (req, _) = g.expect(Op::Request);
+    g.send(header(1235, req.src_port, Op::Response), &[]);
+    let ok = format!("OK {}\n", req.src_port);
+    assert_eq!(g.host_read(&mut host, ok.len()), ok.as_bytes());
+    g.ex.run_until(executor::sleep(Duration::from_millis(100)))
+        .unwrap();
+    g.quiet();
+    assert_eq!(g.device.stats().request_timeouts, 1);
+}
