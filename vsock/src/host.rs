@@ -13,8 +13,9 @@
 //! read one byte at a time so nothing after the newline is taken from the stream; garbage,
 //! a line too long or a timeout closes that connection only, and at most [`MAX_HANDSHAKES`]
 //! are read at once (more are closed at once). The device is untrusted too (the guest may
-//! own it): a frame from it that fails its checks ends the channel, and at most
-//! [`MAX_CONNECTS`] of its connects run at once (more fail with `EAGAIN`).
+//! own it): a frame from it that fails its checks ends the channel, at most
+//! [`MAX_CONNECTS`] of its connects run at once (more fail with `EAGAIN`), and each gets
+//! [`CONNECT_TIMEOUT`]. It names only `PATH_<port>`, the port printed in decimal.
 
 use std::cell::Cell;
 use std::ffi::OsString;

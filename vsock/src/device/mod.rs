@@ -9,7 +9,8 @@
 //! by two tasks of its own (`stream`: one reads the host into a bounded buffer for the
 //! guest, one writes the guest's data to the host), and the broker channel by two more
 //! (`channel`). None of those tasks touches guest memory: only the queue tasks do, by copy,
-//! so stopping the queues is enough to hand guest memory back.
+//! so stopping the queues is enough to hand guest memory back. A host process's connection
+//! waits [`VsockOptions::request_timeout`] for the guest to answer its REQUEST.
 //!
 //! # Data path
 //! tx: the tx task copies each packet's header out of the chain, checks the copy, and acts

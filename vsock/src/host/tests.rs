@@ -187,3 +187,13 @@ fn an_existing_path_is_refused() {
     assert!(matches!(Broker::new(&path), Err(Error::Bind(..))));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_silent_client_does_not_hold_up_the_others() {
+    let f = Fixture::new("silent");
+    let _silent = f.client(b"");
+    let _partial = f.client(b"CONNECT 1");
+    let _good = f.client(b"CONNECT 9\n");
+    assert_eq!(f.frame().0, Frame::HostConnect { port: 9 });
+    f.finish();
+}
