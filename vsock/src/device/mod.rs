@@ -79,6 +79,8 @@ pub const MAX_PACKET: u32 = 64 << 10;
 pub const MAX_RESETS: usize = 64;
 /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
+/// The most connections [`VsockOptions::max_connections`] may allow.
+pub const MAX_CONNECTIONS: usize = 1 << 16;
 /// The first port the device gives a host process that connects to `PATH`.
 pub const FIRST_HOST_PORT: u32 = 1 << 30;
 
@@ -90,7 +92,8 @@ const TX: usize = 1;
 pub struct VsockOptions {
     /// The guest's CID (3 to `u32::MAX - 1`).
     pub guest_cid: u64,
-    /// The most connections at once (each costs up to `buf_alloc` + 64 KiB of buffers).
+    /// The most connections at once, 1 to [`MAX_CONNECTIONS`] (each costs up to
+    /// `buf_alloc` + 64 KiB of buffers).
     pub max_connections: usize,
     /// The receive buffer each connection advertises to the guest.
     pub buf_alloc: u32,
@@ -211,7 +214,7 @@ impl VsockDevice {
         Ok(VsockDevice {
             shared: Rc::new(Shared {
                 guest_cid: cid,
-                max_connections: options.max_connections.max(1),
+                max_connections: options.max_connections.clamp(1, MAX_CONNECTIONS),
                 buf_alloc: options.buf_alloc,
                 request_timeout: options.request_timeout,
                 conns: RefCell::default(),
