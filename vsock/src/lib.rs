@@ -40,7 +40,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
-mod device;
+pub mod device;
 mod host;
 mod notify;
 pub mod packet;
