@@ -34,6 +34,8 @@ struct Guest {
     broker: AsyncFd,
     /// Received packets not yet looked at.
     inbox: VecDeque<(Header, Vec<u8>)>,
+    /// Post rx buffers as a header buffer and a data buffer (older Linux drivers).
+    rx_split: bool,
     /// Last, so the device and its tasks go first.
     ex: Executor,
 }
@@ -91,6 +93,7 @@ impl Guest {
             rx_posted: HashMap::new(),
             broker: AsyncFd::new(ours),
             inbox: VecDeque::new(),
+            rx_split: false,
             ex,
         };
         g.start();
@@ -148,9 +151,15 @@ impl Guest {
 
     fn post_rx(&mut self, n: usize) {
         for _ in 0..n {
-            let c = self.queues[RX]
-                .add_chain(&[MockBuf::Writable(HEADER_SIZE as u32 + RX_BUF)])
-                .unwrap();
+            let bufs = if self.rx_split {
+                vec![
+                    MockBuf::Writable(HEADER_SIZE as u32),
+                    MockBuf::Writable(RX_BUF),
+                ]
+            } else {
+                vec![MockBuf::Writable(HEADER_SIZE as u32 + RX_BUF)]
+            };
+            let c = self.queues[RX].add_chain(&bufs).unwrap();
             self.rx_posted.insert(c.head, c);
         }
         self.kicks[RX].write(1).unwrap();
@@ -1027,4 +1036,133 @@ fn a_guest_that_never_answers_a_host_connect_times_out() {
         .unwrap();
     g.quiet();
     assert_eq!(g.device.stats().request_timeouts, 1);
+}
+
+#[test]
+fn rx_buffers_with_the_header_apart_from_the_data_like_older_linux() {
+    let mut g = Guest::new();
+    g.stop();
+    g.queues = Guest::layout(&g.mem);
+    g.rx_posted.clear();
+    g.rx_split = true;
+    g.start();
+    let mut host = g.connect(1000, 80);
+    let data: Vec<u8> = (0..20000u32).map(|i| (i % 251) as u8).collect();
+    host.write_all(&data).unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let (_, d) = g.expect(Op::Rw);
+        assert!(d.len() <= RX_BUF as usize);
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(got, data);
+}
+
+#[test]
+fn bulk_data_both_ways_on_four_connections_with_a_small_guest_buffer() {
+    const SIZE: usize = 256 << 10;
+    const GUEST_BUF: u32 = 16 << 10;
+    let mut g = Guest::new();
+    let pattern = |seed: u8| -> Vec<u8> {
+        (0..SIZE)
+            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+            .collect()
+    };
+    struct Side {
+        port: u32,
+        host: UnixStream,
+        to_guest: Vec<u8>,
+        host_written: usize,
+        from_host: Vec<u8>,
+        to_host: Vec<u8>,
+        guest_sent: usize,
+        from_guest: Vec<u8>,
+        // The device's credit as the guest knows it.
+        dev_buf: u32,
+        dev_fwd: u32,
+    }
+    let mut sides: Vec<Side> = (0..4u32)
+        .map(|i| {
+            let port = 3000 + i;
+            let mut req = header(port, 80, Op::Request);
+            req.buf_alloc = GUEST_BUF;
+            g.send(req, &[]);
+            let id = loop {
+                if let Frame::ConnectHost { id, .. } = g.frame() {
+                    break id;
+                }
+            };
+            let (host, device_end) = UnixStream::pair().unwrap();
+            g.tell_device(Frame::Connected { id }, Some(&device_end.into()));
+            let (h, _) = g.expect(Op::Response);
+            host.set_nonblocking(true).unwrap();
+            Side {
+                port,
+                host,
+                to_guest: pattern(i as u8),
+                host_written: 0,
+                from_host: Vec::new(),
+                to_host: pattern(100 + i as u8),
+                guest_sent: 0,
+                from_guest: Vec::new(),
+                dev_buf: h.buf_alloc,
+                dev_fwd: h.fwd_cnt,
+            }
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = |s: &Side| s.from_host.len() == SIZE && s.from_guest.len() == SIZE;
+    while !sides.iter().all(done) {
+        assert!(Instant::now() < deadline, "bulk transfer stalled");
+        for s in sides.iter_mut() {
+            // The host writes what its socket takes and reads what came.
+            if s.host_written < SIZE {
+                match s.host.write(&s.to_guest[s.host_written..]) {
+                    Ok(n) => s.host_written += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let mut buf = [0u8; 65536];
+            match s.host.read(&mut buf) {
+                Ok(n) => s.from_guest.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            // The guest sends within the device's credit, 4 KiB at a time.
+            let credit = s.dev_buf - (s.guest_sent as u32 - s.dev_fwd);
+            let n = (credit as usize).min(4096).min(SIZE - s.guest_sent);
+            if n > 0 {
+                let mut h = header(s.port, 80, Op::Rw);
+                h.buf_alloc = GUEST_BUF;
+                h.fwd_cnt = s.from_host.len() as u32;
+                g.send(h, &s.to_host[s.guest_sent..s.guest_sent + n]);
+                s.guest_sent += n;
+            }
+        }
+        g.turn();
+        while let Some((h, data)) = g.inbox.pop_front() {
+            let s = sides.iter_mut().find(|s| s.port == h.dst_port).unwrap();
+            s.dev_buf = h.buf_alloc;
+            s.dev_fwd = h.fwd_cnt;
+            match h.op() {
+                Some(Op::Rw) => {
+                    s.from_host.extend_from_slice(&data);
+                    // The guest application reads at once and says so.
+                    let mut update = header(s.port, 80, Op::CreditUpdate);
+                    update.buf_alloc = GUEST_BUF;
+                    update.fwd_cnt = s.from_host.len() as u32;
+                    g.send(update, &[]);
+                }
+                Some(Op::CreditUpdate) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(g.device.buffered() <= 4 * (64 << 10) * 2);
+    }
+    for (i, s) in sides.iter().enumerate() {
+        assert!(s.from_host == pattern(i as u8), "host to guest {i}");
+        assert!(s.from_guest == pattern(100 + i as u8), "guest to host {i}");
+    }
+    assert_eq!(g.device.stats(), Stats::default());
 }
