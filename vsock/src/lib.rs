@@ -45,7 +45,7 @@ mod host;
 mod notify;
 pub mod packet;
 
-pub use device::{Stats, VsockDevice, VsockOptions, VIRTIO_ID_VSOCK, VIRTIO_VSOCK_F_STREAM};
+pub use device::{Stats, VsockDevice, VsockOptions, VIRTIO_VSOCK_F_STREAM};
 pub use host::Broker;
 
 use std::io;
@@ -55,9 +55,10 @@ use executor::opcode;
 
 /// The io_uring opcodes the device process needs (for its restricted ring; Read, AsyncCancel
 /// and Nop are always allowed): vhost-user messages and broker frames with descriptors
-/// (RecvMsg, SendMsg), readiness polls and reply timeouts of the vhost-user connection
-/// (PollAdd, Timeout); host streams are read with Read and written with SendMsg
-/// (`MSG_NOSIGNAL`). Nothing here opens a path or a socket.
+/// (RecvMsg, SendMsg), readiness polls, reply timeouts and the host-connect timer (PollAdd,
+/// Timeout); host streams are read with Read and written with SendMsg (`MSG_NOSIGNAL`).
+/// Nothing here opens a path or a socket. These are exactly
+/// [`virtio::process::VHOST_USER_OPS`]: as a `DeviceProcess` its own `OPS` are empty.
 pub const VSOCK_OPS: &[u8] = &[
     opcode::RecvMsg::CODE,
     opcode::SendMsg::CODE,

@@ -58,7 +58,7 @@ use std::time::Duration;
 use executor::{AsyncFd, Task};
 use futures::future::{select, Either};
 use virtio::vhost_user::{Device, StopSignal};
-use virtio::{AsyncQueue, GuestLog};
+use virtio::{AsyncQueue, DeviceType, GuestLog};
 
 use crate::broker::Frame;
 use crate::notify::Notify;
@@ -67,8 +67,6 @@ use crate::{Error, Result};
 use conn::{Conn, Key, State, Violation};
 use stream::Stream;
 
-/// The virtio device id of a socket device.
-pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// `VIRTIO_VSOCK_F_STREAM`: stream sockets (the only type offered).
 pub const VIRTIO_VSOCK_F_STREAM: u32 = 0;
 /// The queue size the device offers.
@@ -505,11 +503,11 @@ impl Shared {
 
 impl Device for VsockDevice {
     fn name(&self) -> &'static str {
-        "vsock"
+        DeviceType::Vsock.name()
     }
 
     fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
+        DeviceType::Vsock.id()
     }
 
     fn num_queues(&self) -> usize {

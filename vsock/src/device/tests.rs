@@ -339,6 +339,15 @@ fn device_identity_and_config() {
     let mut hi = [0u8; 4];
     d.read_config(4, &mut hi);
     assert_eq!(hi, [0; 4]);
+    let mut ops = crate::VSOCK_OPS.to_vec();
+    let mut vhost_user = virtio::process::VHOST_USER_OPS.to_vec();
+    ops.sort_unstable();
+    vhost_user.push(executor::opcode::Read::CODE);
+    vhost_user.sort_unstable();
+    assert_eq!(
+        ops, vhost_user,
+        "the vhost-user opcodes and Read, nothing else"
+    );
     for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 32] {
         let (_, theirs) = UnixStream::pair().unwrap();
         assert!(matches!(
