@@ -40,6 +40,7 @@ pub const REGISTRY: &[Registered] = &[
     register::<virtio::RngProcess>(),
     register::<block::BlockProcess>(),
     register::<net::NetProcess>(),
+    register::<vsock::VsockProcess>(),
 ];
 
 const fn register<P: DeviceProcess>() -> Registered {

@@ -44,9 +44,13 @@ pub mod device;
 mod host;
 mod notify;
 pub mod packet;
+mod process;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub use device::{Stats, VsockDevice, VsockOptions, VIRTIO_VSOCK_F_STREAM};
 pub use host::Broker;
+pub use process::{VsockArgs, VsockProcess, VsockSpec};
 
 use std::io;
 use std::path::PathBuf;

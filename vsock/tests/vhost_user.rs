@@ -5,22 +5,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsFd;
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use executor::{EventFd, Executor};
-use memory::{GuestAddress, GuestMemory};
-use virtio::mock::{MockBuf, MockChain, MockSplitQueue};
-use virtio::vhost_user::{serve, Connection, Frontend, VringConfig};
-use vsock::packet::{Header, Op, HEADER_SIZE, HOST_CID, TYPE_STREAM};
+use executor::Executor;
+use virtio::mock::MockBuf;
+use virtio::vhost_user::{serve, Connection, Frontend};
+use vsock::packet::Op;
+use vsock::testing::{host_read, Guest, TIMEOUT};
 use vsock::{Broker, VsockDevice, VsockOptions, VIRTIO_VSOCK_F_STREAM};
 
-const TIMEOUT: Duration = Duration::from_secs(10);
 const CID: u64 = 42;
 
 struct TempDir(PathBuf);
@@ -29,130 +26,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// The guest: memory, three queues, their kick and call eventfds.
-struct Guest {
-    mem: GuestMemory,
-    queues: Vec<MockSplitQueue>,
-    kicks: Vec<EventFd>,
-    calls: Vec<EventFd>,
-    rx: HashMap<u16, MockChain>,
-}
-
-impl Guest {
-    fn new() -> Guest {
-        let mem = GuestMemory::new_x86(64 << 20).unwrap();
-        let mut g = Guest {
-            queues: Guest::layout(&mem),
-            mem,
-            kicks: (0..3).map(|_| EventFd::new().unwrap()).collect(),
-            calls: (0..3).map(|_| EventFd::new().unwrap()).collect(),
-            rx: HashMap::new(),
-        };
-        g.post_rx(32);
-        g
-    }
-
-    fn layout(mem: &GuestMemory) -> Vec<MockSplitQueue> {
-        (0..3u64)
-            .map(|i| {
-                MockSplitQueue::with_data_area(
-                    mem,
-                    GuestAddress(0x10_0000 + i * 0x10_0000),
-                    64,
-                    GuestAddress((8 + 8 * i) << 20),
-                    8 << 20,
-                )
-                .unwrap()
-            })
-            .collect()
-    }
-
-    fn vrings(&self) -> Vec<VringConfig<'_>> {
-        self.queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| VringConfig {
-                index: i as u32,
-                size: q.size(),
-                desc: q.desc_table(),
-                avail: q.avail_addr(),
-                used: q.used_addr(),
-                base: 0,
-                kick: self.kicks[i].as_fd(),
-                call: Some(self.calls[i].as_fd()),
-            })
-            .collect()
-    }
-
-    fn post_rx(&mut self, n: usize) {
-        for _ in 0..n {
-            let c = self.queues[0]
-                .add_chain(&[MockBuf::Writable(HEADER_SIZE as u32 + 4096)])
-                .unwrap();
-            self.rx.insert(c.head, c);
-        }
-        self.kicks[0].write(1).unwrap();
-    }
-
-    fn send(&mut self, src_port: u32, dst_port: u32, op: Op, payload: &[u8]) {
-        let hdr = Header {
-            src_cid: CID,
-            dst_cid: HOST_CID,
-            src_port,
-            dst_port,
-            len: payload.len() as u32,
-            kind: TYPE_STREAM,
-            op: op.to_u16(),
-            flags: 0,
-            buf_alloc: 1 << 20,
-            fwd_cnt: 0,
-        };
-        let mut bufs = vec![MockBuf::Readable(hdr.encode().to_vec())];
-        if !payload.is_empty() {
-            bufs.push(MockBuf::Readable(payload.to_vec()));
-        }
-        self.queues[1].add_chain(&bufs).unwrap();
-        self.kicks[1].write(1).unwrap();
-    }
-
-    /// The next packet for the guest (polling the used ring).
-    async fn recv(&mut self) -> (Header, Vec<u8>) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            while self.queues[1].next_used().unwrap().is_some() {}
-            if let Some(u) = self.queues[0].next_used().unwrap() {
-                let chain = self.rx.remove(&(u.id as u16)).unwrap();
-                let bytes = self.queues[0].read_writable(&chain).unwrap();
-                let hdr = Header::decode(bytes[..HEADER_SIZE].try_into().unwrap());
-                let data = bytes[HEADER_SIZE..HEADER_SIZE + hdr.len as usize].to_vec();
-                self.post_rx(1);
-                return (hdr, data);
-            }
-            assert!(Instant::now() < deadline, "no packet for the guest");
-            executor::sleep(Duration::from_millis(1)).await.unwrap();
-        }
-    }
-}
-
-/// Reads `n` bytes from a nonblocking host stream, letting the executor run meanwhile.
-async fn host_read(host: &mut UnixStream, n: usize) -> Vec<u8> {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut got = Vec::new();
-    while got.len() < n {
-        let mut buf = [0u8; 4096];
-        match host.read(&mut buf) {
-            Ok(0) => panic!("end of file"),
-            Ok(k) => got.extend_from_slice(&buf[..k]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "no host data");
-                executor::sleep(Duration::from_millis(1)).await.unwrap();
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-    got
 }
 
 #[test]
@@ -168,7 +41,7 @@ fn vsock_over_vhost_user_with_the_broker() {
 
     let ex = Executor::new().unwrap();
     let device = Rc::new(VsockDevice::new(VsockOptions::new(CID), channel).unwrap());
-    let mut guest = Guest::new();
+    let mut guest = Guest::new(CID);
     ex.run_until(async {
         let (a, b) = executor::socketpair().unwrap();
         let server = executor::spawn(serve(device.clone(), Connection::new(b)));

@@ -1,0 +1,191 @@
+//! `ringvm device vsock`: the virtio-vsock device as a process of its own, and the spec of
+//! `ringvm run --vsock`.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use argh::FromArgs;
+use virtio::process::{DeviceProcess, Forward, Made, MakeError};
+use virtio::DeviceType;
+
+use crate::{Broker, VsockDevice, VsockOptions};
+
+/// The options a jailed child of a `--socket` device gets as `--broker-fd` instead.
+const STRIP: &[&str] = &["--uds", "--broker-fd"];
+
+/// virtio-vsock: stream sockets between the guest and host processes on unix sockets.
+#[derive(FromArgs, Debug, Clone, PartialEq, Eq)]
+pub struct VsockArgs {
+    /// the guest's context ID (3 and up)
+    #[argh(option)]
+    pub cid: u64,
+    /// the host side: host processes connect to this unix socket (and write CONNECT
+    /// <port>), guest connections to host port P reach PATH_P; this process runs the broker
+    /// (with --socket and the sandbox on, its unjailed front does)
+    #[argh(option)]
+    pub uds: Option<PathBuf>,
+    /// the broker channel, already open on this descriptor (the VMM runs the broker)
+    #[argh(option)]
+    pub broker_fd: Option<i32>,
+}
+
+/// virtio-vsock as a device process.
+#[derive(Debug)]
+pub struct VsockProcess;
+
+impl DeviceProcess for VsockProcess {
+    const TYPE: DeviceType = DeviceType::Vsock;
+    /// Broker frames and host streams move with RecvMsg, SendMsg and Read: the vhost-user
+    /// opcodes and READ, which every ring allows (see [`crate::VSOCK_OPS`]).
+    const OPS: &'static [u8] = &[];
+    type Options = VsockArgs;
+    type Device = VsockDevice;
+
+    fn make(
+        a: &VsockArgs,
+        inherit: &mut dyn FnMut(i32) -> io::Result<OwnedFd>,
+    ) -> Result<Made<VsockDevice>, MakeError> {
+        let channel = match (&a.uds, a.broker_fd) {
+            (Some(path), None) => {
+                // Runs on its own thread until the device (or its jailed child) closes the
+                // channel; it removes PATH then.
+                let (broker, channel) = Broker::new(path)?;
+                drop(broker.spawn()?);
+                channel
+            }
+            (None, Some(fd)) => inherit(fd)
+                .map_err(|e| format!("--broker-fd {fd} is not an open descriptor: {e}"))?,
+            _ => return Err("give --uds PATH or --broker-fd N".into()),
+        };
+        let forward = Forward {
+            fds: vec![channel.try_clone()?],
+            flag: "--broker-fd",
+            strip: STRIP,
+        };
+        let device = VsockDevice::new(VsockOptions::new(a.cid), channel)?;
+        Ok(Made { device, forward })
+    }
+
+    fn to_args(a: &VsockArgs) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--cid".into(), a.cid.to_string().into()];
+        if let Some(path) = &a.uds {
+            args.extend(["--uds".into(), path.into()]);
+        }
+        if let Some(fd) = a.broker_fd {
+            args.extend(["--broker-fd".into(), fd.to_string().into()]);
+        }
+        args
+    }
+}
+
+/// `ringvm run --vsock cid=N[,uds=PATH]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    pub cid: u64,
+    /// Where host processes connect; `None`: a path ringvm picks and prints.
+    pub uds: Option<PathBuf>,
+}
+
+impl FromStr for VsockSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<VsockSpec, String> {
+        let (mut cid, mut uds) = (None, None);
+        for kv in s.split(',').filter(|s| !s.is_empty()) {
+            match kv.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(
+                        v.parse::<u64>()
+                            .ok()
+                            .filter(|c| (3..u64::from(u32::MAX)).contains(c))
+                            .ok_or_else(|| format!("cid={v}: expected 3 to 4294967294"))?,
+                    )
+                }
+                Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(format!("unknown option '{kv}' (expected cid=N[,uds=PATH])")),
+            }
+        }
+        Ok(VsockSpec {
+            cid: cid.ok_or("cid= is missing")?,
+            uds,
+        })
+    }
+}
+
+impl fmt::Display for VsockSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cid={}", self.cid)?;
+        if let Some(p) = &self.uds {
+            write!(f, ",uds={}", p.display())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_round_trip_across_exec() {
+        for a in [
+            VsockArgs {
+                cid: 3,
+                uds: Some("/run/v m.sock".into()),
+                broker_fd: None,
+            },
+            VsockArgs {
+                cid: 77,
+                uds: None,
+                broker_fd: Some(4),
+            },
+        ] {
+            let args: Vec<String> = VsockProcess::to_args(&a)
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            assert_eq!(VsockArgs::from_args(&["vsock"], &args).unwrap(), a);
+        }
+    }
+
+    #[test]
+    fn run_specs_parse_and_print_back() {
+        let s: VsockSpec = "cid=5,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!((s.cid, s.uds.as_deref()), (5, Some("/tmp/v.sock".as_ref())));
+        assert_eq!(s.to_string().parse::<VsockSpec>().unwrap(), s);
+        assert_eq!("cid=9".parse::<VsockSpec>().unwrap().uds, None);
+        for bad in [
+            "",
+            "uds=/x",
+            "cid=2",
+            "cid=4294967295",
+            "cid=x",
+            "cid=3,port=1",
+        ] {
+            assert!(bad.parse::<VsockSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_channel_comes_from_exactly_one_place() {
+        let mut never = |_| -> io::Result<OwnedFd> { Err(io::ErrorKind::NotFound.into()) };
+        let neither = VsockArgs {
+            cid: 3,
+            uds: None,
+            broker_fd: None,
+        };
+        assert!(VsockProcess::make(&neither, &mut never).is_err());
+        let both = VsockArgs {
+            uds: Some("/nonexistent/v.sock".into()),
+            broker_fd: Some(4),
+            ..neither
+        };
+        assert!(VsockProcess::make(&both, &mut never).is_err());
+    }
+}
