@@ -187,3 +187,63 @@ fn bad_vsock_arguments_are_refused_before_listening() {
         assert!(!sock.exists());
     }
 }
+
+#[test]
+fn ringvm_run_vsock_puts_the_device_on_the_bus_and_brokers_host_connections() {
+    use tests::{children_of, ringvm_run, GuestCmdline, Live};
+    let dir = Scratch::new("vsock", "run");
+    let uds = dir.path("vm.vsock");
+    let control = dir.path("vm.sock");
+    let spec = format!("cid=7,uds={}", uds.display());
+    let control_arg = control.to_string_lossy().into_owned();
+    let cmdline = GuestCmdline::new().test("pci").test("wait");
+    let mut live = Live::start(&mut ringvm_run(
+        &["--no-rng", "--vsock", &spec, "-s", &control_arg],
+        &cmdline,
+    ));
+    live.wait_for("wait halting", Duration::from_secs(60));
+    assert!(
+        live.seen().contains("1af4:1053"),
+        "no virtio-vsock on the bus:\n{}",
+        live.seen()
+    );
+    assert_eq!(children_of(live.child.id()).len(), 1, "one device process");
+    // The host side is up, in the VMM (its seccomp filter on): a host process connects and
+    // asks for guest port 80. The test guest has no vsock driver, so the connection waits
+    // for one; when the VM ends, the host stream ends too.
+    let mut client = UnixStream::connect(&uds).expect("connect to PATH");
+    client.write_all(b"CONNECT 80\n").expect("write");
+    let stop = Command::new(ringvm_bin())
+        .arg("stop")
+        .arg(&control)
+        .status()
+        .expect("ringvm stop");
+    assert!(stop.success());
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut b = [0u8; 16];
+    assert_eq!(client.read(&mut b).expect("closed, not an error"), 0);
+    let (status, stderr) = live.finish(Duration::from_secs(20));
+    assert!(status.success(), "ringvm {status:?}: {stderr}");
+    assert!(!uds.exists(), "the host socket outlived the VM");
+}
+
+#[test]
+fn ringvm_run_vsock_arguments_are_checked() {
+    for (args, says) in [
+        (vec!["--vsock", "cid=2"], "cid=2"),
+        (vec!["--vsock", "uds=/tmp/x"], "cid= is missing"),
+        (vec!["--vsock", "cid=3", "--cid", "4"], "not both"),
+    ] {
+        let out = Command::new(ringvm_bin())
+            .arg("run")
+            .args(&args)
+            .arg(tests::test_guest_path())
+            .output()
+            .expect("run ringvm");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}

@@ -56,6 +56,8 @@ pub struct VmConfig {
     pub nics: Vec<NicSpec>,
     /// Add ringvm's virtio-rng device process.
     pub rng: bool,
+    /// A virtio-vsock device process, its broker in this process.
+    pub vsock: Option<vsock::VsockSpec>,
     /// External vhost-user backends, in PCI slot order after ringvm's own devices.
     pub vhost_user: Vec<VhostUserSpec>,
     /// Jail the device processes; seccomp filters on them and on the VMM.
@@ -75,6 +77,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
     let (cpu_toggles, kvm_pv) = args.cpu_features.clone().unwrap_or_default();
     let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
     let nics = cli::nics(&args).map_err(|e| anyhow!(e))?;
+    let vsock = cli::vsock(&args).map_err(|e| anyhow!(e))?;
     let mut cmdline = args.params.join(" ");
     // crosvm's --root: the first disk is the root file system, unless the caller chose one.
     if let Some(root) = root {
@@ -105,6 +108,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         disks,
         nics,
         rng: !args.no_rng,
+        vsock,
         vhost_user,
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
@@ -367,6 +371,7 @@ async fn add_devices(
     config: &VmConfig,
     machine: &Machine,
     processes: &mut DeviceProcesses,
+    brokers: &mut Vec<vsock::Broker>,
 ) -> Result<Vec<vhost_user::Backend>> {
     let mut backends = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
@@ -399,6 +404,38 @@ async fn add_devices(
         let options = virtio::rng::RngOptions {};
         let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
         backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
+    }
+    if let Some(spec) = &config.vsock {
+        // The jailed device opens nothing: this process listens on PATH and connects to
+        // PATH_<port> for it (the broker runs on the main thread's executor).
+        let path = match &spec.uds {
+            Some(p) => p.clone(),
+            None => {
+                let p = std::env::temp_dir().join(format!("ringvm-{}.vsock", std::process::id()));
+                eprintln!(
+                    "ringvm: vsock cid {}: host processes connect to {}",
+                    spec.cid,
+                    p.display()
+                );
+                p
+            }
+        };
+        let (broker, channel) =
+            vsock::Broker::new(&path).context("device vsock: cannot set up its host side")?;
+        brokers.push(broker);
+        let options = vsock::VsockArgs {
+            cid: spec.cid,
+            uds: None,
+            broker_fd: Some(device_process::FIRST_EXTRA_FD as i32),
+        };
+        let sock = spawn_device::<vsock::VsockProcess>(
+            config,
+            processes,
+            "vsock",
+            &options,
+            &[channel.as_fd()],
+        )?;
+        backends.push(attach(machine, "vsock", DeviceType::Vsock, sock).await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
@@ -465,7 +502,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
     // Declared before anything that can fail, so every path out kills the device processes.
     let mut processes = DeviceProcesses::default();
-    let backends = ex.run_until(add_devices(config, &machine, &mut processes))?;
+    let mut brokers = Vec::new();
+    let backends = ex.run_until(add_devices(config, &machine, &mut processes, &mut brokers))?;
     let control = match &config.socket {
         Some(p) => {
             let path = control::socket_path(p);
@@ -513,6 +551,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         }
         for process in processes.iter() {
             executor::spawn(process.clone().watch(machine.exit.clone())).detach();
+        }
+        for broker in brokers {
+            executor::spawn(async move {
+                if let Err(e) = broker.serve().await {
+                    eprintln!("ringvm: vsock broker: {e}");
+                }
+            })
+            .detach();
         }
         // A failed control socket only ends its task; the VM runs until it ends.
         while machine.exit.reason().is_none() {

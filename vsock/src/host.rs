@@ -78,10 +78,8 @@ impl Broker {
     /// Serves until the device closes the channel (`Ok`) or it fails; removes `PATH`.
     pub fn run(self) -> Result<()> {
         let ex = Executor::new().map_err(Error::Executor)?;
-        let path = self.path.clone();
         let result = ex.run_until(self.serve());
         drop(ex);
-        let _ = std::fs::remove_file(path);
         result
     }
 
@@ -93,7 +91,11 @@ impl Broker {
             .map_err(Error::Thread)
     }
 
-    async fn serve(self) -> Result<()> {
+    /// [`Broker::run`] as a task of an executor that already runs (the VMM's main thread):
+    /// serves until the device closes the channel or it fails. `PATH` is removed when it
+    /// returns or is dropped.
+    pub async fn serve(self) -> Result<()> {
+        let _remove = RemoveOnDrop(self.path.clone());
         let state = Rc::new(State {
             path: self.path,
             channel: AsyncFd::new(self.channel),
@@ -105,6 +107,15 @@ impl Broker {
         let result = requests(state).await;
         drop(accept);
         result
+    }
+}
+
+/// Removes the broker's socket path when the broker goes, however it goes.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
