@@ -27,6 +27,7 @@
 
 pub mod device;
 mod disk;
+mod file;
 mod io;
 pub mod process;
 mod qcow2;
@@ -34,7 +35,8 @@ mod raw;
 mod spec;
 
 pub use device::{BlockDevice, BlockOptions};
-pub use disk::{Disk, Format, OpenOptions, MAX_BACKING_DEPTH};
+pub use disk::{Disk, OpenOptions};
+pub use file::{Format, MAX_BACKING_DEPTH};
 pub use process::{BlockArgs, BlockProcess};
 pub use qcow2::Qcow2;
 pub use raw::Raw;

@@ -7,7 +7,7 @@ use executor::{AlignedBuf, AsyncFd};
 use futures::lock::Mutex;
 use memory::{GuestAddress, GuestMemory};
 
-use crate::disk::{check_range, check_request, direct_block_size, file_size, Layer};
+use crate::file::{check_range, check_request, direct_block_size, file_size, Layer};
 use crate::io::{
     copy_from_guest, read_guest, read_vec, sub_bufs, write_guest, write_vec, Bufs, GuestIoError,
 };

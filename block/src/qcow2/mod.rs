@@ -47,9 +47,9 @@ use header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
 use meta::Meta;
 use table::L2Entry;
 
-use crate::disk::{
-    check_range, check_request, file_size, image_dir, open_backing_file, read_up_to, Disk, Format,
-    Layer, MAX_BACKING_DEPTH,
+use crate::file::{
+    check_range, check_request, file_size, image_dir, open_backing_file, read_up_to, Format, Layer,
+    MAX_BACKING_DEPTH,
 };
 use crate::io::{
     copy_from_guest, copy_to_guest, read_guest, read_vec, sub_bufs, write_guest, write_vec, Bufs,
@@ -57,8 +57,32 @@ use crate::io::{
 };
 use crate::{Error, Result};
 
-/// A qcow2 image.
-pub struct Qcow2 {
+/// What a qcow2 image reads through to where it has no data of its own: its backing file, a
+/// disk of either format (`crate::Disk`). A trait, so that this module does not import the
+/// one that composes the formats.
+pub trait Backing: Sized {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Reads into guest memory.
+    fn read(
+        &self,
+        offset: u64,
+        bufs: &[(GuestAddress, usize)],
+        mem: &GuestMemory,
+    ) -> impl std::future::Future<Output = Result<()>>;
+    /// Reads into a new buffer; past the end reads zeros.
+    fn read_vec(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>>>;
+    /// Opens `file` (named `path`, already checked to be an allowed backing file) as the
+    /// layer `layer` describes.
+    fn open(file: std::fs::File, path: &Path, layer: &Layer<'_>) -> Result<Self>;
+}
+
+/// A qcow2 image whose backing files are `B`s.
+pub struct Qcow2<B> {
     fd: AsyncFd,
     size: u64,
     cluster_bits: u32,
@@ -66,13 +90,13 @@ pub struct Qcow2 {
     /// Compressed clusters use zstd (not supported) rather than deflate.
     zstd: bool,
     read_only: bool,
-    backing: Option<Box<Disk>>,
+    backing: Option<Box<B>>,
     meta: Mutex<Meta>,
     /// Requests doing data I/O outside the lock (freed clusters are not reused meanwhile).
     inflight: Cell<usize>,
 }
 
-impl fmt::Debug for Qcow2 {
+impl<B: fmt::Debug> fmt::Debug for Qcow2<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Qcow2")
             .field("size", &self.size)
@@ -128,8 +152,8 @@ fn guest_err(at: u64, write: bool) -> impl Fn(GuestIoError) -> Error {
     }
 }
 
-impl Qcow2 {
-    pub(crate) fn from_file(file: File, path: &Path, layer: &Layer<'_>) -> Result<Qcow2> {
+impl<B: Backing> Qcow2<B> {
+    pub(crate) fn from_file(file: File, path: &Path, layer: &Layer<'_>) -> Result<Qcow2<B>> {
         let file_len = file_size(&file)?;
         let mut first = vec![0u8; file_len.min(1 << 21) as usize];
         let n = read_up_to(&file, &mut first, 0)?;
@@ -613,7 +637,7 @@ fn zero_guest(bufs: &Bufs, mem: &GuestMemory) -> Result<()> {
 
 /// Opens the backing file of the image `overlay` describes: read-only, within the chain's
 /// allowed directories, in the format the overlay names (probed when it names none).
-fn open_backing(path: &Path, format: Option<&str>, overlay: &Layer<'_>) -> Result<Disk> {
+fn open_backing<B: Backing>(path: &Path, format: Option<&str>, overlay: &Layer<'_>) -> Result<B> {
     let format = match format {
         None | Some("") => None,
         Some(f) => Some(
@@ -629,5 +653,5 @@ fn open_backing(path: &Path, format: Option<&str>, overlay: &Layer<'_>) -> Resul
         depth: overlay.depth + 1,
         allowed: overlay.allowed,
     };
-    Disk::from_file(file, path, &layer)
+    B::open(file, path, &layer)
 }
