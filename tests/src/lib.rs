@@ -556,6 +556,67 @@ impl Drop for BlockBackend {
     }
 }
 
+/// A VM whose test guest halts forever (`wait`), with its one jailed device process found;
+/// killed when dropped ([`Live`]), so a test that fails half-way leaves no halted VM (or
+/// device) behind.
+pub struct HaltedVm {
+    pub live: Live,
+    /// The device process's pid.
+    pub device: u32,
+}
+
+impl HaltedVm {
+    /// `ringvm run EXTRA` with one device (rng unless `extra` says otherwise).
+    pub fn start(extra: &[&str]) -> HaltedVm {
+        let mut live = Live::start(&mut ringvm_run(extra, &GuestCmdline::new().test("wait")));
+        live.wait_for("wait halting", Duration::from_secs(60));
+        let devices = children_of(live.child.id());
+        assert_eq!(devices.len(), 1, "one device process: {devices:?}");
+        HaltedVm {
+            device: devices[0],
+            live,
+        }
+    }
+
+    /// Waits up to `limit` for the VM to end by itself, then ends it; its exit code and
+    /// stderr.
+    pub fn end(self, limit: Duration) -> (Option<i32>, String) {
+        let (_, status, err) = self.live.end(limit);
+        (status.code(), err)
+    }
+
+    /// Waits for the VM to end by itself (failing the test after `limit`); its exit code and
+    /// stderr.
+    pub fn finish(self, limit: Duration) -> (Option<i32>, String) {
+        let (status, err) = self.live.finish(limit);
+        (status.code(), err)
+    }
+}
+
+/// Runs gdb expressions (C syntax) inside process `pid`, then detaches; returns the printed
+/// values (`$N = V`) in order. A call that faults leaves the process stopped on that signal,
+/// which it gets when gdb detaches, as if gdb had never been there. (How the sandbox tests
+/// make a jailed device call what an attacker would.)
+pub fn gdb_prints(pid: u32, exprs: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new("gdb");
+    // The device's own root is an empty tmpfs: read its binary and libraries from the host.
+    cmd.args(["-nx", "-batch", "-ex", "set sysroot /", "-ex"])
+        .arg(format!("file {}", ringvm_bin().display()))
+        .args(["-ex", &format!("attach {pid}"), "-ex", "set language c"]);
+    for e in exprs {
+        cmd.args(["-ex", &format!("print {e}")]);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gdb (apt package gdb)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix('$'))
+        .filter_map(|l| l.split_once(" = ").map(|(_, v)| v.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,9 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use tests::{children_of, ringvm_bin, ringvm_run, wait_until, GuestCmdline, Live, Scratch};
+use tests::{
+    children_of, gdb_prints, ringvm_bin, ringvm_run, wait_until, GuestCmdline, HaltedVm, Scratch,
+};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -148,56 +150,6 @@ fn device_without_a_frontend_still_ends_cleanly() {
     );
 }
 
-/// A VM whose guest halts forever (`wait`) and its one jailed device process; killed when
-/// dropped ([`Live`]).
-struct Vm {
-    live: Live,
-    device: u32,
-}
-
-impl Vm {
-    /// `ringvm run EXTRA` with one device (rng unless `extra` says otherwise).
-    fn start(extra: &[&str]) -> Vm {
-        let mut live = Live::start(&mut ringvm_run(extra, &GuestCmdline::new().test("wait")));
-        live.wait_for("wait halting", Duration::from_secs(60));
-        let devices = children_of(live.child.id());
-        assert_eq!(devices.len(), 1, "one device process: {devices:?}");
-        Vm {
-            device: devices[0],
-            live,
-        }
-    }
-
-    /// Waits for the VM to end by itself; its exit code and stderr.
-    fn finish(self) -> (Option<i32>, String) {
-        let (status, err) = self.live.finish(LIMIT);
-        (status.code(), err)
-    }
-}
-
-/// Runs gdb expressions (C syntax) inside process `pid`, then detaches; returns the printed
-/// values (`$N = V`) in order. A call that faults leaves the process stopped on that signal,
-/// which it gets when gdb detaches, as if gdb had never been there.
-fn gdb_prints(pid: u32, exprs: &[&str]) -> Vec<String> {
-    let mut cmd = Command::new("gdb");
-    // The device's own root is an empty tmpfs: read its binary and libraries from the host.
-    cmd.args(["-nx", "-batch", "-ex", "set sysroot /", "-ex"])
-        .arg(format!("file {}", ringvm_bin().display()))
-        .args(["-ex", &format!("attach {pid}"), "-ex", "set language c"]);
-    for e in exprs {
-        cmd.args(["-ex", &format!("print {e}")]);
-    }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("run gdb (apt package gdb)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix('$'))
-        .filter_map(|l| l.split_once(" = ").map(|(_, v)| v.to_string()))
-        .collect()
-}
-
 /// The descriptor of process `pid` open on `file`.
 fn fd_of(pid: u32, file: &Path) -> u32 {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("list the device's fds");
@@ -220,7 +172,7 @@ fn memory_fault_in_a_jailed_device_is_reported_with_its_address() {
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("write the disk image");
     let disk_arg = disk.to_string_lossy().into_owned();
-    let vm = Vm::start(&["--no-rng", "--rwdisk", &disk_arg]);
+    let vm = HaltedVm::start(&["--no-rng", "--rwdisk", &disk_arg]);
     let device = vm.device;
     let fd = fd_of(device, &disk);
     let values = gdb_prints(
@@ -235,7 +187,7 @@ fn memory_fault_in_a_jailed_device_is_reported_with_its_address() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("mmap in the device: {values:?}"));
     assert!(addr > 0, "mmap in the device failed: {values:?}");
-    let (code, stderr) = vm.finish();
+    let (code, stderr) = vm.finish(LIMIT);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -251,11 +203,11 @@ fn memory_fault_in_a_jailed_device_is_reported_with_its_address() {
 
 #[test]
 fn segfault_in_a_jailed_device_is_reported_with_its_address() {
-    let vm = Vm::start(&[]);
+    let vm = HaltedVm::start(&[]);
     let device = vm.device;
     // Reads address 0x10, which nothing maps.
     let _ = gdb_prints(device, &["(long)strlen((char*)16)"]);
-    let (code, stderr) = vm.finish();
+    let (code, stderr) = vm.finish(LIMIT);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -267,14 +219,14 @@ fn segfault_in_a_jailed_device_is_reported_with_its_address() {
 
 #[test]
 fn sigbus_sent_by_another_process_is_not_called_a_fault() {
-    let vm = Vm::start(&[]);
+    let vm = HaltedVm::start(&[]);
     let device = vm.device;
     let sent = Command::new("kill")
         .args(["-BUS", &device.to_string()])
         .status()
         .expect("run kill");
     assert!(sent.success());
-    let (code, stderr) = vm.finish();
+    let (code, stderr) = vm.finish(LIMIT);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -297,10 +249,10 @@ const INJECT_PANIC: [&str; 6] = [
 
 #[test]
 fn panic_in_a_vm_device_ends_the_vm_with_the_device_message_and_status_101() {
-    let vm = Vm::start(&[]);
+    let vm = HaltedVm::start(&[]);
     let device = vm.device;
     let _ = gdb_prints(device, &INJECT_PANIC);
-    let (code, stderr) = vm.finish();
+    let (code, stderr) = vm.finish(LIMIT);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("ringvm device rng: panicked at gdb-injected:7:9:\nboom from gdb"),

@@ -9,57 +9,9 @@
 //!   ringvm ends the VM naming the device and the call.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tests::{children_of, ringvm_bin, ringvm_run, GuestCmdline, Live};
-
-/// A VM whose guest halts forever (`wait`), its device process found; killed when dropped
-/// ([`Live`]), so a test that fails half-way leaves no halted VM (or device) behind.
-struct Vm {
-    live: Live,
-    device: u32,
-}
-
-impl Vm {
-    fn start(extra: &[&str]) -> Vm {
-        let mut live = Live::start(&mut ringvm_run(extra, &GuestCmdline::new().test("wait")));
-        live.wait_for("wait halting", Duration::from_secs(60));
-        let devices = children_of(live.child.id());
-        assert_eq!(devices.len(), 1, "one device process: {devices:?}");
-        Vm {
-            device: devices[0],
-            live,
-        }
-    }
-
-    /// Ends the VM (if it runs) and returns its exit code and stderr.
-    fn finish(self, limit: Duration) -> (Option<i32>, String) {
-        let (_, status, err) = self.live.end(limit);
-        (status.code(), err)
-    }
-}
-
-/// Runs gdb expressions inside process `pid`; returns the printed values (`$N = V`) in order.
-fn gdb_calls(pid: u32, exprs: &[&str]) -> Vec<String> {
-    let mut cmd = Command::new("gdb");
-    // The device's own root is an empty tmpfs: read its binary and libraries from the host.
-    cmd.args(["-nx", "-batch", "-ex", "set sysroot /", "-ex"])
-        .arg(format!("file {}", ringvm_bin().display()))
-        .args(["-ex", &format!("attach {pid}")]);
-    for e in exprs {
-        cmd.args(["-ex", &format!("print {e}")]);
-    }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("run gdb (apt package gdb)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix('$'))
-        .filter_map(|l| l.split_once(" = ").map(|(_, v)| v.to_string()))
-        .collect()
-}
+use tests::{gdb_prints, HaltedVm};
 
 /// `expr` as a call that returns -1 or a value, followed by errno.
 fn with_errno(call: &str) -> [String; 2] {
@@ -74,7 +26,7 @@ const ENETUNREACH: &str = "101";
 
 #[test]
 fn jailed_device_cannot_reach_the_host_even_with_seccomp_logging_only() {
-    let vm = Vm::start(&["--seccomp-log-failures"]);
+    let vm = HaltedVm::start(&["--seccomp-log-failures"]);
     let vmm = vm.live.child.id();
     let probes: Vec<(&str, String, &[&str])> = vec![
         (
@@ -109,7 +61,7 @@ fn jailed_device_cannot_reach_the_host_even_with_seccomp_logging_only() {
         exprs.extend(with_errno(call));
     }
     let refs: Vec<&str> = exprs.iter().map(String::as_str).collect();
-    let values = gdb_calls(vm.device, &refs);
+    let values = gdb_prints(vm.device, &refs);
     assert_eq!(
         values.len(),
         exprs.len(),
@@ -125,7 +77,7 @@ fn jailed_device_cannot_reach_the_host_even_with_seccomp_logging_only() {
     }
     // A socket can be made (socket(2) is logged, not refused, here) but goes nowhere: the
     // device's network namespace has no interface up and no route. 1.1.1.1:80, AF_INET.
-    let connect = gdb_calls(
+    let connect = gdb_prints(
         vm.device,
         &[
             "$a = (long)malloc(16)",
@@ -142,23 +94,23 @@ fn jailed_device_cannot_reach_the_host_even_with_seccomp_logging_only() {
         "connect to the outside: {connect:?}"
     );
     // The bounding set is empty: CAP_SYS_ADMIN cannot come back through exec either.
-    let caps = gdb_calls(vm.device, &["(int)prctl(23, 21, 0, 0, 0)"]);
+    let caps = gdb_prints(vm.device, &["(int)prctl(23, 21, 0, 0, 0)"]);
     assert_eq!(caps, ["0"], "CAP_SYS_ADMIN is still in the bounding set");
     // Logged, not killed: the device process is still there; then the VM is ended.
     assert!(
         Path::new(&format!("/proc/{}", vm.device)).exists(),
         "the device died although seccomp only logged"
     );
-    let _ = vm.finish(Duration::ZERO);
+    let _ = vm.end(Duration::ZERO);
 }
 
 #[test]
 fn refused_syscall_kills_only_the_device_and_the_vmm_names_it() {
-    let vm = Vm::start(&[]);
+    let vm = HaltedVm::start(&[]);
     let device = vm.device;
     // socket(2) is in no device policy: the filter refuses it and the device dies by SIGSYS.
-    let _ = gdb_calls(device, &["(int)socket(2, 1, 0)"]);
-    let (code, stderr) = vm.finish(Duration::from_secs(20));
+    let _ = gdb_prints(device, &["(int)socket(2, 1, 0)"]);
+    let (code, stderr) = vm.end(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -176,10 +128,10 @@ fn refused_syscall_kills_only_the_device_and_the_vmm_names_it() {
 fn a_new_io_uring_is_refused_in_a_device() {
     // The device's own ring is restricted (no opcode that opens a path); a new, unrestricted
     // ring would bypass that, so io_uring_setup is refused.
-    let vm = Vm::start(&[]);
+    let vm = HaltedVm::start(&[]);
     let device = vm.device;
-    let _ = gdb_calls(device, &["(long)syscall(425, 8, (long)malloc(120))"]);
-    let (code, stderr) = vm.finish(Duration::from_secs(20));
+    let _ = gdb_prints(device, &["(long)syscall(425, 8, (long)malloc(120))"]);
+    let (code, stderr) = vm.end(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("refused system call 425 (io_uring_setup)"),

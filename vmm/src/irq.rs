@@ -160,11 +160,12 @@ impl GsiRouting {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use kvm_ioctls::Kvm;
 
-    fn vm_with_irqchip() -> Arc<VmFd> {
+    /// A VM with the in-kernel irqchip (the routing table needs one).
+    pub(crate) fn vm_with_irqchip() -> Arc<VmFd> {
         let kvm = Kvm::new().expect("/dev/kvm");
         let vm = kvm.create_vm().expect("create vm");
         vm.create_irq_chip().expect("irqchip");

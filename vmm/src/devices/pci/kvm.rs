@@ -67,15 +67,8 @@ impl PciVm for KvmPciVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::irq::tests::vm_with_irqchip;
     use crate::irq::FIRST_MSI_GSI;
-    use kvm_ioctls::Kvm;
-
-    fn vm_with_irqchip() -> Arc<VmFd> {
-        let kvm = Kvm::new().expect("/dev/kvm");
-        let vm = kvm.create_vm().expect("create vm");
-        vm.create_irq_chip().expect("irqchip");
-        Arc::new(vm)
-    }
 
     #[test]
     fn serial_irq_lines_still_route_after_msi_routes_are_installed() {
