@@ -8,15 +8,17 @@
 //! driver wants an interrupt (EVENT_IDX on, as devices run). Rounds of the two
 //! implementations alternate, each on its own rings, so machine noise hits both alike.
 //!
-//! Prints a table and appends one JSON line to `target/bench/virtio.jsonl`.
+//! Runs on the benches' harness ([`benches::Runner`]): ringvm's queue is the subject,
+//! virtio-queue the peer, one operation is one chain; the table and JSON lines are the other
+//! benches' (`target/bench/virtqueue.jsonl`), so `scripts/ab` compares builds with it.
 //! `-- --quick` runs a short version (for CI).
 
-use std::fs::{File, OpenOptions};
-use std::io::Write as _;
+use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use benches::{Role, Runner, Variant};
 
 use memory::{GuestAddress, GuestMemory};
 use virtio::queue::desc::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
@@ -150,28 +152,18 @@ fn theirs_round(q: &mut VqQueue, mem: &GuestMemoryMmap) -> Res<(usize, bool)> {
     Ok((n, q.needs_notification(mem)?))
 }
 
-struct Row {
-    name: &'static str,
-    ours: f64,
-    theirs: f64,
+/// The two queues of one chain shape, each on its own rings and driver.
+struct Pair {
+    drv_ours: Driver,
+    drv_theirs: Driver,
+    ours: Queue,
+    theirs: VqQueue,
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn run(
-    k: u16,
-    mem: &GuestMemory,
-    vm: &GuestMemoryMmap,
-    trials: usize,
-    per_trial: Duration,
-    min_batches: usize,
-) -> Res<Row> {
+fn pair(k: u16, mem: &GuestMemory, vm: &GuestMemoryMmap) -> Res<Pair> {
     let (a, b) = (Layout::at(0x1_0000), Layout::at(0x2_0000));
-    let mut drv_ours = Driver::new(mem, a, k, DATA)?;
-    let mut drv_theirs = Driver::new(mem, b, k, DATA)?;
+    let drv_ours = Driver::new(mem, a, k, DATA)?;
+    let drv_theirs = Driver::new(mem, b, k, DATA)?;
 
     let mut ours = Queue::new(QUEUE_SIZE)?;
     ours.set_desc_table(GuestAddress(a.desc));
@@ -190,83 +182,37 @@ fn run(
     if !theirs.is_valid(vm) {
         return Err("virtio-queue rejects the layout".into());
     }
-
-    let mut ours_rates = Vec::new();
-    let mut theirs_rates = Vec::new();
-    for _ in 0..trials {
-        for side in 0..2 {
-            let mut chains = 0usize;
-            let mut busy = Duration::ZERO;
-            let start = Instant::now();
-            let mut batches = 0;
-            while start.elapsed() < per_trial || batches < min_batches {
-                batches += 1;
-                for _ in 0..64 {
-                    let t;
-                    let (n, notify) = if side == 0 {
-                        let want = drv_ours.publish_round()?;
-                        t = Instant::now();
-                        let r = ours_round(&mut ours, mem)?;
-                        busy += t.elapsed();
-                        assert_eq!(r.0, want);
-                        r
-                    } else {
-                        let want = drv_theirs.publish_round()?;
-                        t = Instant::now();
-                        let r = theirs_round(&mut theirs, vm)?;
-                        busy += t.elapsed();
-                        assert_eq!(r.0, want);
-                        r
-                    };
-                    assert!(notify, "used_event is the round's last entry");
-                    chains += n;
-                }
-            }
-            let rate = chains as f64 / busy.as_secs_f64();
-            if side == 0 {
-                ours_rates.push(rate);
-            } else {
-                theirs_rates.push(rate);
-            }
-        }
-    }
-    Ok(Row {
-        name: if k == 1 {
-            "1-descriptor chains"
-        } else {
-            "3-descriptor chains"
-        },
-        ours: median(&mut ours_rates),
-        theirs: median(&mut theirs_rates),
+    Ok(Pair {
+        drv_ours,
+        drv_theirs,
+        ours,
+        theirs,
     })
 }
 
-fn jsonl_path() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("bench").join("virtio.jsonl")
+/// Runs whole rounds until `chains` chains went through `round`; the device part's time,
+/// scaled to exactly `chains`.
+fn timed(
+    chains: u64,
+    driver: &mut Driver,
+    mut round: impl FnMut() -> Res<(usize, bool)>,
+) -> Duration {
+    let mut done = 0u64;
+    let mut busy = Duration::ZERO;
+    while done < chains {
+        let want = driver.publish_round().expect("publish a round");
+        let t = Instant::now();
+        let (n, notify) = round().expect("a round");
+        busy += t.elapsed();
+        assert_eq!(n, want, "every published chain is popped");
+        assert!(notify, "used_event is the round's last entry");
+        done += n as u64;
+    }
+    busy.mul_f64(chains as f64 / done as f64)
 }
 
 fn main() -> Res<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    // `--batches N`: a fixed amount of work per trial (for instruction counts under
-    // callgrind), on top of the time per trial.
-    let args: Vec<String> = std::env::args().collect();
-    let min_batches = args
-        .iter()
-        .position(|a| a == "--batches")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    let (trials, per_trial) = if min_batches > 0 {
-        (1, Duration::ZERO)
-    } else if quick {
-        (3, Duration::from_millis(50))
-    } else {
-        (15, Duration::from_millis(200))
-    };
-
+    let mut runner = Runner::new("virtqueue");
     let mem = GuestMemory::new(&[(GuestAddress(0), MEM_SIZE)])?;
     let region = mem.regions().next().ok_or("no region")?;
     let file = File::from(region.fd.as_fd().try_clone_to_owned()?);
@@ -276,46 +222,30 @@ fn main() -> Res<()> {
         Some(FileOffset::new(file, region.fd_offset)),
     )])?;
 
-    let rows = [
-        run(1, &mem, &vm, trials, per_trial, min_batches)?,
-        run(3, &mem, &vm, trials, per_trial, min_batches)?,
-    ];
-
-    println!(
-        "split virtqueue, queue size {QUEUE_SIZE}, EVENT_IDX on, pop + walk + add_used \
-         (median of {trials} alternating trials)"
-    );
-    println!(
-        "{:<22} {:>16} {:>18} {:>7}",
-        "chain", "ringvm Mchain/s", "virtio-queue Mch/s", "ratio"
-    );
-    let mut json_rows = Vec::new();
-    for r in &rows {
-        let ratio = r.ours / r.theirs;
-        println!(
-            "{:<22} {:>16.2} {:>18.2} {:>6.2}x",
-            r.name,
-            r.ours / 1e6,
-            r.theirs / 1e6,
-            ratio
+    for k in [1u16, 3] {
+        let bench = format!("chain{k}");
+        if !runner.enabled(&bench) {
+            continue;
+        }
+        let p = std::cell::RefCell::new(pair(k, &mem, &vm)?);
+        runner.compare(
+            &bench,
+            vec![
+                Variant::subject("ringvm", "virtio::Queue, pop + walk + add_used", |n| {
+                    let p = &mut *p.borrow_mut();
+                    timed(n, &mut p.drv_ours, || ours_round(&mut p.ours, &mem))
+                }),
+                Variant::peer("virtio-queue", "rust-vmm virtio-queue, the same", |n| {
+                    let p = &mut *p.borrow_mut();
+                    timed(n, &mut p.drv_theirs, || theirs_round(&mut p.theirs, &vm))
+                }),
+            ],
         );
-        json_rows.push(format!(
-            "{{\"chain\":\"{}\",\"ringvm_chains_per_s\":{:.0},\"virtio_queue_chains_per_s\":{:.0},\"ratio\":{:.3}}}",
-            r.name, r.ours, r.theirs, ratio
-        ));
     }
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let line = format!(
-        "{{\"bench\":\"virtio_queue\",\"unix_time\":{unix},\"quick\":{quick},\"queue_size\":{QUEUE_SIZE},\"rows\":[{}]}}",
-        json_rows.join(",")
-    );
-    let path = jsonl_path();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    runner.finish_before_checks();
+    for k in [1, 3] {
+        runner.check(&format!("chain{k}"), "ringvm", Role::Peer, 1.0);
     }
-    let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
-    writeln!(f, "{line}")?;
-    println!("appended to {}", path.display());
     Ok(())
 }
 

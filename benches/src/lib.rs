@@ -532,10 +532,12 @@ impl Runner {
             .cases
             .iter()
             .map(|c| {
-                (
-                    (c.group.clone(), c.bench.clone(), c.name.clone()),
-                    (c.role.as_str().to_owned(), c.round_ops_per_sec.clone()),
-                )
+                let series = compare::Series {
+                    role: c.role.as_str().to_owned(),
+                    rates: c.round_ops_per_sec.clone(),
+                    vs_limit: Vec::new(),
+                };
+                ((c.group.clone(), c.bench.clone(), c.name.clone()), series)
             })
             .collect();
         let rows = compare::compare(&base, &head, false, stats::Gate::default());

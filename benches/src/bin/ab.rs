@@ -4,11 +4,12 @@
 //! Both revisions are checked out in their own worktrees under `target/ab/` (the head may be
 //! the working tree as it is) and built in their own target folders. Then every chosen bench
 //! runs in rounds: base then head, head then base, and so on, so that both sides see the same
-//! drift of the machine's load. Each run gives one rate per case; the rounds give paired
-//! samples, compared with `benches::stats::paired` (median of head/base, bootstrap 95%
-//! interval, exact Wilcoxon signed-rank p-value). A subject case regressed when it lost more than
-//! the threshold, significantly, while the limit of its bench (the hand-written path, the same
-//! code on both sides) held; when the limit lost too, the machine got slower: "drift".
+//! drift of the machine's load. Each run gives one rate per case, and its ratio to its bench's
+//! limit in that run; the rounds give paired samples, compared with `benches::stats::paired`
+//! (median of head/base, bootstrap 95% interval, exact Wilcoxon signed-rank p-value). A
+//! subject case regressed when it lost more than the threshold, significantly — judged on its
+//! ratio to the limit (the hand-written path, the same code on both sides) where its bench has
+//! one, so that a machine that got slower for a run is not taken for ringvm: "drift".
 //!
 //! Exit status: 1 when a case regressed, 0 when none did, 2 when the comparison could not run.
 
