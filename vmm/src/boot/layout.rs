@@ -20,9 +20,9 @@ pub const MPTABLE_ADDR: u64 = 0x9fc00;
 /// End of conventional memory: [MPTABLE_ADDR, 1 MiB) is not RAM in the e820 map.
 pub const EBDA_START: u64 = MPTABLE_ADDR;
 pub const HIMEM_START: u64 = 0x10_0000;
-/// Start of the 32-bit MMIO hole (PCI, LAPIC, IOAPIC) and of high RAM after it.
-pub const MMIO_HOLE_START: u64 = 0xc000_0000;
-pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// The 32-bit MMIO hole (PCI, LAPIC, IOAPIC) and high RAM after it: the memory crate lays
+/// guest RAM out around it, and defines it.
+pub use memory::{MMIO_HOLE_END, MMIO_HOLE_START};
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 

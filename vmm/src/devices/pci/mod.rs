@@ -29,10 +29,14 @@ pub use host_bridge::HostBridge;
 pub use kvm::KvmPciVm;
 pub use virtio_pci::{QueueConfig, VirtioDevice, VirtioPciDevice};
 
-/// Start of the 32-bit PCI MMIO window (RAM below 4 GiB ends here).
-pub const MMIO_WINDOW_BASE: u64 = 0xc000_0000;
+/// Start of the 32-bit PCI MMIO window: the MMIO hole, where RAM below 4 GiB ends.
+pub const MMIO_WINDOW_BASE: u64 = memory::MMIO_HOLE_START;
 /// Size of the window; it ends below the IOAPIC (0xFEC00000) and the LAPIC (0xFEE00000).
 pub const MMIO_WINDOW_SIZE: u64 = 0xfc00_0000 - MMIO_WINDOW_BASE;
+const _: () = assert!(
+    MMIO_WINDOW_BASE + MMIO_WINDOW_SIZE <= crate::boot::layout::IOAPIC_ADDR as u64,
+    "the PCI window ends below the IOAPIC"
+);
 /// The configuration ports: address at 0xCF8, data at 0xCFC..0xCFF.
 pub const CONFIG_PORT_BASE: u64 = 0xcf8;
 pub const CONFIG_PORT_LEN: u64 = 8;
