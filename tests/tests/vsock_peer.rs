@@ -1,0 +1,222 @@
+//! ringvm's vhost-user frontend against rust-vmm's `vhost-device-vsock` (installed by
+//! `scripts/setup`), a vsock backend ringvm did not write, through real processes: the
+//! frontend connects the way the VMM does for `--vhost-user type=vsock,socket=PATH`, a mock
+//! guest driver runs the same protocol checks as `tests/vsock.rs` runs on ringvm's own device,
+//! and `ringvm run` puts the device on a real guest's PCI bus.
+//!
+//! Where the two devices differ: `vhost-device-vsock` answers a host `CONNECT <port>` with
+//! `OK <guest port>\n` where ringvm (like Firecracker and Cloud Hypervisor) answers with the
+//! host-side port the connection got; it offers neither `RESET_DEVICE` (so a reset is
+//! `GET_VRING_BASE` alone) nor anything ringvm's frontend does not speak.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use executor::Executor;
+use tests::{ringvm_bin, wait_until, Scratch};
+use virtio::vhost_user::{
+    Connection, Frontend, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
+};
+use virtio::DeviceType;
+use vsock::packet::Op;
+use vsock::testing::{host_read, hybrid_vsock_exchange, Guest, TIMEOUT};
+
+const CID: u64 = 42;
+/// VIRTIO_F_VERSION_1: a modern device.
+const VERSION_1: u64 = 1 << 32;
+
+/// `vhost-device-vsock`: on PATH, else where `cargo install` puts it.
+fn vhost_device_vsock() -> PathBuf {
+    const NAME: &str = "vhost-device-vsock";
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    on_path
+        .chain(cargo_home.map(|c| c.join("bin")))
+        .map(|dir| dir.join(NAME))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{NAME} is not installed: run scripts/setup"))
+}
+
+/// A `vhost-device-vsock` process, killed on drop. It serves one frontend at a time and
+/// listens again after each, so it never ends by itself.
+struct Peer {
+    child: Child,
+    sock: PathBuf,
+    uds: PathBuf,
+}
+
+impl Peer {
+    fn start(dir: &Scratch, cid: u64) -> Peer {
+        let sock = dir.path("vhost.sock");
+        let uds = dir.path("vsock.sock");
+        let child = Command::new(vhost_device_vsock())
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid={cid},socket={},uds-path={}",
+                sock.display(),
+                uds.display()
+            ))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vhost-device-vsock");
+        let mut peer = Peer { child, sock, uds };
+        assert!(
+            wait_until(Duration::from_secs(10), || peer.sock.exists()
+                && peer.uds.exists()),
+            "vhost-device-vsock never listened"
+        );
+        assert!(
+            matches!(peer.child.try_wait(), Ok(None)),
+            "vhost-device-vsock ended"
+        );
+        peer
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects as the VMM does (`vmm::devices::vhost_user::connect`): SET_OWNER, features,
+/// protocol features, the queue count (MQ) and the whole config space.
+async fn connect(sock: &Path) -> (Frontend, usize, Vec<u8>) {
+    let conn = executor::connect_unix(sock)
+        .await
+        .expect("connect to vhost-device-vsock");
+    let fe = Frontend::connect(Connection::new(conn), TIMEOUT)
+        .await
+        .expect("vhost-user set-up");
+    let queues = match fe.queue_num() {
+        Some(n) => n as usize,
+        None => DeviceType::Vsock.default_queues(),
+    };
+    let config = fe
+        .get_config(0, DeviceType::Vsock.config_size())
+        .await
+        .expect("GET_CONFIG");
+    (fe, queues, config)
+}
+
+#[test]
+fn ringvm_frontend_drives_vhost_device_vsock() {
+    let dir = Scratch::new("vsock-peer", "frontend");
+    let peer = Peer::start(&dir, CID);
+    let ex = Executor::new().expect("executor");
+    let mut guest = Guest::new(CID);
+    ex.run_until(async {
+        let (fe, queues, config) = connect(&peer.sock).await;
+        // What the transport would present: three queues (from GET_QUEUE_NUM, as ringvm's
+        // own default), the CID in config space, a modern device; the protocol features
+        // are the ones both sides speak.
+        assert_eq!(queues, 3);
+        assert_eq!(queues, DeviceType::Vsock.default_queues());
+        assert_eq!(config, CID.to_le_bytes());
+        assert_ne!(fe.features() & VERSION_1, 0, "{:#x}", fe.features());
+        assert_eq!(
+            fe.protocol_features(),
+            (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK) | (1 << PROTOCOL_F_CONFIG),
+        );
+        // Out of range: an empty reply, which the frontend turns into an error.
+        assert!(fe.get_config(4, 8).await.is_err());
+        fe.start(fe.features(), &guest.mem, &guest.vrings())
+            .await
+            .expect("start");
+
+        let mut host = hybrid_vsock_exchange(&mut guest, &peer.uds).await;
+        // vhost-device-vsock's OK line names the guest port (ringvm's and Firecracker's
+        // name the host-side port).
+        assert_eq!(host.ok_port, host.guest_port);
+        assert_ne!(host.host_port, host.guest_port);
+
+        // Garbage from a host client ends only that client.
+        let mut bad = UnixStream::connect(&peer.uds).expect("connect to PATH");
+        bad.write_all(b"HELLO\n").expect("write");
+        let mut b = [0u8; 8];
+        bad.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        assert_eq!(bad.read(&mut b).expect("closed, not an error"), 0);
+        guest.send(host.guest_port, host.host_port, Op::Rw, b"pong");
+        assert_eq!(host_read(&mut host.client, 4).await, b"pong");
+        // The device has taken and returned everything the guest sent: wait for the used
+        // ring of tx to catch up, then stop the rings as the VMM does on a reset.
+        let sent = guest.queues[1].avail_idx();
+        let deadline = Instant::now() + TIMEOUT;
+        while guest.queues[1].used_idx().expect("used idx") != sent {
+            assert!(Instant::now() < deadline, "tx never caught up");
+            executor::sleep(Duration::from_millis(1))
+                .await
+                .expect("sleep");
+        }
+        let bases = fe.stop(&[0, 1, 2]).await.expect("GET_VRING_BASE");
+        let rx_used = guest.queues[0].used_idx().expect("used idx");
+        assert_eq!(bases, [rx_used, sent, 0]);
+        fe.reset().await.expect("reset (nothing to send)");
+        drop(fe);
+    });
+    drop(guest);
+
+    // The frontend went away: vhost-device-vsock serves the next one.
+    let ex = Executor::new().expect("executor");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    ex.run_until(async {
+        loop {
+            let sock = peer.sock.clone();
+            if sock.exists() {
+                if let Ok(conn) = executor::connect_unix(&sock).await {
+                    let fe = Frontend::connect(Connection::new(conn), TIMEOUT)
+                        .await
+                        .expect("vhost-user set-up again");
+                    let config = fe.get_config(0, 8).await.expect("GET_CONFIG again");
+                    assert_eq!(config, CID.to_le_bytes());
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vhost-device-vsock stopped serving"
+            );
+            executor::sleep(Duration::from_millis(10))
+                .await
+                .expect("sleep");
+        }
+    });
+}
+
+#[test]
+fn ringvm_run_with_vhost_device_vsock_puts_it_on_the_bus() {
+    use tests::{ringvm_run, GuestCmdline, Live};
+    let dir = Scratch::new("vsock-peer", "run");
+    let peer = Peer::start(&dir, 7);
+    let control = dir.path("vm.sock");
+    let spec = format!("type=vsock,socket={}", peer.sock.display());
+    let control_arg = control.to_string_lossy().into_owned();
+    let cmdline = GuestCmdline::new().test("pci").test("wait");
+    let mut live = Live::start(&mut ringvm_run(
+        &["--no-rng", "--vhost-user", &spec, "-s", &control_arg],
+        &cmdline,
+    ));
+    live.wait_for("wait halting", Duration::from_secs(60));
+    assert!(
+        live.seen().contains("1af4:1053"),
+        "no virtio-vsock on the bus:\n{}",
+        live.seen()
+    );
+    let stop = Command::new(ringvm_bin())
+        .arg("stop")
+        .arg(&control)
+        .status()
+        .expect("ringvm stop");
+    assert!(stop.success());
+    let (status, stderr) = live.finish(Duration::from_secs(20));
+    assert!(status.success(), "ringvm {status:?}: {stderr}");
+    drop(peer);
+}
