@@ -13,7 +13,7 @@ use executor::Executor;
 use tests::{ringvm_bin, wait_until, Scratch};
 use virtio::vhost_user::{Connection, Frontend};
 use vsock::packet::Op;
-use vsock::testing::{host_read, hybrid_vsock_exchange, Guest, TIMEOUT};
+use vsock::testing::{host_read, hybrid_vsock_exchange, send_when_room, Guest, TIMEOUT};
 
 const CID: u64 = 42;
 
@@ -75,7 +75,7 @@ fn guest_and_host_processes_reach_each_other_through_the_jailed_device() {
         let mut b = [0u8; 8];
         bad.set_read_timeout(Some(TIMEOUT)).expect("timeout");
         assert_eq!(bad.read(&mut b).expect("closed, not an error"), 0);
-        guest.send(host.guest_port, host.host_port, Op::Rw, b"pong");
+        send_when_room(&mut guest, host.guest_port, host.host_port, Op::Rw, b"pong").await;
         assert_eq!(host_read(&mut host.client, 4).await, b"pong");
         drop(fe);
     });

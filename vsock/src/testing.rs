@@ -154,7 +154,9 @@ pub async fn host_read(host: &mut UnixStream, n: usize) -> Vec<u8> {
     got
 }
 
-pub use hybrid::{host_accept, host_eof, hybrid_vsock_exchange, next_packet, HostConnection};
+pub use hybrid::{
+    host_accept, host_eof, hybrid_vsock_exchange, next_packet, send_when_room, HostConnection,
+};
 
 /// Helpers and the protocol checks shared by the end-to-end tests of hybrid-vsock devices.
 mod hybrid {
@@ -174,6 +176,33 @@ mod hybrid {
             if h.op() != Some(Op::CreditUpdate) {
                 return (h, data);
             }
+        }
+    }
+
+    /// [`Guest::send`] once the transmit queue has room for the packet, as a real driver
+    /// waits: a device may hand used descriptors back some time after it has forwarded their
+    /// data (`vhost-device-vsock` adds them to the used ring from another thread).
+    pub async fn send_when_room(
+        guest: &mut Guest,
+        src_port: u32,
+        dst_port: u32,
+        op: Op,
+        payload: &[u8],
+    ) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let q = &guest.queues[1];
+            // Chains in flight take at most two descriptors each; `send` takes two.
+            let in_flight = q.avail_idx().wrapping_sub(q.used_idx().unwrap());
+            if 2 * u32::from(in_flight) + 2 <= u32::from(q.size()) {
+                guest.send(src_port, dst_port, op, payload);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the device never returned tx descriptors"
+            );
+            executor::sleep(Duration::from_millis(1)).await.unwrap();
         }
     }
 
@@ -241,7 +270,7 @@ mod hybrid {
         listener.set_nonblocking(true).unwrap();
 
         // The guest connects to host port 5000: the device reaches PATH_5000.
-        guest.send(1024, 5000, Op::Request, &[]);
+        send_when_room(guest, 1024, 5000, Op::Request, &[]).await;
         let (h, _) = next_packet(guest).await;
         assert_eq!(
             (h.op(), h.src_cid, h.dst_cid, h.src_port, h.dst_port),
@@ -252,7 +281,7 @@ mod hybrid {
         let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
         let mut got = Vec::new();
         for chunk in data.chunks(4096) {
-            guest.send(1024, 5000, Op::Rw, chunk);
+            send_when_room(guest, 1024, 5000, Op::Rw, chunk).await;
             got.extend(host_read(&mut host, chunk.len()).await);
         }
         assert!(got == data, "the host read other bytes than the guest sent");
@@ -263,7 +292,7 @@ mod hybrid {
             (Some(Op::Rw), 5000, 1024, &b"host to guest"[..])
         );
         // The guest resets its connection: the host stream ends.
-        guest.send(1024, 5000, Op::Rst, &[]);
+        send_when_room(guest, 1024, 5000, Op::Rst, &[]).await;
         host_eof(&mut host).await;
         drop(listener);
         let _ = std::fs::remove_file(&port_path);
@@ -283,7 +312,7 @@ mod hybrid {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             other => panic!("the host process got {other:?} before the guest accepted"),
         }
-        guest.send(52, req.src_port, Op::Response, &[]);
+        send_when_room(guest, 52, req.src_port, Op::Response, &[]).await;
         let mut line = Vec::new();
         while line.last() != Some(&b'\n') {
             line.extend(host_read(&mut client, 1).await);
