@@ -179,18 +179,24 @@ fn ringvm_frontend_drives_vhost_device_vsock() {
     drop(guest);
 
     // The frontend went away: vhost-device-vsock serves the next one.
+    assert_serves_again(&peer, CID);
+}
+
+/// The peer is still running and a new frontend gets its set-up and config: the last one
+/// left it in a state it recovers from.
+fn assert_serves_again(peer: &Peer, cid: u64) {
     let ex = Executor::new().expect("executor");
     let deadline = Instant::now() + Duration::from_secs(10);
     ex.run_until(async {
         loop {
-            let sock = peer.sock.clone();
-            if sock.exists() {
-                if let Ok(conn) = executor::connect_unix(&sock).await {
+            // It listens again once it has torn the last connection down.
+            if peer.sock.exists() {
+                if let Ok(conn) = executor::connect_unix(&peer.sock).await {
                     let fe = Frontend::connect(Connection::new(conn), TIMEOUT)
                         .await
                         .expect("vhost-user set-up again");
                     let config = fe.get_config(0, 8).await.expect("GET_CONFIG again");
-                    assert_eq!(config, CID.to_le_bytes());
+                    assert_eq!(config, cid.to_le_bytes());
                     return;
                 }
             }
@@ -232,5 +238,6 @@ fn ringvm_run_with_vhost_device_vsock_puts_it_on_the_bus() {
     assert!(stop.success());
     let (status, stderr) = live.finish(Duration::from_secs(20));
     assert!(status.success(), "ringvm {status:?}: {stderr}");
-    drop(peer);
+    // The VMM left the backend as a VMM should: ready for the next VM.
+    assert_serves_again(&peer, 7);
 }
