@@ -241,3 +241,25 @@ fn ringvm_run_with_vhost_device_vsock_puts_it_on_the_bus() {
     // The VMM left the backend as a VMM should: ready for the next VM.
     assert_serves_again(&peer, 7);
 }
+
+#[test]
+fn ringvm_run_ends_naming_vhost_device_vsock_when_it_dies() {
+    use tests::{ringvm_run, GuestCmdline, Live};
+    let dir = Scratch::new("vsock-peer", "dies");
+    let mut peer = Peer::start(&dir, 9);
+    let spec = format!("type=vsock,socket={}", peer.sock.display());
+    let cmdline = GuestCmdline::new().test("pci").test("wait");
+    let mut live = Live::start(&mut ringvm_run(
+        &["--no-rng", "--vhost-user", &spec],
+        &cmdline,
+    ));
+    live.wait_for("wait halting", Duration::from_secs(60));
+    peer.child.kill().expect("kill vhost-device-vsock");
+    let (status, stderr) = live.finish(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("device vsock ({})", peer.sock.display()))
+            && stderr.contains("hung up"),
+        "no line naming the backend:\n{stderr}"
+    );
+}
