@@ -83,6 +83,7 @@ impl DeviceProcess for NetProcess {
                 .map_err(Error::Dup)?,
             flag: "--tap-fd",
             strip: STRIP,
+            after: None,
         };
         let queue_pairs = fds.len();
         let device = NetDevice::new(

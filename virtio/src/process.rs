@@ -75,10 +75,25 @@ impl<D> Made<D> {
 }
 
 /// Descriptors handed to a jailed child: they become `flag 4`, `flag 5`, ... (after the
-/// connection on 3), in place of the options in `strip` (each with its value).
-#[derive(Debug, Default)]
+/// connection on 3), in place of the options in `strip` (each with its value); and what to do
+/// once the device has ended, whoever served it.
+#[derive(Default)]
 pub struct Forward {
     pub fds: Vec<OwnedFd>,
     pub flag: &'static str,
     pub strip: &'static [&'static str],
+    /// Run once the device, or the jailed child serving it, has ended: e.g. wait for a
+    /// helper thread of this process to finish its own cleaning up before the process exits.
+    pub after: Option<Box<dyn FnOnce()>>,
+}
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward")
+            .field("fds", &self.fds)
+            .field("flag", &self.flag)
+            .field("strip", &self.strip)
+            .field("after", &self.after.is_some())
+            .finish()
+    }
 }

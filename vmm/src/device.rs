@@ -113,14 +113,24 @@ fn run_process<P: DeviceProcess>(args: &[String]) -> Result<()> {
     let made = P::make(&options, &mut inherit)
         .map_err(anyhow::Error::from_boxed)
         .with_context(|| format!("device {name}"))?;
-    if let (Endpoint::Socket(path), true) = (&endpoint, sandbox.enabled) {
+    let mut forward = made.forward;
+    let after = forward.after.take();
+    let result = if let (Endpoint::Socket(path), true) = (&endpoint, sandbox.enabled) {
         drop(made.device);
-        return accept_then_jail(name, path, made.forward, sandbox.report_fd);
+        accept_then_jail(name, path, forward, sandbox.report_fd)
+    } else {
+        drop(forward);
+        let policy = seccomp::Policy::from_name(name)
+            .ok_or_else(|| anyhow!("device {name}: no seccomp policy"))?;
+        let ops: Vec<u8> = VHOST_USER_OPS.iter().chain(P::OPS).copied().collect();
+        serve(made.device, endpoint, sandbox, policy, &ops)
+            .with_context(|| format!("device {name}"))
+    };
+    // The device has ended (here, or in the jailed child): helpers of this process finish.
+    if let Some(after) = after {
+        after();
     }
-    let policy = seccomp::Policy::from_name(name)
-        .ok_or_else(|| anyhow!("device {name}: no seccomp policy"))?;
-    let ops: Vec<u8> = VHOST_USER_OPS.iter().chain(P::OPS).copied().collect();
-    serve(made.device, endpoint, sandbox, policy, &ops).with_context(|| format!("device {name}"))
+    result
 }
 
 /// Exit status of a device process that panicked (as Rust's own for a panic in `main`).
@@ -394,6 +404,7 @@ mod tests {
             fds: vec![a.into(), b.into()],
             flag: "--tap-fd",
             strip: &["--tap-fd", "--tap-name", "--queue-pairs"],
+            after: None,
         };
         assert_eq!(
             jailed_args(args, &forward),

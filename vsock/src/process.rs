@@ -49,12 +49,13 @@ impl DeviceProcess for VsockProcess {
         a: &VsockArgs,
         inherit: &mut dyn FnMut(i32) -> io::Result<OwnedFd>,
     ) -> Result<Made<VsockDevice>, MakeError> {
+        let mut broker = None;
         let channel = match (&a.uds, a.broker_fd) {
             (Some(path), None) => {
                 // Runs on its own thread until the device (or its jailed child) closes the
-                // channel; it removes PATH then.
-                let (broker, channel) = Broker::new(path)?;
-                drop(broker.spawn()?);
+                // channel; it removes PATH then, and `after` waits for that.
+                let (b, channel) = Broker::new(path)?;
+                broker = Some(b.spawn()?);
                 channel
             }
             (None, Some(fd)) => inherit(fd)
@@ -65,6 +66,13 @@ impl DeviceProcess for VsockProcess {
             fds: vec![channel.try_clone()?],
             flag: "--broker-fd",
             strip: STRIP,
+            after: broker.map(|b| -> Box<dyn FnOnce()> {
+                Box::new(move || {
+                    if let Ok(Err(e)) = b.join() {
+                        eprintln!("ringvm device vsock: broker: {e}");
+                    }
+                })
+            }),
         };
         let device = VsockDevice::new(VsockOptions::new(a.cid), channel)?;
         Ok(Made { device, forward })
