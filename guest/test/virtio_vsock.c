@@ -892,11 +892,12 @@ static const char *vs_run(void)
 		return failf("the driver ran with cs %#x, not at CPL3", job.cs);
 	u64 ms = job.cycles / (tsc_hz_or_guess() / 1000);
 	say("virtio-vsock stats conns=%u accepted=%u bytes-sent=%lu bytes-received=%lu tx-packets=%lu rx-packets=%lu "
-	    "credit-updates-sent=%lu credit-updates-received=%lu credit-requests=%lu stalls=%lu max-stall-ms=%lu "
-	    "events=%u inits=%u unknown-rsts=%lu time=%lums",
-	    job.conns, job.accepted, job.bytes_sent, job.bytes_recvd, job.tx_packets, job.rx_packets,
+	    "time=%lums",
+	    job.conns, job.accepted, job.bytes_sent, job.bytes_recvd, job.tx_packets, job.rx_packets, ms);
+	say("virtio-vsock credit updates-sent=%lu updates-received=%lu requests=%lu stalls=%lu max-stall-ms=%lu "
+	    "events=%u inits=%u unknown-rsts=%lu",
 	    job.credit_updates_sent, job.credit_updates_got, job.credit_requests, job.stalls, job.max_stall_ms,
-	    job.events, job.inits, job.rsts_sent_unknown, ms);
+	    job.events, job.inits, job.rsts_sent_unknown);
 	return job.fail;
 }
 
