@@ -52,6 +52,11 @@ impl Vm {
             report.raw
         );
         report.assert_ok(&[SCENARIO]);
+        for l in report.details(SCENARIO) {
+            if l.starts_with("stats") || l.starts_with("credit") {
+                eprintln!("guest: {l}");
+            }
+        }
         report
     }
 
