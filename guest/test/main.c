@@ -140,7 +140,8 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "net.mode", "net.csum", "net.serve_ms", "net.bad",
 					 "blkbench.qd", "blkbench.ms", "blkbench.op", "blkbench.bs",
 					 "blkbench.tsc_khz", "vsock.app", "vsock.port", "vsock.listen",
-					 "vsock.conns", "vsock.bytes", "vsock.idle_ms", "vsock.seed", "vsock.cid"};
+					 "vsock.conns", "vsock.bytes", "vsock.idle_ms", "vsock.seed", "vsock.cid",
+					 "vsock.credit_req_ms"};
 
 const char *opt(const char *key)
 {

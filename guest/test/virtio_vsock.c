@@ -11,7 +11,8 @@
  * Protocol: one packet per descriptor (the 44-byte header, then the payload). Connections to
  * a host port (REQUEST, RESPONSE) or from the host to a guest listener (REQUEST answered with
  * RESPONSE, or RST for a port nobody listens on); RW within the host's credit (buf_alloc -
- * (tx_cnt - fwd_cnt)), with a CREDIT_REQUEST after a second without credit; our own
+ * (tx_cnt - fwd_cnt)), with a CREDIT_REQUEST after ringvm.vsock.credit_req_ms (default 1000)
+ * without credit; our own
  * buf_alloc (VS_BUF per connection) is never exceeded by a correct device (checked), and a
  * CREDIT_UPDATE goes out once the host's view of our free space fell below half; a
  * CREDIT_REQUEST is answered. SHUTDOWN from the host (its stream ended) finishes a listener's
@@ -122,7 +123,7 @@ struct vconn {
 
 struct vs_job {
 	/* in */
-	u32 app, conns, listen, port, idle_ms, expect_cid;
+	u32 app, conns, listen, port, idle_ms, expect_cid, credit_req_ms;
 	u64 bytes, seed;
 	/* out */
 	const char *fail;
@@ -590,7 +591,7 @@ static void c_step(struct vconn *c, u64 now)
 			c->stall_since = now;
 			c->last_credit_req = now;
 			job.stalls++;
-		} else if (now - c->last_credit_req > ms_to_cyc(1000)) {
+		} else if (now - c->last_credit_req > ms_to_cyc(job.credit_req_ms)) {
 			c_ctl(c, OP_CREDIT_REQUEST, 0);
 			job.credit_requests++;
 			c->last_credit_req = now;
@@ -847,6 +848,12 @@ static const char *vs_run(void)
 		if (x < 100 || x > 600000)
 			return failf("ringvm.vsock.idle_ms=%lu: want 100..600000", x);
 		job.idle_ms = (u32)x;
+	}
+	job.credit_req_ms = 1000;
+	if (opt_u64("vsock.credit_req_ms", &x)) {
+		if (x < 10 || x > 600000)
+			return failf("ringvm.vsock.credit_req_ms=%lu: want 10..600000", x);
+		job.credit_req_ms = (u32)x;
 	}
 	job.seed = 0x5eed;
 	opt_u64("vsock.seed", &job.seed);
