@@ -543,3 +543,64 @@ fn a_device_reset_ends_connections_sends_transport_reset_and_the_device_works_ag
     assert_eq!(value_u64(&report, "inits"), 2);
     assert_eq!(conn_value(&report, 1, "received"), "4096");
 }
+
+#[test]
+fn sixty_four_host_connections_at_once_to_the_guest_listener_each_echo_intact() {
+    let dir = Scratch::new("vsockg", "manyh");
+    let mut vm = start(
+        &dir,
+        &[
+            ("listen", "54".into()),
+            ("app", "echo".into()),
+            ("conns", "64".into()),
+        ],
+    );
+    vm.live.wait_for("listening port=54", RUN);
+    // Every handshake first: all 64 are accepted (OK) before any data moves.
+    let clients: Vec<(UnixStream, u32)> = (0..64)
+        .map(|_| {
+            let (s, line) = host_connect(&vm.uds, 54);
+            let port = line
+                .strip_prefix("OK ")
+                .and_then(|p| p.trim_end().parse().ok())
+                .unwrap_or_else(|| panic!("CONNECT 54 got {line:?}"));
+            (s, port)
+        })
+        .collect();
+    let mut ports: Vec<u32> = clients.iter().map(|(_, p)| *p).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 64, "64 distinct host ports");
+    let threads: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(k, (mut s, _))| {
+            thread::spawn(move || {
+                let data = xorshift_bytes(100_000 + k * 1000, 0xabc0 + k as u64);
+                let mut w = s.try_clone().expect("clone");
+                let sent = data.clone();
+                let writer = thread::spawn(move || {
+                    w.write_all(&sent).expect("write to the guest");
+                    w.shutdown(Shutdown::Write).expect("shutdown");
+                });
+                let back = read_to_eof(&mut s);
+                writer.join().expect("writer");
+                assert!(
+                    back == data,
+                    "connection {k}: {} bytes back of {}",
+                    back.len(),
+                    data.len()
+                );
+                data.len() as u64
+            })
+        })
+        .collect();
+    let total: u64 = threads
+        .into_iter()
+        .map(|t| t.join().expect("a client"))
+        .sum();
+    let report = vm.finish();
+    assert_eq!(value_u64(&report, "accepted"), 64);
+    assert_eq!(value_u64(&report, "bytes-received"), total);
+    assert_eq!(value_u64(&report, "bytes-sent"), total);
+}
