@@ -119,12 +119,14 @@ struct vconn {
 	u64 to_send, sent, recvd;
 	u64 hash_tx, hash_rx, xs;
 	u64 stall_since, last_credit_req;
+	u64 pause_until; /* sink: consume nothing before this TSC value */
+	u8 paused;
 };
 
 struct vs_job {
 	/* in */
-	u32 app, conns, listen, port, idle_ms, expect_cid, credit_req_ms;
-	u64 bytes, seed;
+	u32 app, conns, listen, port, idle_ms, expect_cid, credit_req_ms, pause_ms;
+	u64 bytes, seed, pause_at;
 	/* out */
 	const char *fail;
 	u64 cid;
@@ -414,6 +416,13 @@ static void c_data(struct vconn *c, const u8 *p, u32 n)
 		for (u32 i = 0; i < n; i++)
 			c->rbuf[(c->rhead + c->rlen + i) % VS_BUF] = p[i];
 		c->rlen += n;
+	} else if (c->server && c->app == APP_SINK) {
+		c->rlen += n; /* consumed (counted) in c_step, unless paused */
+		if (job.pause_ms && !c->paused && c->recvd + n >= job.pause_at) {
+			c->paused = 1;
+			c->pause_until = rdtsc() + ms_to_cyc(job.pause_ms);
+			say("virtio-vsock sink pausing for %u ms after %lu bytes", job.pause_ms, c->recvd + n);
+		}
 	} else {
 		if (c->app == APP_ECHO || c->app == APP_RESET) {
 			for (u32 i = 0; i < n; i++)
@@ -568,6 +577,16 @@ static void c_step(struct vconn *c, u64 now)
 {
 	if (c->state != C_OPEN)
 		return;
+	if (c->pause_until && now < c->pause_until)
+		progress(); /* a pause on purpose is not a hang */
+	if (c->server && c->app == APP_SINK && c->rlen && now >= c->pause_until) {
+		if (c->pause_until) {
+			say("virtio-vsock sink resuming with %u bytes buffered (credit %u)", c->rlen, VS_BUF);
+			c->pause_until = 0;
+		}
+		c->fwd_cnt += c->rlen;
+		c->rlen = 0;
+	}
 	/* Our credit: the host hears of freed space once its view fell below half. */
 	if (c->fwd_cnt - c->fwd_sent >= VS_BUF / 2) {
 		c_ctl(c, OP_CREDIT_UPDATE, 0);
@@ -644,7 +663,7 @@ static void c_step(struct vconn *c, u64 now)
 	/* Done sending: is the connection finished? */
 	int finished = 0;
 	if (server)
-		finished = (c->peer_shut & SHUT_SEND) != 0;
+		finished = (c->peer_shut & SHUT_SEND) != 0 && !c->rlen;
 	else if (c->app == APP_ECHO || c->app == APP_RESET)
 		finished = c->recvd == c->to_send && !c->hold;
 	else if (c->app == APP_SOURCE)
@@ -855,6 +874,13 @@ static const char *vs_run(void)
 			return failf("ringvm.vsock.credit_req_ms=%lu: want 10..600000", x);
 		job.credit_req_ms = (u32)x;
 	}
+	if (opt_u64("vsock.pause_ms", &x)) {
+		if (x > 60000)
+			return failf("ringvm.vsock.pause_ms=%lu: want at most 60000", x);
+		job.pause_ms = (u32)x;
+	}
+	job.pause_at = 1 << 20;
+	opt_u64("vsock.pause_at", &job.pause_at);
 	job.seed = 0x5eed;
 	opt_u64("vsock.seed", &job.seed);
 	if (opt_u64("vsock.cid", &x))

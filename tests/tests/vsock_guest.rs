@@ -604,3 +604,70 @@ fn sixty_four_host_connections_at_once_to_the_guest_listener_each_echo_intact() 
     assert_eq!(value_u64(&report, "bytes-received"), total);
     assert_eq!(value_u64(&report, "bytes-sent"), total);
 }
+
+#[test]
+fn a_guest_that_stops_reading_stops_the_host_writer_and_loses_nothing() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = Scratch::new("vsockg", "gstall");
+    let mut vm = start(
+        &dir,
+        &[
+            ("listen", "55".into()),
+            ("app", "sink".into()),
+            ("pause_ms", "3000".into()),
+            ("pause_at", (1u32 << 20).to_string()),
+        ],
+    );
+    vm.live.wait_for("listening port=55", RUN);
+    let data = xorshift_bytes(16 << 20, 0x5151);
+    let h = fnv(FNV_INIT, &data);
+    let (mut s, line) = host_connect(&vm.uds, 55);
+    assert!(line.starts_with("OK "), "CONNECT 55 got {line:?}");
+    let written = Arc::new(AtomicU64::new(0));
+    let mut w = s.try_clone().expect("clone");
+    let (count, sent) = (written.clone(), data.clone());
+    let writer = thread::spawn(move || {
+        for chunk in sent.chunks(16 << 10) {
+            w.write_all(chunk).expect("write to the guest");
+            count.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        }
+        w.shutdown(Shutdown::Write).expect("shutdown");
+    });
+    vm.live.wait_for("sink pausing", RUN);
+    let device = vm.device_pid();
+    // The guest consumes nothing for 3 s: after the buffers fill, the host writer blocks
+    // (the device reads the host only as far as the guest's credit goes).
+    thread::sleep(Duration::from_millis(700));
+    let (at_start, rss_start) = (written.load(Ordering::SeqCst), rss_anon_kib(device));
+    thread::sleep(Duration::from_millis(1300));
+    let (at_end, rss_end) = (written.load(Ordering::SeqCst), rss_anon_kib(device));
+    eprintln!(
+        "guest paused: host had written {at_start} then {at_end} bytes; device RssAnon {rss_start} -> {rss_end} KiB"
+    );
+    assert!(
+        at_start < 4 << 20,
+        "{at_start} bytes went through a guest that read 1 MiB"
+    );
+    assert_eq!(
+        at_start, at_end,
+        "the host writer moved while the guest did not read"
+    );
+    assert!(
+        rss_end < rss_start + 8 * 1024,
+        "device RssAnon {rss_start} -> {rss_end} KiB"
+    );
+    assert!(read_to_eof(&mut s).is_empty());
+    writer.join().expect("writer");
+    let report = vm.finish();
+    assert_eq!(conn_value(&report, 0, "received"), data.len().to_string());
+    assert_eq!(conn_value(&report, 0, "received-hash"), hex(h));
+    assert!(
+        report
+            .details(SCENARIO)
+            .iter()
+            .any(|l| l.starts_with("sink resuming")),
+        "{}",
+        report.raw
+    );
+}
