@@ -25,7 +25,9 @@
  *    `source` sends vsock.bytes of xorshift data and prints its FNV-1a hash;
  *    `rst` sends vsock.bytes, waits for any byte from the host, then resets the connection;
  *    `reset` (one connection) echoes, then resets the device and initialises it again,
- *    waits for the TRANSPORT_RESET event, and echoes on a new connection.
+ *    waits for the TRANSPORT_RESET event, and echoes on a new connection;
+ *    `request` sends vsock.bytes of the pattern, half-closes (SHUTDOWN(SEND)) and hashes
+ *    what comes back until the host's stream ends.
  *  - listening on ringvm.vsock.listen (accepting vsock.conns host connections):
  *    `echo` sends back everything until the host's stream ends; `sink` hashes it.
  * Nothing waits forever: no data moving and no connection changing state for
@@ -93,8 +95,8 @@ _Static_assert(sizeof(struct vs_hdr) == 44, "virtio_vsock_hdr is 44 bytes");
 #define VS_CONNBUF (VS_TX + (u64)TX_N * TX_STRIDE)
 #define VS_MEM_END (VS_CONNBUF + (u64)MAX_CONNS * VS_BUF)
 
-enum { APP_ECHO, APP_SOURCE, APP_RST, APP_RESET, APP_SINK };
-static const char *const app_names[] = {"echo", "source", "rst", "reset", "sink"};
+enum { APP_ECHO, APP_SOURCE, APP_RST, APP_RESET, APP_SINK, APP_REQUEST };
+static const char *const app_names[] = {"echo", "source", "rst", "reset", "sink", "request"};
 enum { C_FREE, C_CONNECTING, C_OPEN, C_CLOSING, C_CLOSED };
 static const char *const state_names[] = {"free", "connecting", "open", "closing", "closed"};
 
@@ -120,7 +122,7 @@ struct vconn {
 	u64 hash_tx, hash_rx, xs;
 	u64 stall_since, last_credit_req;
 	u64 pause_until; /* sink: consume nothing before this TSC value */
-	u8 paused;
+	u8 paused, half_closed;
 };
 
 struct vs_job {
@@ -424,6 +426,10 @@ static void c_data(struct vconn *c, const u8 *p, u32 n)
 			say("virtio-vsock sink pausing for %u ms after %lu bytes", job.pause_ms, c->recvd + n);
 		}
 	} else {
+		if (c->app == APP_REQUEST && !c->half_closed) {
+			c_fail(c, "an answer before the request was complete");
+			return;
+		}
 		if (c->app == APP_ECHO || c->app == APP_RESET) {
 			for (u32 i = 0; i < n; i++)
 				if (p[i] != pat(c->num, c->recvd + i)) {
@@ -668,6 +674,16 @@ static void c_step(struct vconn *c, u64 now)
 		finished = c->recvd == c->to_send && !c->hold;
 	else if (c->app == APP_SOURCE)
 		finished = 1;
+	else if (c->app == APP_REQUEST && !c->half_closed) {
+		/* The request is out: half-close, then take the answer until the host's stream ends. */
+		if (c_ctl(c, OP_SHUTDOWN, SHUT_SEND)) {
+			c->half_closed = 1;
+			say("virtio-vsock request: %lu bytes sent, SHUTDOWN(SEND) on guest port %u", c->sent, c->lport);
+			progress();
+		}
+		return;
+	} else if (c->app == APP_REQUEST)
+		finished = (c->peer_shut & SHUT_SEND) != 0;
 	else if (c->app == APP_RST && c->recvd > 0) {
 		c_ctl(c, OP_RST, 0);
 		say("virtio-vsock rst sent on guest port %u after %lu bytes sent and %lu received", c->lport, c->sent,
@@ -850,7 +866,7 @@ static const char *vs_run(void)
 			if (str_eq_n(app, app_names[k], strlen(app)) && strlen(app) == strlen(app_names[k]))
 				break;
 		if (k == sizeof(app_names) / sizeof(app_names[0]))
-			return failf("ringvm.vsock.app=%s: want echo, source, rst, reset or sink", app);
+			return failf("ringvm.vsock.app=%s: want echo, source, rst, reset, request or sink", app);
 		job.app = k;
 	}
 	job.conns = 1;

@@ -671,3 +671,37 @@ fn a_guest_that_stops_reading_stops_the_host_writer_and_loses_nothing() {
         report.raw
     );
 }
+
+#[test]
+fn a_guest_half_close_ends_the_host_read_side_and_the_answer_still_arrives() {
+    let dir = Scratch::new("vsockg", "half");
+    let uds = dir.path("vm.vsock");
+    let listener = UnixListener::bind(port_path(&uds, 5006)).expect("listen on PATH_5006");
+    let bytes: u64 = 100_000;
+    let vm = start(
+        &dir,
+        &[
+            ("port", "5006".into()),
+            ("app", "request".into()),
+            ("bytes", bytes.to_string()),
+        ],
+    );
+    let mut s = accept_within(&listener, STEP);
+    // The request ends with the guest's SHUTDOWN(SEND): end of stream here, not a close.
+    let request = read_to_eof(&mut s);
+    assert_eq!(request.len() as u64, bytes);
+    assert!(request
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pat(0, i as u64)));
+    let answer = xorshift_bytes(1 << 20, 0xa115);
+    s.write_all(&answer)
+        .expect("the answer goes to a half-closed guest");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    let report = vm.finish();
+    assert_eq!(conn_value(&report, 0, "received"), answer.len().to_string());
+    assert_eq!(
+        conn_value(&report, 0, "received-hash"),
+        hex(fnv(FNV_INIT, &answer))
+    );
+}
