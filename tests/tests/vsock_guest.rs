@@ -73,6 +73,20 @@ impl Vm {
         report
     }
 
+    /// Waits for the guest's `done` and a clean exit; returns the report, whatever the
+    /// scenario's outcome.
+    fn finish_any(mut self) -> GuestReport {
+        self.live.wait_for(&format!("{LINE_PREFIX}done"), RUN);
+        let report = GuestReport::parse(self.live.seen());
+        let (status, stderr) = self.live.finish(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "ringvm {status:?}: {stderr}\n{}",
+            report.raw
+        );
+        report
+    }
+
     /// The device process (the VMM's only child).
     fn device_pid(&self) -> u32 {
         let kids = children_of(self.live.child.id());
@@ -719,4 +733,57 @@ fn a_guest_half_close_ends_the_host_read_side_and_the_answer_still_arrives() {
         conn_value(&report, 0, "received-hash"),
         hex(fnv(FNV_INIT, &answer))
     );
+}
+
+/// The scenario's failure reason (panics if it did not fail).
+fn failure(report: &GuestReport) -> String {
+    match report.outcome(SCENARIO) {
+        Some(tests::Outcome::Fail(why)) => why.clone(),
+        other => panic!(
+            "expected {SCENARIO} to fail, got {other:?}:\n{}",
+            report.raw
+        ),
+    }
+}
+
+#[test]
+fn a_guest_connect_to_a_port_nobody_listens_on_is_refused() {
+    let dir = Scratch::new("vsockg", "refused");
+    let vm = start(&dir, &[("port", "5007".into()), ("app", "echo".into())]);
+    let report = vm.finish_any();
+    let why = failure(&report);
+    assert!(why.contains("connection refused (RST)"), "{why}");
+}
+
+#[test]
+fn a_host_that_never_answers_fails_the_guest_in_time_not_hangs_it() {
+    let dir = Scratch::new("vsockg", "silent");
+    let uds = dir.path("vm.vsock");
+    let listener = UnixListener::bind(port_path(&uds, 5008)).expect("listen on PATH_5008");
+    let vm = start(
+        &dir,
+        &[
+            ("port", "5008".into()),
+            ("app", "echo".into()),
+            ("idle_ms", "1000".into()),
+        ],
+    );
+    // Accepted, read, never echoed: the guest gives up after 1 s without progress.
+    let mut s = accept_within(&listener, STEP);
+    let mut buf = vec![0u8; 4096];
+    s.read_exact(&mut buf).expect("the guest's bytes");
+    let t0 = Instant::now();
+    let report = vm.finish_any();
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let why = failure(&report);
+    assert!(why.contains("nothing moved for 1000 ms"), "{why}");
+    assert!(
+        report
+            .details(SCENARIO)
+            .iter()
+            .any(|l| l.starts_with("stuck conn 0 open")),
+        "{}",
+        report.raw
+    );
+    drop(s);
 }
