@@ -403,7 +403,7 @@ static void c_closed(struct vconn *c)
 /* Data of an RW packet for c. */
 static void c_data(struct vconn *c, const u8 *p, u32 n)
 {
-	u32 free = VS_BUF - (c->rx_cnt - c->fwd_cnt);
+	u32 free = VS_BUF - (c->rx_cnt - c->fwd_sent); /* the credit the device was given */
 	if (n > free) {
 		c_fail(c, "the device sent %u bytes with %u bytes of credit", n, free);
 		return;
