@@ -25,7 +25,8 @@
  *    `source` sends vsock.bytes of xorshift data and prints its FNV-1a hash;
  *    `rst` sends vsock.bytes, waits for any byte from the host, then resets the connection;
  *    `reset` (one connection) echoes, then resets the device and initialises it again,
- *    waits for the TRANSPORT_RESET event, and echoes on a new connection;
+ *    waits for the TRANSPORT_RESET event, and echoes 4096 bytes on a new connection (with
+ *    vsock.reset_stall_ms it resets once the first connection's sends stalled that long);
  *    `request` sends vsock.bytes of the pattern, half-closes (SHUTDOWN(SEND)) and hashes
  *    what comes back until the host's stream ends.
  *  - listening on ringvm.vsock.listen (accepting vsock.conns host connections):
@@ -127,7 +128,7 @@ struct vconn {
 
 struct vs_job {
 	/* in */
-	u32 app, conns, listen, port, idle_ms, expect_cid, credit_req_ms, pause_ms;
+	u32 app, conns, listen, port, idle_ms, expect_cid, credit_req_ms, pause_ms, reset_stall_ms;
 	u64 bytes, seed, pause_at;
 	/* out */
 	const char *fail;
@@ -773,7 +774,17 @@ static int all_closed(void)
 	return closed >= job.conns;
 }
 
-static int reset_echoed(void) { return conns[0].state == C_OPEN && conns[0].recvd == conns[0].to_send; }
+/* When the reset app resets the device: after its echo, or (vsock.reset_stall_ms) once its
+ * sends stalled on credit that long, i.e. with the device's buffers full. */
+static int reset_due(void)
+{
+	struct vconn *c = &conns[0];
+	if (c->state != C_OPEN)
+		return 0;
+	if (job.reset_stall_ms)
+		return c->stall_since && rdtsc() - c->stall_since >= ms_to_cyc(job.reset_stall_ms);
+	return c->recvd == c->to_send;
+}
 
 static void user_vsock(void *arg)
 {
@@ -813,10 +824,10 @@ static void user_vsock(void *arg)
 		q_kick(&qs[1]);
 	}
 	if (j->app == APP_RESET) {
-		if (!vs_loop(reset_echoed))
+		if (!vs_loop(reset_due))
 			return;
-		say("virtio-vsock reset: echoed %lu bytes on guest port %u; resetting the device", conns[0].recvd,
-		    conns[0].lport);
+		say("virtio-vsock reset: sent %lu bytes, echoed %lu on guest port %u; resetting the device", conns[0].sent,
+		    conns[0].recvd, conns[0].lport);
 		c_report(&conns[0]);
 		why = vs_init();
 		if (why) {
@@ -841,7 +852,9 @@ static void user_vsock(void *arg)
 		}
 		say("virtio-vsock reset: transport-reset events=%u after the re-initialisation", j->events_after_reset);
 		progress();
-		c_connect(APP_RESET, 1);
+		struct vconn *c = c_connect(APP_RESET, 1);
+		if (c)
+			c->to_send = 4096;
 		q_kick(&qs[1]);
 	}
 	if (!vs_loop(all_closed))
@@ -894,6 +907,11 @@ static const char *vs_run(void)
 		if (x > 60000)
 			return failf("ringvm.vsock.pause_ms=%lu: want at most 60000", x);
 		job.pause_ms = (u32)x;
+	}
+	if (opt_u64("vsock.reset_stall_ms", &x)) {
+		if (x < 1 || x > 60000)
+			return failf("ringvm.vsock.reset_stall_ms=%lu: want 1..60000", x);
+		job.reset_stall_ms = (u32)x;
 	}
 	job.pause_at = 1 << 20;
 	opt_u64("vsock.pause_at", &job.pause_at);

@@ -788,3 +788,50 @@ fn a_host_that_never_answers_fails_the_guest_in_time_not_hangs_it() {
     );
     drop(s);
 }
+
+#[test]
+fn a_device_reset_with_the_host_writer_blocked_ends_the_stream_cleanly() {
+    let dir = Scratch::new("vsockg", "resetload");
+    let uds = dir.path("vm.vsock");
+    let listener = UnixListener::bind(port_path(&uds, 5009)).expect("listen on PATH_5009");
+    let mut vm = start(
+        &dir,
+        &[
+            ("port", "5009".into()),
+            ("app", "reset".into()),
+            ("bytes", (64u32 << 20).to_string()),
+            ("reset_stall_ms", "500".into()),
+            ("credit_req_ms", "8000".into()),
+        ],
+    );
+    // The first connection: the host reads 1 MiB, then nothing until the guest has reset the
+    // device with the buffers full (a host write pending in the device).
+    let mut a = accept_within(&listener, STEP);
+    let mut head = vec![0u8; 1 << 20];
+    a.read_exact(&mut head).expect("the first MiB");
+    vm.live.wait_for("resetting the device", RUN);
+    let device = vm.device_pid();
+    let rest = read_to_eof(&mut a);
+    let got = head.len() + rest.len();
+    assert!(got < 4 << 20, "{got} bytes passed a host that read 1 MiB");
+    let bad = head
+        .iter()
+        .chain(&rest)
+        .enumerate()
+        .find(|&(i, &b)| b != pat(0, i as u64));
+    assert_eq!(bad, None, "the stream is the guest's pattern up to its end");
+    // The second works.
+    let mut b = accept_within(&listener, STEP);
+    let mut buf = vec![0u8; 4096];
+    b.read_exact(&mut buf)
+        .expect("the second connection's bytes");
+    assert!(buf.iter().enumerate().all(|(i, &x)| x == pat(1, i as u64)));
+    b.write_all(&buf).expect("echo");
+    assert!(read_to_eof(&mut b).is_empty());
+    let rss = status_kib(device, "VmRSS");
+    let report = vm.finish();
+    eprintln!("reset under load: the host got {got} bytes of the first connection; device VmRSS {rss} KiB");
+    assert_eq!(value_u64(&report, "events"), 1);
+    assert_eq!(conn_value(&report, 1, "received"), "4096");
+    assert!(rss < 64 * 1024, "device VmRSS {rss} KiB");
+}
