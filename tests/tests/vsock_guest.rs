@@ -805,11 +805,11 @@ fn a_device_reset_with_the_host_writer_blocked_ends_the_stream_cleanly() {
         ],
     );
     // The first connection: the host reads 1 MiB, then nothing until the guest has reset the
-    // device with the buffers full (a host write pending in the device).
+    // device with the buffers full (a host write pending in the device) and had the event.
     let mut a = accept_within(&listener, STEP);
     let mut head = vec![0u8; 1 << 20];
     a.read_exact(&mut head).expect("the first MiB");
-    vm.live.wait_for("resetting the device", RUN);
+    vm.live.wait_for("reset: transport-reset events=1", RUN);
     let device = vm.device_pid();
     let rest = read_to_eof(&mut a);
     let got = head.len() + rest.len();
@@ -834,4 +834,12 @@ fn a_device_reset_with_the_host_writer_blocked_ends_the_stream_cleanly() {
     assert_eq!(value_u64(&report, "events"), 1);
     assert_eq!(conn_value(&report, 1, "received"), "4096");
     assert!(rss < 64 * 1024, "device VmRSS {rss} KiB");
+    // What the device held for the host when it was reset is gone (not written late).
+    let sent_a = conn_value(&report, 0, "sent")
+        .parse::<usize>()
+        .expect("a number");
+    assert!(
+        got < sent_a,
+        "the host got {got} of {sent_a} bytes: nothing was pending"
+    );
 }
