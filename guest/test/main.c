@@ -139,7 +139,10 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "blk.expect", "blk.id", "net.ip", "net.peer", "net.udp",
 					 "net.mode", "net.csum", "net.serve_ms", "net.bad",
 					 "blkbench.qd", "blkbench.ms", "blkbench.op", "blkbench.bs",
-					 "blkbench.tsc_khz"};
+					 "blkbench.tsc_khz", "vsock.app", "vsock.port", "vsock.listen",
+					 "vsock.conns", "vsock.bytes", "vsock.idle_ms", "vsock.seed", "vsock.cid",
+					 "vsock.credit_req_ms", "vsock.pause_ms", "vsock.pause_at",
+					 "vsock.reset_stall_ms"};
 
 const char *opt(const char *key)
 {
@@ -267,6 +270,7 @@ static const struct scenario extra_scenarios[] = {
 	{"virtio-blk", scenario_virtio_blk},
 	{"virtio-net", scenario_virtio_net},
 	{"blk-bench", scenario_blk_bench},
+	{"virtio-vsock", scenario_virtio_vsock},
 };
 
 static int nr_ok, nr_fail;
