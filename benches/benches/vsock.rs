@@ -33,6 +33,12 @@
 //! jailed device process, or vhost-device-vsock) goes to the JSON line as
 //! `dev_cpu_us_per_op`.
 //!
+//! Reading the numbers: the guest polls, so its vCPU keeps one host CPU busy for the whole
+//! run; on a 2-CPU host the device, the VMM's broker and the bench's host thread share the
+//! other, while the limit's two threads have both. The limit is what the host itself does
+//! with one copy per byte; the VM variants copy at least twice (host socket → device → guest
+//! memory), so the ratio to the limit says how far the device's data path is from free.
+//!
 //! Run with `cargo bench -p benches --bench vsock [-- --quick] [-- FILTER...]`. ringvm is taken
 //! from $RINGVM_BIN, else built as `<target>/release/ringvm`; vhost-device-vsock from PATH or
 //! `~/.cargo/bin` (scripts/setup installs it).
