@@ -141,7 +141,7 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "blkbench.qd", "blkbench.ms", "blkbench.op", "blkbench.bs",
 					 "blkbench.tsc_khz", "vsock.app", "vsock.port", "vsock.listen",
 					 "vsock.conns", "vsock.bytes", "vsock.idle_ms", "vsock.seed", "vsock.cid",
-					 "vsock.credit_req_ms", "vsock.pause_ms", "vsock.pause_at",
+					 "vsock.credit_req_ms", "vsock.pause_ms", "vsock.pause_at", "vsock.check", "vsock.buf_alloc",
 					 "vsock.reset_stall_ms"};
 
 const char *opt(const char *key)

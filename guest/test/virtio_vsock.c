@@ -31,12 +31,17 @@
  *    what comes back until the host's stream ends.
  *  - listening on ringvm.vsock.listen (accepting vsock.conns host connections):
  *    `echo` sends back everything until the host's stream ends; `sink` hashes it.
+ * For throughput runs (benches/benches/vsock.rs), ringvm.vsock.check=0 leaves the bytes
+ * alone: `source` sends its slots as they are (no xorshift, no hash) and `sink` only counts,
+ * so the guest's per-byte work does not cap the rate; ringvm.vsock.buf_alloc advertises a
+ * larger receive buffer than VS_BUF for apps that do not keep what they receive.
  * Nothing waits forever: no data moving and no connection changing state for
  * ringvm.vsock.idle_ms (default 10000) fails the scenario with every connection's state. */
 #include "virtio.h"
 
 #define VSOCK_TYPE 19 /* 0x1040 + 19 = 0x1053 */
 #define VSOCK_F_STREAM (1ull << 0)
+#define VSOCK_F_SEQPACKET (1ull << 1)
 
 /* common configuration structure (virtio.c has the same) */
 #define CC_DFSELECT 0
@@ -130,13 +135,15 @@ struct vs_job {
 	/* in */
 	u32 app, conns, listen, port, idle_ms, expect_cid, credit_req_ms, pause_ms, reset_stall_ms;
 	u64 bytes, seed, pause_at;
+	u32 buf_alloc; /* our buf_alloc per connection (VS_BUF unless ringvm.vsock.buf_alloc) */
+	u8 check;      /* 0: source/sink neither generate nor hash their bytes */
 	/* out */
 	const char *fail;
 	u64 cid;
 	u16 cs;
 	u32 accepted, events, events_after_reset, inits;
 	u64 rx_packets, tx_packets, credit_updates_sent, credit_updates_got, credit_requests, stalls, max_stall_ms;
-	u64 bytes_sent, bytes_recvd, rsts_sent_unknown, cycles;
+	u64 bytes_sent, bytes_recvd, rsts_sent_unknown, cycles, op0;
 };
 
 static struct vs_job job;
@@ -259,9 +266,11 @@ static const char *vs_init(void)
 	u64 lo = mmio_read32(v.common + CC_DF);
 	mmio_write32(v.common + CC_DFSELECT, 1);
 	u64 f = (u64)mmio_read32(v.common + CC_DF) << 32 | lo;
-	if (!(f & VIRTIO_F_VERSION_1) || !(f & VSOCK_F_STREAM))
-		return failf("device features %#lx lack VERSION_1 or VIRTIO_VSOCK_F_STREAM", f);
-	u64 want = VIRTIO_F_VERSION_1 | VSOCK_F_STREAM | (f & VIRTIO_F_ACCESS_PLATFORM);
+	/* A device that offers neither VIRTIO_VSOCK_F_STREAM nor F_SEQPACKET has stream sockets
+	 * only (virtio 1.3 5.10.3; devices older than the bit, e.g. vhost-device-vsock 0.3). */
+	if (!(f & VIRTIO_F_VERSION_1) || (!(f & VSOCK_F_STREAM) && (f & VSOCK_F_SEQPACKET)))
+		return failf("device features %#lx lack VERSION_1 or stream sockets", f);
+	u64 want = VIRTIO_F_VERSION_1 | (f & VSOCK_F_STREAM) | (f & VIRTIO_F_ACCESS_PLATFORM);
 	mmio_write32(v.common + CC_GFSELECT, 0);
 	mmio_write32(v.common + CC_GF, (u32)want);
 	mmio_write32(v.common + CC_GFSELECT, 1);
@@ -340,7 +349,7 @@ static void tx_put(int slot, u32 src_port, u32 dst_port, u16 op, u32 flags, u32 
 /* A packet of connection c: our credit goes with it. Data (len > 0) must already be in the slot. */
 static void c_put(struct vconn *c, int slot, u16 op, u32 flags, u32 len)
 {
-	tx_put(slot, c->lport, c->pport, op, flags, len, VS_BUF, c->fwd_cnt);
+	tx_put(slot, c->lport, c->pport, op, flags, len, job.buf_alloc, c->fwd_cnt);
 	c->fwd_sent = c->fwd_cnt;
 	c->tx_cnt += len;
 }
@@ -404,7 +413,7 @@ static void c_closed(struct vconn *c)
 /* Data of an RW packet for c. */
 static void c_data(struct vconn *c, const u8 *p, u32 n)
 {
-	u32 free = VS_BUF - (c->rx_cnt - c->fwd_sent); /* the credit the device was given */
+	u32 free = job.buf_alloc - (c->rx_cnt - c->fwd_sent); /* the credit the device was given */
 	if (n > free) {
 		c_fail(c, "the device sent %u bytes with %u bytes of credit", n, free);
 		return;
@@ -414,7 +423,8 @@ static void c_data(struct vconn *c, const u8 *p, u32 n)
 		return;
 	}
 	c->rx_cnt += n;
-	c->hash_rx = fnv(c->hash_rx, p, n);
+	if (job.check)
+		c->hash_rx = fnv(c->hash_rx, p, n);
 	if (c->server && c->app == APP_ECHO) {
 		for (u32 i = 0; i < n; i++)
 			c->rbuf[(c->rhead + c->rlen + i) % VS_BUF] = p[i];
@@ -531,6 +541,15 @@ static void rx_packet(const struct vs_hdr *h, u32 used_len)
 	case OP_REQUEST:
 		c_fail(c, "REQUEST for a connection that exists");
 		break;
+	case 0:
+		/* vhost-device-vsock 0.3 sends an empty packet with op 0 when it wanted a credit
+		 * update but had rx pending ("waste an rx buffer"): no operation, counted. */
+		if (!h->len) {
+			job.op0++;
+			break;
+		}
+		c_fail(c, "op 0 with %u bytes", h->len);
+		break;
 	default:
 		c_fail(c, "unknown op %u", h->op);
 	}
@@ -588,14 +607,14 @@ static void c_step(struct vconn *c, u64 now)
 		progress(); /* a pause on purpose is not a hang */
 	if (c->server && c->app == APP_SINK && c->rlen && now >= c->pause_until) {
 		if (c->pause_until) {
-			say("virtio-vsock sink resuming with %u bytes buffered (credit %u)", c->rlen, VS_BUF);
+			say("virtio-vsock sink resuming with %u bytes buffered (credit %u)", c->rlen, job.buf_alloc);
 			c->pause_until = 0;
 		}
 		c->fwd_cnt += c->rlen;
 		c->rlen = 0;
 	}
 	/* Our credit: the host hears of freed space once its view fell below half. */
-	if (c->fwd_cnt - c->fwd_sent >= VS_BUF / 2) {
+	if (c->fwd_cnt - c->fwd_sent >= job.buf_alloc / 2) {
 		c_ctl(c, OP_CREDIT_UPDATE, 0);
 		job.credit_updates_sent++;
 	}
@@ -643,6 +662,8 @@ static void c_step(struct vconn *c, u64 now)
 			c->rhead = (c->rhead + n) % VS_BUF;
 			c->rlen -= n;
 			c->fwd_cnt += n;
+		} else if (c->app == APP_SOURCE && !job.check) {
+			/* the slot's bytes as they are */
 		} else if (c->app == APP_SOURCE) {
 			u64 x = c->xs;
 			for (u32 i = 0; i < n; i++) {
@@ -658,7 +679,8 @@ static void c_step(struct vconn *c, u64 now)
 			for (u32 i = 0; i < n; i++)
 				p[i] = pat(c->num, c->sent + i);
 		}
-		c->hash_tx = fnv(c->hash_tx, p, n);
+		if (job.check)
+			c->hash_tx = fnv(c->hash_tx, p, n);
 		c_put(c, slot, OP_RW, 0, n);
 		c->sent += n;
 		job.bytes_sent += n;
@@ -917,6 +939,18 @@ static const char *vs_run(void)
 	opt_u64("vsock.pause_at", &job.pause_at);
 	job.seed = 0x5eed;
 	opt_u64("vsock.seed", &job.seed);
+	job.check = 1;
+	if (opt_u64("vsock.check", &x)) {
+		if (x > 1)
+			return failf("ringvm.vsock.check=%lu: want 0 or 1", x);
+		job.check = (u8)x;
+	}
+	job.buf_alloc = VS_BUF;
+	if (opt_u64("vsock.buf_alloc", &x)) {
+		if (x < 4096 || x > (64u << 20))
+			return failf("ringvm.vsock.buf_alloc=%lu: want 4096..67108864", x);
+		job.buf_alloc = (u32)x;
+	}
 	if (opt_u64("vsock.cid", &x))
 		job.expect_cid = (u32)x;
 	if (opt_u64("vsock.listen", &x)) {
@@ -925,6 +959,9 @@ static const char *vs_run(void)
 		job.listen = (u32)x;
 		if (job.app != APP_ECHO && job.app != APP_SINK)
 			return failf("ringvm.vsock.app=%s with vsock.listen: want echo or sink", app_names[job.app]);
+		if (job.app == APP_ECHO && job.buf_alloc > VS_BUF)
+			return failf("ringvm.vsock.buf_alloc=%u: a listening echo keeps what it receives, at most %u",
+				     job.buf_alloc, VS_BUF);
 	} else {
 		if (!opt_u64("vsock.port", &x) || x > 0xffffffffull)
 			return failf("give ringvm.vsock.port=PORT (connect) or ringvm.vsock.listen=PORT");
@@ -962,9 +999,9 @@ static const char *vs_run(void)
 	    "time=%lums",
 	    job.conns, job.accepted, job.bytes_sent, job.bytes_recvd, job.tx_packets, job.rx_packets, ms);
 	say("virtio-vsock credit updates-sent=%lu updates-received=%lu requests=%lu stalls=%lu max-stall-ms=%lu "
-	    "events=%u inits=%u unknown-rsts=%lu",
+	    "events=%u inits=%u unknown-rsts=%lu op0=%lu",
 	    job.credit_updates_sent, job.credit_updates_got, job.credit_requests, job.stalls, job.max_stall_ms,
-	    job.events, job.inits, job.rsts_sent_unknown);
+	    job.events, job.inits, job.rsts_sent_unknown, job.op0);
 	return job.fail;
 }
 
