@@ -12,10 +12,11 @@
 //! changed; a write that succeeded reads back as written, and zeroes read back as zeros.
 //!
 //! Input layout: [flags (bit 0: read-only), 4 operations of 3 bytes (kind, offset in
-//! 512-byte units, length in 512-byte units), image file].
+//! 512-byte units, length in 512-byte units, modulo 65), image file].
 
 #![no_main]
 
+use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -29,10 +30,14 @@ const PREFIX: usize = 1 + 3 * OPS;
 /// Guest buffers: data to write at `SRC`, reads land at `DST`.
 const SRC: GuestAddress = GuestAddress(0);
 const DST: GuestAddress = GuestAddress(0x20_0000);
-const MAX_LEN: u64 = 0x10_0000;
+/// Requests span up to 64 sectors: 64 clusters of the smallest size, a few of the largest.
+const MAX_SECTORS: u64 = 64;
 
 thread_local! {
-    static EX: Executor = Executor::new().expect("an io_uring executor");
+    // Never dropped: `Executor`'s drop uses the executor's own thread-locals, which may be
+    // gone when this one's destructor runs at exit.
+    static EX: ManuallyDrop<Executor> =
+        ManuallyDrop::new(Executor::new().expect("an io_uring executor"));
 }
 
 fn memory() -> &'static GuestMemory {
@@ -92,7 +97,7 @@ async fn exercise(disk: &Disk, ops: &[u8], read_only: bool) {
     let size = disk.size();
     for (i, op) in ops.chunks_exact(3).enumerate() {
         let offset = u64::from(op[1]) * 512;
-        let len = (u64::from(op[2]) * 512).min(MAX_LEN);
+        let len = (u64::from(op[2]) % (MAX_SECTORS + 1)) * 512;
         let beyond = offset.checked_add(len).is_none_or(|e| e > size);
         let bufs = |at: GuestAddress| vec![(at, len as usize)];
         let ok = match op[0] % 6 {

@@ -17,6 +17,7 @@
 
 use std::cell::Cell;
 use std::io::Write;
+use std::mem::ManuallyDrop;
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -32,7 +33,10 @@ use virtio::vhost_user::{
 };
 
 thread_local! {
-    static EX: Executor = Executor::new().expect("an io_uring executor");
+    // Never dropped: `Executor`'s drop uses the executor's own thread-locals, which may be
+    // gone when this one's destructor runs at exit.
+    static EX: ManuallyDrop<Executor> =
+        ManuallyDrop::new(Executor::new().expect("an io_uring executor"));
     static KICK: EventFd = EventFd::new().expect("an eventfd");
 }
 

@@ -15,6 +15,7 @@
 
 #![no_main]
 
+use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 
 use block::device::{
@@ -75,7 +76,9 @@ fn fixture() -> Fixture {
 }
 
 thread_local! {
-    static FIXTURE: Fixture = fixture();
+    // Never dropped: `Executor`'s drop uses the executor's own thread-locals, which may be
+    // gone when this one's destructor runs at exit.
+    static FIXTURE: ManuallyDrop<Fixture> = ManuallyDrop::new(fixture());
 }
 
 fn run(f: &Fixture, data: &[u8]) -> Option<()> {
