@@ -9,11 +9,19 @@
 //! overlapping (checked here independently of `MemTable::validate`). Every body type is also
 //! decoded from the raw bytes directly, so each `Body::decode` sees every input.
 //!
+//! An accepted `SET_MEM_TABLE` or `ADD_MEM_REG` is then mapped as the backend maps it
+//! (`GuestMemory::from_regions`), each region from one of a few memfds of different sizes:
+//! a mapping that succeeds must lie inside its fd, and the first and last byte of every
+//! region must be readable (a mapping past the end of its fd would raise SIGBUS here).
+//!
 //! Input layout: [fd count (mod 10), message bytes].
 
 #![no_main]
 
+use std::sync::OnceLock;
+
 use libfuzzer_sys::fuzz_target;
+use memory::{GuestAddress, GuestMemory, RegionFd};
 use virtio::vhost_user::message::{
     FLAG_REPLY, FLAG_VERSION_MASK, HEADER_SIZE, MAX_BODY_SIZE, VERSION,
 };
@@ -49,6 +57,60 @@ fn check_mem_table(t: &MemTable) {
     MemTable::new(t.regions.clone())
         .validate()
         .expect("a valid table's regions make a valid table");
+}
+
+/// The memfds regions are mapped from: one per region of this memory, of these sizes.
+const FD_SIZES: [u64; 4] = [0x1000, 0x3000, 0x1_0000, 0x10_0000];
+
+fn fd_pool() -> &'static GuestMemory {
+    static POOL: OnceLock<GuestMemory> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let mut at = 0;
+        let layout: Vec<_> = FD_SIZES
+            .iter()
+            .map(|&size| {
+                let region = (GuestAddress(at), size);
+                at += size;
+                region
+            })
+            .collect();
+        GuestMemory::new(&layout).expect("memfd pool")
+    })
+}
+
+/// Maps `regions` as the backend does, region `i` from memfd `i % 4`.
+fn map_regions(regions: &[MemoryRegion]) {
+    let pool: Vec<_> = fd_pool().regions().collect();
+    let fds = regions.iter().enumerate().map(|(i, r)| {
+        let fd = pool[i % pool.len()].fd.try_clone_to_owned().expect("dup");
+        RegionFd {
+            fd,
+            fd_offset: r.mmap_offset,
+            size: r.memory_size,
+            guest_addr: GuestAddress(r.guest_phys_addr),
+            user_addr: r.userspace_addr,
+        }
+    });
+    let Ok(mem) = GuestMemory::from_regions(fds.collect()) else {
+        return;
+    };
+    assert_eq!(mem.num_regions(), regions.len());
+    for (i, r) in regions.iter().enumerate() {
+        let fd_size = FD_SIZES[i % FD_SIZES.len()];
+        assert!(
+            u128::from(r.mmap_offset) + u128::from(r.memory_size) <= u128::from(fd_size),
+            "region {r:?} mapped past the end of its {fd_size:#x}-byte fd"
+        );
+        let first = GuestAddress(r.guest_phys_addr);
+        let last = GuestAddress(r.guest_phys_addr + (r.memory_size - 1));
+        let mut byte = [0u8];
+        mem.read_slice(&mut byte, first)
+            .expect("first byte of a region");
+        mem.read_slice(&mut byte, last)
+            .expect("last byte of a region");
+        // Userspace ranges may overlap (only guest ranges are checked): some region has it.
+        assert!(mem.user_to_guest(r.userspace_addr).is_some());
+    }
 }
 
 /// Checks a decoded body and that it re-encodes to `raw`.
@@ -124,6 +186,11 @@ fuzz_target!(|data: &[u8]| {
             msg.header.request
         );
         check_body(&body, &msg.body);
+        match &body {
+            RequestBody::MemTable(t) => map_regions(&t.regions),
+            RequestBody::AddMemReg(b) => map_regions(&[b.region]),
+            _ => {}
+        }
     }
 
     // Every body decoder on the raw bytes, whatever the header would have said.
