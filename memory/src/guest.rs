@@ -223,7 +223,8 @@ impl GuestMemory {
     pub fn user_to_guest(&self, user_addr: u64) -> Option<GuestAddress> {
         self.regions.iter().find_map(|r| {
             let off = user_addr.checked_sub(r.user_addr)?;
-            (off < r.end - r.start).then_some(GuestAddress(r.start + off))
+            // Lazily: `r.start + off` overflows for an `off` past the region.
+            (off < r.end - r.start).then(|| GuestAddress(r.start + off))
         })
     }
 
@@ -582,6 +583,14 @@ mod tests {
             Some(GuestAddress(0x10_0010))
         );
         assert_eq!(dev.user_to_guest(user + 0x2000), None);
+    }
+
+    #[test]
+    fn user_addresses_far_past_a_high_region_are_not_translated() {
+        // Found by the vhost_user_request fuzz target: the guest address was computed before
+        // the bounds check, and overflowed.
+        let mem = GuestMemory::new(&[(GuestAddress(u64::MAX - 0x1fff), 0x1000)]).expect("memory");
+        assert_eq!(mem.user_to_guest(u64::MAX), None);
     }
 
     #[test]

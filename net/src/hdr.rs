@@ -76,6 +76,15 @@ pub enum HdrError {
     /// A GSO type whose `HOST_*` feature was not negotiated.
     #[error("gso type {0:#x} was not negotiated")]
     GsoNotNegotiated(u8),
+    /// GSO whose headers, up to the end of the checksum, do not fit the 16-bit `hdr_len`
+    /// (frames may be longer than 65535 bytes; the tap would truncate the length).
+    #[error("gso headers up to the checksum at {start}+{offset} are longer than 65535 bytes")]
+    GsoHeadersTooLong {
+        /// `csum_start`.
+        start: u16,
+        /// `csum_offset`.
+        offset: u16,
+    },
     /// GSO without `NEEDS_CSUM`, or with a zero segment size.
     #[error("gso type {gso_type:#x} with segment size {gso_size} and flags {flags:#x}")]
     GsoInvalid {
@@ -179,6 +188,12 @@ impl VirtioNetHdr {
                 flags: self.flags,
             });
         }
+        if csum_end > usize::from(u16::MAX) {
+            return Err(HdrError::GsoHeadersTooLong {
+                start: self.csum_start,
+                offset: self.csum_offset,
+            });
+        }
         if hint_ok {
             return Ok(tap);
         }
@@ -187,7 +202,7 @@ impl VirtioNetHdr {
         // csum_end by itself anyway.
         let hdr_len = csum_end.max(ETH_HLEN).min(frame_len);
         Ok(VirtioNetHdr {
-            // hdr_len <= frame_len <= MAX_FRAME < 65536.
+            // hdr_len <= max(csum_end, ETH_HLEN) <= 65535 (checked above).
             hdr_len: hdr_len as u16,
             ..tap
         })
@@ -200,6 +215,35 @@ mod tests {
     use proptest::prelude::*;
 
     const CSUM_TSO: u64 = (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4);
+
+    #[test]
+    fn gso_headers_longer_than_hdr_len_can_say_are_refused() {
+        // Found by the virtio_net_hdr fuzz target: hdr_len became 65537 as u16 = 1.
+        let hdr = VirtioNetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: 3,
+            gso_size: 1448,
+            csum_start: u16::MAX,
+            csum_offset: 0,
+            num_buffers: 0,
+        };
+        assert_eq!(
+            hdr.for_tap(CSUM_TSO, 65544),
+            Err(HdrError::GsoHeadersTooLong {
+                start: u16::MAX,
+                offset: 0
+            })
+        );
+        let fits = VirtioNetHdr {
+            csum_start: u16::MAX - 2,
+            ..hdr
+        };
+        assert_eq!(
+            fits.for_tap(CSUM_TSO, 65544).map(|t| t.hdr_len),
+            Ok(u16::MAX)
+        );
+    }
 
     #[test]
     fn round_trips_little_endian() {

@@ -71,13 +71,19 @@ const PT_NOTE: u32 = 4;
 pub const BZIMAGE_LOAD_ADDR: u64 = 0x10_0000;
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// Parses `image` as ELF or bzImage.
@@ -138,21 +144,26 @@ fn parse_elf(b: &[u8]) -> Result<Kernel, ImageError> {
             .checked_add(i * phentsize as u64)
             .and_then(|o| usize::try_from(o).ok())
             .ok_or(bounds("program header offset"))?;
+        // The header's bytes first: field offsets are then small, whatever `off` is.
+        let h = b
+            .get(off..)
+            .and_then(|h| h.get(..min_ph))
+            .ok_or(bounds("program header"))?;
         let ph = if is64 {
             Phdr {
-                kind: u32_at(b, off).ok_or(bounds("program header"))?,
-                offset: u64_at(b, off + 8).ok_or(bounds("program header"))?,
-                paddr: u64_at(b, off + 24).ok_or(bounds("program header"))?,
-                filesz: u64_at(b, off + 32).ok_or(bounds("program header"))?,
-                memsz: u64_at(b, off + 40).ok_or(bounds("program header"))?,
+                kind: u32_at(h, 0).ok_or(bounds("program header"))?,
+                offset: u64_at(h, 8).ok_or(bounds("program header"))?,
+                paddr: u64_at(h, 24).ok_or(bounds("program header"))?,
+                filesz: u64_at(h, 32).ok_or(bounds("program header"))?,
+                memsz: u64_at(h, 40).ok_or(bounds("program header"))?,
             }
         } else {
             Phdr {
-                kind: u32_at(b, off).ok_or(bounds("program header"))?,
-                offset: u32_at(b, off + 4).ok_or(bounds("program header"))? as u64,
-                paddr: u32_at(b, off + 12).ok_or(bounds("program header"))? as u64,
-                filesz: u32_at(b, off + 16).ok_or(bounds("program header"))? as u64,
-                memsz: u32_at(b, off + 20).ok_or(bounds("program header"))? as u64,
+                kind: u32_at(h, 0).ok_or(bounds("program header"))?,
+                offset: u32_at(h, 4).ok_or(bounds("program header"))? as u64,
+                paddr: u32_at(h, 12).ok_or(bounds("program header"))? as u64,
+                filesz: u32_at(h, 16).ok_or(bounds("program header"))? as u64,
+                memsz: u32_at(h, 20).ok_or(bounds("program header"))? as u64,
             }
         };
         phdrs.push(ph);
@@ -347,6 +358,19 @@ mod tests {
     fn elf_offset_overflow_is_rejected() {
         let img = elf64(0, &[(PT_LOAD, u64::MAX - 1, 0x100000, 4, 4)], b"");
         assert!(parse(&img).is_err());
+    }
+
+    #[test]
+    fn elf_program_headers_at_the_top_of_the_address_space_are_rejected() {
+        // Found by the kernel_image fuzz target: `phoff + 4` overflowed.
+        for phoff in [u64::MAX - 3, u64::MAX - 8, usize::MAX as u64 - 40] {
+            let mut img = elf64(0, &[(PT_LOAD, 64 + 56, 0x100000, 4, 4)], b"abcd");
+            img[32..40].copy_from_slice(&phoff.to_le_bytes());
+            assert_eq!(
+                parse(&img).unwrap_err(),
+                ImageError::ElfBounds("program header")
+            );
+        }
     }
 
     #[test]
