@@ -114,7 +114,7 @@ fn map_regions(regions: &[MemoryRegion]) {
 }
 
 /// Checks a decoded body and that it re-encodes to `raw`.
-fn check_body(body: &RequestBody, raw: &[u8]) {
+fn check_body(request: Request, body: &RequestBody, raw: &[u8]) {
     let bytes = match body {
         RequestBody::Empty => Vec::new(),
         RequestBody::U64(b) => b.to_bytes(),
@@ -136,9 +136,13 @@ fn check_body(body: &RequestBody, raw: &[u8]) {
             b.to_bytes()
         }
         RequestBody::Config(c) => {
-            c.validate().expect("decoded bodies are valid");
+            // GET_CONFIG needs only its framing: a range or flags the device cannot serve get
+            // the spec's empty reply. SET_CONFIG is checked whole.
             assert_eq!(c.payload.len(), c.size as usize);
-            assert!(u64::from(c.offset) + u64::from(c.size) <= 256);
+            if request != Request::GetConfig {
+                c.validate().expect("decoded bodies are valid");
+                assert!(u64::from(c.offset) + u64::from(c.size) <= 256);
+            }
             c.to_bytes()
         }
         RequestBody::AddMemReg(b) | RequestBody::RemMemReg(b) => {
@@ -185,7 +189,7 @@ fuzz_target!(|data: &[u8]| {
             "{:?} accepted with {fds} fds",
             msg.header.request
         );
-        check_body(&body, &msg.body);
+        check_body(msg.header.request, &body, &msg.body);
         match &body {
             RequestBody::MemTable(t) => map_regions(&t.regions),
             RequestBody::AddMemReg(b) => map_regions(&[b.region]),
@@ -197,7 +201,7 @@ fuzz_target!(|data: &[u8]| {
     let body = buf.get(HEADER_SIZE..).unwrap_or(buf);
     for request in Request::ALL {
         if let Ok(decoded) = RequestBody::decode(request, body) {
-            check_body(&decoded, body);
+            check_body(request, &decoded, body);
         }
     }
 });

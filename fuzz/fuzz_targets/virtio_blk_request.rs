@@ -56,7 +56,7 @@ fn fixture() -> Fixture {
             path,
             OpenOptions {
                 read_only,
-                direct: false,
+                ..OpenOptions::default()
             },
         )
         .expect("open the image");
