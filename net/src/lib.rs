@@ -28,15 +28,18 @@ mod tap;
 #[cfg(test)]
 mod testing;
 
-pub use device::{
-    Counters, NetDevice, NetOptions, CONFIG_SIZE, DEFAULT_QUEUE_SIZE, MAX_QUEUE_PAIRS,
-};
+pub use device::{Counters, NetDevice, NetOptions, CONFIG_SIZE, DEFAULT_QUEUE_SIZE};
 pub use hdr::{VirtioNetHdr, VNET_HDR_SIZE};
 pub use mac::MacAddress;
 pub use process::{NetArgs, NetProcess};
 pub use tap::Tap;
 
 use std::io;
+
+/// The most queue pairs a device (and so a tap) takes: the vhost-user limit of 256 queues,
+/// with room for the control queue, would allow more; a tap allows 256 queues. Defined here,
+/// where both the device and the tap code see it.
+pub const MAX_QUEUE_PAIRS: usize = 64;
 
 /// Feature bits of virtio-net (virtio 1.2 §5.1.3).
 pub mod features {
@@ -152,7 +155,7 @@ pub enum Error {
         source: io::Error,
     },
     /// `queues` or `queue_pairs` is zero or beyond what the device supports.
-    #[error("{0} queue pairs: 1 to {max} are supported", max = device::MAX_QUEUE_PAIRS)]
+    #[error("{0} queue pairs: 1 to {MAX_QUEUE_PAIRS} are supported")]
     QueuePairs(usize),
     /// The number of taps differs from `queue_pairs`.
     #[error("{taps} tap fds for {pairs} queue pairs")]

@@ -56,7 +56,7 @@ impl Tap {
     /// exists and is not in use, with `queues` queues: one fd each, `IFF_MULTI_QUEUE` when
     /// there are several.
     pub fn create(name: Option<&str>, queues: usize) -> Result<Vec<Tap>> {
-        if queues == 0 || queues > crate::device::MAX_QUEUE_PAIRS {
+        if queues == 0 || queues > crate::MAX_QUEUE_PAIRS {
             return Err(Error::QueuePairs(queues));
         }
         if let Some(name) = name {

@@ -68,13 +68,10 @@ use tx::Tx;
 
 use crate::features::*;
 use crate::tap::Tap;
-use crate::{Error, Result};
+use crate::{Error, Result, MAX_QUEUE_PAIRS};
 
 /// The queue size offered unless the options say otherwise.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
-/// The most queue pairs a device takes (the vhost-user limit of 256 queues, with room for
-/// the control queue, would allow more; a tap allows 256 queues).
-pub const MAX_QUEUE_PAIRS: usize = 64;
 /// `status`: the link is up.
 pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
 /// The config space the device exposes: mac, status, max_virtqueue_pairs, mtu and the
