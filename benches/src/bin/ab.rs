@@ -348,26 +348,46 @@ fn run_benches(o: &Options, side: &Side, dir: &Path) -> Result<Vec<compare::Reco
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     for (name, exe) in &side.exes {
         let log = dir.join(format!("{name}.log"));
-        let log_file = std::fs::File::create(&log)
-            .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let status = Command::new(exe)
-            .current_dir(&side.src)
-            .arg("--bench")
-            .args(&o.filters)
-            .env("CARGO_TARGET_DIR", dir)
-            .env("RINGVM_BENCH_SECS", o.secs.to_string())
-            .env("RINGVM_BENCH_ROUNDS", o.bench_rounds.to_string())
-            .env("RINGVM_GIT_REV", &side.label)
-            .stdout(log_file)
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-        if !status.success() {
-            return Err(format!(
-                "{} bench {name} failed ({status}); see {}",
+        // A run that crashed measured nothing: it runs again once (its lines of the failed
+        // attempt are not kept), and a second failure ends the comparison.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let _ = std::fs::remove_dir_all(dir.join("bench"));
+            let log_file = std::fs::File::create(&log)
+                .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+            let err_file = log_file
+                .try_clone()
+                .map_err(|e| format!("cannot duplicate {}: {e}", log.display()))?;
+            let status = Command::new(exe)
+                .current_dir(&side.src)
+                .arg("--bench")
+                .args(&o.filters)
+                .env("CARGO_TARGET_DIR", dir)
+                .env("RINGVM_BENCH_SECS", o.secs.to_string())
+                .env("RINGVM_BENCH_ROUNDS", o.bench_rounds.to_string())
+                .env("RINGVM_GIT_REV", &side.label)
+                .stdout(log_file)
+                .stderr(err_file)
+                .status()
+                .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+            if status.success() {
+                break;
+            }
+            if attempt == 2 {
+                return Err(format!(
+                    "{} bench {name} failed twice ({status}); see {}",
+                    side.name,
+                    log.display()
+                ));
+            }
+            eprintln!(
+                "ab: {} bench {name} failed ({status}), running it again; its output: {}",
                 side.name,
                 log.display()
-            ));
+            );
+            let kept = dir.join(format!("{name}.failed.log"));
+            let _ = std::fs::rename(&log, kept);
         }
     }
     let mut records = Vec::new();
