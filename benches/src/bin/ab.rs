@@ -350,10 +350,13 @@ fn run_benches(o: &Options, side: &Side, dir: &Path) -> Result<Vec<compare::Reco
         let log = dir.join(format!("{name}.log"));
         // A run that crashed measured nothing: it runs again once (its lines of the failed
         // attempt are not kept), and a second failure ends the comparison.
+        // Each bench writes its JSON lines under its own folder, so a failed attempt's lines
+        // go with it and never mix with another bench's.
+        let out = dir.join(name);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let _ = std::fs::remove_dir_all(dir.join("bench"));
+            let _ = std::fs::remove_dir_all(&out);
             let log_file = std::fs::File::create(&log)
                 .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
             let err_file = log_file
@@ -363,7 +366,7 @@ fn run_benches(o: &Options, side: &Side, dir: &Path) -> Result<Vec<compare::Reco
                 .current_dir(&side.src)
                 .arg("--bench")
                 .args(&o.filters)
-                .env("CARGO_TARGET_DIR", dir)
+                .env("CARGO_TARGET_DIR", &out)
                 .env("RINGVM_BENCH_SECS", o.secs.to_string())
                 .env("RINGVM_BENCH_ROUNDS", o.bench_rounds.to_string())
                 .env("RINGVM_GIT_REV", &side.label)
@@ -391,13 +394,19 @@ fn run_benches(o: &Options, side: &Side, dir: &Path) -> Result<Vec<compare::Reco
         }
     }
     let mut records = Vec::new();
-    let jsonl = dir.join("bench");
-    for entry in std::fs::read_dir(&jsonl).map_err(|e| format!("{}: {e}", jsonl.display()))? {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        if path.extension().is_some_and(|e| e == "jsonl") {
-            records.extend(
-                compare::read_jsonl(&path).map_err(|e| format!("{}: {e}", path.display()))?,
-            );
+    for (name, _) in &side.exes {
+        let jsonl = dir.join(name).join("bench");
+        if !jsonl.exists() {
+            // The filters matched none of this bench's cases: it wrote nothing.
+            continue;
+        }
+        for entry in std::fs::read_dir(&jsonl).map_err(|e| format!("{}: {e}", jsonl.display()))? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.extension().is_some_and(|e| e == "jsonl") {
+                records.extend(
+                    compare::read_jsonl(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+                );
+            }
         }
     }
     Ok(records)
