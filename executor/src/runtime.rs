@@ -113,7 +113,8 @@ impl Shared {
         if let Some(runnable) = runnable {
             let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
             remote.push_back(runnable);
-            self.remote_pending.store(true, Ordering::Release);
+            // SeqCst: ordered before `notify`'s swap of `sleeping` (see `Inner::park`).
+            self.remote_pending.store(true, Ordering::SeqCst);
             drop(remote);
             self.notify();
         }
@@ -475,14 +476,11 @@ impl Inner {
         }
         self.shared.sleeping.store(true, Ordering::SeqCst);
         // A full submission queue makes `push` submit, which may have reaped completions.
+        // The remote queue's flag, not its lock: a task queued before `sleeping` was set is
+        // seen here (both SeqCst), one queued after it writes the eventfd.
         let woken = d.has_ready()
             || main.woken.load(Ordering::SeqCst)
-            || !self
-                .shared
-                .remote
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty();
+            || self.shared.remote_pending.load(Ordering::SeqCst);
         let res = if woken {
             d.submit()
         } else {
