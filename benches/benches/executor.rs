@@ -59,7 +59,7 @@ fn main() {
         let tokio_rt = current_thread_runtime();
         let uring_rt = tokio_uring_runtime();
         let mut monoio_rt = monoio_runtime();
-        let empty = memfd_file();
+        let empty = empty_file();
         let mut variants = vec![Variant::subject(
             "ringvm",
             &format!("ringvm executor, nop() in {qd} task(s)"),
@@ -786,13 +786,19 @@ fn tokio_uring_runtime() -> tokio_uring::Runtime {
         .expect("tokio-uring runtime")
 }
 
-/// An empty anonymous file: what monoio's 0-byte reads read.
-fn memfd_file() -> File {
-    // SAFETY: the name is a NUL-terminated literal.
-    let fd = unsafe { libc::memfd_create(c"executor-bench".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-    // SAFETY: `fd` was just created and is owned by nothing else.
-    unsafe { File::from_raw_fd(fd) }
+/// An empty file under `<target>/bench/`: what monoio's 0-byte reads read. A file system
+/// file, whose reads complete inline (a memfd's would go to an io-wq worker).
+fn empty_file() -> File {
+    let path = benches::bench_dir()
+        .expect("target/bench")
+        .join("executor-empty.dat");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("create the empty file")
 }
 
 fn multi_thread_runtime() -> tokio::runtime::Runtime {
