@@ -385,23 +385,15 @@ impl Executor {
         let mut wakers = Vec::new();
         let mut garbage = Vec::new();
         loop {
-            if main.woken.swap(false, Ordering::AcqRel) {
+            // A plain load first: the locked swap only when the flag is set.
+            if main.woken.load(Ordering::Acquire) && main.woken.swap(false, Ordering::AcqRel) {
                 if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
                     return out;
                 }
             }
             inner.run_tasks();
-            let has_work = {
-                let mut d = inner.driver.borrow_mut();
-                d.reap();
-                d.take_ready(&mut wakers, &mut garbage);
-                !wakers.is_empty()
-            };
-            garbage.clear();
-            let has_work = has_work || !inner.local.borrow().is_empty();
-            for w in wakers.drain(..) {
-                w.wake();
-            }
+            let has_work =
+                inner.reap_and_wake(&mut wakers, &mut garbage) || !inner.local.borrow().is_empty();
             if has_work || main.woken.load(Ordering::Acquire) {
                 let mut d = inner.driver.borrow_mut();
                 if d.has_pending_sqes() {
@@ -411,6 +403,8 @@ impl Executor {
                 }
             } else {
                 inner.park(&main);
+                // What the wait brought goes to the run queue now, not one turn later.
+                inner.reap_and_wake(&mut wakers, &mut garbage);
             }
         }
     }
@@ -452,6 +446,27 @@ impl Executor {
 }
 
 impl Inner {
+    /// Takes the completions from the ring and wakes their tasks (with the driver released:
+    /// a waker may run any code); frees what completed ignored ops held. Whether any task
+    /// was woken.
+    fn reap_and_wake(
+        &self,
+        wakers: &mut Vec<Waker>,
+        garbage: &mut Vec<Box<dyn std::any::Any>>,
+    ) -> bool {
+        {
+            let mut d = self.driver.borrow_mut();
+            d.reap();
+            d.take_ready(wakers, garbage);
+        }
+        garbage.clear();
+        let woke = !wakers.is_empty();
+        for w in wakers.drain(..) {
+            w.wake();
+        }
+        woke
+    }
+
     /// Runs up to TASK_BUDGET queued tasks, taking in the remote queue first.
     fn run_tasks(&self) {
         // The flag spares the lock on the common path, where no other thread woke anything.
