@@ -12,7 +12,11 @@
 //! - Peer: the `virtio-blk-vhost-user` driver on qemu-storage-daemon's vhost-user-blk export
 //!   of the same file (`driver=file,cache.direct=on,aio=io_uring`).
 //!
-//! Every backend opens the image with O_DIRECT, so the page cache flatters nobody. The client
+//! - Fast device (`fast/...`): 4 KiB random reads and writes at queue depth 32 on an image in
+//!   tmpfs (`/dev/shm`, removed afterwards), every backend buffered (O_DIRECT is not there):
+//!   what a user with NVMe feels, where the CPU time per I/O decides.
+//!
+//! Every backend opens the disk image with O_DIRECT, so the page cache flatters nobody. The client
 //! waits for completions on its completion eventfd (`do_io` with `min_completions = 1`), as a
 //! guest driver waits for an interrupt. Beside the rate and its ratios the bench reports each
 //! case's mean and p99 latency per I/O, and the backend's CPU time per I/O (the
@@ -116,10 +120,34 @@ const WORKLOADS: [Workload; 6] = [
     },
 ];
 
+/// The fast-device workloads: the same I/O on an image in tmpfs, buffered.
+const FAST_WORKLOADS: [Workload; 2] = [
+    Workload {
+        name: "fast/randread4k/qd32",
+        op: Op::Read,
+        block: 4096,
+        qd: 32,
+        random: true,
+    },
+    Workload {
+        name: "fast/randwrite4k/qd32",
+        op: Op::Write,
+        block: 4096,
+        qd: 32,
+        random: true,
+    },
+];
+/// Where the fast device's image lives: a tmpfs.
+const FAST_DIR: &str = "/dev/shm";
+
 fn main() {
     let config = benches::Config::from_env_with(FULL, QUICK);
     let mut runner = Runner::with_config("block", config);
-    if !WORKLOADS.iter().any(|w| runner.enabled(w.name)) {
+    if !WORKLOADS
+        .iter()
+        .chain(&FAST_WORKLOADS)
+        .any(|w| runner.enabled(w.name))
+    {
         runner.finish().expect("write results");
         return;
     }
@@ -129,41 +157,119 @@ fn main() {
         1 << 30
     };
     let dir = bench_dir().expect("target/bench");
-    let image = dir.join(format!("block-{}M.img", image_size >> 20));
-    prepare_image(&image, image_size).expect("cannot create the bench image");
 
     // Backends stay up, and clients connected, for the whole run: a vhost-user backend may
     // serve only one connection.
     let mut left_out = Vec::new();
-    let mut limit = Backend::io_uring(&image).expect("libblkio io_uring on the image");
-    let mut peer = match Backend::qsd(&image, &dir) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            left_out.push(format!("peer qsd: {e}"));
-            None
+    let offsets = random_offsets(image_size);
+    let disk: Vec<&Workload> = WORKLOADS
+        .iter()
+        .filter(|w| runner.enabled(w.name))
+        .collect();
+    if !disk.is_empty() {
+        let image = dir.join(format!("block-{}M.img", image_size >> 20));
+        prepare_image(&image, image_size).expect("cannot create the bench image");
+        let mut b = Backends::start(&image, &dir, true, &mut left_out);
+        for w in disk {
+            b.run(&mut runner, w, &offsets, image_size);
         }
-    };
-    let mut ringvm = Vec::new();
-    match ringvm_bin() {
-        Ok((bin, direct)) => {
-            for (key, sandbox) in [("ringvm", true), ("ringvm-nosandbox", false)] {
-                match Backend::ringvm(key, &bin, direct, sandbox, &image, &dir) {
-                    Ok(b) => ringvm.push(b),
-                    Err(e) => left_out.push(format!("subject {key}: {e}")),
-                }
-            }
+    }
+    // The fast device: the image in memory (tmpfs), every backend buffered. What a user with
+    // NVMe feels, where the CPU time per I/O decides.
+    let fast: Vec<&Workload> = FAST_WORKLOADS
+        .iter()
+        .filter(|w| runner.enabled(w.name))
+        .collect();
+    if !fast.is_empty() {
+        let image = Path::new(FAST_DIR).join(format!(
+            "ringvm-bench-{}-{}M.img",
+            std::process::id(),
+            image_size >> 20
+        ));
+        prepare_image(&image, image_size).expect("cannot create the tmpfs bench image");
+        let mut b = Backends::start(&image, &dir, false, &mut left_out);
+        for w in fast {
+            b.run(&mut runner, w, &offsets, image_size);
         }
-        Err(e) => left_out.push(format!("subjects ringvm: {e}")),
+        drop(b);
+        let _ = fs::remove_file(&image);
     }
 
-    let offsets = random_offsets(image_size);
-    for w in &WORKLOADS {
-        if !runner.enabled(w.name) {
-            continue;
+    print_details(&runner);
+    runner.finish_before_checks();
+    for bench in ["randread4k/qd32", "randwrite4k/qd32"] {
+        runner.check(bench, "ringvm", Role::Limit, 0.95);
+        runner.check(bench, "ringvm", Role::Peer, 1.15);
+        check_cpu(&runner, bench);
+    }
+    for bench in ["fast/randread4k/qd32", "fast/randwrite4k/qd32"] {
+        runner.check(bench, "ringvm", Role::Limit, 0.95);
+        runner.check(bench, "ringvm", Role::Peer, 2.0);
+        check_cpu(&runner, bench);
+    }
+    for bench in ["randread4k/qd1", "randwrite4k/qd1"] {
+        check_latency(&runner, bench, 5.0);
+    }
+
+    for why in &left_out {
+        println!("NOT MEASURED {why}");
+    }
+    // Every variant is installed by scripts/setup: one that could not run is a failure, not
+    // a silent gap in the table (CI runs this).
+    if !left_out.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+/// The backends of one image: the limit, the peer and ringvm's subjects, up for as long as
+/// this lives.
+struct Backends {
+    limit: Backend,
+    peer: Option<Backend>,
+    ringvm: Vec<Backend>,
+}
+
+impl Backends {
+    /// Starts every backend on `image`, O_DIRECT or buffered; names those that could not
+    /// start in `left_out`.
+    fn start(image: &Path, dir: &Path, direct: bool, left_out: &mut Vec<String>) -> Backends {
+        let limit = Backend::io_uring(image, direct).expect("libblkio io_uring on the image");
+        let peer = match Backend::qsd(image, dir, direct) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                left_out.push(format!("peer qsd: {e}"));
+                None
+            }
+        };
+        let mut ringvm = Vec::new();
+        match ringvm_bin() {
+            Ok((bin, has_direct)) => {
+                let opt = match (has_direct, direct) {
+                    (false, _) => "",
+                    (true, true) => ",direct=true",
+                    (true, false) => ",direct=false",
+                };
+                for (key, sandbox) in [("ringvm", true), ("ringvm-nosandbox", false)] {
+                    match Backend::ringvm(key, &bin, opt, sandbox, image, dir) {
+                        Ok(b) => ringvm.push(b),
+                        Err(e) => left_out.push(format!("subject {key}: {e}")),
+                    }
+                }
+            }
+            Err(e) => left_out.push(format!("subjects ringvm: {e}")),
         }
-        let mut all: Vec<&mut Backend> = ringvm.iter_mut().collect();
-        all.push(&mut limit);
-        all.extend(peer.as_mut());
+        Backends {
+            limit,
+            peer,
+            ringvm,
+        }
+    }
+
+    /// Measures workload `w` on every backend, side by side.
+    fn run(&mut self, runner: &mut Runner, w: &Workload, offsets: &[u64], image_size: u64) {
+        let mut all: Vec<&mut Backend> = self.ringvm.iter_mut().collect();
+        all.push(&mut self.limit);
+        all.extend(self.peer.as_mut());
         for b in &mut all {
             b.calls.clear();
         }
@@ -172,7 +278,6 @@ fn main() {
             .map(|b| {
                 let (role, key, label) = (b.role, b.key, b.label.clone());
                 let b: &mut Backend = b;
-                let offsets = &offsets;
                 Variant::new(role, key, &label, move |n| {
                     b.run(w, offsets, image_size, n)
                         .unwrap_or_else(|e| panic!("{} {}: {e}", b.key, w.name))
@@ -190,28 +295,6 @@ fn main() {
                 runner.annotate(w.name, b.key, "mib_per_s", mib);
             }
         }
-    }
-
-    print_details(&runner);
-    runner.finish_before_checks();
-    for bench in ["randread4k/qd32", "randwrite4k/qd32"] {
-        runner.check(bench, "ringvm", Role::Limit, 0.95);
-        runner.check(bench, "ringvm", Role::Peer, 1.15);
-        check_cpu(&runner, bench);
-    }
-    for bench in ["randread4k/qd1", "randwrite4k/qd1"] {
-        check_latency(&runner, bench, 5.0);
-    }
-
-    for why in &left_out {
-        println!("NOT MEASURED {why}");
-    }
-    drop(ringvm);
-    drop(peer);
-    // Every variant is installed by scripts/setup: one that could not run is a failure, not
-    // a silent gap in the table (CI runs this).
-    if !left_out.is_empty() {
-        std::process::exit(1);
     }
 }
 
@@ -373,31 +456,36 @@ struct Backend {
 }
 
 impl Backend {
-    fn io_uring(image: &Path) -> Result<Backend, String> {
+    /// `direct`: O_DIRECT, else buffered (the fast-device case, an image on tmpfs).
+    fn io_uring(image: &Path, direct: bool) -> Result<Backend, String> {
         let client = Client::new(
             "io_uring",
             |b| {
                 b.set_str("path", &image.to_string_lossy())?;
-                b.set_bool("direct", true)
+                b.set_bool("direct", direct)
             },
             |b| b.set_i32("num-entries", 128),
         )?;
         Ok(Backend::new(
             "io_uring",
-            "libblkio io_uring driver, O_DIRECT (no backend)".to_owned(),
+            format!(
+                "libblkio io_uring driver, {} (no backend)",
+                if direct { "O_DIRECT" } else { "buffered" }
+            ),
             Role::Limit,
             client,
             None,
         ))
     }
 
-    fn qsd(image: &Path, dir: &Path) -> Result<Backend, String> {
+    fn qsd(image: &Path, dir: &Path, direct: bool) -> Result<Backend, String> {
         let socket = dir.join("block-qsd.sock");
         let _ = fs::remove_file(&socket);
         let mut cmd = Command::new("qemu-storage-daemon");
+        let cache = if direct { "on" } else { "off" };
         cmd.arg("--blockdev")
             .arg(format!(
-                "driver=file,node-name=disk,filename={},cache.direct=on,aio=io_uring",
+                "driver=file,node-name=disk,filename={},cache.direct={cache},aio=io_uring",
                 image.display()
             ))
             .arg("--export")
@@ -408,7 +496,10 @@ impl Backend {
         let child = benches::process::spawn_backend(cmd, &dir.join("block-qsd.log"), &socket)?;
         Backend::vhost_user(
             "qsd",
-            "qemu-storage-daemon vhost-user-blk, file aio=io_uring direct".to_owned(),
+            format!(
+                "qemu-storage-daemon vhost-user-blk, file aio=io_uring{}",
+                if direct { " direct" } else { "" }
+            ),
             Role::Peer,
             child,
             &socket,
@@ -571,17 +662,11 @@ impl Drop for Backend {
     }
 }
 
-/// The ringvm binary and the suffix of its `--file` argument that asks for O_DIRECT, or why
-/// there is none that can serve a block device.
-fn ringvm_bin() -> Result<(PathBuf, &'static str), String> {
+/// The ringvm binary, and whether its `--file` takes `direct=` (older ones open every image
+/// with O_DIRECT); or why there is none that can serve a block device.
+fn ringvm_bin() -> Result<(PathBuf, bool), String> {
     let (bin, text) = benches::process::ringvm_device("block", "--socket")?;
-    // O_DIRECT like the limit and the peer: `--file PATH,direct=true`, or a flag.
-    let direct = if text.contains("direct=") {
-        ",direct=true"
-    } else {
-        ""
-    };
-    Ok((bin, direct))
+    Ok((bin, text.contains("direct=")))
 }
 
 // ---- the libblkio client ----

@@ -454,6 +454,22 @@ impl Runner {
         Some(pass)
     }
 
+    /// Prints whether case `name` of `bench` reaches `min` times case `other` of the same
+    /// bench (one of several peers, say), as a PASS or MISS line. Returns `None` (and prints
+    /// nothing) when either did not run.
+    pub fn check_against(&self, bench: &str, name: &str, other: &str, min: f64) -> Option<bool> {
+        let case = self.case(bench, name)?;
+        let base = self.case(bench, other)?;
+        let ratio = paired_ratio(case, base);
+        let pass = ratio >= min;
+        println!(
+            "{} {bench}: {name} at {ratio:.2}x {other} ({}), target >= {min:.2}x",
+            if pass { "PASS" } else { "MISS" },
+            base.role.as_str(),
+        );
+        Some(pass)
+    }
+
     /// Prints the table and appends the JSON lines. Returns the JSON file written.
     pub fn finish(&self) -> io::Result<Option<PathBuf>> {
         if self.cases.is_empty() {

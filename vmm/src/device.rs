@@ -293,6 +293,7 @@ fn serve<D: Device>(
     };
     // The ring exists and is restricted before the jail: io_uring operations are not seen by
     // seccomp, so the ring may only do what this device needs, and nothing that opens a path.
+    // Its io-wq workers are bounded (executor::DEFAULT_MAX_IO_WORKERS) before the restriction.
     let ex = executor::Builder::new()
         .allow_ops(ops)
         .build()
