@@ -12,7 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tests::{ringvm_bin, run_guest, test_guest_args, test_guest_path, GuestCmdline, Scratch};
+use tests::{
+    guest_kernel, ringvm_bin, run_guest, test_guest_args, test_guest_path, GuestCmdline, Scratch,
+    HOST_CPU_FEATURES, HOST_PARAMS,
+};
 
 /// A `ringvm run --gdb ...` whose stub is listening; killed when dropped.
 struct DebuggedVm {
@@ -374,4 +377,109 @@ fn a_second_client_is_refused_garbage_is_survived_and_a_disconnect_leaves_the_vm
         "stderr:\n{stderr}"
     );
     assert!(!stderr.contains("panicked"), "stderr:\n{stderr}");
+}
+
+#[test]
+fn gdb_stops_linux_at_start_kernel_reads_init_task_breaks_and_interrupts() {
+    let dir = guest_kernel();
+    let vmlinux = dir.join("vmlinux");
+    let params = format!("{HOST_PARAMS} quiet panic=-1 reboot=k");
+    let args: Vec<std::ffi::OsString> = vec![
+        "run".into(),
+        "-m".into(),
+        "128".into(),
+        "-c".into(),
+        "2".into(),
+        "-i".into(),
+        dir.join("initrd.cpio").into(),
+        "-p".into(),
+        params.into(),
+        "--cpu-features".into(),
+        HOST_CPU_FEATURES.into(),
+        vmlinux.clone().into(),
+    ];
+    let start = Instant::now();
+    let vm = DebuggedVm::start("0", args);
+    let target = format!("target remote {}", vm.addr);
+    // crosvm's recipe, then more: a software breakpoint in the kernel, and a Ctrl-C (SIGINT
+    // to gdb, which sends the interrupt byte) while the kernel runs.
+    let cmds = [
+        target.as_str(),
+        "hbreak start_kernel",
+        "continue",
+        "print init_task.pid",
+        "print init_task.comm",
+        "print $_streq(init_task.comm, \"swapper\")",
+        "print ($cr0 >> 31) & 1",
+        "break setup_arch",
+        "continue",
+        "delete",
+        "info threads",
+        "continue",
+        "print $pc >= (long)_text && $pc < (long)_end",
+    ];
+    let mut cmd = Command::new("gdb");
+    cmd.args(["-batch", "-nx"]);
+    for c in cmds {
+        cmd.args(["-ex", &format!("echo >>> {c}\\n"), "-ex", c]);
+    }
+    let mut child = cmd
+        .arg(&vmlinux)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run gdb (apt package gdb)");
+    let stdout = lines_of(child.stdout.take().expect("piped stdout"));
+    let stderr = lines_of(child.stderr.take().expect("piped stderr"));
+    // The last continue: let the kernel run a little, then interrupt it.
+    let mut out = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut continues = 0;
+    while continues < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match stdout.recv_timeout(left) {
+            Ok(line) => {
+                continues += usize::from(line == ">>> continue");
+                out += &(line + "\n");
+            }
+            Err(_) => panic!("gdb did not get to its last continue:\n{out}"),
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(interrupted.success());
+    let ended = tests::wait_until(Duration::from_secs(60), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    while let Ok(line) = stdout.recv_timeout(Duration::from_secs(5)) {
+        out += &(line + "\n");
+    }
+    out.extend(stderr.try_iter().map(|l| l + "\n"));
+    assert!(ended, "gdb did not end after the interrupt:\n{out}");
+    assert_has(&out, "continue", "hit Breakpoint 1, start_kernel ()");
+    assert_has(&out, "print init_task.pid", "= 0");
+    assert_has(&out, "print init_task.comm", "= \"swapper");
+    assert_has(&out, "print $_streq(init_task.comm, \"swapper\")", "= 1");
+    assert_has(&out, "print ($cr0 >> 31) & 1", "= 1");
+    assert!(
+        out.contains("hit Breakpoint 2, setup_arch ("),
+        "the software breakpoint did not stop setup_arch:\n{out}"
+    );
+    assert_has(&out, "info threads", "Thread 1.2");
+    assert!(
+        out.contains("received signal SIGINT"),
+        "the interrupt did not stop the kernel:\n{out}"
+    );
+    assert_has(&out, "print $pc >= (long)_text && $pc < (long)_end", "= 1");
+    eprintln!("the Linux gdb session took {:?}", start.elapsed());
+    // gdb detached at its end and left the kernel running; the test is done with it.
+    drop(vm);
 }
