@@ -529,6 +529,7 @@ mod tests {
             no_rng: false,
             disable_sandbox: false,
             seccomp_log_failures: false,
+            gdb: None,
             kernel: "k".into(),
         };
         assert!(validate(&args(256, 1)).is_ok());

@@ -44,7 +44,7 @@ impl Breakpoints {
     /// watched (x86 watches 1, 2, 4 or 8 naturally aligned bytes).
     pub fn add_hw(&mut self, addr: u64, slot: Slot, len: u64) -> bool {
         let len = if slot == Slot::Exec { 1 } else { len };
-        if !matches!(len, 1 | 2 | 4 | 8) || addr % len != 0 {
+        if !matches!(len, 1 | 2 | 4 | 8) || !addr.is_multiple_of(len) {
             return false;
         }
         // x86 has no read-only watchpoint: a read watch is a read/write one.

@@ -284,8 +284,10 @@ mod tests {
             rflags: 0x246,
             ..Default::default()
         };
-        let mut sregs = kvm_sregs::default();
-        sregs.cr3 = 0x1000;
+        let mut sregs = kvm_sregs {
+            cr3: 0x1000,
+            ..Default::default()
+        };
         sregs.fs.base = 0xdead;
         sregs.cs.selector = 0x10;
         let g = Regs::from_kvm(&regs, &sregs, &kvm_fpu::default());
