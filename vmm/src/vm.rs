@@ -534,19 +534,23 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     let threads = start_vcpus(config, &kvm, &machine, &stopping, &filters, &gdb)?;
     if let Some(g) = &gdb {
         g.set_threads(threads.iter().map(|t| t.pthread).collect());
-        if config.sandbox {
-            eprintln!("ringvm: gdb: the VMM runs without its own seccomp filters (device processes stay jailed)");
-        }
     }
-    if config.sandbox && gdb.is_none() {
+    if config.sandbox {
         // After set-up (memory, devices, threads): the VMM's own filter on every thread, then
         // each vCPU thread its narrower one.
-        let policy = seccomp::Policy::from_name(seccomp::Policy::VMM)
-            .context("the VMM has no seccomp policy")?;
+        // With --gdb, one policy covers the debugger's calls, the vCPUs' included.
+        let name = match gdb {
+            Some(_) => seccomp::Policy::VMM_GDB,
+            None => seccomp::Policy::VMM,
+        };
+        let policy = seccomp::Policy::from_name(name).context("the VMM has no seccomp policy")?;
         seccomp::install(policy, config.seccomp_log_failures)
             .context("cannot install the VMM's seccomp filter")?;
-        filters.open(VcpuFilter::Install {
-            log_failures: config.seccomp_log_failures,
+        filters.open(match gdb {
+            Some(_) => VcpuFilter::None,
+            None => VcpuFilter::Install {
+                log_failures: config.seccomp_log_failures,
+            },
         });
     } else {
         filters.open(VcpuFilter::None);
