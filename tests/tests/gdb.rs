@@ -163,7 +163,10 @@ fn assert_has(out: &str, c: &str, needle: &str) {
 fn gdb_breaks_reads_steps_watches_and_continues_to_the_end_of_the_test_guest() {
     let start = Instant::now();
     let args = test_guest_args(&["-m", "64", "-c", "2"], &GuestCmdline::new().test("gdb"));
-    let vm = DebuggedVm::start("0", args);
+    // A unix socket here (GDB's `target remote PATH`); the Linux test takes a TCP port.
+    let scratch = Scratch::new("gdb", "guest");
+    let sock = scratch.path("gdb.sock");
+    let vm = DebuggedVm::start(sock.to_str().expect("utf-8 path"), args);
     let target = format!("target remote {}", vm.addr);
     let cmds = [
         target.as_str(),
@@ -223,6 +226,7 @@ fn gdb_breaks_reads_steps_watches_and_continues_to_the_end_of_the_test_guest() {
     );
     let (code, stdout, stderr) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
+    assert!(!sock.exists(), "the socket outlived the VM");
     // GDB's write reached the guest: 100, then the two calls left.
     assert!(
         stdout.contains("ringvm-test: gdb counter=102 sum=12") && stdout.contains("gdb ok"),

@@ -97,12 +97,18 @@ pub struct Debugger {
     pub(super) stopped: UnixStream,
     notify: UnixStream,
     pub(super) ram: GuestRam,
+    /// The unix socket path `--gdb` listens on, removed when the VM ends.
+    socket_path: Option<std::path::PathBuf>,
 }
 
 impl Debugger {
     /// A debugger for `cpus` vCPUs that starts halted: no guest instruction runs until a
     /// session resumes the VM.
-    pub fn new(cpus: usize, ram: GuestRam) -> std::io::Result<Debugger> {
+    pub fn new(
+        cpus: usize,
+        ram: GuestRam,
+        socket_path: Option<std::path::PathBuf>,
+    ) -> std::io::Result<Debugger> {
         let state = State {
             vcpus: (0..cpus).map(|_| Parking::default()).collect(),
             runnable: vec![true; cpus],
@@ -119,6 +125,7 @@ impl Debugger {
             stopped,
             notify,
             ram,
+            socket_path,
         })
     }
 
@@ -289,8 +296,11 @@ impl Debugger {
     fn halt_locked(&self, s: &mut State) {
         s.halted = true;
         self.halt.store(true, Ordering::Release);
-        for t in &s.threads {
-            sys::kick_thread(*t);
+        // Once the VM ended, the threads may be joined: never signal those.
+        if s.ended.is_none() {
+            for t in &s.threads {
+                sys::kick_thread(*t);
+            }
         }
     }
 
@@ -313,7 +323,7 @@ impl Debugger {
                 .wait_timeout(s, Duration::from_millis(20))
                 .unwrap_or_else(|e| e.into_inner());
             s = g;
-            if timeout.timed_out() {
+            if timeout.timed_out() && s.ended.is_none() {
                 for t in &s.threads {
                     sys::kick_thread(*t);
                 }
@@ -408,6 +418,9 @@ impl Debugger {
     /// The VM ended: parked vCPUs leave, and an attached GDB is told (waits up to a second
     /// for that, so GDB sees the exit rather than a closed connection).
     pub fn end(&self, code: u8) {
+        if let Some(p) = &self.socket_path {
+            let _ = std::fs::remove_file(p);
+        }
         let mut s = self.lock();
         s.ended = Some(code);
         self.changed.notify_all();

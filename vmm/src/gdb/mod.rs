@@ -195,8 +195,14 @@ impl ConnectionExt for Stream {
 /// holds the vCPUs until a client resumes them.
 pub fn start(addr: &GdbAddr, cpus: usize, ram: GuestRam) -> Result<Arc<Debugger>> {
     let (listener, at) = Listener::bind(addr)?;
-    let dbg =
-        Arc::new(Debugger::new(cpus, ram).context("gdb: cannot create its wake-up socket pair")?);
+    let socket_path = match addr {
+        GdbAddr::Unix(p) => Some(p.clone()),
+        GdbAddr::Port(_) => None,
+    };
+    let dbg = Arc::new(
+        Debugger::new(cpus, ram, socket_path)
+            .context("gdb: cannot create its wake-up socket pair")?,
+    );
     let (tx, rx) = mpsc::channel::<Stream>();
     let session_dbg = dbg.clone();
     std::thread::Builder::new()
