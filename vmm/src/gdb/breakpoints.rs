@@ -162,6 +162,23 @@ mod tests {
         assert!(b.add_hw(0x3000, Slot::Watch(WatchKind::ReadWrite), 8));
     }
 
+    proptest::proptest! {
+        /// Addresses and lengths come from the client: any pair is taken or refused, and
+        /// the debug registers only ever hold what was taken.
+        #[test]
+        fn any_watch_is_taken_or_refused(addr: u64, len: u64, write: bool) {
+            let mut b = Breakpoints::default();
+            let kind = if write { WatchKind::Write } else { WatchKind::ReadWrite };
+            let taken = b.add_hw(addr, Slot::Watch(kind), len);
+            let d = b.guest_debug(false);
+            proptest::prop_assert_eq!(taken, d.arch.debugreg[7] != 0);
+            if taken {
+                proptest::prop_assert_eq!(d.arch.debugreg[0], addr);
+                proptest::prop_assert!(b.remove_hw(addr, Slot::Watch(kind), len));
+            }
+        }
+    }
+
     #[test]
     fn nothing_set_turns_guest_debug_off() {
         let b = Breakpoints::default();

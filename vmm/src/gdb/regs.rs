@@ -266,6 +266,25 @@ mod tests {
         assert_eq!(back, r);
     }
 
+    proptest::proptest! {
+        /// A client's `G` block: any bytes are taken or refused, never a panic, and what is
+        /// taken serializes back to the same bytes.
+        #[test]
+        fn any_g_block_is_taken_whole_or_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..0x300)) {
+            let mut r = Regs::default();
+            if r.gdb_deserialize(&bytes).is_ok() {
+                proptest::prop_assert_eq!(serialize(&r), bytes);
+            }
+        }
+
+        #[test]
+        fn any_full_size_g_block_round_trips(bytes in proptest::collection::vec(proptest::num::u8::ANY, CORE_LEN + 64)) {
+            let mut r = Regs::default();
+            proptest::prop_assert!(r.gdb_deserialize(&bytes).is_ok());
+            proptest::prop_assert_eq!(serialize(&r), bytes);
+        }
+    }
+
     #[test]
     fn wrong_length_g_packet_is_refused() {
         let mut r = Regs::default();
