@@ -199,6 +199,9 @@ fn gdb_breaks_reads_steps_watches_and_continues_to_the_end_of_the_test_guest() {
         "continue",
     ];
     let out = gdb(test_guest_path(), &cmds);
+    let (code, stdout, stderr) = vm.wait(Duration::from_secs(30));
+    // Failures below show ringvm's side too.
+    let out = format!("{out}\n--- ringvm stderr:\n{stderr}");
     assert_has(&out, "info threads", "Thread 1.2");
     assert_has(&out, "continue", "Breakpoint 1, gdb_step (x=x@entry=0)");
     assert_has(&out, "print $pc == gdb_step", "= 1");
@@ -224,7 +227,6 @@ fn gdb_breaks_reads_steps_watches_and_continues_to_the_end_of_the_test_guest() {
         out.contains("[Inferior 1 (process 1) exited normally]"),
         "GDB did not see the VM end:\n{out}"
     );
-    let (code, stdout, stderr) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
     assert!(!sock.exists(), "the socket outlived the VM");
     // GDB's write reached the guest: 100, then the two calls left.

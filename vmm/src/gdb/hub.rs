@@ -81,9 +81,8 @@ struct State {
     stops: VecDeque<Stop>,
     /// The VM ended with this code; parked vCPUs leave and requests fail.
     ended: Option<u8>,
-    /// A session is attached, and whether it has told GDB that the VM ended.
+    /// A session is attached.
     session: bool,
-    exit_reported: bool,
 }
 
 /// The debugger's side of every vCPU.
@@ -378,10 +377,7 @@ impl Debugger {
         if let Some(stop) = s.stops.pop_front() {
             return Some(stop);
         }
-        let code = s.ended?;
-        s.exit_reported = true;
-        self.changed.notify_all();
-        Some(MultiThreadStopReason::Exited(code))
+        s.ended.map(MultiThreadStopReason::Exited)
     }
 
     pub fn with_breakpoints<R>(&self, f: impl FnOnce(&mut Breakpoints) -> R) -> R {
@@ -395,7 +391,6 @@ impl Debugger {
             return false;
         }
         s.session = true;
-        s.exit_reported = false;
         true
     }
 
@@ -415,8 +410,9 @@ impl Debugger {
         self.changed.notify_all();
     }
 
-    /// The VM ended: parked vCPUs leave, and an attached GDB is told (waits up to a second
-    /// for that, so GDB sees the exit rather than a closed connection).
+    /// The VM ended: parked vCPUs leave, and an attached GDB is told. Waits up to a second
+    /// for the session to end (it does once it has sent GDB the exit), so GDB sees the exit
+    /// rather than a closed connection.
     pub fn end(&self, code: u8) {
         if let Some(p) = &self.socket_path {
             let _ = std::fs::remove_file(p);
@@ -426,7 +422,7 @@ impl Debugger {
         self.changed.notify_all();
         self.wake_session();
         let deadline = Instant::now() + Duration::from_secs(1);
-        while s.session && !s.exit_reported {
+        while s.session {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;

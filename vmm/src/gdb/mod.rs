@@ -204,10 +204,15 @@ pub fn start(addr: &GdbAddr, cpus: usize, ram: GuestRam) -> Result<Arc<Debugger>
             .context("gdb: cannot create its wake-up socket pair")?,
     );
     let (tx, rx) = mpsc::channel::<Stream>();
+    // Each thread says when it runs its own code: the VMM's seccomp filter comes right after
+    // set-up and would kill a thread still in its start-up calls (naming itself, ...).
+    let (ready, started) = mpsc::channel::<()>();
+    let session_ready = ready.clone();
     let session_dbg = dbg.clone();
     std::thread::Builder::new()
         .name("gdb".into())
         .spawn(move || {
+            let _ = session_ready.send(());
             for stream in rx {
                 run_session(&session_dbg, stream);
             }
@@ -216,24 +221,34 @@ pub fn start(addr: &GdbAddr, cpus: usize, ram: GuestRam) -> Result<Arc<Debugger>
     let accept_dbg = dbg.clone();
     std::thread::Builder::new()
         .name("gdb-accept".into())
-        .spawn(move || loop {
-            match listener.accept() {
-                Ok(stream) if accept_dbg.begin_session() => {
-                    if tx.send(stream).is_err() {
-                        return;
+        .spawn(move || {
+            let _ = ready.send(());
+            loop {
+                match listener.accept() {
+                    Ok(stream) if accept_dbg.begin_session() => {
+                        if tx.send(stream).is_err() {
+                            return;
+                        }
                     }
-                }
-                Ok(stream) => {
-                    eprintln!("ringvm: gdb: refused a second client (one is attached)");
-                    drop(stream);
-                }
-                Err(e) => {
-                    eprintln!("ringvm: gdb: accept failed: {e}");
-                    return;
+                    Ok(stream) => {
+                        eprintln!("ringvm: gdb: refused a second client (one is attached)");
+                        drop(stream);
+                    }
+                    // A client that went away before it was taken, or no descriptor left:
+                    // the next one may do better.
+                    Err(e) => {
+                        eprintln!("ringvm: gdb: accept failed: {e}");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
                 }
             }
         })
         .context("gdb: cannot start the acceptor thread")?;
+    for _ in 0..2 {
+        started
+            .recv()
+            .map_err(|_| anyhow::anyhow!("gdb: a thread died at start"))?;
+    }
     eprintln!("ringvm: gdb: waiting for a client on {at} before the first guest instruction");
     Ok(dbg)
 }

@@ -201,8 +201,16 @@ impl SwBreakpoint for VmTarget {
         let Reply::Gpa(Some(gpa)) = self.ask(tid(0), Request::Translate(addr))? else {
             return Ok(false);
         };
+        // Another address may map to the same byte: it already holds the original.
+        let shared = self
+            .dbg
+            .with_breakpoints(|b| b.sw.values().find(|p| p.gpa == gpa).map(|p| p.orig));
         let mut orig = [0u8];
-        if self.dbg.ram.read(gpa, &mut orig).is_err() || self.dbg.ram.write(gpa, &[INT3]).is_err() {
+        if let Some(o) = shared {
+            orig[0] = o;
+        } else if self.dbg.ram.read(gpa, &mut orig).is_err()
+            || self.dbg.ram.write(gpa, &[INT3]).is_err()
+        {
             return Ok(false);
         }
         let patch = Patch { gpa, orig: orig[0] };
@@ -211,10 +219,16 @@ impl SwBreakpoint for VmTarget {
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        let Some(p) = self.dbg.with_breakpoints(|b| b.sw.remove(&addr)) else {
-            return Ok(false);
-        };
-        Ok(self.dbg.ram.write(p.gpa, &[p.orig]).is_ok())
+        let removed = self.dbg.with_breakpoints(|b| {
+            let p = b.sw.remove(&addr)?;
+            // The int3 stays while another address still breaks on that byte.
+            Some((p, b.sw.values().any(|q| q.gpa == p.gpa)))
+        });
+        match removed {
+            None => Ok(false),
+            Some((_, true)) => Ok(true),
+            Some((p, false)) => Ok(self.dbg.ram.write(p.gpa, &[p.orig]).is_ok()),
+        }
     }
 }
 
