@@ -452,7 +452,7 @@ fn gdb_stops_linux_at_start_kernel_reads_init_task_breaks_and_interrupts() {
             Err(_) => panic!("gdb did not get to its last continue:\n{out}"),
         }
     }
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
     let interrupted = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
