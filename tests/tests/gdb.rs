@@ -489,3 +489,28 @@ fn gdb_stops_linux_at_start_kernel_reads_init_task_breaks_and_interrupts() {
     // gdb detached at its end and left the kernel running; the test is done with it.
     drop(vm);
 }
+
+#[test]
+fn a_gdb_address_that_cannot_be_served_is_refused_before_the_vm_starts() {
+    let scratch = Scratch::new("gdb", "taken");
+    let taken = scratch.path("taken");
+    std::fs::write(&taken, b"").expect("create a file");
+    for (addr, want) in [
+        (taken.to_str().expect("utf-8 path"), "gdb: cannot listen on"),
+        ("70000", "is not in 0..65535"),
+        ("", "--gdb needs a port or a socket path"),
+    ] {
+        let mut cmd = Command::new(ringvm_bin());
+        cmd.args(["run", "--gdb", addr, "-m", "64"])
+            .arg(test_guest_path());
+        let run = run_guest(&mut cmd, Duration::from_secs(30)).expect("run ringvm");
+        assert_eq!(
+            run.status.and_then(|s| s.code()),
+            Some(1),
+            "--gdb {addr:?}: {}",
+            run.stderr
+        );
+        assert!(run.stderr.contains(want), "--gdb {addr:?}: {}", run.stderr);
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    }
+}
