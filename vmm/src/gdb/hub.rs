@@ -6,8 +6,9 @@
 //!
 //! All-stop: when one vCPU stops (a breakpoint, a step, a watchpoint) or GDB interrupts, every
 //! vCPU is kicked out of `KVM_RUN` and parks at the top of its loop. The `halt` flag is the
-//! only thing a running vCPU reads per loop turn. Resuming bumps nothing but the flag: every
-//! vCPU leaves its park and loads the debug registers and flags of the current breakpoints.
+//! only thing a running vCPU reads per loop turn. Resuming clears it: every vCPU GDB lets run
+//! (all of them unless GDB locks the scheduler) leaves its park and loads the debug registers
+//! and flags of the current breakpoints before it enters `KVM_RUN` again.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
