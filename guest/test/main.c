@@ -265,6 +265,7 @@ static const char *scenario_wait(void)
 static const struct scenario extra_scenarios[] = {
 	{"ud2", scenario_ud2},
 	{"wait", scenario_wait},
+	{"gdb", scenario_gdb},
 	{"pci", scenario_pci},
 	{"virtio-rng", scenario_virtio_rng},
 	{"virtio-blk", scenario_virtio_blk},

@@ -185,6 +185,7 @@ const char *scenario_e820(void);
 const char *scenario_rtc(void);
 const char *scenario_smp(void);
 const char *scenario_compute(void);
+const char *scenario_gdb(void);
 const char *scenario_pci(void);        /* pci.c, not in `all` */
 const char *scenario_virtio_rng(void); /* virtio_rng.c, not in `all` */
 const char *scenario_virtio_blk(void); /* virtio_blk.c, not in `all` */

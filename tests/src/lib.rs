@@ -434,6 +434,28 @@ pub fn run_guest(cmd: &mut Command, limit: Duration) -> std::io::Result<GuestRun
     })
 }
 
+/// The minimal Linux guest (scripts/build-guest-kernel): builds (or finds cached) vmlinux,
+/// bzImage and initrd; returns their directory.
+/// Once per test binary: the tests run in parallel threads, and two builds at once would
+/// share (and delete) one build directory.
+pub fn guest_kernel() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(workspace_root().join("scripts/build-guest-kernel"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/build-guest-kernel");
+        assert!(out.status.success(), "building the guest kernel failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+/// The minimal Linux guest's workarounds for the nested kvm_pvm host (kernel parameters and
+/// `--cpu-features`); harmless on hardware KVM.
+pub const HOST_PARAMS: &str = "noxsave nofsgsbase clearcpuid=popcnt,smap,erms,fsrm rodata=off";
+pub const HOST_CPU_FEATURES: &str = "-cx16,+xsaveerptr";
+
 /// The reference run of the test guest under QEMU (the same PVH boot contract as ringvm):
 /// microvm with the RTC and an i8042 added (microvm has neither by default), KVM, the CPU
 /// flags the nested kvm_pvm host needs. Not available everywhere: check [`qemu_available`].

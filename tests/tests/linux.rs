@@ -6,31 +6,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::netns::NetNs;
-use tests::{ringvm_bin, run_guest, workspace_root, Live, Scratch};
-
-/// Builds (or finds cached) vmlinux, bzImage and initrd; returns their directory.
-/// Once per test binary: the tests run in parallel threads, and two builds at once would
-/// share (and delete) one build directory.
-fn guest_kernel() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = Command::new(workspace_root().join("scripts/build-guest-kernel"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/build-guest-kernel");
-        assert!(out.status.success(), "building the guest kernel failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
-    .clone()
-}
-
-/// Workarounds for the nested kvm_pvm host; harmless on hardware KVM.
-const HOST_PARAMS: &str = "noxsave nofsgsbase clearcpuid=popcnt,smap,erms,fsrm rodata=off";
-const HOST_CPU_FEATURES: &str = "-cx16,+xsaveerptr";
+use tests::{
+    guest_kernel, ringvm_bin, run_guest, workspace_root, Live, Scratch, HOST_CPU_FEATURES,
+    HOST_PARAMS,
+};
 
 #[test]
 fn linux_boots_to_userspace_over_pvh_with_two_vcpus_and_exits_0() {

@@ -103,6 +103,10 @@ pub struct RunArgs {
     /// process that made them (crosvm's flag, for finding a policy's gaps)
     #[argh(switch)]
     pub seccomp_log_failures: bool,
+    /// serve GDB on 127.0.0.1:PORT or on a unix socket PATH; the guest waits for the first
+    /// client before its first instruction
+    #[argh(option)]
+    pub gdb: Option<crate::gdb::GdbAddr>,
     /// path of the kernel image
     #[argh(positional)]
     pub kernel: PathBuf,
@@ -525,6 +529,7 @@ mod tests {
             no_rng: false,
             disable_sandbox: false,
             seccomp_log_failures: false,
+            gdb: None,
             kernel: "k".into(),
         };
         assert!(validate(&args(256, 1)).is_ok());

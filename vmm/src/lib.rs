@@ -15,6 +15,7 @@ pub mod device;
 mod device_process;
 pub mod devices;
 pub mod exit;
+pub mod gdb;
 pub mod guest;
 pub mod irq;
 #[allow(unsafe_code)]

@@ -182,6 +182,31 @@ pub fn fd_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
     Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
 }
 
+/// Waits until one of `fds` is readable (or hung up); returns which are. Retries on EINTR.
+pub fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
+    use std::os::fd::AsRawFd;
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pfds` is a live array of `pfds.len()` pollfds for descriptors borrowed for
+        // the call; poll only writes their `revents`.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
 /// The IRR of the in-kernel IOAPIC and of the master PIC (tests check that an IRQ line
 /// reached the irqchip through the routing table).
 #[cfg(test)]

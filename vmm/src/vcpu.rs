@@ -20,6 +20,8 @@ pub struct VcpuContext {
     pub ram: GuestRam,
     /// Opened once the VMM's process-wide seccomp filter is on (or will not be).
     pub filters: Arc<FilterGate>,
+    /// `--gdb`: where the vCPU parks while the debugger holds the VM.
+    pub gdb: Option<Arc<crate::gdb::Debugger>>,
 }
 
 /// The order of seccomp filters: the main thread installs the VMM's filter on every thread
@@ -88,6 +90,9 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
         if ctx.stopping.load(Ordering::Acquire) {
             return None;
         }
+        if let Some(gdb) = &ctx.gdb {
+            gdb.checkpoint(vcpu, ctx.id, None);
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 ctx.pio.read(u64::from(port), data);
@@ -128,6 +133,11 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
                 })
             }
             Ok(VcpuExit::InternalError) => {
+                if let Some(gdb) = &ctx.gdb {
+                    if gdb.unemulated_breakpoint(vcpu, ctx.id) {
+                        continue;
+                    }
+                }
                 return Some(ExitReason::Failed(internal_error(vcpu, ctx)));
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
@@ -137,6 +147,11 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
                 )))
             }
             Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Debug(debug)) if ctx.gdb.is_some() => {
+                if let Some(gdb) = &ctx.gdb {
+                    gdb.checkpoint(vcpu, ctx.id, Some(debug));
+                }
+            }
             Ok(other) => {
                 return Some(ExitReason::Failed(format!(
                     "vCPU {}: unexpected exit {other:?}",

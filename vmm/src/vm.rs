@@ -64,6 +64,8 @@ pub struct VmConfig {
     pub sandbox: bool,
     /// Seccomp filters log what they do not allow instead of killing.
     pub seccomp_log_failures: bool,
+    /// Serve GDB here (`--gdb`); the vCPUs wait for a client.
+    pub gdb: Option<crate::gdb::GdbAddr>,
 }
 
 const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
@@ -112,6 +114,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         vhost_user,
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
+        gdb: args.gdb,
     };
     match run(&config)? {
         ExitReason::Failed(why) => bail!("{why}"),
@@ -269,6 +272,7 @@ fn start_vcpus(
     m: &Machine,
     stopping: &Arc<AtomicBool>,
     filters: &Arc<FilterGate>,
+    gdb: &Option<Arc<crate::gdb::Debugger>>,
 ) -> Result<Vec<VcpuThread>> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -303,6 +307,7 @@ fn start_vcpus(
             stopping: stopping.clone(),
             ram: m.ram.clone(),
             filters: filters.clone(),
+            gdb: gdb.clone(),
         };
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -522,16 +527,30 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     let filters = Arc::new(FilterGate::default());
     // Whatever happens below, the vCPU threads are never left waiting for their filter.
     let _gate = OpenOnDrop(filters.clone());
-    let threads = start_vcpus(config, &kvm, &machine, &stopping, &filters)?;
+    let gdb = match &config.gdb {
+        Some(addr) => Some(crate::gdb::start(addr, config.cpus, machine.ram.clone())?),
+        None => None,
+    };
+    let threads = start_vcpus(config, &kvm, &machine, &stopping, &filters, &gdb)?;
+    if let Some(g) = &gdb {
+        g.set_threads(threads.iter().map(|t| t.pthread).collect());
+    }
     if config.sandbox {
         // After set-up (memory, devices, threads): the VMM's own filter on every thread, then
         // each vCPU thread its narrower one.
-        let policy = seccomp::Policy::from_name(seccomp::Policy::VMM)
-            .context("the VMM has no seccomp policy")?;
+        // With --gdb, one policy covers the debugger's calls, the vCPUs' included.
+        let name = match gdb {
+            Some(_) => seccomp::Policy::VMM_GDB,
+            None => seccomp::Policy::VMM,
+        };
+        let policy = seccomp::Policy::from_name(name).context("the VMM has no seccomp policy")?;
         seccomp::install(policy, config.seccomp_log_failures)
             .context("cannot install the VMM's seccomp filter")?;
-        filters.open(VcpuFilter::Install {
-            log_failures: config.seccomp_log_failures,
+        filters.open(match gdb {
+            Some(_) => VcpuFilter::None,
+            None => VcpuFilter::Install {
+                log_failures: config.seccomp_log_failures,
+            },
         });
     } else {
         filters.open(VcpuFilter::None);
@@ -570,6 +589,12 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     // Dropping the executor drops the devices' tasks first: a vCPU waiting for a backend's
     // answer gets an error instead of waiting forever.
     drop(ex);
+    if let Some(g) = &gdb {
+        g.end(u8::from(matches!(
+            machine.exit.reason(),
+            Some(ExitReason::Failed(_))
+        )));
+    }
     stop_vcpus(threads, &stopping);
     drop(processes);
     Ok(machine
