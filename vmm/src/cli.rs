@@ -43,8 +43,9 @@ pub struct RunArgs {
     /// control socket path; a directory gets ringvm-<pid>.sock inside it
     #[argh(option, short = 's')]
     pub socket: Option<PathBuf>,
-    /// serial port: type=stdout|file|sink[,path=P][,num=1-4][,console=BOOL][,stdin=BOOL];
-    /// default type=stdout,num=1,console=true,stdin=true
+    /// serial port: type=stdout|file|sink[,path=P][,num=1-4][,console=BOOL][,stdin=BOOL]
+    /// [,hardware=serial|virtio-console]; default type=stdout,num=1,console=true,stdin=true;
+    /// type=virtio-console is hardware=virtio-console,type=stdout (the guest's hvcN)
     #[argh(option, from_str_fn(parse_serial))]
     pub serial: Vec<SerialSpec>,
     /// CPUID features to hide or show, e.g. -cx16,+xsaveerptr,-kvm-pv (names as in
@@ -386,10 +387,12 @@ pub enum SerialOut {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SerialSpec {
     pub out: SerialOut,
-    /// COM number, 1 to 4.
+    /// COM number, 1 to 4 (of a virtio console: hvc0 to hvc3).
     pub num: u8,
     pub console: bool,
     pub stdin: bool,
+    /// An 8250 UART, or a virtio-console device process.
+    pub virtio_console: bool,
 }
 
 impl Default for SerialSpec {
@@ -399,6 +402,7 @@ impl Default for SerialSpec {
             num: 1,
             console: true,
             stdin: true,
+            virtio_console: false,
         }
     }
 }
@@ -425,6 +429,15 @@ pub fn parse_serial(spec: &str) -> Result<SerialSpec, String> {
             .split_once('=')
             .ok_or_else(|| format!("'{kv}' is not key=value"))?;
         match k {
+            // crosvm's `hardware=`; ringvm also takes the device as the type.
+            "type" if v == "virtio-console" => s.virtio_console = true,
+            "hardware" => {
+                s.virtio_console = match v {
+                    "serial" => false,
+                    "virtio-console" => true,
+                    _ => return Err(format!("hardware={v}: expected serial or virtio-console")),
+                }
+            }
             "type" => kind = Some(v.to_string()),
             "path" => path = Some(PathBuf::from(v)),
             "num" => {
@@ -468,7 +481,10 @@ pub fn validate(args: &RunArgs) -> Result<Vec<SerialSpec>, String> {
         args.serial.clone()
     };
     for (i, a) in serials.iter().enumerate() {
-        if serials[..i].iter().any(|b| b.num == a.num) {
+        if serials[..i]
+            .iter()
+            .any(|b| b.num == a.num && b.virtio_console == a.virtio_console)
+        {
             return Err(format!("--serial num={} given twice", a.num));
         }
     }
@@ -490,9 +506,20 @@ mod tests {
                 out: SerialOut::File("/tmp/x".into()),
                 num: 2,
                 console: false,
-                stdin: false
+                stdin: false,
+                virtio_console: false,
             }
         );
+        for spec in [
+            "type=virtio-console,stdin=true",
+            "hardware=virtio-console,type=stdout,stdin=true",
+        ] {
+            let s = parse_serial(spec).expect(spec);
+            assert!(s.virtio_console && s.stdin && s.out == SerialOut::Stdout);
+        }
+        let to_file = parse_serial("hardware=virtio-console,type=file,path=/tmp/c").expect("valid");
+        assert_eq!(to_file.out, SerialOut::File("/tmp/c".into()));
+        assert!(parse_serial("hardware=debugcon").is_err());
         assert!(parse_serial("type=file").is_err());
         assert!(parse_serial("num=5").is_err());
         assert!(parse_serial("type=tcp").is_err());

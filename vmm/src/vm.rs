@@ -92,7 +92,8 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
             .any(|p| p.starts_with("console="))
         {
             let sep = if cmdline.is_empty() { "" } else { " " };
-            cmdline = format!("console=ttyS{}{sep}{cmdline}", console.num - 1);
+            let tty = if console.virtio_console { "hvc" } else { "ttyS" };
+            cmdline = format!("console={tty}{}{sep}{cmdline}", console.num - 1);
         }
     }
     let config = VmConfig {
@@ -214,7 +215,7 @@ fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
     let exit = Arc::new(VmExit::new().context("cannot create an eventfd")?);
     let mut pio = Bus::default();
     let mut stdin_serial = None;
-    for spec in &config.serials {
+    for spec in config.serials.iter().filter(|s| !s.virtio_console) {
         let (port, irq) = COM_PORTS[spec.num as usize - 1];
         let vm_irq = vm.clone();
         let pulse = Box::new(move || {
@@ -405,6 +406,7 @@ async fn add_devices(
         let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
         backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
     }
+    add_consoles(config, machine, processes, &mut backends).await?;
     if let Some(spec) = &config.vsock {
         // The jailed device opens nothing: this process listens on PATH and connects to
         // PATH_<port> for it (the broker runs on the main thread's executor).
@@ -447,6 +449,49 @@ async fn add_devices(
         backends.push(attach(machine, &name, spec.kind, sock).await?);
     }
     Ok(backends)
+}
+
+/// The virtio consoles (`--serial hardware=virtio-console`), hvc0 first: each a device
+/// process given its output (and, for the one reading stdin, its input) by this process.
+async fn add_consoles(
+    config: &VmConfig,
+    machine: &Machine,
+    processes: &mut DeviceProcesses,
+    backends: &mut Vec<vhost_user::Backend>,
+) -> Result<()> {
+    let mut consoles: Vec<&SerialSpec> =
+        config.serials.iter().filter(|s| s.virtio_console).collect();
+    consoles.sort_by_key(|s| s.num);
+    for spec in consoles {
+        let name = format!("console{}", spec.num - 1);
+        let output: OwnedFd = match &spec.out {
+            SerialOut::Stdout => io::stdout().as_fd().try_clone_to_owned()?,
+            SerialOut::Sink => File::options().write(true).open("/dev/null")?.into(),
+            SerialOut::File(p) => File::create(p)
+                .with_context(|| format!("cannot create console file {}", p.display()))?
+                .into(),
+        };
+        let size = match spec.out {
+            SerialOut::Stdout => sys::terminal_size(1),
+            _ => None,
+        };
+        let mut fds = vec![output];
+        if spec.stdin {
+            fds.push(io::stdin().as_fd().try_clone_to_owned()?);
+        }
+        let options = console::ConsoleArgs {
+            stream_fd: (0..fds.len())
+                .map(|i| (device_process::FIRST_EXTRA_FD + i) as i32)
+                .collect(),
+            cols: size.map(|s| s.0),
+            rows: size.map(|s| s.1),
+        };
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        let sock =
+            spawn_device::<console::ConsoleProcess>(config, processes, &name, &options, &borrowed)?;
+        backends.push(attach(machine, &name, DeviceType::Console, sock).await?);
+    }
+    Ok(())
 }
 
 /// Starts `ringvm device <P's name> <options>` for device `name` (kept in `processes`), with
@@ -514,9 +559,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         None => None,
     };
     let mut events = machine.exit.events()?;
-    let _raw = match &machine.stdin_serial {
-        Some(_) => sys::RawTerminal::new(0).context("cannot put the terminal in raw mode")?,
-        None => None,
+    let _raw = match config.serials.iter().any(|s| s.stdin) {
+        true => sys::RawTerminal::new(0).context("cannot put the terminal in raw mode")?,
+        false => None,
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let filters = Arc::new(FilterGate::default());
