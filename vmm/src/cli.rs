@@ -81,8 +81,8 @@ pub struct RunArgs {
     /// an open tap descriptor inherited by ringvm: adds a NIC; repeat for several
     #[argh(option)]
     pub tap_fd: Vec<i32>,
-    /// an external vhost-user device: type=blk|net|rng|vsock,socket=PATH (the backend
-    /// listens on PATH); repeat for several
+    /// an external vhost-user device: type=blk|net|rng|vsock|fs,socket=PATH[,tag=TAG] (the
+    /// backend listens on PATH; fs takes the tag the guest mounts); repeat for several
     #[argh(option, from_str_fn(parse_vhost_user))]
     pub vhost_user: Vec<VhostUserSpec>,
     /// a virtio-vsock device: cid=N[,uds=PATH]; host processes connect to PATH (and write
@@ -93,6 +93,14 @@ pub struct RunArgs {
     /// crosvm's spelling of --vsock cid=N
     #[argh(option)]
     pub cid: Option<u64>,
+    /// a host directory shared with the guest (virtio-fs through virtiofsd; in the guest
+    /// `mount -t virtiofs TAG DIR`): PATH:TAG[:type=fs][:cache=auto|always|never]
+    /// [:writeback=BOOL]; repeat for several
+    #[argh(option)]
+    pub shared_dir: Vec<crate::devices::virtiofs::SharedDir>,
+    /// the virtiofsd program that serves --shared-dir (default: virtiofsd in PATH)
+    #[argh(option)]
+    pub virtiofsd: Option<PathBuf>,
     /// do not add the virtio-rng device (on by default)
     #[argh(switch)]
     pub no_rng: bool,
@@ -325,11 +333,12 @@ pub fn endpoint(socket: &Option<PathBuf>, fd: Option<i32>) -> Result<Endpoint, S
 }
 
 /// The virtio device types `--vhost-user` accepts (the ones ringvm's transport tests).
-pub const VHOST_USER_TYPES: [DeviceType; 4] = [
+pub const VHOST_USER_TYPES: [DeviceType; 5] = [
     DeviceType::Block,
     DeviceType::Net,
     DeviceType::Rng,
     DeviceType::Vsock,
+    DeviceType::Fs,
 ];
 
 /// One `--vhost-user` option.
@@ -337,12 +346,15 @@ pub const VHOST_USER_TYPES: [DeviceType; 4] = [
 pub struct VhostUserSpec {
     pub kind: DeviceType,
     pub socket: PathBuf,
+    /// virtio-fs: the tag the guest mounts.
+    pub tag: Option<String>,
 }
 
 /// Parses one `--vhost-user` value.
 pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
     let mut kind = None;
     let mut socket = None;
+    let mut tag = None;
     for kv in spec.split(',').filter(|s| !s.is_empty()) {
         let (k, v) = kv
             .split_once('=')
@@ -352,17 +364,28 @@ pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
                 kind = Some(
                     DeviceType::from_name(v)
                         .filter(|t| VHOST_USER_TYPES.contains(t))
-                        .ok_or_else(|| format!("type={v}: expected blk, net, rng or vsock"))?,
+                        .ok_or_else(|| format!("type={v}: expected blk, net, rng, vsock or fs"))?,
                 )
+            }
+            "tag" => {
+                crate::devices::virtiofs::check_tag(v)?;
+                tag = Some(v.to_owned());
             }
             "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
             "socket" => return Err("socket= is empty".into()),
             _ => return Err(format!("unknown key '{k}'")),
         }
     }
+    let kind = kind.ok_or("type= is missing")?;
+    match (kind, &tag) {
+        (DeviceType::Fs, None) => return Err("type=fs needs tag=".into()),
+        (DeviceType::Fs, Some(_)) | (_, None) => {}
+        (_, Some(_)) => return Err("tag= is for type=fs only".into()),
+    }
     Ok(VhostUserSpec {
-        kind: kind.ok_or("type= is missing")?,
+        kind,
         socket: socket.ok_or("socket= is missing")?,
+        tag,
     })
 }
 
@@ -549,6 +572,8 @@ mod tests {
             vhost_user: vec![],
             vsock: None,
             cid: None,
+            shared_dir: vec![],
+            virtiofsd: None,
             no_rng: false,
             disable_sandbox: false,
             seccomp_log_failures: false,
@@ -572,9 +597,12 @@ mod tests {
             parse_vhost_user("type=blk,socket=/run/b.sock").expect("valid"),
             VhostUserSpec {
                 kind: DeviceType::Block,
-                socket: "/run/b.sock".into()
+                socket: "/run/b.sock".into(),
+                tag: None,
             }
         );
+        let fs = parse_vhost_user("type=fs,socket=/run/fs.sock,tag=share").expect("valid");
+        assert_eq!((fs.kind, fs.tag.as_deref()), (DeviceType::Fs, Some("share")));
         assert_eq!(
             parse_vhost_user("socket=s,type=rng").expect("valid").kind,
             DeviceType::Rng
@@ -585,6 +613,9 @@ mod tests {
             "socket=s",
             "type=rng,socket=",
             "x",
+            "type=fs,socket=s",
+            "type=fs,socket=s,tag=",
+            "type=blk,socket=s,tag=t",
         ] {
             assert!(parse_vhost_user(bad).is_err(), "{bad}");
         }

@@ -31,6 +31,7 @@ use crate::devices::pci::{
 };
 use crate::devices::serial::Serial;
 use crate::devices::vhost_user;
+use crate::devices::virtiofs;
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
@@ -58,6 +59,10 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-vsock device process, its broker in this process.
     pub vsock: Option<vsock::VsockSpec>,
+    /// Shared directories, each a virtio-fs device served by a virtiofsd process.
+    pub shared_dirs: Vec<virtiofs::SharedDir>,
+    /// The virtiofsd program (checked), when there are shared directories.
+    pub virtiofsd: Option<PathBuf>,
     /// External vhost-user backends, in PCI slot order after ringvm's own devices.
     pub vhost_user: Vec<VhostUserSpec>,
     /// Jail the device processes; seccomp filters on them and on the VMM.
@@ -78,6 +83,8 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
     let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
     let nics = cli::nics(&args).map_err(|e| anyhow!(e))?;
     let vsock = cli::vsock(&args).map_err(|e| anyhow!(e))?;
+    let fs_tags: Vec<&str> = vhost_user.iter().filter_map(|v| v.tag.as_deref()).collect();
+    let virtiofsd = virtiofs::check(&args.shared_dir, &fs_tags, args.virtiofsd.as_deref())?;
     let mut cmdline = args.params.join(" ");
     // crosvm's --root: the first disk is the root file system, unless the caller chose one.
     if let Some(root) = root {
@@ -110,6 +117,8 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         nics,
         rng: !args.no_rng,
         vsock,
+        shared_dirs: args.shared_dir.clone(),
+        virtiofsd,
         vhost_user,
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
@@ -439,6 +448,16 @@ async fn add_devices(
         )?;
         backends.push(attach(machine, "vsock", DeviceType::Vsock, sock).await?);
     }
+    for (i, dir) in config.shared_dirs.iter().enumerate() {
+        let name = format!("fs{i}");
+        let program = config
+            .virtiofsd
+            .as_deref()
+            .context("--shared-dir without virtiofsd")?;
+        let (process, sock) = virtiofs::start(program, &name, dir)?;
+        processes.push(process);
+        backends.push(attach_fs(machine, &name, &dir.tag, sock).await?);
+    }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
         let sock = executor::connect_unix(&spec.socket)
@@ -446,7 +465,10 @@ async fn add_devices(
             .with_context(|| format!("device {name}: cannot connect"))?
             .into_owned()
             .map_err(|_| anyhow!("device {name}: the socket is not a plain descriptor"))?;
-        backends.push(attach(machine, &name, spec.kind, sock).await?);
+        match &spec.tag {
+            Some(tag) => backends.push(attach_fs(machine, &name, tag, sock).await?),
+            None => backends.push(attach(machine, &name, spec.kind, sock).await?),
+        }
     }
     Ok(backends)
 }
@@ -525,6 +547,20 @@ async fn attach(
     sock: OwnedFd,
 ) -> Result<vhost_user::Backend> {
     let (device, backend) = vhost_user::connect(name, device_type, sock).await?;
+    machine.add_virtio_device(Box::new(device))?;
+    Ok(backend)
+}
+
+/// [`attach`] for a virtio-fs backend: the configuration space (tag, request queues) is
+/// this side's.
+async fn attach_fs(
+    machine: &Machine,
+    name: &str,
+    tag: &str,
+    sock: OwnedFd,
+) -> Result<vhost_user::Backend> {
+    let (mut device, backend) = vhost_user::connect(name, DeviceType::Fs, sock).await?;
+    device.set_config_space(virtiofs::config(tag, device.num_queues()));
     machine.add_virtio_device(Box::new(device))?;
     Ok(backend)
 }
