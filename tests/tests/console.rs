@@ -116,8 +116,7 @@ fn virtio_console_on_stdout_without_input_and_a_bad_hardware_is_refused() {
         stdout.contains("ringvm-console: hello from hvc0\n"),
         "{stdout}"
     );
-    let (status, _, stderr) =
-        run_with_input(&["--serial", "hardware=debugcon"], &cmdline, b"");
+    let (status, _, stderr) = run_with_input(&["--serial", "hardware=debugcon"], &cmdline, b"");
     assert!(
         status.is_some_and(|s| s.code() == Some(1))
             && stderr.contains("hardware=debugcon: expected serial or virtio-console"),

@@ -88,7 +88,10 @@ fn virtiofsd_that_dies_ends_the_vm_with_the_device_report_and_nothing_is_left() 
     let share = format!("{}:share", dir.0.display());
     let vm = HaltedVm::start(&["--no-rng", "--shared-dir", &share]);
     let tree = virtiofsd_tree(&vm);
-    assert!(tree.len() >= 2, "virtiofsd runs in its own sandbox: {tree:?}");
+    assert!(
+        tree.len() >= 2,
+        "virtiofsd runs in its own sandbox: {tree:?}"
+    );
     let pid = vm.device;
     let killed = Command::new("kill")
         .args(["-9", &pid.to_string()])

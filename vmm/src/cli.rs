@@ -602,7 +602,10 @@ mod tests {
             }
         );
         let fs = parse_vhost_user("type=fs,socket=/run/fs.sock,tag=share").expect("valid");
-        assert_eq!((fs.kind, fs.tag.as_deref()), (DeviceType::Fs, Some("share")));
+        assert_eq!(
+            (fs.kind, fs.tag.as_deref()),
+            (DeviceType::Fs, Some("share"))
+        );
         assert_eq!(
             parse_vhost_user("socket=s,type=rng").expect("valid").kind,
             DeviceType::Rng

@@ -99,7 +99,11 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
             .any(|p| p.starts_with("console="))
         {
             let sep = if cmdline.is_empty() { "" } else { " " };
-            let tty = if console.virtio_console { "hvc" } else { "ttyS" };
+            let tty = if console.virtio_console {
+                "hvc"
+            } else {
+                "ttyS"
+            };
             cmdline = format!("console={tty}{}{sep}{cmdline}", console.num - 1);
         }
     }

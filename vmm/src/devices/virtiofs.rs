@@ -75,7 +75,10 @@ impl std::str::FromStr for SharedDir {
     /// crosvm's syntax: `PATH:TAG` then `:key=value` options.
     fn from_str(s: &str) -> Result<SharedDir, String> {
         let mut parts = s.split(':');
-        let path = parts.next().filter(|p| !p.is_empty()).ok_or("PATH is empty")?;
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("PATH is empty")?;
         let tag = parts.next().ok_or("give PATH:TAG")?;
         check_tag(tag)?;
         let mut dir = SharedDir {
@@ -125,7 +128,10 @@ pub fn check(
 ) -> Result<Option<PathBuf>> {
     for (i, d) in dirs.iter().enumerate() {
         let meta = std::fs::metadata(&d.path).with_context(|| {
-            format!("--shared-dir {}: cannot use the directory", d.path.display())
+            format!(
+                "--shared-dir {}: cannot use the directory",
+                d.path.display()
+            )
         })?;
         if !meta.is_dir() {
             return Err(anyhow!(
@@ -134,7 +140,10 @@ pub fn check(
             ));
         }
         let earlier = dirs[..i].iter().map(|e| e.tag.as_str());
-        if earlier.chain(other_tags.iter().copied()).any(|t| t == d.tag) {
+        if earlier
+            .chain(other_tags.iter().copied())
+            .any(|t| t == d.tag)
+        {
             return Err(anyhow!("--shared-dir: tag '{}' is given twice", d.tag));
         }
     }
@@ -196,15 +205,9 @@ impl Drop for PrivateDir {
 
 /// Starts virtiofsd for `dir` (device `name`) and connects to it; returns its process
 /// (to watch and reap) and the connected socket.
-pub fn start(
-    program: &Path,
-    name: &str,
-    dir: &SharedDir,
-) -> Result<(DeviceProcess, OwnedFd)> {
-    let private = PrivateDir(std::env::temp_dir().join(format!(
-        "ringvm-{}-{name}",
-        std::process::id()
-    )));
+pub fn start(program: &Path, name: &str, dir: &SharedDir) -> Result<(DeviceProcess, OwnedFd)> {
+    let private =
+        PrivateDir(std::env::temp_dir().join(format!("ringvm-{}-{name}", std::process::id())));
     let _ = std::fs::remove_dir_all(&private.0);
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -275,7 +278,9 @@ mod tests {
             let err = bad.parse::<SharedDir>().expect_err(bad);
             assert!(err.contains(says), "{bad}: {err}");
         }
-        assert!(format!("/s:{}", "y".repeat(36)).parse::<SharedDir>().is_ok());
+        assert!(format!("/s:{}", "y".repeat(36))
+            .parse::<SharedDir>()
+            .is_ok());
     }
 
     #[test]
