@@ -123,3 +123,42 @@ fn virtio_console_on_stdout_without_input_and_a_bad_hardware_is_refused() {
         "{status:?}: {stderr}"
     );
 }
+
+#[test]
+fn a_terminal_on_stdout_gives_the_guest_its_size() {
+    // script(1) (util-linux) runs ringvm on a pseudo-terminal sized 100x30.
+    let cmdline = GuestCmdline::new().test("virtio-console");
+    let args: Vec<String> = test_guest_args(
+        &[
+            "--serial",
+            "type=stdout,num=1",
+            "--serial",
+            "type=virtio-console",
+        ],
+        &cmdline,
+    )
+    .into_iter()
+    .map(|a| {
+        let a = a.into_string().expect("utf-8 argument");
+        format!("'{}'", a.replace('\'', r"'\''"))
+    })
+    .collect();
+    let shell = format!(
+        "stty cols 100 rows 30 && '{}' {}",
+        tests::ringvm_bin().display(),
+        args.join(" ")
+    );
+    let out = Command::new("script")
+        .args(["-qec", &shell, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script(1)");
+    let stdout = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(out.status.success(), "{:?}\n{stdout}", out.status);
+    let report = GuestReport::parse(&stdout);
+    report.assert_ok(&["virtio-console"]);
+    assert!(
+        stdout.contains("ringvm-test: virtio-console size cols=100 rows=30\n"),
+        "{stdout}"
+    );
+}
