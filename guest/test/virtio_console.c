@@ -373,11 +373,12 @@ static const char *con_run(void)
 	if (job.echo && !job.fail)
 		say("virtio-console line \"%s\" (%u bytes)", job.line, job.line_len);
 	if (job.bench && !job.fail) {
+		/* bytes/s = bytes * hz / cycles; bench <= 2^30 and hz / 1000 < 2^23 keep it in 64 bits */
 		u64 hzk = tsc_hz_or_guess() / 1000;
-		u64 vk = job.virtio_cycles ? job.bench * hzk / job.virtio_cycles : 0;
-		u64 uk = job.uart_cycles ? job.bench * hzk / job.uart_cycles : 0;
-		say("virtio-console bench bytes=%lu virtio-console=%lu KB/s 8250=%lu KB/s ratio=%lu", job.bench, vk, uk,
-		    uk ? vk / uk : 0);
+		u64 vb = job.virtio_cycles ? job.bench * hzk * 1000 / job.virtio_cycles : 0;
+		u64 ub = job.uart_cycles ? job.bench * hzk * 1000 / job.uart_cycles : 0;
+		say("virtio-console bench bytes=%lu virtio-console=%lu B/s 8250=%lu B/s ratio=%lu", job.bench, vb, ub,
+		    ub ? vb / ub : 0);
 	}
 	say("virtio-console stats tx-bytes=%lu rx-bytes=%lu queues rx=%u tx=%u", job.tx_bytes, job.rx_bytes, qs[0].size,
 	    qs[1].size);

@@ -176,7 +176,7 @@ fn linux_on_hvc0_mounts_a_shared_dir_reads_the_hosts_file_and_writes_one_back() 
         .arg(format!("{}:hostshare", share.display()))
         .args(["-p", &params, "--cpu-features", HOST_CPU_FEATURES])
         .arg(dir.join("vmlinux"));
-    let run = run_guest(&mut cmd, Duration::from_secs(360)).expect("run ringvm");
+    let run = run_guest(&mut cmd, Duration::from_secs(480)).expect("run ringvm");
     eprintln!("booted and exited in {:?}", run.elapsed);
     let shown = format!("stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
     assert!(
