@@ -448,6 +448,43 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_chain_comes_back_empty_and_later_output_still_flows() {
+        let ex = Executor::new().unwrap();
+        let mem = GuestMemory::new_x86(4 << 20).unwrap();
+        let mut f = fixture(&mem, 0x1000);
+        let (out, mut host) = UnixStream::pair().unwrap();
+        let console = Rc::new(Console::new(out.into(), None, None));
+        let stop = StopSignal::new();
+        let task = ex.spawn(console.run_queue(TRANSMITQ, f.queue.clone(), 0, stop.clone()));
+        // A buffer outside guest memory.
+        f.driver
+            .write_desc(
+                9,
+                virtio::Descriptor {
+                    addr: 0xffff_ffff_0000,
+                    len: 8,
+                    flags: 0,
+                    next: 0,
+                },
+            )
+            .unwrap();
+        f.driver.publish(9).unwrap();
+        let good = f
+            .driver
+            .add_chain(&[MockBuf::Readable(b"after".to_vec())])
+            .unwrap();
+        f.kick.write(1).unwrap();
+        let used = wait_used(&ex, &mut f, 2);
+        assert_eq!(used, [(9, 0), (u32::from(good.head), 0)]);
+        let mut got = [0u8; 5];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"after");
+        stop.stop();
+        ex.run_until(executor::timeout(Duration::from_secs(5), task))
+            .unwrap();
+    }
+
+    #[test]
     fn size_is_offered_and_in_the_configuration_only_when_known() {
         let (out, _host) = UnixStream::pair().unwrap();
         let sized = Console::new(

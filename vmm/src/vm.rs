@@ -564,6 +564,13 @@ async fn attach_fs(
     sock: OwnedFd,
 ) -> Result<vhost_user::Backend> {
     let (mut device, backend) = vhost_user::connect(name, DeviceType::Fs, sock).await?;
+    if device.num_queues() < 2 {
+        bail!(
+            "device {name}: the backend has {} queue(s); virtio-fs needs a high-priority \
+             queue and a request queue",
+            device.num_queues()
+        );
+    }
     device.set_config_space(virtiofs::config(tag, device.num_queues()));
     machine.add_virtio_device(Box::new(device))?;
     Ok(backend)
