@@ -162,3 +162,53 @@ fn a_terminal_on_stdout_gives_the_guest_its_size() {
         "{stdout}"
     );
 }
+
+#[test]
+fn standalone_console_device_serves_ringvm_over_a_socket_from_its_jail() {
+    // `ringvm device console --socket`: it accepts, then serves from a jailed child that
+    // gets the two streams forwarded; ringvm connects with --vhost-user type=console.
+    let dir = Scratch::new("console", "standalone");
+    let sock = dir.path("console.sock");
+    let out = dir.path("out.txt");
+    let input = dir.path("in.txt");
+    std::fs::write(&input, "over the socket\n").expect("write input");
+    let shell = format!(
+        "exec '{}' device console --socket '{}' --stream-fd 5 --stream-fd 6 5>'{}' 6<'{}'",
+        tests::ringvm_bin().display(),
+        sock.display(),
+        out.display(),
+        input.display()
+    );
+    let mut backend = Command::new("sh")
+        .args(["-c", &shell])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringvm device console");
+    assert!(
+        tests::wait_until(Duration::from_secs(10), || sock.exists()),
+        "the backend never listened"
+    );
+    let spec = format!("type=console,socket={}", sock.display());
+    let cmdline = GuestCmdline::new()
+        .test("virtio-console")
+        .option("console.echo", 1);
+    let (status, stdout, stderr) =
+        run_with_input(&["--no-rng", "--vhost-user", &spec], &cmdline, b"");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "status {status:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    GuestReport::parse(&stdout).assert_ok(&["virtio-console"]);
+    let ended = tests::wait_until(Duration::from_secs(10), || {
+        matches!(backend.try_wait(), Ok(Some(_)))
+    });
+    assert!(
+        ended,
+        "the console backend still runs after its frontend left"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("read output"),
+        "ringvm-console: hello from hvc0\nringvm-console: type a line\n\
+         ringvm-console: echo over the socket\n"
+    );
+}

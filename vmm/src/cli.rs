@@ -81,7 +81,7 @@ pub struct RunArgs {
     /// an open tap descriptor inherited by ringvm: adds a NIC; repeat for several
     #[argh(option)]
     pub tap_fd: Vec<i32>,
-    /// an external vhost-user device: type=blk|net|rng|vsock|fs,socket=PATH[,tag=TAG] (the
+    /// an external vhost-user device: type=blk|net|rng|vsock|console|fs,socket=PATH[,tag=TAG] (the
     /// backend listens on PATH; fs takes the tag the guest mounts); repeat for several
     #[argh(option, from_str_fn(parse_vhost_user))]
     pub vhost_user: Vec<VhostUserSpec>,
@@ -333,11 +333,12 @@ pub fn endpoint(socket: &Option<PathBuf>, fd: Option<i32>) -> Result<Endpoint, S
 }
 
 /// The virtio device types `--vhost-user` accepts (the ones ringvm's transport tests).
-pub const VHOST_USER_TYPES: [DeviceType; 5] = [
+pub const VHOST_USER_TYPES: [DeviceType; 6] = [
     DeviceType::Block,
     DeviceType::Net,
     DeviceType::Rng,
     DeviceType::Vsock,
+    DeviceType::Console,
     DeviceType::Fs,
 ];
 
@@ -364,7 +365,9 @@ pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
                 kind = Some(
                     DeviceType::from_name(v)
                         .filter(|t| VHOST_USER_TYPES.contains(t))
-                        .ok_or_else(|| format!("type={v}: expected blk, net, rng, vsock or fs"))?,
+                        .ok_or_else(|| {
+                            format!("type={v}: expected blk, net, rng, vsock, console or fs")
+                        })?,
                 )
             }
             "tag" => {
