@@ -192,6 +192,7 @@ const char *scenario_virtio_blk(void); /* virtio_blk.c, not in `all` */
 const char *scenario_virtio_net(void); /* virtio_net.c, not in `all` */
 const char *scenario_blk_bench(void);  /* blk_bench.c, not in `all` */
 const char *scenario_virtio_vsock(void); /* virtio_vsock.c, not in `all` */
+const char *scenario_virtio_console(void); /* virtio_console.c, not in `all` */
 
 /* e820.c */
 int e820_ram_covers(u64 start, u64 end);

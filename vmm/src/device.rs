@@ -41,6 +41,7 @@ pub const REGISTRY: &[Registered] = &[
     register::<block::BlockProcess>(),
     register::<net::NetProcess>(),
     register::<vsock::VsockProcess>(),
+    register::<console::ConsoleProcess>(),
 ];
 
 const fn register<P: DeviceProcess>() -> Registered {

@@ -143,6 +143,17 @@ impl Drop for RawTerminal {
     }
 }
 
+/// The size (columns, rows) of the terminal on `fd`; `None` if it is not a terminal or
+/// does not know its size.
+pub fn terminal_size(fd: RawFd) -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data that TIOCGWINSZ fills; the result is checked, and the
+    // ioctl only reads the descriptor's terminal state.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `ws` outlives the call.
+    let ok = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
 /// Suberror and data words of the KVM_EXIT_INTERNAL_ERROR the vCPU just returned.
 pub fn internal_error(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
     let run = vcpu.get_kvm_run();

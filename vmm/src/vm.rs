@@ -31,6 +31,7 @@ use crate::devices::pci::{
 };
 use crate::devices::serial::Serial;
 use crate::devices::vhost_user;
+use crate::devices::virtiofs;
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
@@ -58,6 +59,10 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-vsock device process, its broker in this process.
     pub vsock: Option<vsock::VsockSpec>,
+    /// Shared directories, each a virtio-fs device served by a virtiofsd process.
+    pub shared_dirs: Vec<virtiofs::SharedDir>,
+    /// The virtiofsd program (checked), when there are shared directories.
+    pub virtiofsd: Option<PathBuf>,
     /// External vhost-user backends, in PCI slot order after ringvm's own devices.
     pub vhost_user: Vec<VhostUserSpec>,
     /// Jail the device processes; seccomp filters on them and on the VMM.
@@ -80,6 +85,8 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
     let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
     let nics = cli::nics(&args).map_err(|e| anyhow!(e))?;
     let vsock = cli::vsock(&args).map_err(|e| anyhow!(e))?;
+    let fs_tags: Vec<&str> = vhost_user.iter().filter_map(|v| v.tag.as_deref()).collect();
+    let virtiofsd = virtiofs::check(&args.shared_dir, &fs_tags, args.virtiofsd.as_deref())?;
     let mut cmdline = args.params.join(" ");
     // crosvm's --root: the first disk is the root file system, unless the caller chose one.
     if let Some(root) = root {
@@ -94,7 +101,12 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
             .any(|p| p.starts_with("console="))
         {
             let sep = if cmdline.is_empty() { "" } else { " " };
-            cmdline = format!("console=ttyS{}{sep}{cmdline}", console.num - 1);
+            let tty = if console.virtio_console {
+                "hvc"
+            } else {
+                "ttyS"
+            };
+            cmdline = format!("console={tty}{}{sep}{cmdline}", console.num - 1);
         }
     }
     let config = VmConfig {
@@ -111,6 +123,8 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         nics,
         rng: !args.no_rng,
         vsock,
+        shared_dirs: args.shared_dir.clone(),
+        virtiofsd,
         vhost_user,
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
@@ -217,7 +231,7 @@ fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
     let exit = Arc::new(VmExit::new().context("cannot create an eventfd")?);
     let mut pio = Bus::default();
     let mut stdin_serial = None;
-    for spec in &config.serials {
+    for spec in config.serials.iter().filter(|s| !s.virtio_console) {
         let (port, irq) = COM_PORTS[spec.num as usize - 1];
         let vm_irq = vm.clone();
         let pulse = Box::new(move || {
@@ -410,6 +424,7 @@ async fn add_devices(
         let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
         backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
     }
+    add_consoles(config, machine, processes, &mut backends).await?;
     if let Some(spec) = &config.vsock {
         // The jailed device opens nothing: this process listens on PATH and connects to
         // PATH_<port> for it (the broker runs on the main thread's executor).
@@ -442,6 +457,16 @@ async fn add_devices(
         )?;
         backends.push(attach(machine, "vsock", DeviceType::Vsock, sock).await?);
     }
+    for (i, dir) in config.shared_dirs.iter().enumerate() {
+        let name = format!("fs{i}");
+        let program = config
+            .virtiofsd
+            .as_deref()
+            .context("--shared-dir without virtiofsd")?;
+        let (process, sock) = virtiofs::start(program, &name, dir)?;
+        processes.push(process);
+        backends.push(attach_fs(machine, &name, &dir.tag, sock).await?);
+    }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
         let sock = executor::connect_unix(&spec.socket)
@@ -449,9 +474,55 @@ async fn add_devices(
             .with_context(|| format!("device {name}: cannot connect"))?
             .into_owned()
             .map_err(|_| anyhow!("device {name}: the socket is not a plain descriptor"))?;
-        backends.push(attach(machine, &name, spec.kind, sock).await?);
+        match &spec.tag {
+            Some(tag) => backends.push(attach_fs(machine, &name, tag, sock).await?),
+            None => backends.push(attach(machine, &name, spec.kind, sock).await?),
+        }
     }
     Ok(backends)
+}
+
+/// The virtio consoles (`--serial hardware=virtio-console`), hvc0 first: each a device
+/// process given its output (and, for the one reading stdin, its input) by this process.
+async fn add_consoles(
+    config: &VmConfig,
+    machine: &Machine,
+    processes: &mut DeviceProcesses,
+    backends: &mut Vec<vhost_user::Backend>,
+) -> Result<()> {
+    let mut consoles: Vec<&SerialSpec> =
+        config.serials.iter().filter(|s| s.virtio_console).collect();
+    consoles.sort_by_key(|s| s.num);
+    for spec in consoles {
+        let name = format!("console{}", spec.num - 1);
+        let output: OwnedFd = match &spec.out {
+            SerialOut::Stdout => io::stdout().as_fd().try_clone_to_owned()?,
+            SerialOut::Sink => File::options().write(true).open("/dev/null")?.into(),
+            SerialOut::File(p) => File::create(p)
+                .with_context(|| format!("cannot create console file {}", p.display()))?
+                .into(),
+        };
+        let size = match spec.out {
+            SerialOut::Stdout => sys::terminal_size(1),
+            _ => None,
+        };
+        let mut fds = vec![output];
+        if spec.stdin {
+            fds.push(io::stdin().as_fd().try_clone_to_owned()?);
+        }
+        let options = console::ConsoleArgs {
+            stream_fd: (0..fds.len())
+                .map(|i| (device_process::FIRST_EXTRA_FD + i) as i32)
+                .collect(),
+            cols: size.map(|s| s.0),
+            rows: size.map(|s| s.1),
+        };
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        let sock =
+            spawn_device::<console::ConsoleProcess>(config, processes, &name, &options, &borrowed)?;
+        backends.push(attach(machine, &name, DeviceType::Console, sock).await?);
+    }
+    Ok(())
 }
 
 /// Starts `ringvm device <P's name> <options>` for device `name` (kept in `processes`), with
@@ -489,6 +560,27 @@ async fn attach(
     Ok(backend)
 }
 
+/// [`attach`] for a virtio-fs backend: the configuration space (tag, request queues) is
+/// this side's.
+async fn attach_fs(
+    machine: &Machine,
+    name: &str,
+    tag: &str,
+    sock: OwnedFd,
+) -> Result<vhost_user::Backend> {
+    let (mut device, backend) = vhost_user::connect(name, DeviceType::Fs, sock).await?;
+    if device.num_queues() < 2 {
+        bail!(
+            "device {name}: the backend has {} queue(s); virtio-fs needs a high-priority \
+             queue and a request queue",
+            device.num_queues()
+        );
+    }
+    device.set_config_space(virtiofs::config(tag, device.num_queues()));
+    machine.add_virtio_device(Box::new(device))?;
+    Ok(backend)
+}
+
 /// Opens the gate (without vCPU filters) if nothing opened it: a failed set-up must not
 /// leave vCPU threads waiting when they are stopped.
 struct OpenOnDrop(Arc<FilterGate>);
@@ -519,9 +611,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         None => None,
     };
     let mut events = machine.exit.events()?;
-    let _raw = match &machine.stdin_serial {
-        Some(_) => sys::RawTerminal::new(0).context("cannot put the terminal in raw mode")?,
-        None => None,
+    let _raw = match config.serials.iter().any(|s| s.stdin) {
+        true => sys::RawTerminal::new(0).context("cannot put the terminal in raw mode")?,
+        false => None,
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let filters = Arc::new(FilterGate::default());

@@ -63,6 +63,8 @@ pub struct VhostUserDevice {
     features: u64,
     num_queues: usize,
     config: Vec<u8>,
+    /// Set by [`VhostUserDevice::set_config_space`]: the backend has no config space.
+    config_read_only: bool,
     requests: mpsc::UnboundedSender<Request>,
 }
 
@@ -98,7 +100,10 @@ pub async fn connect(
         ));
     }
     let size = device_type.config_size();
-    let config = if size > 0 {
+    // virtio-fs: the frontend holds the configuration (the tag), see `super::virtiofs`.
+    let config = if device_type == DeviceType::Fs {
+        Vec::new()
+    } else if size > 0 {
         frontend
             .get_config(0, size)
             .await
@@ -113,6 +118,7 @@ pub async fn connect(
         features: frontend.features(),
         num_queues,
         config,
+        config_read_only: false,
         requests: tx,
     };
     let backend = Backend {
@@ -203,6 +209,13 @@ impl Backend {
 }
 
 impl VhostUserDevice {
+    /// The device's configuration space as this side supplies it (virtio-fs: its tag);
+    /// the guest's writes to it are ignored.
+    pub fn set_config_space(&mut self, config: Vec<u8>) {
+        self.config = config;
+        self.config_read_only = true;
+    }
+
     /// Sends `request` to the main thread and blocks this (vCPU) thread for the answer.
     fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
         let (tx, rx) = oneshot::channel();
@@ -251,7 +264,7 @@ impl VirtioDevice for VhostUserDevice {
         let Some(end) = start.checked_add(data.len()) else {
             return;
         };
-        if end > self.config.len() {
+        if end > self.config.len() || self.config_read_only {
             return;
         }
         let done = self.call(|reply| Request::SetConfig {
