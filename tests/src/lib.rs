@@ -358,6 +358,27 @@ impl Live {
         panic!("no line with {needle:?}; stdout so far:\n{}", self.seen);
     }
 
+    /// The stdout lines that come within `limit` (waiting all of it).
+    pub fn lines_within(&mut self, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    out.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    thread::sleep(left);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     /// The stdout lines read so far, each ending in a newline.
     pub fn seen(&self) -> &str {
         &self.seen

@@ -21,6 +21,9 @@ pub struct Args {
 pub enum Command {
     Run(RunArgs),
     Stop(StopArgs),
+    Suspend(SuspendArgs),
+    Resume(ResumeArgs),
+    Stats(StatsArgs),
     Device(DeviceArgs),
 }
 
@@ -142,10 +145,14 @@ pub struct CommonArgs {
     /// call its seccomp policy refused, or a memory fault and its address (ringvm reads it)
     #[argh(option)]
     pub report_fd: Option<i32>,
+    /// a memfd holding the device's statistics page, which it counts in (ringvm passes it
+    /// and reads it for `ringvm stats`)
+    #[argh(option)]
+    pub stats_fd: Option<i32>,
 }
 
 /// The options of [`CommonArgs`] that take a value.
-const COMMON_VALUED: &[&str] = &["--socket", "--fd", "--report-fd"];
+const COMMON_VALUED: &[&str] = &["--socket", "--fd", "--report-fd", "--stats-fd"];
 /// The switches of [`CommonArgs`].
 const COMMON_SWITCHES: &[&str] = &["--disable-sandbox", "--seccomp-log-failures"];
 
@@ -369,6 +376,37 @@ pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "stop")]
 pub struct StopArgs {
+    /// path of the VM's control socket
+    #[argh(positional)]
+    pub socket: PathBuf,
+}
+
+/// Suspend a VM through its control socket: its vCPUs stop and its devices finish what they
+/// have in flight and take no more requests until `ringvm resume`.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "suspend")]
+pub struct SuspendArgs {
+    /// path of the VM's control socket
+    #[argh(positional)]
+    pub socket: PathBuf,
+}
+
+/// Resume a suspended VM through its control socket.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "resume")]
+pub struct ResumeArgs {
+    /// path of the VM's control socket
+    #[argh(positional)]
+    pub socket: PathBuf,
+}
+
+/// Print a VM's statistics (vCPU exits, device queues, device processes) as a table.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "stats")]
+pub struct StatsArgs {
+    /// print the raw JSON response instead of a table
+    #[argh(switch)]
+    pub json: bool,
     /// path of the VM's control socket
     #[argh(positional)]
     pub socket: PathBuf,

@@ -109,6 +109,12 @@ fn run_process<P: DeviceProcess>(args: &[String]) -> Result<()> {
         taken.push(fd);
         sys::inherited_fd(fd)
     };
+    if let Some(fd) = common.stats_fd {
+        let page = inherit(fd).with_context(|| format!("--stats-fd {fd}"))?;
+        let page = memory::SharedCounters::from_fd(page, virtio::stats::COUNTERS)
+            .with_context(|| format!("--stats-fd {fd} is not a statistics page"))?;
+        virtio::stats::install(page);
+    }
     // Made here even when a jailed child will serve: bad arguments fail before listening.
     let made = P::make(&options, &mut inherit)
         .map_err(anyhow::Error::from_boxed)

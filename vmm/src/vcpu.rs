@@ -20,6 +20,8 @@ pub struct VcpuContext {
     pub ram: GuestRam,
     /// Opened once the VMM's process-wide seccomp filter is on (or will not be).
     pub filters: Arc<FilterGate>,
+    /// Suspend/resume and exit counters (`crate::vcpus`).
+    pub control: Arc<crate::vcpus::VcpuControl>,
 }
 
 /// The order of seccomp filters: the main thread installs the VMM's filter on every thread
@@ -88,7 +90,10 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
         if ctx.stopping.load(Ordering::Acquire) {
             return None;
         }
-        match vcpu.run() {
+        ctx.control.park_if_suspended(&ctx.stopping);
+        let exit = vcpu.run();
+        ctx.control.count(ctx.id, &exit);
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 ctx.pio.read(u64::from(port), data);
             }

@@ -20,7 +20,7 @@ use virtio::{DeviceProcess, DeviceType};
 
 use crate::boot;
 use crate::cli::{self, NicSpec, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
-use crate::control::{self, ControlSocket, VmExitHandle};
+use crate::control::{self, ControlSocket, ControlTarget, ControlledDevice, ProcessStats};
 use crate::cpuid::{self, Toggle};
 use crate::device_process::{self, DeviceProcesses};
 use crate::devices::cmos::Cmos;
@@ -37,6 +37,7 @@ use crate::guest::GuestRam;
 use crate::irq::GsiRouting;
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
+use crate::vcpus::VcpuControl;
 
 /// Everything `ringvm run` was asked for, validated.
 #[derive(Debug, Clone)]
@@ -269,6 +270,7 @@ fn start_vcpus(
     m: &Machine,
     stopping: &Arc<AtomicBool>,
     filters: &Arc<FilterGate>,
+    control: &Arc<VcpuControl>,
 ) -> Result<Vec<VcpuThread>> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -303,13 +305,16 @@ fn start_vcpus(
             stopping: stopping.clone(),
             ram: m.ram.clone(),
             filters: filters.clone(),
+            control: control.clone(),
         };
+        let ended = control.clone();
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let _ = tx.send(sys::current_thread());
                 vcpu::run(vcpu, ctx);
+                ended.thread_ended();
             })
             .with_context(|| format!("cannot start the thread of vCPU {id}"))?;
         let pthread = rx
@@ -372,8 +377,9 @@ async fn add_devices(
     machine: &Machine,
     processes: &mut DeviceProcesses,
     brokers: &mut Vec<vsock::Broker>,
-) -> Result<Vec<vhost_user::Backend>> {
+) -> Result<(Vec<vhost_user::Backend>, Vec<ControlledDevice>)> {
     let mut backends = Vec::new();
+    let mut controlled = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let name = format!("block{i}");
         let options = block::BlockArgs {
@@ -382,7 +388,7 @@ async fn add_devices(
             queues: config.cpus,
         };
         let sock = spawn_device::<block::BlockProcess>(config, processes, &name, &options, &[])?;
-        backends.push(attach(machine, &name, DeviceType::Block, sock).await?);
+        backends.push(attach(machine, &mut controlled, &name, DeviceType::Block, sock).await?);
     }
     for (i, nic) in config.nics.iter().enumerate() {
         let name = format!("net{i}");
@@ -398,12 +404,12 @@ async fn add_devices(
         };
         let borrowed: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
         let sock = spawn_device::<net::NetProcess>(config, processes, &name, &options, &borrowed)?;
-        backends.push(attach(machine, &name, DeviceType::Net, sock).await?);
+        backends.push(attach(machine, &mut controlled, &name, DeviceType::Net, sock).await?);
     }
     if config.rng {
         let options = virtio::rng::RngOptions {};
         let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
-        backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
+        backends.push(attach(machine, &mut controlled, "rng", DeviceType::Rng, sock).await?);
     }
     if let Some(spec) = &config.vsock {
         // The jailed device opens nothing: this process listens on PATH and connects to
@@ -435,7 +441,7 @@ async fn add_devices(
             &options,
             &[channel.as_fd()],
         )?;
-        backends.push(attach(machine, "vsock", DeviceType::Vsock, sock).await?);
+        backends.push(attach(machine, &mut controlled, "vsock", DeviceType::Vsock, sock).await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
@@ -444,9 +450,9 @@ async fn add_devices(
             .with_context(|| format!("device {name}: cannot connect"))?
             .into_owned()
             .map_err(|_| anyhow!("device {name}: the socket is not a plain descriptor"))?;
-        backends.push(attach(machine, &name, spec.kind, sock).await?);
+        backends.push(attach(machine, &mut controlled, &name, spec.kind, (sock, None)).await?);
     }
-    Ok(backends)
+    Ok((backends, controlled))
 }
 
 /// Starts `ringvm device <P's name> <options>` for device `name` (kept in `processes`), with
@@ -457,29 +463,50 @@ fn spawn_device<P: DeviceProcess>(
     name: &str,
     options: &P::Options,
     fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<OwnedFd> {
-    let args = P::to_args(options);
+) -> Result<(OwnedFd, Option<ProcessStats>)> {
+    let mut args = P::to_args(options);
+    // Its statistics page goes after its own descriptors (`ringvm stats` reads it).
+    let page = ProcessStats::page().with_context(|| format!("device {name}: statistics page"))?;
+    let mut fds = fds.to_vec();
+    args.extend([
+        "--stats-fd".into(),
+        (device_process::FIRST_EXTRA_FD + fds.len())
+            .to_string()
+            .into(),
+    ]);
+    fds.push(page.fd());
     let extra: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let (process, sock) = device_process::spawn(
         name,
         P::TYPE.name(),
         &extra,
-        fds,
+        &fds,
         config.sandbox,
         config.seccomp_log_failures,
     )?;
+    let pid = process.pid();
     processes.push(process);
-    Ok(sock)
+    let stats = ProcessStats::new(pid, page)
+        .with_context(|| format!("device {name}: cannot open /proc/{pid}"))?;
+    Ok((sock, Some(stats)))
 }
 
 /// Sets up the vhost-user backend on `sock` and puts its device on the PCI bus.
 async fn attach(
     machine: &Machine,
+    controlled: &mut Vec<ControlledDevice>,
     name: &str,
     device_type: DeviceType,
-    sock: OwnedFd,
+    (sock, stats): (OwnedFd, Option<ProcessStats>),
 ) -> Result<vhost_user::Backend> {
     let (device, backend) = vhost_user::connect(name, device_type, sock).await?;
+    controlled.push(ControlledDevice {
+        name: name.to_string(),
+        kind: device_type,
+        queues: device.num_queues(),
+        control: device.control(),
+        process: stats,
+    });
     machine.add_virtio_device(Box::new(device))?;
     Ok(backend)
 }
@@ -503,7 +530,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     // Declared before anything that can fail, so every path out kills the device processes.
     let mut processes = DeviceProcesses::default();
     let mut brokers = Vec::new();
-    let backends = ex.run_until(add_devices(config, &machine, &mut processes, &mut brokers))?;
+    let (backends, controlled) =
+        ex.run_until(add_devices(config, &machine, &mut processes, &mut brokers))?;
     let control = match &config.socket {
         Some(p) => {
             let path = control::socket_path(p);
@@ -520,9 +548,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let filters = Arc::new(FilterGate::default());
+    let vcpu_control = Arc::new(VcpuControl::new(config.cpus));
     // Whatever happens below, the vCPU threads are never left waiting for their filter.
     let _gate = OpenOnDrop(filters.clone());
-    let threads = start_vcpus(config, &kvm, &machine, &stopping, &filters)?;
+    let threads = start_vcpus(config, &kvm, &machine, &stopping, &filters, &vcpu_control)?;
+    vcpu_control.set_threads(threads.iter().map(|t| t.pthread).collect());
     if config.sandbox {
         // After set-up (memory, devices, threads): the VMM's own filter on every thread, then
         // each vCPU thread its narrower one.
@@ -537,13 +567,17 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         filters.open(VcpuFilter::None);
     }
 
-    let exit = Rc::new(VmExitHandle(machine.exit.clone()));
+    let target = Rc::new(ControlTarget::new(
+        machine.exit.clone(),
+        vcpu_control.clone(),
+        controlled,
+    ));
     ex.run_until(async {
         if let Some(serial) = machine.stdin_serial.clone() {
             executor::spawn(pump_stdin(serial)).detach();
         }
         if let Some(c) = &control {
-            executor::spawn(c.clone().serve(exit.clone())).detach();
+            executor::spawn(c.clone().serve(target.clone())).detach();
         }
         for backend in backends {
             let mem = machine.ram.memory().clone();

@@ -142,6 +142,8 @@ struct Pair {
     io: AsyncFd,
     /// Whether the tap queue is attached (only detached with several pairs).
     attached: Cell<bool>,
+    /// Its number: its receive queue is `2 * index`, its transmit queue `2 * index + 1`.
+    index: usize,
 }
 
 /// A virtio-net device over one tap queue per queue pair.
@@ -196,13 +198,15 @@ impl NetDevice {
         }
         let pairs = taps
             .into_iter()
-            .map(|fd| {
+            .enumerate()
+            .map(|(index, fd)| {
                 let tap = Tap::from_fd(fd)?;
                 let dup = tap.as_fd().try_clone_to_owned().map_err(Error::Dup)?;
                 Ok(Pair {
                     tap,
                     io: AsyncFd::new(dup),
                     attached: Cell::new(true),
+                    index,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -233,10 +237,41 @@ impl NetDevice {
         self.pairs[0].tap.name()
     }
 
-    fn count(&self, f: impl FnOnce(&mut Counters)) {
-        let mut c = self.counters.get();
+    /// Counts on `pair`, and in the shared statistics page (`virtio::stats`): a frame
+    /// delivered or sent is a request of its queue with its bytes; a dropped or failed one
+    /// a request with an error.
+    fn count(&self, pair: &Pair, f: impl FnOnce(&mut Counters)) {
+        let old = self.counters.get();
+        let mut c = old;
         f(&mut c);
         self.counters.set(c);
+        let s = virtio::stats::stats();
+        let (rxq, txq) = (2 * pair.index, 2 * pair.index + 1);
+        let rx_bytes = c.rx_bytes.wrapping_sub(old.rx_bytes);
+        for _ in old.rx_packets..c.rx_packets {
+            s.request(rxq, rx_bytes);
+            s.net_rx(rx_bytes);
+        }
+        for _ in old.rx_errors..c.rx_errors {
+            s.request(rxq, 0);
+            s.error(rxq);
+            s.net_rx_error();
+        }
+        let tx_bytes = c.tx_bytes.wrapping_sub(old.tx_bytes);
+        for _ in old.tx_packets..c.tx_packets {
+            s.request(txq, tx_bytes);
+            s.net_tx(tx_bytes);
+        }
+        for _ in old.tx_dropped..c.tx_dropped {
+            s.request(txq, 0);
+            s.error(txq);
+            s.net_tx_drop();
+        }
+        for _ in old.tx_errors..c.tx_errors {
+            s.request(txq, 0);
+            s.error(txq);
+            s.net_tx_error();
+        }
     }
 
     fn log(&self, what: impl fmt::Display) {

@@ -230,6 +230,7 @@ impl Shared {
                 stream: Slot::None,
             },
         );
+        virtio::stats::stats().vsock_opened();
         self.outbox.borrow_mut().push_back(Frame::ConnectHost {
             id: request,
             port: key.local,
