@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::{ringvm_bin, ringvm_run, GuestCmdline, Live, Scratch};
+use tests::netns::{NetNs, GUEST_IP, HOST_IP, UDP_PORT};
+use tests::{ringvm_bin, ringvm_run, test_guest_args, GuestCmdline, Live, Scratch};
 
 const BOOT: Duration = Duration::from_secs(60);
 
@@ -367,6 +368,77 @@ fn suspend_during_block_io_completes_nothing_and_loses_nothing() {
         table.contains("block0") && table.contains(&completed.to_string()),
         "{table}"
     );
+    ringvm(&["stop"], &sock);
+    let (status, stderr) = live.finish(Duration::from_secs(20));
+    assert!(status.success(), "ringvm {status:?}: {stderr}");
+}
+
+/// `key=N` in the test guest's `virtio-net stats` line.
+fn net_stat(seen: &str, key: &str) -> u64 {
+    let line = seen
+        .lines()
+        .find(|l| l.contains("virtio-net stats "))
+        .unwrap_or_else(|| panic!("no virtio-net stats line:\n{seen}"));
+    value(line, key)
+}
+
+#[test]
+fn net_statistics_match_what_the_guest_sent_and_received() {
+    let dir = Scratch::new("control", "net");
+    let sock = dir.path("vm.sock");
+    let mut ns = NetNs::new("rvm-ctl");
+    // No IPv6 chatter from the host side: every frame is one the guest asked for.
+    let quiet = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sysctl", "-qw"])
+        .arg("net.ipv6.conf.tap0.disable_ipv6=1")
+        .status()
+        .expect("sysctl");
+    assert!(quiet.success());
+    let _peer = ns.start_peer(0, 40);
+    let cmdline = GuestCmdline::new()
+        .test("virtio-net")
+        .test("wait")
+        .option("net.ip", GUEST_IP)
+        .option("net.peer", HOST_IP)
+        .option("net.udp", UDP_PORT);
+    let sock_arg = sock.to_string_lossy().into_owned();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .arg(ringvm_bin())
+        .args(test_guest_args(
+            &["-s", &sock_arg, "--no-rng", "--tap-name", "tap0"],
+            &cmdline,
+        ));
+    let mut live = Live::start(&mut cmd);
+    live.wait_for("wait halting", BOOT);
+    assert!(
+        live.seen().contains("ringvm-test: virtio-net ok"),
+        "{}",
+        live.seen()
+    );
+    let seen = live.seen().to_string();
+    let (rx, tx) = (net_stat(&seen, "rx"), net_stat(&seen, "tx"));
+    let (rx_bytes, tx_bytes) = (net_stat(&seen, "rx-bytes"), net_stat(&seen, "tx-bytes"));
+    let s = stats(&sock);
+    let net = device(&s, "net0");
+    let q = |i: usize, k: &str| net["queues"][i][k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(
+        (q(0, "requests"), q(0, "bytes")),
+        (rx, rx_bytes),
+        "rx queue: {net}"
+    );
+    assert_eq!(
+        (q(1, "requests"), q(1, "bytes")),
+        (tx, tx_bytes),
+        "tx queue: {net}"
+    );
+    assert_eq!((q(0, "errors"), q(1, "errors")), (0, 0), "{net}");
+    let n = &net["net"];
+    assert_eq!(n["rx_packets"].as_u64(), Some(rx), "{net}");
+    assert_eq!(n["rx_bytes"].as_u64(), Some(rx_bytes), "{net}");
+    assert_eq!(n["tx_packets"].as_u64(), Some(tx), "{net}");
+    assert_eq!(n["tx_bytes"].as_u64(), Some(tx_bytes), "{net}");
+    assert!(rx > 0 && tx > 0, "{seen}");
     ringvm(&["stop"], &sock);
     let (status, stderr) = live.finish(Duration::from_secs(20));
     assert!(status.success(), "ringvm {status:?}: {stderr}");
