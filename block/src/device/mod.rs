@@ -517,7 +517,7 @@ mod tests {
                     .add_chain(&request(kind, sector, split, payload, writable))
                     .unwrap();
                 let chain = queue.pop(&mem).unwrap().unwrap();
-                let (head, len) = ex.run_until(device.process(&mem, chain));
+                let (head, len) = ex.run_until(device.process(0, &mem, chain));
                 prop_assert_eq!(head, sent.head);
                 if !has_status {
                     prop_assert_eq!(len, 0);
