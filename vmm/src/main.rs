@@ -49,6 +49,5 @@ fn main() -> ExitCode {
 
 /// Sends `command` to the VM's control socket; its successful response.
 fn control(socket: &std::path::Path, command: &str) -> anyhow::Result<serde_json::Value> {
-    vmm::control::request(socket, command)
-        .with_context(|| format!("{command} through the control socket {}", socket.display()))
+    vmm::control::request(socket, command).with_context(|| format!("ringvm {command}"))
 }

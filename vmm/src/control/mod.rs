@@ -272,8 +272,10 @@ async fn write_line(conn: &AsyncFd, line: String) -> io::Result<()> {
 
 /// Client side: sends `command` and returns the response, checked to be a success.
 pub fn request(socket: &Path, command: &str) -> anyhow::Result<Value> {
+    use anyhow::Context;
     use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("cannot reach the control socket {}", socket.display()))?;
     // A suspend waits for every device's requests in flight.
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.write_all(format!("{}\n", protocol::request_line(command)).as_bytes())?;
