@@ -443,3 +443,47 @@ fn net_statistics_match_what_the_guest_sent_and_received() {
     let (status, stderr) = live.finish(Duration::from_secs(20));
     assert!(status.success(), "ringvm {status:?}: {stderr}");
 }
+
+/// `--log-level` reaches the VMM and its device processes, and every line has one format.
+#[test]
+fn log_level_filters_the_vmm_and_its_devices_alike() {
+    let run = |level: &str| {
+        let dir = Scratch::new("control", &format!("log-{level}"));
+        let (mut live, sock) = start(
+            &dir,
+            &["--log-level", level],
+            &GuestCmdline::new().test("virtio-rng").test("wait"),
+        );
+        live.wait_for("wait halting", BOOT);
+        ringvm(&["suspend"], &sock);
+        ringvm(&["resume"], &sock);
+        ringvm(&["stop"], &sock);
+        let (status, stderr) = live.finish(Duration::from_secs(20));
+        assert!(status.success(), "ringvm {status:?}: {stderr}");
+        stderr
+    };
+    let debug = run("debug");
+    for line in debug.lines() {
+        assert!(
+            line.starts_with("ringvm: ") || line.starts_with("ringvm device "),
+            "a line in another format: {line:?}"
+        );
+    }
+    assert!(debug.contains("ringvm: debug: control: Suspend"), "{debug}");
+    assert!(debug.contains("ringvm: info: suspended in "), "{debug}");
+    assert!(
+        debug.contains("ringvm device rng: debug: starting (pid "),
+        "{debug}"
+    );
+    let quiet = run("warn");
+    assert!(
+        !quiet.contains("debug:") && !quiet.contains("info:"),
+        "{quiet}"
+    );
+    let bad = Command::new(ringvm_bin())
+        .args(["run", "--log-level", "loud", "k"])
+        .output()
+        .expect("run ringvm");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected error, warn, info or debug"));
+}

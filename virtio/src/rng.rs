@@ -37,7 +37,7 @@ impl Rng {
     }
 
     fn log(&self, what: impl std::fmt::Display) {
-        eprintln!("ringvm device rng: {what}");
+        crate::log::write("ringvm device rng", crate::log::Level::Error, what);
     }
 
     /// Fills the chain's writable buffers (up to [`MAX_CHAIN_BYTES`]); returns the used length.

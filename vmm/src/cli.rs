@@ -106,6 +106,10 @@ pub struct RunArgs {
     /// process that made them (crosvm's flag, for finding a policy's gaps)
     #[argh(switch)]
     pub seccomp_log_failures: bool,
+    /// least severe messages written, by the VMM and its device processes: error, warn,
+    /// info (the default) or debug
+    #[argh(option, default = "virtio::log::Level::Info")]
+    pub log_level: virtio::log::Level,
     /// path of the kernel image
     #[argh(positional)]
     pub kernel: PathBuf,
@@ -149,10 +153,19 @@ pub struct CommonArgs {
     /// and reads it for `ringvm stats`)
     #[argh(option)]
     pub stats_fd: Option<i32>,
+    /// least severe messages written: error, warn, info (the default) or debug
+    #[argh(option, default = "virtio::log::Level::Info")]
+    pub log_level: virtio::log::Level,
 }
 
 /// The options of [`CommonArgs`] that take a value.
-const COMMON_VALUED: &[&str] = &["--socket", "--fd", "--report-fd", "--stats-fd"];
+const COMMON_VALUED: &[&str] = &[
+    "--socket",
+    "--fd",
+    "--report-fd",
+    "--stats-fd",
+    "--log-level",
+];
 /// The switches of [`CommonArgs`].
 const COMMON_SWITCHES: &[&str] = &["--disable-sandbox", "--seccomp-log-failures"];
 
@@ -563,6 +576,7 @@ mod tests {
             no_rng: false,
             disable_sandbox: false,
             seccomp_log_failures: false,
+            log_level: virtio::log::Level::Info,
             kernel: "k".into(),
         };
         assert!(validate(&args(256, 1)).is_ok());

@@ -109,6 +109,16 @@ fn run_process<P: DeviceProcess>(args: &[String]) -> Result<()> {
         taken.push(fd);
         sys::inherited_fd(fd)
     };
+    virtio::log::set_level(common.log_level);
+    virtio::log::write(
+        &format!("ringvm device {name}"),
+        virtio::log::Level::Debug,
+        format_args!(
+            "starting (pid {}, log level {})",
+            std::process::id(),
+            common.log_level.name()
+        ),
+    );
     if let Some(fd) = common.stats_fd {
         let page = inherit(fd).with_context(|| format!("--stats-fd {fd}"))?;
         let page = memory::SharedCounters::from_fd(page, virtio::stats::COUNTERS)

@@ -119,10 +119,8 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
                 // Linux's reboot=t resets this way, so it is a reset; but an early crash
                 // looks the same, so say where it happened.
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                eprintln!(
-                    "ringvm: vCPU {} triple fault at rip {rip:#x}: resetting",
-                    ctx.id
-                );
+                let what = format_args!("vCPU {} triple fault at rip {rip:#x}: resetting", ctx.id);
+                virtio::log::write("ringvm", virtio::log::Level::Info, what);
                 return Some(ExitReason::Reset);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {

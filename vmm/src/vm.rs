@@ -65,6 +65,8 @@ pub struct VmConfig {
     pub sandbox: bool,
     /// Seccomp filters log what they do not allow instead of killing.
     pub seccomp_log_failures: bool,
+    /// `--log-level`, for the VMM and its device processes.
+    pub log_level: virtio::log::Level,
 }
 
 const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
@@ -113,7 +115,9 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         vhost_user,
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
+        log_level: args.log_level,
     };
+    virtio::log::set_level(config.log_level);
     match run(&config)? {
         ExitReason::Failed(why) => bail!("{why}"),
         _ => Ok(()),
@@ -418,10 +422,14 @@ async fn add_devices(
             Some(p) => p.clone(),
             None => {
                 let p = std::env::temp_dir().join(format!("ringvm-{}.vsock", std::process::id()));
-                eprintln!(
-                    "ringvm: vsock cid {}: host processes connect to {}",
-                    spec.cid,
-                    p.display()
+                virtio::log::write(
+                    "ringvm",
+                    virtio::log::Level::Info,
+                    format_args!(
+                        "vsock cid {}: host processes connect to {}",
+                        spec.cid,
+                        p.display()
+                    ),
                 );
                 p
             }
@@ -473,6 +481,8 @@ fn spawn_device<P: DeviceProcess>(
         (device_process::FIRST_EXTRA_FD + fds.len())
             .to_string()
             .into(),
+        "--log-level".into(),
+        config.log_level.name().into(),
     ]);
     fds.push(page.fd());
     let extra: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();

@@ -275,7 +275,7 @@ impl NetDevice {
     }
 
     fn log(&self, what: impl fmt::Display) {
-        eprintln!("ringvm device net: {what}");
+        virtio::log::write("ringvm device net", virtio::log::Level::Error, what);
     }
 
     /// Logs bad guest input under the devices' shared rate limit ([`GuestLog`]).
@@ -296,7 +296,11 @@ impl NetDevice {
         self.running.set(n);
         if n == 0 {
             self.errors.flush();
-            self.log(self.counters());
+            virtio::log::write(
+                "ringvm device net",
+                virtio::log::Level::Info,
+                self.counters(),
+            );
         }
     }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use executor::AsyncFd;
 use serde_json::{json, Map, Value};
+use virtio::log::Level;
 
 use crate::exit::{ExitReason, VmExit};
 use crate::vcpus::VcpuControl;
@@ -85,7 +86,7 @@ impl ControlSocket {
                     .detach();
                 }
                 Err(e) => {
-                    eprintln!("ringvm: control socket accept: {e}");
+                    log(Level::Error, format_args!("control socket accept: {e}"));
                     return;
                 }
             }
@@ -136,8 +137,15 @@ impl ControlTarget {
     async fn answer(&self, line: &[u8]) -> (String, bool) {
         let request = match protocol::parse(line) {
             Ok(r) => r,
-            Err(e) => return (protocol::error(&e), false),
+            Err(e) => {
+                log(
+                    Level::Debug,
+                    format_args!("control: refused a request: {e}"),
+                );
+                return (protocol::error(&e), false);
+            }
         };
+        log(Level::Debug, format_args!("control: {request:?}"));
         let result = match request {
             Request::Stop => Ok(Map::new()),
             Request::Suspend | Request::Resume => {
@@ -172,6 +180,7 @@ impl ControlTarget {
         if self.busy.replace(true) {
             return Err("another suspend or resume is under way".into());
         }
+        let start = std::time::Instant::now();
         let res = if suspend == self.suspended.get() {
             Ok(())
         } else if suspend {
@@ -180,6 +189,13 @@ impl ControlTarget {
             self.resume().await
         };
         self.busy.set(false);
+        match &res {
+            Ok(()) => log(
+                Level::Info,
+                format_args!("{} in {:?}", self.state(), start.elapsed()),
+            ),
+            Err(e) => log(Level::Warn, format_args!("control: {e}")),
+        }
         res.map(|()| Map::new())
     }
 
@@ -209,6 +225,10 @@ impl ControlTarget {
         self.suspended.set(false);
         Ok(())
     }
+}
+
+fn log(level: Level, what: std::fmt::Arguments<'_>) {
+    virtio::log::write("ringvm", level, what);
 }
 
 /// Serves one client until it hangs up, times out, or sends a line that is too long.
