@@ -28,6 +28,11 @@
 //! Backends and clients stay up for the whole run; the targets of the issue are checked at
 //! the end (PASS/MISS lines) and any variant that could not run is named (NOT MEASURED).
 //!
+//! Statistics: `randread4k/qd32` also runs `ringvm-stats`, the jailed `ringvm` backend with
+//! a statistics page (`--stats-fd`) that a thread of the bench reads 10 times a second, as
+//! `ringvm stats` would have the VMM do (the page, then the process's /proc stat and
+//! status); its rate over `ringvm`'s, per round, is checked against 0.98.
+//!
 //! Run with `cargo bench -p benches --bench block [-- --quick] [-- FILTER...]`; a filter picks
 //! benches by substring (`qd32`, `randread`) or one variant (`randread4k/qd1/ringvm$`).
 //! ringvm is taken from $RINGVM_BIN, else built as `target/release/ringvm`; a ringvm that
@@ -41,6 +46,8 @@ use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use benches::{bench_dir, Role, Runner, Variant};
@@ -155,6 +162,15 @@ fn main() {
         }
         Err(e) => left_out.push(format!("subjects ringvm: {e}")),
     }
+    const POLLED_BENCH: &str = "randread4k/qd32";
+    let mut polled = None;
+    if runner.enabled(POLLED_BENCH) {
+        match ringvm_bin().and_then(|(bin, direct)| StatsPoller::start(&bin, direct, &image, &dir))
+        {
+            Ok(p) => polled = Some(p),
+            Err(e) => left_out.push(format!("subject ringvm-stats: {e}")),
+        }
+    }
 
     let offsets = random_offsets(image_size);
     for w in &WORKLOADS {
@@ -162,6 +178,9 @@ fn main() {
             continue;
         }
         let mut all: Vec<&mut Backend> = ringvm.iter_mut().collect();
+        if w.name == POLLED_BENCH {
+            all.extend(polled.as_mut().map(|p| &mut p.backend));
+        }
         all.push(&mut limit);
         all.extend(peer.as_mut());
         for b in &mut all {
@@ -194,6 +213,9 @@ fn main() {
 
     print_details(&runner);
     runner.finish_before_checks();
+    if let Some(p) = polled.take() {
+        check_polling(&runner, POLLED_BENCH, p.stop());
+    }
     for bench in ["randread4k/qd32", "randwrite4k/qd32"] {
         runner.check(bench, "ringvm", Role::Limit, 0.95);
         runner.check(bench, "ringvm", Role::Peer, 1.15);
@@ -423,23 +445,37 @@ impl Backend {
         image: &Path,
         dir: &Path,
     ) -> Result<Backend, String> {
+        let extra: &[&str] = if sandbox { &[] } else { &["--disable-sandbox"] };
+        Self::ringvm_with(key, bin, direct, image, dir, extra)
+    }
+
+    /// `ringvm device block --socket S --file IMG EXTRA...`.
+    fn ringvm_with(
+        key: &'static str,
+        bin: &Path,
+        direct: &str,
+        image: &Path,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Backend, String> {
         let socket = dir.join(format!("block-{key}.sock"));
         let _ = fs::remove_file(&socket);
         let mut cmd = Command::new(bin);
         cmd.args(["device", "block", "--socket"])
             .arg(&socket)
             .arg("--file")
-            .arg(format!("{}{direct}", image.display()));
-        if !sandbox {
-            cmd.arg("--disable-sandbox");
-        }
+            .arg(format!("{}{direct}", image.display()))
+            .args(extra);
         let child =
             benches::process::spawn_backend(cmd, &dir.join(format!("block-{key}.log")), &socket)?;
-        let label = format!(
-            "ringvm device block --file IMG{direct}{}",
-            if sandbox { "" } else { " --disable-sandbox" },
-        );
-        Backend::vhost_user(key, label, Role::Subject, child, &socket)
+        let label = format!("ringvm device block --file IMG{direct} {}", extra.join(" "));
+        Backend::vhost_user(
+            key,
+            label.trim_end().to_owned(),
+            Role::Subject,
+            child,
+            &socket,
+        )
     }
 
     fn vhost_user(
@@ -691,4 +727,96 @@ impl Client {
                 .write(offset, buf, w.block, slot, ReqFlags::empty()),
         }
     }
+}
+
+/// The `ringvm-stats` backend and the thread that polls its statistics 10 times a second.
+struct StatsPoller {
+    backend: Backend,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl StatsPoller {
+    fn start(bin: &Path, direct: &str, image: &Path, dir: &Path) -> Result<StatsPoller, String> {
+        let page = memory::SharedCounters::create(virtio::stats::COUNTERS)
+            .map_err(|e| format!("statistics page: {e}"))?;
+        virtio::stats::init_page(page.as_slice());
+        // An inheritable duplicate for the backend (the page's own descriptor is close-on-exec).
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&page.fd());
+        // SAFETY: F_DUPFD on a descriptor this process owns makes a new one (no close-on-exec)
+        // that nothing else uses; the result is checked.
+        let inherited = unsafe { libc::fcntl(raw, libc::F_DUPFD, 3) };
+        if inherited < 0 {
+            return Err(format!("dup: {}", io::Error::last_os_error()));
+        }
+        let backend = Backend::ringvm_with(
+            "ringvm-stats",
+            bin,
+            direct,
+            image,
+            dir,
+            &["--stats-fd", &inherited.to_string()],
+        );
+        // SAFETY: `inherited` was made above and is closed once, here: the backend has it.
+        unsafe { libc::close(inherited) };
+        let backend = backend?;
+        let pids = backend.pids.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut polls, mut requests) = (0u64, 0u64);
+            while !flag.load(Ordering::Relaxed) {
+                // What the VMM reads for `stats`: the page, then each process's /proc files.
+                if let Some(s) = virtio::stats::Snapshot::read(page.as_slice(), 1) {
+                    requests = s.queues[0].requests;
+                }
+                for pid in &pids {
+                    let _ = fs::read_to_string(format!("/proc/{pid}/stat"));
+                    let _ = fs::read_to_string(format!("/proc/{pid}/status"));
+                }
+                polls += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (polls, requests)
+        });
+        Ok(StatsPoller {
+            backend,
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops polling: how many polls, and the requests the page counted.
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let counts = self.thread.join().unwrap_or((0, 0));
+        drop(self.backend);
+        counts
+    }
+}
+
+/// PASS when the backend whose statistics are polled keeps at least 0.98 of the rate of the
+/// same backend unpolled (the median of the per-round ratios).
+fn check_polling(runner: &Runner, bench: &str, (polls, requests): (u64, u64)) {
+    let (Some(polled), Some(plain)) = (
+        runner.case(bench, "ringvm-stats"),
+        runner.case(bench, "ringvm"),
+    ) else {
+        return;
+    };
+    let mut ratios: Vec<f64> = polled
+        .round_ops_per_sec
+        .iter()
+        .zip(&plain.round_ops_per_sec)
+        .map(|(a, b)| a / b)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let ratio = ratios
+        .get(ratios.len() / 2)
+        .copied()
+        .unwrap_or(polled.ops_per_sec / plain.ops_per_sec);
+    println!(
+        "{} {bench}: ringvm with its statistics polled 10/s ({polls} polls, {requests} requests counted) at {ratio:.3}x the unpolled rate, target >= 0.98x",
+        if ratio >= 0.98 { "PASS" } else { "MISS" }
+    );
 }
