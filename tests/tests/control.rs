@@ -487,3 +487,61 @@ fn log_level_filters_the_vmm_and_its_devices_alike() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected error, warn, info or debug"));
 }
+
+/// Suspend and resume speak plain vhost-user (GET_VRING_BASE, then the rings set up again), so
+/// an external backend goes through them too: qemu-storage-daemon's vhost-user-blk export.
+#[test]
+fn suspend_and_resume_work_with_an_external_vhost_user_backend() {
+    let dir = Scratch::new("control", "qsd");
+    let img = dir.path("disk.img");
+    offset_image(&img, 16 << 20);
+    let qsd_sock = dir.path("qsd.sock");
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk0,filename={},cache.direct=off",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={}",
+            qsd_sock.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon (apt package qemu-system-common)");
+    assert!(
+        tests::wait_until(Duration::from_secs(20), || qsd_sock.exists()),
+        "qemu-storage-daemon never listened"
+    );
+    let spec = format!("type=blk,socket={}", qsd_sock.display());
+    let cmdline = GuestCmdline::new()
+        .test("blk-bench")
+        .test("wait")
+        .option("blkbench.ms", 2500)
+        .option("blkbench.verify", 1)
+        .option("blkbench.tsc_khz", 2_000_000);
+    let (mut live, sock) = start(&dir, &["--no-rng", "--vhost-user", &spec], &cmdline);
+    live.wait_for("blk-bench capacity=", BOOT);
+    std::thread::sleep(Duration::from_millis(300));
+    ringvm(&["suspend"], &sock);
+    let s = stats(&sock);
+    assert_eq!(s["state"], "suspended");
+    assert_eq!(s["devices"][0]["pid"], Value::Null, "{s}");
+    std::thread::sleep(Duration::from_millis(500));
+    ringvm(&["resume"], &sock);
+    live.wait_for("wait halting", Duration::from_secs(30));
+    let seen = live.seen().to_string();
+    assert!(seen.contains("ringvm-test: blk-bench ok"), "{seen}");
+    let line = seen
+        .lines()
+        .find(|l| l.contains("blk-bench completed="))
+        .expect("completed line");
+    assert_eq!(value(line, "bad-data"), 0, "{line}");
+    assert_eq!(value(line, "verified"), value(line, "completed"), "{line}");
+    ringvm(&["stop"], &sock);
+    let (status, stderr) = live.finish(Duration::from_secs(20));
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    assert!(status.success(), "ringvm {status:?}: {stderr}");
+}

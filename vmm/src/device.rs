@@ -403,12 +403,18 @@ mod tests {
             "/run/rng.sock",
             "--report-fd",
             "7",
+            "--stats-fd",
+            "9",
+            "--log-level",
+            "debug",
         ]
         .map(OsString::from)
         .to_vec();
         assert_eq!(
             jailed_args(args, &Forward::default()),
-            ["device", "rng", "--fd", "3"].map(OsString::from).to_vec()
+            ["device", "rng", "--log-level", "debug", "--fd", "3"]
+                .map(OsString::from)
+                .to_vec()
         );
     }
 
