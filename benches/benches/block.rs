@@ -804,17 +804,7 @@ fn check_polling(runner: &Runner, bench: &str, (polls, requests): (u64, u64)) {
     ) else {
         return;
     };
-    let mut ratios: Vec<f64> = polled
-        .round_ops_per_sec
-        .iter()
-        .zip(&plain.round_ops_per_sec)
-        .map(|(a, b)| a / b)
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    let ratio = ratios
-        .get(ratios.len() / 2)
-        .copied()
-        .unwrap_or(polled.ops_per_sec / plain.ops_per_sec);
+    let ratio = benches::paired_ratio(polled, plain);
     println!(
         "{} {bench}: ringvm with its statistics polled 10/s ({polls} polls, {requests} requests counted) at {ratio:.3}x the unpolled rate, target >= 0.98x",
         if ratio >= 0.98 { "PASS" } else { "MISS" }

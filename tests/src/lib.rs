@@ -546,6 +546,30 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+/// qemu-storage-daemon exporting `image` (raw, page cache) as a writable vhost-user-blk
+/// device on `socket`, listening once this returns (the caller kills it).
+pub fn start_qsd_blk(image: &Path, socket: &Path) -> Child {
+    let qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk0,filename={},cache.direct=off",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon (apt package qemu-system-common)");
+    assert!(
+        wait_until(Duration::from_secs(20), || socket.exists()),
+        "qemu-storage-daemon never listened"
+    );
+    qsd
+}
+
 /// `ringvm device block --socket SOCKET --file SPEC` (jailed: it accepts, then serves from a
 /// jailed child), listening once `start` returns; killed on drop (the jailed child with it, by
 /// PR_SET_PDEATHSIG).

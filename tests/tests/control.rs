@@ -292,20 +292,37 @@ fn value(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("bad {key} in {line}"))
 }
 
+/// The test guest's blk-bench (verifying every read) then `wait`.
+fn blk_bench_cmdline() -> GuestCmdline {
+    GuestCmdline::new()
+        .test("blk-bench")
+        .test("wait")
+        .option("blkbench.qd", 32)
+        .option("blkbench.ms", 2500)
+        .option("blkbench.verify", 1)
+        .option("blkbench.tsc_khz", 2_000_000)
+}
+
+/// Checks blk-bench ended OK with every read verified; how many requests it completed.
+fn blk_bench_completed(seen: &str) -> u64 {
+    assert!(seen.contains("ringvm-test: blk-bench ok"), "{seen}");
+    let line = seen
+        .lines()
+        .find(|l| l.contains("blk-bench completed="))
+        .expect("completed line");
+    let completed = value(line, "completed");
+    assert_eq!(value(line, "bad-data"), 0, "{line}");
+    assert_eq!(value(line, "verified"), completed, "{line}");
+    completed
+}
+
 #[test]
 fn suspend_during_block_io_completes_nothing_and_loses_nothing() {
     let dir = Scratch::new("control", "blk");
     let img = dir.path("disk.img");
     offset_image(&img, 16 << 20);
     let disk = img.to_string_lossy().into_owned();
-    let cmdline = GuestCmdline::new()
-        .test("blk-bench")
-        .test("wait")
-        .option("blkbench.qd", 32)
-        .option("blkbench.ms", 2500)
-        .option("blkbench.verify", 1)
-        .option("blkbench.tsc_khz", 2_000_000);
-    let (mut live, sock) = start(&dir, &["--no-rng", "--disk", &disk], &cmdline);
+    let (mut live, sock) = start(&dir, &["--no-rng", "--disk", &disk], &blk_bench_cmdline());
     live.wait_for("blk-bench capacity=", BOOT);
     std::thread::sleep(Duration::from_millis(300));
     ringvm(&["suspend"], &sock);
@@ -323,24 +340,8 @@ fn suspend_during_block_io_completes_nothing_and_loses_nothing() {
     ringvm(&["resume"], &sock);
     live.wait_for("blk-bench completed=", Duration::from_secs(30));
     live.wait_for("wait halting", Duration::from_secs(30));
-    let line = live
-        .seen()
-        .lines()
-        .find(|l| l.contains("blk-bench completed="))
-        .expect("completed line")
-        .to_string();
-    assert!(
-        live.seen().contains("ringvm-test: blk-bench ok"),
-        "{}",
-        live.seen()
-    );
-    let completed = value(&line, "completed");
-    assert_eq!(value(&line, "bad-data"), 0, "{line}");
-    assert_eq!(value(&line, "verified"), completed, "{line}");
-    assert!(
-        completed > q0(&first),
-        "nothing completed after the resume: {line}"
-    );
+    let completed = blk_bench_completed(live.seen());
+    assert!(completed > q0(&first), "nothing completed after the resume");
 
     // The statistics are exactly what the guest did: every request once, 4 KiB each.
     let end = stats(&sock);
@@ -499,32 +500,13 @@ fn suspend_and_resume_work_with_an_external_vhost_user_backend() {
     let img = dir.path("disk.img");
     offset_image(&img, 16 << 20);
     let qsd_sock = dir.path("qsd.sock");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0,filename={},cache.direct=off",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={}",
-            qsd_sock.display()
-        ))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon (apt package qemu-system-common)");
-    assert!(
-        tests::wait_until(Duration::from_secs(20), || qsd_sock.exists()),
-        "qemu-storage-daemon never listened"
-    );
+    let mut qsd = tests::start_qsd_blk(&img, &qsd_sock);
     let spec = format!("type=blk,socket={}", qsd_sock.display());
-    let cmdline = GuestCmdline::new()
-        .test("blk-bench")
-        .test("wait")
-        .option("blkbench.ms", 2500)
-        .option("blkbench.verify", 1)
-        .option("blkbench.tsc_khz", 2_000_000);
-    let (mut live, sock) = start(&dir, &["--no-rng", "--vhost-user", &spec], &cmdline);
+    let (mut live, sock) = start(
+        &dir,
+        &["--no-rng", "--vhost-user", &spec],
+        &blk_bench_cmdline(),
+    );
     live.wait_for("blk-bench capacity=", BOOT);
     std::thread::sleep(Duration::from_millis(300));
     ringvm(&["suspend"], &sock);
@@ -534,14 +516,7 @@ fn suspend_and_resume_work_with_an_external_vhost_user_backend() {
     std::thread::sleep(Duration::from_millis(500));
     ringvm(&["resume"], &sock);
     live.wait_for("wait halting", Duration::from_secs(30));
-    let seen = live.seen().to_string();
-    assert!(seen.contains("ringvm-test: blk-bench ok"), "{seen}");
-    let line = seen
-        .lines()
-        .find(|l| l.contains("blk-bench completed="))
-        .expect("completed line");
-    assert_eq!(value(line, "bad-data"), 0, "{line}");
-    assert_eq!(value(line, "verified"), value(line, "completed"), "{line}");
+    blk_bench_completed(live.seen());
     ringvm(&["stop"], &sock);
     let (status, stderr) = live.finish(Duration::from_secs(20));
     let _ = qsd.kill();

@@ -241,37 +241,33 @@ impl NetDevice {
     /// delivered or sent is a request of its queue with its bytes; a dropped or failed one
     /// a request with an error.
     fn count(&self, pair: &Pair, f: impl FnOnce(&mut Counters)) {
+        use virtio::stats::Stats;
         let old = self.counters.get();
         let mut c = old;
         f(&mut c);
         self.counters.set(c);
         let s = virtio::stats::stats();
         let (rxq, txq) = (2 * pair.index, 2 * pair.index + 1);
+        let done = |q: usize, (from, to): (u64, u64), bytes: u64, net: fn(&Stats, u64)| {
+            for _ in from..to {
+                s.request(q, bytes);
+                net(&s, bytes);
+            }
+        };
+        let failed = |q: usize, (from, to): (u64, u64), net: fn(&Stats)| {
+            for _ in from..to {
+                s.request(q, 0);
+                s.error(q);
+                net(&s);
+            }
+        };
         let rx_bytes = c.rx_bytes.wrapping_sub(old.rx_bytes);
-        for _ in old.rx_packets..c.rx_packets {
-            s.request(rxq, rx_bytes);
-            s.net_rx(rx_bytes);
-        }
-        for _ in old.rx_errors..c.rx_errors {
-            s.request(rxq, 0);
-            s.error(rxq);
-            s.net_rx_error();
-        }
+        done(rxq, (old.rx_packets, c.rx_packets), rx_bytes, Stats::net_rx);
+        failed(rxq, (old.rx_errors, c.rx_errors), Stats::net_rx_error);
         let tx_bytes = c.tx_bytes.wrapping_sub(old.tx_bytes);
-        for _ in old.tx_packets..c.tx_packets {
-            s.request(txq, tx_bytes);
-            s.net_tx(tx_bytes);
-        }
-        for _ in old.tx_dropped..c.tx_dropped {
-            s.request(txq, 0);
-            s.error(txq);
-            s.net_tx_drop();
-        }
-        for _ in old.tx_errors..c.tx_errors {
-            s.request(txq, 0);
-            s.error(txq);
-            s.net_tx_error();
-        }
+        done(txq, (old.tx_packets, c.tx_packets), tx_bytes, Stats::net_tx);
+        failed(txq, (old.tx_dropped, c.tx_dropped), Stats::net_tx_drop);
+        failed(txq, (old.tx_errors, c.tx_errors), Stats::net_tx_error);
     }
 
     fn log(&self, what: impl fmt::Display) {
