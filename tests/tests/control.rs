@@ -523,3 +523,48 @@ fn suspend_and_resume_work_with_an_external_vhost_user_backend() {
     let _ = qsd.wait();
     assert!(status.success(), "ringvm {status:?}: {stderr}");
 }
+
+/// vsock counts its connections: the guest's echo connection to a host listener opens one
+/// and ends it.
+#[test]
+fn vsock_statistics_count_the_guests_connections() {
+    let dir = Scratch::new("control", "vsock");
+    let uds = dir.path("vm.vsock");
+    let mut port = uds.as_os_str().to_owned();
+    port.push("_5000");
+    let listener = std::os::unix::net::UnixListener::bind(&port).expect("listen on PATH_5000");
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("the guest connects");
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => s.write_all(&buf[..n]).expect("echo"),
+            }
+        }
+    });
+    let spec = format!("cid=42,uds={}", uds.display());
+    let cmdline = GuestCmdline::new()
+        .test("virtio-vsock")
+        .test("wait")
+        .option("vsock.cid", 42)
+        .option("vsock.port", 5000)
+        .option("vsock.app", "echo")
+        .option("vsock.bytes", 4096);
+    let (mut live, sock) = start(&dir, &["--no-rng", "--vsock", &spec], &cmdline);
+    live.wait_for("wait halting", BOOT);
+    assert!(
+        live.seen().contains("ringvm-test: virtio-vsock ok"),
+        "{}",
+        live.seen()
+    );
+    echo.join().expect("echo thread");
+    let s = stats(&sock);
+    let v = &device(&s, "vsock")["vsock"];
+    assert_eq!(v["connections_opened"].as_u64(), Some(1), "{s}");
+    assert_eq!(v["connections_closed"].as_u64(), Some(1), "{s}");
+    assert_eq!(v["connections"].as_u64(), Some(0), "{s}");
+    ringvm(&["stop"], &sock);
+    let (status, stderr) = live.finish(Duration::from_secs(20));
+    assert!(status.success(), "ringvm {status:?}: {stderr}");
+}
