@@ -126,6 +126,29 @@ mod tests {
         assert!(err(long.as_bytes()).len() < 200, "the echo is cut");
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends, the answer is one line of JSON with the version: a
+        /// request, or an error whose message is short.
+        #[test]
+        fn any_line_parses_or_gets_a_short_error(line in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            if let Err(e) = parse(&line) {
+                let reply = error(&e);
+                proptest::prop_assert!(!reply.contains('\n'));
+                let v: Value = serde_json::from_str(&reply).unwrap();
+                proptest::prop_assert_eq!(&v["version"], &json!(VERSION));
+                proptest::prop_assert!(e.len() < 400, "{}", e);
+            }
+        }
+
+        /// JSON objects with any command and version: known commands parse, others do not.
+        #[test]
+        fn any_command_is_known_or_refused(command in "\\PC{0,80}", version in 0u64..4) {
+            let line = json!({ "version": version, "command": command }).to_string();
+            let known = COMMANDS.contains(&command.as_str()) && version == VERSION;
+            proptest::prop_assert_eq!(parse(line.as_bytes()).is_ok(), known);
+        }
+    }
+
     #[test]
     fn responses_are_one_line_of_json_with_the_version() {
         let e: Value = serde_json::from_str(&error("bad\nthing")).unwrap();
