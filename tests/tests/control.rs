@@ -564,6 +564,15 @@ fn vsock_statistics_count_the_guests_connections() {
     assert_eq!(v["connections_opened"].as_u64(), Some(1), "{s}");
     assert_eq!(v["connections_closed"].as_u64(), Some(1), "{s}");
     assert_eq!(v["connections"].as_u64(), Some(0), "{s}");
+    // The payload both ways: the guest's 4096 bytes, and their echo.
+    let q = &device(&s, "vsock")["queues"];
+    assert_eq!(q[1]["bytes"].as_u64(), Some(4096), "tx: {s}");
+    assert_eq!(q[0]["bytes"].as_u64(), Some(4096), "rx: {s}");
+    assert_eq!(
+        (q[0]["errors"].as_u64(), q[1]["errors"].as_u64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
     ringvm(&["stop"], &sock);
     let (status, stderr) = live.finish(Duration::from_secs(20));
     assert!(status.success(), "ringvm {status:?}: {stderr}");
