@@ -32,6 +32,11 @@
 //! Backends and clients stay up for the whole run; the targets of the issue are checked at
 //! the end (PASS/MISS lines) and any variant that could not run is named (NOT MEASURED).
 //!
+//! Statistics: `randread4k/qd32` also runs `ringvm-stats`, the jailed `ringvm` backend with
+//! a statistics page (`--stats-fd`) that a thread of the bench reads 10 times a second, as
+//! `ringvm stats` would have the VMM do (the page, then the process's /proc stat and
+//! status); its rate over `ringvm`'s, per round, is checked against 0.98.
+//!
 //! Run with `cargo bench -p benches --bench block [-- --quick] [-- FILTER...]`; a filter picks
 //! benches by substring (`qd32`, `randread`) or one variant (`randread4k/qd1/ringvm$`).
 //! ringvm is taken from $RINGVM_BIN, else built as `target/release/ringvm`; a ringvm that
@@ -45,6 +50,8 @@ use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use benches::{bench_dir, Role, Runner, Variant};
@@ -161,6 +168,7 @@ fn main() {
     // Backends stay up, and clients connected, for the whole run: a vhost-user backend may
     // serve only one connection.
     let mut left_out = Vec::new();
+    let mut polled = None;
     let offsets = random_offsets(image_size);
     let disk: Vec<&Workload> = WORKLOADS
         .iter()
@@ -170,9 +178,22 @@ fn main() {
         let image = dir.join(format!("block-{}M.img", image_size >> 20));
         prepare_image(&image, image_size).expect("cannot create the bench image");
         let mut b = Backends::start(&image, &dir, true, &mut left_out);
+        if runner.enabled(POLLED_BENCH) {
+            let direct = |(bin, has_direct): (PathBuf, bool)| {
+                (bin, if has_direct { ",direct=true" } else { "" })
+            };
+            match ringvm_bin()
+                .map(direct)
+                .and_then(|(bin, direct)| StatsPoller::start(&bin, direct, &image, &dir))
+            {
+                Ok(p) => b.polled = Some(p),
+                Err(e) => left_out.push(format!("subject ringvm-stats: {e}")),
+            }
+        }
         for w in disk {
             b.run(&mut runner, w, &offsets, image_size);
         }
+        polled = b.polled.take().map(StatsPoller::stop);
     }
     // The fast device: the image in memory (tmpfs), every backend buffered. What a user with
     // NVMe feels, where the CPU time per I/O decides.
@@ -197,6 +218,9 @@ fn main() {
 
     print_details(&runner);
     runner.finish_before_checks();
+    if let Some(counts) = polled {
+        check_polling(&runner, POLLED_BENCH, counts);
+    }
     for bench in ["randread4k/qd32", "randwrite4k/qd32"] {
         runner.check(bench, "ringvm", Role::Limit, 0.95);
         runner.check(bench, "ringvm", Role::Peer, 1.15);
@@ -221,12 +245,17 @@ fn main() {
     }
 }
 
+/// The bench whose `ringvm` case also runs with its statistics polled (`ringvm-stats`).
+const POLLED_BENCH: &str = "randread4k/qd32";
+
 /// The backends of one image: the limit, the peer and ringvm's subjects, up for as long as
 /// this lives.
 struct Backends {
     limit: Backend,
     peer: Option<Backend>,
     ringvm: Vec<Backend>,
+    /// `ringvm-stats`, measured in `POLLED_BENCH` only.
+    polled: Option<StatsPoller>,
 }
 
 impl Backends {
@@ -262,12 +291,16 @@ impl Backends {
             limit,
             peer,
             ringvm,
+            polled: None,
         }
     }
 
     /// Measures workload `w` on every backend, side by side.
     fn run(&mut self, runner: &mut Runner, w: &Workload, offsets: &[u64], image_size: u64) {
         let mut all: Vec<&mut Backend> = self.ringvm.iter_mut().collect();
+        if w.name == POLLED_BENCH {
+            all.extend(self.polled.as_mut().map(|p| &mut p.backend));
+        }
         all.push(&mut self.limit);
         all.extend(self.peer.as_mut());
         for b in &mut all {
@@ -514,23 +547,37 @@ impl Backend {
         image: &Path,
         dir: &Path,
     ) -> Result<Backend, String> {
+        let extra: &[&str] = if sandbox { &[] } else { &["--disable-sandbox"] };
+        Self::ringvm_with(key, bin, direct, image, dir, extra)
+    }
+
+    /// `ringvm device block --socket S --file IMG EXTRA...`.
+    fn ringvm_with(
+        key: &'static str,
+        bin: &Path,
+        direct: &str,
+        image: &Path,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Backend, String> {
         let socket = dir.join(format!("block-{key}.sock"));
         let _ = fs::remove_file(&socket);
         let mut cmd = Command::new(bin);
         cmd.args(["device", "block", "--socket"])
             .arg(&socket)
             .arg("--file")
-            .arg(format!("{}{direct}", image.display()));
-        if !sandbox {
-            cmd.arg("--disable-sandbox");
-        }
+            .arg(format!("{}{direct}", image.display()))
+            .args(extra);
         let child =
             benches::process::spawn_backend(cmd, &dir.join(format!("block-{key}.log")), &socket)?;
-        let label = format!(
-            "ringvm device block --file IMG{direct}{}",
-            if sandbox { "" } else { " --disable-sandbox" },
-        );
-        Backend::vhost_user(key, label, Role::Subject, child, &socket)
+        let label = format!("ringvm device block --file IMG{direct} {}", extra.join(" "));
+        Backend::vhost_user(
+            key,
+            label.trim_end().to_owned(),
+            Role::Subject,
+            child,
+            &socket,
+        )
     }
 
     fn vhost_user(
@@ -776,4 +823,86 @@ impl Client {
                 .write(offset, buf, w.block, slot, ReqFlags::empty()),
         }
     }
+}
+
+/// The `ringvm-stats` backend and the thread that polls its statistics 10 times a second.
+struct StatsPoller {
+    backend: Backend,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl StatsPoller {
+    fn start(bin: &Path, direct: &str, image: &Path, dir: &Path) -> Result<StatsPoller, String> {
+        let page = memory::SharedCounters::create(virtio::stats::COUNTERS)
+            .map_err(|e| format!("statistics page: {e}"))?;
+        virtio::stats::init_page(page.as_slice());
+        // An inheritable duplicate for the backend (the page's own descriptor is close-on-exec).
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&page.fd());
+        // SAFETY: F_DUPFD on a descriptor this process owns makes a new one (no close-on-exec)
+        // that nothing else uses; the result is checked.
+        let inherited = unsafe { libc::fcntl(raw, libc::F_DUPFD, 3) };
+        if inherited < 0 {
+            return Err(format!("dup: {}", io::Error::last_os_error()));
+        }
+        let backend = Backend::ringvm_with(
+            "ringvm-stats",
+            bin,
+            direct,
+            image,
+            dir,
+            &["--stats-fd", &inherited.to_string()],
+        );
+        // SAFETY: `inherited` was made above and is closed once, here: the backend has it.
+        unsafe { libc::close(inherited) };
+        let backend = backend?;
+        let pids = backend.pids.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut polls, mut requests) = (0u64, 0u64);
+            while !flag.load(Ordering::Relaxed) {
+                // What the VMM reads for `stats`: the page, then each process's /proc files.
+                if let Some(s) = virtio::stats::Snapshot::read(page.as_slice(), 1) {
+                    requests = s.queues[0].requests;
+                }
+                for pid in &pids {
+                    let _ = fs::read_to_string(format!("/proc/{pid}/stat"));
+                    let _ = fs::read_to_string(format!("/proc/{pid}/status"));
+                }
+                polls += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (polls, requests)
+        });
+        Ok(StatsPoller {
+            backend,
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops polling: how many polls, and the requests the page counted.
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let counts = self.thread.join().unwrap_or((0, 0));
+        drop(self.backend);
+        counts
+    }
+}
+
+/// PASS when the backend whose statistics are polled keeps at least 0.98 of the rate of the
+/// same backend unpolled (the median of the per-round ratios).
+fn check_polling(runner: &Runner, bench: &str, (polls, requests): (u64, u64)) {
+    let (Some(polled), Some(plain)) = (
+        runner.case(bench, "ringvm-stats"),
+        runner.case(bench, "ringvm"),
+    ) else {
+        return;
+    };
+    let ratio = benches::paired_ratio(polled, plain);
+    println!(
+        "{} {bench}: ringvm with its statistics polled 10/s ({polls} polls, {requests} requests counted) at {ratio:.3}x the unpolled rate, target >= 0.98x",
+        if ratio >= 0.98 { "PASS" } else { "MISS" }
+    );
 }

@@ -704,7 +704,7 @@ fn calibrate(run: &mut RunFn<'_>, warmup: Duration) -> f64 {
 
 /// The median over rounds of `a`'s rate over `b`'s in the same round; the ratio of the
 /// medians when the round counts differ.
-fn paired_ratio(a: &Case, b: &Case) -> f64 {
+pub fn paired_ratio(a: &Case, b: &Case) -> f64 {
     if a.round_ops_per_sec.len() != b.round_ops_per_sec.len() || a.round_ops_per_sec.is_empty() {
         return a.ops_per_sec / b.ops_per_sec;
     }

@@ -142,7 +142,8 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "blkbench.tsc_khz", "vsock.app", "vsock.port", "vsock.listen",
 					 "vsock.conns", "vsock.bytes", "vsock.idle_ms", "vsock.seed", "vsock.cid",
 					 "vsock.credit_req_ms", "vsock.pause_ms", "vsock.pause_at", "vsock.check", "vsock.buf_alloc",
-					 "vsock.reset_stall_ms", "console.echo", "console.idle_ms", "console.bench"};
+					 "vsock.reset_stall_ms", "console.echo", "console.idle_ms", "console.bench",
+					 "count.lines", "count.step", "blkbench.verify"};
 
 const char *opt(const char *key)
 {
@@ -271,6 +272,7 @@ static const struct scenario extra_scenarios[] = {
 	{"virtio-blk", scenario_virtio_blk},
 	{"virtio-net", scenario_virtio_net},
 	{"blk-bench", scenario_blk_bench},
+	{"count", scenario_count},
 	{"virtio-vsock", scenario_virtio_vsock},
 	{"virtio-console", scenario_virtio_console},
 };

@@ -358,6 +358,27 @@ impl Live {
         panic!("no line with {needle:?}; stdout so far:\n{}", self.seen);
     }
 
+    /// The stdout lines that come within `limit` (waiting all of it).
+    pub fn lines_within(&mut self, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    out.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    thread::sleep(left);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     /// The stdout lines read so far, each ending in a newline.
     pub fn seen(&self) -> &str {
         &self.seen
@@ -545,6 +566,30 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(5));
     }
     done()
+}
+
+/// qemu-storage-daemon exporting `image` (raw, page cache) as a writable vhost-user-blk
+/// device on `socket`, listening once this returns (the caller kills it).
+pub fn start_qsd_blk(image: &Path, socket: &Path) -> Child {
+    let qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk0,filename={},cache.direct=off",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon (apt package qemu-system-common)");
+    assert!(
+        wait_until(Duration::from_secs(20), || socket.exists()),
+        "qemu-storage-daemon never listened"
+    );
+    qsd
 }
 
 /// `ringvm device block --socket SOCKET --file SPEC` (jailed: it accepts, then serves from a

@@ -21,6 +21,9 @@ pub struct Args {
 pub enum Command {
     Run(RunArgs),
     Stop(StopArgs),
+    Suspend(SuspendArgs),
+    Resume(ResumeArgs),
+    Stats(StatsArgs),
     Device(DeviceArgs),
 }
 
@@ -116,6 +119,10 @@ pub struct RunArgs {
     /// client before its first instruction
     #[argh(option)]
     pub gdb: Option<crate::gdb::GdbAddr>,
+    /// least severe messages written, by the VMM and its device processes: error, warn,
+    /// info (the default) or debug
+    #[argh(option, default = "virtio::log::Level::Info")]
+    pub log_level: virtio::log::Level,
     /// path of the kernel image
     #[argh(positional)]
     pub kernel: PathBuf,
@@ -155,10 +162,23 @@ pub struct CommonArgs {
     /// call its seccomp policy refused, or a memory fault and its address (ringvm reads it)
     #[argh(option)]
     pub report_fd: Option<i32>,
+    /// a memfd holding the device's statistics page, which it counts in (ringvm passes it
+    /// and reads it for `ringvm stats`)
+    #[argh(option)]
+    pub stats_fd: Option<i32>,
+    /// least severe messages written: error, warn, info (the default) or debug
+    #[argh(option, default = "virtio::log::Level::Info")]
+    pub log_level: virtio::log::Level,
 }
 
 /// The options of [`CommonArgs`] that take a value.
-const COMMON_VALUED: &[&str] = &["--socket", "--fd", "--report-fd"];
+const COMMON_VALUED: &[&str] = &[
+    "--socket",
+    "--fd",
+    "--report-fd",
+    "--stats-fd",
+    "--log-level",
+];
 /// The switches of [`CommonArgs`].
 const COMMON_SWITCHES: &[&str] = &["--disable-sandbox", "--seccomp-log-failures"];
 
@@ -405,6 +425,37 @@ pub struct StopArgs {
     pub socket: PathBuf,
 }
 
+/// Suspend a VM through its control socket: its vCPUs stop and its devices finish what they
+/// have in flight and take no more requests until `ringvm resume`.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "suspend")]
+pub struct SuspendArgs {
+    /// path of the VM's control socket
+    #[argh(positional)]
+    pub socket: PathBuf,
+}
+
+/// Resume a suspended VM through its control socket.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "resume")]
+pub struct ResumeArgs {
+    /// path of the VM's control socket
+    #[argh(positional)]
+    pub socket: PathBuf,
+}
+
+/// Print a VM's statistics (vCPU exits, device queues, device processes) as a table.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "stats")]
+pub struct StatsArgs {
+    /// print the raw JSON response instead of a table
+    #[argh(switch)]
+    pub json: bool,
+    /// path of the VM's control socket
+    #[argh(positional)]
+    pub socket: PathBuf,
+}
+
 /// Where a serial port's output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialOut {
@@ -585,6 +636,7 @@ mod tests {
             disable_sandbox: false,
             seccomp_log_failures: false,
             gdb: None,
+            log_level: virtio::log::Level::Info,
             kernel: "k".into(),
         };
         assert!(validate(&args(256, 1)).is_ok());

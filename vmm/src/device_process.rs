@@ -174,6 +174,11 @@ impl DeviceProcess {
         }
     }
 
+    /// Its pid (in the VMM's PID namespace).
+    pub fn pid(&self) -> i32 {
+        self.child.pid
+    }
+
     /// Kills the process (if it still runs) and reaps it.
     pub fn stop(&self) {
         if let Ok(Some(_)) = self.child.try_wait() {

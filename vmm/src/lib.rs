@@ -21,4 +21,5 @@ pub mod irq;
 #[allow(unsafe_code)]
 mod sys;
 pub mod vcpu;
+pub mod vcpus;
 pub mod vm;

@@ -104,6 +104,14 @@ pub fn current_thread() -> libc::pthread_t {
     unsafe { libc::pthread_self() }
 }
 
+/// Clock ticks per second, the unit of CPU times in /proc/PID/stat.
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions; glibc answers _SC_CLK_TCK from the auxiliary
+    // vector, without a system call.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(100)
+}
+
 /// Puts a terminal in raw mode until dropped.
 pub struct RawTerminal {
     fd: RawFd,

@@ -20,7 +20,7 @@ use virtio::{DeviceProcess, DeviceType};
 
 use crate::boot;
 use crate::cli::{self, NicSpec, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
-use crate::control::{self, ControlSocket, VmExitHandle};
+use crate::control::{self, ControlSocket, ControlTarget, ControlledDevice, ProcessStats};
 use crate::cpuid::{self, Toggle};
 use crate::device_process::{self, DeviceProcesses};
 use crate::devices::cmos::Cmos;
@@ -38,6 +38,7 @@ use crate::guest::GuestRam;
 use crate::irq::GsiRouting;
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
+use crate::vcpus::VcpuControl;
 
 /// Everything `ringvm run` was asked for, validated.
 #[derive(Debug, Clone)]
@@ -71,6 +72,8 @@ pub struct VmConfig {
     pub seccomp_log_failures: bool,
     /// Serve GDB here (`--gdb`); the vCPUs wait for a client.
     pub gdb: Option<crate::gdb::GdbAddr>,
+    /// `--log-level`, for the VMM and its device processes.
+    pub log_level: virtio::log::Level,
 }
 
 const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
@@ -129,7 +132,9 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
         gdb: args.gdb,
+        log_level: args.log_level,
     };
+    virtio::log::set_level(config.log_level);
     match run(&config)? {
         ExitReason::Failed(why) => bail!("{why}"),
         _ => Ok(()),
@@ -287,6 +292,7 @@ fn start_vcpus(
     stopping: &Arc<AtomicBool>,
     filters: &Arc<FilterGate>,
     gdb: &Option<Arc<crate::gdb::Debugger>>,
+    control: &Arc<VcpuControl>,
 ) -> Result<Vec<VcpuThread>> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -322,13 +328,16 @@ fn start_vcpus(
             ram: m.ram.clone(),
             filters: filters.clone(),
             gdb: gdb.clone(),
+            control: control.clone(),
         };
+        let ended = control.clone();
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let _ = tx.send(sys::current_thread());
                 vcpu::run(vcpu, ctx);
+                ended.thread_ended();
             })
             .with_context(|| format!("cannot start the thread of vCPU {id}"))?;
         let pthread = rx
@@ -391,8 +400,9 @@ async fn add_devices(
     machine: &Machine,
     processes: &mut DeviceProcesses,
     brokers: &mut Vec<vsock::Broker>,
-) -> Result<Vec<vhost_user::Backend>> {
+) -> Result<(Vec<vhost_user::Backend>, Vec<ControlledDevice>)> {
     let mut backends = Vec::new();
+    let mut controlled = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let name = format!("block{i}");
         let options = block::BlockArgs {
@@ -401,7 +411,7 @@ async fn add_devices(
             queues: config.cpus,
         };
         let sock = spawn_device::<block::BlockProcess>(config, processes, &name, &options, &[])?;
-        backends.push(attach(machine, &name, DeviceType::Block, sock).await?);
+        backends.push(attach(machine, &mut controlled, &name, DeviceType::Block, sock).await?);
     }
     for (i, nic) in config.nics.iter().enumerate() {
         let name = format!("net{i}");
@@ -417,14 +427,14 @@ async fn add_devices(
         };
         let borrowed: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
         let sock = spawn_device::<net::NetProcess>(config, processes, &name, &options, &borrowed)?;
-        backends.push(attach(machine, &name, DeviceType::Net, sock).await?);
+        backends.push(attach(machine, &mut controlled, &name, DeviceType::Net, sock).await?);
     }
     if config.rng {
         let options = virtio::rng::RngOptions {};
         let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
-        backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
+        backends.push(attach(machine, &mut controlled, "rng", DeviceType::Rng, sock).await?);
     }
-    add_consoles(config, machine, processes, &mut backends).await?;
+    add_consoles(config, machine, processes, &mut backends, &mut controlled).await?;
     if let Some(spec) = &config.vsock {
         // The jailed device opens nothing: this process listens on PATH and connects to
         // PATH_<port> for it (the broker runs on the main thread's executor).
@@ -432,10 +442,14 @@ async fn add_devices(
             Some(p) => p.clone(),
             None => {
                 let p = std::env::temp_dir().join(format!("ringvm-{}.vsock", std::process::id()));
-                eprintln!(
-                    "ringvm: vsock cid {}: host processes connect to {}",
-                    spec.cid,
-                    p.display()
+                virtio::log::write(
+                    "ringvm",
+                    virtio::log::Level::Info,
+                    format_args!(
+                        "vsock cid {}: host processes connect to {}",
+                        spec.cid,
+                        p.display()
+                    ),
                 );
                 p
             }
@@ -455,7 +469,7 @@ async fn add_devices(
             &options,
             &[channel.as_fd()],
         )?;
-        backends.push(attach(machine, "vsock", DeviceType::Vsock, sock).await?);
+        backends.push(attach(machine, &mut controlled, "vsock", DeviceType::Vsock, sock).await?);
     }
     for (i, dir) in config.shared_dirs.iter().enumerate() {
         let name = format!("fs{i}");
@@ -465,7 +479,7 @@ async fn add_devices(
             .context("--shared-dir without virtiofsd")?;
         let (process, sock) = virtiofs::start(program, &name, dir)?;
         processes.push(process);
-        backends.push(attach_fs(machine, &name, &dir.tag, sock).await?);
+        backends.push(attach_fs(machine, &mut controlled, &name, &dir.tag, sock).await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
@@ -475,11 +489,17 @@ async fn add_devices(
             .into_owned()
             .map_err(|_| anyhow!("device {name}: the socket is not a plain descriptor"))?;
         match &spec.tag {
-            Some(tag) => backends.push(attach_fs(machine, &name, tag, sock).await?),
-            None => backends.push(attach(machine, &name, spec.kind, sock).await?),
+            Some(tag) => {
+                let fs = attach_fs(machine, &mut controlled, &name, tag, sock).await?;
+                backends.push(fs);
+            }
+            None => {
+                let device = attach(machine, &mut controlled, &name, spec.kind, (sock, None));
+                backends.push(device.await?);
+            }
         }
     }
-    Ok(backends)
+    Ok((backends, controlled))
 }
 
 /// The virtio consoles (`--serial hardware=virtio-console`), hvc0 first: each a device
@@ -489,6 +509,7 @@ async fn add_consoles(
     machine: &Machine,
     processes: &mut DeviceProcesses,
     backends: &mut Vec<vhost_user::Backend>,
+    controlled: &mut Vec<ControlledDevice>,
 ) -> Result<()> {
     let mut consoles: Vec<&SerialSpec> =
         config.serials.iter().filter(|s| s.virtio_console).collect();
@@ -520,7 +541,7 @@ async fn add_consoles(
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         let sock =
             spawn_device::<console::ConsoleProcess>(config, processes, &name, &options, &borrowed)?;
-        backends.push(attach(machine, &name, DeviceType::Console, sock).await?);
+        backends.push(attach(machine, controlled, &name, DeviceType::Console, sock).await?);
     }
     Ok(())
 }
@@ -533,29 +554,52 @@ fn spawn_device<P: DeviceProcess>(
     name: &str,
     options: &P::Options,
     fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<OwnedFd> {
-    let args = P::to_args(options);
+) -> Result<(OwnedFd, Option<ProcessStats>)> {
+    let mut args = P::to_args(options);
+    // Its statistics page goes after its own descriptors (`ringvm stats` reads it).
+    let page = ProcessStats::page().with_context(|| format!("device {name}: statistics page"))?;
+    let mut fds = fds.to_vec();
+    args.extend([
+        "--stats-fd".into(),
+        (device_process::FIRST_EXTRA_FD + fds.len())
+            .to_string()
+            .into(),
+        "--log-level".into(),
+        config.log_level.name().into(),
+    ]);
+    fds.push(page.fd());
     let extra: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let (process, sock) = device_process::spawn(
         name,
         P::TYPE.name(),
         &extra,
-        fds,
+        &fds,
         config.sandbox,
         config.seccomp_log_failures,
     )?;
+    let pid = process.pid();
     processes.push(process);
-    Ok(sock)
+    let stats = ProcessStats::new(pid, page)
+        .with_context(|| format!("device {name}: cannot open /proc/{pid}"))?;
+    Ok((sock, Some(stats)))
 }
 
 /// Sets up the vhost-user backend on `sock` and puts its device on the PCI bus.
 async fn attach(
     machine: &Machine,
+    controlled: &mut Vec<ControlledDevice>,
     name: &str,
     device_type: DeviceType,
-    sock: OwnedFd,
+    (sock, stats): (OwnedFd, Option<ProcessStats>),
 ) -> Result<vhost_user::Backend> {
     let (device, backend) = vhost_user::connect(name, device_type, sock).await?;
+    controlled.push(ControlledDevice {
+        name: name.to_string(),
+        kind: device_type,
+        queues: device.num_queues(),
+        control: device.control(),
+        process: stats,
+    });
     machine.add_virtio_device(Box::new(device))?;
     Ok(backend)
 }
@@ -564,6 +608,7 @@ async fn attach(
 /// this side's.
 async fn attach_fs(
     machine: &Machine,
+    controlled: &mut Vec<ControlledDevice>,
     name: &str,
     tag: &str,
     sock: OwnedFd,
@@ -577,6 +622,13 @@ async fn attach_fs(
         );
     }
     device.set_config_space(virtiofs::config(tag, device.num_queues()));
+    controlled.push(ControlledDevice {
+        name: name.to_string(),
+        kind: DeviceType::Fs,
+        queues: device.num_queues(),
+        control: device.control(),
+        process: None,
+    });
     machine.add_virtio_device(Box::new(device))?;
     Ok(backend)
 }
@@ -600,7 +652,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     // Declared before anything that can fail, so every path out kills the device processes.
     let mut processes = DeviceProcesses::default();
     let mut brokers = Vec::new();
-    let backends = ex.run_until(add_devices(config, &machine, &mut processes, &mut brokers))?;
+    let (backends, controlled) =
+        ex.run_until(add_devices(config, &machine, &mut processes, &mut brokers))?;
     let control = match &config.socket {
         Some(p) => {
             let path = control::socket_path(p);
@@ -617,13 +670,23 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let filters = Arc::new(FilterGate::default());
+    let vcpu_control = Arc::new(VcpuControl::new(config.cpus));
     // Whatever happens below, the vCPU threads are never left waiting for their filter.
     let _gate = OpenOnDrop(filters.clone());
     let gdb = match &config.gdb {
         Some(addr) => Some(crate::gdb::start(addr, config.cpus, machine.ram.clone())?),
         None => None,
     };
-    let threads = start_vcpus(config, &kvm, &machine, &stopping, &filters, &gdb)?;
+    let threads = start_vcpus(
+        config,
+        &kvm,
+        &machine,
+        &stopping,
+        &filters,
+        &gdb,
+        &vcpu_control,
+    )?;
+    vcpu_control.set_threads(threads.iter().map(|t| t.pthread).collect());
     if let Some(g) = &gdb {
         g.set_threads(threads.iter().map(|t| t.pthread).collect());
     }
@@ -648,13 +711,17 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         filters.open(VcpuFilter::None);
     }
 
-    let exit = Rc::new(VmExitHandle(machine.exit.clone()));
+    let target = Rc::new(ControlTarget::new(
+        machine.exit.clone(),
+        vcpu_control.clone(),
+        controlled,
+    ));
     ex.run_until(async {
         if let Some(serial) = machine.stdin_serial.clone() {
             executor::spawn(pump_stdin(serial)).detach();
         }
         if let Some(c) = &control {
-            executor::spawn(c.clone().serve(exit.clone())).detach();
+            executor::spawn(c.clone().serve(target.clone())).detach();
         }
         for backend in backends {
             let mem = machine.ram.memory().clone();

@@ -54,6 +54,11 @@ enum Request {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// The control socket's `suspend` (true) or `resume` (false).
+    Suspend {
+        suspend: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The transport's handle on a vhost-user device.
@@ -135,6 +140,10 @@ impl Backend {
     /// error reply, a hang-up, no reply in time) to `exit` and returns.
     pub async fn serve(mut self, mem: GuestMemory, exit: Arc<VmExit>) {
         let mut started: Vec<u32> = Vec::new();
+        // The started rings (kept to restart them on resume) and, while suspended, where
+        // each stopped.
+        let mut active: Vec<Vring> = Vec::new();
+        let mut suspended: Option<Vec<u16>> = None;
         loop {
             // While idle the backend has nothing to say on this socket: readable means it
             // hung up (or sent something unasked for), either way it is gone.
@@ -174,6 +183,7 @@ impl Backend {
                         .collect();
                     let res = self.frontend.start(features, &mem, &configs).await;
                     started = vrings.iter().map(|v| v.index).collect();
+                    active = vrings;
                     if let Err(e) = res {
                         let why = format!("device {}: cannot start: {e:#}", self.name);
                         let _ = reply.send(Err(why.clone()));
@@ -188,6 +198,8 @@ impl Backend {
                         Err(e) => Err(e),
                     };
                     started.clear();
+                    active.clear();
+                    suspended = None;
                     let _ = reply.send(());
                     if let Err(e) = res {
                         let why = format!("device {}: cannot stop: {e:#}", self.name);
@@ -203,8 +215,83 @@ impl Backend {
                     let res = self.frontend.set_config(offset, &data).await;
                     let _ = reply.send(res.map_err(|e| format!("{e:#}")));
                 }
+                Request::Suspend { suspend, reply } => {
+                    let res = self.suspend(suspend, &mem, &active, &mut suspended).await;
+                    if let Err(why) = &res {
+                        exit.report(ExitReason::Failed(why.clone()));
+                    }
+                    let failed = res.is_err();
+                    let _ = reply.send(res);
+                    if failed {
+                        return;
+                    }
+                }
             }
         }
+    }
+}
+
+impl Backend {
+    /// Suspends (stops every started ring with GET_VRING_BASE, which returns once the
+    /// backend has finished what it had in flight) or resumes (sets each ring up again from
+    /// where it stopped) the device. A failure is a backend failure: it ends the VM.
+    async fn suspend(
+        &self,
+        suspend: bool,
+        mem: &GuestMemory,
+        active: &[Vring],
+        suspended: &mut Option<Vec<u16>>,
+    ) -> Result<(), String> {
+        let what = if suspend { "suspend" } else { "resume" };
+        let res = match (suspend, suspended.take()) {
+            (true, None) => {
+                let indices: Vec<u32> = active.iter().map(|v| v.index).collect();
+                self.frontend.stop(&indices).await.map(|bases| {
+                    *suspended = Some(bases);
+                })
+            }
+            (false, Some(bases)) => {
+                let configs: Vec<VringConfig<'_>> = active
+                    .iter()
+                    .zip(bases)
+                    .map(|(v, base)| VringConfig {
+                        index: v.index,
+                        size: v.size,
+                        desc: GuestAddress(v.desc),
+                        avail: GuestAddress(v.avail),
+                        used: GuestAddress(v.used),
+                        base,
+                        kick: v.kick.as_fd(),
+                        call: v.call.as_ref().map(|c| c.as_fd()),
+                    })
+                    .collect();
+                self.frontend.restart(mem, &configs).await
+            }
+            // Already as asked.
+            (_, bases) => {
+                *suspended = bases;
+                Ok(())
+            }
+        };
+        res.map_err(|e| format!("device {}: cannot {what}: {e:#}", self.name))
+    }
+}
+
+/// The control socket's handle on a vhost-user device: suspend and resume.
+#[derive(Clone)]
+pub struct DeviceControl {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl DeviceControl {
+    /// Suspends (`true`) or resumes the device; returns once the backend has answered.
+    pub async fn suspend(&self, suspend: bool) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .unbounded_send(Request::Suspend { suspend, reply })
+            .map_err(|_| "the device's task has ended".to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("the device's task has ended".to_string()))
     }
 }
 
@@ -214,6 +301,13 @@ impl VhostUserDevice {
     pub fn set_config_space(&mut self, config: Vec<u8>) {
         self.config = config;
         self.config_read_only = true;
+    }
+
+    /// A handle for the control socket.
+    pub fn control(&self) -> DeviceControl {
+        DeviceControl {
+            requests: self.requests.clone(),
+        }
     }
 
     /// Sends `request` to the main thread and blocks this (vCPU) thread for the answer.
