@@ -178,4 +178,17 @@ fn ringvm_run_vsock_arguments_are_checked() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
     }
+    // The flags come from the vsock crate's registry entry; `run --help` lists them.
+    let help = Command::new(ringvm_bin())
+        .args(["run", "--help"])
+        .output()
+        .expect("run ringvm");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{text}");
+    for flag in ["  --vsock           a virtio-vsock device", "  --cid "] {
+        assert!(
+            text.contains(flag),
+            "{flag} is not in `ringvm run --help`:\n{text}"
+        );
+    }
 }

@@ -17,6 +17,7 @@ pub mod devices;
 pub mod exit;
 pub mod guest;
 pub mod irq;
+pub mod run_flags;
 #[allow(unsafe_code)]
 mod sys;
 pub mod vcpu;

@@ -35,6 +35,7 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
 use crate::irq::GsiRouting;
+use crate::run_flags::RunSpec;
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
 
@@ -56,8 +57,8 @@ pub struct VmConfig {
     pub nics: Vec<NicSpec>,
     /// Add ringvm's virtio-rng device process.
     pub rng: bool,
-    /// A virtio-vsock device process, its broker in this process.
-    pub vsock: Option<vsock::VsockSpec>,
+    /// Device processes from the devices' own `run` flags (`--vsock`), in registry order.
+    pub devices: Vec<Rc<dyn RunSpec>>,
     /// External vhost-user backends, in PCI slot order after ringvm's own devices.
     pub vhost_user: Vec<VhostUserSpec>,
     /// Jail the device processes; seccomp filters on them and on the VMM.
@@ -71,13 +72,12 @@ const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
 /// `ringvm run`: builds the config from arguments, runs the VM, maps the exit reason.
-pub fn run_from_args(args: RunArgs) -> Result<()> {
+pub fn run_from_args(args: RunArgs, devices: Vec<Rc<dyn RunSpec>>) -> Result<()> {
     let serials = cli::validate(&args).map_err(|e| anyhow!(e))?;
     let vhost_user = args.vhost_user.clone();
     let (cpu_toggles, kvm_pv) = args.cpu_features.clone().unwrap_or_default();
     let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
     let nics = cli::nics(&args).map_err(|e| anyhow!(e))?;
-    let vsock = cli::vsock(&args).map_err(|e| anyhow!(e))?;
     let mut cmdline = args.params.join(" ");
     // crosvm's --root: the first disk is the root file system, unless the caller chose one.
     if let Some(root) = root {
@@ -108,7 +108,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         disks,
         nics,
         rng: !args.no_rng,
-        vsock,
+        devices,
         vhost_user,
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
@@ -371,7 +371,7 @@ async fn add_devices(
     config: &VmConfig,
     machine: &Machine,
     processes: &mut DeviceProcesses,
-    brokers: &mut Vec<vsock::Broker>,
+    host_tasks: &mut Vec<virtio::process::HostTask>,
 ) -> Result<Vec<vhost_user::Backend>> {
     let mut backends = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
@@ -405,37 +405,40 @@ async fn add_devices(
         let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
         backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
     }
-    if let Some(spec) = &config.vsock {
-        // The jailed device opens nothing: this process listens on PATH and connects to
-        // PATH_<port> for it (the broker runs on the main thread's executor).
-        let path = match &spec.uds {
-            Some(p) => p.clone(),
-            None => {
-                let p = std::env::temp_dir().join(format!("ringvm-{}.vsock", std::process::id()));
-                eprintln!(
-                    "ringvm: vsock cid {}: host processes connect to {}",
-                    spec.cid,
-                    p.display()
-                );
-                p
-            }
+    // Devices from their own `run` flags: each planned here (its host side, in this
+    // process) right before its process starts.
+    for (i, spec) in config.devices.iter().enumerate() {
+        let kind = spec.device_type();
+        // Numbered like block0, net0 when the flags gave more than one of a type.
+        let same = config.devices.iter().filter(|d| d.device_type() == kind);
+        let name = match same.count() {
+            1 => kind.name().to_owned(),
+            _ => format!(
+                "{}{}",
+                kind.name(),
+                config.devices[..i]
+                    .iter()
+                    .filter(|d| d.device_type() == kind)
+                    .count()
+            ),
         };
-        let (broker, channel) =
-            vsock::Broker::new(&path).context("device vsock: cannot set up its host side")?;
-        brokers.push(broker);
-        let options = vsock::VsockArgs {
-            cid: spec.cid,
-            uds: None,
-            broker_fd: Some(device_process::FIRST_EXTRA_FD as i32),
-        };
-        let sock = spawn_device::<vsock::VsockProcess>(
-            config,
-            processes,
-            "vsock",
-            &options,
-            &[channel.as_fd()],
+        let planned = spec
+            .plan(device_process::FIRST_EXTRA_FD as i32)
+            .map_err(anyhow::Error::from_boxed)
+            .with_context(|| format!("device {name}"))?;
+        let args: Vec<&OsStr> = planned.args.iter().map(|a| a.as_os_str()).collect();
+        let fds: Vec<_> = planned.fds.iter().map(|f| f.as_fd()).collect();
+        let (process, sock) = device_process::spawn(
+            &name,
+            kind.name(),
+            &args,
+            &fds,
+            config.sandbox,
+            config.seccomp_log_failures,
         )?;
-        backends.push(attach(machine, "vsock", DeviceType::Vsock, sock).await?);
+        processes.push(process);
+        host_tasks.extend(planned.host);
+        backends.push(attach(machine, &name, kind, sock).await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
@@ -502,8 +505,13 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
     // Declared before anything that can fail, so every path out kills the device processes.
     let mut processes = DeviceProcesses::default();
-    let mut brokers = Vec::new();
-    let backends = ex.run_until(add_devices(config, &machine, &mut processes, &mut brokers))?;
+    let mut host_tasks = Vec::new();
+    let backends = ex.run_until(add_devices(
+        config,
+        &machine,
+        &mut processes,
+        &mut host_tasks,
+    ))?;
     let control = match &config.socket {
         Some(p) => {
             let path = control::socket_path(p);
@@ -552,13 +560,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         for process in processes.iter() {
             executor::spawn(process.clone().watch(machine.exit.clone())).detach();
         }
-        for broker in brokers {
-            executor::spawn(async move {
-                if let Err(e) = broker.serve().await {
-                    eprintln!("ringvm: vsock broker: {e}");
-                }
-            })
-            .detach();
+        for task in host_tasks {
+            executor::spawn(task).detach();
         }
         // A failed control socket only ends its task; the VM runs until it ends.
         while machine.exit.reason().is_none() {

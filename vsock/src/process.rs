@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use argh::FromArgs;
-use virtio::process::{DeviceProcess, Forward, Made, MakeError};
+use virtio::process::{
+    flag_error, DeviceProcess, Forward, Made, MakeError, Planned, RunDevice, RunFlag,
+};
 use virtio::DeviceType;
 
 use crate::{Broker, VsockDevice, VsockOptions};
@@ -87,6 +89,87 @@ impl DeviceProcess for VsockProcess {
             args.extend(["--broker-fd".into(), fd.to_string().into()]);
         }
         args
+    }
+}
+
+/// `ringvm run --vsock cid=N[,uds=PATH]` and crosvm's `--cid N`: the broker runs in the VMM,
+/// the device process gets its channel.
+impl RunDevice for VsockProcess {
+    const RUN_FLAGS: &'static [RunFlag] = &[
+        RunFlag {
+            name: "--vsock",
+            value: "cid=N[,uds=PATH]",
+            help: "a virtio-vsock device: cid=N[,uds=PATH]; host processes connect to PATH \
+                   (and write CONNECT <port>), guest connections to host port P reach PATH_P \
+                   (default PATH: a socket in the temporary directory, printed at start)",
+        },
+        RunFlag {
+            name: "--cid",
+            value: "N",
+            help: "crosvm's spelling of --vsock cid=N",
+        },
+    ];
+    type Spec = VsockSpec;
+
+    fn specs(given: &[(&'static str, String)]) -> Result<Vec<VsockSpec>, String> {
+        let mut specs = Vec::new();
+        for (flag, value) in given {
+            let spec = if *flag == "--cid" {
+                format!("cid={value}").parse::<VsockSpec>()
+            } else {
+                value.parse()
+            };
+            specs.push(spec.map_err(|e| flag_error(flag, value, e))?);
+        }
+        if specs.len() > 1 {
+            return Err(if given.iter().all(|(f, _)| *f == given[0].0) {
+                format!(
+                    "{} given more than once (one vsock device per VM)",
+                    given[0].0
+                )
+            } else {
+                "give --vsock or --cid, not both".into()
+            });
+        }
+        Ok(specs)
+    }
+
+    fn plan(spec: &VsockSpec, first_fd: i32) -> Result<Planned<VsockArgs>, MakeError> {
+        // The jailed device opens nothing: the VMM listens on PATH and connects to
+        // PATH_<port> for it, with the broker on its main thread's executor.
+        let path = match &spec.uds {
+            Some(p) => p.clone(),
+            None => {
+                let p = std::env::temp_dir().join(format!("ringvm-{}.vsock", std::process::id()));
+                eprintln!(
+                    "ringvm: vsock cid {}: host processes connect to {}",
+                    spec.cid,
+                    p.display()
+                );
+                p
+            }
+        };
+        let (broker, channel) = Broker::new(&path).map_err(|e| -> MakeError {
+            let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+            format!(
+                "cannot set up its host side: {e}{}",
+                cause.unwrap_or_default()
+            )
+            .into()
+        })?;
+        Ok(Planned {
+            options: VsockArgs {
+                cid: spec.cid,
+                uds: None,
+                broker_fd: Some(first_fd),
+            },
+            fds: vec![channel],
+            host: Some(Box::pin(async move {
+                if let Err(e) = broker.serve().await {
+                    eprintln!("ringvm: vsock broker: {e}");
+                }
+            })),
+        })
     }
 }
 
@@ -178,6 +261,62 @@ mod tests {
         ] {
             assert!(bad.parse::<VsockSpec>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn run_flags_give_one_device_and_errors_name_their_flag() {
+        let given = |g: &[(&'static str, &str)]| {
+            let g: Vec<(&'static str, String)> =
+                g.iter().map(|(f, v)| (*f, v.to_string())).collect();
+            VsockProcess::specs(&g)
+        };
+        assert_eq!(given(&[]).unwrap(), vec![]);
+        assert_eq!(
+            given(&[("--cid", "9")]).unwrap(),
+            vec!["cid=9".parse::<VsockSpec>().unwrap()]
+        );
+        assert_eq!(given(&[("--vsock", "cid=4,uds=/v")]).unwrap()[0].cid, 4);
+        let err = given(&[("--vsock", "cid=2")]).unwrap_err();
+        assert!(
+            err.contains("option '--vsock'") && err.contains("cid=2"),
+            "{err}"
+        );
+        let err = given(&[("--cid", "x")]).unwrap_err();
+        assert!(err.contains("option '--cid'"), "{err}");
+        assert!(given(&[("--vsock", "cid=3"), ("--cid", "4")])
+            .unwrap_err()
+            .contains("not both"));
+        assert!(given(&[("--cid", "3"), ("--cid", "4")])
+            .unwrap_err()
+            .contains("more than once"));
+        let names: Vec<&str> = VsockProcess::RUN_FLAGS.iter().map(|f| f.name).collect();
+        assert_eq!(names, ["--vsock", "--cid"]);
+    }
+
+    #[test]
+    fn a_planned_device_inherits_its_broker_channel_at_first_fd() {
+        let dir = std::env::temp_dir().join(format!("vsock-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec: VsockSpec = format!("cid=5,uds={}", dir.join("v.sock").display())
+            .parse()
+            .unwrap();
+        let planned = VsockProcess::plan(&spec, 4).unwrap();
+        assert_eq!(
+            planned.options,
+            VsockArgs {
+                cid: 5,
+                uds: None,
+                broker_fd: Some(4)
+            }
+        );
+        assert_eq!(planned.fds.len(), 1);
+        assert!(planned.host.is_some());
+        assert!(dir.join("v.sock").exists(), "the broker listens on PATH");
+        // A second device on the same PATH is refused with the reason.
+        let err = VsockProcess::plan(&spec, 4).err().unwrap().to_string();
+        assert!(err.contains("host side"), "{err}");
+        drop(planned);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
