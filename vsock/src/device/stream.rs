@@ -112,7 +112,8 @@ impl Host {
                 Ok(0) => self.shared.with_conn(self.key, self.id, |c| c.host_eof()),
                 Ok(n) => {
                     buf.truncate(n);
-                    self.shared.with_conn(self.key, self.id, |c| c.host_data(buf))
+                    self.shared
+                        .with_conn(self.key, self.id, |c| c.host_data(buf))
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     match self.fd.poll_readable().await {
