@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use executor::Executor;
-use tests::{ringvm_bin, wait_until, Scratch};
+use tests::{wait_until, Scratch};
 use virtio::vhost_user::{
     Connection, Frontend, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
 };
