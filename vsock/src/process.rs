@@ -14,7 +14,7 @@ use virtio::process::{
 };
 use virtio::DeviceType;
 
-use crate::{Broker, VsockDevice, VsockOptions};
+use crate::{Broker, VsockDevice, VsockOptions, BUF_ALLOC_RANGE};
 
 /// The options a jailed child of a `--socket` device gets as `--broker-fd` instead.
 const STRIP: &[&str] = &["--uds", "--broker-fd"];
@@ -33,6 +33,24 @@ pub struct VsockArgs {
     /// the broker channel, already open on this descriptor (the VMM runs the broker)
     #[argh(option)]
     pub broker_fd: Option<i32>,
+    /// the receive buffer each connection advertises to the guest, in bytes (4096 to
+    /// 16777216; default 262144): what a guest sender has in flight before it waits
+    #[argh(option, from_str_fn(parse_buf_alloc))]
+    pub buf_alloc: Option<u32>,
+}
+
+/// `--buf-alloc` and `buf_alloc=`: bytes, within [`BUF_ALLOC_RANGE`].
+fn parse_buf_alloc(v: &str) -> Result<u32, String> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|b| BUF_ALLOC_RANGE.contains(b))
+        .ok_or_else(|| {
+            format!(
+                "buf_alloc={v}: expected {} to {} bytes",
+                BUF_ALLOC_RANGE.start(),
+                BUF_ALLOC_RANGE.end()
+            )
+        })
 }
 
 /// virtio-vsock as a device process.
@@ -76,7 +94,11 @@ impl DeviceProcess for VsockProcess {
                 })
             }),
         };
-        let device = VsockDevice::new(VsockOptions::new(a.cid), channel)?;
+        let mut options = VsockOptions::new(a.cid);
+        if let Some(b) = a.buf_alloc {
+            options.buf_alloc = b;
+        }
+        let device = VsockDevice::new(options, channel)?;
         Ok(Made { device, forward })
     }
 
@@ -88,6 +110,9 @@ impl DeviceProcess for VsockProcess {
         if let Some(fd) = a.broker_fd {
             args.extend(["--broker-fd".into(), fd.to_string().into()]);
         }
+        if let Some(b) = a.buf_alloc {
+            args.extend(["--buf-alloc".into(), b.to_string().into()]);
+        }
         args
     }
 }
@@ -98,10 +123,11 @@ impl RunDevice for VsockProcess {
     const RUN_FLAGS: &'static [RunFlag] = &[
         RunFlag {
             name: "--vsock",
-            value: "cid=N[,uds=PATH]",
-            help: "a virtio-vsock device: cid=N[,uds=PATH]; host processes connect to PATH \
-                   (and write CONNECT <port>), guest connections to host port P reach PATH_P \
-                   (default PATH: a socket in the temporary directory, printed at start)",
+            value: "cid=N[,uds=PATH][,buf_alloc=BYTES]",
+            help: "a virtio-vsock device: cid=N[,uds=PATH][,buf_alloc=BYTES]; host processes \
+                   connect to PATH (and write CONNECT <port>), guest connections to host port \
+                   P reach PATH_P (default PATH: a socket in the temporary directory, printed \
+                   at start); buf_alloc: each connection's receive buffer (default 262144)",
         },
         RunFlag {
             name: "--cid",
@@ -162,6 +188,7 @@ impl RunDevice for VsockProcess {
                 cid: spec.cid,
                 uds: None,
                 broker_fd: Some(first_fd),
+                buf_alloc: spec.buf_alloc,
             },
             fds: vec![channel],
             host: Some(Box::pin(async move {
@@ -179,13 +206,15 @@ pub struct VsockSpec {
     pub cid: u64,
     /// Where host processes connect; `None`: a path ringvm picks and prints.
     pub uds: Option<PathBuf>,
+    /// Each connection's receive buffer; `None`: [`crate::DEFAULT_BUF_ALLOC`].
+    pub buf_alloc: Option<u32>,
 }
 
 impl FromStr for VsockSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<VsockSpec, String> {
-        let (mut cid, mut uds) = (None, None);
+        let (mut cid, mut uds, mut buf_alloc) = (None, None, None);
         for kv in s.split(',').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("cid", v)) => {
@@ -197,12 +226,18 @@ impl FromStr for VsockSpec {
                     )
                 }
                 Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
-                _ => return Err(format!("unknown option '{kv}' (expected cid=N[,uds=PATH])")),
+                Some(("buf_alloc", v)) => buf_alloc = Some(parse_buf_alloc(v)?),
+                _ => {
+                    return Err(format!(
+                        "unknown option '{kv}' (expected cid=N[,uds=PATH][,buf_alloc=BYTES])"
+                    ))
+                }
             }
         }
         Ok(VsockSpec {
             cid: cid.ok_or("cid= is missing")?,
             uds,
+            buf_alloc,
         })
     }
 }
@@ -212,6 +247,9 @@ impl fmt::Display for VsockSpec {
         write!(f, "cid={}", self.cid)?;
         if let Some(p) = &self.uds {
             write!(f, ",uds={}", p.display())?;
+        }
+        if let Some(b) = self.buf_alloc {
+            write!(f, ",buf_alloc={b}")?;
         }
         Ok(())
     }
@@ -229,11 +267,13 @@ mod tests {
                 cid: 3,
                 uds: Some("/run/v m.sock".into()),
                 broker_fd: None,
+                buf_alloc: None,
             },
             VsockArgs {
                 cid: 77,
                 uds: None,
                 broker_fd: Some(4),
+                buf_alloc: Some(1 << 20),
             },
         ] {
             let args: Vec<String> = VsockProcess::to_args(&a)
@@ -250,6 +290,9 @@ mod tests {
         let s: VsockSpec = "cid=5,uds=/tmp/v.sock".parse().unwrap();
         assert_eq!((s.cid, s.uds.as_deref()), (5, Some("/tmp/v.sock".as_ref())));
         assert_eq!(s.to_string().parse::<VsockSpec>().unwrap(), s);
+        let s: VsockSpec = "buf_alloc=65536,cid=6".parse().unwrap();
+        assert_eq!(s.buf_alloc, Some(65536));
+        assert_eq!(s.to_string().parse::<VsockSpec>().unwrap(), s);
         assert_eq!("cid=9".parse::<VsockSpec>().unwrap().uds, None);
         for bad in [
             "",
@@ -258,6 +301,9 @@ mod tests {
             "cid=4294967295",
             "cid=x",
             "cid=3,port=1",
+            "cid=3,buf_alloc=100",
+            "cid=3,buf_alloc=x",
+            "cid=3,buf_alloc=4294967295",
         ] {
             assert!(bad.parse::<VsockSpec>().is_err(), "{bad}");
         }
@@ -306,7 +352,8 @@ mod tests {
             VsockArgs {
                 cid: 5,
                 uds: None,
-                broker_fd: Some(4)
+                broker_fd: Some(4),
+                buf_alloc: None,
             }
         );
         assert_eq!(planned.fds.len(), 1);
@@ -326,6 +373,7 @@ mod tests {
             cid: 3,
             uds: None,
             broker_fd: None,
+            buf_alloc: None,
         };
         assert!(VsockProcess::make(&neither, &mut never).is_err());
         let both = VsockArgs {

@@ -81,6 +81,11 @@ pub const MAX_RESETS: usize = 64;
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// The most connections [`VsockOptions::max_connections`] may allow.
 pub const MAX_CONNECTIONS: usize = 1 << 16;
+/// The receive buffer a connection advertises by default (Linux's default for its own
+/// sockets): a guest sender has this much in flight before it waits for a credit update.
+pub const DEFAULT_BUF_ALLOC: u32 = 256 << 10;
+/// The range [`VsockOptions::buf_alloc`] may be set in.
+pub const BUF_ALLOC_RANGE: std::ops::RangeInclusive<u32> = 4096..=(16 << 20);
 /// The first port the device gives a host process that connects to `PATH`.
 pub const FIRST_HOST_PORT: u32 = 1 << 30;
 
@@ -103,13 +108,13 @@ pub struct VsockOptions {
 }
 
 impl VsockOptions {
-    /// The defaults for `guest_cid`: 1024 connections of 64 KiB, 2 s for the guest to
+    /// The defaults for `guest_cid`: 1024 connections of [`DEFAULT_BUF_ALLOC`], 2 s for the guest to
     /// answer a host connect (Firecracker's and Linux's connect timeout).
     pub fn new(guest_cid: u64) -> VsockOptions {
         VsockOptions {
             guest_cid,
             max_connections: 1024,
-            buf_alloc: 64 << 10,
+            buf_alloc: DEFAULT_BUF_ALLOC,
             request_timeout: Duration::from_secs(2),
         }
     }
