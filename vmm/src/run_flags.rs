@@ -24,8 +24,11 @@ use virtio::DeviceType;
 use crate::cli::Args;
 use crate::device::REGISTRY;
 
+/// The devices the `ringvm run` flags asked for, whatever their types.
+pub type RunSpecs = Vec<Rc<dyn RunSpec>>;
+
 /// What [`specs`] is for one registered device.
-pub type SpecsFn = fn(&[(&'static str, String)]) -> Result<Vec<Rc<dyn RunSpec>>, String>;
+pub type SpecsFn = fn(&[(&'static str, String)]) -> Result<RunSpecs, String>;
 
 /// One device the `ringvm run` flags asked for, whatever its type.
 pub trait RunSpec: fmt::Debug {
@@ -68,9 +71,7 @@ impl<P: RunDevice> RunSpec for Spec<P> {
 }
 
 /// [`RunDevice::specs`], type-erased for the registry.
-pub fn specs<P: RunDevice + 'static>(
-    given: &[(&'static str, String)],
-) -> Result<Vec<Rc<dyn RunSpec>>, String> {
+pub fn specs<P: RunDevice + 'static>(given: &[(&'static str, String)]) -> Result<RunSpecs, String> {
     Ok(P::specs(given)?
         .into_iter()
         .map(|s| Rc::new(Spec::<P>(s)) as Rc<dyn RunSpec>)
@@ -91,7 +92,7 @@ fn registered_flags() -> impl Iterator<Item = (usize, &'static RunFlag)> {
 
 /// Takes the registry's flags out of `args` (the arguments after `run`); returns the
 /// arguments left for argh, and the devices the flags give, in registry order.
-pub fn claim(args: &[String]) -> Result<(Vec<String>, Vec<Rc<dyn RunSpec>>), String> {
+pub fn claim(args: &[String]) -> Result<(Vec<String>, RunSpecs), String> {
     let mut given: Vec<Vec<(&'static str, String)>> = vec![Vec::new(); REGISTRY.len()];
     let mut rest = Vec::with_capacity(args.len());
     let mut it = args.iter();
@@ -188,7 +189,7 @@ pub fn run_help(argh_help: &str) -> String {
 
 /// `argh::from_env` for ringvm: the same parse, errors and help, with the registry's `run`
 /// flags claimed first; returns the arguments and the devices those flags give.
-pub fn from_env() -> (Args, Vec<Rc<dyn RunSpec>>) {
+pub fn from_env() -> (Args, RunSpecs) {
     let strings: Vec<String> = std::env::args_os()
         .map(|s| s.into_string())
         .collect::<Result<_, _>>()

@@ -35,7 +35,7 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
 use crate::irq::GsiRouting;
-use crate::run_flags::RunSpec;
+use crate::run_flags::RunSpecs;
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
 
@@ -58,7 +58,7 @@ pub struct VmConfig {
     /// Add ringvm's virtio-rng device process.
     pub rng: bool,
     /// Device processes from the devices' own `run` flags (`--vsock`), in registry order.
-    pub devices: Vec<Rc<dyn RunSpec>>,
+    pub devices: RunSpecs,
     /// External vhost-user backends, in PCI slot order after ringvm's own devices.
     pub vhost_user: Vec<VhostUserSpec>,
     /// Jail the device processes; seccomp filters on them and on the VMM.
@@ -72,7 +72,7 @@ const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
 /// `ringvm run`: builds the config from arguments, runs the VM, maps the exit reason.
-pub fn run_from_args(args: RunArgs, devices: Vec<Rc<dyn RunSpec>>) -> Result<()> {
+pub fn run_from_args(args: RunArgs, devices: RunSpecs) -> Result<()> {
     let serials = cli::validate(&args).map_err(|e| anyhow!(e))?;
     let vhost_user = args.vhost_user.clone();
     let (cpu_toggles, kvm_pv) = args.cpu_features.clone().unwrap_or_default();

@@ -382,7 +382,7 @@ mod tests {
     fn the_device_never_sends_more_than_the_guests_credit() {
         let mut c = established(100);
         assert_eq!(c.read_size(), 100);
-        c.host_data(&[7; 100]);
+        c.host_data([7; 100]);
         assert_eq!(c.read_size(), 0, "nothing more is read while data waits");
         let p = c.next_packet(30).unwrap();
         assert_eq!((p.op, p.data.len()), (Op::Rw, 30));
@@ -390,7 +390,7 @@ mod tests {
         assert_eq!(p.data.len(), 70);
         assert_eq!(c.peer_free(), 0);
         assert_eq!(c.read_size(), 0, "no credit: nothing is read");
-        c.host_data(&[1; 10]);
+        c.host_data([1; 10]);
         assert!(!c.has_output(), "no credit: nothing is sent");
         assert_eq!(c.next_packet(4096), None);
         c.peer_credit(100, 40).unwrap();
@@ -401,7 +401,7 @@ mod tests {
     #[test]
     fn a_shrunk_guest_buffer_leaves_no_credit_instead_of_wrapping() {
         let mut c = established(100);
-        c.host_data(&[0; 100]);
+        c.host_data([0; 100]);
         c.next_packet(4096).unwrap();
         c.peer_credit(10, 0).unwrap();
         assert_eq!(c.peer_free(), 0);
@@ -410,7 +410,7 @@ mod tests {
     #[test]
     fn fwd_cnt_may_not_go_back_or_past_what_was_sent() {
         let mut c = established(100);
-        c.host_data(&[0; 50]);
+        c.host_data([0; 50]);
         c.next_packet(4096).unwrap();
         assert!(matches!(
             c.peer_credit(100, 51),
@@ -427,10 +427,10 @@ mod tests {
     #[test]
     fn guest_data_beyond_the_credit_is_a_violation() {
         let mut c = established(100);
-        c.guest_data(&[0; 1000]).unwrap();
+        c.guest_data([0; 1000]).unwrap();
         assert_eq!(c.free(), 24);
         assert_eq!(
-            c.guest_data(&[0; 25]),
+            c.guest_data([0; 25]),
             Err(Violation::CreditExceeded { len: 25, free: 24 })
         );
         assert_eq!(c.write_chunk().len(), 1000);
