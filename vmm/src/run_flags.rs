@@ -279,7 +279,9 @@ mod tests {
         let help = run_help(&argh);
         let usage = help.lines().next().expect("usage");
         assert!(
-            usage.contains(" [--vsock <cid=N[,uds=PATH]>] [--cid <N>] [--] <kernel>"),
+            usage.contains(
+                " [--vsock <cid=N[,uds=PATH][,buf_alloc=BYTES]>] [--cid <N>] [--] <kernel>"
+            ),
             "{usage}"
         );
         // Every line of argh's is still there, in order, and the flags come before --help.
