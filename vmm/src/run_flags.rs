@@ -14,7 +14,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 
 use argh::FromArgs;
@@ -23,6 +23,7 @@ use virtio::DeviceType;
 
 use crate::cli::Args;
 use crate::device::REGISTRY;
+use crate::device_process::{self, DeviceProcess};
 
 /// The devices the `ringvm run` flags asked for, whatever their types.
 pub type RunSpecs = Vec<Rc<dyn RunSpec>>;
@@ -76,6 +77,50 @@ pub fn specs<P: RunDevice + 'static>(given: &[(&'static str, String)]) -> Result
         .into_iter()
         .map(|s| Rc::new(Spec::<P>(s)) as Rc<dyn RunSpec>)
         .collect())
+}
+
+/// The names of `devices` in order: their type's name, numbered (`vsock0`, `vsock1`) when
+/// the flags gave more than one of a type.
+pub fn names(devices: &[Rc<dyn RunSpec>]) -> Vec<String> {
+    devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let kind = d.device_type();
+            let of_kind =
+                |s: &[Rc<dyn RunSpec>]| s.iter().filter(|e| e.device_type() == kind).count();
+            match of_kind(devices) {
+                1 => kind.name().to_owned(),
+                _ => format!("{}{}", kind.name(), of_kind(&devices[..i])),
+            }
+        })
+        .collect()
+}
+
+/// Plans `spec` and starts its device process as device `name`: the process, the VMM's end
+/// of its vhost-user socket, and the host task the VMM runs for it.
+pub(crate) fn spawn(
+    spec: &dyn RunSpec,
+    name: &str,
+    sandbox: bool,
+    seccomp_log_failures: bool,
+) -> anyhow::Result<(DeviceProcess, OwnedFd, Option<HostTask>)> {
+    use anyhow::Context;
+    let planned = spec
+        .plan(device_process::FIRST_EXTRA_FD as i32)
+        .map_err(anyhow::Error::from_boxed)
+        .with_context(|| format!("device {name}"))?;
+    let args: Vec<&std::ffi::OsStr> = planned.args.iter().map(|a| a.as_os_str()).collect();
+    let fds: Vec<_> = planned.fds.iter().map(|f| f.as_fd()).collect();
+    let (process, sock) = device_process::spawn(
+        name,
+        spec.device_type().name(),
+        &args,
+        &fds,
+        sandbox,
+        seccomp_log_failures,
+    )?;
+    Ok((process, sock, planned.host))
 }
 
 /// Every registered device's flags, with the index of its registry entry.
@@ -268,6 +313,35 @@ mod tests {
         assert!(err.contains("'--cid'"), "{err}");
         let err = claim(&strings(&["--vsock", "cid=3", "--cid", "4", "k"])).expect_err("both");
         assert!(err.contains("not both"), "{err}");
+    }
+
+    #[derive(Debug)]
+    struct Kind(DeviceType);
+
+    impl RunSpec for Kind {
+        fn device_type(&self) -> DeviceType {
+            self.0
+        }
+
+        fn plan(&self, _: i32) -> Result<PlannedProcess, MakeError> {
+            Err("not planned here".into())
+        }
+    }
+
+    #[test]
+    fn devices_are_named_by_type_and_numbered_when_there_are_several() {
+        let of = |t: &[DeviceType]| -> Vec<String> {
+            let specs: Vec<Rc<dyn RunSpec>> = t
+                .iter()
+                .map(|&t| Rc::new(Kind(t)) as Rc<dyn RunSpec>)
+                .collect();
+            names(&specs)
+        };
+        assert_eq!(of(&[DeviceType::Vsock]), ["vsock"]);
+        assert_eq!(
+            of(&[DeviceType::Vsock, DeviceType::Rng, DeviceType::Vsock]),
+            ["vsock0", "rng", "vsock1"]
+        );
     }
 
     #[test]

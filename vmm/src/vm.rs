@@ -405,40 +405,19 @@ async fn add_devices(
         let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
         backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
     }
-    // Devices from their own `run` flags: each planned here (its host side, in this
-    // process) right before its process starts.
-    for (i, spec) in config.devices.iter().enumerate() {
-        let kind = spec.device_type();
-        // Numbered like block0, net0 when the flags gave more than one of a type.
-        let same = config.devices.iter().filter(|d| d.device_type() == kind);
-        let name = match same.count() {
-            1 => kind.name().to_owned(),
-            _ => format!(
-                "{}{}",
-                kind.name(),
-                config.devices[..i]
-                    .iter()
-                    .filter(|d| d.device_type() == kind)
-                    .count()
-            ),
-        };
-        let planned = spec
-            .plan(device_process::FIRST_EXTRA_FD as i32)
-            .map_err(anyhow::Error::from_boxed)
-            .with_context(|| format!("device {name}"))?;
-        let args: Vec<&OsStr> = planned.args.iter().map(|a| a.as_os_str()).collect();
-        let fds: Vec<_> = planned.fds.iter().map(|f| f.as_fd()).collect();
-        let (process, sock) = device_process::spawn(
+    // Devices from their own `run` flags, each planned (its host side, in this process) right
+    // before its process starts.
+    let names = crate::run_flags::names(&config.devices);
+    for (spec, name) in config.devices.iter().zip(names) {
+        let (process, sock, host) = crate::run_flags::spawn(
+            spec.as_ref(),
             &name,
-            kind.name(),
-            &args,
-            &fds,
             config.sandbox,
             config.seccomp_log_failures,
         )?;
         processes.push(process);
-        host_tasks.extend(planned.host);
-        backends.push(attach(machine, &name, kind, sock).await?);
+        host_tasks.extend(host);
+        backends.push(attach(machine, &name, spec.device_type(), sock).await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
