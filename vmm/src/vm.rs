@@ -36,6 +36,7 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
 use crate::irq::GsiRouting;
+use crate::run_flags::RunSpecs;
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
 use crate::vcpus::VcpuControl;
@@ -58,8 +59,8 @@ pub struct VmConfig {
     pub nics: Vec<NicSpec>,
     /// Add ringvm's virtio-rng device process.
     pub rng: bool,
-    /// A virtio-vsock device process, its broker in this process.
-    pub vsock: Option<vsock::VsockSpec>,
+    /// Device processes from the devices' own `run` flags (`--vsock`), in registry order.
+    pub devices: RunSpecs,
     /// Shared directories, each a virtio-fs device served by a virtiofsd process.
     pub shared_dirs: Vec<virtiofs::SharedDir>,
     /// The virtiofsd program (checked), when there are shared directories.
@@ -81,13 +82,12 @@ const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
 /// `ringvm run`: builds the config from arguments, runs the VM, maps the exit reason.
-pub fn run_from_args(args: RunArgs) -> Result<()> {
+pub fn run_from_args(args: RunArgs, devices: RunSpecs) -> Result<()> {
     let serials = cli::validate(&args).map_err(|e| anyhow!(e))?;
     let vhost_user = args.vhost_user.clone();
     let (cpu_toggles, kvm_pv) = args.cpu_features.clone().unwrap_or_default();
     let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
     let nics = cli::nics(&args).map_err(|e| anyhow!(e))?;
-    let vsock = cli::vsock(&args).map_err(|e| anyhow!(e))?;
     let fs_tags: Vec<&str> = vhost_user.iter().filter_map(|v| v.tag.as_deref()).collect();
     let virtiofsd = virtiofs::check(&args.shared_dir, &fs_tags, args.virtiofsd.as_deref())?;
     let mut cmdline = args.params.join(" ");
@@ -125,7 +125,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         disks,
         nics,
         rng: !args.no_rng,
-        vsock,
+        devices,
         shared_dirs: args.shared_dir.clone(),
         virtiofsd,
         vhost_user,
@@ -399,7 +399,7 @@ async fn add_devices(
     config: &VmConfig,
     machine: &Machine,
     processes: &mut DeviceProcesses,
-    brokers: &mut Vec<vsock::Broker>,
+    host_tasks: &mut Vec<virtio::process::HostTask>,
 ) -> Result<(Vec<vhost_user::Backend>, Vec<ControlledDevice>)> {
     let mut backends = Vec::new();
     let mut controlled = Vec::new();
@@ -435,41 +435,16 @@ async fn add_devices(
         backends.push(attach(machine, &mut controlled, "rng", DeviceType::Rng, sock).await?);
     }
     add_consoles(config, machine, processes, &mut backends, &mut controlled).await?;
-    if let Some(spec) = &config.vsock {
-        // The jailed device opens nothing: this process listens on PATH and connects to
-        // PATH_<port> for it (the broker runs on the main thread's executor).
-        let path = match &spec.uds {
-            Some(p) => p.clone(),
-            None => {
-                let p = std::env::temp_dir().join(format!("ringvm-{}.vsock", std::process::id()));
-                virtio::log::write(
-                    "ringvm",
-                    virtio::log::Level::Info,
-                    format_args!(
-                        "vsock cid {}: host processes connect to {}",
-                        spec.cid,
-                        p.display()
-                    ),
-                );
-                p
-            }
-        };
-        let (broker, channel) =
-            vsock::Broker::new(&path).context("device vsock: cannot set up its host side")?;
-        brokers.push(broker);
-        let options = vsock::VsockArgs {
-            cid: spec.cid,
-            uds: None,
-            broker_fd: Some(device_process::FIRST_EXTRA_FD as i32),
-        };
-        let sock = spawn_device::<vsock::VsockProcess>(
-            config,
-            processes,
-            "vsock",
-            &options,
-            &[channel.as_fd()],
-        )?;
-        backends.push(attach(machine, &mut controlled, "vsock", DeviceType::Vsock, sock).await?);
+    // Devices from their own `run` flags, each planned (its host side, in this process) right
+    // before its process starts.
+    let names = crate::run_flags::names(&config.devices);
+    for (spec, name) in config.devices.iter().zip(names) {
+        let planned = crate::run_flags::plan(spec.as_ref(), &name)?;
+        let fds: Vec<_> = planned.fds.iter().map(|f| f.as_fd()).collect();
+        let kind = spec.device_type();
+        let sock = spawn_process(config, processes, &name, kind, planned.args, &fds)?;
+        host_tasks.extend(planned.host);
+        backends.push(attach(machine, &mut controlled, &name, kind, sock).await?);
     }
     for (i, dir) in config.shared_dirs.iter().enumerate() {
         let name = format!("fs{i}");
@@ -555,7 +530,19 @@ fn spawn_device<P: DeviceProcess>(
     options: &P::Options,
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<(OwnedFd, Option<ProcessStats>)> {
-    let mut args = P::to_args(options);
+    spawn_process(config, processes, name, P::TYPE, P::to_args(options), fds)
+}
+
+/// [`spawn_device`] for a device of type `kind` whose arguments are already made (a device
+/// from its own `run` flags).
+fn spawn_process(
+    config: &VmConfig,
+    processes: &mut DeviceProcesses,
+    name: &str,
+    kind: DeviceType,
+    mut args: Vec<std::ffi::OsString>,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<(OwnedFd, Option<ProcessStats>)> {
     // Its statistics page goes after its own descriptors (`ringvm stats` reads it).
     let page = ProcessStats::page().with_context(|| format!("device {name}: statistics page"))?;
     let mut fds = fds.to_vec();
@@ -571,7 +558,7 @@ fn spawn_device<P: DeviceProcess>(
     let extra: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let (process, sock) = device_process::spawn(
         name,
-        P::TYPE.name(),
+        kind.name(),
         &extra,
         &fds,
         config.sandbox,
@@ -651,9 +638,13 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
     // Declared before anything that can fail, so every path out kills the device processes.
     let mut processes = DeviceProcesses::default();
-    let mut brokers = Vec::new();
-    let (backends, controlled) =
-        ex.run_until(add_devices(config, &machine, &mut processes, &mut brokers))?;
+    let mut host_tasks = Vec::new();
+    let (backends, controlled) = ex.run_until(add_devices(
+        config,
+        &machine,
+        &mut processes,
+        &mut host_tasks,
+    ))?;
     let control = match &config.socket {
         Some(p) => {
             let path = control::socket_path(p);
@@ -730,13 +721,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         for process in processes.iter() {
             executor::spawn(process.clone().watch(machine.exit.clone())).detach();
         }
-        for broker in brokers {
-            executor::spawn(async move {
-                if let Err(e) = broker.serve().await {
-                    eprintln!("ringvm: vsock broker: {e}");
-                }
-            })
-            .detach();
+        for task in host_tasks {
+            executor::spawn(task).detach();
         }
         // A failed control socket only ends its task; the VM runs until it ends.
         while machine.exit.reason().is_none() {
