@@ -7,6 +7,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tests::netns::NetNs;
@@ -15,8 +16,17 @@ use tests::{
     HOST_PARAMS,
 };
 
+/// The boots of this file run one at a time: on CI's two cores, with the guest kernel
+/// emulated (~1000x slower), boots side by side each take as long as all of them in a row,
+/// and their time limits then measure the neighbours.
+fn one_boot_at_a_time() -> MutexGuard<'static, ()> {
+    static BOOT: Mutex<()> = Mutex::new(());
+    BOOT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn linux_boots_to_userspace_over_pvh_with_two_vcpus_and_exits_0() {
+    let _one = one_boot_at_a_time();
     let dir = guest_kernel();
     let params = format!("{HOST_PARAMS} quiet panic=-1 reboot=k");
     let mut cmd = Command::new(ringvm_bin());
@@ -88,6 +98,7 @@ fn root_image(dir: &std::path::Path) -> PathBuf {
 /// creates (`--host-ip`), configured by the kernel from `ip=`, and the host pings it.
 #[test]
 fn linux_mounts_an_ext4_root_disk_with_dash_r_and_answers_ping_on_virtio_net() {
+    let _one = one_boot_at_a_time();
     let dir = guest_kernel();
     let scratch = Scratch::new("linux", "root");
     let img = root_image(&scratch.0);
@@ -145,6 +156,7 @@ fn linux_mounts_an_ext4_root_disk_with_dash_r_and_answers_ping_on_virtio_net() {
 /// writes one back.
 #[test]
 fn linux_on_hvc0_mounts_a_shared_dir_reads_the_hosts_file_and_writes_one_back() {
+    let _one = one_boot_at_a_time();
     let dir = guest_kernel();
     let scratch = Scratch::new("linux", "virtiofs");
     let share = scratch.path("share");
@@ -191,6 +203,7 @@ fn linux_on_hvc0_mounts_a_shared_dir_reads_the_hosts_file_and_writes_one_back() 
 /// prints the line the host answers on the same stream.
 #[test]
 fn linux_guest_connects_to_a_host_listener_over_virtio_vsock() {
+    let _one = one_boot_at_a_time();
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
 
