@@ -103,6 +103,14 @@ pub struct RunArgs {
     /// process that made them (crosvm's flag, for finding a policy's gaps)
     #[argh(switch)]
     pub seccomp_log_failures: bool,
+    /// restart a device process that dies, at most N times within SECS seconds (default
+    /// 5/60) without resetting the guest; past that (or with 0) its death ends the VM
+    #[argh(option)]
+    pub device_restarts: Option<crate::respawn::RestartBudget>,
+    /// seconds to wait for an external vhost-user backend (--vhost-user) whose socket hung
+    /// up to listen on its path again, then reconnect (default 30)
+    #[argh(option, default = "30")]
+    pub vhost_user_reconnect: u64,
     /// path of the kernel image
     #[argh(positional)]
     pub kernel: PathBuf,

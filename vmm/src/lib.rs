@@ -13,6 +13,7 @@ pub mod cpuid;
 pub mod death;
 pub mod device;
 mod device_process;
+pub mod respawn;
 pub mod devices;
 pub mod exit;
 pub mod guest;

@@ -1,7 +1,6 @@
 //! Assembling and running a VM: KVM, memory, kernel, devices, vCPU threads, and the main
 //! thread's executor (control socket, serial input, the exit event).
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -22,7 +21,7 @@ use crate::boot;
 use crate::cli::{self, NicSpec, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
 use crate::control::{self, ControlSocket, VmExitHandle};
 use crate::cpuid::{self, Toggle};
-use crate::device_process::{self, DeviceProcesses};
+use crate::device_process::{self, DeviceProcesses, Launch};
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
 use crate::devices::pci::KvmPciVm;
@@ -30,11 +29,12 @@ use crate::devices::pci::{
     self, PciConfigPort, PciDeviceInfo, PciMmioWindow, PciRoot, VirtioDevice,
 };
 use crate::devices::serial::Serial;
-use crate::devices::vhost_user;
+use crate::devices::vhost_user::{self, Healing, Origin};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
 use crate::irq::GsiRouting;
+use crate::respawn::{RestartBudget, Respawner};
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
 
@@ -64,6 +64,10 @@ pub struct VmConfig {
     pub sandbox: bool,
     /// Seccomp filters log what they do not allow instead of killing.
     pub seccomp_log_failures: bool,
+    /// How often a device may be restarted (`--device-restarts`); 0 ends the VM at once.
+    pub restarts: RestartBudget,
+    /// How long an external backend may stay away (`--vhost-user-reconnect`).
+    pub reconnect_timeout: Duration,
 }
 
 const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
@@ -112,6 +116,8 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         vhost_user,
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
+        restarts: args.device_restarts.unwrap_or_default(),
+        reconnect_timeout: Duration::from_secs(args.vhost_user_reconnect),
     };
     match run(&config)? {
         ExitReason::Failed(why) => bail!("{why}"),
@@ -370,7 +376,8 @@ async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
 async fn add_devices(
     config: &VmConfig,
     machine: &Machine,
-    processes: &mut DeviceProcesses,
+    processes: &DeviceProcesses,
+    launches: &mut Vec<Launch>,
     brokers: &mut Vec<vsock::Broker>,
 ) -> Result<Vec<vhost_user::Backend>> {
     let mut backends = Vec::new();
@@ -381,8 +388,9 @@ async fn add_devices(
             // One request queue per vCPU, like crosvm.
             queues: config.cpus,
         };
-        let sock = spawn_device::<block::BlockProcess>(config, processes, &name, &options, &[])?;
-        backends.push(attach(machine, &name, DeviceType::Block, sock).await?);
+        let (sock, origin) =
+            spawn_device::<block::BlockProcess>(config, processes, launches, &name, &options, &[])?;
+        backends.push(attach(machine, &name, DeviceType::Block, sock, origin).await?);
     }
     for (i, nic) in config.nics.iter().enumerate() {
         let name = format!("net{i}");
@@ -397,13 +405,16 @@ async fn add_devices(
             mac: Some(nic.mac),
         };
         let borrowed: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
-        let sock = spawn_device::<net::NetProcess>(config, processes, &name, &options, &borrowed)?;
-        backends.push(attach(machine, &name, DeviceType::Net, sock).await?);
+        let (sock, origin) = spawn_device::<net::NetProcess>(
+            config, processes, launches, &name, &options, &borrowed,
+        )?;
+        backends.push(attach(machine, &name, DeviceType::Net, sock, origin).await?);
     }
     if config.rng {
         let options = virtio::rng::RngOptions {};
-        let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
-        backends.push(attach(machine, "rng", DeviceType::Rng, sock).await?);
+        let (sock, origin) =
+            spawn_device::<virtio::RngProcess>(config, processes, launches, "rng", &options, &[])?;
+        backends.push(attach(machine, "rng", DeviceType::Rng, sock, origin).await?);
     }
     if let Some(spec) = &config.vsock {
         // The jailed device opens nothing: this process listens on PATH and connects to
@@ -428,14 +439,15 @@ async fn add_devices(
             uds: None,
             broker_fd: Some(device_process::FIRST_EXTRA_FD as i32),
         };
-        let sock = spawn_device::<vsock::VsockProcess>(
+        let (sock, origin) = spawn_device::<vsock::VsockProcess>(
             config,
             processes,
+            launches,
             "vsock",
             &options,
             &[channel.as_fd()],
         )?;
-        backends.push(attach(machine, "vsock", DeviceType::Vsock, sock).await?);
+        backends.push(attach(machine, "vsock", DeviceType::Vsock, sock, origin).await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
@@ -444,32 +456,43 @@ async fn add_devices(
             .with_context(|| format!("device {name}: cannot connect"))?
             .into_owned()
             .map_err(|_| anyhow!("device {name}: the socket is not a plain descriptor"))?;
-        backends.push(attach(machine, &name, spec.kind, sock).await?);
+        let origin = Origin::External {
+            path: spec.socket.clone(),
+        };
+        backends.push(attach(machine, &name, spec.kind, sock, origin).await?);
     }
     Ok(backends)
 }
 
-/// Starts `ringvm device <P's name> <options>` for device `name` (kept in `processes`), with
-/// `fds` as descriptors 4, 5, ...; returns the VMM's end of its vhost-user socket.
+/// Starts `ringvm device <P's name> <options>` for device `name` (kept in `processes`, its
+/// launch in `launches` for restarts), with `fds` as descriptors 4, 5, ...; returns the VMM's
+/// end of its vhost-user socket and where the device comes from.
 fn spawn_device<P: DeviceProcess>(
     config: &VmConfig,
-    processes: &mut DeviceProcesses,
+    processes: &DeviceProcesses,
+    launches: &mut Vec<Launch>,
     name: &str,
     options: &P::Options,
     fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<OwnedFd> {
-    let args = P::to_args(options);
-    let extra: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    let (process, sock) = device_process::spawn(
-        name,
-        P::TYPE.name(),
-        &extra,
+) -> Result<(OwnedFd, Origin)> {
+    let fds = fds
+        .iter()
+        .map(|fd| fd.try_clone_to_owned())
+        .collect::<io::Result<Vec<_>>>()
+        .with_context(|| format!("device {name}: cannot duplicate its descriptors"))?;
+    let launch = Launch {
+        name: name.to_string(),
+        kind: P::TYPE.name().to_string(),
+        args: P::to_args(options),
         fds,
-        config.sandbox,
-        config.seccomp_log_failures,
-    )?;
-    processes.push(process);
-    Ok(sock)
+        sandbox: config.sandbox,
+        seccomp_log_failures: config.seccomp_log_failures,
+    };
+    let (process, sock) = launch.spawn(false)?;
+    let process = processes.push(process);
+    let slot = u32::try_from(launches.len()).context("too many devices")?;
+    launches.push(launch);
+    Ok((sock, Origin::Own { process, slot }))
 }
 
 /// Sets up the vhost-user backend on `sock` and puts its device on the PCI bus.
@@ -478,8 +501,9 @@ async fn attach(
     name: &str,
     device_type: DeviceType,
     sock: OwnedFd,
+    origin: Origin,
 ) -> Result<vhost_user::Backend> {
-    let (device, backend) = vhost_user::connect(name, device_type, sock).await?;
+    let (device, backend) = vhost_user::connect(name, device_type, sock, origin).await?;
     machine.add_virtio_device(Box::new(device))?;
     Ok(backend)
 }
@@ -501,9 +525,30 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     let ex =
         executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
     // Declared before anything that can fail, so every path out kills the device processes.
-    let mut processes = DeviceProcesses::default();
+    let processes = DeviceProcesses::default();
     let mut brokers = Vec::new();
-    let backends = ex.run_until(add_devices(config, &machine, &mut processes, &mut brokers))?;
+    let mut launches = Vec::new();
+    let backends = ex.run_until(add_devices(
+        config,
+        &machine,
+        &processes,
+        &mut launches,
+        &mut brokers,
+    ))?;
+    // Forked while this process has one thread, before its seccomp filter: the respawner
+    // starts devices again after they die (`respawn`).
+    let respawner = if config.restarts.max > 0 && !launches.is_empty() {
+        Some(Respawner::start(launches)?)
+    } else {
+        drop(launches);
+        None
+    };
+    let heal = Rc::new(Healing {
+        respawner,
+        processes: processes.clone(),
+        budget: config.restarts,
+        reconnect_timeout: config.reconnect_timeout,
+    });
     let control = match &config.socket {
         Some(p) => {
             let path = control::socket_path(p);
@@ -547,10 +592,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         }
         for backend in backends {
             let mem = machine.ram.memory().clone();
-            executor::spawn(backend.serve(mem, machine.exit.clone())).detach();
-        }
-        for process in processes.iter() {
-            executor::spawn(process.clone().watch(machine.exit.clone())).detach();
+            executor::spawn(backend.serve(mem, machine.exit.clone(), heal.clone())).detach();
         }
         for broker in brokers {
             executor::spawn(async move {
@@ -571,6 +613,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     // answer gets an error instead of waiting forever.
     drop(ex);
     stop_vcpus(threads, &stopping);
+    drop(heal);
     drop(processes);
     Ok(machine
         .exit

@@ -3,29 +3,50 @@
 //!
 //! The PCI transport runs on vCPU threads; the vhost-user connection lives on the main
 //! thread's executor. [`VhostUserDevice`] (the transport's side) sends each request to the
-//! device's [`Backend::serve`] task and blocks its vCPU until the backend has answered. A
-//! backend that fails, misbehaves, hangs up or stops answering ends the VM with its name.
+//! device's [`Backend::serve`] task and blocks its vCPU until the backend has answered.
+//!
+//! # Healing
+//! The backend remembers what it handed over: the acknowledged features, the rings (sizes,
+//! addresses, duplicates of the kick and call eventfds; the KVM ioeventfds and irqfds stay
+//! registered on the same eventfds) and the config writes. When the backend goes away (its
+//! process died, for any reason, or its socket hung up) it is started again: ringvm's own
+//! device processes by the respawner (`crate::respawn`), jailed, with the same options and
+//! descriptors; an external backend by connecting again once its socket path answers
+//! (`--vhost-user-reconnect`). Then the state is replayed: the protocol negotiation, the
+//! config writes, and for a started device the features, the memory table and every ring,
+//! each from the used index in guest memory, and a signal on every call eventfd (the dead
+//! process may have used buffers it did not signal). The guest is not reset. Each restart is
+//! reported on stderr with its cause and counted ([`VhostUserDevice::restarts`]); a device
+//! past its budget (`--device-restarts`) ends the VM as a death did before: the same report.
+//! A backend that fails a request or does not answer in time still ends the VM.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures::channel::{mpsc, oneshot};
 use futures::future::{select, Either};
 use futures::StreamExt;
 use memory::{GuestAddress, GuestMemory};
 use virtio::vhost_user::frontend::{Frontend, VringConfig};
-use virtio::vhost_user::Connection;
+use virtio::vhost_user::{Connection, Error as VhostError};
 use virtio::DeviceType;
 
+use crate::device_process::{DeviceProcess, DeviceProcesses};
 use crate::devices::pci::{QueueConfig, VirtioDevice};
 use crate::exit::{ExitReason, VmExit};
+use crate::respawn::{Respawner, RestartBudget, Restarts};
 
 /// How long the VMM waits for any reply of a backend before declaring it hung.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a hang-up waits before it is reported (see `Backend::serve`).
-const HANGUP_GRACE: Duration = Duration::from_millis(250);
+/// How long a process whose socket hung up may take to end before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How often an external backend's socket is tried while it is away.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(20);
 /// Largest queue the transport offers for a vhost-user device.
 const MAX_QUEUE_SIZE: u16 = 256;
 
@@ -64,6 +85,34 @@ pub struct VhostUserDevice {
     num_queues: usize,
     config: Vec<u8>,
     requests: mpsc::UnboundedSender<Request>,
+    restarts: Arc<AtomicU32>,
+}
+
+/// Where a backend comes from, and so how it is brought back.
+pub enum Origin {
+    /// One of ringvm's own device processes: slot `slot` of the respawner.
+    Own {
+        process: Rc<DeviceProcess>,
+        slot: u32,
+    },
+    /// `--vhost-user`: a backend listening on `path`.
+    External { path: PathBuf },
+}
+
+/// What every backend shares for healing.
+pub struct Healing {
+    /// `None` when restarts are off or there are no own devices.
+    pub respawner: Option<Respawner>,
+    pub processes: DeviceProcesses,
+    pub budget: RestartBudget,
+    /// How long an external backend may stay away.
+    pub reconnect_timeout: Duration,
+}
+
+/// What the backend was asked to run, to replay after a restart.
+struct Started {
+    features: u64,
+    vrings: Vec<Vring>,
 }
 
 /// The main thread's half: the connection and the requests from the transport.
@@ -72,6 +121,13 @@ pub struct Backend {
     frontend: Frontend,
     hangup: executor::AsyncFd,
     requests: mpsc::UnboundedReceiver<Request>,
+    origin: Origin,
+    /// The backend's offer when it first connected: a restarted one must make the same.
+    offered: (u64, u64, Option<u32>),
+    started: Option<Started>,
+    /// Config writes the device accepted, in order.
+    config_writes: Vec<(u32, Vec<u8>)>,
+    restarts: Arc<AtomicU32>,
 }
 
 /// Connects to a backend on the socket `sock` and reads what the transport needs to present
@@ -80,14 +136,9 @@ pub async fn connect(
     name: &str,
     device_type: DeviceType,
     sock: OwnedFd,
+    origin: Origin,
 ) -> Result<(VhostUserDevice, Backend)> {
-    let watch = sock
-        .try_clone()
-        .with_context(|| format!("device {name}: cannot duplicate its socket"))?;
-    let conn = Connection::new(executor::AsyncFd::new(sock));
-    let frontend = Frontend::connect(conn, REPLY_TIMEOUT)
-        .await
-        .with_context(|| format!("device {name}: vhost-user set-up failed"))?;
+    let (frontend, hangup) = handshake(name, sock).await?;
     let num_queues = match frontend.queue_num() {
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         None => device_type.default_queues(),
@@ -107,6 +158,7 @@ pub async fn connect(
         Vec::new()
     };
     let (tx, rx) = mpsc::unbounded();
+    let restarts = Arc::new(AtomicU32::new(0));
     let device = VhostUserDevice {
         name: name.to_string(),
         device_type: device_type.id(),
@@ -114,95 +166,399 @@ pub async fn connect(
         num_queues,
         config,
         requests: tx,
+        restarts: restarts.clone(),
     };
     let backend = Backend {
         name: name.to_string(),
+        offered: offer(&frontend),
         frontend,
-        hangup: executor::AsyncFd::new(watch),
+        hangup,
         requests: rx,
+        origin,
+        started: None,
+        config_writes: Vec::new(),
+        restarts,
     };
     Ok((device, backend))
 }
 
+fn offer(frontend: &Frontend) -> (u64, u64, Option<u32>) {
+    (
+        frontend.features(),
+        frontend.protocol_features(),
+        frontend.queue_num(),
+    )
+}
+
+/// The vhost-user set-up on `sock`; the frontend and a watch on the socket.
+async fn handshake(name: &str, sock: OwnedFd) -> Result<(Frontend, executor::AsyncFd)> {
+    let watch = sock
+        .try_clone()
+        .with_context(|| format!("device {name}: cannot duplicate its socket"))?;
+    let conn = Connection::new(executor::AsyncFd::new(sock));
+    let frontend = Frontend::connect(conn, REPLY_TIMEOUT)
+        .await
+        .with_context(|| format!("device {name}: vhost-user set-up failed"))?;
+    Ok((frontend, executor::AsyncFd::new(watch)))
+}
+
+/// Whether a frontend error means the backend went away (rather than refused or hung).
+fn hung_up(e: &VhostError) -> bool {
+    matches!(
+        e,
+        VhostError::PeerClosed
+            | VhostError::Send(_)
+            | VhostError::Recv(_)
+            | VhostError::ClosedMidMessage { .. }
+            | VhostError::Broken
+    )
+}
+
+/// Why a restart failed: the new backend went away too (another restart may follow), or
+/// something that ends the VM.
+enum RestartError {
+    Gone(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
 impl Backend {
-    /// Serves the transport's requests until the VM ends; reports a backend failure (an
-    /// error reply, a hang-up, no reply in time) to `exit` and returns.
-    pub async fn serve(mut self, mem: GuestMemory, exit: Arc<VmExit>) {
-        let mut started: Vec<u32> = Vec::new();
+    /// The restarts of this device so far (shared with its [`VhostUserDevice`]).
+    pub fn restarts(&self) -> Arc<AtomicU32> {
+        self.restarts.clone()
+    }
+
+    /// Serves the transport's requests until the VM ends; brings the backend back when it
+    /// goes away (within the budget), reports a failure to `exit` and returns otherwise.
+    pub async fn serve(mut self, mem: GuestMemory, exit: Arc<VmExit>, heal: Rc<Healing>) {
+        let mut restarts = Restarts::new(heal.budget);
         loop {
             // While idle the backend has nothing to say on this socket: readable means it
-            // hung up (or sent something unasked for), either way it is gone.
+            // hung up (or sent something unasked for), either way it is gone. A process
+            // that ends is seen by its pidfd.
             let next = {
-                let hangup = Box::pin(self.hangup.poll_readable());
-                match select(self.requests.next(), hangup).await {
-                    Either::Left((r, _)) => r,
-                    Either::Right(_) => {
-                        // A device process that died is reported by its watcher with how it
-                        // ended (signal, refused system call); give that report the lead.
-                        let _ = executor::sleep(HANGUP_GRACE).await;
-                        let why = format!("device {}: the backend hung up", self.name);
-                        exit.report(ExitReason::Failed(why));
-                        return;
-                    }
+                let gone = Box::pin(gone(&self.hangup, &self.origin));
+                match select(self.requests.next(), gone).await {
+                    Either::Left((r, _)) => Some(r),
+                    Either::Right(_) => None,
                 }
             };
-            let Some(request) = next else { return };
-            match request {
-                Request::Start {
-                    features,
-                    vrings,
-                    reply,
-                } => {
-                    let configs: Vec<VringConfig<'_>> = vrings
-                        .iter()
-                        .map(|v| VringConfig {
-                            index: v.index,
-                            size: v.size,
-                            desc: GuestAddress(v.desc),
-                            avail: GuestAddress(v.avail),
-                            used: GuestAddress(v.used),
-                            base: 0,
-                            kick: v.kick.as_fd(),
-                            call: v.call.as_ref().map(|c| c.as_fd()),
-                        })
-                        .collect();
-                    let res = self.frontend.start(features, &mem, &configs).await;
-                    started = vrings.iter().map(|v| v.index).collect();
-                    if let Err(e) = res {
+            let ok = match next {
+                None => self.recover(&mem, &exit, &heal, &mut restarts).await,
+                Some(None) => return,
+                Some(Some(request)) => {
+                    self.handle(request, &mem, &exit, &heal, &mut restarts)
+                        .await
+                }
+            };
+            if !ok {
+                return;
+            }
+        }
+    }
+
+}
+
+/// Resolves when the backend is gone: its socket is readable, or its process ended.
+async fn gone(hangup: &executor::AsyncFd, origin: &Origin) {
+    let hangup = Box::pin(hangup.poll_readable());
+    match origin {
+            Origin::Own { process, .. } => {
+                let Ok(fd) = process.pidfd() else {
+                    return hangup.await.map(drop).unwrap_or(());
+                };
+                let pidfd = executor::AsyncFd::new(fd);
+                let ended = Box::pin(pidfd.poll_readable());
+                let _ = select(hangup, ended).await;
+            }
+            Origin::External { .. } => {
+                let _ = hangup.await;
+            }
+        }
+}
+
+impl Backend {
+    /// Handles one request of the transport; false when the VM ends.
+    async fn handle(
+        &mut self,
+        request: Request,
+        mem: &GuestMemory,
+        exit: &Arc<VmExit>,
+        heal: &Rc<Healing>,
+        restarts: &mut Restarts,
+    ) -> bool {
+        match request {
+            Request::Start {
+                features,
+                vrings,
+                reply,
+            } => {
+                self.started = Some(Started { features, vrings });
+                let res = self.start_rings(mem, false).await;
+                match res {
+                    Ok(()) => {
+                        let _ = reply.send(Ok(()));
+                        true
+                    }
+                    // The restart replays the start.
+                    Err(e) if hung_up(&e) => {
+                        let ok = self.recover(mem, exit, heal, restarts).await;
+                        let _ = reply.send(if ok {
+                            Ok(())
+                        } else {
+                            Err(format!("device {}: gone", self.name))
+                        });
+                        ok
+                    }
+                    Err(e) => {
                         let why = format!("device {}: cannot start: {e:#}", self.name);
                         let _ = reply.send(Err(why.clone()));
                         exit.report(ExitReason::Failed(why));
-                        return;
+                        false
                     }
-                    let _ = reply.send(Ok(()));
                 }
-                Request::Stop { reply } => {
-                    let res = match self.frontend.stop(&started).await {
-                        Ok(_) => self.frontend.reset().await,
-                        Err(e) => Err(e),
-                    };
-                    started.clear();
-                    let _ = reply.send(());
-                    if let Err(e) = res {
+            }
+            Request::Stop { reply } => {
+                let indices: Vec<u32> = self
+                    .started
+                    .take()
+                    .map(|s| s.vrings.iter().map(|v| v.index).collect())
+                    .unwrap_or_default();
+                let res = match self.frontend.stop(&indices).await {
+                    Ok(_) => self.frontend.reset().await,
+                    Err(e) => Err(e),
+                };
+                let ok = match res {
+                    Ok(()) => true,
+                    // A backend that is gone is stopped; the restart starts nothing.
+                    Err(e) if hung_up(&e) => self.recover(mem, exit, heal, restarts).await,
+                    Err(e) => {
                         let why = format!("device {}: cannot stop: {e:#}", self.name);
                         exit.report(ExitReason::Failed(why));
-                        return;
+                        false
+                    }
+                };
+                let _ = reply.send(());
+                ok
+            }
+            Request::SetConfig {
+                offset,
+                data,
+                reply,
+            } => {
+                let mut res = self.frontend.set_config(offset, &data).await;
+                let mut ok = true;
+                if matches!(&res, Err(e) if hung_up(e)) {
+                    ok = self.recover(mem, exit, heal, restarts).await;
+                    if ok {
+                        res = self.frontend.set_config(offset, &data).await;
                     }
                 }
-                Request::SetConfig {
-                    offset,
-                    data,
-                    reply,
-                } => {
-                    let res = self.frontend.set_config(offset, &data).await;
-                    let _ = reply.send(res.map_err(|e| format!("{e:#}")));
+                if res.is_ok() {
+                    self.config_writes.push((offset, data));
                 }
+                let _ = reply.send(res.map_err(|e| format!("{e:#}")));
+                ok
+            }
+        }
+    }
+
+    /// Hands the started rings to the backend; after a restart each ring starts at the used
+    /// index in guest memory and its call eventfd is signalled once.
+    async fn start_rings(
+        &self,
+        mem: &GuestMemory,
+        restarted: bool,
+    ) -> std::result::Result<(), VhostError> {
+        let Some(started) = &self.started else {
+            return Ok(());
+        };
+        let mut configs = Vec::with_capacity(started.vrings.len());
+        for v in &started.vrings {
+            let base = if restarted {
+                // What the guest has seen used; chains after it are done again.
+                mem.load_u16(GuestAddress(v.used.wrapping_add(2)), Ordering::Acquire)
+                    .map(u16::from_le)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            configs.push(VringConfig {
+                index: v.index,
+                size: v.size,
+                desc: GuestAddress(v.desc),
+                avail: GuestAddress(v.avail),
+                used: GuestAddress(v.used),
+                base,
+                kick: v.kick.as_fd(),
+                call: v.call.as_ref().map(|c| c.as_fd()),
+            });
+        }
+        self.frontend.start(started.features, mem, &configs).await?;
+        if restarted {
+            for call in started.vrings.iter().filter_map(|v| v.call.as_ref()) {
+                // A spurious interrupt is harmless; a lost one would stall the guest.
+                if let Ok(fd) = call.try_clone() {
+                    let fd = executor::AsyncFd::new(fd);
+                    let _ = fd.write(1u64.to_ne_bytes().to_vec()).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the backend back after it went away, as often as the budget allows; false
+    /// (with the VM's exit reported) when it cannot.
+    async fn recover(
+        &mut self,
+        mem: &GuestMemory,
+        exit: &Arc<VmExit>,
+        heal: &Rc<Healing>,
+        restarts: &mut Restarts,
+    ) -> bool {
+        loop {
+            let why = self.why_gone().await;
+            let allowed = match (&self.origin, &heal.respawner) {
+                (Origin::Own { .. }, None) => None,
+                _ => restarts.take(Instant::now()),
+            };
+            let Some(n) = allowed else {
+                exit.report(ExitReason::Failed(why));
+                return false;
+            };
+            let budget = restarts.budget();
+            eprintln!(
+                "ringvm: {why}; restarting it ({n} of {} within {} s)",
+                budget.max,
+                budget.window.as_secs()
+            );
+            match self.restart(mem, heal).await {
+                Ok(()) => {
+                    self.restarts.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Err(RestartError::Gone(e)) => {
+                    eprintln!("ringvm: device {}: its restart failed: {e:#}", self.name);
+                }
+                Err(RestartError::Fatal(e)) => {
+                    exit.report(ExitReason::Failed(format!(
+                        "device {}: cannot restart it: {e:#}",
+                        self.name
+                    )));
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Why the backend is gone, as the VM's report says it: how its process died, or that
+    /// its socket hung up.
+    async fn why_gone(&self) -> String {
+        match &self.origin {
+            Origin::Own { process, .. } => {
+                if let Ok(fd) = process.pidfd() {
+                    let pidfd = executor::AsyncFd::new(fd);
+                    if executor::timeout(EXIT_GRACE, pidfd.poll_readable())
+                        .await
+                        .is_err()
+                    {
+                        // Hung up but lingering: it is not coming back.
+                        process.kill();
+                        let _ = pidfd.poll_readable().await;
+                    }
+                }
+                process.death().await
+            }
+            Origin::External { .. } => format!("device {}: the backend hung up", self.name),
+        }
+    }
+
+    /// A new backend in place of the one that went away, given the same state.
+    async fn restart(
+        &mut self,
+        mem: &GuestMemory,
+        heal: &Rc<Healing>,
+    ) -> std::result::Result<(), RestartError> {
+        let sock = match &mut self.origin {
+            Origin::Own { process, slot } => {
+                let respawner = heal
+                    .respawner
+                    .as_ref()
+                    .ok_or_else(|| RestartError::Fatal(anyhow!("restarts are off")))?;
+                let (p, sock) = respawner
+                    .respawn(*slot, &self.name)
+                    .await
+                    .map_err(RestartError::Fatal)?;
+                *process = heal.processes.push(p);
+                sock
+            }
+            Origin::External { path } => reconnect(path, heal.reconnect_timeout)
+                .await
+                .map_err(RestartError::Fatal)?,
+        };
+        let (frontend, hangup) = handshake(&self.name, sock)
+            .await
+            .map_err(RestartError::Gone)?;
+        if offer(&frontend) != self.offered {
+            return Err(RestartError::Fatal(anyhow!(
+                "it came back with other features (features, protocol features, queues: \
+                 {:?}, before {:?})",
+                offer(&frontend),
+                self.offered
+            )));
+        }
+        self.frontend = frontend;
+        self.hangup = hangup;
+        let classify = |e: VhostError, what: &str| {
+            let gone = hung_up(&e);
+            let e = anyhow::Error::new(e).context(what.to_string());
+            if gone {
+                RestartError::Gone(e)
+            } else {
+                RestartError::Fatal(e)
+            }
+        };
+        for (offset, data) in &self.config_writes {
+            self.frontend
+                .set_config(*offset, data)
+                .await
+                .map_err(|e| classify(e, "replaying a config write"))?;
+        }
+        self.start_rings(mem, true)
+            .await
+            .map_err(|e| classify(e, "replaying its rings"))
+    }
+}
+
+/// Connects to `path` again, trying until `limit` has passed.
+async fn reconnect(path: &std::path::Path, limit: Duration) -> Result<OwnedFd> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match executor::connect_unix(path).await {
+            Ok(fd) => {
+                return fd
+                    .into_owned()
+                    .map_err(|_| anyhow!("the socket is not a plain descriptor"))
+            }
+            Err(e) if Instant::now() >= deadline => {
+                bail!(
+                    "it did not come back at {} within {} s: {e}",
+                    path.display(),
+                    limit.as_secs()
+                )
+            }
+            Err(_) => {
+                let _ = executor::sleep(RECONNECT_INTERVAL).await;
             }
         }
     }
 }
 
 impl VhostUserDevice {
+    /// How many times the device's backend was restarted (for stats).
+    pub fn restarts(&self) -> Arc<AtomicU32> {
+        self.restarts.clone()
+    }
+
     /// Sends `request` to the main thread and blocks this (vCPU) thread for the answer.
     fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
         let (tx, rx) = oneshot::channel();
