@@ -33,7 +33,7 @@ use futures::future::{select, Either};
 use futures::StreamExt;
 use memory::{GuestAddress, GuestMemory};
 use virtio::vhost_user::frontend::{Frontend, VringConfig};
-use virtio::vhost_user::{Connection, Error as VhostError};
+use virtio::vhost_user::{Connection, Error as VhostError, Inflight};
 use virtio::DeviceType;
 
 use crate::device_process::{DeviceProcess, DeviceProcesses};
@@ -127,6 +127,9 @@ pub struct Backend {
     started: Option<Started>,
     /// Config writes the device accepted, in order.
     config_writes: Vec<(u32, Vec<u8>)>,
+    /// The inflight region the backend gave for the started rings (`INFLIGHT_SHMFD`): kept
+    /// across its restarts, so a new backend finds what the dead one had in flight.
+    inflight: Option<(Inflight, OwnedFd)>,
     restarts: Arc<AtomicU32>,
 }
 
@@ -177,6 +180,7 @@ pub async fn connect(
         origin,
         started: None,
         config_writes: Vec::new(),
+        inflight: None,
         restarts,
     };
     Ok((device, backend))
@@ -318,6 +322,8 @@ impl Backend {
                 }
             }
             Request::Stop { reply } => {
+                // A reset device starts with a new inflight region.
+                self.inflight = None;
                 let indices: Vec<u32> = self
                     .started
                     .take()
@@ -365,13 +371,19 @@ impl Backend {
     /// Hands the started rings to the backend; after a restart each ring starts at the used
     /// index in guest memory and its call eventfd is signalled once.
     async fn start_rings(
-        &self,
+        &mut self,
         mem: &GuestMemory,
         restarted: bool,
     ) -> std::result::Result<(), VhostError> {
         let Some(started) = &self.started else {
             return Ok(());
         };
+        if self.frontend.tracks_inflight() && self.inflight.is_none() {
+            let queues = started.vrings.iter().map(|v| v.index + 1).max().unwrap_or(1);
+            let size = started.vrings.iter().map(|v| v.size).max().unwrap_or(1);
+            let queues = u16::try_from(queues).unwrap_or(u16::MAX);
+            self.inflight = Some(self.frontend.get_inflight(queues, size).await?);
+        }
         let mut configs = Vec::with_capacity(started.vrings.len());
         for v in &started.vrings {
             let base = if restarted {
@@ -393,7 +405,10 @@ impl Backend {
                 call: v.call.as_ref().map(|c| c.as_fd()),
             });
         }
-        self.frontend.start(started.features, mem, &configs).await?;
+        let inflight = self.inflight.as_ref().map(|(r, fd)| (r, fd.as_fd()));
+        self.frontend
+            .start_with_inflight(started.features, mem, &configs, inflight)
+            .await?;
         if restarted {
             for call in started.vrings.iter().filter_map(|v| v.call.as_ref()) {
                 // A spurious interrupt is harmless; a lost one would stall the guest.
