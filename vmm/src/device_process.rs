@@ -6,12 +6,12 @@
 //! VMM starts each device from its launch once; the respawner (`crate::respawn`) keeps the
 //! launches and starts a device again from the same one after it died.
 
+use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::rc::Rc;
-use std::cell::RefCell;
 
 use anyhow::{Context, Result};
 

@@ -13,11 +13,11 @@ pub mod cpuid;
 pub mod death;
 pub mod device;
 mod device_process;
-pub mod respawn;
 pub mod devices;
 pub mod exit;
 pub mod guest;
 pub mod irq;
+pub mod respawn;
 #[allow(unsafe_code)]
 mod sys;
 pub mod vcpu;

@@ -44,8 +44,7 @@ impl Respawner {
     /// Forks the respawner with `launches` (slot N is `launches[N]`). Call it while the
     /// process has one thread.
     pub fn start(launches: Vec<Launch>) -> Result<Respawner> {
-        let (ours, theirs) =
-            UnixStream::pair().context("device respawner: socketpair failed")?;
+        let (ours, theirs) = UnixStream::pair().context("device respawner: socketpair failed")?;
         match sys::fork_single_threaded().context("device respawner: fork failed")? {
             None => {
                 drop(ours);
@@ -79,8 +78,7 @@ impl Respawner {
         match reply.first() {
             Some(0) if reply.len() >= 5 => {
                 let pid = i32::from_le_bytes([reply[1], reply[2], reply[3], reply[4]]);
-                let (Some(sock), Some(pidfd), Some(report)) =
-                    (fds.next(), fds.next(), fds.next())
+                let (Some(sock), Some(pidfd), Some(report)) = (fds.next(), fds.next(), fds.next())
                 else {
                     bail!("device respawner: a reply without its descriptors");
                 };
@@ -126,7 +124,11 @@ fn helper(sock: UnixStream, launches: &[Launch]) -> Result<()> {
                 let (pid, pidfd, report) = process.into_fds();
                 let mut reply = vec![0u8];
                 reply.extend_from_slice(&pid.to_le_bytes());
-                send_with_fds(&sock, reply, &[vmm_end.as_fd(), pidfd.as_fd(), report.as_fd()])?;
+                send_with_fds(
+                    &sock,
+                    reply,
+                    &[vmm_end.as_fd(), pidfd.as_fd(), report.as_fd()],
+                )?;
             }
             Err(e) => {
                 let mut reply = vec![1u8];
@@ -186,7 +188,11 @@ impl std::str::FromStr for RestartBudget {
             None => RestartBudget::default().window,
             Some(secs) => match secs.parse::<u64>() {
                 Ok(secs) if secs > 0 => Duration::from_secs(secs),
-                _ => return Err(format!("expected a whole number of seconds above 0, got {secs:?}")),
+                _ => {
+                    return Err(format!(
+                        "expected a whole number of seconds above 0, got {secs:?}"
+                    ))
+                }
             },
         };
         Ok(RestartBudget { max, window })

@@ -448,8 +448,15 @@ pub fn fork_single_threaded() -> io::Result<Option<(i32, OwnedFd)>> {
 /// `name` as the process's name (`/proc/PID/comm`, at most 15 bytes).
 pub fn become_helper(name: &std::ffi::CStr) -> io::Result<()> {
     // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) }
-        < 0
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } < 0
     {
         return Err(io::Error::last_os_error());
     }

@@ -34,7 +34,7 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
 use crate::irq::GsiRouting;
-use crate::respawn::{RestartBudget, Respawner};
+use crate::respawn::{Respawner, RestartBudget};
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
 

@@ -58,7 +58,9 @@ pub enum InflightError {
     LastBatchHead { head: u16, size: u16 },
     #[error("inflight region: descriptor {head} has inflight flag {flag}")]
     Flag { head: u16, flag: u8 },
-    #[error("inflight region: {inflight} chains in flight, but only {pending} are past the used index")]
+    #[error(
+        "inflight region: {inflight} chains in flight, but only {pending} are past the used index"
+    )]
     TooMany { inflight: u16, pending: u16 },
     #[error("inflight region: counter {0} is implausible")]
     Counter(u64),
@@ -220,7 +222,11 @@ impl InflightRing {
 
     fn write_u16(&self, offset: u64, val: u16) -> Result<(), InflightError> {
         self.mem
-            .store_u16(self.base.wrapping_add(offset), val.to_le(), Ordering::Release)
+            .store_u16(
+                self.base.wrapping_add(offset),
+                val.to_le(),
+                Ordering::Release,
+            )
             .map_err(|_| InflightError::Access)
     }
 }
@@ -240,7 +246,12 @@ mod tests {
         let mut r = region(16);
         assert_eq!(r.recover(5, 9), Ok(5));
         assert_eq!(r.next_resubmit(), None);
-        assert_eq!(r.mem.load_u16(GuestAddress(0x48), Ordering::Relaxed).unwrap(), 1);
+        assert_eq!(
+            r.mem
+                .load_u16(GuestAddress(0x48), Ordering::Relaxed)
+                .unwrap(),
+            1
+        );
     }
 
     #[test]
@@ -293,7 +304,10 @@ mod tests {
         ));
         // Another queue size.
         r.write_u16(10, 32).unwrap();
-        assert!(matches!(r.clone().recover(0, 4), Err(InflightError::Size { .. })));
+        assert!(matches!(
+            r.clone().recover(0, 4),
+            Err(InflightError::Size { .. })
+        ));
         r.write_u16(10, 16).unwrap();
         r.write_u16(12, 99).unwrap();
         assert!(matches!(

@@ -7,11 +7,11 @@ use std::sync::atomic::{fence, Ordering};
 use memory::{GuestAddress, GuestMemory, VolatileSlice};
 
 use super::chain::DescriptorChain;
-use super::inflight::InflightRing;
 use super::desc::{
     avail_ring_len, desc_table_len, used_ring_len, MAX_QUEUE_SIZE, VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY,
 };
+use super::inflight::InflightRing;
 use crate::{Error, Result};
 
 /// A split virtqueue's device-side state. Every method that touches the rings takes the

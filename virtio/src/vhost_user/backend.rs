@@ -243,7 +243,11 @@ pub async fn serve_with_inflight<D: Device>(
 }
 
 impl<D: Device> Server<D> {
-    fn new(device: Rc<D>, conn: Connection, inflight_pool: Option<GuestMemory>) -> Result<Server<D>> {
+    fn new(
+        device: Rc<D>,
+        conn: Connection,
+        inflight_pool: Option<GuestMemory>,
+    ) -> Result<Server<D>> {
         let max = device.max_queue_size();
         let vrings = (0..device.num_queues())
             .map(|index| {

@@ -201,8 +201,15 @@ impl Frontend {
 
     /// `GET_INFLIGHT_FD`: a new, cleared inflight region for `num_queues` queues of up to
     /// `queue_size` entries, from the backend; keep it across the backend's restarts.
-    pub async fn get_inflight(&self, num_queues: u16, queue_size: u16) -> Result<(Inflight, OwnedFd)> {
-        self.need_protocol(PROTOCOL_F_INFLIGHT_SHMFD, "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD")?;
+    pub async fn get_inflight(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(Inflight, OwnedFd)> {
+        self.need_protocol(
+            PROTOCOL_F_INFLIGHT_SHMFD,
+            "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD",
+        )?;
         let request = Inflight {
             mmap_size: 0,
             mmap_offset: 0,
@@ -212,7 +219,8 @@ impl Frontend {
         let (reply, mut fds) = self
             .transact_fds(Request::GetInflightFd, &request.to_bytes(), &[], 1)
             .await?;
-        let reply = Inflight::decode(&reply).map_err(|e| Error::BadReply(Request::GetInflightFd, e))?;
+        let reply =
+            Inflight::decode(&reply).map_err(|e| Error::BadReply(Request::GetInflightFd, e))?;
         let fd = match (fds.pop(), fds.is_empty()) {
             (Some(fd), true) => fd,
             (_, _) => return Err(Error::ReplyFds(Request::GetInflightFd, fds.len())),
@@ -268,7 +276,10 @@ impl Frontend {
         self.transact(Request::SetMemTable, &table.to_bytes(), &fds)
             .await?;
         if let Some((region, fd)) = inflight {
-            self.need_protocol(PROTOCOL_F_INFLIGHT_SHMFD, "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD")?;
+            self.need_protocol(
+                PROTOCOL_F_INFLIGHT_SHMFD,
+                "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD",
+            )?;
             self.transact(Request::SetInflightFd, &region.to_bytes(), &[fd])
                 .await?;
         }

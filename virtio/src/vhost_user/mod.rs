@@ -58,8 +58,7 @@ pub use connection::Connection;
 pub use frontend::{Frontend, VringConfig};
 pub use message::{
     encode_ack, encode_reply, Body, Config, Header, Inflight, MemTable, MemoryRegion, Message,
-    MessageError,
-    Request, RequestBody, VringAddr, VringFd, VringState, U64,
+    MessageError, Request, RequestBody, VringAddr, VringFd, VringState, U64,
 };
 
 use std::io;
@@ -276,7 +275,9 @@ pub enum Error {
     #[error("{0:?} without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD")]
     InflightNotNegotiated(Request),
     /// An inflight region that cannot cover the queues asked for.
-    #[error("an inflight region of {size} bytes at {offset} for {num_queues} queues of {queue_size}")]
+    #[error(
+        "an inflight region of {size} bytes at {offset} for {num_queues} queues of {queue_size}"
+    )]
     InflightSize {
         /// Its size.
         size: u64,

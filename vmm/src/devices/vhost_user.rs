@@ -47,6 +47,13 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How often an external backend's socket is tried while it is away.
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(20);
+/// When the rings of a restarted backend are kicked again (see `kick_after_restart`).
+const RESTART_KICKS: [Duration; 4] = [
+    Duration::from_millis(0),
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+];
 /// Largest queue the transport offers for a vhost-user device.
 const MAX_QUEUE_SIZE: u16 = 256;
 
@@ -259,25 +266,24 @@ impl Backend {
             }
         }
     }
-
 }
 
 /// Resolves when the backend is gone: its socket is readable, or its process ended.
 async fn gone(hangup: &executor::AsyncFd, origin: &Origin) {
     let hangup = Box::pin(hangup.poll_readable());
     match origin {
-            Origin::Own { process, .. } => {
-                let Ok(fd) = process.pidfd() else {
-                    return hangup.await.map(drop).unwrap_or(());
-                };
-                let pidfd = executor::AsyncFd::new(fd);
-                let ended = Box::pin(pidfd.poll_readable());
-                let _ = select(hangup, ended).await;
-            }
-            Origin::External { .. } => {
-                let _ = hangup.await;
-            }
+        Origin::Own { process, .. } => {
+            let Ok(fd) = process.pidfd() else {
+                return hangup.await.map(drop).unwrap_or(());
+            };
+            let pidfd = executor::AsyncFd::new(fd);
+            let ended = Box::pin(pidfd.poll_readable());
+            let _ = select(hangup, ended).await;
         }
+        Origin::External { .. } => {
+            let _ = hangup.await;
+        }
+    }
 }
 
 impl Backend {
@@ -379,7 +385,12 @@ impl Backend {
             return Ok(());
         };
         if self.frontend.tracks_inflight() && self.inflight.is_none() {
-            let queues = started.vrings.iter().map(|v| v.index + 1).max().unwrap_or(1);
+            let queues = started
+                .vrings
+                .iter()
+                .map(|v| v.index + 1)
+                .max()
+                .unwrap_or(1);
             let size = started.vrings.iter().map(|v| v.size).max().unwrap_or(1);
             let queues = u16::try_from(queues).unwrap_or(u16::MAX);
             self.inflight = Some(self.frontend.get_inflight(queues, size).await?);
@@ -449,6 +460,7 @@ impl Backend {
             match self.restart(mem, heal).await {
                 Ok(()) => {
                     self.restarts.fetch_add(1, Ordering::Relaxed);
+                    self.kick_after_restart();
                     return true;
                 }
                 Err(RestartError::Gone(e)) => {
@@ -463,6 +475,34 @@ impl Backend {
                 }
             }
         }
+    }
+
+    /// Kicks every started ring a few times in the first moments after a restart. The dead
+    /// process's io_uring is torn down by the kernel after the process has ended, and until
+    /// then a read it had armed on a kick eventfd can still take a kick the guest sends to
+    /// the new process, which would then wait for a kick that never comes (a guest that
+    /// kicks only for new buffers would stall). A spare kick only makes the device look at
+    /// its ring again.
+    fn kick_after_restart(&self) {
+        let Some(started) = &self.started else {
+            return;
+        };
+        let kicks: Vec<OwnedFd> = started
+            .vrings
+            .iter()
+            .filter_map(|v| v.kick.try_clone().ok())
+            .collect();
+        executor::spawn(async move {
+            let fds: Vec<executor::AsyncFd> =
+                kicks.into_iter().map(executor::AsyncFd::new).collect();
+            for delay in RESTART_KICKS {
+                let _ = executor::sleep(delay).await;
+                for fd in &fds {
+                    let _ = fd.write(1u64.to_ne_bytes().to_vec()).await;
+                }
+            }
+        })
+        .detach();
     }
 
     /// Why the backend is gone, as the VM's report says it: how its process died, or that
