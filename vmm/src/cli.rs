@@ -533,6 +533,8 @@ mod tests {
             no_rng: false,
             disable_sandbox: false,
             seccomp_log_failures: false,
+            device_restarts: None,
+            vhost_user_reconnect: 30,
             kernel: "k".into(),
         };
         assert!(validate(&args(256, 1)).is_ok());
