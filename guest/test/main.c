@@ -139,7 +139,7 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "blk.expect", "blk.id", "net.ip", "net.peer", "net.udp",
 					 "net.mode", "net.csum", "net.serve_ms", "net.bad",
 					 "blkbench.qd", "blkbench.ms", "blkbench.op", "blkbench.bs",
-					 "blkbench.tsc_khz", "blkverify.qd", "blkverify.ms", "vsock.app", "vsock.port", "vsock.listen",
+					 "blkbench.tsc_khz", "blkverify.qd", "blkverify.ms", "net.stream_ms", "vsock.app", "vsock.port", "vsock.listen",
 					 "vsock.conns", "vsock.bytes", "vsock.idle_ms", "vsock.seed", "vsock.cid",
 					 "vsock.credit_req_ms", "vsock.pause_ms", "vsock.pause_at", "vsock.check", "vsock.buf_alloc",
 					 "vsock.reset_stall_ms"};

@@ -276,3 +276,100 @@ fn external_block_backend_killed_and_restarted_under_the_guest_is_reconnected() 
     eprintln!("qemu-storage-daemon: guest: {result}");
     assert_eq!(stderr.matches(&name).count(), 3, "{stderr}");
 }
+
+/// virtio-net: the guest streams UDP datagrams to a peer in a network namespace (which
+/// echoes them) while the net process is killed 5 times. Every tx chain must come back
+/// (the guest waits for each), the stream must reach the host after every restart, and
+/// echoes must keep coming in (rx buffers stay posted). The loss is reported.
+#[test]
+fn udp_stream_through_the_tap_keeps_flowing_across_net_process_kills() {
+    use tests::netns::{NetNs, GUEST_IP, UDP_PORT};
+    let mut ns = NetNs::new("rvm-heal");
+    let peer = ns.start_peer(0, 60);
+    let cmdline = GuestCmdline::new()
+        .test("virtio-net")
+        .option("net.ip", GUEST_IP)
+        .option("net.peer", "10.0.2.1")
+        .option("net.udp", UDP_PORT)
+        .option("net.stream_ms", 5000);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .arg(tests::ringvm_bin())
+        .args(tests::test_guest_args(
+            &[
+                "--no-rng",
+                "--tap-name",
+                "tap0",
+                "--device-restarts",
+                "100/60",
+            ],
+            &cmdline,
+        ));
+    let mut live = Live::start(&mut cmd);
+    live.wait_for("virtio-net stream to", BOOT);
+    let vmm = live.child.id();
+    let mut rand = Rand::new();
+    let mut killed = Vec::new();
+    let mut kill_times = Vec::new();
+    let t0 = Instant::now();
+    while killed.len() < 5 {
+        std::thread::sleep(Duration::from_millis(500 + rand.below(300)));
+        let device = device_of(vmm, &killed);
+        kill(device, "KILL");
+        kill_times.push(t0.elapsed());
+        killed.push(device);
+    }
+    live.wait_for("ringvm-test: done", LIMIT);
+    let seen = live.seen().to_string();
+    let (status, stderr) = live.finish(Duration::from_secs(10));
+    drop(ns);
+    let report = GuestReport::parse(&seen);
+    assert!(
+        report.all_ok(&["virtio-net"]),
+        "virtio-net failed:\n{seen}\nstderr:\n{stderr}"
+    );
+    assert!(status.success(), "{status:?}\n{stderr}");
+    assert_eq!(stderr.matches("; restarting it (").count(), 5, "{stderr}");
+    let stream = report
+        .details("virtio-net")
+        .into_iter()
+        .find(|l| l.starts_with("stream sent="))
+        .unwrap_or_else(|| panic!("no stream line:\n{seen}"))
+        .to_string();
+    let number = |key: &str| -> u64 {
+        stream
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {stream:?}"))
+    };
+    let (sent, echoed) = (number("sent="), number("echoed="));
+    // What reached the host, by sequence number.
+    let mut got: Vec<u64> = peer
+        .try_iter()
+        .filter_map(|l| {
+            l.split("ringvm-stream-")
+                .nth(1)
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .collect();
+    got.sort_unstable();
+    got.dedup();
+    let at_host = got.len() as u64;
+    eprintln!(
+        "udp stream: {sent} sent, {at_host} reached the host ({} lost), {echoed} echoes back; \
+         kills at {kill_times:?}",
+        sent.saturating_sub(at_host)
+    );
+    assert!(at_host > 0 && echoed > 0, "{stream}");
+    // The stream went on after the last kill: the last datagrams reached the host.
+    assert!(
+        got.last().is_some_and(|&last| last + 5 >= sent),
+        "the stream stopped reaching the host (last {:?} of {sent})",
+        got.last()
+    );
+    assert!(
+        at_host * 2 >= sent,
+        "more than half the stream was lost: {at_host} of {sent}"
+    );
+}
