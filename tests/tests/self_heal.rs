@@ -5,7 +5,9 @@
 //!   reads back and checks blocks at QD 32 at CPL3 while the block process is killed 20 times
 //!   at random moments; inflight I/O tracking gives the new process what the dead one had in
 //!   flight. No request may fail, be lost or complete twice, and every block must read back
-//!   as last written. The same with a death by the device's own seccomp filter.
+//!   as last written; on raw and qcow2 (whose metadata `ringvm run` has written through, and
+//!   which `qemu-img check` finds uncorrupted). The same with a death by the device's own
+//!   seccomp filter.
 //! - The budget: past `--device-restarts N`, a death ends the VM with the report it gave
 //!   before restarts existed.
 
@@ -135,15 +137,22 @@ fn kill_block_20_times(format: &str) {
         );
     }
     if format == "qcow2" {
+        // No corruption. Leaked clusters (exit status 3) may remain: a cluster allocated by a
+        // write the process was killed in, which is submitted again and allocates another.
         let check = Command::new("qemu-img")
-            .args(["check", "-q"])
+            .arg("check")
             .arg(&disk)
             .output()
             .expect("qemu-img check");
+        let out = String::from_utf8_lossy(&check.stdout);
         assert!(
-            check.status.success(),
-            "qemu-img check: {}",
-            String::from_utf8_lossy(&check.stdout)
+            matches!(check.status.code(), Some(0 | 3)) && !out.contains("ERROR"),
+            "qemu-img check ({:?}):\n{out}",
+            check.status
+        );
+        eprintln!(
+            "qcow2 after 20 kills: {}",
+            out.lines().next().unwrap_or_default()
         );
     }
 }
@@ -151,6 +160,11 @@ fn kill_block_20_times(format: &str) {
 #[test]
 fn block_process_killed_20_times_loses_and_repeats_no_request_raw() {
     kill_block_20_times("raw");
+}
+
+#[test]
+fn block_process_killed_20_times_loses_and_repeats_no_request_qcow2() {
+    kill_block_20_times("qcow2");
 }
 
 #[test]

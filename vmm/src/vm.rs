@@ -387,6 +387,8 @@ async fn add_devices(
             file: disk.clone(),
             // One request queue per vCPU, like crosvm.
             queues: config.cpus,
+            // A restarted process must find the writes its predecessor completed.
+            metadata_write_through: config.restarts.max > 0,
         };
         let (sock, origin) =
             spawn_device::<block::BlockProcess>(config, processes, launches, &name, &options, &[])?;
