@@ -76,6 +76,8 @@ pub struct InflightRing {
     counter: u64,
     /// Heads to submit again, the next at the end.
     resubmit: Vec<u16>,
+    /// See [`InflightRing::was_in_use`].
+    in_use: bool,
 }
 
 impl InflightRing {
@@ -87,12 +89,19 @@ impl InflightRing {
             size,
             counter: 1,
             resubmit: Vec::new(),
+            in_use: false,
         }
     }
 
     fn desc(&self, head: u16) -> GuestAddress {
         self.base
             .wrapping_add(HEADER + DESC_STATE * u64::from(head))
+    }
+
+    /// Whether the last [`recover`](InflightRing::recover) found the region in use (written
+    /// by an earlier backend, or an earlier start of this one), not fresh.
+    pub fn was_in_use(&self) -> bool {
+        self.in_use
     }
 
     /// Reads the region after a (re)start, with `used_idx` from the used ring and
@@ -108,6 +117,7 @@ impl InflightRing {
         let version = u16_at(8);
         self.resubmit.clear();
         self.counter = 1;
+        self.in_use = false;
         if version == 0 && copy.iter().all(|&b| b == 0) {
             // Fresh: nothing was ever taken through this region.
             self.write_u16(8, VERSION)?;
@@ -118,6 +128,7 @@ impl InflightRing {
         if version != VERSION {
             return Err(InflightError::Version(version));
         }
+        self.in_use = true;
         let found = u16_at(10);
         if found != self.size {
             return Err(InflightError::Size {

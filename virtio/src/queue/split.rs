@@ -117,7 +117,8 @@ impl Queue {
     /// an activated queue before its first pop: it reads the region, lines up the chains a
     /// dead backend had in flight to be popped first, and moves the next avail index past
     /// them (whatever `SET_VRING_BASE` said). Fails on a region that does not check out.
-    pub fn track_inflight(&mut self, mem: &GuestMemory, mut region: InflightRing) -> Result<()> {
+    /// Returns whether the region was in use already (see [`InflightRing::was_in_use`]).
+    pub fn track_inflight(&mut self, mem: &GuestMemory, mut region: InflightRing) -> Result<bool> {
         self.check_ready()?;
         let used = self.used_idx(mem)?;
         let avail = self.avail_idx(mem)?;
@@ -125,9 +126,10 @@ impl Queue {
         self.next_avail = Wrapping(next);
         self.next_used = Wrapping(used);
         self.signalled_used = Wrapping(used);
+        let in_use = region.was_in_use();
         self.inflight = Some(region);
         self.last_resubmitted = None;
-        Ok(())
+        Ok(in_use)
     }
 
     /// The largest size the driver may set.

@@ -111,6 +111,11 @@ pub trait Device: 'static {
     ) -> Pin<Box<dyn Future<Output = ()>>>;
     /// Back to the state after creation (`RESET_DEVICE`), with every queue stopped.
     fn reset(&self) {}
+    /// The frontend handed over the rings of an earlier backend that went away (an inflight
+    /// region in use before this connection): what lived only in that backend (vsock
+    /// connections, say) is gone, and the driver may need telling. Called once, before the
+    /// first queue runs.
+    fn resumed(&self) {}
 }
 
 #[derive(Default)]
@@ -211,6 +216,8 @@ struct Server<D: Device> {
     inflight: Option<InflightRegion>,
     /// Descriptors to send with the next reply.
     reply_fds: Vec<OwnedFd>,
+    /// Whether a queue has started on this connection (`Device::resumed` comes before).
+    started_once: bool,
 }
 
 /// Serves `device` on `conn` until the frontend closes the connection (`Ok`) or sends
@@ -284,6 +291,7 @@ impl<D: Device> Server<D> {
             inflight_pool,
             inflight: None,
             reply_fds: Vec::new(),
+            started_once: false,
         })
     }
 
@@ -767,9 +775,13 @@ impl<D: Device> Server<D> {
             if i < usize::from(region.num_queues) && queue.size() <= region.queue_size {
                 let base = GuestAddress(i as u64 * queue_region_size(region.queue_size));
                 let ring = InflightRing::new(region.mem.clone(), base, queue.size());
-                queue.track_inflight(mem, ring).map_err(setup)?;
+                let in_use = queue.track_inflight(mem, ring).map_err(setup)?;
+                if in_use && !self.started_once {
+                    self.device.resumed();
+                }
             }
         }
+        self.started_once = true;
         let kick = EventFdStream::new(kick.try_clone().map_err(Error::DupFd)?);
         let call = match &vring.call {
             Some(fd) => EventFd::from(fd.as_fd().try_clone_to_owned().map_err(Error::DupFd)?),
