@@ -156,13 +156,95 @@ static int bv_check(u32 slot)
 	return 1;
 }
 
+static void bv_publish(struct bv_job *j, u16 avail_idx)
+{
+	if (j->avail->idx == avail_idx)
+		return;
+	__asm__ volatile("" ::: "memory");
+	j->avail->idx = avail_idx;
+	mb();
+	mmio_write16(j->notify, 0);
+}
+
+/* Handles one used entry: the slot's request is done. A write is read back (unless
+ * draining, when no request is started); reads are checked. */
+static void bv_used(struct bv_job *j, u32 id, u32 *in_flight, u16 *avail_idx, int draining)
+{
+	u32 slot = id / 3;
+	if (id % 3 || slot >= j->qd) {
+		j->bad_id++;
+		return;
+	}
+	struct bv_slot *s = &slots[slot];
+	if (s->state == S_IDLE) {
+		j->doubled++;
+		return;
+	}
+	(*in_flight)--;
+	volatile u64 *t = bv_table();
+	if (statuses[slot] != 0) {
+		j->errors++;
+	} else if (s->state == S_WRITE) {
+		j->writes++;
+		t[s->block] = (1ull << 32) | s->version;
+		if (!draining) {
+			for (u32 i = 0; i < BV_BS / 8; i++)
+				bv_buf(slot)[i] = 0xaaaaaaaaaaaaaaaaull;
+			s->state = S_VERIFY;
+			bv_submit(j, slot, T_IN, avail_idx);
+			(*in_flight)++;
+			return;
+		}
+	} else {
+		if (s->state == S_FINAL)
+			j->final++;
+		else {
+			j->reads++;
+			j->checked++;
+		}
+		if (!bv_check(slot))
+			j->mismatches++;
+	}
+	if (s->state != S_FINAL)
+		t[s->block] &= 0xffffffffu;
+	s->state = S_IDLE;
+}
+
+/* Waits for used entries past *used_seen and handles them; 0 after 10 s without one. */
+static int bv_reap(struct bv_job *j, u16 *used_seen, u64 *last, u32 *in_flight, u16 *avail_idx, int draining)
+{
+	u16 used_idx;
+	u64 now;
+	for (;;) {
+		used_idx = j->used->idx;
+		now = rdtsc();
+		if (used_idx != *used_seen)
+			break;
+		if (now - *last > 10 * j->hz) {
+			j->stalled = 1;
+			return 0;
+		}
+		cpu_relax();
+	}
+	__asm__ volatile("" ::: "memory");
+	if (now - *last > j->max_stall)
+		j->max_stall = now - *last;
+	*last = now;
+	while (*used_seen != used_idx) {
+		u32 id = j->used->ring[*used_seen % j->qsize].id;
+		(*used_seen)++;
+		bv_used(j, id, in_flight, avail_idx, draining);
+	}
+	return 1;
+}
+
 static void user_blk_verify(void *arg)
 {
 	struct bv_job *j = arg;
 	u16 cs;
 	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
 	j->cs = cs;
-	u32 qd = j->qd, qsize = j->qsize;
+	u32 qd = j->qd;
 	u64 x = rdtsc() * 0x9e3779b97f4a7c15ull | 1;
 	for (u32 i = 0; i < qd; i++) {
 		volatile struct vq_desc *d = &j->desc[3 * i];
@@ -177,150 +259,24 @@ static void user_blk_verify(void *arg)
 	u64 t0 = rdtsc(), t_end = t0 + j->ms * (j->hz / 1000), last = t0;
 	for (;;) {
 		/* Idle slots start their next request. */
-		u32 started = 0;
-		for (u32 i = 0; i < qd; i++) {
-			if (slots[i].state != S_IDLE)
-				continue;
-			if (bv_start(j, i, &x, final, &cursor, &avail_idx)) {
+		for (u32 i = 0; i < qd; i++)
+			if (slots[i].state == S_IDLE && bv_start(j, i, &x, final, &cursor, &avail_idx))
 				in_flight++;
-				started++;
-			}
-		}
-		if (started) {
-			__asm__ volatile("" ::: "memory");
-			j->avail->idx = avail_idx;
-			mb();
-			mmio_write16(j->notify, 0);
-		}
+		bv_publish(j, avail_idx);
 		if (!in_flight) {
 			if (final)
 				break;
-			/* The timed part is over and everything came back: check every block. */
-			final = 1;
+			final = 1; /* everything came back: check every block written */
 			continue;
 		}
-		/* Wait for completions. */
-		u16 used_idx;
-		u64 now;
-		for (;;) {
-			used_idx = j->used->idx;
-			now = rdtsc();
-			if (used_idx != used_seen)
-				break;
-			if (now - last > 10 * j->hz) {
-				j->stalled = 1;
-				return;
-			}
-			cpu_relax();
-		}
-		__asm__ volatile("" ::: "memory");
-		if (now - last > j->max_stall)
-			j->max_stall = now - last;
-		last = now;
-		int timed_out = !final && now >= t_end;
-		while (used_seen != used_idx) {
-			volatile struct vq_used_elem *e = &j->used->ring[used_seen % qsize];
-			u32 id = e->id;
-			used_seen++;
-			u32 slot = id / 3;
-			if (id % 3 || slot >= qd) {
-				j->bad_id++;
-				continue;
-			}
-			struct bv_slot *s = &slots[slot];
-			if (s->state == S_IDLE) {
-				j->doubled++;
-				continue;
-			}
-			in_flight--;
-			volatile u64 *t = bv_table();
-			if (statuses[slot] != 0) {
-				j->errors++;
-				t[s->block] &= 0xffffffffu;
-				s->state = S_IDLE;
-				continue;
-			}
-			switch (s->state) {
-			case S_WRITE:
-				j->writes++;
-				t[s->block] = (1ull << 32) | s->version;
-				/* Read it back into the same buffer. */
-				for (u32 i = 0; i < BV_BS / 8; i++)
-					bv_buf(slot)[i] = 0xaaaaaaaaaaaaaaaaull;
-				s->state = S_VERIFY;
-				bv_submit(j, slot, T_IN, &avail_idx);
-				in_flight++;
-				continue;
-			case S_VERIFY:
-			case S_READ:
-				j->reads++;
-				j->checked++;
-				if (!bv_check(slot))
-					j->mismatches++;
-				t[s->block] &= 0xffffffffu;
-				break;
-			case S_FINAL:
-				j->final++;
-				if (!bv_check(slot))
-					j->mismatches++;
-				break;
-			}
-			s->state = S_IDLE;
-		}
-		if (j->avail->idx != avail_idx) {
-			__asm__ volatile("" ::: "memory");
-			j->avail->idx = avail_idx;
-			mb();
-			mmio_write16(j->notify, 0);
-		}
-		if (timed_out) {
-			/* Drain: no new requests until everything in flight came back. */
-			while (in_flight) {
-				u16 ui = j->used->idx;
-				now = rdtsc();
-				if (ui == used_seen) {
-					if (now - last > 10 * j->hz) {
-						j->stalled = 1;
-						return;
-					}
-					cpu_relax();
-					continue;
-				}
-				__asm__ volatile("" ::: "memory");
-				if (now - last > j->max_stall)
-					j->max_stall = now - last;
-				last = now;
-				while (used_seen != ui) {
-					volatile struct vq_used_elem *e = &j->used->ring[used_seen % qsize];
-					u32 id = e->id;
-					used_seen++;
-					u32 slot = id / 3;
-					if (id % 3 || slot >= qd) {
-						j->bad_id++;
-						continue;
-					}
-					struct bv_slot *s = &slots[slot];
-					if (s->state == S_IDLE) {
-						j->doubled++;
-						continue;
-					}
-					in_flight--;
-					volatile u64 *t = bv_table();
-					if (statuses[slot] != 0)
-						j->errors++;
-					else if (s->state == S_WRITE) {
-						j->writes++;
-						t[s->block] = s->version;
-					} else {
-						j->reads++;
-						j->checked++;
-						if (!bv_check(slot))
-							j->mismatches++;
-					}
-					t[s->block] &= 0xffffffffu;
-					s->state = S_IDLE;
-				}
-			}
+		if (!bv_reap(j, &used_seen, &last, &in_flight, &avail_idx, 0))
+			return;
+		bv_publish(j, avail_idx);
+		if (!final && rdtsc() >= t_end) {
+			/* The timed part is over: no new requests until everything came back. */
+			while (in_flight)
+				if (!bv_reap(j, &used_seen, &last, &in_flight, &avail_idx, 1))
+					return;
 			final = 1;
 		}
 	}

@@ -559,6 +559,31 @@ impl Drop for BlockBackend {
     }
 }
 
+/// `qemu-storage-daemon` exporting the raw image `img` as a writable vhost-user-blk device on
+/// the socket `sock` (page cache on), listening once this returns. Kill and wait it.
+pub fn qemu_storage_daemon(img: &Path, sock: &Path) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk0,filename={},cache.direct=off",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon (apt package qemu-system-common)");
+    assert!(
+        wait_until(Duration::from_secs(20), || sock.exists()),
+        "qemu-storage-daemon never listened"
+    );
+    child
+}
+
 /// A VM whose test guest halts forever (`wait`), with its one jailed device process found;
 /// killed when dropped ([`Live`]), so a test that fails half-way leaves no halted VM (or
 /// device) behind.

@@ -221,30 +221,6 @@ fn past_the_budget_a_death_ends_the_vm_with_the_report_of_old() {
     assert!(children_of(vmm).is_empty(), "device processes left behind");
 }
 
-/// `qemu-storage-daemon` exporting `img` as vhost-user-blk on `sock` (writable).
-fn qsd(img: &std::path::Path, sock: &std::path::Path) -> std::process::Child {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0,filename={},cache.direct=off",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon (apt package qemu-system-common)");
-    assert!(
-        wait_until(Duration::from_secs(20), || sock.exists()),
-        "qemu-storage-daemon never listened"
-    );
-    child
-}
-
 #[test]
 fn external_block_backend_killed_and_restarted_under_the_guest_is_reconnected() {
     let dir = Scratch::new("self-heal", "qsd");
@@ -253,7 +229,7 @@ fn external_block_backend_killed_and_restarted_under_the_guest_is_reconnected() 
     std::fs::File::create(&img)
         .and_then(|f| f.set_len(16 << 20))
         .expect("create the disk");
-    let mut backend = qsd(&img, &sock);
+    let mut backend = tests::qemu_storage_daemon(&img, &sock);
     let spec = format!("type=blk,socket={}", sock.display());
     let cmdline = GuestCmdline::new()
         .test("rtc")
@@ -281,7 +257,7 @@ fn external_block_backend_killed_and_restarted_under_the_guest_is_reconnected() 
         let _ = backend.wait();
         // The backend is away for a while before it comes back on the same path.
         std::thread::sleep(Duration::from_millis(200));
-        backend = qsd(&img, &sock);
+        backend = tests::qemu_storage_daemon(&img, &sock);
         eprintln!("qemu-storage-daemon restarted ({round})");
     }
     let (result, stderr) = finish_blk_verify(live);

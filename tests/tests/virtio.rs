@@ -249,24 +249,7 @@ fn guest_reads_and_writes_a_disk_exported_by_qemu_storage_daemon() {
     std::fs::File::create(&img)
         .and_then(|f| f.set_len(SECTORS * 512))
         .expect("create image");
-    let mut qsd = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0,filename={},cache.direct=off",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu-storage-daemon (apt package qemu-system-common)");
-    assert!(
-        wait_until(Duration::from_secs(20), || sock.exists()),
-        "qemu-storage-daemon never listened"
-    );
+    let mut qsd = tests::qemu_storage_daemon(&img, &sock);
     let spec = format!("type=blk,socket={}", sock.display());
     let cmdline = GuestCmdline::new().test("pci").test("virtio-blk");
     let run = run_guest(

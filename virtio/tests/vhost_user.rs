@@ -1383,29 +1383,42 @@ impl Device for Tracker {
     }
 }
 
+type Counter = Rc<std::cell::Cell<u32>>;
+
+/// A [`Tracker`] served with an inflight region of its own to offer, and a frontend on it;
+/// its counters of chains taken and `resumed` calls.
+async fn tracker_backend(
+    complete: bool,
+) -> (
+    Frontend,
+    Task<virtio::vhost_user::Result<()>>,
+    Counter,
+    Counter,
+) {
+    let (front, back) = pair();
+    let t = Tracker {
+        complete,
+        taken: Rc::default(),
+        resumed: Rc::default(),
+    };
+    let (taken, resumed) = (t.taken.clone(), t.resumed.clone());
+    let pool = virtio::vhost_user::reserve_inflight(1, 16).unwrap();
+    let server = executor::spawn(virtio::vhost_user::serve_with_inflight(
+        Rc::new(t),
+        back,
+        Some(pool),
+    ));
+    let fe = Frontend::connect(front, TIMEOUT).await.unwrap();
+    (fe, server, taken, resumed)
+}
+
 #[test]
 fn a_backend_that_takes_over_an_inflight_region_finishes_what_the_dead_one_held() {
     let ex = Executor::new().unwrap();
     ex.run_until(async {
         let mut guest = Guest::new(16);
-        let tracker = |complete| {
-            let t = Tracker {
-                complete,
-                taken: Rc::default(),
-                resumed: Rc::default(),
-            };
-            (t.taken.clone(), t.resumed.clone(), Rc::new(t))
-        };
         // The first backend takes three chains and holds them.
-        let (front, back) = pair();
-        let (taken, resumed, dev) = tracker(false);
-        let pool = virtio::vhost_user::reserve_inflight(1, 16).unwrap();
-        let server = executor::spawn(virtio::vhost_user::serve_with_inflight(
-            dev,
-            back,
-            Some(pool),
-        ));
-        let fe = Frontend::connect(front, TIMEOUT).await.unwrap();
+        let (fe, server, taken, resumed) = tracker_backend(false).await;
         assert!(fe.tracks_inflight());
         let (region, fd) = fe.get_inflight(1, 16).await.unwrap();
         fe.start_with_inflight(
@@ -1433,15 +1446,7 @@ fn a_backend_that_takes_over_an_inflight_region_finishes_what_the_dead_one_held(
         drop(fe);
 
         // The next backend gets the same region and the rings, from the used index (0).
-        let (front, back) = pair();
-        let (taken, resumed, dev) = tracker(true);
-        let pool = virtio::vhost_user::reserve_inflight(1, 16).unwrap();
-        let server = executor::spawn(virtio::vhost_user::serve_with_inflight(
-            dev,
-            back,
-            Some(pool),
-        ));
-        let fe = Frontend::connect(front, TIMEOUT).await.unwrap();
+        let (fe, server, taken, resumed) = tracker_backend(true).await;
         fe.start_with_inflight(
             FEATURES,
             &guest.mem,
