@@ -229,7 +229,15 @@ fn external_block_backend_killed_and_restarted_under_the_guest_is_reconnected() 
     std::fs::File::create(&img)
         .and_then(|f| f.set_len(16 << 20))
         .expect("create the disk");
-    let mut backend = tests::qemu_storage_daemon(&img, &sock);
+    /// Kills the daemon however the test ends.
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut backend = Daemon(tests::qemu_storage_daemon(&img, &sock));
     let spec = format!("type=blk,socket={}", sock.display());
     let cmdline = GuestCmdline::new()
         .test("rtc")
@@ -253,16 +261,15 @@ fn external_block_backend_killed_and_restarted_under_the_guest_is_reconnected() 
     );
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(400));
-        backend.kill().expect("kill qemu-storage-daemon");
-        let _ = backend.wait();
+        backend.0.kill().expect("kill qemu-storage-daemon");
+        let _ = backend.0.wait();
         // The backend is away for a while before it comes back on the same path.
         std::thread::sleep(Duration::from_millis(200));
-        backend = tests::qemu_storage_daemon(&img, &sock);
+        backend = Daemon(tests::qemu_storage_daemon(&img, &sock));
         eprintln!("qemu-storage-daemon restarted ({round})");
     }
     let (result, stderr) = finish_blk_verify(live);
-    let _ = backend.kill();
-    let _ = backend.wait();
+    drop(backend);
     eprintln!("qemu-storage-daemon: guest: {result}");
     assert_eq!(stderr.matches(&name).count(), 3, "{stderr}");
 }

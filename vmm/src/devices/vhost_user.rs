@@ -533,7 +533,7 @@ impl Backend {
         mem: &GuestMemory,
         heal: &Rc<Healing>,
     ) -> std::result::Result<(), RestartError> {
-        let sock = match &mut self.origin {
+        let (frontend, hangup) = match &mut self.origin {
             Origin::Own { process, slot } => {
                 let respawner = heal
                     .respawner
@@ -544,15 +544,14 @@ impl Backend {
                     .await
                     .map_err(RestartError::Fatal)?;
                 *process = heal.processes.push(p);
-                sock
+                handshake(&self.name, sock)
+                    .await
+                    .map_err(RestartError::Gone)?
             }
-            Origin::External { path } => reconnect(path, heal.reconnect_timeout)
+            Origin::External { path } => reconnect(&self.name, path, heal.reconnect_timeout)
                 .await
                 .map_err(RestartError::Fatal)?,
         };
-        let (frontend, hangup) = handshake(&self.name, sock)
-            .await
-            .map_err(RestartError::Gone)?;
         if offer(&frontend) != self.offered {
             return Err(RestartError::Fatal(anyhow!(
                 "it came back with other features (features, protocol features, queues: \
@@ -584,19 +583,27 @@ impl Backend {
     }
 }
 
-/// Connects to `path` again, trying until `limit` has passed.
-async fn reconnect(path: &std::path::Path, limit: Duration) -> Result<OwnedFd> {
+/// Connects to `path` again and sets the connection up, trying until `limit` has passed: the
+/// socket may not be there yet, or still be the old backend's, which resets the connection.
+async fn reconnect(
+    name: &str,
+    path: &std::path::Path,
+    limit: Duration,
+) -> Result<(Frontend, executor::AsyncFd)> {
     let deadline = Instant::now() + limit;
     loop {
-        match executor::connect_unix(path).await {
-            Ok(fd) => {
-                return fd
-                    .into_owned()
-                    .map_err(|_| anyhow!("the socket is not a plain descriptor"))
-            }
+        let attempt = async {
+            let fd = executor::connect_unix(path).await?;
+            let fd = fd
+                .into_owned()
+                .map_err(|_| anyhow!("the socket is not a plain descriptor"))?;
+            handshake(name, fd).await
+        };
+        match attempt.await {
+            Ok(connected) => return Ok(connected),
             Err(e) if Instant::now() >= deadline => {
                 bail!(
-                    "it did not come back at {} within {} s: {e}",
+                    "it did not come back at {} within {} s: {e:#}",
                     path.display(),
                     limit.as_secs()
                 )
