@@ -33,6 +33,8 @@
 #define BV_QD_MAX 64
 #define BV_BS 4096
 #define BV_BLOCKS_MAX 4096
+#define BV_GAPS 256
+#define BV_GAP_US 5000 /* a gap between completions this long is a stall (a device restart) */
 #define BV_MEM 0x3000000ull
 #define BV_DATA (BV_MEM + 0x4000)
 #define BV_TABLE (BV_DATA + (u64)BV_QD_MAX * BV_BS)
@@ -64,6 +66,8 @@ struct bv_job {
 	volatile struct bv_avail *avail;
 	volatile struct bv_used *used;
 	u64 writes, reads, checked, final, errors, mismatches, doubled, bad_id, stalled, max_stall;
+	u32 gaps;	   /* gaps of more than BV_GAP_US between completions, recorded */
+	u64 gap[BV_GAPS]; /* their lengths, in TSC cycles */
 	u16 cs;
 };
 
@@ -229,6 +233,8 @@ static int bv_reap(struct bv_job *j, u16 *used_seen, u64 *last, u32 *in_flight, 
 	__asm__ volatile("" ::: "memory");
 	if (now - *last > j->max_stall)
 		j->max_stall = now - *last;
+	if (now - *last > BV_GAP_US * (j->hz / 1000000) && j->gaps < BV_GAPS)
+		j->gap[j->gaps++] = now - *last;
 	*last = now;
 	while (*used_seen != used_idx) {
 		u32 id = j->used->ring[*used_seen % j->qsize].id;
@@ -368,6 +374,18 @@ static const char *bv_run(void)
 	    "max_stall_us=%lu",
 	    job.writes, job.reads, job.checked, job.final, job.errors, job.mismatches, job.doubled, job.bad_id,
 	    job.max_stall / (job.hz / 1000000));
+	/* The stalls, sorted (insertion sort: at most BV_GAPS of them). */
+	for (u32 i = 1; i < job.gaps; i++)
+		for (u32 k = i; k > 0 && job.gap[k - 1] > job.gap[k]; k--) {
+			u64 t = job.gap[k];
+			job.gap[k] = job.gap[k - 1];
+			job.gap[k - 1] = t;
+		}
+	if (job.gaps) {
+		u64 us = job.hz / 1000000;
+		say("blk-verify stalls over %u us: %u, median_us=%lu p99_us=%lu max_us=%lu", BV_GAP_US, job.gaps,
+		    job.gap[job.gaps / 2] / us, job.gap[(job.gaps * 99) / 100] / us, job.gap[job.gaps - 1] / us);
+	}
 	if (job.stalled) {
 		for (u32 i = 0; i < job.qd; i++)
 			if (slots[i].state != S_IDLE)

@@ -92,12 +92,13 @@ fn finish_blk_verify(mut live: Live) -> (String, String) {
         "blk-verify failed:\n{seen}\nstderr:\n{stderr}"
     );
     assert!(status.success(), "{status:?}\n{stderr}");
+    // The counts, and the stalls (gaps between completions over 5 ms) the guest measured.
     let result = report
         .details("blk-verify")
         .into_iter()
-        .find(|l| l.contains("writes="))
-        .unwrap_or_default()
-        .to_string();
+        .filter(|l| l.contains("writes=") || l.starts_with("stalls"))
+        .collect::<Vec<_>>()
+        .join("; ");
     (result, stderr)
 }
 
