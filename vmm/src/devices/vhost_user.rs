@@ -232,6 +232,24 @@ enum RestartError {
     Fatal(anyhow::Error),
 }
 
+/// Resolves when the backend is gone: its socket is readable, or its process ended.
+async fn gone(hangup: &executor::AsyncFd, origin: &Origin) {
+    let hangup = Box::pin(hangup.poll_readable());
+    match origin {
+        Origin::Own { process, .. } => {
+            let Ok(fd) = process.pidfd() else {
+                return hangup.await.map(drop).unwrap_or(());
+            };
+            let pidfd = executor::AsyncFd::new(fd);
+            let ended = Box::pin(pidfd.poll_readable());
+            let _ = select(hangup, ended).await;
+        }
+        Origin::External { .. } => {
+            let _ = hangup.await;
+        }
+    }
+}
+
 impl Backend {
     /// The restarts of this device so far (shared with its [`VhostUserDevice`]).
     pub fn restarts(&self) -> Arc<AtomicU32> {
@@ -266,27 +284,7 @@ impl Backend {
             }
         }
     }
-}
 
-/// Resolves when the backend is gone: its socket is readable, or its process ended.
-async fn gone(hangup: &executor::AsyncFd, origin: &Origin) {
-    let hangup = Box::pin(hangup.poll_readable());
-    match origin {
-        Origin::Own { process, .. } => {
-            let Ok(fd) = process.pidfd() else {
-                return hangup.await.map(drop).unwrap_or(());
-            };
-            let pidfd = executor::AsyncFd::new(fd);
-            let ended = Box::pin(pidfd.poll_readable());
-            let _ = select(hangup, ended).await;
-        }
-        Origin::External { .. } => {
-            let _ = hangup.await;
-        }
-    }
-}
-
-impl Backend {
     /// Handles one request of the transport; false when the VM ends.
     async fn handle(
         &mut self,
