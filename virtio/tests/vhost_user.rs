@@ -1412,6 +1412,18 @@ async fn tracker_backend(
     (fe, server, taken, resumed)
 }
 
+/// Starts the guest's ring on `fe` with the inflight region `region` (in `fd`).
+async fn start_on(
+    fe: &Frontend,
+    guest: &Guest,
+    region: &virtio::vhost_user::Inflight,
+    fd: BorrowedFd<'_>,
+) {
+    fe.start_with_inflight(FEATURES, &guest.mem, &[guest.vring(0)], Some((region, fd)))
+        .await
+        .unwrap();
+}
+
 #[test]
 fn a_backend_that_takes_over_an_inflight_region_finishes_what_the_dead_one_held() {
     let ex = Executor::new().unwrap();
@@ -1421,14 +1433,7 @@ fn a_backend_that_takes_over_an_inflight_region_finishes_what_the_dead_one_held(
         let (fe, server, taken, resumed) = tracker_backend(false).await;
         assert!(fe.tracks_inflight());
         let (region, fd) = fe.get_inflight(1, 16).await.unwrap();
-        fe.start_with_inflight(
-            FEATURES,
-            &guest.mem,
-            &[guest.vring(0)],
-            Some((&region, fd.as_fd())),
-        )
-        .await
-        .unwrap();
+        start_on(&fe, &guest, &region, fd.as_fd()).await;
         let sent: Vec<_> = (0..3)
             .map(|_| guest.driver.add_chain(&[MockBuf::Writable(8)]).unwrap())
             .collect();
@@ -1447,14 +1452,7 @@ fn a_backend_that_takes_over_an_inflight_region_finishes_what_the_dead_one_held(
 
         // The next backend gets the same region and the rings, from the used index (0).
         let (fe, server, taken, resumed) = tracker_backend(true).await;
-        fe.start_with_inflight(
-            FEATURES,
-            &guest.mem,
-            &[guest.vring(0)],
-            Some((&region, fd.as_fd())),
-        )
-        .await
-        .unwrap();
+        start_on(&fe, &guest, &region, fd.as_fd()).await;
         // No new kick: the chains in flight are submitted again by themselves, oldest first
         // (one call may cover them all).
         let mut used = Vec::new();
