@@ -12,7 +12,11 @@
 //! - Peer: the `virtio-blk-vhost-user` driver on qemu-storage-daemon's vhost-user-blk export
 //!   of the same file (`driver=file,cache.direct=on,aio=io_uring`).
 //!
-//! Every backend opens the image with O_DIRECT, so the page cache flatters nobody. The client
+//! - Fast device (`fast/...`): 4 KiB random reads and writes at queue depth 32 on an image in
+//!   tmpfs (`/dev/shm`, removed afterwards), every backend buffered (O_DIRECT is not there):
+//!   what a user with NVMe feels, where the CPU time per I/O decides.
+//!
+//! Every backend opens the disk image with O_DIRECT, so the page cache flatters nobody. The client
 //! waits for completions on its completion eventfd (`do_io` with `min_completions = 1`), as a
 //! guest driver waits for an interrupt. Beside the rate and its ratios the bench reports each
 //! case's mean and p99 latency per I/O, and the backend's CPU time per I/O (the
@@ -28,6 +32,11 @@
 //! Backends and clients stay up for the whole run; the targets of the issue are checked at
 //! the end (PASS/MISS lines) and any variant that could not run is named (NOT MEASURED).
 //!
+//! Statistics: `randread4k/qd32` also runs `ringvm-stats`, the jailed `ringvm` backend with
+//! a statistics page (`--stats-fd`) that a thread of the bench reads 10 times a second, as
+//! `ringvm stats` would have the VMM do (the page, then the process's /proc stat and
+//! status); its rate over `ringvm`'s, per round, is checked against 0.98.
+//!
 //! Run with `cargo bench -p benches --bench block [-- --quick] [-- FILTER...]`; a filter picks
 //! benches by substring (`qd32`, `randread`) or one variant (`randread4k/qd1/ringvm$`).
 //! ringvm is taken from $RINGVM_BIN, else built as `target/release/ringvm`; a ringvm that
@@ -41,6 +50,8 @@ use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use benches::{bench_dir, Role, Runner, Variant};
@@ -116,10 +127,34 @@ const WORKLOADS: [Workload; 6] = [
     },
 ];
 
+/// The fast-device workloads: the same I/O on an image in tmpfs, buffered.
+const FAST_WORKLOADS: [Workload; 2] = [
+    Workload {
+        name: "fast/randread4k/qd32",
+        op: Op::Read,
+        block: 4096,
+        qd: 32,
+        random: true,
+    },
+    Workload {
+        name: "fast/randwrite4k/qd32",
+        op: Op::Write,
+        block: 4096,
+        qd: 32,
+        random: true,
+    },
+];
+/// Where the fast device's image lives: a tmpfs.
+const FAST_DIR: &str = "/dev/shm";
+
 fn main() {
     let config = benches::Config::from_env_with(FULL, QUICK);
     let mut runner = Runner::with_config("block", config);
-    if !WORKLOADS.iter().any(|w| runner.enabled(w.name)) {
+    if !WORKLOADS
+        .iter()
+        .chain(&FAST_WORKLOADS)
+        .any(|w| runner.enabled(w.name))
+    {
         runner.finish().expect("write results");
         return;
     }
@@ -129,41 +164,145 @@ fn main() {
         1 << 30
     };
     let dir = bench_dir().expect("target/bench");
-    let image = dir.join(format!("block-{}M.img", image_size >> 20));
-    prepare_image(&image, image_size).expect("cannot create the bench image");
 
     // Backends stay up, and clients connected, for the whole run: a vhost-user backend may
     // serve only one connection.
     let mut left_out = Vec::new();
-    let mut limit = Backend::io_uring(&image).expect("libblkio io_uring on the image");
-    let mut peer = match Backend::qsd(&image, &dir) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            left_out.push(format!("peer qsd: {e}"));
-            None
-        }
-    };
-    let mut ringvm = Vec::new();
-    match ringvm_bin() {
-        Ok((bin, direct)) => {
-            for (key, sandbox) in [("ringvm", true), ("ringvm-nosandbox", false)] {
-                match Backend::ringvm(key, &bin, direct, sandbox, &image, &dir) {
-                    Ok(b) => ringvm.push(b),
-                    Err(e) => left_out.push(format!("subject {key}: {e}")),
-                }
+    let mut polled = None;
+    let offsets = random_offsets(image_size);
+    let disk: Vec<&Workload> = WORKLOADS
+        .iter()
+        .filter(|w| runner.enabled(w.name))
+        .collect();
+    if !disk.is_empty() {
+        let image = dir.join(format!("block-{}M.img", image_size >> 20));
+        prepare_image(&image, image_size).expect("cannot create the bench image");
+        let mut b = Backends::start(&image, &dir, true, &mut left_out);
+        if runner.enabled(POLLED_BENCH) {
+            let direct = |(bin, has_direct): (PathBuf, bool)| {
+                (bin, if has_direct { ",direct=true" } else { "" })
+            };
+            match ringvm_bin()
+                .map(direct)
+                .and_then(|(bin, direct)| StatsPoller::start(&bin, direct, &image, &dir))
+            {
+                Ok(p) => b.polled = Some(p),
+                Err(e) => left_out.push(format!("subject ringvm-stats: {e}")),
             }
         }
-        Err(e) => left_out.push(format!("subjects ringvm: {e}")),
+        for w in disk {
+            b.run(&mut runner, w, &offsets, image_size);
+        }
+        polled = b.polled.take().map(StatsPoller::stop);
+    }
+    // The fast device: the image in memory (tmpfs), every backend buffered. What a user with
+    // NVMe feels, where the CPU time per I/O decides.
+    let fast: Vec<&Workload> = FAST_WORKLOADS
+        .iter()
+        .filter(|w| runner.enabled(w.name))
+        .collect();
+    if !fast.is_empty() {
+        let image = Path::new(FAST_DIR).join(format!(
+            "ringvm-bench-{}-{}M.img",
+            std::process::id(),
+            image_size >> 20
+        ));
+        prepare_image(&image, image_size).expect("cannot create the tmpfs bench image");
+        let mut b = Backends::start(&image, &dir, false, &mut left_out);
+        for w in fast {
+            b.run(&mut runner, w, &offsets, image_size);
+        }
+        drop(b);
+        let _ = fs::remove_file(&image);
     }
 
-    let offsets = random_offsets(image_size);
-    for w in &WORKLOADS {
-        if !runner.enabled(w.name) {
-            continue;
+    print_details(&runner);
+    runner.finish_before_checks();
+    if let Some(counts) = polled {
+        check_polling(&runner, POLLED_BENCH, counts);
+    }
+    for bench in ["randread4k/qd32", "randwrite4k/qd32"] {
+        runner.check(bench, "ringvm", Role::Limit, 0.95);
+        runner.check(bench, "ringvm", Role::Peer, 1.15);
+        check_cpu(&runner, bench);
+    }
+    for bench in ["fast/randread4k/qd32", "fast/randwrite4k/qd32"] {
+        runner.check(bench, "ringvm", Role::Limit, 0.95);
+        runner.check(bench, "ringvm", Role::Peer, 2.0);
+        check_cpu(&runner, bench);
+    }
+    for bench in ["randread4k/qd1", "randwrite4k/qd1"] {
+        check_latency(&runner, bench, 5.0);
+    }
+
+    for why in &left_out {
+        println!("NOT MEASURED {why}");
+    }
+    // Every variant is installed by scripts/setup: one that could not run is a failure, not
+    // a silent gap in the table (CI runs this).
+    if !left_out.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+/// The bench whose `ringvm` case also runs with its statistics polled (`ringvm-stats`).
+const POLLED_BENCH: &str = "randread4k/qd32";
+
+/// The backends of one image: the limit, the peer and ringvm's subjects, up for as long as
+/// this lives.
+struct Backends {
+    limit: Backend,
+    peer: Option<Backend>,
+    ringvm: Vec<Backend>,
+    /// `ringvm-stats`, measured in `POLLED_BENCH` only.
+    polled: Option<StatsPoller>,
+}
+
+impl Backends {
+    /// Starts every backend on `image`, O_DIRECT or buffered; names those that could not
+    /// start in `left_out`.
+    fn start(image: &Path, dir: &Path, direct: bool, left_out: &mut Vec<String>) -> Backends {
+        let limit = Backend::io_uring(image, direct).expect("libblkio io_uring on the image");
+        let peer = match Backend::qsd(image, dir, direct) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                left_out.push(format!("peer qsd: {e}"));
+                None
+            }
+        };
+        let mut ringvm = Vec::new();
+        match ringvm_bin() {
+            Ok((bin, has_direct)) => {
+                let opt = match (has_direct, direct) {
+                    (false, _) => "",
+                    (true, true) => ",direct=true",
+                    (true, false) => ",direct=false",
+                };
+                for (key, sandbox) in [("ringvm", true), ("ringvm-nosandbox", false)] {
+                    match Backend::ringvm(key, &bin, opt, sandbox, image, dir) {
+                        Ok(b) => ringvm.push(b),
+                        Err(e) => left_out.push(format!("subject {key}: {e}")),
+                    }
+                }
+            }
+            Err(e) => left_out.push(format!("subjects ringvm: {e}")),
         }
-        let mut all: Vec<&mut Backend> = ringvm.iter_mut().collect();
-        all.push(&mut limit);
-        all.extend(peer.as_mut());
+        Backends {
+            limit,
+            peer,
+            ringvm,
+            polled: None,
+        }
+    }
+
+    /// Measures workload `w` on every backend, side by side.
+    fn run(&mut self, runner: &mut Runner, w: &Workload, offsets: &[u64], image_size: u64) {
+        let mut all: Vec<&mut Backend> = self.ringvm.iter_mut().collect();
+        if w.name == POLLED_BENCH {
+            all.extend(self.polled.as_mut().map(|p| &mut p.backend));
+        }
+        all.push(&mut self.limit);
+        all.extend(self.peer.as_mut());
         for b in &mut all {
             b.calls.clear();
         }
@@ -172,7 +311,6 @@ fn main() {
             .map(|b| {
                 let (role, key, label) = (b.role, b.key, b.label.clone());
                 let b: &mut Backend = b;
-                let offsets = &offsets;
                 Variant::new(role, key, &label, move |n| {
                     b.run(w, offsets, image_size, n)
                         .unwrap_or_else(|e| panic!("{} {}: {e}", b.key, w.name))
@@ -190,28 +328,6 @@ fn main() {
                 runner.annotate(w.name, b.key, "mib_per_s", mib);
             }
         }
-    }
-
-    print_details(&runner);
-    runner.finish_before_checks();
-    for bench in ["randread4k/qd32", "randwrite4k/qd32"] {
-        runner.check(bench, "ringvm", Role::Limit, 0.95);
-        runner.check(bench, "ringvm", Role::Peer, 1.15);
-        check_cpu(&runner, bench);
-    }
-    for bench in ["randread4k/qd1", "randwrite4k/qd1"] {
-        check_latency(&runner, bench, 5.0);
-    }
-
-    for why in &left_out {
-        println!("NOT MEASURED {why}");
-    }
-    drop(ringvm);
-    drop(peer);
-    // Every variant is installed by scripts/setup: one that could not run is a failure, not
-    // a silent gap in the table (CI runs this).
-    if !left_out.is_empty() {
-        std::process::exit(1);
     }
 }
 
@@ -373,31 +489,36 @@ struct Backend {
 }
 
 impl Backend {
-    fn io_uring(image: &Path) -> Result<Backend, String> {
+    /// `direct`: O_DIRECT, else buffered (the fast-device case, an image on tmpfs).
+    fn io_uring(image: &Path, direct: bool) -> Result<Backend, String> {
         let client = Client::new(
             "io_uring",
             |b| {
                 b.set_str("path", &image.to_string_lossy())?;
-                b.set_bool("direct", true)
+                b.set_bool("direct", direct)
             },
             |b| b.set_i32("num-entries", 128),
         )?;
         Ok(Backend::new(
             "io_uring",
-            "libblkio io_uring driver, O_DIRECT (no backend)".to_owned(),
+            format!(
+                "libblkio io_uring driver, {} (no backend)",
+                if direct { "O_DIRECT" } else { "buffered" }
+            ),
             Role::Limit,
             client,
             None,
         ))
     }
 
-    fn qsd(image: &Path, dir: &Path) -> Result<Backend, String> {
+    fn qsd(image: &Path, dir: &Path, direct: bool) -> Result<Backend, String> {
         let socket = dir.join("block-qsd.sock");
         let _ = fs::remove_file(&socket);
         let mut cmd = Command::new("qemu-storage-daemon");
+        let cache = if direct { "on" } else { "off" };
         cmd.arg("--blockdev")
             .arg(format!(
-                "driver=file,node-name=disk,filename={},cache.direct=on,aio=io_uring",
+                "driver=file,node-name=disk,filename={},cache.direct={cache},aio=io_uring",
                 image.display()
             ))
             .arg("--export")
@@ -408,7 +529,10 @@ impl Backend {
         let child = benches::process::spawn_backend(cmd, &dir.join("block-qsd.log"), &socket)?;
         Backend::vhost_user(
             "qsd",
-            "qemu-storage-daemon vhost-user-blk, file aio=io_uring direct".to_owned(),
+            format!(
+                "qemu-storage-daemon vhost-user-blk, file aio=io_uring{}",
+                if direct { " direct" } else { "" }
+            ),
             Role::Peer,
             child,
             &socket,
@@ -423,23 +547,37 @@ impl Backend {
         image: &Path,
         dir: &Path,
     ) -> Result<Backend, String> {
+        let extra: &[&str] = if sandbox { &[] } else { &["--disable-sandbox"] };
+        Self::ringvm_with(key, bin, direct, image, dir, extra)
+    }
+
+    /// `ringvm device block --socket S --file IMG EXTRA...`.
+    fn ringvm_with(
+        key: &'static str,
+        bin: &Path,
+        direct: &str,
+        image: &Path,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Backend, String> {
         let socket = dir.join(format!("block-{key}.sock"));
         let _ = fs::remove_file(&socket);
         let mut cmd = Command::new(bin);
         cmd.args(["device", "block", "--socket"])
             .arg(&socket)
             .arg("--file")
-            .arg(format!("{}{direct}", image.display()));
-        if !sandbox {
-            cmd.arg("--disable-sandbox");
-        }
+            .arg(format!("{}{direct}", image.display()))
+            .args(extra);
         let child =
             benches::process::spawn_backend(cmd, &dir.join(format!("block-{key}.log")), &socket)?;
-        let label = format!(
-            "ringvm device block --file IMG{direct}{}",
-            if sandbox { "" } else { " --disable-sandbox" },
-        );
-        Backend::vhost_user(key, label, Role::Subject, child, &socket)
+        let label = format!("ringvm device block --file IMG{direct} {}", extra.join(" "));
+        Backend::vhost_user(
+            key,
+            label.trim_end().to_owned(),
+            Role::Subject,
+            child,
+            &socket,
+        )
     }
 
     fn vhost_user(
@@ -571,17 +709,11 @@ impl Drop for Backend {
     }
 }
 
-/// The ringvm binary and the suffix of its `--file` argument that asks for O_DIRECT, or why
-/// there is none that can serve a block device.
-fn ringvm_bin() -> Result<(PathBuf, &'static str), String> {
+/// The ringvm binary, and whether its `--file` takes `direct=` (older ones open every image
+/// with O_DIRECT); or why there is none that can serve a block device.
+fn ringvm_bin() -> Result<(PathBuf, bool), String> {
     let (bin, text) = benches::process::ringvm_device("block", "--socket")?;
-    // O_DIRECT like the limit and the peer: `--file PATH,direct=true`, or a flag.
-    let direct = if text.contains("direct=") {
-        ",direct=true"
-    } else {
-        ""
-    };
-    Ok((bin, direct))
+    Ok((bin, text.contains("direct=")))
 }
 
 // ---- the libblkio client ----
@@ -691,4 +823,86 @@ impl Client {
                 .write(offset, buf, w.block, slot, ReqFlags::empty()),
         }
     }
+}
+
+/// The `ringvm-stats` backend and the thread that polls its statistics 10 times a second.
+struct StatsPoller {
+    backend: Backend,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl StatsPoller {
+    fn start(bin: &Path, direct: &str, image: &Path, dir: &Path) -> Result<StatsPoller, String> {
+        let page = memory::SharedCounters::create(virtio::stats::COUNTERS)
+            .map_err(|e| format!("statistics page: {e}"))?;
+        virtio::stats::init_page(page.as_slice());
+        // An inheritable duplicate for the backend (the page's own descriptor is close-on-exec).
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&page.fd());
+        // SAFETY: F_DUPFD on a descriptor this process owns makes a new one (no close-on-exec)
+        // that nothing else uses; the result is checked.
+        let inherited = unsafe { libc::fcntl(raw, libc::F_DUPFD, 3) };
+        if inherited < 0 {
+            return Err(format!("dup: {}", io::Error::last_os_error()));
+        }
+        let backend = Backend::ringvm_with(
+            "ringvm-stats",
+            bin,
+            direct,
+            image,
+            dir,
+            &["--stats-fd", &inherited.to_string()],
+        );
+        // SAFETY: `inherited` was made above and is closed once, here: the backend has it.
+        unsafe { libc::close(inherited) };
+        let backend = backend?;
+        let pids = backend.pids.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut polls, mut requests) = (0u64, 0u64);
+            while !flag.load(Ordering::Relaxed) {
+                // What the VMM reads for `stats`: the page, then each process's /proc files.
+                if let Some(s) = virtio::stats::Snapshot::read(page.as_slice(), 1) {
+                    requests = s.queues[0].requests;
+                }
+                for pid in &pids {
+                    let _ = fs::read_to_string(format!("/proc/{pid}/stat"));
+                    let _ = fs::read_to_string(format!("/proc/{pid}/status"));
+                }
+                polls += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (polls, requests)
+        });
+        Ok(StatsPoller {
+            backend,
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops polling: how many polls, and the requests the page counted.
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let counts = self.thread.join().unwrap_or((0, 0));
+        drop(self.backend);
+        counts
+    }
+}
+
+/// PASS when the backend whose statistics are polled keeps at least 0.98 of the rate of the
+/// same backend unpolled (the median of the per-round ratios).
+fn check_polling(runner: &Runner, bench: &str, (polls, requests): (u64, u64)) {
+    let (Some(polled), Some(plain)) = (
+        runner.case(bench, "ringvm-stats"),
+        runner.case(bench, "ringvm"),
+    ) else {
+        return;
+    };
+    let ratio = benches::paired_ratio(polled, plain);
+    println!(
+        "{} {bench}: ringvm with its statistics polled 10/s ({polls} polls, {requests} requests counted) at {ratio:.3}x the unpolled rate, target >= 0.98x",
+        if ratio >= 0.98 { "PASS" } else { "MISS" }
+    );
 }

@@ -454,6 +454,22 @@ impl Runner {
         Some(pass)
     }
 
+    /// Prints whether case `name` of `bench` reaches `min` times case `other` of the same
+    /// bench (one of several peers, say), as a PASS or MISS line. Returns `None` (and prints
+    /// nothing) when either did not run.
+    pub fn check_against(&self, bench: &str, name: &str, other: &str, min: f64) -> Option<bool> {
+        let case = self.case(bench, name)?;
+        let base = self.case(bench, other)?;
+        let ratio = paired_ratio(case, base);
+        let pass = ratio >= min;
+        println!(
+            "{} {bench}: {name} at {ratio:.2}x {other} ({}), target >= {min:.2}x",
+            if pass { "PASS" } else { "MISS" },
+            base.role.as_str(),
+        );
+        Some(pass)
+    }
+
     /// Prints the table and appends the JSON lines. Returns the JSON file written.
     pub fn finish(&self) -> io::Result<Option<PathBuf>> {
         if self.cases.is_empty() {
@@ -688,7 +704,7 @@ fn calibrate(run: &mut RunFn<'_>, warmup: Duration) -> f64 {
 
 /// The median over rounds of `a`'s rate over `b`'s in the same round; the ratio of the
 /// medians when the round counts differ.
-fn paired_ratio(a: &Case, b: &Case) -> f64 {
+pub fn paired_ratio(a: &Case, b: &Case) -> f64 {
     if a.round_ops_per_sec.len() != b.round_ops_per_sec.len() || a.round_ops_per_sec.is_empty() {
         return a.ops_per_sec / b.ops_per_sec;
     }

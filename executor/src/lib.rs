@@ -40,6 +40,7 @@ pub use eventfd::{EventFd, EventFdStream};
 pub use fd::{nop, AsyncFd};
 pub use runtime::{
     block_on, is_supported, probe, spawn, yield_now, Builder, Executor, Task, ALWAYS_ALLOWED_OPS,
+    DEFAULT_MAX_IO_WORKERS,
 };
 pub use socket::{connect_unix, listen_unix, socketpair, RecvMsg};
 pub use time::{sleep, timeout, Elapsed};
@@ -61,6 +62,9 @@ pub enum Error {
     /// IORING_REGISTER_RESTRICTIONS failed.
     #[error("failed to register the io_uring opcode restrictions")]
     RegisterRestrictions(#[source] io::Error),
+    /// IORING_REGISTER_IOWQ_MAX_WORKERS failed.
+    #[error("failed to bound the io_uring worker threads")]
+    MaxIoWorkers(#[source] io::Error),
     /// IORING_REGISTER_FILES failed.
     #[error("failed to register files with the io_uring")]
     RegisterFiles(#[source] io::Error),

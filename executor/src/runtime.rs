@@ -52,6 +52,21 @@ const FORBIDDEN_OPS: [u8; 15] = [
     opcode::Listen::CODE,
 ];
 
+/// Default bound on the io-wq worker threads of the thread that builds an executor:
+/// `[bounded, unbounded]`, see [`Builder::max_io_workers`].
+///
+/// Bounded workers run blocking work on regular files and block devices: a flush, a write
+/// to a file system without NOWAIT support, a read or write the block layer could not queue.
+/// Eight keep eight such operations of a device in the disk at once, which is what the kernel
+/// itself gives a 2-CPU host (4 per CPU, at most the ring's size); on a 64-CPU host its
+/// default is 256 threads per device process. Unbounded workers run operations on other
+/// files that can neither complete at once nor wait on poll. Taps, sockets, pipes and
+/// eventfds all wait on poll, so a device needs none in the common case; without a bound
+/// their number follows RLIMIT_NPROC, and a guest that keeps such operations blocked could
+/// make a device process grow a thread for each. Work beyond a bound waits in the io-wq
+/// queue for a worker; it is not refused.
+pub const DEFAULT_MAX_IO_WORKERS: [u32; 2] = [8, 8];
+
 /// How many queued tasks run before the loop looks at the ring again.
 const TASK_BUDGET: usize = 256;
 
@@ -98,7 +113,8 @@ impl Shared {
         if let Some(runnable) = runnable {
             let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
             remote.push_back(runnable);
-            self.remote_pending.store(true, Ordering::Release);
+            // SeqCst: ordered before `notify`'s swap of `sleeping` (see `Inner::park`).
+            self.remote_pending.store(true, Ordering::SeqCst);
             drop(remote);
             self.notify();
         }
@@ -119,6 +135,8 @@ struct Inner {
     driver: DriverRef,
     local: RefCell<VecDeque<Runnable>>,
     shared: Arc<Shared>,
+    /// The io-wq worker limits the kernel reported once the bound was set.
+    io_workers: Option<[u32; 2]>,
 }
 
 thread_local! {
@@ -158,6 +176,7 @@ pub struct Builder {
     entries: u32,
     allowed_ops: Option<Vec<u8>>,
     files: Vec<RawFd>,
+    max_io_workers: Option<[u32; 2]>,
 }
 
 impl Default for Builder {
@@ -166,6 +185,7 @@ impl Default for Builder {
             entries: 256,
             allowed_ops: None,
             files: Vec::new(),
+            max_io_workers: Some(DEFAULT_MAX_IO_WORKERS),
         }
     }
 }
@@ -191,6 +211,16 @@ impl Builder {
         self
     }
 
+    /// Bounds the io-wq worker threads that run operations which cannot complete at once:
+    /// `[bounded, unbounded]` (IORING_REGISTER_IOWQ_MAX_WORKERS, registered before the
+    /// restrictions, which allow no registration afterwards); `None` keeps the kernel's
+    /// defaults. The io-wq belongs to the thread, so the bound holds for every ring of the
+    /// thread that builds this one. Default: [`DEFAULT_MAX_IO_WORKERS`].
+    pub fn max_io_workers(mut self, max: Option<[u32; 2]>) -> Builder {
+        self.max_io_workers = max;
+        self
+    }
+
     /// Registers these files; [`crate::AsyncFd::fixed`] then refers to them by index.
     pub fn register_files(mut self, fds: &[RawFd]) -> Builder {
         self.files = fds.to_vec();
@@ -213,6 +243,22 @@ impl Builder {
             .build(self.entries)
             .map_err(|e| classify_setup_error(e, Error::Setup))?;
         let submitter = ring.submitter();
+        let io_workers = match self.max_io_workers {
+            Some(max) => {
+                // A zero leaves a limit as it is: the kernel would read it as "unchanged".
+                let mut limits = max.map(|m| m.max(1));
+                submitter
+                    .register_iowq_max_workers(&mut limits)
+                    .map_err(Error::MaxIoWorkers)?;
+                // Zeroes change nothing and read the limits back as the kernel holds them.
+                let mut now = [0; 2];
+                submitter
+                    .register_iowq_max_workers(&mut now)
+                    .map_err(Error::MaxIoWorkers)?;
+                Some(now)
+            }
+            None => None,
+        };
         if let Some(ops) = &self.allowed_ops {
             let mut res: Vec<Restriction> = ops
                 .iter()
@@ -258,6 +304,7 @@ impl Builder {
                 driver,
                 local: RefCell::new(VecDeque::new()),
                 shared,
+                io_workers,
             }),
         })
     }
@@ -308,6 +355,13 @@ impl Executor {
         Builder::new().build()
     }
 
+    /// The io-wq worker limits `[bounded, unbounded]` of the thread that built this
+    /// executor, as the kernel reported them right after [`Builder::max_io_workers`] set
+    /// them; `None` when the builder kept the kernel's defaults.
+    pub fn max_io_workers(&self) -> Option<[u32; 2]> {
+        self.inner.io_workers
+    }
+
     /// Spawns a task on this executor. It runs when the executor runs.
     pub fn spawn<F>(&self, future: F) -> Task<F::Output>
     where
@@ -331,23 +385,15 @@ impl Executor {
         let mut wakers = Vec::new();
         let mut garbage = Vec::new();
         loop {
-            if main.woken.swap(false, Ordering::AcqRel) {
+            // A plain load first: the locked swap only when the flag is set.
+            if main.woken.load(Ordering::Acquire) && main.woken.swap(false, Ordering::AcqRel) {
                 if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
                     return out;
                 }
             }
             inner.run_tasks();
-            let has_work = {
-                let mut d = inner.driver.borrow_mut();
-                d.reap();
-                d.take_ready(&mut wakers, &mut garbage);
-                !wakers.is_empty()
-            };
-            garbage.clear();
-            let has_work = has_work || !inner.local.borrow().is_empty();
-            for w in wakers.drain(..) {
-                w.wake();
-            }
+            let has_work =
+                inner.reap_and_wake(&mut wakers, &mut garbage) || !inner.local.borrow().is_empty();
             if has_work || main.woken.load(Ordering::Acquire) {
                 let mut d = inner.driver.borrow_mut();
                 if d.has_pending_sqes() {
@@ -357,6 +403,8 @@ impl Executor {
                 }
             } else {
                 inner.park(&main);
+                // What the wait brought goes to the run queue now, not one turn later.
+                inner.reap_and_wake(&mut wakers, &mut garbage);
             }
         }
     }
@@ -398,6 +446,27 @@ impl Executor {
 }
 
 impl Inner {
+    /// Takes the completions from the ring and wakes their tasks (with the driver released:
+    /// a waker may run any code); frees what completed ignored ops held. Whether any task
+    /// was woken.
+    fn reap_and_wake(
+        &self,
+        wakers: &mut Vec<Waker>,
+        garbage: &mut Vec<Box<dyn std::any::Any>>,
+    ) -> bool {
+        {
+            let mut d = self.driver.borrow_mut();
+            d.reap();
+            d.take_ready(wakers, garbage);
+        }
+        garbage.clear();
+        let woke = !wakers.is_empty();
+        for w in wakers.drain(..) {
+            w.wake();
+        }
+        woke
+    }
+
     /// Runs up to TASK_BUDGET queued tasks, taking in the remote queue first.
     fn run_tasks(&self) {
         // The flag spares the lock on the common path, where no other thread woke anything.
@@ -422,14 +491,11 @@ impl Inner {
         }
         self.shared.sleeping.store(true, Ordering::SeqCst);
         // A full submission queue makes `push` submit, which may have reaped completions.
+        // The remote queue's flag, not its lock: a task queued before `sleeping` was set is
+        // seen here (both SeqCst), one queued after it writes the eventfd.
         let woken = d.has_ready()
             || main.woken.load(Ordering::SeqCst)
-            || !self
-                .shared
-                .remote
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty();
+            || self.shared.remote_pending.load(Ordering::SeqCst);
         let res = if woken {
             d.submit()
         } else {

@@ -49,7 +49,7 @@ struct bb_used {
 
 struct bb_job {
 	/* in */
-	u32 qd, bs, write, qsize;
+	u32 qd, bs, write, qsize, verify;
 	u64 ms, blocks; /* blocks of bs bytes on the disk */
 	u64 tsc_khz;	/* 0: calibrate against the RTC */
 	u64 notify;
@@ -58,7 +58,7 @@ struct bb_job {
 	volatile struct bb_used *used;
 	/* out */
 	u64 ios, cycles, lat_cycles, kicks, ios_total;
-	u64 bad_status, bad_id, stalled, rtc_seconds;
+	u64 bad_status, bad_id, stalled, rtc_seconds, verified, bad_data;
 	u16 cs;
 };
 
@@ -179,6 +179,16 @@ static void user_blk_bench(void *arg)
 			}
 			if (statuses[slot] != 0)
 				j->bad_status++;
+			else if (j->verify && !j->write) {
+				/* The image holds its own byte offsets, one u64 per 8 bytes. */
+				volatile u64 *data = (volatile u64 *)(BB_DATA + (u64)slot * j->bs);
+				u64 at = hdrs[slot].sector * 512;
+				if (data[0] != at || data[j->bs / 8 - 1] != at + j->bs - 8)
+					j->bad_data++;
+				else
+					j->verified++;
+				data[0] = ~0ull;
+			}
 			j->ios_total++;
 			if (!count)
 				continue;
@@ -210,6 +220,8 @@ static void user_blk_bench(void *arg)
 		if (edge0 && edge1 && j->rtc_seconds)
 			j->tsc_khz = (edge1 - edge0) / j->rtc_seconds / 1000;
 	}
+	say("blk-bench completed=%lu verified=%lu bad-data=%lu kicks=%lu", j->ios_total, j->verified, j->bad_data,
+	    j->kicks);
 	if (!j->tsc_khz || !j->cycles || !j->ios)
 		return;
 	u64 iops = j->ios * j->tsc_khz * 1000 / j->cycles;
@@ -282,6 +294,9 @@ static const char *bb_run(void)
 	job.qd = (u32)qd;
 	job.bs = (u32)bs;
 	job.write = (u32)write;
+	u64 verify = 0;
+	opt_u64("blkbench.verify", &verify);
+	job.verify = verify != 0;
 	job.ms = ms;
 	job.blocks = capacity / (bs / 512);
 	job.tsc_khz = khz;
@@ -302,6 +317,9 @@ static const char *bb_run(void)
 			     job.used->idx);
 	if (job.bad_id)
 		return failf("%lu used entries named no request head", job.bad_id);
+	if (job.bad_data)
+		return failf("%lu of %lu reads returned other data than the image's offsets", job.bad_data,
+			     job.ios_total);
 	if (job.bad_status)
 		return failf("%lu of %lu requests ended with a status other than OK", job.bad_status, job.ios_total);
 	if (!job.ios)

@@ -142,7 +142,8 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "blkbench.tsc_khz", "blkverify.qd", "blkverify.ms", "net.stream_ms", "vsock.app", "vsock.port", "vsock.listen",
 					 "vsock.conns", "vsock.bytes", "vsock.idle_ms", "vsock.seed", "vsock.cid",
 					 "vsock.credit_req_ms", "vsock.pause_ms", "vsock.pause_at", "vsock.check", "vsock.buf_alloc",
-					 "vsock.reset_stall_ms"};
+					 "vsock.reset_stall_ms", "console.echo", "console.idle_ms", "console.bench",
+					 "count.lines", "count.step", "blkbench.verify"};
 
 const char *opt(const char *key)
 {
@@ -265,13 +266,16 @@ static const char *scenario_wait(void)
 static const struct scenario extra_scenarios[] = {
 	{"ud2", scenario_ud2},
 	{"wait", scenario_wait},
+	{"gdb", scenario_gdb},
 	{"pci", scenario_pci},
 	{"virtio-rng", scenario_virtio_rng},
 	{"virtio-blk", scenario_virtio_blk},
 	{"virtio-net", scenario_virtio_net},
 	{"blk-bench", scenario_blk_bench},
 	{"blk-verify", scenario_blk_verify},
+	{"count", scenario_count},
 	{"virtio-vsock", scenario_virtio_vsock},
+	{"virtio-console", scenario_virtio_console},
 };
 
 static int nr_ok, nr_fail;

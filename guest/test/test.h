@@ -185,13 +185,16 @@ const char *scenario_e820(void);
 const char *scenario_rtc(void);
 const char *scenario_smp(void);
 const char *scenario_compute(void);
+const char *scenario_gdb(void);
 const char *scenario_pci(void);        /* pci.c, not in `all` */
 const char *scenario_virtio_rng(void); /* virtio_rng.c, not in `all` */
 const char *scenario_virtio_blk(void); /* virtio_blk.c, not in `all` */
 const char *scenario_virtio_net(void); /* virtio_net.c, not in `all` */
 const char *scenario_blk_bench(void);  /* blk_bench.c, not in `all` */
 const char *scenario_blk_verify(void); /* blk_verify.c, not in `all` */
+const char *scenario_count(void);      /* count.c, not in `all` */
 const char *scenario_virtio_vsock(void); /* virtio_vsock.c, not in `all` */
+const char *scenario_virtio_console(void); /* virtio_console.c, not in `all` */
 
 /* e820.c */
 int e820_ram_covers(u64 start, u64 end);

@@ -59,6 +59,7 @@ static u32 udp_got, stream_got;
 static char udp_msg[32];
 static u32 udp_len;
 static u32 rx_frames, tx_frames, rx_other, rx_bad, rx_partial, rx_valid, served_arp, served_icmp, refills;
+static u64 rx_bytes, tx_bytes; /* of the frames counted in rx_frames/tx_frames, without the header */
 static u16 ip_id;
 static const char *rx_error; /* a fatal problem seen while handling a frame */
 
@@ -173,8 +174,10 @@ static const char *tx_send(u32 len)
 	const char *why = tx_add(&b, 1);
 	if (!why)
 		why = tx_flush(1);
-	if (!why)
+	if (!why) {
 		tx_frames++;
+		tx_bytes += len;
+	}
 	return why;
 }
 
@@ -368,12 +371,14 @@ static const char *send_bad(void)
 	if ((why = tx_add(b, 2)) || (why = tx_flush(1)))
 		return why;
 	tx_frames++;
+	tx_bytes += chain_bytes(b, 2) - HDR_LEN;
 	say("virtio-net max-frame: %u bytes in 2 buffers returned", chain_bytes(b, 2));
 	for (int k = 0; k < BAD_CASES; k++) {
 		if (k == BAD_CASES / 2) {
 			const char *msg = "ringvm-batch-valid"; /* 60 bytes on the wire, no padding needed */
 			u8 *buf = bad_buf[BAD_CASES];
 			b[0] = (struct vq_buf){buf, HDR_LEN + udp_fill(buf, msg, (u32)strlen(msg), 0), 0};
+			tx_bytes += b[0].len - HDR_LEN;
 			if ((why = tx_add(b, 1)))
 				return why;
 		}
@@ -504,6 +509,7 @@ static void rx_frame(u8 *buf, u32 used)
 {
 	struct net_hdr *h = (struct net_hdr *)buf;
 	rx_frames++;
+	rx_bytes += used - HDR_LEN; /* the caller checked used >= HDR_LEN */
 	u32 len = used - HDR_LEN;
 	if (used < HDR_LEN + ETH_LEN) {
 		rx_bad++;
@@ -757,9 +763,9 @@ static const char *net_run(void)
 	u32 irx = irq_count[v.q.irq_slot] - irq_rx0, itx = irq_count[v.q1.irq_slot] - irq_tx0,
 	    icfg = irq_count[v.vec_base & 15] - irq_cfg0, ticks = irq_count[IRQ_TIMER - IRQ_BASE] - tick0;
 	say("virtio-net stats rx=%u tx=%u interrupts=%u mode=%s time=%luus rx-irq=%u tx-irq=%u config-irq=%u "
-	    "timer-irq=%u other=%u bad=%u refills=%u",
+	    "timer-irq=%u other=%u bad=%u refills=%u rx-bytes=%lu tx-bytes=%lu",
 	    rx_frames, tx_frames, irx + itx, wait_mode_name(v.mode), us, irx, itx, icfg, ticks, rx_other, rx_bad,
-	    refills);
+	    refills, rx_bytes, tx_bytes);
 	if (v.mode != WAIT_POLL) {
 		/* Unlike rng/blk, no wait here insists on an interrupt: the device is usually done before
 		 * the (interpreted) guest checks, so a vector may legitimately stay quiet. And on kvm_pvm
@@ -792,6 +798,7 @@ const char *scenario_virtio_net(void)
 	have_peer = udp_unreach = 0;
 	rx_skip = udp_got = udp_len = 0;
 	rx_frames = tx_frames = rx_other = rx_bad = rx_partial = rx_valid = served_arp = served_icmp = refills = 0;
+	rx_bytes = tx_bytes = 0;
 	memset(ping_got, 0, sizeof(ping_got));
 	rx_error = 0;
 	const char *why = virtio_mode("net.mode", &v.mode);

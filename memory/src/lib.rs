@@ -16,14 +16,16 @@
 //! # }
 //! ```
 //!
-//! Unsafe code lives only in the modules that are allowed it below (`bytes`, `fault`,
-//! `region`, `volatile`, `iovec`); everything else is checked by the compiler.
+//! Unsafe code lives only in the modules that are allowed it below (`bytes`, `counters`,
+//! `fault`, `region`, `volatile`, `iovec`); everything else is checked by the compiler.
 
 #![deny(unsafe_code)]
 
 mod address;
 #[allow(unsafe_code)]
 mod bytes;
+#[allow(unsafe_code)]
+mod counters;
 #[allow(unsafe_code)]
 pub mod fault;
 mod guest;
@@ -36,6 +38,7 @@ mod volatile;
 
 pub use address::GuestAddress;
 pub use bytes::ByteValued;
+pub use counters::SharedCounters;
 pub use guest::{
     x86_layout, GuestMemory, RegionFd, RegionInfo, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE,
 };

@@ -21,6 +21,9 @@ fn kvm_ioctls() -> Vec<(&'static str, u64)> {
         ("KVM_IRQFD", iow(0x76, size_of::<kvm_irqfd>())),
         ("KVM_IOEVENTFD", iow(0x79, size_of::<kvm_ioeventfd>())),
         ("KVM_SIGNAL_MSI", iow(0xa5, size_of::<kvm_msi>())),
+        ("KVM_GET_FPU", ior(0x8c, size_of::<kvm_fpu>())),
+        ("KVM_SET_FPU", iow(0x8d, size_of::<kvm_fpu>())),
+        ("KVM_SET_GUEST_DEBUG", iow(0x9b, size_of::<kvm_guest_debug>())),
     ]
 }
 
@@ -90,6 +93,8 @@ pub fn constants() -> Vec<(&'static str, u64)> {
         SIGKILL,
         PR_SET_NO_NEW_PRIVS,
         SECCOMP_SET_MODE_FILTER,
+        IPPROTO_TCP,
+        TCP_NODELAY,
     ];
     // glibc's SIGRTMIN (34: NPTL keeps 32 and 33), the signal that kicks a vCPU.
     v.push(("SIGRTMIN", libc::SIGRTMIN() as u64));

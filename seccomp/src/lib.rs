@@ -68,6 +68,9 @@ impl Policy {
     pub const VMM: &'static str = "vmm";
     /// A vCPU thread's KVM_RUN loop.
     pub const VCPU: &'static str = "vcpu";
+    /// The VMM process serving GDB (`--gdb`): [`Policy::VMM`] plus the debugger's calls; its
+    /// vCPU threads add no filter of their own.
+    pub const VMM_GDB: &'static str = "vmm_gdb";
 
     /// Every policy, in name order.
     pub fn all() -> impl Iterator<Item = Policy> {

@@ -358,6 +358,27 @@ impl Live {
         panic!("no line with {needle:?}; stdout so far:\n{}", self.seen);
     }
 
+    /// The stdout lines that come within `limit` (waiting all of it).
+    pub fn lines_within(&mut self, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    out.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    thread::sleep(left);
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     /// The stdout lines read so far, each ending in a newline.
     pub fn seen(&self) -> &str {
         &self.seen
@@ -433,6 +454,28 @@ pub fn run_guest(cmd: &mut Command, limit: Duration) -> std::io::Result<GuestRun
         elapsed,
     })
 }
+
+/// The minimal Linux guest (scripts/build-guest-kernel): builds (or finds cached) vmlinux,
+/// bzImage and initrd; returns their directory.
+/// Once per test binary: the tests run in parallel threads, and two builds at once would
+/// share (and delete) one build directory.
+pub fn guest_kernel() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(workspace_root().join("scripts/build-guest-kernel"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/build-guest-kernel");
+        assert!(out.status.success(), "building the guest kernel failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+/// The minimal Linux guest's workarounds for the nested kvm_pvm host (kernel parameters and
+/// `--cpu-features`); harmless on hardware KVM.
+pub const HOST_PARAMS: &str = "noxsave nofsgsbase clearcpuid=popcnt,smap,erms,fsrm rodata=off";
+pub const HOST_CPU_FEATURES: &str = "-cx16,+xsaveerptr";
 
 /// The reference run of the test guest under QEMU (the same PVH boot contract as ringvm):
 /// microvm with the RTC and an i8042 added (microvm has neither by default), KVM, the CPU
@@ -528,6 +571,30 @@ pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+/// qemu-storage-daemon exporting `image` (raw, page cache) as a writable vhost-user-blk
+/// device on `socket`, listening once this returns (the caller kills it).
+pub fn start_qsd_blk(image: &Path, socket: &Path) -> Child {
+    let qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk0,filename={},cache.direct=off",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon (apt package qemu-system-common)");
+    assert!(
+        wait_until(Duration::from_secs(20), || socket.exists()),
+        "qemu-storage-daemon never listened"
+    );
+    qsd
+}
+
 /// `ringvm device block --socket SOCKET --file SPEC` (jailed: it accepts, then serves from a
 /// jailed child), listening once `start` returns; killed on drop (the jailed child with it, by
 /// PR_SET_PDEATHSIG).
@@ -557,31 +624,6 @@ impl Drop for BlockBackend {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// `qemu-storage-daemon` exporting the raw image `img` as a writable vhost-user-blk device on
-/// the socket `sock` (page cache on), listening once this returns. Kill and wait it.
-pub fn qemu_storage_daemon(img: &Path, sock: &Path) -> Child {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0,filename={},cache.direct=off",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon (apt package qemu-system-common)");
-    assert!(
-        wait_until(Duration::from_secs(20), || sock.exists()),
-        "qemu-storage-daemon never listened"
-    );
-    child
 }
 
 /// A VM whose test guest halts forever (`wait`), with its one jailed device process found;

@@ -6,31 +6,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::netns::NetNs;
-use tests::{ringvm_bin, run_guest, workspace_root, Live, Scratch};
-
-/// Builds (or finds cached) vmlinux, bzImage and initrd; returns their directory.
-/// Once per test binary: the tests run in parallel threads, and two builds at once would
-/// share (and delete) one build directory.
-fn guest_kernel() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = Command::new(workspace_root().join("scripts/build-guest-kernel"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/build-guest-kernel");
-        assert!(out.status.success(), "building the guest kernel failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
-    .clone()
-}
-
-/// Workarounds for the nested kvm_pvm host; harmless on hardware KVM.
-const HOST_PARAMS: &str = "noxsave nofsgsbase clearcpuid=popcnt,smap,erms,fsrm rodata=off";
-const HOST_CPU_FEATURES: &str = "-cx16,+xsaveerptr";
+use tests::{
+    guest_kernel, ringvm_bin, run_guest, workspace_root, Live, Scratch, HOST_CPU_FEATURES,
+    HOST_PARAMS,
+};
 
 #[test]
 fn linux_boots_to_userspace_over_pvh_with_two_vcpus_and_exits_0() {
@@ -153,4 +136,51 @@ fn linux_mounts_an_ext4_root_disk_with_dash_r_and_answers_ping_on_virtio_net() {
     );
     assert!(status.success(), "status {status:?}: {stderr}");
     assert!(before == after, "a read-only root disk changed");
+}
+
+/// One Linux boot for virtio-console and virtio-fs: the console is hvc0 alone (`--serial
+/// type=virtio-console,console=true`: no 8250, ringvm adds console=hvc0), so every line of
+/// /init reaches stdout through the console device process; and /init mounts the shared
+/// directory (`--shared-dir PATH:TAG`, virtiofsd), prints the file the test wrote there and
+/// writes one back.
+#[test]
+fn linux_on_hvc0_mounts_a_shared_dir_reads_the_hosts_file_and_writes_one_back() {
+    let dir = guest_kernel();
+    let scratch = Scratch::new("linux", "virtiofs");
+    let share = scratch.path("share");
+    std::fs::create_dir_all(&share).expect("create the shared directory");
+    std::fs::write(share.join("from-host.txt"), "host says 0xfeed\n").expect("write file");
+    let params = format!("{HOST_PARAMS} quiet panic=-1 reboot=k ringvm.virtiofs=hostshare");
+    let mut cmd = Command::new(ringvm_bin());
+    cmd.args(["run", "-m", "128", "-i"])
+        .arg(dir.join("initrd.cpio"))
+        .args(["--serial", "type=virtio-console,console=true"])
+        .arg("--shared-dir")
+        .arg(format!("{}:hostshare", share.display()))
+        .args(["-p", &params, "--cpu-features", HOST_CPU_FEATURES])
+        .arg(dir.join("vmlinux"));
+    let run = run_guest(&mut cmd, Duration::from_secs(480)).expect("run ringvm");
+    eprintln!("booted and exited in {:?}", run.elapsed);
+    let shown = format!("stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains("ringvm-guest: userspace up, kernel 6.1"),
+        "no userspace line on hvc0; {shown}"
+    );
+    assert!(
+        run.stdout
+            .contains("ringvm-guest: virtiofs hostshare read 'host says 0xfeed'"),
+        "the guest did not read the host's file; {shown}"
+    );
+    assert!(
+        run.stdout
+            .contains("ringvm-guest: virtiofs hostshare wrote from-guest.txt"),
+        "the guest did not write its file; {shown}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest.txt")).ok(),
+        Some("written by the guest on hostshare\n".to_owned()),
+        "{shown}"
+    );
+    assert!(run.exited_cleanly(), "status {:?}; {shown}", run.status);
 }

@@ -33,7 +33,7 @@ fn detail(run: &GuestRun, prefix: &str) -> String {
 fn counters(run: &GuestRun) -> String {
     run.stderr
         .lines()
-        .find(|l| l.starts_with("ringvm device net: rx_packets="))
+        .find(|l| l.starts_with("ringvm device net: info: rx_packets="))
         .unwrap_or_else(|| panic!("no counters line:\n{}", run.stderr))
         .to_string()
 }

@@ -245,7 +245,7 @@ fn external_block_backend_killed_and_restarted_under_the_guest_is_reconnected() 
             let _ = self.0.wait();
         }
     }
-    let mut backend = Daemon(tests::qemu_storage_daemon(&img, &sock));
+    let mut backend = Daemon(tests::start_qsd_blk(&img, &sock));
     let spec = format!("type=blk,socket={}", sock.display());
     let cmdline = GuestCmdline::new()
         .test("rtc")
@@ -273,7 +273,9 @@ fn external_block_backend_killed_and_restarted_under_the_guest_is_reconnected() 
         let _ = backend.0.wait();
         // The backend is away for a while before it comes back on the same path.
         std::thread::sleep(Duration::from_millis(200));
-        backend = Daemon(tests::qemu_storage_daemon(&img, &sock));
+        // The killed daemon's socket file stays: gone, the wait sees the new one.
+        let _ = std::fs::remove_file(&sock);
+        backend = Daemon(tests::start_qsd_blk(&img, &sock));
         eprintln!("qemu-storage-daemon restarted ({round})");
     }
     let (result, stderr) = finish_blk_verify(live);

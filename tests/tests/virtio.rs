@@ -249,7 +249,7 @@ fn guest_reads_and_writes_a_disk_exported_by_qemu_storage_daemon() {
     std::fs::File::create(&img)
         .and_then(|f| f.set_len(SECTORS * 512))
         .expect("create image");
-    let mut qsd = tests::qemu_storage_daemon(&img, &sock);
+    let mut qsd = tests::start_qsd_blk(&img, &sock);
     let spec = format!("type=blk,socket={}", sock.display());
     let cmdline = GuestCmdline::new().test("pci").test("virtio-blk");
     let run = run_guest(

@@ -48,6 +48,7 @@ pub mod process;
 pub mod queue;
 mod reader_writer;
 pub mod rng;
+pub mod stats;
 pub mod types;
 pub mod vhost_user;
 

@@ -37,7 +37,7 @@ impl Rng {
     }
 
     fn log(&self, what: impl std::fmt::Display) {
-        eprintln!("ringvm device rng: {what}");
+        crate::log::write("ringvm device rng", crate::log::Level::Error, what);
     }
 
     /// Fills the chain's writable buffers (up to [`MAX_CHAIN_BYTES`]); returns the used length.
@@ -74,6 +74,8 @@ impl Rng {
                 Either::Left((Err(Error::InvalidChain { head, reason }), _)) => {
                     self.errors
                         .log(format_args!("invalid chain at head {head}: {reason}"));
+                    crate::stats::stats().request(0, 0);
+                    crate::stats::stats().error(0);
                     if let Err(e) = queue.complete(head, 0) {
                         return self.fail(e, stop).await;
                     }
@@ -86,6 +88,7 @@ impl Rng {
                 }
             };
             let len = self.fill(&queue, &chain).await;
+            crate::stats::stats().request(0, u64::from(len));
             if let Err(e) = queue.complete(chain.head_index(), len) {
                 return self.fail(e, stop).await;
             }

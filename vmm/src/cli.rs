@@ -21,6 +21,9 @@ pub struct Args {
 pub enum Command {
     Run(RunArgs),
     Stop(StopArgs),
+    Suspend(SuspendArgs),
+    Resume(ResumeArgs),
+    Stats(StatsArgs),
     Device(DeviceArgs),
 }
 
@@ -43,8 +46,9 @@ pub struct RunArgs {
     /// control socket path; a directory gets ringvm-<pid>.sock inside it
     #[argh(option, short = 's')]
     pub socket: Option<PathBuf>,
-    /// serial port: type=stdout|file|sink[,path=P][,num=1-4][,console=BOOL][,stdin=BOOL];
-    /// default type=stdout,num=1,console=true,stdin=true
+    /// serial port: type=stdout|file|sink[,path=P][,num=1-4][,console=BOOL][,stdin=BOOL]
+    /// [,hardware=serial|virtio-console]; default type=stdout,num=1,console=true,stdin=true;
+    /// type=virtio-console is hardware=virtio-console,type=stdout (the guest's hvcN)
     #[argh(option, from_str_fn(parse_serial))]
     pub serial: Vec<SerialSpec>,
     /// CPUID features to hide or show, e.g. -cx16,+xsaveerptr,-kvm-pv (names as in
@@ -80,8 +84,8 @@ pub struct RunArgs {
     /// an open tap descriptor inherited by ringvm: adds a NIC; repeat for several
     #[argh(option)]
     pub tap_fd: Vec<i32>,
-    /// an external vhost-user device: type=blk|net|rng|vsock,socket=PATH (the backend
-    /// listens on PATH); repeat for several
+    /// an external vhost-user device: type=blk|net|rng|vsock|console|fs,socket=PATH[,tag=TAG] (the
+    /// backend listens on PATH; fs takes the tag the guest mounts); repeat for several
     #[argh(option, from_str_fn(parse_vhost_user))]
     pub vhost_user: Vec<VhostUserSpec>,
     /// a virtio-vsock device: cid=N[,uds=PATH]; host processes connect to PATH (and write
@@ -92,6 +96,14 @@ pub struct RunArgs {
     /// crosvm's spelling of --vsock cid=N
     #[argh(option)]
     pub cid: Option<u64>,
+    /// a host directory shared with the guest (virtio-fs through virtiofsd; in the guest
+    /// `mount -t virtiofs TAG DIR`): PATH:TAG[:type=fs][:cache=auto|always|never]
+    /// [:writeback=BOOL]; repeat for several
+    #[argh(option)]
+    pub shared_dir: Vec<crate::devices::virtiofs::SharedDir>,
+    /// the virtiofsd program that serves --shared-dir (default: virtiofsd in PATH)
+    #[argh(option)]
+    pub virtiofsd: Option<PathBuf>,
     /// do not add the virtio-rng device (on by default)
     #[argh(switch)]
     pub no_rng: bool,
@@ -103,6 +115,14 @@ pub struct RunArgs {
     /// process that made them (crosvm's flag, for finding a policy's gaps)
     #[argh(switch)]
     pub seccomp_log_failures: bool,
+    /// serve GDB on 127.0.0.1:PORT or on a unix socket PATH; the guest waits for the first
+    /// client before its first instruction
+    #[argh(option)]
+    pub gdb: Option<crate::gdb::GdbAddr>,
+    /// least severe messages written, by the VMM and its device processes: error, warn,
+    /// info (the default) or debug
+    #[argh(option, default = "virtio::log::Level::Info")]
+    pub log_level: virtio::log::Level,
     /// restart a device process that dies, at most N times within SECS seconds (default
     /// 5/60) without resetting the guest; past that (or with 0) its death ends the VM
     #[argh(option)]
@@ -150,10 +170,23 @@ pub struct CommonArgs {
     /// call its seccomp policy refused, or a memory fault and its address (ringvm reads it)
     #[argh(option)]
     pub report_fd: Option<i32>,
+    /// a memfd holding the device's statistics page, which it counts in (ringvm passes it
+    /// and reads it for `ringvm stats`)
+    #[argh(option)]
+    pub stats_fd: Option<i32>,
+    /// least severe messages written: error, warn, info (the default) or debug
+    #[argh(option, default = "virtio::log::Level::Info")]
+    pub log_level: virtio::log::Level,
 }
 
 /// The options of [`CommonArgs`] that take a value.
-const COMMON_VALUED: &[&str] = &["--socket", "--fd", "--report-fd"];
+const COMMON_VALUED: &[&str] = &[
+    "--socket",
+    "--fd",
+    "--report-fd",
+    "--stats-fd",
+    "--log-level",
+];
 /// The switches of [`CommonArgs`].
 const COMMON_SWITCHES: &[&str] = &["--disable-sandbox", "--seccomp-log-failures"];
 
@@ -332,11 +365,13 @@ pub fn endpoint(socket: &Option<PathBuf>, fd: Option<i32>) -> Result<Endpoint, S
 }
 
 /// The virtio device types `--vhost-user` accepts (the ones ringvm's transport tests).
-pub const VHOST_USER_TYPES: [DeviceType; 4] = [
+pub const VHOST_USER_TYPES: [DeviceType; 6] = [
     DeviceType::Block,
     DeviceType::Net,
     DeviceType::Rng,
     DeviceType::Vsock,
+    DeviceType::Console,
+    DeviceType::Fs,
 ];
 
 /// One `--vhost-user` option.
@@ -344,12 +379,15 @@ pub const VHOST_USER_TYPES: [DeviceType; 4] = [
 pub struct VhostUserSpec {
     pub kind: DeviceType,
     pub socket: PathBuf,
+    /// virtio-fs: the tag the guest mounts.
+    pub tag: Option<String>,
 }
 
 /// Parses one `--vhost-user` value.
 pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
     let mut kind = None;
     let mut socket = None;
+    let mut tag = None;
     for kv in spec.split(',').filter(|s| !s.is_empty()) {
         let (k, v) = kv
             .split_once('=')
@@ -359,17 +397,30 @@ pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
                 kind = Some(
                     DeviceType::from_name(v)
                         .filter(|t| VHOST_USER_TYPES.contains(t))
-                        .ok_or_else(|| format!("type={v}: expected blk, net, rng or vsock"))?,
+                        .ok_or_else(|| {
+                            format!("type={v}: expected blk, net, rng, vsock, console or fs")
+                        })?,
                 )
+            }
+            "tag" => {
+                crate::devices::virtiofs::check_tag(v)?;
+                tag = Some(v.to_owned());
             }
             "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
             "socket" => return Err("socket= is empty".into()),
             _ => return Err(format!("unknown key '{k}'")),
         }
     }
+    let kind = kind.ok_or("type= is missing")?;
+    match (kind, &tag) {
+        (DeviceType::Fs, None) => return Err("type=fs needs tag=".into()),
+        (DeviceType::Fs, Some(_)) | (_, None) => {}
+        (_, Some(_)) => return Err("tag= is for type=fs only".into()),
+    }
     Ok(VhostUserSpec {
-        kind: kind.ok_or("type= is missing")?,
+        kind,
         socket: socket.ok_or("socket= is missing")?,
+        tag,
     })
 }
 
@@ -377,6 +428,37 @@ pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "stop")]
 pub struct StopArgs {
+    /// path of the VM's control socket
+    #[argh(positional)]
+    pub socket: PathBuf,
+}
+
+/// Suspend a VM through its control socket: its vCPUs stop and its devices finish what they
+/// have in flight and take no more requests until `ringvm resume`.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "suspend")]
+pub struct SuspendArgs {
+    /// path of the VM's control socket
+    #[argh(positional)]
+    pub socket: PathBuf,
+}
+
+/// Resume a suspended VM through its control socket.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "resume")]
+pub struct ResumeArgs {
+    /// path of the VM's control socket
+    #[argh(positional)]
+    pub socket: PathBuf,
+}
+
+/// Print a VM's statistics (vCPU exits, device queues, device processes) as a table.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "stats")]
+pub struct StatsArgs {
+    /// print the raw JSON response instead of a table
+    #[argh(switch)]
+    pub json: bool,
     /// path of the VM's control socket
     #[argh(positional)]
     pub socket: PathBuf,
@@ -394,10 +476,12 @@ pub enum SerialOut {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SerialSpec {
     pub out: SerialOut,
-    /// COM number, 1 to 4.
+    /// COM number, 1 to 4 (of a virtio console: hvc0 to hvc3).
     pub num: u8,
     pub console: bool,
     pub stdin: bool,
+    /// An 8250 UART, or a virtio-console device process.
+    pub virtio_console: bool,
 }
 
 impl Default for SerialSpec {
@@ -407,6 +491,7 @@ impl Default for SerialSpec {
             num: 1,
             console: true,
             stdin: true,
+            virtio_console: false,
         }
     }
 }
@@ -433,6 +518,15 @@ pub fn parse_serial(spec: &str) -> Result<SerialSpec, String> {
             .split_once('=')
             .ok_or_else(|| format!("'{kv}' is not key=value"))?;
         match k {
+            // crosvm's `hardware=`; ringvm also takes the device as the type.
+            "type" if v == "virtio-console" => s.virtio_console = true,
+            "hardware" => {
+                s.virtio_console = match v {
+                    "serial" => false,
+                    "virtio-console" => true,
+                    _ => return Err(format!("hardware={v}: expected serial or virtio-console")),
+                }
+            }
             "type" => kind = Some(v.to_string()),
             "path" => path = Some(PathBuf::from(v)),
             "num" => {
@@ -476,7 +570,10 @@ pub fn validate(args: &RunArgs) -> Result<Vec<SerialSpec>, String> {
         args.serial.clone()
     };
     for (i, a) in serials.iter().enumerate() {
-        if serials[..i].iter().any(|b| b.num == a.num) {
+        if serials[..i]
+            .iter()
+            .any(|b| b.num == a.num && b.virtio_console == a.virtio_console)
+        {
             return Err(format!("--serial num={} given twice", a.num));
         }
     }
@@ -498,9 +595,20 @@ mod tests {
                 out: SerialOut::File("/tmp/x".into()),
                 num: 2,
                 console: false,
-                stdin: false
+                stdin: false,
+                virtio_console: false,
             }
         );
+        for spec in [
+            "type=virtio-console,stdin=true",
+            "hardware=virtio-console,type=stdout,stdin=true",
+        ] {
+            let s = parse_serial(spec).expect(spec);
+            assert!(s.virtio_console && s.stdin && s.out == SerialOut::Stdout);
+        }
+        let to_file = parse_serial("hardware=virtio-console,type=file,path=/tmp/c").expect("valid");
+        assert_eq!(to_file.out, SerialOut::File("/tmp/c".into()));
+        assert!(parse_serial("hardware=debugcon").is_err());
         assert!(parse_serial("type=file").is_err());
         assert!(parse_serial("num=5").is_err());
         assert!(parse_serial("type=tcp").is_err());
@@ -530,9 +638,13 @@ mod tests {
             vhost_user: vec![],
             vsock: None,
             cid: None,
+            shared_dir: vec![],
+            virtiofsd: None,
             no_rng: false,
             disable_sandbox: false,
             seccomp_log_failures: false,
+            gdb: None,
+            log_level: virtio::log::Level::Info,
             device_restarts: None,
             vhost_user_reconnect: 30,
             kernel: "k".into(),
@@ -555,8 +667,14 @@ mod tests {
             parse_vhost_user("type=blk,socket=/run/b.sock").expect("valid"),
             VhostUserSpec {
                 kind: DeviceType::Block,
-                socket: "/run/b.sock".into()
+                socket: "/run/b.sock".into(),
+                tag: None,
             }
+        );
+        let fs = parse_vhost_user("type=fs,socket=/run/fs.sock,tag=share").expect("valid");
+        assert_eq!(
+            (fs.kind, fs.tag.as_deref()),
+            (DeviceType::Fs, Some("share"))
         );
         assert_eq!(
             parse_vhost_user("socket=s,type=rng").expect("valid").kind,
@@ -568,6 +686,9 @@ mod tests {
             "socket=s",
             "type=rng,socket=",
             "x",
+            "type=fs,socket=s",
+            "type=fs,socket=s,tag=",
+            "type=blk,socket=s,tag=t",
         ] {
             assert!(parse_vhost_user(bad).is_err(), "{bad}");
         }

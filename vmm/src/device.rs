@@ -41,6 +41,7 @@ pub const REGISTRY: &[Registered] = &[
     register::<block::BlockProcess>(),
     register::<net::NetProcess>(),
     register::<vsock::VsockProcess>(),
+    register::<console::ConsoleProcess>(),
 ];
 
 const fn register<P: DeviceProcess>() -> Registered {
@@ -109,6 +110,20 @@ fn run_process<P: DeviceProcess>(args: &[String]) -> Result<()> {
         taken.push(fd);
         sys::inherited_fd(fd)
     };
+    virtio::log::set_level(common.log_level);
+    virtio::log::write(
+        &format!("ringvm device {name}"),
+        virtio::log::Level::Debug,
+        format_args!(
+            "starting (pid {}, log level {})",
+            std::process::id(),
+            common.log_level.name()
+        ),
+    );
+    let stats = common
+        .stats_fd
+        .map(|fd| inherit(fd).with_context(|| format!("--stats-fd {fd}")))
+        .transpose()?;
     // Made here even when a jailed child will serve: bad arguments fail before listening.
     let made = P::make(&options, &mut inherit)
         .map_err(anyhow::Error::from_boxed)
@@ -117,9 +132,14 @@ fn run_process<P: DeviceProcess>(args: &[String]) -> Result<()> {
     let after = forward.after.take();
     let result = if let (Endpoint::Socket(path), true) = (&endpoint, sandbox.enabled) {
         drop(made.device);
-        accept_then_jail(name, path, forward, sandbox.report_fd)
+        accept_then_jail(name, path, forward, stats, sandbox.report_fd)
     } else {
         drop(forward);
+        if let Some(page) = stats {
+            let page = memory::SharedCounters::from_fd(page, virtio::stats::COUNTERS)
+                .context("--stats-fd is not a statistics page")?;
+            virtio::stats::install(page);
+        }
         let policy = seccomp::Policy::from_name(name)
             .ok_or_else(|| anyhow!("device {name}: no seccomp policy"))?;
         let ops: Vec<u8> = VHOST_USER_OPS.iter().chain(P::OPS).copied().collect();
@@ -191,11 +211,13 @@ impl Sandboxing {
 /// connection (`--fd 3`) and ends as it ends.
 ///
 /// The child reports how it died on a pipe of this process (`--report-fd` after the
-/// forwarded descriptors); its record is passed on to this process's own `report_fd`.
+/// forwarded descriptors and the statistics page); its record is passed on to this
+/// process's own `report_fd`.
 fn accept_then_jail(
     name: &str,
     path: &Path,
     forward: Forward,
+    stats: Option<OwnedFd>,
     report_fd: Option<i32>,
 ) -> Result<()> {
     let report_out = report_fd
@@ -205,13 +227,16 @@ fn accept_then_jail(
     // The child's death report (see `crate::death`), after the forwarded descriptors.
     let (mut report, report_tx) = std::io::pipe().context("cannot create the report pipe")?;
     let mut args = jailed_args(std::env::args_os().skip(1).collect(), &forward);
-    args.extend([
-        "--report-fd".into(),
-        (4 + forward.fds.len()).to_string().into(),
-    ]);
+    let mut next = 4 + forward.fds.len();
+    if stats.is_some() {
+        args.extend(["--stats-fd".into(), next.to_string().into()]);
+        next += 1;
+    }
+    args.extend(["--report-fd".into(), next.to_string().into()]);
     let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     let mut fds = vec![conn.as_fd()];
     fds.extend(forward.fds.iter().map(|f| f.as_fd()));
+    fds.extend(stats.as_ref().map(|f| f.as_fd()));
     fds.push(report_tx.as_fd());
     let child = jail::spawn(
         Path::new("/proc/self/exe"),
@@ -247,13 +272,18 @@ fn accept_then_jail(
 }
 
 /// This process's arguments with `--socket PATH` replaced by `--fd 3`, and the forwarded
-/// descriptors' options in place of what they were opened from. `--report-fd N` is
-/// dropped: N is this process's descriptor (the child gets its own report pipe).
+/// descriptors' options in place of what they were opened from. `--report-fd N` and
+/// `--stats-fd N` are dropped: N is this process's descriptor (the child gets its own
+/// report pipe, and the statistics page at a number of its own).
 fn jailed_args(args: Vec<OsString>, forward: &Forward) -> Vec<OsString> {
     let mut out = Vec::with_capacity(args.len());
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        if a == "--socket" || a == "--report-fd" || forward.strip.iter().any(|s| a == *s) {
+        if a == "--socket"
+            || a == "--report-fd"
+            || a == "--stats-fd"
+            || forward.strip.iter().any(|s| a == *s)
+        {
             it.next();
         } else {
             out.push(a);
@@ -293,6 +323,7 @@ fn serve<D: Device>(
     };
     // The ring exists and is restricted before the jail: io_uring operations are not seen by
     // seccomp, so the ring may only do what this device needs, and nothing that opens a path.
+    // Its io-wq workers are bounded (executor::DEFAULT_MAX_IO_WORKERS) before the restriction.
     let ex = executor::Builder::new()
         .allow_ops(ops)
         .build()
@@ -379,12 +410,18 @@ mod tests {
             "/run/rng.sock",
             "--report-fd",
             "7",
+            "--stats-fd",
+            "9",
+            "--log-level",
+            "debug",
         ]
         .map(OsString::from)
         .to_vec();
         assert_eq!(
             jailed_args(args, &Forward::default()),
-            ["device", "rng", "--fd", "3"].map(OsString::from).to_vec()
+            ["device", "rng", "--log-level", "debug", "--fd", "3"]
+                .map(OsString::from)
+                .to_vec()
         );
     }
 

@@ -104,6 +104,28 @@ impl Launch {
     }
 }
 
+/// Starts an external backend program (virtiofsd) with `fds` as descriptors 3, 4, ...,
+/// unjailed (it brings its own sandbox), an empty environment and PR_SET_PDEATHSIG; watched,
+/// reported and reaped like ringvm's own device processes (it writes no death report).
+pub fn spawn_program(
+    name: &str,
+    program: &Path,
+    args: &[&OsStr],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<DeviceProcess> {
+    let (report, report_tx) =
+        std::io::pipe().with_context(|| format!("device {name}: pipe failed"))?;
+    // Nobody writes a report: the read end sees end-of-file.
+    drop(report_tx);
+    let child = jail::spawn(program, args, fds, &jail::Sandbox { enabled: false })
+        .with_context(|| format!("cannot start device {name} ({})", program.display()))?;
+    Ok(DeviceProcess {
+        name: name.to_string(),
+        child,
+        report: report.into(),
+    })
+}
+
 /// The VM's device processes (every one ever started); dropping the last handle kills and
 /// reaps those still running, so no path out of `ringvm run` leaves one behind (and
 /// PR_SET_PDEATHSIG covers a VMM that is killed). Cheap to clone: the respawner's tasks add

@@ -15,10 +15,12 @@ pub mod device;
 mod device_process;
 pub mod devices;
 pub mod exit;
+pub mod gdb;
 pub mod guest;
 pub mod irq;
 pub mod respawn;
 #[allow(unsafe_code)]
 mod sys;
 pub mod vcpu;
+pub mod vcpus;
 pub mod vm;

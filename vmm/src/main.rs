@@ -22,7 +22,16 @@ fn main() -> ExitCode {
         let args: Args = argh::from_env();
         match args.command {
             Command::Run(run) => vmm::vm::run_from_args(run),
-            Command::Stop(stop) => stop_vm(&stop.socket),
+            Command::Stop(a) => control(&a.socket, "stop").map(drop),
+            Command::Suspend(a) => control(&a.socket, "suspend").map(drop),
+            Command::Resume(a) => control(&a.socket, "resume").map(drop),
+            Command::Stats(a) => control(&a.socket, "stats").map(|reply| {
+                if a.json {
+                    println!("{reply}");
+                } else {
+                    print!("{}", vmm::control::stats::table(&reply["stats"]));
+                }
+            }),
             // Dispatched above; what argh parsed goes the same way.
             Command::Device(d) => {
                 vmm::device::run(&std::iter::once(d.name).chain(d.args).collect::<Vec<_>>())
@@ -38,12 +47,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn stop_vm(socket: &std::path::Path) -> anyhow::Result<()> {
-    let reply = vmm::control::request(socket, "stop")
-        .with_context(|| format!("cannot reach the control socket {}", socket.display()))?;
-    if reply == "ok" {
-        Ok(())
-    } else {
-        anyhow::bail!("the VM refused: {reply}")
-    }
+/// Sends `command` to the VM's control socket; its successful response.
+fn control(socket: &std::path::Path, command: &str) -> anyhow::Result<serde_json::Value> {
+    vmm::control::request(socket, command).with_context(|| format!("ringvm {command}"))
 }

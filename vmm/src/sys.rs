@@ -104,6 +104,14 @@ pub fn current_thread() -> libc::pthread_t {
     unsafe { libc::pthread_self() }
 }
 
+/// Clock ticks per second, the unit of CPU times in /proc/PID/stat.
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions; glibc answers _SC_CLK_TCK from the auxiliary
+    // vector, without a system call.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(100)
+}
+
 /// Puts a terminal in raw mode until dropped.
 pub struct RawTerminal {
     fd: RawFd,
@@ -143,6 +151,17 @@ impl Drop for RawTerminal {
     }
 }
 
+/// The size (columns, rows) of the terminal on `fd`; `None` if it is not a terminal or
+/// does not know its size.
+pub fn terminal_size(fd: RawFd) -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data that TIOCGWINSZ fills; the result is checked, and the
+    // ioctl only reads the descriptor's terminal state.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `ws` outlives the call.
+    let ok = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
 /// Suberror and data words of the KVM_EXIT_INTERNAL_ERROR the vCPU just returned.
 pub fn internal_error(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
     let run = vcpu.get_kvm_run();
@@ -180,6 +199,31 @@ pub fn fd_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
+}
+
+/// Waits until one of `fds` is readable (or hung up); returns which are. Retries on EINTR.
+pub fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
+    use std::os::fd::AsRawFd;
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pfds` is a live array of `pfds.len()` pollfds for descriptors borrowed for
+        // the call; poll only writes their `revents`.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
 }
 
 /// The IRR of the in-kernel IOAPIC and of the master PIC (tests check that an IRQ line

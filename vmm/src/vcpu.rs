@@ -20,6 +20,10 @@ pub struct VcpuContext {
     pub ram: GuestRam,
     /// Opened once the VMM's process-wide seccomp filter is on (or will not be).
     pub filters: Arc<FilterGate>,
+    /// `--gdb`: where the vCPU parks while the debugger holds the VM.
+    pub gdb: Option<Arc<crate::gdb::Debugger>>,
+    /// Suspend/resume and exit counters (`crate::vcpus`).
+    pub control: Arc<crate::vcpus::VcpuControl>,
 }
 
 /// The order of seccomp filters: the main thread installs the VMM's filter on every thread
@@ -88,7 +92,13 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
         if ctx.stopping.load(Ordering::Acquire) {
             return None;
         }
-        match vcpu.run() {
+        if let Some(gdb) = &ctx.gdb {
+            gdb.checkpoint(vcpu, ctx.id, None);
+        }
+        ctx.control.park_if_suspended(&ctx.stopping);
+        let exit = vcpu.run();
+        ctx.control.count(ctx.id, &exit);
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 ctx.pio.read(u64::from(port), data);
             }
@@ -114,10 +124,8 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
                 // Linux's reboot=t resets this way, so it is a reset; but an early crash
                 // looks the same, so say where it happened.
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                eprintln!(
-                    "ringvm: vCPU {} triple fault at rip {rip:#x}: resetting",
-                    ctx.id
-                );
+                let what = format_args!("vCPU {} triple fault at rip {rip:#x}: resetting", ctx.id);
+                virtio::log::write("ringvm", virtio::log::Level::Info, what);
                 return Some(ExitReason::Reset);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
@@ -128,6 +136,11 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
                 })
             }
             Ok(VcpuExit::InternalError) => {
+                if let Some(gdb) = &ctx.gdb {
+                    if gdb.unemulated_breakpoint(vcpu, ctx.id) {
+                        continue;
+                    }
+                }
                 return Some(ExitReason::Failed(internal_error(vcpu, ctx)));
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
@@ -137,6 +150,11 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<ExitReason> {
                 )))
             }
             Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Debug(debug)) if ctx.gdb.is_some() => {
+                if let Some(gdb) = &ctx.gdb {
+                    gdb.checkpoint(vcpu, ctx.id, Some(debug));
+                }
+            }
             Ok(other) => {
                 return Some(ExitReason::Failed(format!(
                     "vCPU {}: unexpected exit {other:?}",

@@ -19,7 +19,7 @@ use virtio::{DeviceProcess, DeviceType};
 
 use crate::boot;
 use crate::cli::{self, NicSpec, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
-use crate::control::{self, ControlSocket, VmExitHandle};
+use crate::control::{self, ControlSocket, ControlTarget, ControlledDevice, ProcessStats};
 use crate::cpuid::{self, Toggle};
 use crate::device_process::{self, DeviceProcesses, Launch};
 use crate::devices::cmos::Cmos;
@@ -30,6 +30,7 @@ use crate::devices::pci::{
 };
 use crate::devices::serial::Serial;
 use crate::devices::vhost_user::{self, Healing, Origin};
+use crate::devices::virtiofs;
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
@@ -37,6 +38,7 @@ use crate::irq::GsiRouting;
 use crate::respawn::{Respawner, RestartBudget};
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
+use crate::vcpus::VcpuControl;
 
 /// Everything `ringvm run` was asked for, validated.
 #[derive(Debug, Clone)]
@@ -58,12 +60,20 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-vsock device process, its broker in this process.
     pub vsock: Option<vsock::VsockSpec>,
+    /// Shared directories, each a virtio-fs device served by a virtiofsd process.
+    pub shared_dirs: Vec<virtiofs::SharedDir>,
+    /// The virtiofsd program (checked), when there are shared directories.
+    pub virtiofsd: Option<PathBuf>,
     /// External vhost-user backends, in PCI slot order after ringvm's own devices.
     pub vhost_user: Vec<VhostUserSpec>,
     /// Jail the device processes; seccomp filters on them and on the VMM.
     pub sandbox: bool,
     /// Seccomp filters log what they do not allow instead of killing.
     pub seccomp_log_failures: bool,
+    /// Serve GDB here (`--gdb`); the vCPUs wait for a client.
+    pub gdb: Option<crate::gdb::GdbAddr>,
+    /// `--log-level`, for the VMM and its device processes.
+    pub log_level: virtio::log::Level,
     /// How often a device may be restarted (`--device-restarts`); 0 ends the VM at once.
     pub restarts: RestartBudget,
     /// How long an external backend may stay away (`--vhost-user-reconnect`).
@@ -82,6 +92,8 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
     let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
     let nics = cli::nics(&args).map_err(|e| anyhow!(e))?;
     let vsock = cli::vsock(&args).map_err(|e| anyhow!(e))?;
+    let fs_tags: Vec<&str> = vhost_user.iter().filter_map(|v| v.tag.as_deref()).collect();
+    let virtiofsd = virtiofs::check(&args.shared_dir, &fs_tags, args.virtiofsd.as_deref())?;
     let mut cmdline = args.params.join(" ");
     // crosvm's --root: the first disk is the root file system, unless the caller chose one.
     if let Some(root) = root {
@@ -96,7 +108,12 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
             .any(|p| p.starts_with("console="))
         {
             let sep = if cmdline.is_empty() { "" } else { " " };
-            cmdline = format!("console=ttyS{}{sep}{cmdline}", console.num - 1);
+            let tty = if console.virtio_console {
+                "hvc"
+            } else {
+                "ttyS"
+            };
+            cmdline = format!("console={tty}{}{sep}{cmdline}", console.num - 1);
         }
     }
     let config = VmConfig {
@@ -113,12 +130,17 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         nics,
         rng: !args.no_rng,
         vsock,
+        shared_dirs: args.shared_dir.clone(),
+        virtiofsd,
         vhost_user,
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
         restarts: args.device_restarts.unwrap_or_default(),
         reconnect_timeout: Duration::from_secs(args.vhost_user_reconnect),
+        gdb: args.gdb,
+        log_level: args.log_level,
     };
+    virtio::log::set_level(config.log_level);
     match run(&config)? {
         ExitReason::Failed(why) => bail!("{why}"),
         _ => Ok(()),
@@ -220,7 +242,7 @@ fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
     let exit = Arc::new(VmExit::new().context("cannot create an eventfd")?);
     let mut pio = Bus::default();
     let mut stdin_serial = None;
-    for spec in &config.serials {
+    for spec in config.serials.iter().filter(|s| !s.virtio_console) {
         let (port, irq) = COM_PORTS[spec.num as usize - 1];
         let vm_irq = vm.clone();
         let pulse = Box::new(move || {
@@ -275,6 +297,8 @@ fn start_vcpus(
     m: &Machine,
     stopping: &Arc<AtomicBool>,
     filters: &Arc<FilterGate>,
+    gdb: &Option<Arc<crate::gdb::Debugger>>,
+    control: &Arc<VcpuControl>,
 ) -> Result<Vec<VcpuThread>> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -309,13 +333,17 @@ fn start_vcpus(
             stopping: stopping.clone(),
             ram: m.ram.clone(),
             filters: filters.clone(),
+            gdb: gdb.clone(),
+            control: control.clone(),
         };
+        let ended = control.clone();
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let _ = tx.send(sys::current_thread());
                 vcpu::run(vcpu, ctx);
+                ended.thread_ended();
             })
             .with_context(|| format!("cannot start the thread of vCPU {id}"))?;
         let pthread = rx
@@ -371,16 +399,27 @@ async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
     }
 }
 
+/// The device processes started so far, and what each of ringvm's own was started from
+/// (slot N of the respawner is `launches[N]`).
+#[derive(Default)]
+struct Spawned {
+    processes: DeviceProcesses,
+    launches: Vec<Launch>,
+}
+
+/// A started backend: the VMM's end of its socket, its statistics, where it comes from.
+type Attachable = (OwnedFd, Option<ProcessStats>, Origin);
+
 /// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
 /// the PCI bus: ringvm's own device processes first, then `--vhost-user` backends.
 async fn add_devices(
     config: &VmConfig,
     machine: &Machine,
-    processes: &DeviceProcesses,
-    launches: &mut Vec<Launch>,
+    processes: &mut Spawned,
     brokers: &mut Vec<vsock::Broker>,
-) -> Result<Vec<vhost_user::Backend>> {
+) -> Result<(Vec<vhost_user::Backend>, Vec<ControlledDevice>)> {
     let mut backends = Vec::new();
+    let mut controlled = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let name = format!("block{i}");
         let options = block::BlockArgs {
@@ -390,9 +429,8 @@ async fn add_devices(
             // A restarted process must find the writes its predecessor completed.
             metadata_write_through: config.restarts.max > 0,
         };
-        let (sock, origin) =
-            spawn_device::<block::BlockProcess>(config, processes, launches, &name, &options, &[])?;
-        backends.push(attach(machine, &name, DeviceType::Block, sock, origin).await?);
+        let sock = spawn_device::<block::BlockProcess>(config, processes, &name, &options, &[])?;
+        backends.push(attach(machine, &mut controlled, &name, DeviceType::Block, sock).await?);
     }
     for (i, nic) in config.nics.iter().enumerate() {
         let name = format!("net{i}");
@@ -407,17 +445,15 @@ async fn add_devices(
             mac: Some(nic.mac),
         };
         let borrowed: Vec<_> = taps.iter().map(|t| t.as_fd()).collect();
-        let (sock, origin) = spawn_device::<net::NetProcess>(
-            config, processes, launches, &name, &options, &borrowed,
-        )?;
-        backends.push(attach(machine, &name, DeviceType::Net, sock, origin).await?);
+        let sock = spawn_device::<net::NetProcess>(config, processes, &name, &options, &borrowed)?;
+        backends.push(attach(machine, &mut controlled, &name, DeviceType::Net, sock).await?);
     }
     if config.rng {
         let options = virtio::rng::RngOptions {};
-        let (sock, origin) =
-            spawn_device::<virtio::RngProcess>(config, processes, launches, "rng", &options, &[])?;
-        backends.push(attach(machine, "rng", DeviceType::Rng, sock, origin).await?);
+        let sock = spawn_device::<virtio::RngProcess>(config, processes, "rng", &options, &[])?;
+        backends.push(attach(machine, &mut controlled, "rng", DeviceType::Rng, sock).await?);
     }
+    add_consoles(config, machine, processes, &mut backends, &mut controlled).await?;
     if let Some(spec) = &config.vsock {
         // The jailed device opens nothing: this process listens on PATH and connects to
         // PATH_<port> for it (the broker runs on the main thread's executor).
@@ -425,10 +461,14 @@ async fn add_devices(
             Some(p) => p.clone(),
             None => {
                 let p = std::env::temp_dir().join(format!("ringvm-{}.vsock", std::process::id()));
-                eprintln!(
-                    "ringvm: vsock cid {}: host processes connect to {}",
-                    spec.cid,
-                    p.display()
+                virtio::log::write(
+                    "ringvm",
+                    virtio::log::Level::Info,
+                    format_args!(
+                        "vsock cid {}: host processes connect to {}",
+                        spec.cid,
+                        p.display()
+                    ),
                 );
                 p
             }
@@ -441,15 +481,26 @@ async fn add_devices(
             uds: None,
             broker_fd: Some(device_process::FIRST_EXTRA_FD as i32),
         };
-        let (sock, origin) = spawn_device::<vsock::VsockProcess>(
+        let sock = spawn_device::<vsock::VsockProcess>(
             config,
             processes,
-            launches,
             "vsock",
             &options,
             &[channel.as_fd()],
         )?;
-        backends.push(attach(machine, "vsock", DeviceType::Vsock, sock, origin).await?);
+        backends.push(attach(machine, &mut controlled, "vsock", DeviceType::Vsock, sock).await?);
+    }
+    for (i, dir) in config.shared_dirs.iter().enumerate() {
+        let name = format!("fs{i}");
+        let program = config
+            .virtiofsd
+            .as_deref()
+            .context("--shared-dir without virtiofsd")?;
+        let (process, sock) = virtiofs::start(program, &name, dir)?;
+        let process = processes.processes.push(process);
+        let origin = Origin::Program { process };
+        let fs = attach_fs(machine, &mut controlled, &name, &dir.tag, sock, origin);
+        backends.push(fs.await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
@@ -461,22 +512,88 @@ async fn add_devices(
         let origin = Origin::External {
             path: spec.socket.clone(),
         };
-        backends.push(attach(machine, &name, spec.kind, sock, origin).await?);
+        match &spec.tag {
+            Some(tag) => {
+                let fs = attach_fs(machine, &mut controlled, &name, tag, sock, origin).await?;
+                backends.push(fs);
+            }
+            None => {
+                let started = (sock, None, origin);
+                let device = attach(machine, &mut controlled, &name, spec.kind, started);
+                backends.push(device.await?);
+            }
+        }
     }
-    Ok(backends)
+    Ok((backends, controlled))
+}
+
+/// The virtio consoles (`--serial hardware=virtio-console`), hvc0 first: each a device
+/// process given its output (and, for the one reading stdin, its input) by this process.
+async fn add_consoles(
+    config: &VmConfig,
+    machine: &Machine,
+    processes: &mut Spawned,
+    backends: &mut Vec<vhost_user::Backend>,
+    controlled: &mut Vec<ControlledDevice>,
+) -> Result<()> {
+    let mut consoles: Vec<&SerialSpec> =
+        config.serials.iter().filter(|s| s.virtio_console).collect();
+    consoles.sort_by_key(|s| s.num);
+    for spec in consoles {
+        let name = format!("console{}", spec.num - 1);
+        let output: OwnedFd = match &spec.out {
+            SerialOut::Stdout => io::stdout().as_fd().try_clone_to_owned()?,
+            SerialOut::Sink => File::options().write(true).open("/dev/null")?.into(),
+            SerialOut::File(p) => File::create(p)
+                .with_context(|| format!("cannot create console file {}", p.display()))?
+                .into(),
+        };
+        let size = match spec.out {
+            SerialOut::Stdout => sys::terminal_size(1),
+            _ => None,
+        };
+        let mut fds = vec![output];
+        if spec.stdin {
+            fds.push(io::stdin().as_fd().try_clone_to_owned()?);
+        }
+        let options = console::ConsoleArgs {
+            stream_fd: (0..fds.len())
+                .map(|i| (device_process::FIRST_EXTRA_FD + i) as i32)
+                .collect(),
+            cols: size.map(|s| s.0),
+            rows: size.map(|s| s.1),
+        };
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        let sock =
+            spawn_device::<console::ConsoleProcess>(config, processes, &name, &options, &borrowed)?;
+        backends.push(attach(machine, controlled, &name, DeviceType::Console, sock).await?);
+    }
+    Ok(())
 }
 
 /// Starts `ringvm device <P's name> <options>` for device `name` (kept in `processes`, its
-/// launch in `launches` for restarts), with `fds` as descriptors 4, 5, ...; returns the VMM's
-/// end of its vhost-user socket and where the device comes from.
+/// launch too, for restarts), with `fds` as descriptors 4, 5, ...; returns the VMM's end of
+/// its vhost-user socket, its statistics and where it comes from.
 fn spawn_device<P: DeviceProcess>(
     config: &VmConfig,
-    processes: &DeviceProcesses,
-    launches: &mut Vec<Launch>,
+    processes: &mut Spawned,
     name: &str,
     options: &P::Options,
     fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<(OwnedFd, Origin)> {
+) -> Result<Attachable> {
+    let mut args = P::to_args(options);
+    // Its statistics page goes after its own descriptors (`ringvm stats` reads it).
+    let page = ProcessStats::page().with_context(|| format!("device {name}: statistics page"))?;
+    let mut fds = fds.to_vec();
+    args.extend([
+        "--stats-fd".into(),
+        (device_process::FIRST_EXTRA_FD + fds.len())
+            .to_string()
+            .into(),
+        "--log-level".into(),
+        config.log_level.name().into(),
+    ]);
+    fds.push(page.fd());
     let fds = fds
         .iter()
         .map(|fd| fd.try_clone_to_owned())
@@ -485,27 +602,67 @@ fn spawn_device<P: DeviceProcess>(
     let launch = Launch {
         name: name.to_string(),
         kind: P::TYPE.name().to_string(),
-        args: P::to_args(options),
+        args,
         fds,
         sandbox: config.sandbox,
         seccomp_log_failures: config.seccomp_log_failures,
     };
     let (process, sock) = launch.spawn(false)?;
-    let process = processes.push(process);
-    let slot = u32::try_from(launches.len()).context("too many devices")?;
-    launches.push(launch);
-    Ok((sock, Origin::Own { process, slot }))
+    let pid = process.pid();
+    let process = processes.processes.push(process);
+    let slot = u32::try_from(processes.launches.len()).context("too many devices")?;
+    processes.launches.push(launch);
+    let stats = ProcessStats::new(pid, page)
+        .with_context(|| format!("device {name}: cannot open /proc/{pid}"))?;
+    Ok((sock, Some(stats), Origin::Own { process, slot }))
 }
 
 /// Sets up the vhost-user backend on `sock` and puts its device on the PCI bus.
 async fn attach(
     machine: &Machine,
+    controlled: &mut Vec<ControlledDevice>,
     name: &str,
     device_type: DeviceType,
+    (sock, stats, origin): Attachable,
+) -> Result<vhost_user::Backend> {
+    let (device, backend) = vhost_user::connect(name, device_type, sock, origin).await?;
+    controlled.push(ControlledDevice {
+        name: name.to_string(),
+        kind: device_type,
+        queues: device.num_queues(),
+        control: device.control(),
+        process: stats,
+    });
+    machine.add_virtio_device(Box::new(device))?;
+    Ok(backend)
+}
+
+/// [`attach`] for a virtio-fs backend: the configuration space (tag, request queues) is
+/// this side's.
+async fn attach_fs(
+    machine: &Machine,
+    controlled: &mut Vec<ControlledDevice>,
+    name: &str,
+    tag: &str,
     sock: OwnedFd,
     origin: Origin,
 ) -> Result<vhost_user::Backend> {
-    let (device, backend) = vhost_user::connect(name, device_type, sock, origin).await?;
+    let (mut device, backend) = vhost_user::connect(name, DeviceType::Fs, sock, origin).await?;
+    if device.num_queues() < 2 {
+        bail!(
+            "device {name}: the backend has {} queue(s); virtio-fs needs a high-priority \
+             queue and a request queue",
+            device.num_queues()
+        );
+    }
+    device.set_config_space(virtiofs::config(tag, device.num_queues()));
+    controlled.push(ControlledDevice {
+        name: name.to_string(),
+        kind: DeviceType::Fs,
+        queues: device.num_queues(),
+        control: device.control(),
+        process: None,
+    });
     machine.add_virtio_device(Box::new(device))?;
     Ok(backend)
 }
@@ -527,16 +684,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     let ex =
         executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
     // Declared before anything that can fail, so every path out kills the device processes.
-    let processes = DeviceProcesses::default();
+    let mut spawned = Spawned::default();
     let mut brokers = Vec::new();
-    let mut launches = Vec::new();
-    let backends = ex.run_until(add_devices(
-        config,
-        &machine,
-        &processes,
-        &mut launches,
-        &mut brokers,
-    ))?;
+    let (backends, controlled) =
+        ex.run_until(add_devices(config, &machine, &mut spawned, &mut brokers))?;
+    let Spawned {
+        processes,
+        launches,
+    } = spawned;
     // Forked while this process has one thread, before its seccomp filter: the respawner
     // starts devices again after they die (`respawn`).
     let respawner = if config.restarts.max > 0 && !launches.is_empty() {
@@ -561,36 +716,64 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         None => None,
     };
     let mut events = machine.exit.events()?;
-    let _raw = match &machine.stdin_serial {
-        Some(_) => sys::RawTerminal::new(0).context("cannot put the terminal in raw mode")?,
-        None => None,
+    let _raw = match config.serials.iter().any(|s| s.stdin) {
+        true => sys::RawTerminal::new(0).context("cannot put the terminal in raw mode")?,
+        false => None,
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let filters = Arc::new(FilterGate::default());
+    let vcpu_control = Arc::new(VcpuControl::new(config.cpus));
     // Whatever happens below, the vCPU threads are never left waiting for their filter.
     let _gate = OpenOnDrop(filters.clone());
-    let threads = start_vcpus(config, &kvm, &machine, &stopping, &filters)?;
+    let gdb = match &config.gdb {
+        Some(addr) => Some(crate::gdb::start(addr, config.cpus, machine.ram.clone())?),
+        None => None,
+    };
+    let threads = start_vcpus(
+        config,
+        &kvm,
+        &machine,
+        &stopping,
+        &filters,
+        &gdb,
+        &vcpu_control,
+    )?;
+    vcpu_control.set_threads(threads.iter().map(|t| t.pthread).collect());
+    if let Some(g) = &gdb {
+        g.set_threads(threads.iter().map(|t| t.pthread).collect());
+    }
     if config.sandbox {
         // After set-up (memory, devices, threads): the VMM's own filter on every thread, then
         // each vCPU thread its narrower one.
-        let policy = seccomp::Policy::from_name(seccomp::Policy::VMM)
-            .context("the VMM has no seccomp policy")?;
+        // With --gdb, one policy covers the debugger's calls, the vCPUs' included.
+        let name = match gdb {
+            Some(_) => seccomp::Policy::VMM_GDB,
+            None => seccomp::Policy::VMM,
+        };
+        let policy = seccomp::Policy::from_name(name).context("the VMM has no seccomp policy")?;
         seccomp::install(policy, config.seccomp_log_failures)
             .context("cannot install the VMM's seccomp filter")?;
-        filters.open(VcpuFilter::Install {
-            log_failures: config.seccomp_log_failures,
+        filters.open(match gdb {
+            Some(_) => VcpuFilter::None,
+            None => VcpuFilter::Install {
+                log_failures: config.seccomp_log_failures,
+            },
         });
     } else {
         filters.open(VcpuFilter::None);
     }
 
-    let exit = Rc::new(VmExitHandle(machine.exit.clone()));
+    let target = Rc::new(ControlTarget::new(
+        machine.exit.clone(),
+        vcpu_control.clone(),
+        controlled,
+    ));
     ex.run_until(async {
         if let Some(serial) = machine.stdin_serial.clone() {
             executor::spawn(pump_stdin(serial)).detach();
         }
         if let Some(c) = &control {
-            executor::spawn(c.clone().serve(exit.clone())).detach();
+            executor::spawn(c.clone().serve(target.clone())).detach();
         }
         for backend in backends {
             let mem = machine.ram.memory().clone();
@@ -614,6 +797,12 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     // Dropping the executor drops the devices' tasks first: a vCPU waiting for a backend's
     // answer gets an error instead of waiting forever.
     drop(ex);
+    if let Some(g) = &gdb {
+        g.end(u8::from(matches!(
+            machine.exit.reason(),
+            Some(ExitReason::Failed(_))
+        )));
+    }
     stop_vcpus(threads, &stopping);
     drop(heal);
     drop(processes);

@@ -141,10 +141,13 @@ fn stop_through_the_control_socket_ends_a_spinning_guest() {
         assert!(start.elapsed() < Duration::from_secs(30), "no socket");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Junk and unknown commands get an error reply and leave the VM running.
+    // Junk and unknown commands get a JSON error and leave the VM running.
     let junk = raw_request(&sock, b"\xff\xfe\n");
-    assert!(junk.starts_with("error:"), "{junk}");
-    let unknown = raw_request(&sock, b"reboot please\n");
+    assert!(
+        junk.contains(r#""ok":false"#) && junk.contains("UTF-8"),
+        "{junk}"
+    );
+    let unknown = raw_request(&sock, b"{\"command\":\"reboot\"}\n");
     assert!(unknown.contains("unknown command"), "{unknown}");
     assert!(child.try_wait().expect("wait").is_none());
 

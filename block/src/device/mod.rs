@@ -183,14 +183,22 @@ impl BlockDevice {
 
     /// Serves the request of `chain`; returns its head and used length (the bytes written to
     /// the guest, status included; 0 when the chain has no status byte).
-    async fn process(&self, mem: &GuestMemory, chain: DescriptorChain) -> (u16, u32) {
+    ///
+    /// Counted in the device's statistics (`virtio::stats`) as a request of queue `index`:
+    /// its data bytes (read into or written from the guest's buffers), its latency, and an
+    /// error unless it ends OK.
+    async fn process(&self, index: usize, mem: &GuestMemory, chain: DescriptorChain) -> (u16, u32) {
         let head = chain.head_index();
+        let stats = virtio::stats::stats();
         let Some(parts) = Parts::new(&chain) else {
             self.errors.log(format_args!(
                 "request at head {head} has no writable status byte"
             ));
+            stats.request(index, 0);
+            stats.error(index);
             return (head, 0);
         };
+        let start = std::time::Instant::now();
         let (status, written) = match execute(&self.disk, &self.limits(), &chain, &parts, mem).await
         {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
@@ -200,6 +208,18 @@ impl BlockDevice {
                 (e.status(), 0)
             }
         };
+        stats.latency(start.elapsed());
+        if status == VIRTIO_BLK_S_OK {
+            let sent: usize = if written == 0 {
+                parts.readable.iter().map(|r| r.1).sum()
+            } else {
+                0
+            };
+            stats.request(index, u64::from(written) + sent as u64);
+        } else {
+            stats.request(index, 0);
+            stats.error(index);
+        }
         match mem.write_slice(&[status], parts.status) {
             Ok(()) => (head, written.saturating_add(1)),
             Err(e) => {
@@ -215,7 +235,7 @@ impl BlockDevice {
     /// its head and used length. For the fuzz targets, which pop chains themselves.
     #[cfg(feature = "fuzzing")]
     pub async fn process_chain(&self, mem: &GuestMemory, chain: DescriptorChain) -> (u16, u32) {
-        self.process(mem, chain).await
+        self.process(0, mem, chain).await
     }
 
     async fn run(self: Rc<Self>, index: usize, queue: Rc<AsyncQueue>, mut stop: StopSignal) {
@@ -246,11 +266,11 @@ impl BlockDevice {
                 match event {
                     Event::Stop => break,
                     Event::Chain(Ok(chain)) => {
-                        in_flight.push(self.process(mem, chain));
+                        in_flight.push(self.process(index, mem, chain));
                         // Take what else is there now, without waiting.
                         while in_flight.len() < cap {
                             match queue.try_pop() {
-                                Ok(Some(chain)) => in_flight.push(self.process(mem, chain)),
+                                Ok(Some(chain)) => in_flight.push(self.process(index, mem, chain)),
                                 Ok(None) => break,
                                 Err(e) => {
                                     failed |= self.chain_error(index, &queue, e);
@@ -290,6 +310,7 @@ impl BlockDevice {
                 self.errors.log(format_args!(
                     "queue {index}: invalid chain at head {head}: {reason}"
                 ));
+                virtio::stats::stats().error(index);
                 !(self.add_used(index, queue, head, 0) && self.signal(index, queue))
             }
             e => {
@@ -496,7 +517,7 @@ mod tests {
                     .add_chain(&request(kind, sector, split, payload, writable))
                     .unwrap();
                 let chain = queue.pop(&mem).unwrap().unwrap();
-                let (head, len) = ex.run_until(device.process(&mem, chain));
+                let (head, len) = ex.run_until(device.process(0, &mem, chain));
                 prop_assert_eq!(head, sent.head);
                 if !has_status {
                     prop_assert_eq!(len, 0);

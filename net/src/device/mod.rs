@@ -142,6 +142,8 @@ struct Pair {
     io: AsyncFd,
     /// Whether the tap queue is attached (only detached with several pairs).
     attached: Cell<bool>,
+    /// Its number: its receive queue is `2 * index`, its transmit queue `2 * index + 1`.
+    index: usize,
 }
 
 /// A virtio-net device over one tap queue per queue pair.
@@ -196,13 +198,15 @@ impl NetDevice {
         }
         let pairs = taps
             .into_iter()
-            .map(|fd| {
+            .enumerate()
+            .map(|(index, fd)| {
                 let tap = Tap::from_fd(fd)?;
                 let dup = tap.as_fd().try_clone_to_owned().map_err(Error::Dup)?;
                 Ok(Pair {
                     tap,
                     io: AsyncFd::new(dup),
                     attached: Cell::new(true),
+                    index,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -233,14 +237,41 @@ impl NetDevice {
         self.pairs[0].tap.name()
     }
 
-    fn count(&self, f: impl FnOnce(&mut Counters)) {
-        let mut c = self.counters.get();
+    /// Counts on `pair`, and in the shared statistics page (`virtio::stats`): a frame
+    /// delivered or sent is a request of its queue with its bytes; a dropped or failed one
+    /// a request with an error.
+    fn count(&self, pair: &Pair, f: impl FnOnce(&mut Counters)) {
+        use virtio::stats::Stats;
+        let old = self.counters.get();
+        let mut c = old;
         f(&mut c);
         self.counters.set(c);
+        let s = virtio::stats::stats();
+        let (rxq, txq) = (2 * pair.index, 2 * pair.index + 1);
+        let done = |q: usize, (from, to): (u64, u64), bytes: u64, net: fn(&Stats, u64)| {
+            for _ in from..to {
+                s.request(q, bytes);
+                net(&s, bytes);
+            }
+        };
+        let failed = |q: usize, (from, to): (u64, u64), net: fn(&Stats)| {
+            for _ in from..to {
+                s.request(q, 0);
+                s.error(q);
+                net(&s);
+            }
+        };
+        let rx_bytes = c.rx_bytes.wrapping_sub(old.rx_bytes);
+        done(rxq, (old.rx_packets, c.rx_packets), rx_bytes, Stats::net_rx);
+        failed(rxq, (old.rx_errors, c.rx_errors), Stats::net_rx_error);
+        let tx_bytes = c.tx_bytes.wrapping_sub(old.tx_bytes);
+        done(txq, (old.tx_packets, c.tx_packets), tx_bytes, Stats::net_tx);
+        failed(txq, (old.tx_dropped, c.tx_dropped), Stats::net_tx_drop);
+        failed(txq, (old.tx_errors, c.tx_errors), Stats::net_tx_error);
     }
 
     fn log(&self, what: impl fmt::Display) {
-        eprintln!("ringvm device net: {what}");
+        virtio::log::write("ringvm device net", virtio::log::Level::Error, what);
     }
 
     /// Logs bad guest input under the devices' shared rate limit ([`GuestLog`]).
@@ -261,7 +292,11 @@ impl NetDevice {
         self.running.set(n);
         if n == 0 {
             self.errors.flush();
-            self.log(self.counters());
+            virtio::log::write(
+                "ringvm device net",
+                virtio::log::Level::Info,
+                self.counters(),
+            );
         }
     }
 

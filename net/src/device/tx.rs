@@ -56,7 +56,7 @@ impl Tx<'_> {
                     Err(virtio::Error::InvalidChain { head, reason }) => {
                         self.dev
                             .log_guest(format_args!("tx: invalid chain {head}: {reason}"));
-                        self.dev.count(|c| c.tx_dropped += 1);
+                        self.dev.count(self.pair, |c| c.tx_dropped += 1);
                         self.queue.add_used(head, 0)?;
                     }
                     Err(e) => return Err(e),
@@ -82,7 +82,7 @@ impl Tx<'_> {
                 }
                 TxFrame::Drop(why) => {
                     self.dev.log_guest(format_args!("tx: frame dropped: {why}"));
-                    self.dev.count(|c| c.tx_dropped += 1);
+                    self.dev.count(self.pair, |c| c.tx_dropped += 1);
                     None
                 }
             })
@@ -101,19 +101,19 @@ impl Tx<'_> {
                 r => r,
             };
             match result {
-                Ok(n) if n == total => self.dev.count(|c| {
+                Ok(n) if n == total => self.dev.count(self.pair, |c| {
                     c.tx_packets += 1;
                     c.tx_bytes += (total - VNET_HDR_SIZE) as u64;
                 }),
                 Ok(n) => {
                     self.dev
                         .log_guest(format_args!("tx: tap took {n} of {total} bytes"));
-                    self.dev.count(|c| c.tx_errors += 1);
+                    self.dev.count(self.pair, |c| c.tx_errors += 1);
                 }
                 Err(e) => {
                     self.dev
                         .log_guest(format_args!("tx: tap write failed: {e}"));
-                    self.dev.count(|c| c.tx_errors += 1);
+                    self.dev.count(self.pair, |c| c.tx_errors += 1);
                 }
             }
             self.queue.add_used(chain.head_index(), 0)?;

@@ -342,6 +342,15 @@ impl Frontend {
         Ok(())
     }
 
+    /// Starts rings stopped by [`Frontend::stop`] again (each from its `base`), on the
+    /// memory table and features already sent.
+    pub async fn restart(&self, mem: &GuestMemory, vrings: &[VringConfig<'_>]) -> Result<()> {
+        for vring in vrings {
+            self.start_vring(mem, vring).await?;
+        }
+        Ok(())
+    }
+
     /// Stops the rings `indices` (`GET_VRING_BASE`); returns where each stopped: the next
     /// avail index to start it again from.
     pub async fn stop(&self, indices: &[u32]) -> Result<Vec<u16>> {

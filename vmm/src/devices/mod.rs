@@ -6,5 +6,6 @@ pub mod i8042;
 pub mod pci;
 pub mod serial;
 pub mod vhost_user;
+pub mod virtiofs;
 
 pub use bus::{Bus, BusDevice};

@@ -82,6 +82,11 @@ enum Request {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// The control socket's `suspend` (true) or `resume` (false).
+    Suspend {
+        suspend: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The transport's handle on a vhost-user device.
@@ -91,6 +96,8 @@ pub struct VhostUserDevice {
     features: u64,
     num_queues: usize,
     config: Vec<u8>,
+    /// Set by [`VhostUserDevice::set_config_space`]: the backend has no config space.
+    config_read_only: bool,
     requests: mpsc::UnboundedSender<Request>,
     restarts: Arc<AtomicU32>,
 }
@@ -104,6 +111,9 @@ pub enum Origin {
     },
     /// `--vhost-user`: a backend listening on `path`.
     External { path: PathBuf },
+    /// A backend program ringvm started but cannot start again (virtiofsd): its death ends
+    /// the VM, reported as the death of a device process.
+    Program { process: Rc<DeviceProcess> },
 }
 
 /// What every backend shares for healing.
@@ -134,6 +144,8 @@ pub struct Backend {
     started: Option<Started>,
     /// Config writes the device accepted, in order.
     config_writes: Vec<(u32, Vec<u8>)>,
+    /// While suspended (the control socket), where each started ring stopped.
+    suspended: Option<Vec<u16>>,
     /// The inflight region the backend gave for the started rings (`INFLIGHT_SHMFD`): kept
     /// across its restarts, so a new backend finds what the dead one had in flight.
     inflight: Option<(Inflight, OwnedFd)>,
@@ -159,7 +171,10 @@ pub async fn connect(
         ));
     }
     let size = device_type.config_size();
-    let config = if size > 0 {
+    // virtio-fs: the frontend holds the configuration (the tag), see `super::virtiofs`.
+    let config = if device_type == DeviceType::Fs {
+        Vec::new()
+    } else if size > 0 {
         frontend
             .get_config(0, size)
             .await
@@ -175,6 +190,7 @@ pub async fn connect(
         features: frontend.features(),
         num_queues,
         config,
+        config_read_only: false,
         requests: tx,
         restarts: restarts.clone(),
     };
@@ -187,6 +203,7 @@ pub async fn connect(
         origin,
         started: None,
         config_writes: Vec::new(),
+        suspended: None,
         inflight: None,
         restarts,
     };
@@ -236,7 +253,7 @@ enum RestartError {
 async fn gone(hangup: &executor::AsyncFd, origin: &Origin) {
     let hangup = Box::pin(hangup.poll_readable());
     match origin {
-        Origin::Own { process, .. } => {
+        Origin::Own { process, .. } | Origin::Program { process } => {
             let Ok(fd) = process.pidfd() else {
                 return hangup.await.map(drop).unwrap_or(());
             };
@@ -328,6 +345,7 @@ impl Backend {
             Request::Stop { reply } => {
                 // A reset device starts with a new inflight region.
                 self.inflight = None;
+                self.suspended = None;
                 let indices: Vec<u32> = self
                     .started
                     .take()
@@ -369,7 +387,59 @@ impl Backend {
                 let _ = reply.send(res.map_err(|e| format!("{e:#}")));
                 ok
             }
+            Request::Suspend { suspend, reply } => {
+                let res = self.suspend(suspend, mem).await;
+                if let Err(why) = &res {
+                    exit.report(ExitReason::Failed(why.clone()));
+                }
+                let ok = res.is_ok();
+                let _ = reply.send(res);
+                ok
+            }
         }
+    }
+
+    /// Suspends (stops every started ring with GET_VRING_BASE, which returns once the
+    /// backend has finished what it had in flight) or resumes (sets each ring up again from
+    /// where it stopped) the device. A failure is a backend failure: it ends the VM.
+    async fn suspend(&mut self, suspend: bool, mem: &GuestMemory) -> Result<(), String> {
+        let what = if suspend { "suspend" } else { "resume" };
+        let active: &[Vring] = self.started.as_ref().map_or(&[], |s| &s.vrings);
+        let res = match (suspend, self.suspended.take()) {
+            (true, None) => {
+                let indices: Vec<u32> = active.iter().map(|v| v.index).collect();
+                match self.frontend.stop(&indices).await {
+                    Ok(bases) => {
+                        self.suspended = Some(bases);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            (false, Some(bases)) => {
+                let configs: Vec<VringConfig<'_>> = active
+                    .iter()
+                    .zip(bases)
+                    .map(|(v, base)| VringConfig {
+                        index: v.index,
+                        size: v.size,
+                        desc: GuestAddress(v.desc),
+                        avail: GuestAddress(v.avail),
+                        used: GuestAddress(v.used),
+                        base,
+                        kick: v.kick.as_fd(),
+                        call: v.call.as_ref().map(|c| c.as_fd()),
+                    })
+                    .collect();
+                self.frontend.restart(mem, &configs).await
+            }
+            // Already as asked.
+            (_, bases) => {
+                self.suspended = bases;
+                Ok(())
+            }
+        };
+        res.map_err(|e| format!("device {}: cannot {what}: {e:#}", self.name))
     }
 
     /// Hands the started rings to the backend; after a restart each ring starts at the used
@@ -442,7 +512,7 @@ impl Backend {
         loop {
             let why = self.why_gone().await;
             let allowed = match (&self.origin, &heal.respawner) {
-                (Origin::Own { .. }, None) => None,
+                (Origin::Own { .. }, None) | (Origin::Program { .. }, _) => None,
                 _ => restarts.take(Instant::now()),
             };
             let Some(n) = allowed else {
@@ -507,7 +577,7 @@ impl Backend {
     /// its socket hung up.
     async fn why_gone(&self) -> String {
         match &self.origin {
-            Origin::Own { process, .. } => {
+            Origin::Own { process, .. } | Origin::Program { process } => {
                 if let Ok(fd) = process.pidfd() {
                     let pidfd = executor::AsyncFd::new(fd);
                     if executor::timeout(EXIT_GRACE, pidfd.poll_readable())
@@ -549,6 +619,9 @@ impl Backend {
             Origin::External { path } => reconnect(&self.name, path, heal.reconnect_timeout)
                 .await
                 .map_err(RestartError::Fatal)?,
+            Origin::Program { .. } => {
+                return Err(RestartError::Fatal(anyhow!("it cannot be started again")))
+            }
         };
         if offer(&frontend) != self.offered {
             return Err(RestartError::Fatal(anyhow!(
@@ -577,7 +650,22 @@ impl Backend {
         }
         self.start_rings(mem, true)
             .await
-            .map_err(|e| classify(e, "replaying its rings"))
+            .map_err(|e| classify(e, "replaying its rings"))?;
+        if self.suspended.is_some() {
+            // Restarted while suspended: stopped again, where the replay left each ring.
+            let indices: Vec<u32> = self
+                .started
+                .as_ref()
+                .map(|s| s.vrings.iter().map(|v| v.index).collect())
+                .unwrap_or_default();
+            let bases = self
+                .frontend
+                .stop(&indices)
+                .await
+                .map_err(|e| classify(e, "suspending it again"))?;
+            self.suspended = Some(bases);
+        }
+        Ok(())
     }
 }
 
@@ -613,10 +701,42 @@ async fn reconnect(
     }
 }
 
+/// The control socket's handle on a vhost-user device: suspend and resume.
+#[derive(Clone)]
+pub struct DeviceControl {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl DeviceControl {
+    /// Suspends (`true`) or resumes the device; returns once the backend has answered.
+    pub async fn suspend(&self, suspend: bool) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .unbounded_send(Request::Suspend { suspend, reply })
+            .map_err(|_| "the device's task has ended".to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("the device's task has ended".to_string()))
+    }
+}
+
 impl VhostUserDevice {
     /// How many times the device's backend was restarted (for stats).
     pub fn restarts(&self) -> Arc<AtomicU32> {
         self.restarts.clone()
+    }
+
+    /// The device's configuration space as this side supplies it (virtio-fs: its tag);
+    /// the guest's writes to it are ignored.
+    pub fn set_config_space(&mut self, config: Vec<u8>) {
+        self.config = config;
+        self.config_read_only = true;
+    }
+
+    /// A handle for the control socket.
+    pub fn control(&self) -> DeviceControl {
+        DeviceControl {
+            requests: self.requests.clone(),
+        }
     }
 
     /// Sends `request` to the main thread and blocks this (vCPU) thread for the answer.
@@ -667,7 +787,7 @@ impl VirtioDevice for VhostUserDevice {
         let Some(end) = start.checked_add(data.len()) else {
             return;
         };
-        if end > self.config.len() {
+        if end > self.config.len() || self.config_read_only {
             return;
         }
         let done = self.call(|reply| Request::SetConfig {

@@ -115,6 +115,7 @@ impl Shared {
         };
         self.settle(key, &mut entry);
         self.conns.borrow_mut().insert(key, entry);
+        virtio::stats::stats().vsock_opened();
     }
 
     /// The broker connected request `id`: the guest gets a RESPONSE.

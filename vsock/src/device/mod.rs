@@ -367,6 +367,7 @@ impl Shared {
     fn remove(&self, key: Key) {
         let entry = self.conns.borrow_mut().remove(&key);
         if let Some(mut entry) = entry {
+            virtio::stats::stats().vsock_closed();
             if let State::Connecting(request) = entry.conn.state {
                 self.requests.borrow_mut().remove(&request);
             }
@@ -441,6 +442,9 @@ impl Shared {
     /// Drops every connection and queues a transport reset event.
     fn reset(&self) {
         let conns = self.conns.take();
+        for _ in 0..conns.len() {
+            virtio::stats::stats().vsock_closed();
+        }
         self.ready.borrow_mut().clear();
         self.resets.borrow_mut().clear();
         self.requests.borrow_mut().clear();

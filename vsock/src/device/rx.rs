@@ -42,6 +42,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
                 Either::Left((Ok(chain), _)) => chain,
                 Either::Left((Err(virtio::Error::InvalidChain { head, reason }), _)) => {
                     shared.count(|s| s.bad_chains += 1);
+                    virtio::stats::stats().error(0);
                     shared
                         .errors
                         .log(format_args!("rx: invalid chain at head {head}: {reason}"));
@@ -60,11 +61,13 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
                 continue;
             }
             Fill::Used(len) => {
+                count_rx(len);
                 if let Err(e) = queue.add_used(chain.head_index(), len) {
                     return fail(&shared, e, stop).await;
                 }
             }
             Fill::Bad => {
+                count_rx_bad();
                 if let Err(e) = queue.add_used(chain.head_index(), 0) {
                     return fail(&shared, e, stop).await;
                 }
@@ -77,6 +80,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
                 Ok(None) => break,
                 Err(virtio::Error::InvalidChain { head, reason }) => {
                     shared.count(|s| s.bad_chains += 1);
+                    virtio::stats::stats().error(0);
                     shared
                         .errors
                         .log(format_args!("rx: invalid chain at head {head}: {reason}"));
@@ -92,8 +96,14 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
                     held = Some(chain);
                     break;
                 }
-                Fill::Used(len) => len,
-                Fill::Bad => 0,
+                Fill::Used(len) => {
+                    count_rx(len);
+                    len
+                }
+                Fill::Bad => {
+                    count_rx_bad();
+                    0
+                }
             };
             if let Err(e) = queue.add_used(chain.head_index(), len) {
                 return fail(&shared, e, stop).await;
@@ -197,4 +207,17 @@ impl Shared {
             return Some((hdr, data));
         }
     }
+}
+
+/// Counts a packet given to the guest in the statistics page: a request of the rx queue (0)
+/// with its payload bytes.
+fn count_rx(used: u32) {
+    let payload = u64::from(used).saturating_sub(crate::packet::HEADER_SIZE as u64);
+    virtio::stats::stats().request(0, payload);
+}
+
+/// A receive buffer returned unfilled (it could not take a packet): a request with an error.
+fn count_rx_bad() {
+    virtio::stats::stats().request(0, 0);
+    virtio::stats::stats().error(0);
 }

@@ -23,6 +23,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
             Either::Left((Ok(chain), _)) => chain,
             Either::Left((Err(virtio::Error::InvalidChain { head, reason }), _)) => {
                 shared.count(|s| s.bad_chains += 1);
+                virtio::stats::stats().error(1);
                 shared
                     .errors
                     .log(format_args!("tx: invalid chain at head {head}: {reason}"));
@@ -35,6 +36,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
             Either::Right(_) => break,
         };
         shared.on_packet(&chain, mem);
+        count_tx(&chain);
         if let Err(e) = queue.add_used(chain.head_index(), 0) {
             return fail(&shared, e, stop).await;
         }
@@ -43,6 +45,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
             match queue.try_pop() {
                 Ok(Some(chain)) => {
                     shared.on_packet(&chain, mem);
+                    count_tx(&chain);
                     if let Err(e) = queue.add_used(chain.head_index(), 0) {
                         return fail(&shared, e, stop).await;
                     }
@@ -50,6 +53,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
                 Ok(None) => break,
                 Err(virtio::Error::InvalidChain { head, reason }) => {
                     shared.count(|s| s.bad_chains += 1);
+                    virtio::stats::stats().error(1);
                     shared
                         .errors
                         .log(format_args!("tx: invalid chain at head {head}: {reason}"));
@@ -65,6 +69,13 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
         }
     }
     shared.errors.flush();
+}
+
+/// Counts a transmitted packet in the statistics page: a request of the tx queue (1) with
+/// its payload bytes.
+fn count_tx(chain: &DescriptorChain) {
+    let bytes: u64 = chain.readable().iter().map(|b| u64::from(b.len)).sum();
+    virtio::stats::stats().request(1, bytes.saturating_sub(HEADER_SIZE as u64));
 }
 
 /// The queue cannot go on (its rings became inaccessible): wait to be stopped.
@@ -230,6 +241,7 @@ impl Shared {
                 stream: Slot::None,
             },
         );
+        virtio::stats::stats().vsock_opened();
         self.outbox.borrow_mut().push_back(Frame::ConnectHost {
             id: request,
             port: key.local,

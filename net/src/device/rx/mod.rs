@@ -176,7 +176,7 @@ impl<'a> Rx<'a> {
     fn deliver_chain(&self, chain: &DescriptorChain, n: usize) -> QueueResult {
         self.finish_header(chain, 1)?;
         self.queue.add_used(chain.head_index(), n as u32)?;
-        self.dev.count(|c| {
+        self.dev.count(self.pair, |c| {
             c.rx_packets += 1;
             c.rx_bytes += (n - VNET_HDR_SIZE) as u64;
         });

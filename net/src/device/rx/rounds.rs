@@ -119,7 +119,7 @@ impl Rx<'_> {
                         self.index,
                         chain.writable_len()
                     ));
-                    self.dev.count(|c| c.rx_errors += 1);
+                    self.dev.count(self.pair, |c| c.rx_errors += 1);
                     chains[i] = Some(chain);
                 }
                 Err(e) => {
@@ -143,7 +143,7 @@ impl Rx<'_> {
                         }
                         _ => {
                             if !failed {
-                                self.dev.count(|c| c.rx_errors += 1);
+                                self.dev.count(self.pair, |c| c.rx_errors += 1);
                                 self.dev
                                     .log(format_args!("rx {}: tap read failed: {e}", self.index));
                             }

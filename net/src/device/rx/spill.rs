@@ -67,7 +67,7 @@ impl Rx<'_> {
                 // A detached tap queue: wait for the pairs to change.
                 Some(libc::EBADFD) => self.dev.pairs_changed(stop).await,
                 _ => {
-                    self.dev.count(|c| c.rx_errors += 1);
+                    self.dev.count(self.pair, |c| c.rx_errors += 1);
                     self.dev
                         .log(format_args!("rx {}: tap read failed: {e}", self.index));
                     // Not retried in a loop: wait to be stopped.
@@ -120,7 +120,7 @@ impl Rx<'_> {
                 "rx {}: a {n}-byte frame does not fit in {capacity} bytes of buffers",
                 self.index
             ));
-            self.dev.count(|c| c.rx_errors += 1);
+            self.dev.count(self.pair, |c| c.rx_errors += 1);
             return Ok(());
         }
         let mut overflow = &spill[..n.saturating_sub(capacity)];
@@ -136,7 +136,7 @@ impl Rx<'_> {
                             "rx {}: stopped while a {n}-byte frame waited for buffers",
                             self.index
                         ));
-                        self.dev.count(|c| c.rx_errors += 1);
+                        self.dev.count(self.pair, |c| c.rx_errors += 1);
                         return Ok(());
                     }
                 }
@@ -175,7 +175,7 @@ impl Rx<'_> {
             self.held.pop_front();
         }
         self.held.reset_if_empty();
-        self.dev.count(|c| {
+        self.dev.count(self.pair, |c| {
             c.rx_packets += 1;
             c.rx_bytes += (n - VNET_HDR_SIZE) as u64;
         });

@@ -215,6 +215,8 @@ pub struct VirtioPciDevice {
     /// Signals a configuration change on `config_vector`.
     config_call: EventFd,
     config_irqfd: Option<u32>,
+    /// What the driver causes (a failed activation), under the guest-message rate limit.
+    guest_log: virtio::GuestLog,
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -332,6 +334,7 @@ impl VirtioPciDevice {
             queues,
             config_call: EventFd::new().map_err(Error::EventFd)?,
             config_irqfd: None,
+            guest_log: virtio::GuestLog::with_source(format!("ringvm: device {name}")),
         };
         dev.sync_notify();
         Ok(dev)
@@ -639,7 +642,7 @@ impl VirtioPciDevice {
             if new & STATUS_FEATURES_OK == 0 || old & STATUS_NEEDS_RESET != 0 {
                 new &= !STATUS_DRIVER_OK;
             } else if let Err(e) = self.activate() {
-                self.log(&e);
+                self.guest_log.log(&e);
                 new |= STATUS_NEEDS_RESET;
                 // Tell the driver, if it gave the configuration a vector.
                 let _ = self.config_call.write(1);
