@@ -68,6 +68,22 @@ struct Vring {
     call: Option<OwnedFd>,
 }
 
+impl Vring {
+    /// The ring as the frontend hands it over, starting at `base`.
+    fn config(&self, base: u16) -> VringConfig<'_> {
+        VringConfig {
+            index: self.index,
+            size: self.size,
+            desc: GuestAddress(self.desc),
+            avail: GuestAddress(self.avail),
+            used: GuestAddress(self.used),
+            base,
+            kick: self.kick.as_fd(),
+            call: self.call.as_ref().map(|c| c.as_fd()),
+        }
+    }
+}
+
 enum Request {
     Start {
         features: u64,
@@ -420,16 +436,7 @@ impl Backend {
                 let configs: Vec<VringConfig<'_>> = active
                     .iter()
                     .zip(bases)
-                    .map(|(v, base)| VringConfig {
-                        index: v.index,
-                        size: v.size,
-                        desc: GuestAddress(v.desc),
-                        avail: GuestAddress(v.avail),
-                        used: GuestAddress(v.used),
-                        base,
-                        kick: v.kick.as_fd(),
-                        call: v.call.as_ref().map(|c| c.as_fd()),
-                    })
+                    .map(|(v, base)| v.config(base))
                     .collect();
                 self.frontend.restart(mem, &configs).await
             }
@@ -473,16 +480,7 @@ impl Backend {
             } else {
                 0
             };
-            configs.push(VringConfig {
-                index: v.index,
-                size: v.size,
-                desc: GuestAddress(v.desc),
-                avail: GuestAddress(v.avail),
-                used: GuestAddress(v.used),
-                base,
-                kick: v.kick.as_fd(),
-                call: v.call.as_ref().map(|c| c.as_fd()),
-            });
+            configs.push(v.config(base));
         }
         let inflight = self.inflight.as_ref().map(|(r, fd)| (r, fd.as_fd()));
         self.frontend
