@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use benches::process::test_guest;
 use benches::{bench_dir, json_str, target_dir, workspace_root, Runner, Variant};
 use kvm_ioctls::{Kvm, VcpuExit};
 
@@ -86,19 +87,6 @@ fn ringvm_bin() -> PathBuf {
         assert!(status.success(), "cargo build -p vmm failed");
     }
     bin
-}
-
-/// Builds the purpose-built test guest with its own script.
-fn test_guest() -> PathBuf {
-    let out = target_dir().join("bench/test-guest");
-    let status = Command::new("sh")
-        .arg(workspace_root().join("guest/test/build.sh"))
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run guest/test/build.sh");
-    assert!(status.success(), "building the test guest failed");
-    out.join("ringvm-test-guest.elf")
 }
 
 fn ringvm_cmd(bin: &Path, kernel: &Path, params: &str) -> Command {
@@ -298,7 +286,7 @@ fn main() {
     let dir = bench_dir().expect("target/bench");
     let tiny = dir.join("tiny-pvh.elf");
     std::fs::write(&tiny, tiny_pvh_elf()).expect("write the tiny guest");
-    let guest = test_guest();
+    let guest = test_guest(&target_dir().join("bench/test-guest"));
     let hello = "ringvm.test=hello";
 
     if r.enabled("first-instruction") {

@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use benches::process::test_guest;
 use benches::{bench_dir, target_dir, workspace_root, Config, Runner, Variant};
 
 /// Guest RAM of every run, MiB.
@@ -218,7 +219,7 @@ fn main() {
     prepare_image(&image, size).expect("cannot create the bench image");
     let setup = Setup {
         bin: ringvm_bin(),
-        guest: test_guest(&dir),
+        guest: test_guest(&dir.join("test-guest-blk")),
         image,
     };
     let pc = std::env::var("RINGVM_BENCH_QEMU_MACHINE").is_ok_and(|m| m == "pc");
@@ -356,19 +357,6 @@ fn ringvm_bin() -> PathBuf {
         .expect("run cargo build");
     assert!(status.success(), "cargo build --release -p vmm failed");
     target_dir().join("release/ringvm")
-}
-
-/// Builds the purpose-built test guest with its own script.
-fn test_guest(dir: &Path) -> PathBuf {
-    let out = dir.join("test-guest-blk");
-    let status = Command::new("sh")
-        .arg(workspace_root().join("guest/test/build.sh"))
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run guest/test/build.sh");
-    assert!(status.success(), "building the test guest failed");
-    out.join("ringvm-test-guest.elf")
 }
 
 /// A raw image of `size` bytes filled with non-zero data (not sparse, no unwritten extents:

@@ -54,8 +54,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use benches::process::{kill_tree, process_cpu_time, process_tree, ringvm_release, spawn_backend};
-use benches::{bench_dir, workspace_root, Config, Role, Runner, Variant};
+use benches::process::{
+    kill_tree, process_cpu_time, process_tree, ringvm_release, spawn_backend, test_guest,
+};
+use benches::{bench_dir, Config, Role, Runner, Variant};
 
 const CID: u32 = 42;
 /// The guest's listening port (host connects to it).
@@ -507,8 +509,8 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("scratch folder");
     let setup = Setup {
         bin: ringvm_release().unwrap_or_else(|e| panic!("ringvm: {e}")),
-        guest: test_guest(&bench_dir().expect("target/bench")),
-        vhost: vhost_device_vsock(),
+        guest: test_guest(&bench_dir().expect("target/bench").join("test-guest-vsock")),
+        vhost: vsock::testing::vhost_device_vsock(),
         dir: dir.clone(),
     };
     let mut missing = Vec::new();
@@ -666,32 +668,4 @@ fn check_latency(r: &Runner) {
          p99 {s99:.1} us vs {p99:.1} us, target no worse than the peer",
         if pass { "PASS" } else { "MISS" },
     );
-}
-
-/// vhost-device-vsock on PATH, else in `~/.cargo/bin`.
-fn vhost_device_vsock() -> Option<PathBuf> {
-    const NAME: &str = "vhost-device-vsock";
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
-    on_path
-        .chain(cargo_home.map(|c| c.join("bin")))
-        .map(|dir| dir.join(NAME))
-        .find(|p| p.is_file())
-}
-
-/// Builds the purpose-built test guest with its own script.
-fn test_guest(dir: &Path) -> PathBuf {
-    let out = dir.join("test-guest-vsock");
-    let status = Command::new("sh")
-        .arg(workspace_root().join("guest/test/build.sh"))
-        .arg(&out)
-        .stdout(Stdio::null())
-        .status()
-        .expect("run guest/test/build.sh");
-    assert!(status.success(), "building the test guest failed");
-    out.join("ringvm-test-guest.elf")
 }

@@ -121,3 +121,16 @@ pub fn ringvm_release() -> Result<PathBuf, String> {
     }
     Ok(crate::target_dir().join("release/ringvm"))
 }
+
+/// Builds the purpose-built test guest into `out` with its own script (guest/test/build.sh);
+/// returns the ELF.
+pub fn test_guest(out: &Path) -> PathBuf {
+    let status = Command::new("sh")
+        .arg(crate::workspace_root().join("guest/test/build.sh"))
+        .arg(out)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run guest/test/build.sh");
+    assert!(status.success(), "building the test guest failed");
+    out.join("ringvm-test-guest.elf")
+}

@@ -145,28 +145,46 @@ thread_local! {
 
 /// The driver of the executor running on this thread.
 pub(crate) fn current_driver() -> io::Result<DriverRef> {
-    CURRENT.with(|cur| {
-        cur.borrow()
-            .as_ref()
-            .map(|inner| inner.driver.clone())
-            .ok_or_else(|| io::Error::other("no executor is running on this thread"))
-    })
+    // Fails only while this thread's locals are destroyed: no executor runs then.
+    CURRENT
+        .try_with(|cur| cur.borrow().as_ref().map(|inner| inner.driver.clone()))
+        .ok()
+        .flatten()
+        .ok_or_else(|| io::Error::other("no executor is running on this thread"))
 }
 
 /// Makes `inner` the current executor until dropped; restores the previous one.
-struct Enter(Option<Rc<Inner>>);
+struct Enter {
+    prev: Option<Rc<Inner>>,
+    /// False when this thread's locals were already destroyed (an executor dropped from a
+    /// thread-local's destructor): nothing was entered, and nothing is restored.
+    entered: bool,
+}
 
 impl Enter {
     fn new(inner: &Rc<Inner>) -> Enter {
-        Enter(CURRENT.with(|cur| cur.borrow_mut().replace(inner.clone())))
+        match CURRENT.try_with(|cur| cur.borrow_mut().replace(inner.clone())) {
+            Ok(prev) => Enter {
+                prev,
+                entered: true,
+            },
+            Err(_) => Enter {
+                prev: None,
+                entered: false,
+            },
+        }
     }
 }
 
 impl Drop for Enter {
     fn drop(&mut self) {
-        let prev = self.0.take();
-        // The replaced executor is dropped after the borrow ends.
-        drop(CURRENT.with(|cur| cur.replace(prev)));
+        if !self.entered {
+            return;
+        }
+        let prev = self.prev.take();
+        // The replaced executor is dropped after the borrow ends. Entered, the local
+        // outlives this guard: it is destroyed only after the code that entered returns.
+        drop(CURRENT.try_with(|cur| cur.replace(prev)));
     }
 }
 
@@ -582,13 +600,12 @@ where
     F: Future + 'static,
     F::Output: 'static,
 {
-    CURRENT.with(|cur| {
-        let cur = cur.borrow();
-        let inner = cur
-            .as_ref()
-            .expect("executor::spawn called outside a running executor");
-        spawn_on(inner, future)
-    })
+    let inner = CURRENT
+        .try_with(|cur| cur.borrow().clone())
+        .ok()
+        .flatten()
+        .expect("executor::spawn called outside a running executor");
+    spawn_on(&inner, future)
 }
 
 /// Runs `future` to completion on a new executor with default settings.

@@ -333,3 +333,49 @@ fn executor_is_reusable_after_run_until_returns_with_tasks_pending() {
     ex.run_until(sleep(Duration::from_millis(20))).unwrap();
     assert!(count.get() > first);
 }
+
+/// Sets its flag when dropped, on any thread.
+struct SendDropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SendDropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn executor_dropped_from_a_thread_local_destructor_drops_its_tasks() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    thread_local! {
+        static EX: RefCell<Option<Executor>> = const { RefCell::new(None) };
+    }
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = dropped.clone();
+    std::thread::spawn(move || {
+        // Reached before the executor's own thread-local: destroyed after it, when the
+        // executor can no longer make itself current.
+        EX.with(|ex| *ex.borrow_mut() = Some(Executor::new().unwrap()));
+        EX.with(|ex| {
+            let ex = ex.borrow();
+            let ex = ex.as_ref().unwrap();
+            let (r, _w) = common::pipe();
+            let r = AsyncFd::new(r);
+            // A task left waiting on a read that never completes, its op in the kernel.
+            ex.spawn(async move {
+                let _flag = SendDropFlag(flag);
+                let _ = r.read(vec![0u8; 8]).await;
+                let _w = _w;
+            })
+            .detach();
+            ex.run_until(yield_now());
+        });
+    })
+    .join()
+    .unwrap();
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the waiting task was dropped"
+    );
+}

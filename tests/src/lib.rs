@@ -663,6 +663,50 @@ impl HaltedVm {
     }
 }
 
+/// A VM whose test guest lists its PCI functions and halts (`pci`, `wait`), with a control
+/// socket: to check a device on the bus, then end the VM with `ringvm stop`. Killed when
+/// dropped ([`Live`]).
+pub struct StoppableVm {
+    pub live: Live,
+    control: PathBuf,
+}
+
+impl StoppableVm {
+    /// `ringvm run EXTRA -s DIR/vm.sock`, up to the guest's halt.
+    pub fn start(dir: &Scratch, extra: &[&str]) -> StoppableVm {
+        let control = dir.path("vm.sock");
+        let control_arg = control.to_string_lossy().into_owned();
+        let mut args = extra.to_vec();
+        args.extend(["-s", &control_arg]);
+        let cmdline = GuestCmdline::new().test("pci").test("wait");
+        let mut live = Live::start(&mut ringvm_run(&args, &cmdline));
+        live.wait_for("wait halting", Duration::from_secs(60));
+        StoppableVm { live, control }
+    }
+
+    /// Fails the test unless the guest found PCI function `id` (`1af4:1053`), named `what`.
+    pub fn assert_on_bus(&self, id: &str, what: &str) {
+        assert!(
+            self.live.seen().contains(id),
+            "no {what} on the bus:\n{}",
+            self.live.seen()
+        );
+    }
+
+    /// `ringvm stop`, then the VM must end cleanly within `limit`; its stderr.
+    pub fn stop(self, limit: Duration) -> String {
+        let stop = Command::new(ringvm_bin())
+            .arg("stop")
+            .arg(&self.control)
+            .status()
+            .expect("ringvm stop");
+        assert!(stop.success(), "ringvm stop failed");
+        let (status, stderr) = self.live.finish(limit);
+        assert!(status.success(), "ringvm {status:?}: {stderr}");
+        stderr
+    }
+}
+
 /// Runs gdb expressions (C syntax) inside process `pid`, then detaches; returns the printed
 /// values (`$N = V`) in order. A call that faults leaves the process stopped on that signal,
 /// which it gets when gdb detaches, as if gdb had never been there. (How the sandbox tests

@@ -184,3 +184,62 @@ fn linux_on_hvc0_mounts_a_shared_dir_reads_the_hosts_file_and_writes_one_back() 
     );
     assert!(run.exited_cleanly(), "status {:?}; {shown}", run.status);
 }
+
+/// virtio-vsock with Linux's own driver (CONFIG_VIRTIO_VSOCKETS) through `ringvm run --vsock`:
+/// the initramfs's static `vsock-hello` connects to the host (CID 2) on a port, which the
+/// hybrid-vsock convention routes to the listener at `PATH_<port>`; it sends a line, and
+/// prints the line the host answers on the same stream.
+#[test]
+fn linux_guest_connects_to_a_host_listener_over_virtio_vsock() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    const PORT: u32 = 5123;
+    let dir = guest_kernel();
+    let scratch = Scratch::new("linux", "vsock");
+    let uds = scratch.path("vsock.sock");
+    let listener = UnixListener::bind(scratch.path(&format!("vsock.sock_{PORT}")))
+        .expect("listen on PATH_PORT");
+    let host = std::thread::spawn(move || -> std::io::Result<String> {
+        let (stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        (&stream).write_all(b"hello from the host\n")?;
+        Ok(line)
+    });
+    let params = format!("{HOST_PARAMS} quiet panic=-1 reboot=k ringvm.vsock={PORT}");
+    let mut cmd = Command::new(ringvm_bin());
+    cmd.args(["run", "-m", "128", "-c", "1", "-i"])
+        .arg(dir.join("initrd.cpio"))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()))
+        .args(["-p", &params, "--cpu-features", HOST_CPU_FEATURES])
+        .arg(dir.join("vmlinux"));
+    let run = run_guest(&mut cmd, Duration::from_secs(240)).expect("run ringvm");
+    eprintln!(
+        "booted, said hello over vsock and exited in {:?}",
+        run.elapsed
+    );
+    assert!(
+        host.is_finished(),
+        "the guest never connected to PATH_{PORT}; stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let line = host.join().expect("host thread").expect("host side");
+    assert_eq!(line, format!("hello from the guest to port {PORT}\n"));
+    assert!(
+        run.stdout
+            .contains("ringvm-guest: vsock reply hello from the host"),
+        "the guest did not read the host's answer; stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.exited_cleanly(),
+        "status {:?}: {}",
+        run.status,
+        run.stderr
+    );
+}

@@ -116,35 +116,22 @@ fn bad_vsock_arguments_are_refused_before_listening() {
 
 #[test]
 fn ringvm_run_vsock_puts_the_device_on_the_bus_and_brokers_host_connections() {
-    use tests::{children_of, ringvm_run, GuestCmdline, Live};
     let dir = Scratch::new("vsock", "run");
     let uds = dir.path("vm.vsock");
-    let control = dir.path("vm.sock");
     let spec = format!("cid=7,uds={}", uds.display());
-    let control_arg = control.to_string_lossy().into_owned();
-    let cmdline = GuestCmdline::new().test("pci").test("wait");
-    let mut live = Live::start(&mut ringvm_run(
-        &["--no-rng", "--vsock", &spec, "-s", &control_arg],
-        &cmdline,
-    ));
-    live.wait_for("wait halting", Duration::from_secs(60));
-    assert!(
-        live.seen().contains("1af4:1053"),
-        "no virtio-vsock on the bus:\n{}",
-        live.seen()
+    let vm = tests::StoppableVm::start(&dir, &["--no-rng", "--vsock", &spec]);
+    vm.assert_on_bus("1af4:1053", "virtio-vsock");
+    assert_eq!(
+        tests::children_of(vm.live.child.id()).len(),
+        1,
+        "one device process"
     );
-    assert_eq!(children_of(live.child.id()).len(), 1, "one device process");
     // The host side is up, in the VMM (its seccomp filter on): a host process connects and
     // asks for guest port 80. The test guest has no vsock driver, so the connection waits
     // for one; when the VM ends, the host stream ends too.
     let mut client = UnixStream::connect(&uds).expect("connect to PATH");
     client.write_all(b"CONNECT 80\n").expect("write");
-    let stop = Command::new(ringvm_bin())
-        .arg("stop")
-        .arg(&control)
-        .status()
-        .expect("ringvm stop");
-    assert!(stop.success());
+    vm.stop(Duration::from_secs(20));
     client
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
@@ -156,8 +143,6 @@ fn ringvm_run_vsock_puts_the_device_on_the_bus_and_brokers_host_connections() {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the host stream did not end: {other:?}"),
     }
-    let (status, stderr) = live.finish(Duration::from_secs(20));
-    assert!(status.success(), "ringvm {status:?}: {stderr}");
     assert!(!uds.exists(), "the host socket outlived the VM");
 }
 
@@ -177,5 +162,18 @@ fn ringvm_run_vsock_arguments_are_checked() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // The flags come from the vsock crate's registry entry; `run --help` lists them.
+    let help = Command::new(ringvm_bin())
+        .args(["run", "--help"])
+        .output()
+        .expect("run ringvm");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{text}");
+    for flag in ["  --vsock           a virtio-vsock device", "  --cid "] {
+        assert!(
+            text.contains(flag),
+            "{flag} is not in `ringvm run --help`:\n{text}"
+        );
     }
 }

@@ -228,7 +228,8 @@ fn guest_connects_to_a_host_listener_and_its_bytes_come_back() {
     let dir = Scratch::new("vsockg", "echo");
     let uds = dir.path("vm.vsock");
     let listener = UnixListener::bind(port_path(&uds, 5000)).expect("listen on PATH_5000");
-    let bytes: u64 = 256 << 10; // four times the device's buf_alloc: credit updates needed
+    // Four times the device's buf_alloc: credit updates needed.
+    let bytes = 4 * u64::from(vsock::DEFAULT_BUF_ALLOC);
     let vm = start(
         &dir,
         &[

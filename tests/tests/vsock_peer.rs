@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use executor::Executor;
-use tests::{ringvm_bin, wait_until, Scratch};
+use tests::{wait_until, Scratch};
 use virtio::vhost_user::{
     Connection, Frontend, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
 };
@@ -32,18 +32,8 @@ const VERSION_1: u64 = 1 << 32;
 
 /// `vhost-device-vsock`: on PATH, else where `cargo install` puts it.
 fn vhost_device_vsock() -> PathBuf {
-    const NAME: &str = "vhost-device-vsock";
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
-    on_path
-        .chain(cargo_home.map(|c| c.join("bin")))
-        .map(|dir| dir.join(NAME))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{NAME} is not installed: run scripts/setup"))
+    vsock::testing::vhost_device_vsock()
+        .unwrap_or_else(|| panic!("vhost-device-vsock is not installed: run scripts/setup"))
 }
 
 /// A `vhost-device-vsock` process, killed on drop. It serves one frontend at a time and
@@ -240,31 +230,12 @@ fn assert_serves_again(peer: &Peer, cid: u64) {
 
 #[test]
 fn ringvm_run_with_vhost_device_vsock_puts_it_on_the_bus() {
-    use tests::{ringvm_run, GuestCmdline, Live};
     let dir = Scratch::new("vsock-peer", "run");
     let peer = Peer::start(&dir, 7);
-    let control = dir.path("vm.sock");
     let spec = format!("type=vsock,socket={}", peer.sock.display());
-    let control_arg = control.to_string_lossy().into_owned();
-    let cmdline = GuestCmdline::new().test("pci").test("wait");
-    let mut live = Live::start(&mut ringvm_run(
-        &["--no-rng", "--vhost-user", &spec, "-s", &control_arg],
-        &cmdline,
-    ));
-    live.wait_for("wait halting", Duration::from_secs(60));
-    assert!(
-        live.seen().contains("1af4:1053"),
-        "no virtio-vsock on the bus:\n{}",
-        live.seen()
-    );
-    let stop = Command::new(ringvm_bin())
-        .arg("stop")
-        .arg(&control)
-        .status()
-        .expect("ringvm stop");
-    assert!(stop.success());
-    let (status, stderr) = live.finish(Duration::from_secs(20));
-    assert!(status.success(), "ringvm {status:?}: {stderr}");
+    let vm = tests::StoppableVm::start(&dir, &["--no-rng", "--vhost-user", &spec]);
+    vm.assert_on_bus("1af4:1053", "virtio-vsock");
+    vm.stop(Duration::from_secs(20));
     // The VMM left the backend as a VMM should: ready for the next VM.
     assert_serves_again(&peer, 7);
 }

@@ -97,3 +97,53 @@ impl std::fmt::Debug for Forward {
             .finish()
     }
 }
+
+/// One `ringvm run` flag a device declares: `NAME VALUE`, given any number of times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunFlag {
+    /// The flag as written: `--vsock`.
+    pub name: &'static str,
+    /// Its value in the usage line: `cid=N[,uds=PATH]`.
+    pub value: &'static str,
+    /// Its help text, one paragraph (`ringvm run --help` wraps it).
+    pub help: &'static str,
+}
+
+/// Work the VMM runs for a device on its main thread's executor while the VM runs: a host
+/// side the jailed device cannot have itself (a broker that listens and connects for it).
+pub type HostTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// One device process of `ringvm run`, before it is spawned.
+pub struct Planned<O> {
+    /// The process's options; the descriptors it inherits are numbered from the `first_fd`
+    /// given to [`RunDevice::plan`], in the order of `fds`.
+    pub options: O,
+    /// What it inherits.
+    pub fds: Vec<OwnedFd>,
+    /// What the VMM runs for it, if anything.
+    pub host: Option<HostTask>,
+}
+
+/// A device that `ringvm run` adds from flags of its own: the VMM claims these flags from
+/// its command line (argh has no flatten), hands them here, and spawns a device process for
+/// every spec they give, after its own devices and before `--vhost-user` backends.
+pub trait RunDevice: DeviceProcess {
+    /// Its `ringvm run` flags (each takes a value).
+    const RUN_FLAGS: &'static [RunFlag];
+    /// One device the flags ask for.
+    type Spec: std::fmt::Debug + 'static;
+
+    /// The devices `given` asks for: this device's flags as they came on the command line,
+    /// in order, each with its value. Checked when ringvm starts; an error names its flag
+    /// (see [`flag_error`]).
+    fn specs(given: &[(&'static str, String)]) -> Result<Vec<Self::Spec>, String>;
+
+    /// In the VMM (unjailed), right before the device process is spawned: its options, the
+    /// descriptors it inherits (numbered from `first_fd`), and its host task.
+    fn plan(spec: &Self::Spec, first_fd: i32) -> Result<Planned<Self::Options>, MakeError>;
+}
+
+/// The error of a flag whose value is wrong, worded as argh words its own.
+pub fn flag_error(flag: &str, value: &str, why: impl std::fmt::Display) -> String {
+    format!("Error parsing option '{flag}' with value '{value}': {why}")
+}

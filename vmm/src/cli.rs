@@ -88,14 +88,6 @@ pub struct RunArgs {
     /// backend listens on PATH; fs takes the tag the guest mounts); repeat for several
     #[argh(option, from_str_fn(parse_vhost_user))]
     pub vhost_user: Vec<VhostUserSpec>,
-    /// a virtio-vsock device: cid=N[,uds=PATH]; host processes connect to PATH (and write
-    /// CONNECT <port>), guest connections to host port P reach PATH_P (default PATH: a
-    /// socket in the temporary directory, printed at start)
-    #[argh(option)]
-    pub vsock: Option<vsock::VsockSpec>,
-    /// crosvm's spelling of --vsock cid=N
-    #[argh(option)]
-    pub cid: Option<u64>,
     /// a host directory shared with the guest (virtio-fs through virtiofsd; in the guest
     /// `mount -t virtiofs TAG DIR`): PATH:TAG[:type=fs][:cache=auto|always|never]
     /// [:writeback=BOOL]; repeat for several
@@ -309,19 +301,6 @@ pub type CpuFeatures = (Vec<crate::cpuid::Toggle>, Option<bool>);
 
 fn parse_cpu_features(spec: &str) -> Result<CpuFeatures, String> {
     crate::cpuid::parse_toggles(spec)
-}
-
-/// The vsock device of `run`, from `--vsock` or crosvm's `--cid`.
-pub fn vsock(args: &RunArgs) -> Result<Option<vsock::VsockSpec>, String> {
-    match (&args.vsock, args.cid) {
-        (Some(_), Some(_)) => Err("give --vsock or --cid, not both".into()),
-        (Some(v), None) => Ok(Some(v.clone())),
-        (None, Some(cid)) => format!("cid={cid}")
-            .parse()
-            .map(Some)
-            .map_err(|e| format!("--cid {cid}: {e}")),
-        (None, None) => Ok(None),
-    }
 }
 
 /// The disks of `run` in PCI order (root first), and the root= parameter it implies.
@@ -636,8 +615,6 @@ mod tests {
             disk: vec![],
             rwdisk: vec![],
             vhost_user: vec![],
-            vsock: None,
-            cid: None,
             shared_dir: vec![],
             virtiofsd: None,
             no_rng: false,

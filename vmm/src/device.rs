@@ -14,7 +14,7 @@ use std::rc::Rc;
 use anyhow::{anyhow, bail, Context, Result};
 use argh::FromArgs;
 use executor::AsyncFd;
-use virtio::process::{DeviceProcess, Forward, VHOST_USER_OPS};
+use virtio::process::{DeviceProcess, Forward, RunDevice, VHOST_USER_OPS};
 use virtio::vhost_user::backend::{self, Device};
 use virtio::vhost_user::Connection;
 use virtio::DeviceType;
@@ -29,18 +29,21 @@ const DEVICE_NOFILE: u64 = 1024;
 /// Locked memory an io_uring ring may need on kernels that still count it.
 const DEVICE_MEMLOCK: u64 = 64 << 20;
 
-/// A device process: its type and its entry.
+/// A device process: its type, its entry, and its `ringvm run` flags if it has its own.
 pub struct Registered {
     pub device_type: DeviceType,
     entry: fn(&[String]) -> Result<()>,
+    /// `None` for the devices `ringvm run` adds from flags of its own (rng, block, net).
+    pub run: Option<RunFlags>,
 }
 
-/// Every device ringvm runs as a process of its own: `ringvm device <name>`.
+/// Every device ringvm runs as a process of its own: `ringvm device <name>`, and for those
+/// registered with [`register_run`], `ringvm run` flags (see [`crate::run_flags`]).
 pub const REGISTRY: &[Registered] = &[
     register::<virtio::RngProcess>(),
     register::<block::BlockProcess>(),
     register::<net::NetProcess>(),
-    register::<vsock::VsockProcess>(),
+    register_run::<vsock::VsockProcess>(),
     register::<console::ConsoleProcess>(),
 ];
 
@@ -48,7 +51,25 @@ const fn register<P: DeviceProcess>() -> Registered {
     Registered {
         device_type: P::TYPE,
         entry: run_process::<P>,
+        run: None,
     }
+}
+
+/// A device that brings its own `ringvm run` flags ([`RunDevice`]).
+const fn register_run<P: RunDevice + 'static>() -> Registered {
+    Registered {
+        run: Some(RunFlags {
+            flags: P::RUN_FLAGS,
+            specs: crate::run_flags::specs::<P>,
+        }),
+        ..register::<P>()
+    }
+}
+
+/// A registered device's `ringvm run` flags, and what their values become.
+pub struct RunFlags {
+    pub flags: &'static [virtio::process::RunFlag],
+    pub specs: crate::run_flags::SpecsFn,
 }
 
 /// Runs `ringvm device <name> [options...]` (`args` after `device`) until its frontend

@@ -19,6 +19,7 @@ pub mod gdb;
 pub mod guest;
 pub mod irq;
 pub mod respawn;
+pub mod run_flags;
 #[allow(unsafe_code)]
 mod sys;
 pub mod vcpu;

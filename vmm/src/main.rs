@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use vmm::cli::{Args, Command};
+use vmm::cli::Command;
 
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -19,9 +19,10 @@ fn main() -> ExitCode {
             .collect::<anyhow::Result<Vec<String>>>()
             .and_then(|args| vmm::device::run(&args))
     } else {
-        let args: Args = argh::from_env();
+        // argh's parse, with the devices' own `run` flags claimed first.
+        let (args, devices) = vmm::run_flags::from_env();
         match args.command {
-            Command::Run(run) => vmm::vm::run_from_args(run),
+            Command::Run(run) => vmm::vm::run_from_args(run, devices),
             Command::Stop(a) => control(&a.socket, "stop").map(drop),
             Command::Suspend(a) => control(&a.socket, "suspend").map(drop),
             Command::Resume(a) => control(&a.socket, "resume").map(drop),

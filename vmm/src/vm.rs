@@ -36,6 +36,7 @@ use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
 use crate::irq::GsiRouting;
 use crate::respawn::{Respawner, RestartBudget};
+use crate::run_flags::RunSpecs;
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
 use crate::vcpus::VcpuControl;
@@ -58,8 +59,8 @@ pub struct VmConfig {
     pub nics: Vec<NicSpec>,
     /// Add ringvm's virtio-rng device process.
     pub rng: bool,
-    /// A virtio-vsock device process, its broker in this process.
-    pub vsock: Option<vsock::VsockSpec>,
+    /// Device processes from the devices' own `run` flags (`--vsock`), in registry order.
+    pub devices: RunSpecs,
     /// Shared directories, each a virtio-fs device served by a virtiofsd process.
     pub shared_dirs: Vec<virtiofs::SharedDir>,
     /// The virtiofsd program (checked), when there are shared directories.
@@ -85,13 +86,12 @@ const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
 /// `ringvm run`: builds the config from arguments, runs the VM, maps the exit reason.
-pub fn run_from_args(args: RunArgs) -> Result<()> {
+pub fn run_from_args(args: RunArgs, devices: RunSpecs) -> Result<()> {
     let serials = cli::validate(&args).map_err(|e| anyhow!(e))?;
     let vhost_user = args.vhost_user.clone();
     let (cpu_toggles, kvm_pv) = args.cpu_features.clone().unwrap_or_default();
     let (disks, root) = cli::disks(&args).map_err(|e| anyhow!(e))?;
     let nics = cli::nics(&args).map_err(|e| anyhow!(e))?;
-    let vsock = cli::vsock(&args).map_err(|e| anyhow!(e))?;
     let fs_tags: Vec<&str> = vhost_user.iter().filter_map(|v| v.tag.as_deref()).collect();
     let virtiofsd = virtiofs::check(&args.shared_dir, &fs_tags, args.virtiofsd.as_deref())?;
     let mut cmdline = args.params.join(" ");
@@ -129,7 +129,7 @@ pub fn run_from_args(args: RunArgs) -> Result<()> {
         disks,
         nics,
         rng: !args.no_rng,
-        vsock,
+        devices,
         shared_dirs: args.shared_dir.clone(),
         virtiofsd,
         vhost_user,
@@ -416,7 +416,7 @@ async fn add_devices(
     config: &VmConfig,
     machine: &Machine,
     processes: &mut Spawned,
-    brokers: &mut Vec<vsock::Broker>,
+    host_tasks: &mut Vec<virtio::process::HostTask>,
 ) -> Result<(Vec<vhost_user::Backend>, Vec<ControlledDevice>)> {
     let mut backends = Vec::new();
     let mut controlled = Vec::new();
@@ -454,41 +454,16 @@ async fn add_devices(
         backends.push(attach(machine, &mut controlled, "rng", DeviceType::Rng, sock).await?);
     }
     add_consoles(config, machine, processes, &mut backends, &mut controlled).await?;
-    if let Some(spec) = &config.vsock {
-        // The jailed device opens nothing: this process listens on PATH and connects to
-        // PATH_<port> for it (the broker runs on the main thread's executor).
-        let path = match &spec.uds {
-            Some(p) => p.clone(),
-            None => {
-                let p = std::env::temp_dir().join(format!("ringvm-{}.vsock", std::process::id()));
-                virtio::log::write(
-                    "ringvm",
-                    virtio::log::Level::Info,
-                    format_args!(
-                        "vsock cid {}: host processes connect to {}",
-                        spec.cid,
-                        p.display()
-                    ),
-                );
-                p
-            }
-        };
-        let (broker, channel) =
-            vsock::Broker::new(&path).context("device vsock: cannot set up its host side")?;
-        brokers.push(broker);
-        let options = vsock::VsockArgs {
-            cid: spec.cid,
-            uds: None,
-            broker_fd: Some(device_process::FIRST_EXTRA_FD as i32),
-        };
-        let sock = spawn_device::<vsock::VsockProcess>(
-            config,
-            processes,
-            "vsock",
-            &options,
-            &[channel.as_fd()],
-        )?;
-        backends.push(attach(machine, &mut controlled, "vsock", DeviceType::Vsock, sock).await?);
+    // Devices from their own `run` flags, each planned (its host side, in this process) right
+    // before its process starts.
+    let names = crate::run_flags::names(&config.devices);
+    for (spec, name) in config.devices.iter().zip(names) {
+        let planned = crate::run_flags::plan(spec.as_ref(), &name)?;
+        let fds: Vec<_> = planned.fds.iter().map(|f| f.as_fd()).collect();
+        let kind = spec.device_type();
+        let sock = spawn_process(config, processes, &name, kind, planned.args, &fds)?;
+        host_tasks.extend(planned.host);
+        backends.push(attach(machine, &mut controlled, &name, kind, sock).await?);
     }
     for (i, dir) in config.shared_dirs.iter().enumerate() {
         let name = format!("fs{i}");
@@ -581,7 +556,19 @@ fn spawn_device<P: DeviceProcess>(
     options: &P::Options,
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<Attachable> {
-    let mut args = P::to_args(options);
+    spawn_process(config, processes, name, P::TYPE, P::to_args(options), fds)
+}
+
+/// [`spawn_device`] for a device of type `kind` whose arguments are already made (a device
+/// from its own `run` flags).
+fn spawn_process(
+    config: &VmConfig,
+    processes: &mut Spawned,
+    name: &str,
+    kind: DeviceType,
+    mut args: Vec<std::ffi::OsString>,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<Attachable> {
     // Its statistics page goes after its own descriptors (`ringvm stats` reads it).
     let page = ProcessStats::page().with_context(|| format!("device {name}: statistics page"))?;
     let mut fds = fds.to_vec();
@@ -601,7 +588,7 @@ fn spawn_device<P: DeviceProcess>(
         .with_context(|| format!("device {name}: cannot duplicate its descriptors"))?;
     let launch = Launch {
         name: name.to_string(),
-        kind: P::TYPE.name().to_string(),
+        kind: kind.name().to_string(),
         args,
         fds,
         sandbox: config.sandbox,
@@ -685,9 +672,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
     // Declared before anything that can fail, so every path out kills the device processes.
     let mut spawned = Spawned::default();
-    let mut brokers = Vec::new();
+    let mut host_tasks = Vec::new();
     let (backends, controlled) =
-        ex.run_until(add_devices(config, &machine, &mut spawned, &mut brokers))?;
+        ex.run_until(add_devices(config, &machine, &mut spawned, &mut host_tasks))?;
     let Spawned {
         processes,
         launches,
@@ -779,13 +766,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
             let mem = machine.ram.memory().clone();
             executor::spawn(backend.serve(mem, machine.exit.clone(), heal.clone())).detach();
         }
-        for broker in brokers {
-            executor::spawn(async move {
-                if let Err(e) = broker.serve().await {
-                    eprintln!("ringvm: vsock broker: {e}");
-                }
-            })
-            .detach();
+        for task in host_tasks {
+            executor::spawn(task).detach();
         }
         // A failed control socket only ends its task; the VM runs until it ends.
         while machine.exit.reason().is_none() {

@@ -48,7 +48,9 @@ mod process;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
-pub use device::{Stats, VsockDevice, VsockOptions, VIRTIO_VSOCK_F_STREAM};
+pub use device::{
+    Stats, VsockDevice, VsockOptions, BUF_ALLOC_RANGE, DEFAULT_BUF_ALLOC, VIRTIO_VSOCK_F_STREAM,
+};
 pub use host::Broker;
 pub use process::{VsockArgs, VsockProcess, VsockSpec};
 

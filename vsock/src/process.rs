@@ -9,10 +9,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use argh::FromArgs;
-use virtio::process::{DeviceProcess, Forward, Made, MakeError};
+use virtio::process::{
+    flag_error, DeviceProcess, Forward, Made, MakeError, Planned, RunDevice, RunFlag,
+};
 use virtio::DeviceType;
 
-use crate::{Broker, VsockDevice, VsockOptions};
+use crate::{Broker, VsockDevice, VsockOptions, BUF_ALLOC_RANGE};
 
 /// The options a jailed child of a `--socket` device gets as `--broker-fd` instead.
 const STRIP: &[&str] = &["--uds", "--broker-fd"];
@@ -31,6 +33,24 @@ pub struct VsockArgs {
     /// the broker channel, already open on this descriptor (the VMM runs the broker)
     #[argh(option)]
     pub broker_fd: Option<i32>,
+    /// the receive buffer each connection advertises to the guest, in bytes (4096 to
+    /// 16777216; default 262144): what a guest sender has in flight before it waits
+    #[argh(option, from_str_fn(parse_buf_alloc))]
+    pub buf_alloc: Option<u32>,
+}
+
+/// `--buf-alloc` and `buf_alloc=`: bytes, within [`BUF_ALLOC_RANGE`].
+fn parse_buf_alloc(v: &str) -> Result<u32, String> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|b| BUF_ALLOC_RANGE.contains(b))
+        .ok_or_else(|| {
+            format!(
+                "buf_alloc={v}: expected {} to {} bytes",
+                BUF_ALLOC_RANGE.start(),
+                BUF_ALLOC_RANGE.end()
+            )
+        })
 }
 
 /// virtio-vsock as a device process.
@@ -69,12 +89,17 @@ impl DeviceProcess for VsockProcess {
             after: broker.map(|b| -> Box<dyn FnOnce()> {
                 Box::new(move || {
                     if let Ok(Err(e)) = b.join() {
-                        eprintln!("ringvm device vsock: broker: {e}");
+                        let what = format_args!("broker: {e}");
+                        virtio::log::write("ringvm device vsock", virtio::log::Level::Error, what);
                     }
                 })
             }),
         };
-        let device = VsockDevice::new(VsockOptions::new(a.cid), channel)?;
+        let mut options = VsockOptions::new(a.cid);
+        if let Some(b) = a.buf_alloc {
+            options.buf_alloc = b;
+        }
+        let device = VsockDevice::new(options, channel)?;
         Ok(Made { device, forward })
     }
 
@@ -86,7 +111,101 @@ impl DeviceProcess for VsockProcess {
         if let Some(fd) = a.broker_fd {
             args.extend(["--broker-fd".into(), fd.to_string().into()]);
         }
+        if let Some(b) = a.buf_alloc {
+            args.extend(["--buf-alloc".into(), b.to_string().into()]);
+        }
         args
+    }
+}
+
+/// `ringvm run --vsock cid=N[,uds=PATH]` and crosvm's `--cid N`: the broker runs in the VMM,
+/// the device process gets its channel.
+impl RunDevice for VsockProcess {
+    const RUN_FLAGS: &'static [RunFlag] = &[
+        RunFlag {
+            name: "--vsock",
+            value: "cid=N[,uds=PATH][,buf_alloc=BYTES]",
+            help: "a virtio-vsock device: cid=N[,uds=PATH][,buf_alloc=BYTES]; host processes \
+                   connect to PATH (and write CONNECT <port>), guest connections to host port \
+                   P reach PATH_P (default PATH: a socket in the temporary directory, printed \
+                   at start); buf_alloc: each connection's receive buffer (default 262144)",
+        },
+        RunFlag {
+            name: "--cid",
+            value: "N",
+            help: "crosvm's spelling of --vsock cid=N",
+        },
+    ];
+    type Spec = VsockSpec;
+
+    fn specs(given: &[(&'static str, String)]) -> Result<Vec<VsockSpec>, String> {
+        let mut specs = Vec::new();
+        for (flag, value) in given {
+            let spec = if *flag == "--cid" {
+                format!("cid={value}").parse::<VsockSpec>()
+            } else {
+                value.parse()
+            };
+            specs.push(spec.map_err(|e| flag_error(flag, value, e))?);
+        }
+        if specs.len() > 1 {
+            return Err(if given.iter().all(|(f, _)| *f == given[0].0) {
+                format!(
+                    "{} given more than once (one vsock device per VM)",
+                    given[0].0
+                )
+            } else {
+                "give --vsock or --cid, not both".into()
+            });
+        }
+        Ok(specs)
+    }
+
+    fn plan(spec: &VsockSpec, first_fd: i32) -> Result<Planned<VsockArgs>, MakeError> {
+        // The jailed device opens nothing: the VMM listens on PATH and connects to
+        // PATH_<port> for it, with the broker on its main thread's executor.
+        let path = match &spec.uds {
+            Some(p) => p.clone(),
+            None => {
+                let p = std::env::temp_dir().join(format!("ringvm-{}.vsock", std::process::id()));
+                virtio::log::write(
+                    "ringvm",
+                    virtio::log::Level::Info,
+                    format_args!(
+                        "vsock cid {}: host processes connect to {}",
+                        spec.cid,
+                        p.display()
+                    ),
+                );
+                p
+            }
+        };
+        let (broker, channel) = Broker::new(&path).map_err(|e| -> MakeError {
+            let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+            format!(
+                "cannot set up its host side: {e}{}",
+                cause.unwrap_or_default()
+            )
+            .into()
+        })?;
+        Ok(Planned {
+            options: VsockArgs {
+                cid: spec.cid,
+                uds: None,
+                broker_fd: Some(first_fd),
+                buf_alloc: spec.buf_alloc,
+            },
+            fds: vec![channel],
+            host: Some(Box::pin(async move {
+                if let Err(e) = broker.serve().await {
+                    virtio::log::write(
+                        "ringvm",
+                        virtio::log::Level::Error,
+                        format_args!("vsock broker: {e}"),
+                    );
+                }
+            })),
+        })
     }
 }
 
@@ -96,13 +215,15 @@ pub struct VsockSpec {
     pub cid: u64,
     /// Where host processes connect; `None`: a path ringvm picks and prints.
     pub uds: Option<PathBuf>,
+    /// Each connection's receive buffer; `None`: [`crate::DEFAULT_BUF_ALLOC`].
+    pub buf_alloc: Option<u32>,
 }
 
 impl FromStr for VsockSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<VsockSpec, String> {
-        let (mut cid, mut uds) = (None, None);
+        let (mut cid, mut uds, mut buf_alloc) = (None, None, None);
         for kv in s.split(',').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("cid", v)) => {
@@ -114,12 +235,18 @@ impl FromStr for VsockSpec {
                     )
                 }
                 Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
-                _ => return Err(format!("unknown option '{kv}' (expected cid=N[,uds=PATH])")),
+                Some(("buf_alloc", v)) => buf_alloc = Some(parse_buf_alloc(v)?),
+                _ => {
+                    return Err(format!(
+                        "unknown option '{kv}' (expected cid=N[,uds=PATH][,buf_alloc=BYTES])"
+                    ))
+                }
             }
         }
         Ok(VsockSpec {
             cid: cid.ok_or("cid= is missing")?,
             uds,
+            buf_alloc,
         })
     }
 }
@@ -129,6 +256,9 @@ impl fmt::Display for VsockSpec {
         write!(f, "cid={}", self.cid)?;
         if let Some(p) = &self.uds {
             write!(f, ",uds={}", p.display())?;
+        }
+        if let Some(b) = self.buf_alloc {
+            write!(f, ",buf_alloc={b}")?;
         }
         Ok(())
     }
@@ -146,11 +276,13 @@ mod tests {
                 cid: 3,
                 uds: Some("/run/v m.sock".into()),
                 broker_fd: None,
+                buf_alloc: None,
             },
             VsockArgs {
                 cid: 77,
                 uds: None,
                 broker_fd: Some(4),
+                buf_alloc: Some(1 << 20),
             },
         ] {
             let args: Vec<String> = VsockProcess::to_args(&a)
@@ -167,6 +299,9 @@ mod tests {
         let s: VsockSpec = "cid=5,uds=/tmp/v.sock".parse().unwrap();
         assert_eq!((s.cid, s.uds.as_deref()), (5, Some("/tmp/v.sock".as_ref())));
         assert_eq!(s.to_string().parse::<VsockSpec>().unwrap(), s);
+        let s: VsockSpec = "buf_alloc=65536,cid=6".parse().unwrap();
+        assert_eq!(s.buf_alloc, Some(65536));
+        assert_eq!(s.to_string().parse::<VsockSpec>().unwrap(), s);
         assert_eq!("cid=9".parse::<VsockSpec>().unwrap().uds, None);
         for bad in [
             "",
@@ -175,9 +310,69 @@ mod tests {
             "cid=4294967295",
             "cid=x",
             "cid=3,port=1",
+            "cid=3,buf_alloc=100",
+            "cid=3,buf_alloc=x",
+            "cid=3,buf_alloc=4294967295",
         ] {
             assert!(bad.parse::<VsockSpec>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn run_flags_give_one_device_and_errors_name_their_flag() {
+        let given = |g: &[(&'static str, &str)]| {
+            let g: Vec<(&'static str, String)> =
+                g.iter().map(|(f, v)| (*f, v.to_string())).collect();
+            VsockProcess::specs(&g)
+        };
+        assert_eq!(given(&[]).unwrap(), vec![]);
+        assert_eq!(
+            given(&[("--cid", "9")]).unwrap(),
+            vec!["cid=9".parse::<VsockSpec>().unwrap()]
+        );
+        assert_eq!(given(&[("--vsock", "cid=4,uds=/v")]).unwrap()[0].cid, 4);
+        let err = given(&[("--vsock", "cid=2")]).unwrap_err();
+        assert!(
+            err.contains("option '--vsock'") && err.contains("cid=2"),
+            "{err}"
+        );
+        let err = given(&[("--cid", "x")]).unwrap_err();
+        assert!(err.contains("option '--cid'"), "{err}");
+        assert!(given(&[("--vsock", "cid=3"), ("--cid", "4")])
+            .unwrap_err()
+            .contains("not both"));
+        assert!(given(&[("--cid", "3"), ("--cid", "4")])
+            .unwrap_err()
+            .contains("more than once"));
+        let names: Vec<&str> = VsockProcess::RUN_FLAGS.iter().map(|f| f.name).collect();
+        assert_eq!(names, ["--vsock", "--cid"]);
+    }
+
+    #[test]
+    fn a_planned_device_inherits_its_broker_channel_at_first_fd() {
+        let dir = std::env::temp_dir().join(format!("vsock-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec: VsockSpec = format!("cid=5,uds={}", dir.join("v.sock").display())
+            .parse()
+            .unwrap();
+        let planned = VsockProcess::plan(&spec, 4).unwrap();
+        assert_eq!(
+            planned.options,
+            VsockArgs {
+                cid: 5,
+                uds: None,
+                broker_fd: Some(4),
+                buf_alloc: None,
+            }
+        );
+        assert_eq!(planned.fds.len(), 1);
+        assert!(planned.host.is_some());
+        assert!(dir.join("v.sock").exists(), "the broker listens on PATH");
+        // A second device on the same PATH is refused with the reason.
+        let err = VsockProcess::plan(&spec, 4).err().unwrap().to_string();
+        assert!(err.contains("host side"), "{err}");
+        drop(planned);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -187,6 +382,7 @@ mod tests {
             cid: 3,
             uds: None,
             broker_fd: None,
+            buf_alloc: None,
         };
         assert!(VsockProcess::make(&neither, &mut never).is_err());
         let both = VsockArgs {

@@ -338,3 +338,20 @@ mod hybrid {
         }
     }
 }
+
+/// rust-vmm's `vhost-device-vsock` (the peer of the tests and the bench): on PATH, else in
+/// cargo's bin directory (`scripts/setup` installs it there).
+pub fn vhost_device_vsock() -> Option<std::path::PathBuf> {
+    use std::path::{Path, PathBuf};
+    const NAME: &str = "vhost-device-vsock";
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    on_path
+        .chain(cargo_home.map(|c| c.join("bin")))
+        .map(|dir| dir.join(NAME))
+        .find(|p| p.is_file())
+}

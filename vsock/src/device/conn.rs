@@ -1,12 +1,14 @@
 //! One connection's state and credit (virtio 1.2 §5.10.6.3), without any I/O: what the
 //! guest is owed next, how much each side may send, and what the guest may not do.
 
-use std::collections::VecDeque;
-
+use super::chunks::Chunks;
 use crate::packet::{Op, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
-/// The most bytes read from a host stream at once (and so buffered for the guest).
+/// The most bytes read from a host stream at once.
 pub(crate) const MAX_READ: usize = 64 << 10;
+/// The most host bytes buffered for the guest: two reads, so the next read runs while the
+/// last one is copied to the guest.
+pub(crate) const MAX_BUFFERED: usize = 2 * MAX_READ;
 /// The most bytes written to a host stream at once.
 pub(crate) const MAX_WRITE: usize = 64 << 10;
 
@@ -105,9 +107,9 @@ pub(crate) struct Conn {
     /// The `fwd_cnt` the guest last heard.
     fwd_cnt_sent: u32,
     /// Guest data not yet written to the host (at most `buf_alloc` bytes).
-    pub to_host: VecDeque<u8>,
-    /// Host data not yet sent to the guest (at most [`MAX_READ`] bytes).
-    pub to_guest: VecDeque<u8>,
+    pub to_host: Chunks,
+    /// Host data not yet sent to the guest (at most [`MAX_BUFFERED`] bytes).
+    pub to_guest: Chunks,
     /// In the device's list of connections with something for the guest.
     pub queued: bool,
 }
@@ -131,8 +133,8 @@ impl Conn {
             buf_alloc,
             fwd_cnt: 0,
             fwd_cnt_sent: 0,
-            to_host: VecDeque::new(),
-            to_guest: VecDeque::new(),
+            to_host: Chunks::default(),
+            to_guest: Chunks::default(),
             queued: false,
         }
     }
@@ -167,8 +169,8 @@ impl Conn {
     /// Resets the connection: everything buffered is dropped, an RST is owed.
     pub fn reset(&mut self) {
         self.state = State::Reset;
-        self.to_host = VecDeque::new();
-        self.to_guest = VecDeque::new();
+        self.to_host = Chunks::default();
+        self.to_guest = Chunks::default();
     }
 
     pub fn unexpected(&self, op: Op) -> Violation {
@@ -208,7 +210,8 @@ impl Conn {
     }
 
     /// Takes `data` from the guest for the host, within the credit.
-    pub fn guest_data(&mut self, data: &[u8]) -> Result<(), Violation> {
+    pub fn guest_data(&mut self, data: impl Into<Vec<u8>>) -> Result<(), Violation> {
+        let data = data.into();
         if self.state != State::Established || self.peer_shutdown & SHUTDOWN_SEND != 0 {
             return Err(self.unexpected(Op::Rw));
         }
@@ -217,7 +220,7 @@ impl Conn {
         if len > free {
             return Err(Violation::CreditExceeded { len, free });
         }
-        self.to_host.extend(data);
+        self.to_host.push(data);
         Ok(())
     }
 
@@ -229,7 +232,7 @@ impl Conn {
         self.peer_shutdown |= flags & SHUTDOWN_BOTH;
         if self.peer_shutdown & SHUTDOWN_RCV != 0 {
             // The guest takes no more data: what waits for it is dropped.
-            self.to_guest = VecDeque::new();
+            self.to_guest = Chunks::default();
         }
         Ok(())
     }
@@ -243,19 +246,22 @@ impl Conn {
     pub fn read_size(&self) -> usize {
         let open = self.state == State::Established
             && !self.host_eof
-            && self.peer_shutdown & SHUTDOWN_RCV == 0
-            && self.to_guest.is_empty();
+            && self.peer_shutdown & SHUTDOWN_RCV == 0;
         if !open {
             return 0;
         }
-        (self.peer_free() as usize).min(MAX_READ)
+        // Within the credit the buffered bytes leave, and the buffer's bound.
+        let credit = (self.peer_free() as usize).saturating_sub(self.to_guest.len());
+        credit
+            .min(MAX_READ)
+            .min(MAX_BUFFERED.saturating_sub(self.to_guest.len()))
     }
 
     /// Data read from the host (dropped once the guest shut its receive side: a read in
     /// flight then still completes).
-    pub fn host_data(&mut self, data: &[u8]) {
+    pub fn host_data(&mut self, data: impl Into<Vec<u8>>) {
         if self.peer_shutdown & SHUTDOWN_RCV == 0 {
-            self.to_guest.extend(data);
+            self.to_guest.push(data.into());
         }
     }
 
@@ -268,14 +274,16 @@ impl Conn {
     /// The next bytes to write to the host (at most [`MAX_WRITE`]).
     pub fn write_chunk(&self) -> Vec<u8> {
         let n = self.to_host.len().min(MAX_WRITE);
-        self.to_host.iter().take(n).copied().collect()
+        let mut out = Vec::with_capacity(n);
+        self.to_host.copy_front(n, &mut out);
+        out
     }
 
     /// `n` bytes reached the host. The guest hears of it when its view of our free space
     /// fell below half (or to nothing, where it waits).
     pub fn host_wrote(&mut self, n: usize) {
         let n = n.min(self.to_host.len());
-        self.to_host.drain(..n);
+        self.to_host.drop_front(n);
         self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
         let unheard = self.fwd_cnt.wrapping_sub(self.fwd_cnt_sent);
         let in_flight_as_guest_sees = unheard.saturating_add(self.buf_alloc - self.free());
@@ -331,7 +339,7 @@ impl Conn {
             }
             State::Established if !self.to_guest.is_empty() && self.peer_free() > 0 && room > 0 => {
                 let n = self.to_guest.len().min(self.peer_free() as usize).min(room);
-                let data: Vec<u8> = self.to_guest.drain(..n).collect();
+                let data = self.to_guest.take(n);
                 self.tx_cnt = self.tx_cnt.wrapping_add(n as u32);
                 (Op::Rw, 0, data)
             }
@@ -374,7 +382,7 @@ mod tests {
     fn the_device_never_sends_more_than_the_guests_credit() {
         let mut c = established(100);
         assert_eq!(c.read_size(), 100);
-        c.host_data(&[7; 100]);
+        c.host_data([7; 100]);
         assert_eq!(c.read_size(), 0, "nothing more is read while data waits");
         let p = c.next_packet(30).unwrap();
         assert_eq!((p.op, p.data.len()), (Op::Rw, 30));
@@ -382,7 +390,7 @@ mod tests {
         assert_eq!(p.data.len(), 70);
         assert_eq!(c.peer_free(), 0);
         assert_eq!(c.read_size(), 0, "no credit: nothing is read");
-        c.host_data(&[1; 10]);
+        c.host_data([1; 10]);
         assert!(!c.has_output(), "no credit: nothing is sent");
         assert_eq!(c.next_packet(4096), None);
         c.peer_credit(100, 40).unwrap();
@@ -393,7 +401,7 @@ mod tests {
     #[test]
     fn a_shrunk_guest_buffer_leaves_no_credit_instead_of_wrapping() {
         let mut c = established(100);
-        c.host_data(&[0; 100]);
+        c.host_data([0; 100]);
         c.next_packet(4096).unwrap();
         c.peer_credit(10, 0).unwrap();
         assert_eq!(c.peer_free(), 0);
@@ -402,7 +410,7 @@ mod tests {
     #[test]
     fn fwd_cnt_may_not_go_back_or_past_what_was_sent() {
         let mut c = established(100);
-        c.host_data(&[0; 50]);
+        c.host_data([0; 50]);
         c.next_packet(4096).unwrap();
         assert!(matches!(
             c.peer_credit(100, 51),
@@ -419,10 +427,10 @@ mod tests {
     #[test]
     fn guest_data_beyond_the_credit_is_a_violation() {
         let mut c = established(100);
-        c.guest_data(&[0; 1000]).unwrap();
+        c.guest_data([0; 1000]).unwrap();
         assert_eq!(c.free(), 24);
         assert_eq!(
-            c.guest_data(&[0; 25]),
+            c.guest_data([0; 25]),
             Err(Violation::CreditExceeded { len: 25, free: 24 })
         );
         assert_eq!(c.write_chunk().len(), 1000);
@@ -513,7 +521,7 @@ mod tests {
                     }
                     Step::GuestData(n) => {
                         let free = c.free() as usize;
-                        let r = c.guest_data(&vec![0; n]);
+                        let r = c.guest_data(vec![0; n]);
                         if n > free {
                             prop_assert!(r.is_err());
                         }
@@ -521,7 +529,7 @@ mod tests {
                     // The reader reads at most what `read_size` says.
                     Step::HostData(n) => {
                         let n = n.min(c.read_size());
-                        c.host_data(&vec![1; n]);
+                        c.host_data(vec![1; n]);
                     }
                     Step::HostWrote(n) => c.host_wrote(n),
                     Step::Next(room) => {
@@ -539,7 +547,7 @@ mod tests {
                     Step::CreditRequested => c.credit_requested(),
                 }
                 prop_assert!(c.to_host.len() <= 1024);
-                prop_assert!(c.to_guest.len() <= MAX_READ);
+                prop_assert!(c.to_guest.len() <= MAX_BUFFERED);
                 // `has_output` says exactly whether `next_packet` has something.
                 prop_assert_eq!(c.has_output(), c.clone().next_packet(usize::MAX).is_some());
             }

@@ -23,11 +23,12 @@
 //!
 //! # Flow control
 //! The device never sends the guest more than its credit (`buf_alloc - (tx_cnt -
-//! fwd_cnt)`), and reads a host stream only when the guest has credit and the last read
-//! was passed on: a guest that stops reading stops the host writer. Each connection
+//! fwd_cnt)`), and reads a host stream only within the credit that the bytes already
+//! buffered for the guest leave, at most two reads ahead (the next read runs while the last
+//! is copied to the guest): a guest that stops reading stops the host writer. Each connection
 //! advertises [`VsockOptions::buf_alloc`] bytes, and the guest data it buffers for the host
 //! never exceeds that: a guest that sends beyond its credit is reset. So a connection holds
-//! at most `buf_alloc` + 64 KiB, the device at most [`VsockOptions::max_connections`] of
+//! at most `buf_alloc` + 128 KiB, the device at most [`VsockOptions::max_connections`] of
 //! them, and the queue of replies to unknown connections [`MAX_RESETS`] packets.
 //!
 //! # Bad input
@@ -42,6 +43,7 @@
 //! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, sent on the event queue once it runs again.
 
 mod channel;
+mod chunks;
 mod conn;
 mod rx;
 mod stream;
@@ -79,6 +81,11 @@ pub const MAX_RESETS: usize = 64;
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// The most connections [`VsockOptions::max_connections`] may allow.
 pub const MAX_CONNECTIONS: usize = 1 << 16;
+/// The receive buffer a connection advertises by default (Linux's default for its own
+/// sockets): a guest sender has this much in flight before it waits for a credit update.
+pub const DEFAULT_BUF_ALLOC: u32 = 256 << 10;
+/// The range [`VsockOptions::buf_alloc`] may be set in.
+pub const BUF_ALLOC_RANGE: std::ops::RangeInclusive<u32> = 4096..=(16 << 20);
 /// The first port the device gives a host process that connects to `PATH`.
 pub const FIRST_HOST_PORT: u32 = 1 << 30;
 
@@ -91,7 +98,7 @@ pub struct VsockOptions {
     /// The guest's CID (3 to `u32::MAX - 1`).
     pub guest_cid: u64,
     /// The most connections at once, 1 to [`MAX_CONNECTIONS`] (each costs up to
-    /// `buf_alloc` + 64 KiB of buffers).
+    /// `buf_alloc` + 128 KiB of buffers).
     pub max_connections: usize,
     /// The receive buffer each connection advertises to the guest.
     pub buf_alloc: u32,
@@ -101,13 +108,13 @@ pub struct VsockOptions {
 }
 
 impl VsockOptions {
-    /// The defaults for `guest_cid`: 1024 connections of 64 KiB, 2 s for the guest to
+    /// The defaults for `guest_cid`: 1024 connections of [`DEFAULT_BUF_ALLOC`], 2 s for the guest to
     /// answer a host connect (Firecracker's and Linux's connect timeout).
     pub fn new(guest_cid: u64) -> VsockOptions {
         VsockOptions {
             guest_cid,
             max_connections: 1024,
-            buf_alloc: 64 << 10,
+            buf_alloc: DEFAULT_BUF_ALLOC,
             request_timeout: Duration::from_secs(2),
         }
     }

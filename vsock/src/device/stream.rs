@@ -1,5 +1,5 @@
 //! A connection's host stream: one task reads the host into the connection's buffer for the
-//! guest (only as much as the guest has credit for, and only once the last read went out),
+//! guest (only as much as the guest has credit for, at most two reads ahead),
 //! one writes what the guest sent to the host and returns the credit.
 //!
 //! Writes are `sendmsg` with `MSG_NOSIGNAL`: a host process that closed its end gives
@@ -105,12 +105,16 @@ impl Host {
                 wake.wait().await;
                 continue;
             }
-            let (res, buf) = self.fd.read(vec![0u8; want].into_boxed_slice()).await;
+            // Read into a buffer of its own (no zeroing: the read fills what it returns),
+            // which the connection keeps as it is.
+            let (res, mut buf) = self.fd.read(Vec::with_capacity(want)).await;
             let alive = match res {
                 Ok(0) => self.shared.with_conn(self.key, self.id, |c| c.host_eof()),
-                Ok(n) => self
-                    .shared
-                    .with_conn(self.key, self.id, |c| c.host_data(&buf[..n.min(buf.len())])),
+                Ok(n) => {
+                    buf.truncate(n);
+                    self.shared
+                        .with_conn(self.key, self.id, |c| c.host_data(buf))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     match self.fd.poll_readable().await {
                         Ok(_) => Some(()),

@@ -461,9 +461,12 @@ fn sixty_four_connections_at_once() {
 
 #[test]
 fn a_stalled_host_reader_stalls_the_guest_sender_through_credit() {
-    let mut g = Guest::new();
-    let mut host = g.connect(1000, 80);
     let buf_alloc = 64 << 10;
+    let mut g = Guest::with_options(VsockOptions {
+        buf_alloc,
+        ..VsockOptions::new(CID)
+    });
+    let mut host = g.connect(1000, 80);
     // The guest sends within the credit the device gives, as a driver does, until no more
     // comes: the host reads nothing.
     let (mut sent, mut fwd_cnt) = (0u32, 0u32);

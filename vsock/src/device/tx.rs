@@ -154,7 +154,7 @@ impl Shared {
                     let mut data = vec![0u8; hdr.len as usize];
                     // The length was checked against the chain's readable bytes.
                     match reader.read_exact_bytes(&mut data) {
-                        Ok(()) => entry.conn.guest_data(&data),
+                        Ok(()) => entry.conn.guest_data(data),
                         Err(_) => Err(entry.conn.unexpected(op)),
                     }
                 }
