@@ -139,6 +139,14 @@ impl Disk {
         }
     }
 
+    /// qcow2: write metadata back before a write that changed it completes
+    /// ([`Qcow2::set_metadata_write_through`]); raw has no metadata.
+    pub fn set_metadata_write_through(&mut self, on: bool) {
+        if let Disk::Qcow2(d) = self {
+            d.set_metadata_write_through(on);
+        }
+    }
+
     /// Makes every completed write durable (qcow2: metadata written back first, then
     /// fdatasync).
     pub async fn flush(&self) -> Result<()> {

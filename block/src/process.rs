@@ -28,6 +28,11 @@ pub struct BlockArgs {
     /// number of request queues (default 1)
     #[argh(option, default = "1")]
     pub queues: usize,
+    /// qcow2: write L2 and L1 tables back before a write that changed them completes (after
+    /// an fdatasync of the data), so completed writes survive this process's death, not only
+    /// a flush (`ringvm run` sets it while devices may be restarted)
+    #[argh(switch)]
+    pub metadata_write_through: bool,
 }
 
 /// virtio-blk as a device process.
@@ -55,8 +60,9 @@ impl DeviceProcess for BlockProcess {
             return Err(Error::Queues(a.queues).into());
         }
         let spec = &a.file;
-        let disk = Disk::open(&spec.path, spec.open_options())
+        let mut disk = Disk::open(&spec.path, spec.open_options())
             .map_err(|e| Error::Image(spec.path.clone(), Box::new(e)))?;
+        disk.set_metadata_write_through(a.metadata_write_through);
         Ok(Made::alone(BlockDevice::new(
             disk,
             BlockOptions {
@@ -68,12 +74,16 @@ impl DeviceProcess for BlockProcess {
     }
 
     fn to_args(a: &BlockArgs) -> Vec<OsString> {
-        vec![
+        let mut args: Vec<OsString> = vec![
             "--file".into(),
             a.file.to_string().into(),
             "--queues".into(),
             a.queues.to_string().into(),
-        ]
+        ];
+        if a.metadata_write_through {
+            args.push("--metadata-write-through".into());
+        }
+        args
     }
 }
 
@@ -87,6 +97,7 @@ mod tests {
             file: DiskSpec::parse("/img/a b.qcow2,format=qcow2,id=x,backing-dir=/b", true)
                 .expect("valid"),
             queues: 4,
+            metadata_write_through: true,
         };
         let args: Vec<String> = BlockProcess::to_args(&a)
             .into_iter()
@@ -101,6 +112,7 @@ mod tests {
         let a = BlockArgs {
             file: "/nonexistent.img".parse().expect("valid"),
             queues: 0,
+            metadata_write_through: false,
         };
         let err = BlockProcess::make(&a, &mut |_| Err(io::ErrorKind::NotFound.into()))
             .err()

@@ -24,15 +24,6 @@
 #define T_IN 0
 #define T_OUT 1
 
-/* common configuration structure (virtio.c has the same) */
-#define CC_NUMQ 18
-#define CC_QSELECT 22
-#define CC_QSIZE 24
-#define CC_QENABLE 28
-#define CC_QNOFF 30
-#define CC_QDESC 32
-#define CC_QDRIVER 40
-#define CC_QDEVICE 48
 
 #define BB_QSIZE 256 /* largest queue we use */
 #define BB_QD_MAX (BB_QSIZE / 3)
@@ -243,36 +234,14 @@ static void user_blk_bench(void *arg)
 
 static const char *bb_queue(void)
 {
-	if (mmio_read16(v.common + CC_NUMQ) < 1)
-		return failf("the device has no queue");
-	mmio_write16(v.common + CC_QSELECT, 0);
-	u16 max = mmio_read16(v.common + CC_QSIZE);
-	if (!max)
-		return failf("queue 0 has size 0");
-	u32 size = BB_QSIZE;
-	while (size > max)
-		size >>= 1;
-	mmio_write16(v.common + CC_QSIZE, (u16)size);
-	job.qsize = size;
+	u32 max;
+	const char *why = virtio_poll_queue(&v, BB_MEM, BB_QSIZE, &job.qsize, &max, &job.notify);
+	if (why)
+		return why;
 	job.desc = phys(BB_MEM);
 	job.avail = phys(BB_MEM + 0x1000);
 	job.used = phys(BB_MEM + 0x2000);
-	job.avail->flags = 1; /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
-	job.avail->idx = 0;
-	job.used->flags = 0;
-	job.used->idx = 0;
-	u64 d = BB_MEM, a = BB_MEM + 0x1000, u = BB_MEM + 0x2000;
-	mmio_write32(v.common + CC_QDESC, (u32)d);
-	mmio_write32(v.common + CC_QDESC + 4, (u32)(d >> 32));
-	mmio_write32(v.common + CC_QDRIVER, (u32)a);
-	mmio_write32(v.common + CC_QDRIVER + 4, (u32)(a >> 32));
-	mmio_write32(v.common + CC_QDEVICE, (u32)u);
-	mmio_write32(v.common + CC_QDEVICE + 4, (u32)(u >> 32));
-	job.notify = v.notify_base + (u64)mmio_read16(v.common + CC_QNOFF) * v.notify_mult;
-	mmio_write16(v.common + CC_QENABLE, 1);
-	if (mmio_read16(v.common + CC_QENABLE) != 1)
-		return failf("queue 0: queue_enable does not read 1");
-	say("blk-bench queue 0 size %u (max %u) notify %#lx", size, max, job.notify);
+	say("blk-bench queue 0 size %u (max %u) notify %#lx", job.qsize, max, job.notify);
 	return 0;
 }
 

@@ -191,6 +191,7 @@ const char *scenario_virtio_rng(void); /* virtio_rng.c, not in `all` */
 const char *scenario_virtio_blk(void); /* virtio_blk.c, not in `all` */
 const char *scenario_virtio_net(void); /* virtio_net.c, not in `all` */
 const char *scenario_blk_bench(void);  /* blk_bench.c, not in `all` */
+const char *scenario_blk_verify(void); /* blk_verify.c, not in `all` */
 const char *scenario_count(void);      /* count.c, not in `all` */
 const char *scenario_virtio_vsock(void); /* virtio_vsock.c, not in `all` */
 const char *scenario_virtio_console(void); /* virtio_console.c, not in `all` */

@@ -196,6 +196,17 @@ const char *virtio_init(struct virtio_dev *v, u64 want)
 	return 0;
 }
 
+/* The selected queue's descriptor table, avail (driver) and used (device) ring addresses. */
+static void set_queue_rings(struct virtio_dev *v, u64 d, u64 a, u64 u)
+{
+	mmio_write32(v->common + CC_QDESC, (u32)d);
+	mmio_write32(v->common + CC_QDESC + 4, (u32)(d >> 32));
+	mmio_write32(v->common + CC_QDRIVER, (u32)a);
+	mmio_write32(v->common + CC_QDRIVER + 4, (u32)(a >> 32));
+	mmio_write32(v->common + CC_QDEVICE, (u32)u);
+	mmio_write32(v->common + CC_QDEVICE + 4, (u32)(u >> 32));
+}
+
 const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem)
 {
 	if (qi > 1)
@@ -221,13 +232,7 @@ const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem)
 	q->desc = mem;
 	q->avail = (void *)((u8 *)mem + 4096);
 	q->used = (void *)((u8 *)mem + 8192);
-	u64 d = (u64)q->desc, a = (u64)q->avail, u = (u64)q->used;
-	mmio_write32(v->common + CC_QDESC, (u32)d);
-	mmio_write32(v->common + CC_QDESC + 4, (u32)(d >> 32));
-	mmio_write32(v->common + CC_QDRIVER, (u32)a);
-	mmio_write32(v->common + CC_QDRIVER + 4, (u32)(a >> 32));
-	mmio_write32(v->common + CC_QDEVICE, (u32)u);
-	mmio_write32(v->common + CC_QDEVICE + 4, (u32)(u >> 32));
+	set_queue_rings(v, (u64)q->desc, (u64)q->avail, (u64)q->used);
 	if (v->mode != WAIT_POLL) {
 		u16 e = entry;
 		mmio_write16(v->common + CC_QMSIX, e);
@@ -360,5 +365,35 @@ const char *vq_wait_q(struct virtio_dev *v, struct virtq *q, struct vq_done *don
 	u8 s = virtio_status(v);
 	if (s & VIRTIO_S_NEEDS_RESET)
 		return failf("DEVICE_NEEDS_RESET set (status %#x)", s);
+	return 0;
+}
+
+/* Queue 0 for a polling driver (blk-bench, blk-verify): at most `want` entries (fewer if the
+ * device's maximum is smaller), the descriptor table, avail and used rings at mem, mem+0x1000
+ * and mem+0x2000, the driver asking for no interrupts. Returns the size, the device's maximum
+ * and the notify address. */
+const char *virtio_poll_queue(struct virtio_dev *v, u64 mem, u32 want, u32 *size, u32 *max, u64 *notify)
+{
+	if (mmio_read16(v->common + CC_NUMQ) < 1)
+		return failf("the device has no queue");
+	mmio_write16(v->common + CC_QSELECT, 0);
+	*max = mmio_read16(v->common + CC_QSIZE);
+	if (!*max)
+		return failf("queue 0 has size 0");
+	u32 n = want;
+	while (n > *max)
+		n >>= 1;
+	mmio_write16(v->common + CC_QSIZE, (u16)n);
+	*size = n;
+	volatile u16 *avail = phys(mem + 0x1000), *used = phys(mem + 0x2000);
+	avail[0] = 1; /* VIRTQ_AVAIL_F_NO_INTERRUPT: the driver polls */
+	avail[1] = 0;
+	used[0] = 0;
+	used[1] = 0;
+	set_queue_rings(v, mem, mem + 0x1000, mem + 0x2000);
+	*notify = v->notify_base + (u64)mmio_read16(v->common + CC_QNOFF) * v->notify_mult;
+	mmio_write16(v->common + CC_QENABLE, 1);
+	if (mmio_read16(v->common + CC_QENABLE) != 1)
+		return failf("queue 0: queue_enable does not read 1");
 	return 0;
 }

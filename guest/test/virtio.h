@@ -98,6 +98,7 @@ const char *virtio_init(struct virtio_dev *v, u64 want);
 /* Queue qi (0 or 1: v->q or v->q1) with its rings in mem (3 zeroed-by-us pages, page aligned). */
 const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem);
 const char *virtio_driver_ok(struct virtio_dev *v);
+const char *virtio_poll_queue(struct virtio_dev *v, u64 mem, u32 want, u32 *size, u32 *max, u64 *notify);
 /* Writes 0 to device_status and waits until it reads 0. */
 const char *virtio_reset(struct virtio_dev *v);
 u8 virtio_status(struct virtio_dev *v);

@@ -55,7 +55,7 @@ static int mrg, have_peer, udp_unreach;
 static u8 rx_buf_of_head[VQ_MAX];
 static u32 rx_skip;         /* further buffers of a multi-buffer frame still to drop */
 static u32 ping_got[PING_COUNT]; /* echo replies per sequence number */
-static u32 udp_got;
+static u32 udp_got, stream_got;
 static char udp_msg[32];
 static u32 udp_len;
 static u32 rx_frames, tx_frames, rx_other, rx_bad, rx_partial, rx_valid, served_arp, served_icmp, refills;
@@ -495,6 +495,9 @@ static void rx_ip(const u8 *f, u32 len, struct net_hdr *h)
 		if (src == peer_ip && get16(l4) == udp_port && get16(l4 + 2) == UDP_SRC_PORT &&
 		    l4len - 8 == udp_len && memcmp(l4 + 8, udp_msg, udp_len) == 0)
 			udp_got++;
+		else if (src == peer_ip && get16(l4) == udp_port && l4len - 8 > 14 &&
+			 memcmp(l4 + 8, "ringvm-stream-", 14) == 0)
+			stream_got++;
 		else
 			rx_other++;
 		return;
@@ -602,12 +605,16 @@ static const char *net_run(void)
 		return failf("ringvm.net.ip=%s: want the guest's IPv4 address", s ? s : "(missing)");
 	if (!(s = opt("net.peer")) || !parse_ip(s, &peer_ip))
 		return failf("ringvm.net.peer=%s: want the host side's IPv4 address", s ? s : "(missing)");
-	u64 x = 0, serve_ms = 0, csum = 0, bad = 0;
+	u64 x = 0, serve_ms = 0, csum = 0, bad = 0, stream_ms = 0;
 	if (opt("net.udp") && (!opt_u64("net.udp", &x) || x < 1 || x > 65535))
 		return failf("ringvm.net.udp=%s: want a port 1..65535", opt("net.udp"));
 	udp_port = (u32)x;
 	if (opt("net.serve_ms") && !opt_u64("net.serve_ms", &serve_ms))
 		return failf("ringvm.net.serve_ms=%s: want milliseconds", opt("net.serve_ms"));
+	if (opt("net.stream_ms") && (!opt_u64("net.stream_ms", &stream_ms) || stream_ms > 600000))
+		return failf("ringvm.net.stream_ms=%s: want milliseconds", opt("net.stream_ms"));
+	if (stream_ms && !udp_port)
+		return failf("ringvm.net.stream_ms needs ringvm.net.udp (the stream goes to it)");
 	if (opt("net.csum") && (!opt_u64("net.csum", &csum) || csum > 1))
 		return failf("ringvm.net.csum=%s: want 0 or 1", opt("net.csum"));
 	if (opt("net.bad") && (!opt_u64("net.bad", &bad) || bad > 1))
@@ -717,6 +724,31 @@ static const char *net_run(void)
 			return failf("udp %s:%u: no echo of \"%s\" after %u datagrams", pbuf, udp_port, udp_msg, ATTEMPTS);
 		say("virtio-net udp echo \"%s\" from %s:%u ok (tx checksum %s, rx partial-checksums=%u data-valid=%u)",
 		    udp_msg, pbuf, udp_port, offload ? "offloaded: NEEDS_CSUM" : "in software", rx_partial, rx_valid);
+	}
+	/* A stream of datagrams for stream_ms, each sent once it is used (a tx chain that never
+	 * comes back fails the wait), the peer's echoes counted as they come. */
+	if (stream_ms) {
+		say("virtio-net stream to %s:%u for %lu ms", pbuf, udp_port, stream_ms);
+		u64 s0 = rdtsc(), per_ms = tsc_hz_or_guess() / 1000;
+		u32 sent = 0;
+		stream_got = 0;
+		while ((rdtsc() - s0) / per_ms < stream_ms) {
+			char msg[32];
+			u32 len = (u32)fmt(msg, sizeof(msg), "ringvm-stream-%u", sent);
+			why = send_udp(msg, len, 0);
+			if (why)
+				return why;
+			sent++;
+			rx_until(&why, 0, 0, 5);
+			if (why)
+				return why;
+		}
+		rx_until(&why, &stream_got, sent, 500);
+		if (why)
+			return why;
+		say("virtio-net stream sent=%u echoed=%u", sent, stream_got);
+		if (!sent || !stream_got)
+			return failf("stream: %u datagrams sent, %u echoed", sent, stream_got);
 	}
 	u64 us = (rdtsc() - t0) / (tsc_hz_or_guess() / 1000000);
 

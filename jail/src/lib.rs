@@ -224,6 +224,16 @@ pub struct Child {
 }
 
 impl Child {
+    /// A child of this process known by its pid and a pidfd (one that
+    /// [`spawn_sibling`] started for this process in another).
+    pub fn from_pidfd(pid: i32, pidfd: OwnedFd) -> Child {
+        Child {
+            pid,
+            pidfd,
+            status: OnceLock::new(),
+        }
+    }
+
     /// Non-blocking: `Some(status)` once the child has ended, reaping it.
     pub fn try_wait(&self) -> Result<Option<ExitStatus>> {
         self.wait_inner(true)
@@ -305,6 +315,32 @@ pub fn spawn(
     fds: &[BorrowedFd<'_>],
     sandbox: &Sandbox,
 ) -> Result<Child> {
+    spawn_inner(program, args, fds, sandbox, false)
+}
+
+/// [`spawn`], but the child is a child of this process's parent (`CLONE_PARENT`), not of
+/// this process: a helper forked by the VMM before the VMM's seccomp filter starts device
+/// processes that the VMM reaps through their pidfds. `PR_SET_PDEATHSIG` then fires when the
+/// parent's thread that forked the caller exits, and the child's liveness check looks at
+/// the parent. The returned [`Child`] cannot be waited for here: hand its pidfd to the
+/// parent ([`Child::from_pidfd`]). A child that fails before its execve stays a zombie of the
+/// parent until the parent ends.
+pub fn spawn_sibling(
+    program: &Path,
+    args: &[&OsStr],
+    fds: &[BorrowedFd<'_>],
+    sandbox: &Sandbox,
+) -> Result<Child> {
+    spawn_inner(program, args, fds, sandbox, true)
+}
+
+fn spawn_inner(
+    program: &Path,
+    args: &[&OsStr],
+    fds: &[BorrowedFd<'_>],
+    sandbox: &Sandbox,
+    sibling: bool,
+) -> Result<Child> {
     // Everything the child touches is prepared here: it may not allocate.
     let program_c = cstring(program.as_os_str().as_bytes())?;
     let args_c = args
@@ -345,7 +381,12 @@ pub fn spawn(
     let (status_read, status_write_low) = sys::pipe_cloexec().map_err(Error::StatusPipe)?;
     let status_write = high(status_write_low.as_fd())?;
     drop(status_write_low);
-    let parent_pidfd = sys::pidfd_open(std::process::id() as libc::pid_t)
+    let parent = if sibling {
+        std::os::unix::process::parent_id()
+    } else {
+        std::process::id()
+    };
+    let parent_pidfd = sys::pidfd_open(parent as libc::pid_t)
         .map_err(Error::ParentPidfd)
         .and_then(|fd| high(fd.as_fd()))?;
 
@@ -364,6 +405,9 @@ pub fn spawn(
     }
     if user_ns {
         flags |= libc::CLONE_NEWUSER as u64;
+    }
+    if sibling {
+        flags |= libc::CLONE_PARENT as u64;
     }
     let plan = sys::ChildPlan {
         flags,

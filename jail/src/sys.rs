@@ -219,7 +219,13 @@ pub(crate) fn clone_child(plan: &ChildPlan<'_>) -> io::Result<(libc::pid_t, Owne
     let args = CloneArgs {
         flags: libc::CLONE_PIDFD as u64 | plan.flags,
         pidfd: &mut pidfd as *mut c_int as u64,
-        exit_signal: libc::SIGCHLD as u64,
+        // With CLONE_PARENT the kernel refuses an exit signal: the child takes the caller's
+        // (SIGCHLD for a forked helper).
+        exit_signal: if plan.flags & libc::CLONE_PARENT as u64 != 0 {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
         ..CloneArgs::default()
     };
     // SAFETY: `args` is a valid clone_args of the size passed, and `pidfd` outlives the call.

@@ -526,7 +526,8 @@ impl Drop for Scratch {
     }
 }
 
-/// The pids of `parent`'s children (from /proc): a VMM's device processes.
+/// The pids of `parent`'s children (from /proc): a VMM's device processes (its device
+/// respawner, `ringvm-respawn`, left out).
 pub fn children_of(parent: u32) -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -544,7 +545,9 @@ pub fn children_of(parent: u32) -> Vec<u32> {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1))
             .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
+        // The device respawner (`vmm::respawn`) is a helper, not a device.
+        let respawner = stat.split_once(" (ringvm-respawn) ").is_some();
+        if ppid == Some(parent) && !respawner {
             out.push(pid);
         }
     }

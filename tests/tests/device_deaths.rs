@@ -172,7 +172,7 @@ fn memory_fault_in_a_jailed_device_is_reported_with_its_address() {
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("write the disk image");
     let disk_arg = disk.to_string_lossy().into_owned();
-    let vm = HaltedVm::start(&["--no-rng", "--rwdisk", &disk_arg]);
+    let vm = HaltedVm::start(&["--device-restarts", "0", "--no-rng", "--rwdisk", &disk_arg]);
     let device = vm.device;
     let fd = fd_of(device, &disk);
     let values = gdb_prints(
@@ -203,7 +203,7 @@ fn memory_fault_in_a_jailed_device_is_reported_with_its_address() {
 
 #[test]
 fn segfault_in_a_jailed_device_is_reported_with_its_address() {
-    let vm = HaltedVm::start(&[]);
+    let vm = HaltedVm::start(&["--device-restarts", "0"]);
     let device = vm.device;
     // Reads address 0x10, which nothing maps.
     let _ = gdb_prints(device, &["(long)strlen((char*)16)"]);
@@ -219,7 +219,7 @@ fn segfault_in_a_jailed_device_is_reported_with_its_address() {
 
 #[test]
 fn sigbus_sent_by_another_process_is_not_called_a_fault() {
-    let vm = HaltedVm::start(&[]);
+    let vm = HaltedVm::start(&["--device-restarts", "0"]);
     let device = vm.device;
     let sent = Command::new("kill")
         .args(["-BUS", &device.to_string()])
@@ -249,7 +249,7 @@ const INJECT_PANIC: [&str; 6] = [
 
 #[test]
 fn panic_in_a_vm_device_ends_the_vm_with_the_device_message_and_status_101() {
-    let vm = HaltedVm::start(&[]);
+    let vm = HaltedVm::start(&["--device-restarts", "0"]);
     let device = vm.device;
     let _ = gdb_prints(device, &INJECT_PANIC);
     let (code, stderr) = vm.finish(LIMIT);

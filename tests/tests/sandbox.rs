@@ -106,7 +106,7 @@ fn jailed_device_cannot_reach_the_host_even_with_seccomp_logging_only() {
 
 #[test]
 fn refused_syscall_kills_only_the_device_and_the_vmm_names_it() {
-    let vm = HaltedVm::start(&[]);
+    let vm = HaltedVm::start(&["--device-restarts", "0"]);
     let device = vm.device;
     // socket(2) is in no device policy: the filter refuses it and the device dies by SIGSYS.
     let _ = gdb_prints(device, &["(int)socket(2, 1, 0)"]);
@@ -128,7 +128,7 @@ fn refused_syscall_kills_only_the_device_and_the_vmm_names_it() {
 fn a_new_io_uring_is_refused_in_a_device() {
     // The device's own ring is restricted (no opcode that opens a path); a new, unrestricted
     // ring would bypass that, so io_uring_setup is refused.
-    let vm = HaltedVm::start(&[]);
+    let vm = HaltedVm::start(&["--device-restarts", "0"]);
     let device = vm.device;
     let _ = gdb_prints(device, &["(long)syscall(425, 8, (long)malloc(120))"]);
     let (code, stderr) = vm.end(Duration::from_secs(20));

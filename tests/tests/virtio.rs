@@ -106,7 +106,8 @@ fn standalone_rng_backend_serves_ringvm_over_a_socket() {
 #[test]
 fn killed_device_process_ends_the_vm_with_its_name_and_leaves_no_orphan() {
     let cmdline = GuestCmdline::new().test("virtio-rng").test("wait");
-    let mut live = Live::start(&mut ringvm_run(&[], &cmdline));
+    // Restarts off: the death ends the VM (tests/tests/self_heal.rs has the restarts).
+    let mut live = Live::start(&mut ringvm_run(&["--device-restarts", "0"], &cmdline));
     live.wait_for("wait halting", LIMIT);
     let devices = children_of(live.child.id());
     assert_eq!(devices.len(), 1, "expected one device process: {devices:?}");

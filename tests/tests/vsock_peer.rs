@@ -248,7 +248,7 @@ fn ringvm_run_ends_naming_vhost_device_vsock_when_it_dies() {
     let spec = format!("type=vsock,socket={}", peer.sock.display());
     let cmdline = GuestCmdline::new().test("pci").test("wait");
     let mut live = Live::start(&mut ringvm_run(
-        &["--no-rng", "--vhost-user", &spec],
+        &["--device-restarts", "0", "--no-rng", "--vhost-user", &spec],
         &cmdline,
     ));
     live.wait_for("wait halting", Duration::from_secs(60));

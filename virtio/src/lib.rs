@@ -70,6 +70,9 @@ use memory::GuestAddress;
 /// Errors of virtqueue set-up and processing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The inflight region (vhost-user inflight I/O tracking) cannot be used.
+    #[error("inflight tracking")]
+    Inflight(#[source] queue::inflight::InflightError),
     /// A maximum queue size that is zero, above 32768 or not a power of two.
     #[error("maximum queue size {0} is not a power of two of at most 32768")]
     InvalidMaxSize(u16),

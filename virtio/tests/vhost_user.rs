@@ -1327,3 +1327,156 @@ fn a_timed_out_frontend_is_broken_for_later_requests() {
         );
     });
 }
+
+/// A device that takes chains and, with `complete`, uses each at once (len 1); without it,
+/// holds them forever (a device that will die with requests in flight). It counts the
+/// chains it took and the `resumed` calls.
+struct Tracker {
+    complete: bool,
+    taken: Rc<std::cell::Cell<u32>>,
+    resumed: Rc<std::cell::Cell<u32>>,
+}
+
+impl Device for Tracker {
+    fn name(&self) -> &'static str {
+        "tracker"
+    }
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn num_queues(&self) -> usize {
+        1
+    }
+    fn max_queue_size(&self) -> u16 {
+        16
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn run_queue(
+        self: Rc<Self>,
+        _index: usize,
+        queue: Rc<AsyncQueue>,
+        _acked_features: u64,
+        stop: StopSignal,
+    ) -> Pin<Box<dyn Future<Output = ()>>> {
+        Box::pin(async move {
+            let mut held = Vec::new();
+            loop {
+                let next = std::pin::pin!(queue.next_chain());
+                match futures::future::select(next, stop.clone()).await {
+                    futures::future::Either::Left((Ok(chain), _)) => {
+                        self.taken.set(self.taken.get() + 1);
+                        if self.complete {
+                            queue.complete(chain.head_index(), 1).unwrap();
+                        } else {
+                            held.push(chain);
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        })
+    }
+    fn resumed(&self) {
+        self.resumed.set(self.resumed.get() + 1);
+    }
+}
+
+type Counter = Rc<std::cell::Cell<u32>>;
+
+/// A [`Tracker`] served with an inflight region of its own to offer, and a frontend on it;
+/// its counters of chains taken and `resumed` calls.
+async fn tracker_backend(
+    complete: bool,
+) -> (
+    Frontend,
+    Task<virtio::vhost_user::Result<()>>,
+    Counter,
+    Counter,
+) {
+    let (front, back) = pair();
+    let t = Tracker {
+        complete,
+        taken: Rc::default(),
+        resumed: Rc::default(),
+    };
+    let (taken, resumed) = (t.taken.clone(), t.resumed.clone());
+    let pool = virtio::vhost_user::reserve_inflight(1, 16).unwrap();
+    let server = executor::spawn(virtio::vhost_user::serve_with_inflight(
+        Rc::new(t),
+        back,
+        Some(pool),
+    ));
+    let fe = Frontend::connect(front, TIMEOUT).await.unwrap();
+    (fe, server, taken, resumed)
+}
+
+/// Starts the guest's ring on `fe` with the inflight region `region` (in `fd`).
+async fn start_on(
+    fe: &Frontend,
+    guest: &Guest,
+    region: &virtio::vhost_user::Inflight,
+    fd: BorrowedFd<'_>,
+) {
+    fe.start_with_inflight(FEATURES, &guest.mem, &[guest.vring(0)], Some((region, fd)))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn a_backend_that_takes_over_an_inflight_region_finishes_what_the_dead_one_held() {
+    let ex = Executor::new().unwrap();
+    ex.run_until(async {
+        let mut guest = Guest::new(16);
+        // The first backend takes three chains and holds them.
+        let (fe, server, taken, resumed) = tracker_backend(false).await;
+        assert!(fe.tracks_inflight());
+        let (region, fd) = fe.get_inflight(1, 16).await.unwrap();
+        start_on(&fe, &guest, &region, fd.as_fd()).await;
+        let sent: Vec<_> = (0..3)
+            .map(|_| guest.driver.add_chain(&[MockBuf::Writable(8)]).unwrap())
+            .collect();
+        guest.kick.write(1).unwrap();
+        for _ in 0..100 {
+            if taken.get() == 3 {
+                break;
+            }
+            executor::sleep(Duration::from_millis(5)).await.unwrap();
+        }
+        assert_eq!(taken.get(), 3);
+        assert_eq!(resumed.get(), 0, "a fresh region is no takeover");
+        // It dies with them in flight.
+        drop(server);
+        drop(fe);
+
+        // The next backend gets the same region and the rings, from the used index (0).
+        let (fe, server, taken, resumed) = tracker_backend(true).await;
+        start_on(&fe, &guest, &region, fd.as_fd()).await;
+        // No new kick: the chains in flight are submitted again by themselves, oldest first
+        // (one call may cover them all).
+        let mut used = Vec::new();
+        for _ in 0..200 {
+            while let Some(u) = guest.driver.next_used().unwrap() {
+                used.push((u.id, u.len));
+            }
+            if used.len() == 3 {
+                break;
+            }
+            executor::sleep(Duration::from_millis(5)).await.unwrap();
+        }
+        let heads: Vec<_> = sent.iter().map(|s| (u32::from(s.head), 1)).collect();
+        assert_eq!(used, heads);
+        executor::timeout(TIMEOUT, guest.calls.next_value())
+            .await
+            .expect("the device signals")
+            .unwrap();
+        assert_eq!(taken.get(), 3);
+        assert_eq!(resumed.get(), 1);
+        // And new chains go on after them.
+        let (len, _) = guest.request(&[MockBuf::Writable(8)]).await;
+        assert_eq!(len, 1);
+        drop(fe);
+        executor::timeout(TIMEOUT, server).await.unwrap().unwrap();
+    });
+}

@@ -115,6 +115,14 @@ pub struct RunArgs {
     /// info (the default) or debug
     #[argh(option, default = "virtio::log::Level::Info")]
     pub log_level: virtio::log::Level,
+    /// restart a device process that dies, at most N times within SECS seconds (default
+    /// 5/60) without resetting the guest; past that (or with 0) its death ends the VM
+    #[argh(option)]
+    pub device_restarts: Option<crate::respawn::RestartBudget>,
+    /// seconds to wait for an external vhost-user backend (--vhost-user) whose socket hung
+    /// up to listen on its path again, then reconnect (default 30)
+    #[argh(option, default = "30")]
+    pub vhost_user_reconnect: u64,
     /// path of the kernel image
     #[argh(positional)]
     pub kernel: PathBuf,
@@ -614,6 +622,8 @@ mod tests {
             seccomp_log_failures: false,
             gdb: None,
             log_level: virtio::log::Level::Info,
+            device_restarts: None,
+            vhost_user_reconnect: 30,
             kernel: "k".into(),
         };
         assert!(validate(&args(256, 1)).is_ok());

@@ -349,6 +349,10 @@ fn serve<D: Device>(
         .allow_ops(ops)
         .build()
         .context("cannot start the device's io_uring executor")?;
+    // The inflight region a frontend may ask for (memfd_create is not in the policies): with
+    // it the device's chains in flight survive its death (vmm::respawn).
+    let inflight = backend::reserve_inflight(device.num_queues(), device.max_queue_size())
+        .context("cannot reserve an inflight region")?;
     jail::enter(
         &jail::Sandbox {
             enabled: sandbox.enabled,
@@ -379,9 +383,10 @@ fn serve<D: Device>(
         seccomp::install_mode(policy, mode)
             .context("cannot install the device's seccomp filter")?;
     }
-    ex.run_until(backend::serve(
+    ex.run_until(backend::serve_with_inflight(
         Rc::new(device),
         Connection::new(AsyncFd::new(sock)),
+        Some(inflight),
     ))
     .map_err(anyhow::Error::from)
 }

@@ -1,79 +1,107 @@
 //! ringvm's own device processes: spawned (jailed unless `--disable-sandbox`), connected by a
 //! socketpair, watched through their pidfds, and never left behind.
+//!
+//! A [`Launch`] is everything a device process is started from: its kind, its arguments and
+//! duplicates of the descriptors it is given (tap queues, the vsock broker's channel). The
+//! VMM starts each device from its launch once; the respawner (`crate::respawn`) keeps the
+//! launches and starts a device again from the same one after it died.
 
-use std::ffi::OsStr;
+use std::cell::RefCell;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
 use crate::death::{self, DeathReport};
-use crate::exit::{ExitReason, VmExit};
 
-/// The descriptor number the first of `spawn`'s `fds` gets in the child (the socket is 3).
+/// The descriptor number the first of a launch's `fds` gets in the child (the socket is 3).
 pub const FIRST_EXTRA_FD: usize = 4;
 
-/// How long [`DeviceProcess::watch`] waits for the status of a process that has ended.
+/// How long [`DeviceProcess::death`] waits for the status of a process that has ended.
 const STATUS_POLLS: u32 = 100;
 const STATUS_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// What a device process is started from, again and again.
+#[derive(Debug)]
+pub struct Launch {
+    /// The device's name in reports (`block0`).
+    pub name: String,
+    /// `ringvm device <kind>`.
+    pub kind: String,
+    /// Its own options, as arguments.
+    pub args: Vec<OsString>,
+    /// Descriptors it gets as 4, 5, ... (duplicates this launch owns).
+    pub fds: Vec<OwnedFd>,
+    pub sandbox: bool,
+    pub seccomp_log_failures: bool,
+}
+
 /// A running device process.
+#[derive(Debug)]
 pub struct DeviceProcess {
     name: String,
     child: jail::Child,
     /// The read end of the pipe its signal handlers report its death on (`crate::death`).
-    report: std::io::PipeReader,
+    report: OwnedFd,
 }
 
-/// Starts `ringvm device <kind> --fd 3 [extra...]` with its end of a new socketpair as fd 3
-/// (and `fds` as 4, 5, ...); returns the process and the VMM's end of the socket.
-pub fn spawn(
-    name: &str,
-    kind: &str,
-    extra: &[&OsStr],
-    fds: &[std::os::fd::BorrowedFd<'_>],
-    sandbox: bool,
-    seccomp_log_failures: bool,
-) -> Result<(DeviceProcess, OwnedFd)> {
-    let (ours, theirs) =
-        UnixStream::pair().with_context(|| format!("device {name}: socketpair failed"))?;
-    let exe = Path::new("/proc/self/exe");
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("device"),
-        OsStr::new(kind),
-        OsStr::new("--fd"),
-        OsStr::new("3"),
-    ];
-    if !sandbox {
-        args.push(OsStr::new("--disable-sandbox"));
-    }
-    if seccomp_log_failures {
-        args.push(OsStr::new("--seccomp-log-failures"));
-    }
-    args.extend_from_slice(extra);
-    // Descriptors in the child: 3 the socket, FIRST_EXTRA_FD.. `fds`, then the report pipe.
-    let (report, report_tx) =
-        std::io::pipe().with_context(|| format!("device {name}: pipe failed"))?;
-    let report_fd = (FIRST_EXTRA_FD + fds.len()).to_string();
-    args.extend([OsStr::new("--report-fd"), OsStr::new(&report_fd)]);
-    let mut all = vec![theirs.as_fd()];
-    all.extend_from_slice(fds);
-    all.push(report_tx.as_fd());
-    let child = jail::spawn(exe, &args, &all, &jail::Sandbox { enabled: sandbox })
+/// A started device: the process, the VMM's end of its vhost-user socket.
+pub type Started = (DeviceProcess, OwnedFd);
+
+impl Launch {
+    /// Starts `ringvm device <kind> --fd 3 [args...]` with its end of a new socketpair as
+    /// fd 3 (and `fds` as 4, 5, ...). With `sibling` the process becomes a child of this
+    /// process's parent (the respawner starts devices for the VMM): the returned process's
+    /// `child` is then only good for handing its pidfd over.
+    pub fn spawn(&self, sibling: bool) -> Result<Started> {
+        let name = &self.name;
+        let (ours, theirs) =
+            UnixStream::pair().with_context(|| format!("device {name}: socketpair failed"))?;
+        let exe = Path::new("/proc/self/exe");
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("device"),
+            OsStr::new(&self.kind),
+            OsStr::new("--fd"),
+            OsStr::new("3"),
+        ];
+        if !self.sandbox {
+            args.push(OsStr::new("--disable-sandbox"));
+        }
+        if self.seccomp_log_failures {
+            args.push(OsStr::new("--seccomp-log-failures"));
+        }
+        args.extend(self.args.iter().map(|a| a.as_os_str()));
+        // Descriptors in the child: 3 the socket, FIRST_EXTRA_FD.. `fds`, then the report pipe.
+        let (report, report_tx) =
+            std::io::pipe().with_context(|| format!("device {name}: pipe failed"))?;
+        let report_fd = (FIRST_EXTRA_FD + self.fds.len()).to_string();
+        args.extend([OsStr::new("--report-fd"), OsStr::new(&report_fd)]);
+        let mut all = vec![theirs.as_fd()];
+        all.extend(self.fds.iter().map(|f| f.as_fd()));
+        all.push(report_tx.as_fd());
+        let sandbox = jail::Sandbox {
+            enabled: self.sandbox,
+        };
+        let child = if sibling {
+            jail::spawn_sibling(exe, &args, &all, &sandbox)
+        } else {
+            jail::spawn(exe, &args, &all, &sandbox)
+        }
         .with_context(|| format!("cannot start device {name}"))?;
-    // Only the child may hold the write end: the read sees end-of-file once it is gone.
-    drop(report_tx);
-    Ok((
-        DeviceProcess {
-            name: name.to_string(),
-            child,
-            report,
-        },
-        ours.into(),
-    ))
+        // Only the child may hold the write end: the read sees end-of-file once it is gone.
+        drop(report_tx);
+        Ok((
+            DeviceProcess {
+                name: name.clone(),
+                child,
+                report: report.into(),
+            },
+            ours.into(),
+        ))
+    }
 }
 
 /// Starts an external backend program (virtiofsd) with `fds` as descriptors 3, 4, ...,
@@ -94,55 +122,82 @@ pub fn spawn_program(
     Ok(DeviceProcess {
         name: name.to_string(),
         child,
-        report,
+        report: report.into(),
     })
 }
 
-/// The VM's device processes; dropping it kills and reaps those still running, so no path
-/// out of `ringvm run` leaves one behind (and PR_SET_PDEATHSIG covers a VMM that is killed).
+/// The VM's device processes (every one ever started); dropping the last handle kills and
+/// reaps those still running, so no path out of `ringvm run` leaves one behind (and
+/// PR_SET_PDEATHSIG covers a VMM that is killed). Cheap to clone: the respawner's tasks add
+/// the processes they start.
+#[derive(Clone, Default)]
+pub struct DeviceProcesses(Rc<Registry>);
+
 #[derive(Default)]
-pub struct DeviceProcesses(Vec<Rc<DeviceProcess>>);
+struct Registry(RefCell<Vec<Rc<DeviceProcess>>>);
 
 impl DeviceProcesses {
-    pub fn push(&mut self, p: DeviceProcess) {
-        self.0.push(Rc::new(p));
+    pub fn push(&self, p: DeviceProcess) -> Rc<DeviceProcess> {
+        let p = Rc::new(p);
+        let mut all = self.0 .0.borrow_mut();
+        // Reaped processes have nothing left to stop.
+        all.retain(|q| !q.reaped());
+        all.push(p.clone());
+        p
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Rc<DeviceProcess>> {
-        self.0.iter()
+    pub fn all(&self) -> Vec<Rc<DeviceProcess>> {
+        self.0 .0.borrow().clone()
     }
 }
 
-impl Drop for DeviceProcesses {
+impl Drop for Registry {
     fn drop(&mut self) {
-        for p in &self.0 {
+        for p in self.0.get_mut().iter() {
             p.stop();
         }
     }
 }
 
 impl DeviceProcess {
-    /// Waits (on the executor) until the process ends, then reports it: a device that
-    /// ends while the VM runs is a failure.
-    pub async fn watch(self: Rc<Self>, exit: Arc<VmExit>) {
-        let pidfd = match self.child.pidfd.try_clone() {
-            Ok(fd) => executor::AsyncFd::new(fd),
-            Err(e) => {
-                eprintln!("ringvm: device {}: cannot watch its pidfd: {e}", self.name);
-                return;
-            }
-        };
-        if pidfd.poll_readable().await.is_err() {
-            return;
+    /// A process the respawner started for this process (its child, by `CLONE_PARENT`).
+    pub fn adopt(name: &str, pid: i32, pidfd: OwnedFd, report: OwnedFd) -> DeviceProcess {
+        DeviceProcess {
+            name: name.to_string(),
+            child: jail::Child::from_pidfd(pid, pidfd),
+            report,
         }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.pid
+    }
+
+    /// Its pidfd and report pipe, to hand to the VMM (the respawner's side).
+    pub fn into_fds(self) -> (i32, OwnedFd, OwnedFd) {
+        (self.child.pid, self.child.pidfd, self.report)
+    }
+
+    /// A pidfd of the process, readable once it has ended.
+    pub fn pidfd(&self) -> std::io::Result<OwnedFd> {
+        self.child.pidfd.try_clone()
+    }
+
+    fn reaped(&self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// How the process, which has ended (its pidfd is readable), died:
+    /// `device NAME (pid N) killed by signal ...`.
+    pub async fn death(&self) -> String {
         let status = self.exit_status().await;
         let report = self.death_report().await;
-        exit.report(ExitReason::Failed(format!(
+        format!(
             "device {} (pid {}) {}",
             self.name,
             self.child.pid,
             death::describe(&status, report.as_ref())
-        )));
+        )
     }
 
     /// The status of the process, whose pidfd says it has ended. A tracer (a debugger) is
@@ -164,7 +219,7 @@ impl DeviceProcess {
     /// call, a memory fault), if it died that way. Read through the ring: the VMM's own
     /// seccomp policy has no read(2).
     async fn death_report(&self) -> Option<DeathReport> {
-        let fd: OwnedFd = self.report.try_clone().ok()?.into();
+        let fd: OwnedFd = self.report.try_clone().ok()?;
         let pipe = executor::AsyncFd::new(fd);
         // The process has ended, so this completes at once: its record, or end-of-file.
         let (res, buf) = pipe.read(Vec::with_capacity(DeathReport::LEN)).await;
@@ -174,11 +229,6 @@ impl DeviceProcess {
         }
     }
 
-    /// Its pid (in the VMM's PID namespace).
-    pub fn pid(&self) -> i32 {
-        self.child.pid
-    }
-
     /// Kills the process (if it still runs) and reaps it.
     pub fn stop(&self) {
         if let Ok(Some(_)) = self.child.try_wait() {
@@ -186,5 +236,11 @@ impl DeviceProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Kills the process if it still runs (a device that hung up but lingers), without
+    /// reaping it.
+    pub fn kill(&self) {
+        let _ = self.child.kill();
     }
 }

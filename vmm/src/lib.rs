@@ -18,6 +18,7 @@ pub mod exit;
 pub mod gdb;
 pub mod guest;
 pub mod irq;
+pub mod respawn;
 pub mod run_flags;
 #[allow(unsafe_code)]
 mod sys;

@@ -459,3 +459,79 @@ pub fn write_stderr_and_exit(msg: &[u8], code: i32) -> ! {
         libc::_exit(code)
     }
 }
+
+/// Forks this process for the device respawner (`crate::respawn`): `Ok(None)` in the child,
+/// `Ok(Some((pid, pidfd)))` in the parent.
+///
+/// Call it only while this process has one thread (before the vCPU threads start): the
+/// child is a copy of the calling thread alone, so a lock another thread held would stay
+/// held in it forever. With one thread the child may allocate and run ordinary code.
+pub fn fork_single_threaded() -> io::Result<Option<(i32, OwnedFd)>> {
+    // SAFETY: fork has no memory-safety preconditions of its own; the caller guarantees the
+    // process is single-threaded (vm::run forks before start_vcpus), so the child inherits
+    // no lock held by a thread that does not exist in it.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => {
+            // SAFETY: a plain system call on an integer; the child is ours and unreaped, so
+            // its pid cannot have been reused.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+            // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
+            Ok(Some((pid, unsafe { OwnedFd::from_raw_fd(fd) })))
+        }
+    }
+}
+
+/// In a forked helper: die with SIGKILL when the thread that forked it exits, and take
+/// `name` as the process's name (`/proc/PID/comm`, at most 15 bytes).
+pub fn become_helper(name: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: PR_SET_NAME reads a nul-terminated string (truncated to 16 bytes) that
+    // outlives the call.
+    if unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// In a forked helper: closes every descriptor above 2 but those in `keep` (what it
+/// inherited of the VMM: KVM, guest memory, its io_uring ring).
+pub fn close_descriptors_except(keep: &[RawFd]) -> io::Result<()> {
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    for fd in open {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: closing a number: the helper never returns to the VMM code that owns
+            // these descriptors, so nothing uses them again (the directory's own descriptor,
+            // already closed, gives EBADF).
+            unsafe { libc::close(fd) };
+        }
+    }
+    Ok(())
+}
+
+/// Ends a forked helper without running the VMM's exit handlers or destructors.
+pub fn exit_helper(code: i32) -> ! {
+    // SAFETY: _exit ends the process at once; it has no preconditions.
+    unsafe { libc::_exit(code) }
+}

@@ -1,7 +1,6 @@
 //! Assembling and running a VM: KVM, memory, kernel, devices, vCPU threads, and the main
 //! thread's executor (control socket, serial input, the exit event).
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -22,7 +21,7 @@ use crate::boot;
 use crate::cli::{self, NicSpec, RunArgs, SerialOut, SerialSpec, VhostUserSpec};
 use crate::control::{self, ControlSocket, ControlTarget, ControlledDevice, ProcessStats};
 use crate::cpuid::{self, Toggle};
-use crate::device_process::{self, DeviceProcesses};
+use crate::device_process::{self, DeviceProcesses, Launch};
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
 use crate::devices::pci::KvmPciVm;
@@ -30,12 +29,13 @@ use crate::devices::pci::{
     self, PciConfigPort, PciDeviceInfo, PciMmioWindow, PciRoot, VirtioDevice,
 };
 use crate::devices::serial::Serial;
-use crate::devices::vhost_user;
+use crate::devices::vhost_user::{self, Healing, Origin};
 use crate::devices::virtiofs;
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::guest::GuestRam;
 use crate::irq::GsiRouting;
+use crate::respawn::{Respawner, RestartBudget};
 use crate::run_flags::RunSpecs;
 use crate::sys;
 use crate::vcpu::{self, FilterGate, VcpuContext, VcpuFilter};
@@ -75,6 +75,10 @@ pub struct VmConfig {
     pub gdb: Option<crate::gdb::GdbAddr>,
     /// `--log-level`, for the VMM and its device processes.
     pub log_level: virtio::log::Level,
+    /// How often a device may be restarted (`--device-restarts`); 0 ends the VM at once.
+    pub restarts: RestartBudget,
+    /// How long an external backend may stay away (`--vhost-user-reconnect`).
+    pub reconnect_timeout: Duration,
 }
 
 const COM_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
@@ -131,6 +135,8 @@ pub fn run_from_args(args: RunArgs, devices: RunSpecs) -> Result<()> {
         vhost_user,
         sandbox: !args.disable_sandbox,
         seccomp_log_failures: args.seccomp_log_failures,
+        restarts: args.device_restarts.unwrap_or_default(),
+        reconnect_timeout: Duration::from_secs(args.vhost_user_reconnect),
         gdb: args.gdb,
         log_level: args.log_level,
     };
@@ -393,12 +399,23 @@ async fn pump_stdin(serial: Arc<Mutex<Serial>>) {
     }
 }
 
+/// The device processes started so far, and what each of ringvm's own was started from
+/// (slot N of the respawner is `launches[N]`).
+#[derive(Default)]
+struct Spawned {
+    processes: DeviceProcesses,
+    launches: Vec<Launch>,
+}
+
+/// A started backend: the VMM's end of its socket, its statistics, where it comes from.
+type Attachable = (OwnedFd, Option<ProcessStats>, Origin);
+
 /// Starts (or connects to) every virtio device's vhost-user backend and puts the devices on
 /// the PCI bus: ringvm's own device processes first, then `--vhost-user` backends.
 async fn add_devices(
     config: &VmConfig,
     machine: &Machine,
-    processes: &mut DeviceProcesses,
+    processes: &mut Spawned,
     host_tasks: &mut Vec<virtio::process::HostTask>,
 ) -> Result<(Vec<vhost_user::Backend>, Vec<ControlledDevice>)> {
     let mut backends = Vec::new();
@@ -409,6 +426,8 @@ async fn add_devices(
             file: disk.clone(),
             // One request queue per vCPU, like crosvm.
             queues: config.cpus,
+            // A restarted process must find the writes its predecessor completed.
+            metadata_write_through: config.restarts.max > 0,
         };
         let sock = spawn_device::<block::BlockProcess>(config, processes, &name, &options, &[])?;
         backends.push(attach(machine, &mut controlled, &name, DeviceType::Block, sock).await?);
@@ -453,8 +472,10 @@ async fn add_devices(
             .as_deref()
             .context("--shared-dir without virtiofsd")?;
         let (process, sock) = virtiofs::start(program, &name, dir)?;
-        processes.push(process);
-        backends.push(attach_fs(machine, &mut controlled, &name, &dir.tag, sock).await?);
+        let process = processes.processes.push(process);
+        let origin = Origin::Program { process };
+        let fs = attach_fs(machine, &mut controlled, &name, &dir.tag, sock, origin);
+        backends.push(fs.await?);
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
@@ -463,13 +484,17 @@ async fn add_devices(
             .with_context(|| format!("device {name}: cannot connect"))?
             .into_owned()
             .map_err(|_| anyhow!("device {name}: the socket is not a plain descriptor"))?;
+        let origin = Origin::External {
+            path: spec.socket.clone(),
+        };
         match &spec.tag {
             Some(tag) => {
-                let fs = attach_fs(machine, &mut controlled, &name, tag, sock).await?;
+                let fs = attach_fs(machine, &mut controlled, &name, tag, sock, origin).await?;
                 backends.push(fs);
             }
             None => {
-                let device = attach(machine, &mut controlled, &name, spec.kind, (sock, None));
+                let started = (sock, None, origin);
+                let device = attach(machine, &mut controlled, &name, spec.kind, started);
                 backends.push(device.await?);
             }
         }
@@ -482,7 +507,7 @@ async fn add_devices(
 async fn add_consoles(
     config: &VmConfig,
     machine: &Machine,
-    processes: &mut DeviceProcesses,
+    processes: &mut Spawned,
     backends: &mut Vec<vhost_user::Backend>,
     controlled: &mut Vec<ControlledDevice>,
 ) -> Result<()> {
@@ -521,15 +546,16 @@ async fn add_consoles(
     Ok(())
 }
 
-/// Starts `ringvm device <P's name> <options>` for device `name` (kept in `processes`), with
-/// `fds` as descriptors 4, 5, ...; returns the VMM's end of its vhost-user socket.
+/// Starts `ringvm device <P's name> <options>` for device `name` (kept in `processes`, its
+/// launch too, for restarts), with `fds` as descriptors 4, 5, ...; returns the VMM's end of
+/// its vhost-user socket, its statistics and where it comes from.
 fn spawn_device<P: DeviceProcess>(
     config: &VmConfig,
-    processes: &mut DeviceProcesses,
+    processes: &mut Spawned,
     name: &str,
     options: &P::Options,
     fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<(OwnedFd, Option<ProcessStats>)> {
+) -> Result<Attachable> {
     spawn_process(config, processes, name, P::TYPE, P::to_args(options), fds)
 }
 
@@ -537,12 +563,12 @@ fn spawn_device<P: DeviceProcess>(
 /// from its own `run` flags).
 fn spawn_process(
     config: &VmConfig,
-    processes: &mut DeviceProcesses,
+    processes: &mut Spawned,
     name: &str,
     kind: DeviceType,
     mut args: Vec<std::ffi::OsString>,
     fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<(OwnedFd, Option<ProcessStats>)> {
+) -> Result<Attachable> {
     // Its statistics page goes after its own descriptors (`ringvm stats` reads it).
     let page = ProcessStats::page().with_context(|| format!("device {name}: statistics page"))?;
     let mut fds = fds.to_vec();
@@ -555,20 +581,27 @@ fn spawn_process(
         config.log_level.name().into(),
     ]);
     fds.push(page.fd());
-    let extra: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    let (process, sock) = device_process::spawn(
-        name,
-        kind.name(),
-        &extra,
-        &fds,
-        config.sandbox,
-        config.seccomp_log_failures,
-    )?;
+    let fds = fds
+        .iter()
+        .map(|fd| fd.try_clone_to_owned())
+        .collect::<io::Result<Vec<_>>>()
+        .with_context(|| format!("device {name}: cannot duplicate its descriptors"))?;
+    let launch = Launch {
+        name: name.to_string(),
+        kind: kind.name().to_string(),
+        args,
+        fds,
+        sandbox: config.sandbox,
+        seccomp_log_failures: config.seccomp_log_failures,
+    };
+    let (process, sock) = launch.spawn(false)?;
     let pid = process.pid();
-    processes.push(process);
+    let process = processes.processes.push(process);
+    let slot = u32::try_from(processes.launches.len()).context("too many devices")?;
+    processes.launches.push(launch);
     let stats = ProcessStats::new(pid, page)
         .with_context(|| format!("device {name}: cannot open /proc/{pid}"))?;
-    Ok((sock, Some(stats)))
+    Ok((sock, Some(stats), Origin::Own { process, slot }))
 }
 
 /// Sets up the vhost-user backend on `sock` and puts its device on the PCI bus.
@@ -577,9 +610,9 @@ async fn attach(
     controlled: &mut Vec<ControlledDevice>,
     name: &str,
     device_type: DeviceType,
-    (sock, stats): (OwnedFd, Option<ProcessStats>),
+    (sock, stats, origin): Attachable,
 ) -> Result<vhost_user::Backend> {
-    let (device, backend) = vhost_user::connect(name, device_type, sock).await?;
+    let (device, backend) = vhost_user::connect(name, device_type, sock, origin).await?;
     controlled.push(ControlledDevice {
         name: name.to_string(),
         kind: device_type,
@@ -599,8 +632,9 @@ async fn attach_fs(
     name: &str,
     tag: &str,
     sock: OwnedFd,
+    origin: Origin,
 ) -> Result<vhost_user::Backend> {
-    let (mut device, backend) = vhost_user::connect(name, DeviceType::Fs, sock).await?;
+    let (mut device, backend) = vhost_user::connect(name, DeviceType::Fs, sock, origin).await?;
     if device.num_queues() < 2 {
         bail!(
             "device {name}: the backend has {} queue(s); virtio-fs needs a high-priority \
@@ -637,14 +671,28 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     let ex =
         executor::Executor::new().context("cannot start the main thread's io_uring executor")?;
     // Declared before anything that can fail, so every path out kills the device processes.
-    let mut processes = DeviceProcesses::default();
+    let mut spawned = Spawned::default();
     let mut host_tasks = Vec::new();
-    let (backends, controlled) = ex.run_until(add_devices(
-        config,
-        &machine,
-        &mut processes,
-        &mut host_tasks,
-    ))?;
+    let (backends, controlled) =
+        ex.run_until(add_devices(config, &machine, &mut spawned, &mut host_tasks))?;
+    let Spawned {
+        processes,
+        launches,
+    } = spawned;
+    // Forked while this process has one thread, before its seccomp filter: the respawner
+    // starts devices again after they die (`respawn`).
+    let respawner = if config.restarts.max > 0 && !launches.is_empty() {
+        Some(Respawner::start(launches)?)
+    } else {
+        drop(launches);
+        None
+    };
+    let heal = Rc::new(Healing {
+        respawner,
+        processes: processes.clone(),
+        budget: config.restarts,
+        reconnect_timeout: config.reconnect_timeout,
+    });
     let control = match &config.socket {
         Some(p) => {
             let path = control::socket_path(p);
@@ -716,10 +764,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         }
         for backend in backends {
             let mem = machine.ram.memory().clone();
-            executor::spawn(backend.serve(mem, machine.exit.clone())).detach();
-        }
-        for process in processes.iter() {
-            executor::spawn(process.clone().watch(machine.exit.clone())).detach();
+            executor::spawn(backend.serve(mem, machine.exit.clone(), heal.clone())).detach();
         }
         for task in host_tasks {
             executor::spawn(task).detach();
@@ -741,6 +786,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
         )));
     }
     stop_vcpus(threads, &stopping);
+    drop(heal);
     drop(processes);
     Ok(machine
         .exit

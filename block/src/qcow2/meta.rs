@@ -542,6 +542,27 @@ impl Meta {
     /// references released since the last flush (clusters left unreferenced join the free
     /// list; `alloc_cluster` reuses them only when no data I/O is in flight).
     pub(crate) async fn flush(&mut self, fd: &AsyncFd) -> Result<()> {
+        self.write_back(fd).await?;
+        fd.fdatasync().await.map_err(Error::Flush)?;
+        let max = max_refcount(self.refcount_order);
+        for c in std::mem::take(&mut self.pending_free) {
+            let rc = self.refcount(fd, c).await?;
+            if rc == 0 || rc > max {
+                return Err(corrupt("freeing a cluster with refcount zero", c));
+            }
+            self.set_refcount(fd, c, rc - 1).await?;
+            if rc == 1 {
+                // Best effort: the cluster is free whether or not the hole is punched.
+                let _ = fd.punch_hole(c, self.cs).await;
+                self.free.push(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes back dirty L2 tables, then dirty L1 entries, after an fdatasync that makes the
+    /// data and refcounts they point to durable first; nothing when nothing is dirty.
+    pub(crate) async fn write_back(&mut self, fd: &AsyncFd) -> Result<()> {
         let dirty: Vec<u64> = self
             .l2
             .slots
@@ -567,20 +588,6 @@ impl Meta {
                     .await
                     .map_err(|e| Error::WriteMetadata(at, e))?;
                 self.l1_dirty.clear();
-            }
-        }
-        fd.fdatasync().await.map_err(Error::Flush)?;
-        let max = max_refcount(self.refcount_order);
-        for c in std::mem::take(&mut self.pending_free) {
-            let rc = self.refcount(fd, c).await?;
-            if rc == 0 || rc > max {
-                return Err(corrupt("freeing a cluster with refcount zero", c));
-            }
-            self.set_refcount(fd, c, rc - 1).await?;
-            if rc == 1 {
-                // Best effort: the cluster is free whether or not the hole is punched.
-                let _ = fd.punch_hole(c, self.cs).await;
-                self.free.push(c);
             }
         }
         Ok(())

@@ -94,6 +94,9 @@ pub struct Qcow2<B> {
     meta: Mutex<Meta>,
     /// Requests doing data I/O outside the lock (freed clusters are not reused meanwhile).
     inflight: Cell<usize>,
+    /// Write metadata back before a write that changed it completes (see
+    /// [`Qcow2::set_metadata_write_through`]).
+    write_through: bool,
 }
 
 impl<B: fmt::Debug> fmt::Debug for Qcow2<B> {
@@ -217,6 +220,7 @@ impl<B: Backing> Qcow2<B> {
             read_only: layer.read_only,
             backing,
             inflight: Cell::new(0),
+            write_through: false,
         })
     }
 
@@ -394,6 +398,14 @@ impl<B: Backing> Qcow2<B> {
         Ok(out)
     }
 
+    /// With `on`, a write or write-zeroes that changed the L2 tables or the L1 table writes
+    /// them back (after an fdatasync, as a flush does) before it completes, instead of at the
+    /// next flush: a completed write then survives the death of the process (a device process
+    /// that is restarted), not only a flush. Each allocation costs an fdatasync.
+    pub fn set_metadata_write_through(&mut self, on: bool) {
+        self.write_through = on;
+    }
+
     /// Writes from guest memory.
     pub async fn write(
         &self,
@@ -427,6 +439,9 @@ impl<B: Backing> Qcow2<B> {
                         .await?;
                 }
             }
+        }
+        if self.write_through {
+            m.write_back(&self.fd).await?;
         }
         let _inflight = self.in_flight();
         drop(m);
@@ -586,6 +601,9 @@ impl<B: Backing> Qcow2<B> {
             } else {
                 self.allocating_write(&mut m, voff, n, Data::Zeros).await?;
             }
+        }
+        if self.write_through {
+            m.write_back(&self.fd).await?;
         }
         let _inflight = self.in_flight();
         drop(m);

@@ -2,6 +2,7 @@
 
 mod chain;
 pub mod desc;
+pub mod inflight;
 mod split;
 
 pub(crate) use chain::BufList;

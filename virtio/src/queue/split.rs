@@ -11,6 +11,7 @@ use super::desc::{
     avail_ring_len, desc_table_len, used_ring_len, MAX_QUEUE_SIZE, VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY,
 };
+use super::inflight::InflightRing;
 use crate::{Error, Result};
 
 /// A split virtqueue's device-side state. Every method that touches the rings takes the
@@ -33,6 +34,10 @@ pub struct Queue {
     signalled_used: Wrapping<u16>,
     event_idx: bool,
     indirect: bool,
+    /// Inflight I/O tracking (vhost-user `INFLIGHT_SHMFD`), when the frontend gave a region.
+    inflight: Option<InflightRing>,
+    /// The head of the last pop, if it was a chain submitted again (for `undo_pop`).
+    last_resubmitted: Option<u16>,
 }
 
 fn ring(
@@ -84,6 +89,8 @@ impl Queue {
             signalled_used: Wrapping(0),
             event_idx: false,
             indirect: false,
+            inflight: None,
+            last_resubmitted: None,
         })
     }
 
@@ -101,7 +108,28 @@ impl Queue {
             signalled_used: Wrapping(0),
             event_idx: false,
             indirect: false,
+            inflight: None,
+            last_resubmitted: None,
         };
+    }
+
+    /// Tracks the chains in flight in `region` (vhost-user inflight I/O tracking). Call it on
+    /// an activated queue before its first pop: it reads the region, lines up the chains a
+    /// dead backend had in flight to be popped first, and moves the next avail index past
+    /// them (whatever `SET_VRING_BASE` said). Fails on a region that does not check out.
+    /// Returns whether the region was in use already (see [`InflightRing::was_in_use`]).
+    pub fn track_inflight(&mut self, mem: &GuestMemory, mut region: InflightRing) -> Result<bool> {
+        self.check_ready()?;
+        let used = self.used_idx(mem)?;
+        let avail = self.avail_idx(mem)?;
+        let next = region.recover(used, avail).map_err(Error::Inflight)?;
+        self.next_avail = Wrapping(next);
+        self.next_used = Wrapping(used);
+        self.signalled_used = Wrapping(used);
+        let in_use = region.was_in_use();
+        self.inflight = Some(region);
+        self.last_resubmitted = None;
+        Ok(in_use)
     }
 
     /// The largest size the driver may set.
@@ -293,6 +321,15 @@ impl Queue {
     #[inline]
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.check_ready()?;
+        self.last_resubmitted = None;
+        if let Some(head) = self.inflight.as_mut().and_then(|r| r.next_resubmit()) {
+            // A chain a dead backend had in flight: still marked in the region.
+            self.last_resubmitted = Some(head);
+            let table = Self::ring_slice(mem, self.desc_table, desc_table_len(self.size))?;
+            return DescriptorChain::parse(mem, table, self.size, self.indirect, head)
+                .map(Some)
+                .map_err(|reason| Error::InvalidChain { head, reason });
+        }
         let avail = Self::ring_slice(mem, self.avail_ring, avail_ring_len(self.size))?;
         let avail_idx = avail
             .load_u16(2, Ordering::Acquire)
@@ -316,6 +353,11 @@ impl Queue {
             .map(u16::from_le)
             .ok_or_else(|| ring_error(self.avail_ring))?;
         self.next_avail += 1;
+        if let Some(region) = self.inflight.as_mut() {
+            if head < self.size {
+                region.taken(head).map_err(Error::Inflight)?;
+            }
+        }
         let table = Self::ring_slice(mem, self.desc_table, desc_table_len(self.size))?;
         DescriptorChain::parse(mem, table, self.size, self.indirect, head)
             .map(Some)
@@ -325,6 +367,12 @@ impl Queue {
     /// Steps back over the last popped chain, so the next `pop` returns it again (a device
     /// that could not take it yet, such as net receive without a packet).
     pub fn undo_pop(&mut self) {
+        if let Some(head) = self.last_resubmitted.take() {
+            if let Some(region) = self.inflight.as_mut() {
+                region.push_resubmit(head);
+            }
+            return;
+        }
         self.next_avail -= 1;
     }
 
@@ -340,12 +388,21 @@ impl Queue {
             });
         }
         let used = Self::ring_slice(mem, self.used_ring, used_ring_len(self.size))?;
+        if let Some(region) = &self.inflight {
+            region.before_use(head).map_err(Error::Inflight)?;
+        }
         let slot = usize::from(self.next_used.0 & (self.size - 1));
         used.write_obj([u32::from(head).to_le(), len.to_le()], 4 + 8 * slot)
             .ok_or_else(|| ring_error(self.used_ring))?;
         self.next_used += 1;
         used.store_u16(2, self.next_used.0.to_le(), Ordering::Release)
-            .ok_or_else(|| ring_error(self.used_ring))
+            .ok_or_else(|| ring_error(self.used_ring))?;
+        if let Some(region) = &self.inflight {
+            region
+                .after_use(head, self.next_used.0)
+                .map_err(Error::Inflight)?;
+        }
+        Ok(())
     }
 
     /// Whether the driver wants a used-buffer notification for the entries added since the

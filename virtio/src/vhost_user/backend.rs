@@ -26,14 +26,15 @@ use memory::{GuestAddress, GuestMemory, RegionFd};
 
 use super::connection::Connection;
 use super::message::{
-    encode_ack, encode_reply, Config, MemTable, MemoryRegion, Message, MessageError, Request,
-    RequestBody, VringAddr, VringFd, VringState, MAX_CONFIG_SIZE, U64,
+    encode_ack, encode_reply, Config, Inflight, MemTable, MemoryRegion, Message, MessageError,
+    Request, RequestBody, VringAddr, VringFd, VringState, MAX_CONFIG_SIZE, U64,
 };
 use super::{
-    error_chain, Error, Result, PROTOCOL_F_CONFIG, PROTOCOL_F_CONFIGURE_MEM_SLOTS, PROTOCOL_F_MQ,
-    PROTOCOL_F_REPLY_ACK, PROTOCOL_F_RESET_DEVICE, VHOST_USER_F_PROTOCOL_FEATURES,
-    VIRTIO_F_VERSION_1,
+    error_chain, Error, Result, PROTOCOL_F_CONFIG, PROTOCOL_F_CONFIGURE_MEM_SLOTS,
+    PROTOCOL_F_INFLIGHT_SHMFD, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, PROTOCOL_F_RESET_DEVICE,
+    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
 };
+use crate::queue::inflight::{queue_region_size, InflightRing};
 use crate::{AsyncQueue, Queue, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC};
 
 /// The protocol features the backend offers.
@@ -42,6 +43,25 @@ pub const PROTOCOL_FEATURES: u64 = (1 << PROTOCOL_F_MQ)
     | (1 << PROTOCOL_F_CONFIG)
     | (1 << PROTOCOL_F_RESET_DEVICE)
     | (1 << PROTOCOL_F_CONFIGURE_MEM_SLOTS);
+
+/// The largest inflight region a frontend may hand over (`SET_INFLIGHT_FD`).
+const MAX_INFLIGHT_SIZE: u64 = 16 << 20;
+
+/// Memory for the inflight region a frontend asks for with `GET_INFLIGHT_FD`, made before
+/// the device's jail (whose policy has no memfd_create): enough for all of `device`'s queues
+/// at their largest size. A backend given one offers `INFLIGHT_SHMFD`
+/// ([`serve_with_inflight`]).
+pub fn reserve_inflight(num_queues: usize, max_queue_size: u16) -> Result<GuestMemory> {
+    let size = (num_queues as u64).max(1) * queue_region_size(max_queue_size);
+    GuestMemory::new(&[(GuestAddress(0), size.next_multiple_of(4096))]).map_err(Error::MapInflight)
+}
+
+/// An inflight region the frontend set (`SET_INFLIGHT_FD`).
+struct InflightRegion {
+    mem: GuestMemory,
+    num_queues: u16,
+    queue_size: u16,
+}
 
 /// The most memory regions `ADD_MEM_REG` may build up (`GET_MAX_MEM_SLOTS`).
 pub const MAX_MEM_SLOTS: usize = 32;
@@ -91,6 +111,11 @@ pub trait Device: 'static {
     ) -> Pin<Box<dyn Future<Output = ()>>>;
     /// Back to the state after creation (`RESET_DEVICE`), with every queue stopped.
     fn reset(&self) {}
+    /// The frontend handed over the rings of an earlier backend that went away (an inflight
+    /// region in use before this connection): what lived only in that backend (vsock
+    /// connections, say) is gone, and the driver may need telling. Called once, before the
+    /// first queue runs.
+    fn resumed(&self) {}
 }
 
 #[derive(Default)]
@@ -182,14 +207,34 @@ struct Server<D: Device> {
     protocol: u64,
     mem: Option<GuestMemory>,
     vrings: Vec<Vring>,
+    /// The protocol features offered: [`PROTOCOL_FEATURES`], with `INFLIGHT_SHMFD` when a
+    /// region was reserved.
+    protocol_offered: u64,
+    /// Memory reserved for `GET_INFLIGHT_FD`.
+    inflight_pool: Option<GuestMemory>,
+    /// The region `SET_INFLIGHT_FD` gave.
+    inflight: Option<InflightRegion>,
+    /// Descriptors to send with the next reply.
+    reply_fds: Vec<OwnedFd>,
+    /// Whether a queue has started on this connection (`Device::resumed` comes before).
+    started_once: bool,
 }
 
 /// Serves `device` on `conn` until the frontend closes the connection (`Ok`) or sends
 /// something that cannot be answered (`Err`, logged on stderr). Every started queue is
 /// stopped before it returns.
 pub async fn serve<D: Device>(device: Rc<D>, conn: Connection) -> Result<()> {
+    serve_with_inflight(device, conn, None).await
+}
+
+/// [`serve`], offering inflight I/O tracking in `inflight` (from [`reserve_inflight`]).
+pub async fn serve_with_inflight<D: Device>(
+    device: Rc<D>,
+    conn: Connection,
+    inflight: Option<GuestMemory>,
+) -> Result<()> {
     let name = device.name();
-    let mut server = match Server::new(device, conn) {
+    let mut server = match Server::new(device, conn, inflight) {
         Ok(server) => server,
         Err(e) => {
             eprintln!("ringvm device {name}: {}", error_chain(&e));
@@ -205,7 +250,11 @@ pub async fn serve<D: Device>(device: Rc<D>, conn: Connection) -> Result<()> {
 }
 
 impl<D: Device> Server<D> {
-    fn new(device: Rc<D>, conn: Connection) -> Result<Server<D>> {
+    fn new(
+        device: Rc<D>,
+        conn: Connection,
+        inflight_pool: Option<GuestMemory>,
+    ) -> Result<Server<D>> {
         let max = device.max_queue_size();
         let vrings = (0..device.num_queues())
             .map(|index| {
@@ -234,6 +283,15 @@ impl<D: Device> Server<D> {
             protocol: 0,
             mem: None,
             vrings,
+            protocol_offered: if inflight_pool.is_some() {
+                PROTOCOL_FEATURES | (1 << PROTOCOL_F_INFLIGHT_SHMFD)
+            } else {
+                PROTOCOL_FEATURES
+            },
+            inflight_pool,
+            inflight: None,
+            reply_fds: Vec::new(),
+            started_once: false,
         })
     }
 
@@ -282,7 +340,11 @@ impl<D: Device> Server<D> {
             let request = msg.header.request;
             let ack = msg.header.need_reply() && self.reply_ack() && !request.has_reply();
             match self.handle(&msg, fds).await {
-                Ok(Some(reply)) => self.conn.send(reply, &[]).await?,
+                Ok(Some(reply)) => {
+                    let fds = std::mem::take(&mut self.reply_fds);
+                    let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+                    self.conn.send(reply, &fds).await?
+                }
                 Ok(None) if ack => self.conn.send(encode_ack(request, true), &[]).await?,
                 Ok(None) => {}
                 Err(e @ Error::ConfigWrite(_)) => {
@@ -349,16 +411,24 @@ impl<D: Device> Server<D> {
                 self.acked = acked;
             }
             (Request::GetProtocolFeatures, _) => {
-                return Ok(Some(encode_reply(request, &U64(PROTOCOL_FEATURES))))
+                return Ok(Some(encode_reply(request, &U64(self.protocol_offered))))
             }
             (Request::SetProtocolFeatures, RequestBody::U64(U64(acked))) => {
-                if acked & !PROTOCOL_FEATURES != 0 {
+                if acked & !self.protocol_offered != 0 {
                     return Err(Error::ProtocolFeaturesNotOffered {
                         acked,
-                        offered: PROTOCOL_FEATURES,
+                        offered: self.protocol_offered,
                     });
                 }
                 self.protocol = acked;
+            }
+            (Request::GetInflightFd, RequestBody::Inflight(body)) => {
+                return self.get_inflight(body).map(Some);
+            }
+            (Request::SetInflightFd, RequestBody::Inflight(body)) => {
+                // `Message::decode` checked that one fd came.
+                let fd = fds.pop().ok_or(Error::InflightNotNegotiated(request))?;
+                self.set_inflight(body, fd)?;
             }
             (Request::GetQueueNum, _) => {
                 return Ok(Some(encode_reply(request, &U64(self.vrings.len() as u64))))
@@ -468,6 +538,85 @@ impl<D: Device> Server<D> {
             }
         }
         Ok(None)
+    }
+
+    fn inflight_negotiated(&self, request: Request) -> Result<()> {
+        if self.protocol & (1 << PROTOCOL_F_INFLIGHT_SHMFD) == 0 {
+            return Err(Error::InflightNotNegotiated(request));
+        }
+        Ok(())
+    }
+
+    /// `GET_INFLIGHT_FD`: the reserved region, cleared, for `body`'s queues.
+    fn get_inflight(&mut self, body: Inflight) -> Result<Vec<u8>> {
+        self.inflight_negotiated(Request::GetInflightFd)?;
+        let pool = self
+            .inflight_pool
+            .as_ref()
+            .ok_or(Error::InflightNotNegotiated(Request::GetInflightFd))?;
+        let size = u64::from(body.num_queues) * queue_region_size(body.queue_size);
+        let fits = body.num_queues as usize <= self.vrings.len()
+            && body.queue_size <= self.device.max_queue_size()
+            && body.num_queues > 0
+            && body.queue_size > 0
+            && size <= pool.total_size();
+        if !fits {
+            return Err(Error::InflightSize {
+                size,
+                offset: 0,
+                num_queues: body.num_queues,
+                queue_size: body.queue_size,
+            });
+        }
+        pool.fill(GuestAddress(0), size as usize, 0)
+            .map_err(Error::ClearInflight)?;
+        let region = pool
+            .regions()
+            .next()
+            .ok_or(Error::InflightNotNegotiated(Request::GetInflightFd))?;
+        let fd = region.fd.try_clone_to_owned().map_err(Error::DupFd)?;
+        self.reply_fds = vec![fd];
+        let reply = Inflight {
+            mmap_size: size,
+            mmap_offset: 0,
+            num_queues: body.num_queues,
+            queue_size: body.queue_size,
+        };
+        Ok(encode_reply(Request::GetInflightFd, &reply))
+    }
+
+    /// `SET_INFLIGHT_FD`: maps the region the frontend kept (rings started later track
+    /// their chains in it, and take back what a dead backend left in flight).
+    fn set_inflight(&mut self, body: Inflight, fd: OwnedFd) -> Result<()> {
+        self.inflight_negotiated(Request::SetInflightFd)?;
+        let needed = u64::from(body.num_queues) * queue_region_size(body.queue_size);
+        let bad = body.num_queues == 0
+            || body.queue_size == 0
+            || body.queue_size > self.device.max_queue_size()
+            || body.mmap_size < needed
+            || body.mmap_size > MAX_INFLIGHT_SIZE;
+        if bad {
+            return Err(Error::InflightSize {
+                size: body.mmap_size,
+                offset: body.mmap_offset,
+                num_queues: body.num_queues,
+                queue_size: body.queue_size,
+            });
+        }
+        let mem = GuestMemory::from_regions(vec![RegionFd {
+            fd,
+            fd_offset: body.mmap_offset,
+            size: body.mmap_size,
+            guest_addr: GuestAddress(0),
+            user_addr: 0,
+        }])
+        .map_err(Error::MapInflight)?;
+        self.inflight = Some(InflightRegion {
+            mem,
+            num_queues: body.num_queues,
+            queue_size: body.queue_size,
+        });
+        Ok(())
     }
 
     fn vring_fd_index(&self, body: VringFd) -> Result<usize> {
@@ -622,6 +771,17 @@ impl<D: Device> Server<D> {
         // Used entries continue where the ring says (0 for a fresh ring).
         let used_idx = queue.used_idx(mem).map_err(setup)?;
         queue.set_next_used(used_idx);
+        if let Some(region) = &self.inflight {
+            if i < usize::from(region.num_queues) && queue.size() <= region.queue_size {
+                let base = GuestAddress(i as u64 * queue_region_size(region.queue_size));
+                let ring = InflightRing::new(region.mem.clone(), base, queue.size());
+                let in_use = queue.track_inflight(mem, ring).map_err(setup)?;
+                if in_use && !self.started_once {
+                    self.device.resumed();
+                }
+            }
+        }
+        self.started_once = true;
         let kick = EventFdStream::new(kick.try_clone().map_err(Error::DupFd)?);
         let call = match &vring.call {
             Some(fd) => EventFd::from(fd.as_fd().try_clone_to_owned().map_err(Error::DupFd)?),
@@ -676,6 +836,7 @@ impl<D: Device> Server<D> {
         }
         self.acked = 0;
         self.mem = None;
+        self.inflight = None;
         self.device.reset();
     }
 }

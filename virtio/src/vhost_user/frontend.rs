@@ -8,26 +8,27 @@
 //! two sides are out of step, so later requests fail at once.
 
 use std::cell::Cell;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use memory::{GuestAddress, GuestMemory};
 
 use super::connection::Connection;
 use super::message::{
-    Body, Config, Header, MemTable, MemoryRegion, MessageError, Request, VringAddr, VringFd,
-    VringState, FLAG_NEED_REPLY, MAX_CONFIG_SIZE, MAX_MEM_REGIONS, MAX_QUEUES, U64,
+    Body, Config, Header, Inflight, MemTable, MemoryRegion, MessageError, Request, VringAddr,
+    VringFd, VringState, FLAG_NEED_REPLY, MAX_CONFIG_SIZE, MAX_MEM_REGIONS, MAX_QUEUES, U64,
 };
 use super::{
-    Error, Result, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, PROTOCOL_F_RESET_DEVICE,
-    VHOST_USER_F_PROTOCOL_FEATURES,
+    Error, Result, PROTOCOL_F_CONFIG, PROTOCOL_F_INFLIGHT_SHMFD, PROTOCOL_F_MQ,
+    PROTOCOL_F_REPLY_ACK, PROTOCOL_F_RESET_DEVICE, VHOST_USER_F_PROTOCOL_FEATURES,
 };
 
 /// The protocol features the frontend uses when the backend offers them.
 pub const PROTOCOL_FEATURES: u64 = (1 << PROTOCOL_F_MQ)
     | (1 << PROTOCOL_F_REPLY_ACK)
     | (1 << PROTOCOL_F_CONFIG)
-    | (1 << PROTOCOL_F_RESET_DEVICE);
+    | (1 << PROTOCOL_F_RESET_DEVICE)
+    | (1 << PROTOCOL_F_INFLIGHT_SHMFD);
 
 /// One ring to hand to the backend, in guest addresses.
 #[derive(Clone, Copy, Debug)]
@@ -190,6 +191,58 @@ impl Frontend {
         mem: &GuestMemory,
         vrings: &[VringConfig<'_>],
     ) -> Result<()> {
+        self.start_with_inflight(features, mem, vrings, None).await
+    }
+
+    /// Whether the backend tracks requests in flight (`INFLIGHT_SHMFD` negotiated).
+    pub fn tracks_inflight(&self) -> bool {
+        self.protocol & (1 << PROTOCOL_F_INFLIGHT_SHMFD) != 0
+    }
+
+    /// `GET_INFLIGHT_FD`: a new, cleared inflight region for `num_queues` queues of up to
+    /// `queue_size` entries, from the backend; keep it across the backend's restarts.
+    pub async fn get_inflight(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(Inflight, OwnedFd)> {
+        self.need_protocol(
+            PROTOCOL_F_INFLIGHT_SHMFD,
+            "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD",
+        )?;
+        let request = Inflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues,
+            queue_size,
+        };
+        let (reply, mut fds) = self
+            .transact_fds(Request::GetInflightFd, &request.to_bytes(), &[], 1)
+            .await?;
+        let reply =
+            Inflight::decode(&reply).map_err(|e| Error::BadReply(Request::GetInflightFd, e))?;
+        let fd = match (fds.pop(), fds.is_empty()) {
+            (Some(fd), true) => fd,
+            (_, _) => return Err(Error::ReplyFds(Request::GetInflightFd, fds.len())),
+        };
+        if reply.mmap_size == 0 {
+            return Err(Error::MismatchedReply(
+                Request::GetInflightFd,
+                "an empty inflight region",
+            ));
+        }
+        Ok((reply, fd))
+    }
+
+    /// [`Frontend::start`], handing over the inflight region `inflight` (from
+    /// [`Frontend::get_inflight`], possibly of an earlier backend) before the rings.
+    pub async fn start_with_inflight(
+        &self,
+        features: u64,
+        mem: &GuestMemory,
+        vrings: &[VringConfig<'_>],
+        inflight: Option<(&Inflight, BorrowedFd<'_>)>,
+    ) -> Result<()> {
         if features & !self.features() != 0 {
             return Err(Error::FeaturesNotOffered {
                 acked: features,
@@ -222,6 +275,14 @@ impl Frontend {
         let fds: Vec<BorrowedFd<'_>> = regions.iter().map(|r| r.fd).collect();
         self.transact(Request::SetMemTable, &table.to_bytes(), &fds)
             .await?;
+        if let Some((region, fd)) = inflight {
+            self.need_protocol(
+                PROTOCOL_F_INFLIGHT_SHMFD,
+                "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD",
+            )?;
+            self.transact(Request::SetInflightFd, &region.to_bytes(), &[fd])
+                .await?;
+        }
 
         for vring in vrings {
             self.start_vring(mem, vring).await?;
@@ -350,6 +411,19 @@ impl Frontend {
         body: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Vec<u8>> {
+        self.transact_fds(request, body, fds, 0)
+            .await
+            .map(|(body, _)| body)
+    }
+
+    /// [`Frontend::transact`], accepting up to `max_reply_fds` descriptors with the reply.
+    async fn transact_fds(
+        &self,
+        request: Request,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+        max_reply_fds: usize,
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
         // Requests take `&self`: one at a time, or their replies would interleave.
         let _turn = self.turn.lock().await;
         if self.broken.get() {
@@ -368,7 +442,7 @@ impl Frontend {
         self.conn.send(bytes, fds).await?;
         if !ack && !request.has_reply() {
             exchange.in_step = true;
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let reply = executor::timeout(self.reply_timeout, self.conn.recv())
             .await
@@ -381,7 +455,7 @@ impl Frontend {
                 reply: reply.header.is_reply(),
             });
         }
-        if !reply_fds.is_empty() {
+        if reply_fds.len() > max_reply_fds {
             return Err(Error::ReplyFds(request, reply_fds.len()));
         }
         exchange.in_step = true;
@@ -392,9 +466,9 @@ impl Frontend {
             if status != 0 {
                 return Err(Error::BackendFailed { request, status });
             }
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
-        Ok(reply.body)
+        Ok((reply.body, reply_fds))
     }
 }
 

@@ -195,6 +195,11 @@ pub enum Request {
     GetConfig = 24,
     /// `VHOST_USER_SET_CONFIG`: [`Config`].
     SetConfig = 25,
+    /// `VHOST_USER_GET_INFLIGHT_FD`: [`Inflight`] (queue count and size); reply [`Inflight`]
+    /// (mmap size and offset) with one fd.
+    GetInflightFd = 31,
+    /// `VHOST_USER_SET_INFLIGHT_FD`: [`Inflight`], one fd.
+    SetInflightFd = 32,
     /// `VHOST_USER_RESET_DEVICE`: no body.
     ResetDevice = 34,
     /// `VHOST_USER_GET_MAX_MEM_SLOTS`: no body; reply [`U64`].
@@ -207,7 +212,7 @@ pub enum Request {
 
 impl Request {
     /// Every request, in code order.
-    pub const ALL: [Request; 22] = [
+    pub const ALL: [Request; 24] = [
         Request::GetFeatures,
         Request::SetFeatures,
         Request::SetOwner,
@@ -226,6 +231,8 @@ impl Request {
         Request::SetVringEnable,
         Request::GetConfig,
         Request::SetConfig,
+        Request::GetInflightFd,
+        Request::SetInflightFd,
         Request::ResetDevice,
         Request::GetMaxMemSlots,
         Request::AddMemReg,
@@ -246,6 +253,7 @@ impl Request {
                 | Request::GetQueueNum
                 | Request::GetVringBase
                 | Request::GetConfig
+                | Request::GetInflightFd
                 | Request::GetMaxMemSlots
         )
     }
@@ -561,6 +569,55 @@ impl MemoryRegion {
     }
 }
 
+/// The body of `GET_INFLIGHT_FD` and `SET_INFLIGHT_FD` (`VhostUserInflight`, 24 bytes with
+/// its trailing padding): the shared region that tracks requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inflight {
+    /// The region's size (in a request to get one: 0).
+    pub mmap_size: u64,
+    /// Where it starts in the fd.
+    pub mmap_offset: u64,
+    /// Queues the region covers.
+    pub num_queues: u16,
+    /// Entries per queue.
+    pub queue_size: u16,
+}
+
+const INFLIGHT_SIZE: usize = 24;
+
+impl Body for Inflight {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.mmap_size.to_le_bytes());
+        out.extend_from_slice(&self.mmap_offset.to_le_bytes());
+        out.extend_from_slice(&self.num_queues.to_le_bytes());
+        out.extend_from_slice(&self.queue_size.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+
+    fn decode(buf: &[u8]) -> Result<Self> {
+        check_len(buf, INFLIGHT_SIZE)?;
+        let mut cursor = Cursor::new(buf);
+        let mmap_size = cursor.u64()?;
+        let mmap_offset = cursor.u64()?;
+        let counts = cursor.u32()?;
+        let body = Inflight {
+            mmap_size,
+            mmap_offset,
+            num_queues: counts as u16,
+            queue_size: (counts >> 16) as u16,
+        };
+        body.validate()?;
+        Ok(body)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if u32::from(self.num_queues) > MAX_QUEUES {
+            return Err(MessageError::QueueIndex(u32::from(self.num_queues)));
+        }
+        Ok(())
+    }
+}
+
 /// The body of `ADD_MEM_REG` and `REM_MEM_REG`: 8 bytes of padding and one region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SingleMemRegion {
@@ -818,6 +875,8 @@ pub enum RequestBody {
     AddMemReg(SingleMemRegion),
     /// `REM_MEM_REG`.
     RemMemReg(SingleMemRegion),
+    /// `GET_INFLIGHT_FD`, `SET_INFLIGHT_FD`.
+    Inflight(Inflight),
 }
 
 impl RequestBody {
@@ -851,6 +910,7 @@ impl RequestBody {
             SetConfig => RequestBody::Config(Config::decode(buf)?),
             AddMemReg => RequestBody::AddMemReg(SingleMemRegion::decode(buf)?),
             RemMemReg => RequestBody::RemMemReg(SingleMemRegion::decode(buf)?),
+            GetInflightFd | SetInflightFd => RequestBody::Inflight(Inflight::decode(buf)?),
         })
     }
 
@@ -928,7 +988,11 @@ impl Message {
         }
         let body = &buf[HEADER_SIZE..];
         let decoded = RequestBody::decode(header.request, body)?;
-        let expected_fds = decoded.fd_count();
+        // `SET_INFLIGHT_FD` carries the region's fd; `GET_INFLIGHT_FD`, the same body, none.
+        let expected_fds = match header.request {
+            Request::SetInflightFd => 1,
+            _ => decoded.fd_count(),
+        };
         // `REM_MEM_REG` takes no fd, but frontends that send one (the spec allows it for
         // compatibility) are accepted; the fd is closed unused.
         let rem_with_fd = header.request == Request::RemMemReg && fds == 1;

@@ -53,12 +53,12 @@ pub mod connection;
 pub mod frontend;
 pub mod message;
 
-pub use backend::{serve, Device, StopSignal};
+pub use backend::{reserve_inflight, serve, serve_with_inflight, Device, StopSignal};
 pub use connection::Connection;
 pub use frontend::{Frontend, VringConfig};
 pub use message::{
-    encode_ack, encode_reply, Body, Config, Header, MemTable, MemoryRegion, Message, MessageError,
-    Request, RequestBody, VringAddr, VringFd, VringState, U64,
+    encode_ack, encode_reply, Body, Config, Header, Inflight, MemTable, MemoryRegion, Message,
+    MessageError, Request, RequestBody, VringAddr, VringFd, VringState, U64,
 };
 
 use std::io;
@@ -76,6 +76,8 @@ pub const PROTOCOL_F_MQ: u32 = 0;
 pub const PROTOCOL_F_REPLY_ACK: u32 = 3;
 /// Protocol feature: `GET_CONFIG` and `SET_CONFIG`.
 pub const PROTOCOL_F_CONFIG: u32 = 9;
+/// Protocol feature: `GET_INFLIGHT_FD` and `SET_INFLIGHT_FD` (inflight I/O tracking).
+pub const PROTOCOL_F_INFLIGHT_SHMFD: u32 = 12;
 /// Protocol feature: `RESET_DEVICE`.
 pub const PROTOCOL_F_RESET_DEVICE: u32 = 13;
 /// Protocol feature: `GET_MAX_MEM_SLOTS`, `ADD_MEM_REG` and `REM_MEM_REG`.
@@ -269,6 +271,29 @@ pub enum Error {
     /// `ADD_MEM_REG` beyond the backend's memory slots.
     #[error("all {0} memory slots are in use")]
     MemSlotsFull(usize),
+    /// An inflight request without `INFLIGHT_SHMFD` negotiated (or offered).
+    #[error("{0:?} without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD")]
+    InflightNotNegotiated(Request),
+    /// An inflight region that cannot cover the queues asked for.
+    #[error(
+        "an inflight region of {size} bytes at {offset} for {num_queues} queues of {queue_size}"
+    )]
+    InflightSize {
+        /// Its size.
+        size: u64,
+        /// Its offset in the fd.
+        offset: u64,
+        /// Queues.
+        num_queues: u16,
+        /// Entries per queue.
+        queue_size: u16,
+    },
+    /// Creating or mapping an inflight region failed.
+    #[error("failed to map an inflight region")]
+    MapInflight(#[source] memory::Error),
+    /// Zeroing a new inflight region failed.
+    #[error("failed to clear an inflight region")]
+    ClearInflight(#[source] memory::Error),
     /// A guest address in none of the guest memory's regions.
     #[error("guest address {0} is not in guest memory")]
     GuestAddress(GuestAddress),

@@ -3,29 +3,57 @@
 //!
 //! The PCI transport runs on vCPU threads; the vhost-user connection lives on the main
 //! thread's executor. [`VhostUserDevice`] (the transport's side) sends each request to the
-//! device's [`Backend::serve`] task and blocks its vCPU until the backend has answered. A
-//! backend that fails, misbehaves, hangs up or stops answering ends the VM with its name.
+//! device's [`Backend::serve`] task and blocks its vCPU until the backend has answered.
+//!
+//! # Healing
+//! The backend remembers what it handed over: the acknowledged features, the rings (sizes,
+//! addresses, duplicates of the kick and call eventfds; the KVM ioeventfds and irqfds stay
+//! registered on the same eventfds) and the config writes. When the backend goes away (its
+//! process died, for any reason, or its socket hung up) it is started again: ringvm's own
+//! device processes by the respawner (`crate::respawn`), jailed, with the same options and
+//! descriptors; an external backend by connecting again once its socket path answers
+//! (`--vhost-user-reconnect`). Then the state is replayed: the protocol negotiation, the
+//! config writes, and for a started device the features, the memory table and every ring,
+//! each from the used index in guest memory, and a signal on every call eventfd (the dead
+//! process may have used buffers it did not signal). The guest is not reset. Each restart is
+//! reported on stderr with its cause and counted ([`VhostUserDevice::restarts`]); a device
+//! past its budget (`--device-restarts`) ends the VM as a death did before: the same report.
+//! A backend that fails a request or does not answer in time still ends the VM.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures::channel::{mpsc, oneshot};
 use futures::future::{select, Either};
 use futures::StreamExt;
 use memory::{GuestAddress, GuestMemory};
 use virtio::vhost_user::frontend::{Frontend, VringConfig};
-use virtio::vhost_user::Connection;
+use virtio::vhost_user::{Connection, Error as VhostError, Inflight};
 use virtio::DeviceType;
 
+use crate::device_process::{DeviceProcess, DeviceProcesses};
 use crate::devices::pci::{QueueConfig, VirtioDevice};
 use crate::exit::{ExitReason, VmExit};
+use crate::respawn::{Respawner, RestartBudget, Restarts};
 
 /// How long the VMM waits for any reply of a backend before declaring it hung.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a hang-up waits before it is reported (see `Backend::serve`).
-const HANGUP_GRACE: Duration = Duration::from_millis(250);
+/// How long a process whose socket hung up may take to end before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How often an external backend's socket is tried while it is away.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(20);
+/// When the rings of a restarted backend are kicked again (see `kick_after_restart`).
+const RESTART_KICKS: [Duration; 4] = [
+    Duration::from_millis(0),
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+];
 /// Largest queue the transport offers for a vhost-user device.
 const MAX_QUEUE_SIZE: u16 = 256;
 
@@ -38,6 +66,22 @@ struct Vring {
     used: u64,
     kick: OwnedFd,
     call: Option<OwnedFd>,
+}
+
+impl Vring {
+    /// The ring as the frontend hands it over, starting at `base`.
+    fn config(&self, base: u16) -> VringConfig<'_> {
+        VringConfig {
+            index: self.index,
+            size: self.size,
+            desc: GuestAddress(self.desc),
+            avail: GuestAddress(self.avail),
+            used: GuestAddress(self.used),
+            base,
+            kick: self.kick.as_fd(),
+            call: self.call.as_ref().map(|c| c.as_fd()),
+        }
+    }
 }
 
 enum Request {
@@ -71,6 +115,37 @@ pub struct VhostUserDevice {
     /// Set by [`VhostUserDevice::set_config_space`]: the backend has no config space.
     config_read_only: bool,
     requests: mpsc::UnboundedSender<Request>,
+    restarts: Arc<AtomicU32>,
+}
+
+/// Where a backend comes from, and so how it is brought back.
+pub enum Origin {
+    /// One of ringvm's own device processes: slot `slot` of the respawner.
+    Own {
+        process: Rc<DeviceProcess>,
+        slot: u32,
+    },
+    /// `--vhost-user`: a backend listening on `path`.
+    External { path: PathBuf },
+    /// A backend program ringvm started but cannot start again (virtiofsd): its death ends
+    /// the VM, reported as the death of a device process.
+    Program { process: Rc<DeviceProcess> },
+}
+
+/// What every backend shares for healing.
+pub struct Healing {
+    /// `None` when restarts are off or there are no own devices.
+    pub respawner: Option<Respawner>,
+    pub processes: DeviceProcesses,
+    pub budget: RestartBudget,
+    /// How long an external backend may stay away.
+    pub reconnect_timeout: Duration,
+}
+
+/// What the backend was asked to run, to replay after a restart.
+struct Started {
+    features: u64,
+    vrings: Vec<Vring>,
 }
 
 /// The main thread's half: the connection and the requests from the transport.
@@ -79,6 +154,18 @@ pub struct Backend {
     frontend: Frontend,
     hangup: executor::AsyncFd,
     requests: mpsc::UnboundedReceiver<Request>,
+    origin: Origin,
+    /// The backend's offer when it first connected: a restarted one must make the same.
+    offered: (u64, u64, Option<u32>),
+    started: Option<Started>,
+    /// Config writes the device accepted, in order.
+    config_writes: Vec<(u32, Vec<u8>)>,
+    /// While suspended (the control socket), where each started ring stopped.
+    suspended: Option<Vec<u16>>,
+    /// The inflight region the backend gave for the started rings (`INFLIGHT_SHMFD`): kept
+    /// across its restarts, so a new backend finds what the dead one had in flight.
+    inflight: Option<(Inflight, OwnedFd)>,
+    restarts: Arc<AtomicU32>,
 }
 
 /// Connects to a backend on the socket `sock` and reads what the transport needs to present
@@ -87,14 +174,9 @@ pub async fn connect(
     name: &str,
     device_type: DeviceType,
     sock: OwnedFd,
+    origin: Origin,
 ) -> Result<(VhostUserDevice, Backend)> {
-    let watch = sock
-        .try_clone()
-        .with_context(|| format!("device {name}: cannot duplicate its socket"))?;
-    let conn = Connection::new(executor::AsyncFd::new(sock));
-    let frontend = Frontend::connect(conn, REPLY_TIMEOUT)
-        .await
-        .with_context(|| format!("device {name}: vhost-user set-up failed"))?;
+    let (frontend, hangup) = handshake(name, sock).await?;
     let num_queues = match frontend.queue_num() {
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         None => device_type.default_queues(),
@@ -117,6 +199,7 @@ pub async fn connect(
         Vec::new()
     };
     let (tx, rx) = mpsc::unbounded();
+    let restarts = Arc::new(AtomicU32::new(0));
     let device = VhostUserDevice {
         name: name.to_string(),
         device_type: device_type.id(),
@@ -125,155 +208,494 @@ pub async fn connect(
         config,
         config_read_only: false,
         requests: tx,
+        restarts: restarts.clone(),
     };
     let backend = Backend {
         name: name.to_string(),
+        offered: offer(&frontend),
         frontend,
-        hangup: executor::AsyncFd::new(watch),
+        hangup,
         requests: rx,
+        origin,
+        started: None,
+        config_writes: Vec::new(),
+        suspended: None,
+        inflight: None,
+        restarts,
     };
     Ok((device, backend))
 }
 
-impl Backend {
-    /// Serves the transport's requests until the VM ends; reports a backend failure (an
-    /// error reply, a hang-up, no reply in time) to `exit` and returns.
-    pub async fn serve(mut self, mem: GuestMemory, exit: Arc<VmExit>) {
-        let mut started: Vec<u32> = Vec::new();
-        // The started rings (kept to restart them on resume) and, while suspended, where
-        // each stopped.
-        let mut active: Vec<Vring> = Vec::new();
-        let mut suspended: Option<Vec<u16>> = None;
-        loop {
-            // While idle the backend has nothing to say on this socket: readable means it
-            // hung up (or sent something unasked for), either way it is gone.
-            let next = {
-                let hangup = Box::pin(self.hangup.poll_readable());
-                match select(self.requests.next(), hangup).await {
-                    Either::Left((r, _)) => r,
-                    Either::Right(_) => {
-                        // A device process that died is reported by its watcher with how it
-                        // ended (signal, refused system call); give that report the lead.
-                        let _ = executor::sleep(HANGUP_GRACE).await;
-                        let why = format!("device {}: the backend hung up", self.name);
-                        exit.report(ExitReason::Failed(why));
-                        return;
-                    }
-                }
+fn offer(frontend: &Frontend) -> (u64, u64, Option<u32>) {
+    (
+        frontend.features(),
+        frontend.protocol_features(),
+        frontend.queue_num(),
+    )
+}
+
+/// The vhost-user set-up on `sock`; the frontend and a watch on the socket.
+async fn handshake(name: &str, sock: OwnedFd) -> Result<(Frontend, executor::AsyncFd)> {
+    let watch = sock
+        .try_clone()
+        .with_context(|| format!("device {name}: cannot duplicate its socket"))?;
+    let conn = Connection::new(executor::AsyncFd::new(sock));
+    let frontend = Frontend::connect(conn, REPLY_TIMEOUT)
+        .await
+        .with_context(|| format!("device {name}: vhost-user set-up failed"))?;
+    Ok((frontend, executor::AsyncFd::new(watch)))
+}
+
+/// Whether a frontend error means the backend went away (rather than refused or hung).
+fn hung_up(e: &VhostError) -> bool {
+    matches!(
+        e,
+        VhostError::PeerClosed
+            | VhostError::Send(_)
+            | VhostError::Recv(_)
+            | VhostError::ClosedMidMessage { .. }
+            | VhostError::Broken
+    )
+}
+
+/// Why a restart failed: the new backend went away too (another restart may follow), or
+/// something that ends the VM.
+enum RestartError {
+    Gone(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+/// Resolves when the backend is gone: its socket is readable, or its process ended.
+async fn gone(hangup: &executor::AsyncFd, origin: &Origin) {
+    let hangup = Box::pin(hangup.poll_readable());
+    match origin {
+        Origin::Own { process, .. } | Origin::Program { process } => {
+            let Ok(fd) = process.pidfd() else {
+                return hangup.await.map(drop).unwrap_or(());
             };
-            let Some(request) = next else { return };
-            match request {
-                Request::Start {
-                    features,
-                    vrings,
-                    reply,
-                } => {
-                    let configs: Vec<VringConfig<'_>> = vrings
-                        .iter()
-                        .map(|v| VringConfig {
-                            index: v.index,
-                            size: v.size,
-                            desc: GuestAddress(v.desc),
-                            avail: GuestAddress(v.avail),
-                            used: GuestAddress(v.used),
-                            base: 0,
-                            kick: v.kick.as_fd(),
-                            call: v.call.as_ref().map(|c| c.as_fd()),
-                        })
-                        .collect();
-                    let res = self.frontend.start(features, &mem, &configs).await;
-                    started = vrings.iter().map(|v| v.index).collect();
-                    active = vrings;
-                    if let Err(e) = res {
-                        let why = format!("device {}: cannot start: {e:#}", self.name);
-                        let _ = reply.send(Err(why.clone()));
-                        exit.report(ExitReason::Failed(why));
-                        return;
-                    }
-                    let _ = reply.send(Ok(()));
-                }
-                Request::Stop { reply } => {
-                    let res = match self.frontend.stop(&started).await {
-                        Ok(_) => self.frontend.reset().await,
-                        Err(e) => Err(e),
-                    };
-                    started.clear();
-                    active.clear();
-                    suspended = None;
-                    let _ = reply.send(());
-                    if let Err(e) = res {
-                        let why = format!("device {}: cannot stop: {e:#}", self.name);
-                        exit.report(ExitReason::Failed(why));
-                        return;
-                    }
-                }
-                Request::SetConfig {
-                    offset,
-                    data,
-                    reply,
-                } => {
-                    let res = self.frontend.set_config(offset, &data).await;
-                    let _ = reply.send(res.map_err(|e| format!("{e:#}")));
-                }
-                Request::Suspend { suspend, reply } => {
-                    let res = self.suspend(suspend, &mem, &active, &mut suspended).await;
-                    if let Err(why) = &res {
-                        exit.report(ExitReason::Failed(why.clone()));
-                    }
-                    let failed = res.is_err();
-                    let _ = reply.send(res);
-                    if failed {
-                        return;
-                    }
-                }
-            }
+            let pidfd = executor::AsyncFd::new(fd);
+            let ended = Box::pin(pidfd.poll_readable());
+            let _ = select(hangup, ended).await;
+        }
+        Origin::External { .. } => {
+            let _ = hangup.await;
         }
     }
 }
 
 impl Backend {
+    /// The restarts of this device so far (shared with its [`VhostUserDevice`]).
+    pub fn restarts(&self) -> Arc<AtomicU32> {
+        self.restarts.clone()
+    }
+
+    /// Serves the transport's requests until the VM ends; brings the backend back when it
+    /// goes away (within the budget), reports a failure to `exit` and returns otherwise.
+    pub async fn serve(mut self, mem: GuestMemory, exit: Arc<VmExit>, heal: Rc<Healing>) {
+        let mut restarts = Restarts::new(heal.budget);
+        loop {
+            // While idle the backend has nothing to say on this socket: readable means it
+            // hung up (or sent something unasked for), either way it is gone. A process
+            // that ends is seen by its pidfd.
+            let next = {
+                let gone = Box::pin(gone(&self.hangup, &self.origin));
+                match select(self.requests.next(), gone).await {
+                    Either::Left((r, _)) => Some(r),
+                    Either::Right(_) => None,
+                }
+            };
+            let ok = match next {
+                None => self.recover(&mem, &exit, &heal, &mut restarts).await,
+                Some(None) => return,
+                Some(Some(request)) => {
+                    self.handle(request, &mem, &exit, &heal, &mut restarts)
+                        .await
+                }
+            };
+            if !ok {
+                return;
+            }
+        }
+    }
+
+    /// Handles one request of the transport; false when the VM ends.
+    async fn handle(
+        &mut self,
+        request: Request,
+        mem: &GuestMemory,
+        exit: &Arc<VmExit>,
+        heal: &Rc<Healing>,
+        restarts: &mut Restarts,
+    ) -> bool {
+        match request {
+            Request::Start {
+                features,
+                vrings,
+                reply,
+            } => {
+                self.started = Some(Started { features, vrings });
+                let res = self.start_rings(mem, false).await;
+                match res {
+                    Ok(()) => {
+                        let _ = reply.send(Ok(()));
+                        true
+                    }
+                    // The restart replays the start.
+                    Err(e) if hung_up(&e) => {
+                        let ok = self.recover(mem, exit, heal, restarts).await;
+                        let _ = reply.send(if ok {
+                            Ok(())
+                        } else {
+                            Err(format!("device {}: gone", self.name))
+                        });
+                        ok
+                    }
+                    Err(e) => {
+                        let why = format!("device {}: cannot start: {e:#}", self.name);
+                        let _ = reply.send(Err(why.clone()));
+                        exit.report(ExitReason::Failed(why));
+                        false
+                    }
+                }
+            }
+            Request::Stop { reply } => {
+                // A reset device starts with a new inflight region.
+                self.inflight = None;
+                self.suspended = None;
+                let indices: Vec<u32> = self
+                    .started
+                    .take()
+                    .map(|s| s.vrings.iter().map(|v| v.index).collect())
+                    .unwrap_or_default();
+                let res = match self.frontend.stop(&indices).await {
+                    Ok(_) => self.frontend.reset().await,
+                    Err(e) => Err(e),
+                };
+                let ok = match res {
+                    Ok(()) => true,
+                    // A backend that is gone is stopped; the restart starts nothing.
+                    Err(e) if hung_up(&e) => self.recover(mem, exit, heal, restarts).await,
+                    Err(e) => {
+                        let why = format!("device {}: cannot stop: {e:#}", self.name);
+                        exit.report(ExitReason::Failed(why));
+                        false
+                    }
+                };
+                let _ = reply.send(());
+                ok
+            }
+            Request::SetConfig {
+                offset,
+                data,
+                reply,
+            } => {
+                let mut res = self.frontend.set_config(offset, &data).await;
+                let mut ok = true;
+                if matches!(&res, Err(e) if hung_up(e)) {
+                    ok = self.recover(mem, exit, heal, restarts).await;
+                    if ok {
+                        res = self.frontend.set_config(offset, &data).await;
+                    }
+                }
+                if res.is_ok() {
+                    self.config_writes.push((offset, data));
+                }
+                let _ = reply.send(res.map_err(|e| format!("{e:#}")));
+                ok
+            }
+            Request::Suspend { suspend, reply } => {
+                let res = self.suspend(suspend, mem).await;
+                if let Err(why) = &res {
+                    exit.report(ExitReason::Failed(why.clone()));
+                }
+                let ok = res.is_ok();
+                let _ = reply.send(res);
+                ok
+            }
+        }
+    }
+
     /// Suspends (stops every started ring with GET_VRING_BASE, which returns once the
     /// backend has finished what it had in flight) or resumes (sets each ring up again from
     /// where it stopped) the device. A failure is a backend failure: it ends the VM.
-    async fn suspend(
-        &self,
-        suspend: bool,
-        mem: &GuestMemory,
-        active: &[Vring],
-        suspended: &mut Option<Vec<u16>>,
-    ) -> Result<(), String> {
+    async fn suspend(&mut self, suspend: bool, mem: &GuestMemory) -> Result<(), String> {
         let what = if suspend { "suspend" } else { "resume" };
-        let res = match (suspend, suspended.take()) {
+        let active: &[Vring] = self.started.as_ref().map_or(&[], |s| &s.vrings);
+        let res = match (suspend, self.suspended.take()) {
             (true, None) => {
                 let indices: Vec<u32> = active.iter().map(|v| v.index).collect();
-                self.frontend.stop(&indices).await.map(|bases| {
-                    *suspended = Some(bases);
-                })
+                match self.frontend.stop(&indices).await {
+                    Ok(bases) => {
+                        self.suspended = Some(bases);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
             }
             (false, Some(bases)) => {
                 let configs: Vec<VringConfig<'_>> = active
                     .iter()
                     .zip(bases)
-                    .map(|(v, base)| VringConfig {
-                        index: v.index,
-                        size: v.size,
-                        desc: GuestAddress(v.desc),
-                        avail: GuestAddress(v.avail),
-                        used: GuestAddress(v.used),
-                        base,
-                        kick: v.kick.as_fd(),
-                        call: v.call.as_ref().map(|c| c.as_fd()),
-                    })
+                    .map(|(v, base)| v.config(base))
                     .collect();
                 self.frontend.restart(mem, &configs).await
             }
             // Already as asked.
             (_, bases) => {
-                *suspended = bases;
+                self.suspended = bases;
                 Ok(())
             }
         };
         res.map_err(|e| format!("device {}: cannot {what}: {e:#}", self.name))
+    }
+
+    /// Hands the started rings to the backend; after a restart each ring starts at the used
+    /// index in guest memory and its call eventfd is signalled once.
+    async fn start_rings(
+        &mut self,
+        mem: &GuestMemory,
+        restarted: bool,
+    ) -> std::result::Result<(), VhostError> {
+        let Some(started) = &self.started else {
+            return Ok(());
+        };
+        if self.frontend.tracks_inflight() && self.inflight.is_none() {
+            let queues = started
+                .vrings
+                .iter()
+                .map(|v| v.index + 1)
+                .max()
+                .unwrap_or(1);
+            let size = started.vrings.iter().map(|v| v.size).max().unwrap_or(1);
+            let queues = u16::try_from(queues).unwrap_or(u16::MAX);
+            self.inflight = Some(self.frontend.get_inflight(queues, size).await?);
+        }
+        let mut configs = Vec::with_capacity(started.vrings.len());
+        for v in &started.vrings {
+            let base = if restarted {
+                // What the guest has seen used; chains after it are done again.
+                mem.load_u16(GuestAddress(v.used.wrapping_add(2)), Ordering::Acquire)
+                    .map(u16::from_le)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            configs.push(v.config(base));
+        }
+        let inflight = self.inflight.as_ref().map(|(r, fd)| (r, fd.as_fd()));
+        self.frontend
+            .start_with_inflight(started.features, mem, &configs, inflight)
+            .await?;
+        if restarted {
+            for call in started.vrings.iter().filter_map(|v| v.call.as_ref()) {
+                // A spurious interrupt is harmless; a lost one would stall the guest.
+                if let Ok(fd) = call.try_clone() {
+                    let fd = executor::AsyncFd::new(fd);
+                    let _ = fd.write(1u64.to_ne_bytes().to_vec()).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the backend back after it went away, as often as the budget allows; false
+    /// (with the VM's exit reported) when it cannot.
+    async fn recover(
+        &mut self,
+        mem: &GuestMemory,
+        exit: &Arc<VmExit>,
+        heal: &Rc<Healing>,
+        restarts: &mut Restarts,
+    ) -> bool {
+        loop {
+            let why = self.why_gone().await;
+            let allowed = match (&self.origin, &heal.respawner) {
+                (Origin::Own { .. }, None) | (Origin::Program { .. }, _) => None,
+                _ => restarts.take(Instant::now()),
+            };
+            let Some(n) = allowed else {
+                exit.report(ExitReason::Failed(why));
+                return false;
+            };
+            let budget = restarts.budget();
+            eprintln!(
+                "ringvm: {why}; restarting it ({n} of {} within {} s)",
+                budget.max,
+                budget.window.as_secs()
+            );
+            match self.restart(mem, heal).await {
+                Ok(()) => {
+                    self.restarts.fetch_add(1, Ordering::Relaxed);
+                    self.kick_after_restart();
+                    return true;
+                }
+                Err(RestartError::Gone(e)) => {
+                    eprintln!("ringvm: device {}: its restart failed: {e:#}", self.name);
+                }
+                Err(RestartError::Fatal(e)) => {
+                    exit.report(ExitReason::Failed(format!(
+                        "device {}: cannot restart it: {e:#}",
+                        self.name
+                    )));
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Kicks every started ring a few times in the first moments after a restart. The dead
+    /// process's io_uring is torn down by the kernel after the process has ended, and until
+    /// then a read it had armed on a kick eventfd can still take a kick the guest sends to
+    /// the new process, which would then wait for a kick that never comes (a guest that
+    /// kicks only for new buffers would stall). A spare kick only makes the device look at
+    /// its ring again.
+    fn kick_after_restart(&self) {
+        let Some(started) = &self.started else {
+            return;
+        };
+        let kicks: Vec<OwnedFd> = started
+            .vrings
+            .iter()
+            .filter_map(|v| v.kick.try_clone().ok())
+            .collect();
+        executor::spawn(async move {
+            let fds: Vec<executor::AsyncFd> =
+                kicks.into_iter().map(executor::AsyncFd::new).collect();
+            for delay in RESTART_KICKS {
+                let _ = executor::sleep(delay).await;
+                for fd in &fds {
+                    let _ = fd.write(1u64.to_ne_bytes().to_vec()).await;
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// Why the backend is gone, as the VM's report says it: how its process died, or that
+    /// its socket hung up.
+    async fn why_gone(&self) -> String {
+        match &self.origin {
+            Origin::Own { process, .. } | Origin::Program { process } => {
+                if let Ok(fd) = process.pidfd() {
+                    let pidfd = executor::AsyncFd::new(fd);
+                    if executor::timeout(EXIT_GRACE, pidfd.poll_readable())
+                        .await
+                        .is_err()
+                    {
+                        // Hung up but lingering: it is not coming back.
+                        process.kill();
+                        let _ = pidfd.poll_readable().await;
+                    }
+                }
+                process.death().await
+            }
+            Origin::External { .. } => format!("device {}: the backend hung up", self.name),
+        }
+    }
+
+    /// A new backend in place of the one that went away, given the same state.
+    async fn restart(
+        &mut self,
+        mem: &GuestMemory,
+        heal: &Rc<Healing>,
+    ) -> std::result::Result<(), RestartError> {
+        let (frontend, hangup) = match &mut self.origin {
+            Origin::Own { process, slot } => {
+                let respawner = heal
+                    .respawner
+                    .as_ref()
+                    .ok_or_else(|| RestartError::Fatal(anyhow!("restarts are off")))?;
+                let (p, sock) = respawner
+                    .respawn(*slot, &self.name)
+                    .await
+                    .map_err(RestartError::Fatal)?;
+                *process = heal.processes.push(p);
+                handshake(&self.name, sock)
+                    .await
+                    .map_err(RestartError::Gone)?
+            }
+            Origin::External { path } => reconnect(&self.name, path, heal.reconnect_timeout)
+                .await
+                .map_err(RestartError::Fatal)?,
+            Origin::Program { .. } => {
+                return Err(RestartError::Fatal(anyhow!("it cannot be started again")))
+            }
+        };
+        if offer(&frontend) != self.offered {
+            return Err(RestartError::Fatal(anyhow!(
+                "it came back with other features (features, protocol features, queues: \
+                 {:?}, before {:?})",
+                offer(&frontend),
+                self.offered
+            )));
+        }
+        self.frontend = frontend;
+        self.hangup = hangup;
+        let classify = |e: VhostError, what: &str| {
+            let gone = hung_up(&e);
+            let e = anyhow::Error::new(e).context(what.to_string());
+            if gone {
+                RestartError::Gone(e)
+            } else {
+                RestartError::Fatal(e)
+            }
+        };
+        for (offset, data) in &self.config_writes {
+            self.frontend
+                .set_config(*offset, data)
+                .await
+                .map_err(|e| classify(e, "replaying a config write"))?;
+        }
+        self.start_rings(mem, true)
+            .await
+            .map_err(|e| classify(e, "replaying its rings"))?;
+        if self.suspended.is_some() {
+            // Restarted while suspended: stopped again, where the replay left each ring.
+            let indices: Vec<u32> = self
+                .started
+                .as_ref()
+                .map(|s| s.vrings.iter().map(|v| v.index).collect())
+                .unwrap_or_default();
+            let bases = self
+                .frontend
+                .stop(&indices)
+                .await
+                .map_err(|e| classify(e, "suspending it again"))?;
+            self.suspended = Some(bases);
+        }
+        Ok(())
+    }
+}
+
+/// Connects to `path` again and sets the connection up, trying until `limit` has passed: the
+/// socket may not be there yet, or still be the old backend's, which resets the connection.
+async fn reconnect(
+    name: &str,
+    path: &std::path::Path,
+    limit: Duration,
+) -> Result<(Frontend, executor::AsyncFd)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let attempt = async {
+            let fd = executor::connect_unix(path).await?;
+            let fd = fd
+                .into_owned()
+                .map_err(|_| anyhow!("the socket is not a plain descriptor"))?;
+            handshake(name, fd).await
+        };
+        match attempt.await {
+            Ok(connected) => return Ok(connected),
+            Err(e) if Instant::now() >= deadline => {
+                bail!(
+                    "it did not come back at {} within {} s: {e:#}",
+                    path.display(),
+                    limit.as_secs()
+                )
+            }
+            Err(_) => {
+                let _ = executor::sleep(RECONNECT_INTERVAL).await;
+            }
+        }
     }
 }
 
@@ -296,6 +718,11 @@ impl DeviceControl {
 }
 
 impl VhostUserDevice {
+    /// How many times the device's backend was restarted (for stats).
+    pub fn restarts(&self) -> Arc<AtomicU32> {
+        self.restarts.clone()
+    }
+
     /// The device's configuration space as this side supplies it (virtio-fs: its tag);
     /// the guest's writes to it are ignored.
     pub fn set_config_space(&mut self, config: Vec<u8>) {

@@ -564,6 +564,11 @@ impl Device for VsockDevice {
     fn reset(&self) {
         self.shared.reset();
     }
+
+    /// This process replaces one that died: the guest's connections lived there.
+    fn resumed(&self) {
+        self.shared.reset();
+    }
 }
 
 #[cfg(test)]

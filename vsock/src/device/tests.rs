@@ -582,14 +582,7 @@ fn reset_drops_connections_and_sends_a_transport_reset_event() {
     g.queues = Guest::layout(&g.mem);
     g.rx_posted.clear();
     g.start();
-    let ev = g.queues[2].add_chain(&[MockBuf::Writable(4)]).unwrap();
-    g.kicks[2].write(1).unwrap();
-    let used = g.until("the event", |g| g.queues[2].next_used().unwrap());
-    assert_eq!((used.id, used.len), (u32::from(ev.head), 4));
-    assert_eq!(
-        g.queues[2].read_writable(&ev).unwrap(),
-        EVENT_TRANSPORT_RESET.to_le_bytes()
-    );
+    expect_transport_reset(&mut g);
     // Connections work again afterwards.
     let mut host = g.connect(1001, 80);
     g.send(header(1001, 80, Op::Rw), b"again");
@@ -1177,4 +1170,27 @@ fn bulk_data_both_ways_on_four_connections_with_a_small_guest_buffer() {
         assert!(s.from_guest == pattern(100 + i as u8), "guest to host {i}");
     }
     assert_eq!(g.device.stats(), Stats::default());
+}
+
+#[test]
+fn a_device_that_replaces_a_dead_one_sends_a_transport_reset_event() {
+    let mut g = Guest::new();
+    g.stop();
+    // The backend server calls this before the first queue of a process that took over the
+    // rings (and inflight region) of one that died: the guest's connections lived there.
+    g.device.resumed();
+    g.start();
+    expect_transport_reset(&mut g);
+}
+
+/// Posts an event buffer and expects a transport reset event in it.
+fn expect_transport_reset(g: &mut Guest) {
+    let ev = g.queues[2].add_chain(&[MockBuf::Writable(4)]).unwrap();
+    g.kicks[2].write(1).unwrap();
+    let used = g.until("the event", |g| g.queues[2].next_used().unwrap());
+    assert_eq!((used.id, used.len), (u32::from(ev.head), 4));
+    assert_eq!(
+        g.queues[2].read_writable(&ev).unwrap(),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
+    );
 }
