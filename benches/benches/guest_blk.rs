@@ -23,19 +23,31 @@
 //! per request (submission to the poll that saw it complete) goes to the JSON line
 //! (`<target>/bench/guest_blk.jsonl`) as `lat_avg_us`, with `tsc_khz`.
 //!
+//! Host contention, which decides this bench on a busy machine: while the guest's timed loop
+//! runs (from its `capacity=` line to its `completed=` line) the bench takes the
+//! `/proc/<pid>/task/<tid>/schedstat` of the I/O path's threads (every thread of the VMM's
+//! process tree but the vCPU's, which the polling guest keeps busy: ringvm's device processes,
+//! QEMU's main loop and workers) and reports their CPU time per request
+//! (`io_cpu_us_per_io`), the time they were runnable but waited for a CPU
+//! (`runq_wait_ms_per_s`, summed over the threads) and the mean wait per wakeup
+//! (`runq_wait_us_per_wakeup`), and how long the vCPU thread waited for a CPU
+//! (`vcpu_runq_wait_ms_per_s`: the guest refills nothing meanwhile). A ratio measured while
+//! the waits are high says more about the host's other load than about either VMM.
+//!
 //! Run with `cargo bench -p benches --bench guest_blk [-- --quick] [-- FILTER...]`. A full run
 //! measures 1 s per boot in 10 rounds; `--quick` 0.25 s in 3. `RINGVM_BENCH_ROUNDS` overrides
 //! the rounds, `RINGVM_BENCH_GUEST_MS` the guest's measured time per boot. ringvm is taken from
 //! $RINGVM_BIN, else built as `<target>/release/ringvm`.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Write as _};
+use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use benches::process::test_guest;
+use benches::process::{process_tree, test_guest};
 use benches::{bench_dir, target_dir, workspace_root, Config, Runner, Variant};
 
 /// Guest RAM of every run, MiB.
@@ -51,6 +63,70 @@ struct Sample {
     tsc_khz: u64,
     lat_avg_us: f64,
     wall: Duration,
+    /// The VMM's threads during the guest's timed loop.
+    host: Sched,
+}
+
+/// In a span of time: the CPU time, run-queue wait and timeslices of a VMM's I/O-path
+/// threads, and the run-queue wait of its vCPU threads.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sched {
+    run_ns: u64,
+    wait_ns: u64,
+    slices: u64,
+    vcpu_wait_ns: u64,
+    span: Duration,
+}
+
+/// `schedstat` (run ns, wait ns, timeslices) of every thread of `root`'s process tree, and
+/// whether it is a vCPU thread (ringvm's `vcpuN`, QEMU's `CPU N/KVM`; 1) or on the I/O path
+/// (device processes, QEMU's main loop and workers; 0).
+fn tree_schedstat(root: u32) -> HashMap<u32, [u64; 4]> {
+    let mut out = HashMap::new();
+    for pid in process_tree(root) {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let vcpu = u64::from(comm.starts_with("vcpu") || comm.starts_with("CPU "));
+            let Ok(text) = fs::read_to_string(t.path().join("schedstat")) else {
+                continue;
+            };
+            let v: Vec<u64> = text
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            if let [run, wait, slices] = v[..] {
+                out.insert(tid, [run, wait, slices, vcpu]);
+            }
+        }
+    }
+    out
+}
+
+/// What the threads alive at both snapshots did between them.
+fn sched_between(a: &HashMap<u32, [u64; 4]>, b: &HashMap<u32, [u64; 4]>, span: Duration) -> Sched {
+    let mut s = Sched {
+        span,
+        ..Sched::default()
+    };
+    for (tid, after) in b {
+        let Some(before) = a.get(tid) else {
+            continue;
+        };
+        if after[3] == 1 {
+            s.vcpu_wait_ns += after[1].saturating_sub(before[1]);
+            continue;
+        }
+        s.run_ns += after[0].saturating_sub(before[0]);
+        s.wait_ns += after[1].saturating_sub(before[1]);
+        s.slices += after[2].saturating_sub(before[2]);
+    }
+    s
 }
 
 impl Sample {
@@ -101,7 +177,9 @@ impl Setup {
                         "{params} ringvm.pci.ecam=0xe0000000 ringvm.pci.mmio=0xc0000000-0xe0000000"
                     )
                 };
-                c.args(["-enable-kvm", "-cpu", "qemu64,-cx16,+xsaveerptr"])
+                // Named threads: the vCPU's (`CPU 0/KVM`) is told apart from the I/O path's.
+                c.args(["-name", "guest-blk,debug-threads=on"])
+                    .args(["-enable-kvm", "-cpu", "qemu64,-cx16,+xsaveerptr"])
                     .args(["-m", &MEM_MIB.to_string(), "-smp", "1"])
                     .args(["-nodefaults", "-no-user-config", "-display", "none"])
                     .args(["-serial", "stdio", "-no-reboot", "-kernel"])
@@ -131,14 +209,44 @@ impl Setup {
             params.push_str(&format!(" ringvm.blkbench.tsc_khz={k}"));
         }
         let start = Instant::now();
-        let out = self
+        let mut child = self
             .command(vmm, &params)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| format!("cannot start {vmm:?}: {e}"))?;
+        let mut err_pipe = child.stderr.take().ok_or("no stderr pipe")?;
+        let err_reader = std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = err_pipe.read_to_end(&mut text);
+            text
+        });
+        // The serial console, line by line: the guest's timed loop runs between its
+        // `capacity=` and `completed=` lines, and the VMM's threads are measured across it.
+        let mut stdout = String::new();
+        let mut timed: Option<(Instant, HashMap<u32, [u64; 4]>)> = None;
+        let mut host = Sched::default();
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout pipe")?);
+        let mut line = Vec::new();
+        while lines.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line);
+            if text.contains("blk-bench capacity=") {
+                timed = Some((Instant::now(), tree_schedstat(child.id())));
+            } else if text.contains("blk-bench completed=") {
+                if let Some((at, before)) = timed.take() {
+                    host = sched_between(&before, &tree_schedstat(child.id()), at.elapsed());
+                }
+            }
+            stdout.push_str(&text);
+            line.clear();
+        }
+        let status = child
+            .wait()
+            .map_err(|e| format!("cannot wait for {vmm:?}: {e}"))?;
         let wall = start.elapsed();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr_bytes = err_reader.join().unwrap_or_default();
+        let stderr = String::from_utf8_lossy(&stderr_bytes);
         let tail = || {
             let text: Vec<&str> = stdout.lines().chain(stderr.lines()).collect();
             text[text.len().saturating_sub(8)..].join("\n    ")
@@ -146,7 +254,7 @@ impl Setup {
         if !stdout.contains("ringvm-test: blk-bench ok") {
             return Err(format!(
                 "{vmm:?} ({}): no `blk-bench ok`:\n    {}",
-                out.status,
+                status,
                 tail()
             ));
         }
@@ -172,6 +280,7 @@ impl Setup {
                 .parse()
                 .map_err(|e| format!("{vmm:?}: lat_avg_us in {line:?}: {e}"))?,
             wall,
+            host,
         };
         if s.ios == 0 || s.cycles == 0 || s.tsc_khz == 0 {
             return Err(format!("{vmm:?}: empty result {line:?}"));
@@ -303,6 +412,42 @@ fn main() {
             let wall = mine.iter().map(|s| s.wall.as_secs_f64()).sum::<f64>() / n;
             let ios: u64 = mine.iter().map(|s| s.ios).sum();
             r.annotate(bench, key, "lat_avg_us", lat);
+            let run_ns: u64 = mine.iter().map(|s| s.host.run_ns).sum();
+            let wait_ns: u64 = mine.iter().map(|s| s.host.wait_ns).sum();
+            let slices: u64 = mine.iter().map(|s| s.host.slices).sum();
+            let span: f64 = mine.iter().map(|s| s.host.span.as_secs_f64()).sum();
+            let host_ios: u64 = mine
+                .iter()
+                .filter(|s| s.host.span > Duration::ZERO)
+                .map(|s| s.ios)
+                .sum();
+            if span > 0.0 && host_ios > 0 {
+                r.annotate(
+                    bench,
+                    key,
+                    "io_cpu_us_per_io",
+                    run_ns as f64 / 1e3 / host_ios as f64,
+                );
+                r.annotate(
+                    bench,
+                    key,
+                    "runq_wait_ms_per_s",
+                    wait_ns as f64 / 1e6 / span,
+                );
+                let vcpu_wait: u64 = mine.iter().map(|s| s.host.vcpu_wait_ns).sum();
+                r.annotate(
+                    bench,
+                    key,
+                    "vcpu_runq_wait_ms_per_s",
+                    vcpu_wait as f64 / 1e6 / span,
+                );
+                r.annotate(
+                    bench,
+                    key,
+                    "runq_wait_us_per_wakeup",
+                    wait_ns as f64 / 1e3 / slices.max(1) as f64,
+                );
+            }
             r.annotate(bench, key, "tsc_khz", khz as f64);
             r.annotate(bench, key, "guest_ios", ios as f64);
             r.annotate(bench, key, "boot_to_exit_s", wall);
@@ -323,6 +468,24 @@ fn main() {
                 .and_then(|c| c.extra.iter().find(|(n, _)| n == "lat_avg_us"))
                 .map_or(f64::NAN, |(_, v)| *v)
         };
+        for k in [rkey, "qemu"] {
+            let x = |n: &str| {
+                r.case(bench, k)
+                    .and_then(|c| c.extra.iter().find(|(name, _)| name == n))
+                    .map(|(_, v)| *v)
+            };
+            if let (Some(cpu), Some(wait), Some(per_wake), Some(vcpu)) = (
+                x("io_cpu_us_per_io"),
+                x("runq_wait_ms_per_s"),
+                x("runq_wait_us_per_wakeup"),
+                x("vcpu_runq_wait_ms_per_s"),
+            ) {
+                println!(
+                    "{bench}: {k} while timed: I/O path {cpu:.1} us CPU per I/O, waited for a CPU \
+                     {wait:.0} ms/s ({per_wake:.0} us per wakeup); vCPU waited {vcpu:.0} ms/s"
+                );
+            }
+        }
         match r.case(bench, "qemu") {
             Some(q) => println!(
                 "{bench}: guest-measured IOPS ringvm {:.0} (lat {:.0} us), qemu {:.0} (lat {:.0} us), \
