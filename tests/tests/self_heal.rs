@@ -69,16 +69,15 @@ fn kill(pid: u32, signal: &str) {
 
 /// `ringvm run --rwdisk DISK` with the guest's rtc (for its TSC rate) and blk-verify for
 /// `ms`, waited for until the loop runs.
-fn start_blk_verify(disk: &str, ms: u64) -> Live {
+fn start_blk_verify(disk: &str, ms: u64, extra: &[&str]) -> Live {
     let cmdline = GuestCmdline::new()
         .test("rtc")
         .test("blk-verify")
         .option("blkverify.ms", ms)
         .option("blkverify.qd", 32);
-    let mut live = Live::start(&mut ringvm_run(
-        &["--device-restarts", "100/60", "--no-rng", "--rwdisk", disk],
-        &cmdline,
-    ));
+    let mut args = vec!["--device-restarts", "100/60", "--no-rng", "--rwdisk", disk];
+    args.extend_from_slice(extra);
+    let mut live = Live::start(&mut ringvm_run(&args, &cmdline));
     live.wait_for("blk-verify running", BOOT);
     live
 }
@@ -116,7 +115,7 @@ fn kill_block_20_times(format: &str, direct: bool) {
         .expect("qemu-img (apt package qemu-utils)");
     assert!(created.success());
     let disk_arg = format!("{},format={format},direct={direct}", disk.display());
-    let live = start_blk_verify(&disk_arg, 6000);
+    let live = start_blk_verify(&disk_arg, 6000, &[]);
     let vmm = live.child.id();
     let mut rand = Rand::new();
     let started = Instant::now();
@@ -183,12 +182,35 @@ fn block_process_dying_by_its_seccomp_filter_comes_back() {
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(16 << 20))
         .expect("create the disk");
-    let live = start_blk_verify(&disk.to_string_lossy(), 4000);
+    let socket = dir.path("vm.sock");
+    let control = ["-s", socket.to_str().expect("a UTF-8 path")];
+    let live = start_blk_verify(&disk.to_string_lossy(), 4000, &control);
     let device = device_of(live.child.id(), &[]);
     // socket(2) is in no device policy: the filter refuses it and the device dies by SIGSYS
     // in the middle of the guest's I/O.
     std::thread::sleep(Duration::from_millis(500));
     let _ = gdb_prints(device, &["(int)socket(2, 1, 0)"]);
+    // `ringvm stats` counts the restart and reads the new process.
+    let new = device_of(live.child.id(), &[device]);
+    let mut block0 = serde_json::Value::Null;
+    let counted = wait_until(Duration::from_secs(10), || {
+        let out = Command::new(tests::ringvm_bin())
+            .args(["stats", "--json"])
+            .arg(&socket)
+            .output()
+            .expect("run ringvm stats");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        block0 = v["stats"]["devices"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["name"] == "block0").cloned())
+            .unwrap_or_default();
+        block0["restarts"] == 1 && block0["pid"] == new
+    });
+    assert!(
+        counted && block0["cpu_ms"].is_object() && block0["memory_kib"]["rss"].as_u64() > Some(0),
+        "stats after the restart (new pid {new}): {block0}"
+    );
     let (result, stderr) = finish_blk_verify(live);
     eprintln!("sigsys: guest: {result}");
     assert!(

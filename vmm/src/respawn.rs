@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::control::stats::ProcFiles;
 use crate::device_process::{DeviceProcess, Launch, Started};
 use crate::sys;
 
@@ -65,24 +66,26 @@ impl Respawner {
         }
     }
 
-    /// Starts the device of `slot` again; returns the process (a child of this process) and
-    /// the VMM's end of its vhost-user socket.
-    pub async fn respawn(&self, slot: u32, name: &str) -> Result<Started> {
+    /// Starts the device of `slot` again; returns the process (a child of this process), the
+    /// VMM's end of its vhost-user socket, and its open /proc files (for `ringvm stats`).
+    pub async fn respawn(&self, slot: u32, name: &str) -> Result<(Started, ProcFiles)> {
         let _turn = self.turn.lock().await;
         let (res, _) = self.sock.sendmsg(slot.to_le_bytes().to_vec(), &[]).await;
         res.context("device respawner: cannot send a request")?;
-        let (res, buf) = self.sock.recvmsg(Vec::with_capacity(MAX_REPLY), 3).await;
+        let (res, buf) = self.sock.recvmsg(Vec::with_capacity(MAX_REPLY), 5).await;
         let msg = res.context("device respawner: no reply")?;
         let mut fds = msg.fds.into_iter();
         let reply = &buf[..msg.len.min(buf.len())];
         match reply.first() {
             Some(0) if reply.len() >= 5 => {
                 let pid = i32::from_le_bytes([reply[1], reply[2], reply[3], reply[4]]);
-                let (Some(sock), Some(pidfd), Some(report)) = (fds.next(), fds.next(), fds.next())
+                let (Some(sock), Some(pidfd), Some(report), Some(stat), Some(status)) =
+                    (fds.next(), fds.next(), fds.next(), fds.next(), fds.next())
                 else {
                     bail!("device respawner: a reply without its descriptors");
                 };
-                Ok((DeviceProcess::adopt(name, pid, pidfd, report), sock))
+                let process = DeviceProcess::adopt(name, pid, pidfd, report);
+                Ok(((process, sock), ProcFiles::new(pid, stat, status)))
             }
             Some(1) => Err(anyhow!("{}", String::from_utf8_lossy(&reply[1..]))),
             None => bail!("device respawner: it has ended"),
@@ -122,12 +125,21 @@ fn helper(sock: UnixStream, launches: &[Launch]) -> Result<()> {
         match started {
             Ok((process, vmm_end)) => {
                 let (pid, pidfd, report) = process.into_fds();
+                // The VMM cannot open files under its filter: its /proc files come from here.
+                let open = |file: &str| std::fs::File::open(format!("/proc/{pid}/{file}"));
+                let (stat, status) = (open("stat")?, open("status")?);
                 let mut reply = vec![0u8];
                 reply.extend_from_slice(&pid.to_le_bytes());
                 send_with_fds(
                     &sock,
                     reply,
-                    &[vmm_end.as_fd(), pidfd.as_fd(), report.as_fd()],
+                    &[
+                        vmm_end.as_fd(),
+                        pidfd.as_fd(),
+                        report.as_fd(),
+                        stat.as_fd(),
+                        status.as_fd(),
+                    ],
                 )?;
             }
             Err(e) => {

@@ -612,12 +612,16 @@ async fn attach(
     device_type: DeviceType,
     (sock, stats, origin): Attachable,
 ) -> Result<vhost_user::Backend> {
-    let (device, backend) = vhost_user::connect(name, device_type, sock, origin).await?;
+    let (device, mut backend) = vhost_user::connect(name, device_type, sock, origin).await?;
+    if let Some(stats) = &stats {
+        backend.track_process(stats.proc_files());
+    }
     controlled.push(ControlledDevice {
         name: name.to_string(),
         kind: device_type,
         queues: device.num_queues(),
         control: device.control(),
+        restarts: device.restarts(),
         process: stats,
     });
     machine.add_virtio_device(Box::new(device))?;
@@ -648,6 +652,7 @@ async fn attach_fs(
         kind: DeviceType::Fs,
         queues: device.num_queues(),
         control: device.control(),
+        restarts: device.restarts(),
         process: None,
     });
     machine.add_virtio_device(Box::new(device))?;

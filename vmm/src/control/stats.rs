@@ -2,8 +2,12 @@
 //! page, each device process's CPU time and memory from /proc) and the table `ringvm stats`
 //! prints of the response.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use executor::AsyncFd;
 use memory::SharedCounters;
@@ -19,16 +23,43 @@ pub struct ControlledDevice {
     pub kind: virtio::DeviceType,
     pub queues: usize,
     pub control: DeviceControl,
+    /// Its restarts so far (self-healing; shared with its vhost-user backend).
+    pub restarts: Arc<AtomicU32>,
     /// For ringvm's own device processes (an external backend has none).
     pub process: Option<ProcessStats>,
 }
 
 /// What the VMM reads of one of its device processes.
 pub struct ProcessStats {
-    pid: i32,
     counters: SharedCounters,
-    stat: AsyncFd,
-    status: AsyncFd,
+    /// The process's /proc files: replaced when the process is restarted.
+    proc: Rc<RefCell<ProcFiles>>,
+}
+
+/// /proc/PID/stat and status of a device process, open (the VMM's seccomp policy has no open:
+/// they are opened before it, or by the respawner, and read through the ring at offset 0,
+/// which makes the kernel fill them afresh).
+pub struct ProcFiles {
+    pid: i32,
+    stat: Rc<AsyncFd>,
+    status: Rc<AsyncFd>,
+}
+
+impl ProcFiles {
+    /// Opens /proc/`pid`/stat and status now.
+    pub fn open(pid: i32) -> std::io::Result<ProcFiles> {
+        let open = |file: &str| std::fs::File::open(format!("/proc/{pid}/{file}"));
+        Ok(Self::new(pid, open("stat")?.into(), open("status")?.into()))
+    }
+
+    /// The files of process `pid`, opened elsewhere.
+    pub fn new(pid: i32, stat: OwnedFd, status: OwnedFd) -> ProcFiles {
+        ProcFiles {
+            pid,
+            stat: Rc::new(AsyncFd::new(stat)),
+            status: Rc::new(AsyncFd::new(status)),
+        }
+    }
 }
 
 impl ProcessStats {
@@ -40,19 +71,17 @@ impl ProcessStats {
         Ok(page)
     }
 
-    /// Opens /proc/`pid`/stat and status now (the VMM's seccomp policy has no open; they
-    /// are read through the ring, at offset 0, which makes the kernel fill them afresh).
+    /// Opens /proc/`pid`/stat and status now.
     pub fn new(pid: i32, counters: SharedCounters) -> std::io::Result<ProcessStats> {
-        let open = |file: &str| -> std::io::Result<AsyncFd> {
-            let f = std::fs::File::open(format!("/proc/{pid}/{file}"))?;
-            Ok(AsyncFd::new(OwnedFd::from(f)))
-        };
         Ok(ProcessStats {
-            pid,
             counters,
-            stat: open("stat")?,
-            status: open("status")?,
+            proc: Rc::new(RefCell::new(ProcFiles::open(pid)?)),
         })
+    }
+
+    /// Where a restart puts the new process's files.
+    pub fn proc_files(&self) -> Rc<RefCell<ProcFiles>> {
+        self.proc.clone()
     }
 
     async fn read(fd: &AsyncFd) -> Option<String> {
@@ -63,7 +92,12 @@ impl ProcessStats {
 
     async fn proc_fields(&self, ticks: u64) -> Map<String, Value> {
         let mut m = Map::new();
-        if let Some(stat) = Self::read(&self.stat).await {
+        let (pid, stat, status) = {
+            let p = self.proc.borrow();
+            (p.pid, p.stat.clone(), p.status.clone())
+        };
+        m.insert("pid".into(), json!(pid));
+        if let Some(stat) = Self::read(&stat).await {
             if let Some((user, system)) = parse_cpu_ticks(&stat) {
                 let ms = |t: u64| t.saturating_mul(1000) / ticks.max(1);
                 m.insert(
@@ -72,7 +106,7 @@ impl ProcessStats {
                 );
             }
         }
-        if let Some(status) = Self::read(&self.status).await {
+        if let Some(status) = Self::read(&status).await {
             let kib = |key| parse_status_kib(&status, key);
             m.insert(
                 "memory_kib".into(),
@@ -115,11 +149,9 @@ pub async fn collect(vcpus: &VcpuControl, devices: &[ControlledDevice], state: &
         let mut m = Map::new();
         m.insert("name".into(), json!(d.name));
         m.insert("type".into(), json!(d.kind.name()));
-        // Devices are not restarted yet: a device process that dies ends the VM.
-        m.insert("restarts".into(), json!(0));
+        m.insert("restarts".into(), json!(d.restarts.load(Ordering::Relaxed)));
         match &d.process {
             Some(p) => {
-                m.insert("pid".into(), json!(p.pid));
                 m.extend(p.proc_fields(ticks).await);
                 if let Some(snap) = Snapshot::read(p.counters.as_slice(), d.queues) {
                     m.extend(device_counters(d.kind, &snap));

@@ -20,6 +20,7 @@
 //! past its budget (`--device-restarts`) ends the VM as a death did before: the same report.
 //! A backend that fails a request or does not answer in time still ends the VM.
 
+use std::cell::RefCell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -36,6 +37,7 @@ use virtio::vhost_user::frontend::{Frontend, VringConfig};
 use virtio::vhost_user::{Connection, Error as VhostError, Inflight};
 use virtio::DeviceType;
 
+use crate::control::stats::ProcFiles;
 use crate::device_process::{DeviceProcess, DeviceProcesses};
 use crate::devices::pci::{QueueConfig, VirtioDevice};
 use crate::exit::{ExitReason, VmExit};
@@ -166,6 +168,8 @@ pub struct Backend {
     /// across its restarts, so a new backend finds what the dead one had in flight.
     inflight: Option<(Inflight, OwnedFd)>,
     restarts: Arc<AtomicU32>,
+    /// Its process's /proc files for `ringvm stats`, replaced on a restart.
+    proc_files: Option<Rc<RefCell<ProcFiles>>>,
 }
 
 /// Connects to a backend on the socket `sock` and reads what the transport needs to present
@@ -222,6 +226,7 @@ pub async fn connect(
         suspended: None,
         inflight: None,
         restarts,
+        proc_files: None,
     };
     Ok((device, backend))
 }
@@ -287,6 +292,12 @@ impl Backend {
     /// The restarts of this device so far (shared with its [`VhostUserDevice`]).
     pub fn restarts(&self) -> Arc<AtomicU32> {
         self.restarts.clone()
+    }
+
+    /// Keeps `files` (what `ringvm stats` reads of the device's process) on the process a
+    /// restart starts.
+    pub fn track_process(&mut self, files: Rc<RefCell<ProcFiles>>) {
+        self.proc_files = Some(files);
     }
 
     /// Serves the transport's requests until the VM ends; brings the backend back when it
@@ -605,11 +616,14 @@ impl Backend {
                     .respawner
                     .as_ref()
                     .ok_or_else(|| RestartError::Fatal(anyhow!("restarts are off")))?;
-                let (p, sock) = respawner
+                let ((p, sock), files) = respawner
                     .respawn(*slot, &self.name)
                     .await
                     .map_err(RestartError::Fatal)?;
                 *process = heal.processes.push(p);
+                if let Some(current) = &self.proc_files {
+                    *current.borrow_mut() = files;
+                }
                 handshake(&self.name, sock)
                     .await
                     .map_err(RestartError::Gone)?
