@@ -596,8 +596,9 @@ pub fn start_qsd_blk(image: &Path, socket: &Path) -> Child {
 }
 
 /// `ringvm device block --socket SOCKET --file SPEC` (jailed: it accepts, then serves from a
-/// jailed child), listening once `start` returns; killed on drop (the jailed child with it, by
-/// PR_SET_PDEATHSIG).
+/// jailed child), listening once `start` returns (or already serving: a frontend that waits
+/// for the path may connect first, and the socket file goes once it is accepted); killed on
+/// drop (the jailed child with it, by PR_SET_PDEATHSIG).
 pub struct BlockBackend(pub Child);
 
 impl BlockBackend {
@@ -611,8 +612,10 @@ impl BlockBackend {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn ringvm device block");
+        let pid = child.id();
         assert!(
-            wait_until(Duration::from_secs(10), || socket.exists()),
+            wait_until(Duration::from_secs(10), || socket.exists()
+                || !children_of(pid).is_empty()),
             "the device never listened"
         );
         BlockBackend(child)

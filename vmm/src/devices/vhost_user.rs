@@ -13,11 +13,16 @@
 //! device processes by the respawner (`crate::respawn`), jailed, with the same options and
 //! descriptors; an external backend by connecting again once its socket path answers
 //! (`--vhost-user-reconnect`). Then the state is replayed: the protocol negotiation, the
-//! config writes, and for a started device the features, the memory table and every ring,
-//! each from the used index in guest memory, and a signal on every call eventfd (the dead
-//! process may have used buffers it did not signal). The guest is not reset. Each restart is
-//! reported on stderr with its cause and counted ([`VhostUserDevice::restarts`]); a device
-//! past its budget (`--device-restarts`) ends the VM as a death did before: the same report.
+//! config writes, and for a started device the features, the memory table, the inflight
+//! region (`INFLIGHT_SHMFD`) and every ring, each from the used index in guest memory, and a
+//! signal on every call eventfd (the dead process may have used buffers it did not signal).
+//! The inflight region is what makes that exact: the new backend resubmits the chains the
+//! dead one took and did not use, and pops after them. A backend without it (an external one
+//! that does not offer it, like qemu-storage-daemon) pops from the used index again, which is
+//! exact only for a backend that completes in order; its restarts are reported with a
+//! warning saying so. The guest is not reset. Each restart is reported on stderr with its
+//! cause and counted ([`VhostUserDevice::restarts`]); a device past its budget
+//! (`--device-restarts`) ends the VM as a death did before: the same report.
 //! A backend that fails a request or does not answer in time still ends the VM.
 
 use std::cell::RefCell;
@@ -663,6 +668,20 @@ impl Backend {
         self.start_rings(mem, true)
             .await
             .map_err(|e| classify(e, "replaying its rings"))?;
+        if self.started.is_some() && !self.frontend.tracks_inflight() {
+            // Without an inflight region the used index is all there is to start from.
+            virtio::log::write(
+                "ringvm",
+                virtio::log::Level::Warn,
+                format_args!(
+                    "device {}: the backend does not track requests in flight (no vhost-user \
+                     INFLIGHT_SHMFD): its rings start again at the used index, so a request \
+                     it had completed out of order may be done twice and one it had in flight \
+                     lost",
+                    self.name
+                ),
+            );
+        }
         if self.suspended.is_some() {
             // Restarted while suspended: stopped again, where the replay left each ring.
             let indices: Vec<u32> = self
