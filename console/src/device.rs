@@ -91,23 +91,17 @@ impl Console {
 
     /// The next chain, or `None` once stopped (or the queue failed: logged, then stopped).
     async fn next_chain(&self, queue: &AsyncQueue, stop: &StopSignal) -> Option<DescriptorChain> {
-        loop {
-            match or_stop(queue.next_chain(), stop).await {
-                Waited::Done(Ok(chain)) => return Some(chain),
-                Waited::Done(Err(Error::InvalidChain { head, reason })) => {
-                    self.errors
-                        .log(format_args!("invalid chain at head {head}: {reason}"));
-                    if let Err(e) = queue.complete(head, 0) {
-                        self.fail(e, stop).await;
-                        return None;
-                    }
-                }
-                Waited::Done(Err(e)) => {
-                    self.fail(e, stop).await;
-                    return None;
-                }
-                Waited::Stopped => return None,
+        let next = queue.next_valid_chain(|head, reason| {
+            self.errors
+                .log(format_args!("invalid chain at head {head}: {reason}"));
+        });
+        match or_stop(next, stop).await {
+            Waited::Done(Ok(chain)) => Some(chain),
+            Waited::Done(Err(e)) => {
+                self.fail(e, stop).await;
+                None
             }
+            Waited::Stopped => None,
         }
     }
 

@@ -68,19 +68,14 @@ impl Rng {
 
     async fn run(self: Rc<Self>, queue: Rc<AsyncQueue>, stop: StopSignal) {
         loop {
-            let next = pin!(queue.next_chain());
+            let next = pin!(queue.next_valid_chain(|head, reason| {
+                self.errors
+                    .log(format_args!("invalid chain at head {head}: {reason}"));
+                crate::stats::stats().request(0, 0);
+                crate::stats::stats().error(0);
+            }));
             let chain = match select(next, stop.clone()).await {
                 Either::Left((Ok(chain), _)) => chain,
-                Either::Left((Err(Error::InvalidChain { head, reason }), _)) => {
-                    self.errors
-                        .log(format_args!("invalid chain at head {head}: {reason}"));
-                    crate::stats::stats().request(0, 0);
-                    crate::stats::stats().error(0);
-                    if let Err(e) = queue.complete(head, 0) {
-                        return self.fail(e, stop).await;
-                    }
-                    continue;
-                }
                 Either::Left((Err(e), _)) => return self.fail(e, stop).await,
                 Either::Right(((), _)) => {
                     self.errors.flush();
