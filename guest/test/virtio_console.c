@@ -50,7 +50,6 @@ static struct con_job job;
 static struct virtio_dev v;
 static struct vq_poll qs[2];
 static u64 hz;
-extern struct trap_frame user_fault;
 
 /* ---- CPL3 from here ... ---- */
 static u64 ms_to_cyc(u64 ms) { return ms * (hz / 1000); }
@@ -209,9 +208,7 @@ static const char *bench_uart(u64 n)
 static void user_console(void *arg)
 {
 	struct con_job *j = arg;
-	u16 cs;
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
-	j->cs = cs;
+	j->cs = read_cs();
 	hz = tsc_hz_or_guess();
 	const char *why = con_init();
 	if (!why)
@@ -258,13 +255,9 @@ static const char *con_run(void)
 	if (why)
 		return why;
 
-	user_active = 1;
-	u64 vec = enter_user(user_console, &job, (u64)user_stack_top);
-	if (vec != 13 || user_fault.rip != (u64)user_exit)
-		return failf("the CPL3 run ended with exception %lu error %#lx at rip %#lx", vec, user_fault.error,
-			     user_fault.rip);
-	if ((job.cs & 3) != 3)
-		return failf("the driver ran with cs %#x, not at CPL3", job.cs);
+	const char *ran = run_user(user_console, &job, &job.cs, "driver");
+	if (ran)
+		return ran;
 	if (job.sized)
 		say("virtio-console size cols=%u rows=%u", job.cols, job.rows);
 	else

@@ -130,7 +130,6 @@ static u32 next_port;
 static u16 tx_free[TX_N];
 static u32 tx_nfree;
 static u64 hz, last_progress;
-extern struct trap_frame user_fault;
 
 /* ---- CPL3 from here ... ---- */
 static u64 ms_to_cyc(u64 ms) { return ms * (hz / 1000); }
@@ -703,9 +702,7 @@ static int reset_due(void)
 static void user_vsock(void *arg)
 {
 	struct vs_job *j = arg;
-	u16 cs;
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
-	j->cs = cs;
+	j->cs = read_cs();
 	hz = tsc_hz_or_guess();
 	u64 t0 = rdtsc();
 	progress();
@@ -870,13 +867,9 @@ static const char *vs_run(void)
 	if (why)
 		return why;
 
-	user_active = 1;
-	u64 vec = enter_user(user_vsock, &job, (u64)user_stack_top);
-	if (vec != 13 || user_fault.rip != (u64)user_exit)
-		return failf("the CPL3 run ended with exception %lu error %#lx at rip %#lx", vec, user_fault.error,
-			     user_fault.rip);
-	if ((job.cs & 3) != 3)
-		return failf("the driver ran with cs %#x, not at CPL3", job.cs);
+	const char *ran = run_user(user_vsock, &job, &job.cs, "driver");
+	if (ran)
+		return ran;
 	u64 ms = job.cycles / (tsc_hz_or_guess() / 1000);
 	say("virtio-vsock stats conns=%u accepted=%u bytes-sent=%lu bytes-received=%lu tx-packets=%lu rx-packets=%lu "
 	    "time=%lums",
