@@ -325,11 +325,5 @@ static const char *bb_run(void)
 const char *scenario_blk_bench(void)
 {
 	memset(&job, 0, sizeof(job));
-	const char *why = bb_run();
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, bb_run());
 }

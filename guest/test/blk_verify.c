@@ -368,11 +368,5 @@ const char *scenario_blk_verify(void)
 {
 	memset(&job, 0, sizeof(job));
 	memset(slots, 0, sizeof(slots));
-	const char *why = bv_run();
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, bv_run());
 }

@@ -34,6 +34,16 @@ const char *virtio_reset(struct virtio_dev *v)
 	return failf("device status reads %#x after reset, not 0", virtio_status(v));
 }
 
+const char *virtio_finish(struct virtio_dev *v, const char *why)
+{
+	if (v->common) {
+		const char *r = virtio_reset(v);
+		if (!why)
+			why = r;
+	}
+	return why;
+}
+
 static struct pci_func funcs[PCI_MAX_FUNCS];
 
 const char *virtio_open(struct virtio_dev *v, u16 type)

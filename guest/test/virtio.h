@@ -121,6 +121,9 @@ const char *virtio_driver_ok(struct virtio_dev *v);
 const char *virtio_poll_queue(struct virtio_dev *v, u64 mem, u32 want, u32 *size, u32 *max, u64 *notify);
 /* Writes 0 to device_status and waits until it reads 0. */
 const char *virtio_reset(struct virtio_dev *v);
+/* A scenario's end: resets the device if it was found (v->common set); returns why, or the
+ * reset's failure when why is 0. */
+const char *virtio_finish(struct virtio_dev *v, const char *why);
 u8 virtio_status(struct virtio_dev *v);
 /* Device-specific configuration, read consistently with config_generation. */
 u64 virtio_cfg(struct virtio_dev *v, u32 off, int size);

@@ -279,11 +279,5 @@ static const char *con_run(void)
 
 const char *scenario_virtio_console(void)
 {
-	const char *why = con_run();
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, con_run());
 }

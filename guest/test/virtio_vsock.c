@@ -883,11 +883,5 @@ static const char *vs_run(void)
 
 const char *scenario_virtio_vsock(void)
 {
-	const char *why = vs_run();
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, vs_run());
 }
