@@ -389,8 +389,10 @@ const char *virtio_poll_queue(struct virtio_dev *v, u64 mem, u32 want, u32 *size
 	return 0;
 }
 
-const char *virtio_poll_open(struct virtio_dev *v, const char *name, u16 type)
+const char *virtio_poll_open(struct virtio_dev *v, const char *name, u16 type, u64 mem, u64 end)
 {
+	if (!e820_ram_covers(mem, end))
+		return failf("RAM %#lx-%#lx (rings and buffers) is not in the memory map", mem, end);
 	memset(v, 0, sizeof(*v));
 	v->name = name;
 	v->mode = WAIT_POLL;

@@ -152,9 +152,10 @@ struct vq_poll {
 	int pending; /* posted, not yet kicked */
 };
 
-/* Polling driver: finds the device (virtio_open, mode poll), requires a device-specific
- * configuration and turns MSI-X off. CPL0. */
-const char *virtio_poll_open(struct virtio_dev *v, const char *name, u16 type);
+/* Polling driver with its rings and buffers in RAM [mem, end) (checked against the memory map):
+ * finds the device (virtio_open, mode poll), requires a device-specific configuration and turns
+ * MSI-X off. CPL0. */
+const char *virtio_poll_open(struct virtio_dev *v, const char *name, u16 type, u64 mem, u64 end);
 /* Reset (waiting at most timeout cycles for status 0), ACKNOWLEDGE, DRIVER; *features = the
  * device's features. */
 const char *virtio_poll_begin(struct virtio_dev *v, u64 timeout, u64 *features);

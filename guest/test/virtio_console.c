@@ -249,9 +249,7 @@ static const char *con_run(void)
 			return failf("ringvm.console.bench=%lu: want at most 1 GiB", x);
 		job.bench = x;
 	}
-	if (!e820_ram_covers(CON_MEM, CON_MEM_END))
-		return failf("RAM %#llx-%#llx (rings and buffers) is not in the memory map", CON_MEM, CON_MEM_END);
-	const char *why = virtio_poll_open(&v, "virtio-console", CON_TYPE);
+	const char *why = virtio_poll_open(&v, "virtio-console", CON_TYPE, CON_MEM, CON_MEM_END);
 	if (why)
 		return why;
 

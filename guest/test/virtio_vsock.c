@@ -860,10 +860,7 @@ static const char *vs_run(void)
 		if ((job.app == APP_RESET || job.app == APP_RST) && job.conns != 1)
 			return failf("ringvm.vsock.app=%s takes one connection", app_names[job.app]);
 	}
-	if (!e820_ram_covers(VS_MEM, VS_MEM_END))
-		return failf("RAM %#llx-%#llx (rings and buffers) is not in the memory map", VS_MEM, VS_MEM_END);
-
-	const char *why = virtio_poll_open(&v, "virtio-vsock", VSOCK_TYPE);
+	const char *why = virtio_poll_open(&v, "virtio-vsock", VSOCK_TYPE, VS_MEM, VS_MEM_END);
 	if (why)
 		return why;
 
