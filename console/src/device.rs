@@ -295,80 +295,13 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
-    use executor::{EventFd, EventFdStream, Executor, Task};
-    use memory::{GuestAddress, GuestMemory};
-    use virtio::mock::{MockBuf, MockSplitQueue};
+    use virtio::mock::{DeviceQueue, MockBuf};
 
     use super::*;
 
-    /// A queue at 0x1000 of 4 MiB of guest memory, its driver side, and an executor.
-    struct Fixture {
-        ex: Executor,
-        driver: MockSplitQueue,
-        kick: EventFd,
-        calls: EventFdStream,
-        queue: Rc<AsyncQueue>,
-        stop: StopSignal,
-    }
-
-    fn fixture() -> Fixture {
-        let mem = GuestMemory::new_x86(4 << 20).unwrap();
-        let driver = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).unwrap();
-        let kick = EventFd::new().unwrap();
-        let call = EventFd::new().unwrap();
-        let calls = call.try_clone().unwrap().into_stream();
-        let queue = Rc::new(AsyncQueue::new(
-            driver.queue().unwrap(),
-            mem,
-            kick.try_clone().unwrap().into_stream(),
-            call,
-        ));
-        Fixture {
-            ex: Executor::new().unwrap(),
-            driver,
-            kick,
-            calls,
-            queue,
-            stop: StopSignal::new(),
-        }
-    }
-
-    impl Fixture {
-        /// `console` serves queue `index` on the fixture's queue until the fixture's stop.
-        fn serve(&self, console: Rc<Console>, index: usize) -> Task<()> {
-            self.ex
-                .spawn(console.run_queue(index, self.queue.clone(), 0, self.stop.clone()))
-        }
-
-        fn wait_used(&mut self, n: usize) -> Vec<(u32, u32)> {
-            let mut used = Vec::new();
-            while used.len() < n {
-                self.ex
-                    .run_until(executor::timeout(
-                        Duration::from_secs(5),
-                        self.calls.next_value(),
-                    ))
-                    .unwrap()
-                    .unwrap();
-                while let Some(u) = self.driver.next_used().unwrap() {
-                    used.push((u.id, u.len));
-                }
-            }
-            used
-        }
-
-        /// Stops the queue; the task must end within 5 s.
-        fn stop_and_join(&self, task: Task<()>) {
-            self.stop.stop();
-            self.ex
-                .run_until(executor::timeout(Duration::from_secs(5), task))
-                .unwrap();
-        }
-    }
-
     #[test]
     fn transmit_chains_reach_the_output_in_order() {
-        let mut f = fixture();
+        let mut f = DeviceQueue::new();
         let (out, mut host) = UnixStream::pair().unwrap();
         let console = Rc::new(Console::new(out.into(), None, None));
         let task = f.serve(console, TRANSMITQ);
@@ -392,7 +325,7 @@ mod tests {
 
     #[test]
     fn input_fills_receive_buffers_and_what_does_not_fit_goes_to_the_next() {
-        let mut f = fixture();
+        let mut f = DeviceQueue::new();
         let (out, _host_out) = UnixStream::pair().unwrap();
         let (input, mut host_in) = UnixStream::pair().unwrap();
         let console = Rc::new(Console::new(out.into(), Some(input.into()), None));
@@ -412,7 +345,7 @@ mod tests {
 
     #[test]
     fn a_stop_while_input_is_awaited_ends_the_receive_task() {
-        let f = fixture();
+        let f = DeviceQueue::new();
         let (out, _host_out) = UnixStream::pair().unwrap();
         let (input, _host_in) = UnixStream::pair().unwrap();
         let console = Rc::new(Console::new(out.into(), Some(input.into()), None));
@@ -424,7 +357,7 @@ mod tests {
 
     #[test]
     fn a_gone_reader_discards_output_and_chains_still_complete() {
-        let mut f = fixture();
+        let mut f = DeviceQueue::new();
         let (out, host) = UnixStream::pair().unwrap();
         drop(host);
         let console = Rc::new(Console::new(out.into(), None, None));
@@ -442,7 +375,7 @@ mod tests {
 
     #[test]
     fn a_malformed_chain_comes_back_empty_and_later_output_still_flows() {
-        let mut f = fixture();
+        let mut f = DeviceQueue::new();
         let (out, mut host) = UnixStream::pair().unwrap();
         let console = Rc::new(Console::new(out.into(), None, None));
         let task = f.serve(console, TRANSMITQ);
