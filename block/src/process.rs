@@ -90,6 +90,7 @@ impl DeviceProcess for BlockProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio::process::args_round_trip;
 
     #[test]
     fn options_round_trip_across_exec() {
@@ -99,12 +100,7 @@ mod tests {
             queues: 4,
             metadata_write_through: true,
         };
-        let args: Vec<String> = BlockProcess::to_args(&a)
-            .into_iter()
-            .map(|s| s.into_string().expect("utf-8"))
-            .collect();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        assert_eq!(BlockArgs::from_args(&["block"], &args).expect("parses"), a);
+        assert_eq!(args_round_trip::<BlockProcess>(&a).expect("parses"), a);
     }
 
     #[test]

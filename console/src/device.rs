@@ -91,23 +91,17 @@ impl Console {
 
     /// The next chain, or `None` once stopped (or the queue failed: logged, then stopped).
     async fn next_chain(&self, queue: &AsyncQueue, stop: &StopSignal) -> Option<DescriptorChain> {
-        loop {
-            match or_stop(queue.next_chain(), stop).await {
-                Waited::Done(Ok(chain)) => return Some(chain),
-                Waited::Done(Err(Error::InvalidChain { head, reason })) => {
-                    self.errors
-                        .log(format_args!("invalid chain at head {head}: {reason}"));
-                    if let Err(e) = queue.complete(head, 0) {
-                        self.fail(e, stop).await;
-                        return None;
-                    }
-                }
-                Waited::Done(Err(e)) => {
-                    self.fail(e, stop).await;
-                    return None;
-                }
-                Waited::Stopped => return None,
+        let next = queue.next_valid_chain(|head, reason| {
+            self.errors
+                .log(format_args!("invalid chain at head {head}: {reason}"));
+        });
+        match or_stop(next, stop).await {
+            Waited::Done(Ok(chain)) => Some(chain),
+            Waited::Done(Err(e)) => {
+                self.fail(e, stop).await;
+                None
             }
+            Waited::Stopped => None,
         }
     }
 
@@ -301,63 +295,16 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
-    use executor::{EventFd, EventFdStream, Executor};
-    use memory::{GuestAddress, GuestMemory};
-    use virtio::mock::{MockBuf, MockSplitQueue};
+    use virtio::mock::{DeviceQueue, MockBuf};
 
     use super::*;
 
-    struct Fixture {
-        driver: MockSplitQueue,
-        kick: EventFd,
-        calls: EventFdStream,
-        queue: Rc<AsyncQueue>,
-    }
-
-    fn fixture(mem: &GuestMemory, at: u64) -> Fixture {
-        let driver = MockSplitQueue::new(mem, GuestAddress(at), 16).unwrap();
-        let kick = EventFd::new().unwrap();
-        let call = EventFd::new().unwrap();
-        let calls = call.try_clone().unwrap().into_stream();
-        let queue = Rc::new(AsyncQueue::new(
-            driver.queue().unwrap(),
-            mem.clone(),
-            kick.try_clone().unwrap().into_stream(),
-            call,
-        ));
-        Fixture {
-            driver,
-            kick,
-            calls,
-            queue,
-        }
-    }
-
-    fn wait_used(ex: &Executor, f: &mut Fixture, n: usize) -> Vec<(u32, u32)> {
-        let mut used = Vec::new();
-        while used.len() < n {
-            ex.run_until(executor::timeout(
-                Duration::from_secs(5),
-                f.calls.next_value(),
-            ))
-            .unwrap()
-            .unwrap();
-            while let Some(u) = f.driver.next_used().unwrap() {
-                used.push((u.id, u.len));
-            }
-        }
-        used
-    }
-
     #[test]
     fn transmit_chains_reach_the_output_in_order() {
-        let ex = Executor::new().unwrap();
-        let mem = GuestMemory::new_x86(4 << 20).unwrap();
-        let mut f = fixture(&mem, 0x1000);
+        let mut f = DeviceQueue::new();
         let (out, mut host) = UnixStream::pair().unwrap();
         let console = Rc::new(Console::new(out.into(), None, None));
-        let stop = StopSignal::new();
-        let task = ex.spawn(console.run_queue(TRANSMITQ, f.queue.clone(), 0, stop.clone()));
+        let task = f.serve(console, TRANSMITQ);
         f.driver
             .add_chain(&[
                 MockBuf::Readable(b"hello, ".to_vec()),
@@ -368,94 +315,70 @@ mod tests {
             .add_chain(&[MockBuf::Readable(b"\r\n".to_vec())])
             .unwrap();
         f.kick.write(1).unwrap();
-        let used = wait_used(&ex, &mut f, 2);
+        let used = f.wait_used(2);
         assert!(used.iter().all(|&(_, len)| len == 0), "{used:?}");
         let mut got = [0u8; 13];
         host.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hello, hvc0\r\n");
-        stop.stop();
-        ex.run_until(executor::timeout(Duration::from_secs(5), task))
-            .unwrap();
+        f.stop_and_join(task);
     }
 
     #[test]
     fn input_fills_receive_buffers_and_what_does_not_fit_goes_to_the_next() {
-        let ex = Executor::new().unwrap();
-        let mem = GuestMemory::new_x86(4 << 20).unwrap();
-        let mut f = fixture(&mem, 0x1000);
+        let mut f = DeviceQueue::new();
         let (out, _host_out) = UnixStream::pair().unwrap();
         let (input, mut host_in) = UnixStream::pair().unwrap();
         let console = Rc::new(Console::new(out.into(), Some(input.into()), None));
-        let stop = StopSignal::new();
-        let task = ex.spawn(console.run_queue(RECEIVEQ, f.queue.clone(), 0, stop.clone()));
+        let task = f.serve(console, RECEIVEQ);
         let a = f.driver.add_chain(&[MockBuf::Writable(4)]).unwrap();
         let b = f.driver.add_chain(&[MockBuf::Writable(16)]).unwrap();
         f.kick.write(1).unwrap();
         host_in.write_all(b"typed!").unwrap();
-        let used = wait_used(&ex, &mut f, 2);
+        let used = f.wait_used(2);
         assert_eq!(used, [(u32::from(a.head), 4), (u32::from(b.head), 2)]);
         assert_eq!(f.driver.read_writable(&a).unwrap(), b"type");
         assert_eq!(&f.driver.read_writable(&b).unwrap()[..2], b"d!");
         // End of input: the device stops reading, and stops when told to.
         drop(host_in);
-        stop.stop();
-        ex.run_until(executor::timeout(Duration::from_secs(5), task))
-            .unwrap();
+        f.stop_and_join(task);
     }
 
     #[test]
     fn a_stop_while_input_is_awaited_ends_the_receive_task() {
-        let ex = Executor::new().unwrap();
-        let mem = GuestMemory::new_x86(4 << 20).unwrap();
-        let f = fixture(&mem, 0x1000);
+        let f = DeviceQueue::new();
         let (out, _host_out) = UnixStream::pair().unwrap();
         let (input, _host_in) = UnixStream::pair().unwrap();
         let console = Rc::new(Console::new(out.into(), Some(input.into()), None));
-        let stop = StopSignal::new();
-        let task = ex.spawn(console.run_queue(RECEIVEQ, f.queue.clone(), 0, stop.clone()));
-        ex.run_until(executor::sleep(Duration::from_millis(20)))
+        let task = f.serve(console, RECEIVEQ);
+        f.ex.run_until(executor::sleep(Duration::from_millis(20)))
             .unwrap();
-        stop.stop();
-        ex.run_until(executor::timeout(Duration::from_secs(5), task))
-            .unwrap();
+        f.stop_and_join(task);
     }
 
     #[test]
     fn a_gone_reader_discards_output_and_chains_still_complete() {
-        let ex = Executor::new().unwrap();
-        let mem = GuestMemory::new_x86(4 << 20).unwrap();
-        let mut f = fixture(&mem, 0x1000);
+        let mut f = DeviceQueue::new();
         let (out, host) = UnixStream::pair().unwrap();
         drop(host);
         let console = Rc::new(Console::new(out.into(), None, None));
-        let stop = StopSignal::new();
-        let task = ex.spawn(
-            console
-                .clone()
-                .run_queue(TRANSMITQ, f.queue.clone(), 0, stop.clone()),
-        );
+        let task = f.serve(console.clone(), TRANSMITQ);
         for _ in 0..3 {
             f.driver
                 .add_chain(&[MockBuf::Readable(b"lost".to_vec())])
                 .unwrap();
         }
         f.kick.write(1).unwrap();
-        assert_eq!(wait_used(&ex, &mut f, 3).len(), 3);
+        assert_eq!(f.wait_used(3).len(), 3);
         assert!(console.output_gone.get());
-        stop.stop();
-        ex.run_until(executor::timeout(Duration::from_secs(5), task))
-            .unwrap();
+        f.stop_and_join(task);
     }
 
     #[test]
     fn a_malformed_chain_comes_back_empty_and_later_output_still_flows() {
-        let ex = Executor::new().unwrap();
-        let mem = GuestMemory::new_x86(4 << 20).unwrap();
-        let mut f = fixture(&mem, 0x1000);
+        let mut f = DeviceQueue::new();
         let (out, mut host) = UnixStream::pair().unwrap();
         let console = Rc::new(Console::new(out.into(), None, None));
-        let stop = StopSignal::new();
-        let task = ex.spawn(console.run_queue(TRANSMITQ, f.queue.clone(), 0, stop.clone()));
+        let task = f.serve(console, TRANSMITQ);
         // A buffer outside guest memory.
         f.driver
             .write_desc(
@@ -474,14 +397,12 @@ mod tests {
             .add_chain(&[MockBuf::Readable(b"after".to_vec())])
             .unwrap();
         f.kick.write(1).unwrap();
-        let used = wait_used(&ex, &mut f, 2);
+        let used = f.wait_used(2);
         assert_eq!(used, [(9, 0), (u32::from(good.head), 0)]);
         let mut got = [0u8; 5];
         host.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"after");
-        stop.stop();
-        ex.run_until(executor::timeout(Duration::from_secs(5), task))
-            .unwrap();
+        f.stop_and_join(task);
     }
 
     #[test]

@@ -93,6 +93,7 @@ impl DeviceProcess for ConsoleProcess {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use virtio::process::args_round_trip;
 
     #[test]
     fn options_round_trip_across_exec() {
@@ -108,12 +109,7 @@ mod tests {
                 rows: Some(25),
             },
         ] {
-            let args: Vec<String> = ConsoleProcess::to_args(&a)
-                .into_iter()
-                .map(|s| s.into_string().unwrap())
-                .collect();
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            assert_eq!(ConsoleArgs::from_args(&["console"], &args).unwrap(), a);
+            assert_eq!(args_round_trip::<ConsoleProcess>(&a).unwrap(), a);
         }
     }
 

@@ -67,7 +67,6 @@ static volatile u8 statuses[BB_QD_MAX];
 static u64 submitted_at[BB_QD_MAX];
 static struct bb_job job;
 static struct virtio_dev v;
-extern struct trap_frame user_fault;
 
 /* ---- CPL3 from here ... ---- */
 static u8 bb_cmos(u8 reg)
@@ -107,9 +106,7 @@ static u64 bb_rand(u64 *x)
 static void user_blk_bench(void *arg)
 {
 	struct bb_job *j = arg;
-	u16 cs;
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
-	j->cs = cs;
+	j->cs = read_cs();
 	u32 qd = j->qd, qsize = j->qsize;
 	u64 spb = j->bs / 512, x = rdtsc() * 0x9e3779b97f4a7c15ull | 1;
 
@@ -305,13 +302,9 @@ static const char *bb_run(void)
 	say("blk-bench capacity=%lu sectors op=%s qd=%lu bs=%lu ms=%lu tsc %s", capacity,
 	    write ? "randwrite" : "randread", qd, bs, ms, khz ? "given" : "from the rtc");
 
-	user_active = 1;
-	u64 vec = enter_user(user_blk_bench, &job, (u64)user_stack_top);
-	if (vec != 13 || user_fault.rip != (u64)user_exit)
-		return failf("the CPL3 run ended with exception %lu error %#lx at rip %#lx", vec, user_fault.error,
-			     user_fault.rip);
-	if ((job.cs & 3) != 3)
-		return failf("the loop ran with cs %#x, not at CPL3", job.cs);
+	const char *ran = run_user(user_blk_bench, &job, &job.cs, "loop");
+	if (ran)
+		return ran;
 	if (job.stalled)
 		return failf("no completion for 5 s (%lu ios done, %lu kicks, used idx %u)", job.ios_total, job.kicks,
 			     job.used->idx);
@@ -332,11 +325,5 @@ static const char *bb_run(void)
 const char *scenario_blk_bench(void)
 {
 	memset(&job, 0, sizeof(job));
-	const char *why = bb_run();
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, bb_run());
 }

@@ -68,7 +68,6 @@ static volatile u8 statuses[BV_QD_MAX];
 static struct bv_slot slots[BV_QD_MAX];
 static struct bv_job job;
 static struct virtio_dev v;
-extern struct trap_frame user_fault;
 
 /* ---- CPL3 from here ... ---- */
 /* Per block: version (low 32 bits; 0 = never written) and a lock (bit 32). */
@@ -239,9 +238,7 @@ static int bv_reap(struct bv_job *j, u16 *used_seen, u64 *last, u32 *in_flight, 
 static void user_blk_verify(void *arg)
 {
 	struct bv_job *j = arg;
-	u16 cs;
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
-	j->cs = cs;
+	j->cs = read_cs();
 	u32 qd = j->qd;
 	u64 x = rdtsc() * 0x9e3779b97f4a7c15ull | 1;
 	for (u32 i = 0; i < qd; i++) {
@@ -333,13 +330,9 @@ static const char *bv_run(void)
 	memset((void *)BV_TABLE, 0, (u64)BV_BLOCKS_MAX * 8);
 	say("blk-verify running qd=%lu blocks=%lu ms=%lu", qd, blocks, ms);
 
-	user_active = 1;
-	u64 vec = enter_user(user_blk_verify, &job, (u64)user_stack_top);
-	if (vec != 13 || user_fault.rip != (u64)user_exit)
-		return failf("the CPL3 run ended with exception %lu error %#lx at rip %#lx", vec, user_fault.error,
-			     user_fault.rip);
-	if ((job.cs & 3) != 3)
-		return failf("the loop ran with cs %#x, not at CPL3", job.cs);
+	const char *ran = run_user(user_blk_verify, &job, &job.cs, "loop");
+	if (ran)
+		return ran;
 	say("blk-verify writes=%lu reads=%lu checked=%lu final=%lu errors=%lu mismatches=%lu doubled=%lu bad_id=%lu "
 	    "max_stall_us=%lu",
 	    job.writes, job.reads, job.checked, job.final, job.errors, job.mismatches, job.doubled, job.bad_id,
@@ -375,11 +368,5 @@ const char *scenario_blk_verify(void)
 {
 	memset(&job, 0, sizeof(job));
 	memset(slots, 0, sizeof(slots));
-	const char *why = bv_run();
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, bv_run());
 }

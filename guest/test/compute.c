@@ -30,8 +30,7 @@ static void per_iter(u64 cycles, u64 n, u64 *whole, u64 *hundredths)
 static void user_compute(void *arg)
 {
 	struct compute_job *j = arg;
-	u16 cs;
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	u16 cs = read_cs();
 	j->cs = cs;
 
 	u64 t0 = rdtsc();

@@ -12,15 +12,12 @@ struct count_job {
 	u16 cs;
 };
 static struct count_job cjob;
-extern struct trap_frame user_fault;
 
 /* CPL3 from here ... */
 static void user_count(void *arg)
 {
 	struct count_job *j = arg;
-	u16 cs;
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
-	j->cs = cs;
+	j->cs = read_cs();
 	u64 last = rdtsc();
 	for (u64 line = 1; line <= j->lines; line++) {
 		for (u64 i = 0; i < j->step; i++)
@@ -42,13 +39,9 @@ const char *scenario_count(void)
 	cjob.max_gap = 0;
 	opt_u64("count.lines", &cjob.lines);
 	opt_u64("count.step", &cjob.step);
-	user_active = 1;
-	u64 vec = enter_user(user_count, &cjob, (u64)user_stack_top);
-	if (vec != 13 || user_fault.rip != (u64)user_exit)
-		return failf("the CPL3 run ended with exception %lu error %#lx at rip %#lx", vec, user_fault.error,
-			     user_fault.rip);
-	if ((cjob.cs & 3) != 3)
-		return failf("the loop ran with cs %#x, not at CPL3", cjob.cs);
+	const char *ran = run_user(user_count, &cjob, &cjob.cs, "loop");
+	if (ran)
+		return ran;
 	if (cjob.value != cjob.lines * cjob.step)
 		return failf("counted %lu, expected %lu", cjob.value, cjob.lines * cjob.step);
 	say("count done value=%lu max-gap-tsc=%lu", cjob.value, cjob.max_gap);

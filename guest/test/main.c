@@ -90,6 +90,18 @@ void trap(struct trap_frame *f)
 	machine_reset();
 }
 
+const char *run_user(void (*fn)(void *), void *arg, const u16 *cs, const char *what)
+{
+	user_active = 1;
+	u64 vec = enter_user(fn, arg, (u64)user_stack_top);
+	if (vec != 13 || user_fault.rip != (u64)user_exit)
+		return failf("the CPL3 run ended with exception %lu error %#lx at rip %#lx", vec, user_fault.error,
+			     user_fault.rip);
+	if ((*cs & 3) != 3)
+		return failf("the %s ran with cs %#x, not at CPL3", what, *cs);
+	return 0;
+}
+
 /* ---- start_info ---- */
 #define FOUR_GIB 0x100000000ull
 

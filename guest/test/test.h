@@ -85,6 +85,17 @@ extern char user_exit[];          /* CPL3 code that faults back to CPL0 */
  * brought the CPU back to CPL0 (see trap()). */
 u64 enter_user(void (*fn)(void *), void *arg, u64 user_rsp);
 __attribute__((noreturn)) void user_return(u64 value);
+/* enter_user(fn, arg) on user_stack_top, expecting fn to return into user_exit (its #GP brings the
+ * CPU back); fails unless it did and *cs, the code segment fn recorded (read_cs), is at CPL3
+ * ("the <what> ran with cs ..."). */
+const char *run_user(void (*fn)(void *), void *arg, const u16 *cs, const char *what);
+/* The current code segment selector (its low 2 bits: the privilege level). */
+static inline u16 read_cs(void)
+{
+	u16 cs;
+	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	return cs;
+}
 
 /* ---- port and CPU helpers ---- */
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }

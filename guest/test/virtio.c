@@ -2,25 +2,6 @@
  * MSI-X. One queue for rng and blk, two for net (rx, tx). */
 #include "virtio.h"
 
-/* common configuration structure */
-#define CC_DFSELECT 0
-#define CC_DF 4
-#define CC_GFSELECT 8
-#define CC_GF 12
-#define CC_MSIX 16
-#define CC_NUMQ 18
-#define CC_STATUS 20
-#define CC_CFGGEN 21
-#define CC_QSELECT 22
-#define CC_QSIZE 24
-#define CC_QMSIX 26
-#define CC_QENABLE 28
-#define CC_QNOFF 30
-#define CC_QDESC 32
-#define CC_QDRIVER 40
-#define CC_QDEVICE 48
-#define CC_MIN_LEN 56
-
 #define NO_VECTOR 0xffff
 
 const char *wait_mode_name(enum wait_mode m) { return m == WAIT_POLL ? "poll" : m == WAIT_SPIN ? "spin" : "hlt"; }
@@ -51,6 +32,16 @@ const char *virtio_reset(struct virtio_dev *v)
 		if (virtio_status(v) == 0)
 			return 0;
 	return failf("device status reads %#x after reset, not 0", virtio_status(v));
+}
+
+const char *virtio_finish(struct virtio_dev *v, const char *why)
+{
+	if (v->common) {
+		const char *r = virtio_reset(v);
+		if (!why)
+			why = r;
+	}
+	return why;
 }
 
 static struct pci_func funcs[PCI_MAX_FUNCS];
@@ -396,4 +387,128 @@ const char *virtio_poll_queue(struct virtio_dev *v, u64 mem, u32 want, u32 *size
 	if (mmio_read16(v->common + CC_QENABLE) != 1)
 		return failf("queue 0: queue_enable does not read 1");
 	return 0;
+}
+
+const char *virtio_poll_open(struct virtio_dev *v, const char *name, u16 type, u64 mem, u64 end)
+{
+	if (!e820_ram_covers(mem, end))
+		return failf("RAM %#lx-%#lx (rings and buffers) is not in the memory map", mem, end);
+	memset(v, 0, sizeof(*v));
+	v->name = name;
+	v->mode = WAIT_POLL;
+	const char *why = virtio_open(v, type);
+	if (!why && !v->device)
+		why = failf("no device-specific configuration capability");
+	if (why)
+		return why;
+	if (v->msix_cap) { /* polling: no interrupts */
+		u16 ctrl = (u16)pci_read(v->pci, v->msix_cap + 2u, 2);
+		pci_write(v->pci, v->msix_cap + 2u, 2, ctrl & ~0x8000);
+	}
+	return 0;
+}
+
+const char *virtio_poll_begin(struct virtio_dev *v, u64 timeout, u64 *features)
+{
+	set_status(v, 0);
+	u64 t0 = rdtsc();
+	while (virtio_status(v) != 0)
+		if (rdtsc() - t0 > timeout)
+			return failf("device status reads %#x a second after reset", virtio_status(v));
+	set_status(v, VIRTIO_S_ACKNOWLEDGE);
+	set_status(v, VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER);
+	mmio_write32(v->common + CC_DFSELECT, 0);
+	u64 lo = mmio_read32(v->common + CC_DF);
+	mmio_write32(v->common + CC_DFSELECT, 1);
+	*features = (u64)mmio_read32(v->common + CC_DF) << 32 | lo;
+	return 0;
+}
+
+const char *virtio_poll_features(struct virtio_dev *v, u64 want, u16 nq, const char *what)
+{
+	mmio_write32(v->common + CC_GFSELECT, 0);
+	mmio_write32(v->common + CC_GF, (u32)want);
+	mmio_write32(v->common + CC_GFSELECT, 1);
+	mmio_write32(v->common + CC_GF, (u32)(want >> 32));
+	set_status(v, VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER | VIRTIO_S_FEATURES_OK);
+	if (!(virtio_status(v) & VIRTIO_S_FEATURES_OK))
+		return failf("device cleared FEATURES_OK");
+	u16 have = mmio_read16(v->common + CC_NUMQ);
+	if (have < nq)
+		return failf("the device has %u queues, want %u (%s)", have, nq, what);
+	return 0;
+}
+
+const char *virtio_poll_driver_ok(struct virtio_dev *v)
+{
+	set_status(v, VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER | VIRTIO_S_FEATURES_OK | VIRTIO_S_DRIVER_OK);
+	u8 s = virtio_status(v);
+	if (!(s & VIRTIO_S_DRIVER_OK) || (s & VIRTIO_S_NEEDS_RESET))
+		return failf("status %#x after DRIVER_OK", s);
+	return 0;
+}
+
+void vqp_setup(struct virtio_dev *v, struct vq_poll *q, u16 qi, u64 mem, u16 size_max)
+{
+	mmio_write16(v->common + CC_QSELECT, qi);
+	u16 max = mmio_read16(v->common + CC_QSIZE);
+	u16 size = size_max;
+	while (size > max)
+		size >>= 1;
+	mmio_write16(v->common + CC_QSIZE, size);
+	memset(phys(mem), 0, 0x3000);
+	q->index = qi;
+	q->size = size;
+	q->avail_idx = q->used_seen = 0;
+	q->pending = 0;
+	q->desc = phys(mem);
+	q->avail = phys(mem + 0x1000);
+	q->used = phys(mem + 0x2000);
+	q->avail[0] = 1; /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
+	set_queue_rings(v, mem, mem + 0x1000, mem + 0x2000);
+	q->notify = v->notify_base + (u64)mmio_read16(v->common + CC_QNOFF) * v->notify_mult;
+	mmio_write16(v->common + CC_QENABLE, 1);
+}
+
+void vqp_post(struct vq_poll *q, u16 id)
+{
+	q->avail[2 + q->avail_idx % q->size] = id;
+	q->avail_idx++;
+	q->pending = 1;
+}
+
+void vqp_kick(struct vq_poll *q)
+{
+	if (!q->pending)
+		return;
+	__asm__ volatile("" ::: "memory");
+	q->avail[1] = q->avail_idx;
+	mb();
+	mmio_write16(q->notify, q->index);
+	q->pending = 0;
+}
+
+int vqp_pop(struct vq_poll *q, u32 *id, u32 *len)
+{
+	if (q->used[1] == q->used_seen)
+		return 0;
+	__asm__ volatile("" ::: "memory"); /* x86 does not reorder loads with loads */
+	volatile u32 *e = (volatile u32 *)(q->used + 2) + 2 * (q->used_seen % q->size);
+	*id = e[0];
+	*len = e[1];
+	q->used_seen++;
+	return 1;
+}
+
+const char *fail_first(const char **slot, char *buf, size_t n, const char *why)
+{
+	if (!*slot) {
+		size_t k = strlen(why);
+		if (k >= n)
+			k = n - 1;
+		memcpy(buf, why, k);
+		buf[k] = 0;
+		*slot = buf;
+	}
+	return *slot;
 }

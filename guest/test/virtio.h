@@ -1,5 +1,6 @@
 /* ringvm test guest: virtio 1.x over PCI (modern transport, virtio 1.2 section 4.1), split
- * virtqueues, MSI-X. Shared by virtio_rng.c and virtio_blk.c. */
+ * virtqueues, MSI-X. Shared by virtio_rng.c and virtio_blk.c; the polled queues and set-up at the
+ * end by the CPL3 drivers (virtio_console.c, virtio_vsock.c). */
 #ifndef RINGVM_VIRTIO_H
 #define RINGVM_VIRTIO_H
 
@@ -19,6 +20,25 @@
 
 #define VIRTIO_F_VERSION_1 (1ull << 32)
 #define VIRTIO_F_ACCESS_PLATFORM (1ull << 33)
+
+/* common configuration structure (offsets) */
+#define CC_DFSELECT 0
+#define CC_DF 4
+#define CC_GFSELECT 8
+#define CC_GF 12
+#define CC_MSIX 16
+#define CC_NUMQ 18
+#define CC_STATUS 20
+#define CC_CFGGEN 21
+#define CC_QSELECT 22
+#define CC_QSIZE 24
+#define CC_QMSIX 26
+#define CC_QENABLE 28
+#define CC_QNOFF 30
+#define CC_QDESC 32
+#define CC_QDRIVER 40
+#define CC_QDEVICE 48
+#define CC_MIN_LEN 56
 
 #define VQ_MAX 16 /* descriptors per queue we use (at most) */
 #define VQ_F_NEXT 1
@@ -101,6 +121,9 @@ const char *virtio_driver_ok(struct virtio_dev *v);
 const char *virtio_poll_queue(struct virtio_dev *v, u64 mem, u32 want, u32 *size, u32 *max, u64 *notify);
 /* Writes 0 to device_status and waits until it reads 0. */
 const char *virtio_reset(struct virtio_dev *v);
+/* A scenario's end: resets the device if it was found (v->common set); returns why, or the
+ * reset's failure when why is 0. */
+const char *virtio_finish(struct virtio_dev *v, const char *why);
 u8 virtio_status(struct virtio_dev *v);
 /* Device-specific configuration, read consistently with config_generation. */
 u64 virtio_cfg(struct virtio_dev *v, u32 off, int size);
@@ -117,5 +140,41 @@ const char *vq_wait_q(struct virtio_dev *v, struct virtq *q, struct vq_done *don
 /* Takes one used entry, if the device published one: 1 (filled *d), 0 (none), -1 (the id is not a
  * chain in flight). For queues whose chains complete one by one (virtio-net rx). */
 int vq_pop(struct virtq *q, struct vq_done *d);
+
+/* A queue a CPL3 driver polls (avail flags NO_INTERRUPT): the driver fills desc[id] itself and
+ * posts chains by descriptor id. */
+struct vq_poll {
+	u16 index, size, avail_idx, used_seen;
+	volatile struct vq_desc *desc;
+	volatile u16 *avail; /* flags, idx, ring[] */
+	volatile u16 *used;  /* flags, idx, then {u32 id, u32 len}[] */
+	u64 notify;
+	int pending; /* posted, not yet kicked */
+};
+
+/* Polling driver with its rings and buffers in RAM [mem, end) (checked against the memory map):
+ * finds the device (virtio_open, mode poll), requires a device-specific configuration and turns
+ * MSI-X off. CPL0. */
+const char *virtio_poll_open(struct virtio_dev *v, const char *name, u16 type, u64 mem, u64 end);
+/* Reset (waiting at most timeout cycles for status 0), ACKNOWLEDGE, DRIVER; *features = the
+ * device's features. */
+const char *virtio_poll_begin(struct virtio_dev *v, u64 timeout, u64 *features);
+/* Writes the driver features, sets FEATURES_OK and checks it stuck; fails unless the device has
+ * at least nq queues (what names them). */
+const char *virtio_poll_features(struct virtio_dev *v, u64 want, u16 nq, const char *what);
+/* Sets DRIVER_OK (after FEATURES_OK) and checks it. */
+const char *virtio_poll_driver_ok(struct virtio_dev *v);
+/* Queue qi with its rings in the 3 pages at mem (zeroed here), at most size_max entries. */
+void vqp_setup(struct virtio_dev *v, struct vq_poll *q, u16 qi, u64 mem, u16 size_max);
+/* Makes descriptor id available (seen by the device at the next vqp_kick). */
+void vqp_post(struct vq_poll *q, u16 id);
+/* Publishes the posted ids and notifies the device, if any were posted. */
+void vqp_kick(struct vq_poll *q);
+/* One used entry: 1 (filled id, len), 0 (none). */
+int vqp_pop(struct vq_poll *q, u32 *id, u32 *len);
+
+/* Keeps the first failure in *slot, copied (failf's buffer is reused by the next failf); returns
+ * it. One slot per scenario (buf of n bytes). */
+const char *fail_first(const char **slot, char *buf, size_t n, const char *why);
 
 #endif

@@ -321,10 +321,5 @@ const char *scenario_virtio_blk(void)
 		    (rdtsc() - t0) / (tsc_hz_or_guess() / 1000000));
 	if (!why && v.mode != WAIT_POLL && irq_count[5] == irq0)
 		why = failf("no MSI-X interrupt on vector %#x", IRQ_BASE + 5);
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, why);
 }

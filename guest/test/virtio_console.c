@@ -19,21 +19,6 @@
 #define CON_TYPE 3 /* 0x1040 + 3 = 0x1043 */
 #define CON_F_SIZE (1ull << 0)
 
-/* common configuration structure (virtio.c has the same) */
-#define CC_DFSELECT 0
-#define CC_DF 4
-#define CC_GFSELECT 8
-#define CC_GF 12
-#define CC_NUMQ 18
-#define CC_STATUS 20
-#define CC_QSELECT 22
-#define CC_QSIZE 24
-#define CC_QENABLE 28
-#define CC_QNOFF 30
-#define CC_QDESC 32
-#define CC_QDRIVER 40
-#define CC_QDEVICE 48
-
 #define QSIZE_MAX 64
 #define CON_RX_N 16
 #define CON_RX_BUF 256
@@ -47,14 +32,6 @@
 #define CON_RX (CON_MEM + 0x6000)
 #define CON_TX (CON_RX + CON_RX_N * CON_RX_BUF)
 #define CON_MEM_END (CON_TX + CON_TX_N * CON_TX_BUF)
-
-struct con_q {
-	u16 index, size, avail_idx, used_seen;
-	volatile struct vq_desc *desc;
-	volatile u16 *avail; /* flags, idx, ring[] */
-	volatile u16 *used;  /* flags, idx, then {u32 id, u32 len}[] */
-	u64 notify;
-};
 
 struct con_job {
 	/* in */
@@ -71,77 +48,23 @@ struct con_job {
 
 static struct con_job job;
 static struct virtio_dev v;
-static struct con_q qs[2];
+static struct vq_poll qs[2];
 static u64 hz;
-extern struct trap_frame user_fault;
 
 /* ---- CPL3 from here ... ---- */
 static u64 ms_to_cyc(u64 ms) { return ms * (hz / 1000); }
 
-static void q_setup(struct con_q *q, u16 qi)
-{
-	u64 mem = CON_MEM + (u64)qi * 0x3000;
-	mmio_write16(v.common + CC_QSELECT, qi);
-	u16 max = mmio_read16(v.common + CC_QSIZE);
-	u16 size = QSIZE_MAX;
-	while (size > max)
-		size >>= 1;
-	mmio_write16(v.common + CC_QSIZE, size);
-	memset(phys(mem), 0, 0x3000);
-	q->index = qi;
-	q->size = size;
-	q->avail_idx = q->used_seen = 0;
-	q->desc = phys(mem);
-	q->avail = phys(mem + 0x1000);
-	q->used = phys(mem + 0x2000);
-	q->avail[0] = 1; /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
-	u64 d = mem, a = mem + 0x1000, u = mem + 0x2000;
-	mmio_write32(v.common + CC_QDESC, (u32)d);
-	mmio_write32(v.common + CC_QDESC + 4, (u32)(d >> 32));
-	mmio_write32(v.common + CC_QDRIVER, (u32)a);
-	mmio_write32(v.common + CC_QDRIVER + 4, (u32)(a >> 32));
-	mmio_write32(v.common + CC_QDEVICE, (u32)u);
-	mmio_write32(v.common + CC_QDEVICE + 4, (u32)(u >> 32));
-	q->notify = v.notify_base + (u64)mmio_read16(v.common + CC_QNOFF) * v.notify_mult;
-	mmio_write16(v.common + CC_QENABLE, 1);
-}
-
 /* Makes descriptor id available and notifies the device. */
-static void q_post(struct con_q *q, u16 id)
+static void q_post(struct vq_poll *q, u16 id)
 {
-	q->avail[2 + q->avail_idx % q->size] = id;
-	q->avail_idx++;
-	__asm__ volatile("" ::: "memory");
-	q->avail[1] = q->avail_idx;
-	mb();
-	mmio_write16(q->notify, q->index);
-}
-
-/* One used entry: 1 (filled id, len), 0 (none). */
-static int q_pop(struct con_q *q, u32 *id, u32 *len)
-{
-	if (q->used[1] == q->used_seen)
-		return 0;
-	__asm__ volatile("" ::: "memory"); /* x86 does not reorder loads with loads */
-	volatile u32 *e = (volatile u32 *)(q->used + 2) + 2 * (q->used_seen % q->size);
-	*id = e[0];
-	*len = e[1];
-	q->used_seen++;
-	return 1;
+	vqp_post(q, id);
+	vqp_kick(q);
 }
 
 static const char *fail(const char *why)
 {
 	static char first[192];
-	if (!job.fail) {
-		size_t n = strlen(why);
-		if (n >= sizeof(first))
-			n = sizeof(first) - 1;
-		memcpy(first, why, n);
-		first[n] = 0;
-		job.fail = first;
-	}
-	return job.fail;
+	return fail_first(&job.fail, first, sizeof(first), why);
 }
 
 static u8 *tx_buf(u32 i) { return phys(CON_TX + (u64)i * CON_TX_BUF); }
@@ -149,32 +72,18 @@ static u8 *rx_buf(u32 i) { return phys(CON_RX + (u64)i * CON_RX_BUF); }
 
 static const char *con_init(void)
 {
-	mmio_write8(v.common + CC_STATUS, 0);
-	u64 t0 = rdtsc();
-	while (mmio_read8(v.common + CC_STATUS) != 0)
-		if (rdtsc() - t0 > ms_to_cyc(1000))
-			return failf("device status reads %#x a second after reset", mmio_read8(v.common + CC_STATUS));
-	mmio_write8(v.common + CC_STATUS, VIRTIO_S_ACKNOWLEDGE);
-	mmio_write8(v.common + CC_STATUS, VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER);
-	mmio_write32(v.common + CC_DFSELECT, 0);
-	u64 lo = mmio_read32(v.common + CC_DF);
-	mmio_write32(v.common + CC_DFSELECT, 1);
-	u64 f = (u64)mmio_read32(v.common + CC_DF) << 32 | lo;
+	u64 f;
+	const char *why = virtio_poll_begin(&v, ms_to_cyc(1000), &f);
+	if (why)
+		return why;
 	if (!(f & VIRTIO_F_VERSION_1))
 		return failf("device features %#lx lack VERSION_1", f);
 	u64 want = VIRTIO_F_VERSION_1 | (f & CON_F_SIZE) | (f & VIRTIO_F_ACCESS_PLATFORM);
-	mmio_write32(v.common + CC_GFSELECT, 0);
-	mmio_write32(v.common + CC_GF, (u32)want);
-	mmio_write32(v.common + CC_GFSELECT, 1);
-	mmio_write32(v.common + CC_GF, (u32)(want >> 32));
-	mmio_write8(v.common + CC_STATUS, VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER | VIRTIO_S_FEATURES_OK);
-	if (!(mmio_read8(v.common + CC_STATUS) & VIRTIO_S_FEATURES_OK))
-		return failf("device cleared FEATURES_OK");
-	u16 nq = mmio_read16(v.common + CC_NUMQ);
-	if (nq < 2)
-		return failf("the device has %u queues, want 2 (receiveq, transmitq)", nq);
+	why = virtio_poll_features(&v, want, 2, "receiveq, transmitq");
+	if (why)
+		return why;
 	for (u16 i = 0; i < 2; i++) {
-		q_setup(&qs[i], i);
+		vqp_setup(&v, &qs[i], i, CON_MEM + (u64)i * 0x3000, QSIZE_MAX);
 		if (qs[i].size < CON_RX_N)
 			return failf("queue %u has %u entries, too few", i, qs[i].size);
 	}
@@ -183,11 +92,9 @@ static const char *con_init(void)
 		job.cols = (u16)virtio_cfg(&v, 0, 2);
 		job.rows = (u16)virtio_cfg(&v, 2, 2);
 	}
-	mmio_write8(v.common + CC_STATUS,
-		    VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER | VIRTIO_S_FEATURES_OK | VIRTIO_S_DRIVER_OK);
-	u8 s = mmio_read8(v.common + CC_STATUS);
-	if (!(s & VIRTIO_S_DRIVER_OK) || (s & VIRTIO_S_NEEDS_RESET))
-		return failf("status %#x after DRIVER_OK", s);
+	why = virtio_poll_driver_ok(&v);
+	if (why)
+		return why;
 	for (u32 i = 0; i < CON_RX_N; i++) {
 		qs[0].desc[i] = (struct vq_desc){(u64)rx_buf(i), CON_RX_BUF, VQ_F_WRITE, 0};
 		q_post(&qs[0], (u16)i);
@@ -203,7 +110,7 @@ static const char *con_write(const char *s, u32 n)
 	q_post(&qs[1], 0);
 	u64 t0 = rdtsc();
 	u32 id, len;
-	while (!q_pop(&qs[1], &id, &len))
+	while (!vqp_pop(&qs[1], &id, &len))
 		if (rdtsc() - t0 > ms_to_cyc(5000))
 			return failf("a %u-byte write was not used within 5 s", n);
 	if (id != 0)
@@ -224,7 +131,7 @@ static const char *con_read_line(void)
 	job.line_len = 0;
 	for (;;) {
 		u32 id, len;
-		if (!q_pop(&qs[0], &id, &len)) {
+		if (!vqp_pop(&qs[0], &id, &len)) {
 			if (rdtsc() - last > ms_to_cyc(job.idle_ms))
 				return failf("no input for %u ms (got %u bytes of the line)", job.idle_ms, job.line_len);
 			cpu_relax();
@@ -269,7 +176,7 @@ static const char *bench_virtio(u64 n)
 			queued += len;
 		}
 		u32 id, len;
-		if (q_pop(&qs[1], &id, &len)) {
+		if (vqp_pop(&qs[1], &id, &len)) {
 			if (id >= CON_TX_N)
 				return failf("transmitq used id %u", id);
 			done += qs[1].desc[id].len;
@@ -301,9 +208,7 @@ static const char *bench_uart(u64 n)
 static void user_console(void *arg)
 {
 	struct con_job *j = arg;
-	u16 cs;
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
-	j->cs = cs;
+	j->cs = read_cs();
 	hz = tsc_hz_or_guess();
 	const char *why = con_init();
 	if (!why)
@@ -344,28 +249,13 @@ static const char *con_run(void)
 			return failf("ringvm.console.bench=%lu: want at most 1 GiB", x);
 		job.bench = x;
 	}
-	if (!e820_ram_covers(CON_MEM, CON_MEM_END))
-		return failf("RAM %#llx-%#llx (rings and buffers) is not in the memory map", CON_MEM, CON_MEM_END);
-	memset(&v, 0, sizeof(v));
-	v.name = "virtio-console";
-	v.mode = WAIT_POLL;
-	const char *why = virtio_open(&v, CON_TYPE);
-	if (!why && !v.device)
-		why = failf("no device-specific configuration capability");
+	const char *why = virtio_poll_open(&v, "virtio-console", CON_TYPE, CON_MEM, CON_MEM_END);
 	if (why)
 		return why;
-	if (v.msix_cap) { /* polling: no interrupts */
-		u16 ctrl = (u16)pci_read(v.pci, v.msix_cap + 2u, 2);
-		pci_write(v.pci, v.msix_cap + 2u, 2, ctrl & ~0x8000);
-	}
 
-	user_active = 1;
-	u64 vec = enter_user(user_console, &job, (u64)user_stack_top);
-	if (vec != 13 || user_fault.rip != (u64)user_exit)
-		return failf("the CPL3 run ended with exception %lu error %#lx at rip %#lx", vec, user_fault.error,
-			     user_fault.rip);
-	if ((job.cs & 3) != 3)
-		return failf("the driver ran with cs %#x, not at CPL3", job.cs);
+	const char *ran = run_user(user_console, &job, &job.cs, "driver");
+	if (ran)
+		return ran;
 	if (job.sized)
 		say("virtio-console size cols=%u rows=%u", job.cols, job.rows);
 	else
@@ -387,11 +277,5 @@ static const char *con_run(void)
 
 const char *scenario_virtio_console(void)
 {
-	const char *why = con_run();
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, con_run());
 }

@@ -805,10 +805,5 @@ const char *scenario_virtio_net(void)
 	if (why)
 		return why;
 	why = net_run();
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, why);
 }

@@ -118,10 +118,5 @@ const char *scenario_virtio_rng(void)
 	if (why)
 		return why;
 	why = rng_run(&v);
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, why);
 }

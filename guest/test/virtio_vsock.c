@@ -46,21 +46,6 @@
 #define VSOCK_F_STREAM (1ull << 0)
 #define VSOCK_F_SEQPACKET (1ull << 1)
 
-/* common configuration structure (virtio.c has the same) */
-#define CC_DFSELECT 0
-#define CC_DF 4
-#define CC_GFSELECT 8
-#define CC_GF 12
-#define CC_NUMQ 18
-#define CC_STATUS 20
-#define CC_QSELECT 22
-#define CC_QSIZE 24
-#define CC_QENABLE 28
-#define CC_QNOFF 30
-#define CC_QDESC 32
-#define CC_QDRIVER 40
-#define CC_QDEVICE 48
-
 #define OP_REQUEST 1
 #define OP_RESPONSE 2
 #define OP_RST 3
@@ -109,15 +94,6 @@ static const char *const app_names[] = {"echo", "source", "rst", "reset", "sink"
 enum { C_FREE, C_CONNECTING, C_OPEN, C_CLOSING, C_CLOSED };
 static const char *const state_names[] = {"free", "connecting", "open", "closing", "closed"};
 
-struct vs_q {
-	u16 index, size, avail_idx, used_seen;
-	volatile struct vq_desc *desc;
-	volatile u16 *avail; /* flags, idx, ring[] */
-	volatile u16 *used;  /* flags, idx, then {u32 id, u32 len}[] */
-	u64 notify;
-	int pending;
-};
-
 struct vconn {
 	u8 state, app, hold, reported, server;
 	u32 num; /* connection number (pattern, messages) */
@@ -153,13 +129,12 @@ struct vs_job {
 
 static struct vs_job job;
 static struct virtio_dev v;
-static struct vs_q qs[3];
+static struct vq_poll qs[3];
 static struct vconn conns[MAX_CONNS];
 static u32 next_port;
 static u16 tx_free[TX_N];
 static u32 tx_nfree;
 static u64 hz, last_progress;
-extern struct trap_frame user_fault;
 
 /* ---- CPL3 from here ... ---- */
 static u64 ms_to_cyc(u64 ms) { return ms * (hz / 1000); }
@@ -179,66 +154,6 @@ static u64 fnv(u64 h, const u8 *p, u32 n)
 /* The echo pattern: byte i of connection c. */
 static u8 pat(u32 c, u64 i) { return (u8)((i * 2654435761u >> 13) + c * 7 + (i >> 12)); }
 
-static void q_setup(struct vs_q *q, u16 qi)
-{
-	u64 mem = VS_MEM + (u64)qi * 0x3000;
-	mmio_write16(v.common + CC_QSELECT, qi);
-	u16 max = mmio_read16(v.common + CC_QSIZE);
-	u16 size = QSIZE_MAX;
-	while (size > max)
-		size >>= 1;
-	mmio_write16(v.common + CC_QSIZE, size);
-	memset(phys(mem), 0, 0x3000);
-	q->index = qi;
-	q->size = size;
-	q->avail_idx = q->used_seen = 0;
-	q->pending = 0;
-	q->desc = phys(mem);
-	q->avail = phys(mem + 0x1000);
-	q->used = phys(mem + 0x2000);
-	q->avail[0] = 1; /* VIRTQ_AVAIL_F_NO_INTERRUPT: we poll */
-	u64 d = mem, a = mem + 0x1000, u = mem + 0x2000;
-	mmio_write32(v.common + CC_QDESC, (u32)d);
-	mmio_write32(v.common + CC_QDESC + 4, (u32)(d >> 32));
-	mmio_write32(v.common + CC_QDRIVER, (u32)a);
-	mmio_write32(v.common + CC_QDRIVER + 4, (u32)(a >> 32));
-	mmio_write32(v.common + CC_QDEVICE, (u32)u);
-	mmio_write32(v.common + CC_QDEVICE + 4, (u32)(u >> 32));
-	q->notify = v.notify_base + (u64)mmio_read16(v.common + CC_QNOFF) * v.notify_mult;
-	mmio_write16(v.common + CC_QENABLE, 1);
-}
-
-static void q_post(struct vs_q *q, u16 id)
-{
-	q->avail[2 + q->avail_idx % q->size] = id;
-	q->avail_idx++;
-	q->pending = 1;
-}
-
-static void q_kick(struct vs_q *q)
-{
-	if (!q->pending)
-		return;
-	__asm__ volatile("" ::: "memory");
-	q->avail[1] = q->avail_idx;
-	mb();
-	mmio_write16(q->notify, q->index);
-	q->pending = 0;
-}
-
-/* One used entry: 1 (filled id, len), 0 (none). */
-static int q_pop(struct vs_q *q, u32 *id, u32 *len)
-{
-	if (q->used[1] == q->used_seen)
-		return 0;
-	__asm__ volatile("" ::: "memory"); /* x86 does not reorder loads with loads */
-	volatile u32 *e = (volatile u32 *)(q->used + 2) + 2 * (q->used_seen % q->size);
-	*id = e[0];
-	*len = e[1];
-	q->used_seen++;
-	return 1;
-}
-
 static u8 *rx_buf(u32 i) { return phys(VS_RX + (u64)i * RX_STRIDE); }
 static u8 *tx_buf(u32 i) { return phys(VS_TX + (u64)i * TX_STRIDE); }
 
@@ -246,72 +161,48 @@ static u8 *tx_buf(u32 i) { return phys(VS_TX + (u64)i * TX_STRIDE); }
 static const char *fail(const char *why)
 {
 	static char first[192];
-	if (!job.fail) {
-		size_t n = strlen(why);
-		if (n >= sizeof(first))
-			n = sizeof(first) - 1;
-		memcpy(first, why, n);
-		first[n] = 0;
-		job.fail = first;
-	}
-	return job.fail;
+	return fail_first(&job.fail, first, sizeof(first), why);
 }
 
 /* Reset, features, queues, CID, DRIVER_OK, buffers posted: the whole (re)initialisation. */
 static const char *vs_init(void)
 {
-	mmio_write8(v.common + CC_STATUS, 0);
-	u64 t0 = rdtsc();
-	while (mmio_read8(v.common + CC_STATUS) != 0)
-		if (rdtsc() - t0 > ms_to_cyc(1000))
-			return failf("device status reads %#x a second after reset", mmio_read8(v.common + CC_STATUS));
-	mmio_write8(v.common + CC_STATUS, VIRTIO_S_ACKNOWLEDGE);
-	mmio_write8(v.common + CC_STATUS, VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER);
-	mmio_write32(v.common + CC_DFSELECT, 0);
-	u64 lo = mmio_read32(v.common + CC_DF);
-	mmio_write32(v.common + CC_DFSELECT, 1);
-	u64 f = (u64)mmio_read32(v.common + CC_DF) << 32 | lo;
+	u64 f;
+	const char *why = virtio_poll_begin(&v, ms_to_cyc(1000), &f);
+	if (why)
+		return why;
 	/* A device that offers neither VIRTIO_VSOCK_F_STREAM nor F_SEQPACKET has stream sockets
 	 * only (virtio 1.3 5.10.3; devices older than the bit, e.g. vhost-device-vsock 0.3). */
 	if (!(f & VIRTIO_F_VERSION_1) || (!(f & VSOCK_F_STREAM) && (f & VSOCK_F_SEQPACKET)))
 		return failf("device features %#lx lack VERSION_1 or stream sockets", f);
 	u64 want = VIRTIO_F_VERSION_1 | (f & VSOCK_F_STREAM) | (f & VIRTIO_F_ACCESS_PLATFORM);
-	mmio_write32(v.common + CC_GFSELECT, 0);
-	mmio_write32(v.common + CC_GF, (u32)want);
-	mmio_write32(v.common + CC_GFSELECT, 1);
-	mmio_write32(v.common + CC_GF, (u32)(want >> 32));
-	mmio_write8(v.common + CC_STATUS, VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER | VIRTIO_S_FEATURES_OK);
-	if (!(mmio_read8(v.common + CC_STATUS) & VIRTIO_S_FEATURES_OK))
-		return failf("device cleared FEATURES_OK");
-	u16 nq = mmio_read16(v.common + CC_NUMQ);
-	if (nq < 3)
-		return failf("the device has %u queues, want 3 (rx, tx, event)", nq);
+	why = virtio_poll_features(&v, want, 3, "rx, tx, event");
+	if (why)
+		return why;
 	for (u16 i = 0; i < 3; i++) {
-		q_setup(&qs[i], i);
+		vqp_setup(&v, &qs[i], i, VS_MEM + (u64)i * 0x3000, QSIZE_MAX);
 		if (qs[i].size < (i == 0 ? RX_N : i == 1 ? TX_N : EV_N))
 			return failf("queue %u has %u entries, too few", i, qs[i].size);
 		if (mmio_read16(v.common + CC_QENABLE) != 1)
 			return failf("queue %u: queue_enable does not read 1", i);
 	}
 	job.cid = virtio_cfg(&v, 0, 8);
-	mmio_write8(v.common + CC_STATUS,
-		    VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER | VIRTIO_S_FEATURES_OK | VIRTIO_S_DRIVER_OK);
-	u8 s = mmio_read8(v.common + CC_STATUS);
-	if (!(s & VIRTIO_S_DRIVER_OK) || (s & VIRTIO_S_NEEDS_RESET))
-		return failf("status %#x after DRIVER_OK", s);
+	why = virtio_poll_driver_ok(&v);
+	if (why)
+		return why;
 	for (u32 i = 0; i < RX_N; i++) {
 		qs[0].desc[i] = (struct vq_desc){(u64)rx_buf(i), HDR + RX_PAYLOAD, VQ_F_WRITE, 0};
-		q_post(&qs[0], (u16)i);
+		vqp_post(&qs[0], (u16)i);
 	}
 	for (u32 i = 0; i < EV_N; i++) {
 		qs[2].desc[i] = (struct vq_desc){VS_EV + 8 * i, 8, VQ_F_WRITE, 0};
-		q_post(&qs[2], (u16)i);
+		vqp_post(&qs[2], (u16)i);
 	}
 	tx_nfree = TX_N;
 	for (u32 i = 0; i < TX_N; i++)
 		tx_free[i] = (u16)(TX_N - 1 - i);
-	q_kick(&qs[0]);
-	q_kick(&qs[2]);
+	vqp_kick(&qs[0]);
+	vqp_kick(&qs[2]);
 	job.inits++;
 	return 0;
 }
@@ -319,7 +210,7 @@ static const char *vs_init(void)
 static void tx_reclaim(void)
 {
 	u32 id, len;
-	while (q_pop(&qs[1], &id, &len))
+	while (vqp_pop(&qs[1], &id, &len))
 		if (id < TX_N && tx_nfree < TX_N)
 			tx_free[tx_nfree++] = (u16)id;
 }
@@ -330,7 +221,7 @@ static int tx_slot(int wait)
 {
 	tx_reclaim();
 	if (!tx_nfree && wait) {
-		q_kick(&qs[1]);
+		vqp_kick(&qs[1]);
 		u64 t0 = rdtsc();
 		while (!tx_nfree && rdtsc() - t0 < ms_to_cyc(1000)) {
 			cpu_relax();
@@ -347,7 +238,7 @@ static void tx_put(int slot, u32 src_port, u32 dst_port, u16 op, u32 flags, u32 
 	struct vs_hdr *h = (struct vs_hdr *)tx_buf((u32)slot);
 	*h = (struct vs_hdr){job.cid, HOST_CID, src_port, dst_port, len, TYPE_STREAM, op, flags, buf_alloc, fwd};
 	qs[1].desc[slot] = (struct vq_desc){(u64)h, HDR + len, 0, 0};
-	q_post(&qs[1], (u16)slot);
+	vqp_post(&qs[1], (u16)slot);
 	job.tx_packets++;
 }
 
@@ -568,13 +459,13 @@ static void rx_packet(const struct vs_hdr *h, u32 used_len)
 static void poll_rx(void)
 {
 	u32 id, len;
-	while (!job.fail && q_pop(&qs[0], &id, &len)) {
+	while (!job.fail && vqp_pop(&qs[0], &id, &len)) {
 		if (id >= RX_N) {
 			fail(failf("rx used id %u is not a buffer we posted", id));
 			return;
 		}
 		rx_packet((const struct vs_hdr *)rx_buf(id), len);
-		q_post(&qs[0], (u16)id);
+		vqp_post(&qs[0], (u16)id);
 	}
 }
 
@@ -582,7 +473,7 @@ static void poll_rx(void)
 static u32 poll_events(void)
 {
 	u32 id, len, n = 0;
-	while (q_pop(&qs[2], &id, &len)) {
+	while (vqp_pop(&qs[2], &id, &len)) {
 		if (id >= EV_N || len < 4) {
 			fail(failf("event used id %u len %u", id, len));
 			return n;
@@ -595,7 +486,7 @@ static u32 poll_events(void)
 		n++;
 		job.events++;
 		say("virtio-vsock event transport-reset (cid %lu)", virtio_cfg(&v, 0, 8));
-		q_post(&qs[2], (u16)id);
+		vqp_post(&qs[2], (u16)id);
 		/* Every connection is gone (virtio 1.2 5.10.6.6). */
 		for (u32 i = 0; i < MAX_CONNS; i++)
 			if (conns[i].state == C_CONNECTING || conns[i].state == C_OPEN || conns[i].state == C_CLOSING) {
@@ -608,7 +499,7 @@ static u32 poll_events(void)
 			}
 		job.cid = virtio_cfg(&v, 0, 8);
 	}
-	q_kick(&qs[2]);
+	vqp_kick(&qs[2]);
 	return n;
 }
 
@@ -783,8 +674,8 @@ static int vs_loop(int (*done)(void))
 			if (conns[i].state == C_CLOSED)
 				c_report(&conns[i]);
 		}
-		q_kick(&qs[1]);
-		q_kick(&qs[0]);
+		vqp_kick(&qs[1]);
+		vqp_kick(&qs[0]);
 		if (job.fail)
 			return 0;
 		if (done())
@@ -864,7 +755,7 @@ static int heal_rounds(void)
 			c->resettable = 1;
 			c->to_send = ~0ull;
 		}
-		q_kick(&qs[1]);
+		vqp_kick(&qs[1]);
 	}
 	return 1;
 }
@@ -872,9 +763,7 @@ static int heal_rounds(void)
 static void user_vsock(void *arg)
 {
 	struct vs_job *j = arg;
-	u16 cs;
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
-	j->cs = cs;
+	j->cs = read_cs();
 	hz = tsc_hz_or_guess();
 	u64 t0 = rdtsc();
 	progress();
@@ -908,7 +797,7 @@ static void user_vsock(void *arg)
 				c->to_send = ~0ull;
 			}
 		}
-		q_kick(&qs[1]);
+		vqp_kick(&qs[1]);
 	}
 	if (j->app == APP_RESET) {
 		if (!vs_loop(reset_due))
@@ -942,7 +831,7 @@ static void user_vsock(void *arg)
 		struct vconn *c = c_connect(APP_RESET, 1);
 		if (c)
 			c->to_send = 4096;
-		q_kick(&qs[1]);
+		vqp_kick(&qs[1]);
 	}
 	if (j->app == APP_HEAL && !heal_rounds())
 		return;
@@ -1044,29 +933,13 @@ static const char *vs_run(void)
 		if ((job.app == APP_RESET || job.app == APP_RST || job.app == APP_HEAL) && job.conns != 1)
 			return failf("ringvm.vsock.app=%s takes one connection", app_names[job.app]);
 	}
-	if (!e820_ram_covers(VS_MEM, VS_MEM_END))
-		return failf("RAM %#llx-%#llx (rings and buffers) is not in the memory map", VS_MEM, VS_MEM_END);
-
-	memset(&v, 0, sizeof(v));
-	v.name = "virtio-vsock";
-	v.mode = WAIT_POLL;
-	const char *why = virtio_open(&v, VSOCK_TYPE);
-	if (!why && !v.device)
-		why = failf("no device-specific configuration capability");
+	const char *why = virtio_poll_open(&v, "virtio-vsock", VSOCK_TYPE, VS_MEM, VS_MEM_END);
 	if (why)
 		return why;
-	if (v.msix_cap) { /* polling: no interrupts */
-		u16 ctrl = (u16)pci_read(v.pci, v.msix_cap + 2u, 2);
-		pci_write(v.pci, v.msix_cap + 2u, 2, ctrl & ~0x8000);
-	}
 
-	user_active = 1;
-	u64 vec = enter_user(user_vsock, &job, (u64)user_stack_top);
-	if (vec != 13 || user_fault.rip != (u64)user_exit)
-		return failf("the CPL3 run ended with exception %lu error %#lx at rip %#lx", vec, user_fault.error,
-			     user_fault.rip);
-	if ((job.cs & 3) != 3)
-		return failf("the driver ran with cs %#x, not at CPL3", job.cs);
+	const char *ran = run_user(user_vsock, &job, &job.cs, "driver");
+	if (ran)
+		return ran;
 	u64 ms = job.cycles / (tsc_hz_or_guess() / 1000);
 	say("virtio-vsock stats conns=%u accepted=%u bytes-sent=%lu bytes-received=%lu tx-packets=%lu rx-packets=%lu "
 	    "time=%lums",
@@ -1080,11 +953,5 @@ static const char *vs_run(void)
 
 const char *scenario_virtio_vsock(void)
 {
-	const char *why = vs_run();
-	if (v.common) {
-		const char *r = virtio_reset(&v);
-		if (!why)
-			why = r;
-	}
-	return why;
+	return virtio_finish(&v, vs_run());
 }

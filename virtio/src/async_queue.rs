@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use executor::{EventFd, EventFdStream};
 use memory::GuestMemory;
 
-use crate::{DescriptorChain, Error, Queue, Result};
+use crate::{ChainError, DescriptorChain, Error, Queue, Result};
 
 /// A queue, the guest memory it lives in, its kick stream and its call eventfd, for a
 /// device's single-threaded executor. Methods take `&self`, so a device can share it
@@ -113,6 +113,24 @@ impl AsyncQueue {
             }
             drop(guard);
             self.queue.borrow_mut().disable_notification(&self.mem)?;
+        }
+    }
+
+    /// The next well-formed chain: a malformed one is handed to `invalid` (to log and count
+    /// it), given back with a zero-length used entry, and skipped. An error is one of
+    /// [`next_chain`](Self::next_chain) or of giving a malformed chain back.
+    pub async fn next_valid_chain(
+        &self,
+        mut invalid: impl FnMut(u16, &ChainError),
+    ) -> Result<DescriptorChain> {
+        loop {
+            match self.next_chain().await {
+                Err(Error::InvalidChain { head, reason }) => {
+                    invalid(head, &reason);
+                    self.complete(head, 0)?;
+                }
+                next => return next,
+            }
         }
     }
 
@@ -262,10 +280,8 @@ mod tests {
         assert!(kick.is_some());
     }
 
-    #[test]
-    fn invalid_chain_is_reported_and_the_queue_goes_on() {
-        let mut f = fixture();
-        let q = async_queue(&f, 0);
+    /// Publishes chain 5 (a buffer outside guest memory), then a good chain (returned).
+    fn bad_chain_then_good(f: &mut Fixture) -> u16 {
         f.mock
             .write_desc(
                 5,
@@ -278,14 +294,35 @@ mod tests {
             )
             .expect("write");
         f.mock.publish(5).expect("publish");
-        let sent = f.mock.add_chain(&[MockBuf::Writable(1)]).expect("add");
+        f.mock.add_chain(&[MockBuf::Writable(1)]).expect("add").head
+    }
+
+    #[test]
+    fn invalid_chain_is_reported_and_the_queue_goes_on() {
+        let mut f = fixture();
+        let q = async_queue(&f, 0);
+        let sent = bad_chain_then_good(&mut f);
         f.ex.run_until(async {
             match q.next_chain().await {
                 Err(Error::InvalidChain { head: 5, .. }) => q.complete(5, 0).expect("return"),
                 other => panic!("expected an invalid chain, got {other:?}"),
             }
             let c = q.next_chain().await.expect("next");
-            assert_eq!(c.head_index(), sent.head);
+            assert_eq!(c.head_index(), sent);
         });
+    }
+
+    #[test]
+    fn next_valid_chain_gives_a_malformed_chain_back_empty_and_skips_it() {
+        let mut f = fixture();
+        let q = async_queue(&f, 0);
+        let sent = bad_chain_then_good(&mut f);
+        let mut invalid = Vec::new();
+        let c =
+            f.ex.run_until(q.next_valid_chain(|head, _| invalid.push(head)))
+                .expect("next");
+        assert_eq!((invalid, c.head_index()), (vec![5], sent));
+        let used = f.mock.next_used().expect("used").expect("an entry");
+        assert_eq!((used.id, used.len), (5, 0));
     }
 }

@@ -6,15 +6,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::Wrapping;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use executor::{EventFd, EventFdStream, Executor, Task};
 use memory::{GuestAddress, GuestMemory};
 
 use crate::queue::desc::{
     avail_ring_len, desc_table_len, used_ring_len, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 };
-use crate::{Buffer, Descriptor, Error, Queue, Result, VIRTIO_F_INDIRECT_DESC};
+use crate::vhost_user::{Device, StopSignal};
+use crate::{AsyncQueue, Buffer, Descriptor, Error, Queue, Result, VIRTIO_F_INDIRECT_DESC};
 
 /// One buffer of a chain to submit.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -438,6 +442,82 @@ impl MockSplitQueue {
             .load_u16(addr, Ordering::Acquire)
             .map(u16::from_le)
             .map_err(mock_err)
+    }
+}
+
+/// One queue of a device under test, driven from the driver's side: 4 MiB of guest memory
+/// with the queue at 0x1000 (16 entries), its kick and call eventfds, an executor to run the
+/// device's queue task on, and the signal that stops it. Panics (it is for tests) when the
+/// set-up fails or the device does not answer within 5 s.
+pub struct DeviceQueue {
+    pub ex: Executor,
+    pub driver: MockSplitQueue,
+    pub kick: EventFd,
+    /// The call eventfd, as the driver waits on it.
+    pub calls: EventFdStream,
+    pub queue: Rc<AsyncQueue>,
+    pub stop: StopSignal,
+}
+
+impl DeviceQueue {
+    pub fn new() -> DeviceQueue {
+        let mem = GuestMemory::new_x86(4 << 20).expect("guest memory");
+        let driver = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).expect("mock queue");
+        let kick = EventFd::new().expect("kick eventfd");
+        let call = EventFd::new().expect("call eventfd");
+        let calls = call.try_clone().expect("call eventfd").into_stream();
+        let queue = Rc::new(AsyncQueue::new(
+            driver.queue().expect("queue"),
+            mem,
+            kick.try_clone().expect("kick eventfd").into_stream(),
+            call,
+        ));
+        DeviceQueue {
+            ex: Executor::new().expect("executor"),
+            driver,
+            kick,
+            calls,
+            queue,
+            stop: StopSignal::new(),
+        }
+    }
+
+    /// `device` serves its queue `index` on this queue (no features acked) until the stop.
+    pub fn serve<D: Device + 'static>(&self, device: Rc<D>, index: usize) -> Task<()> {
+        self.ex
+            .spawn(device.run_queue(index, self.queue.clone(), 0, self.stop.clone()))
+    }
+
+    /// Waits for calls until at least `n` used entries came: their `(id, len)`.
+    pub fn wait_used(&mut self, n: usize) -> Vec<(u32, u32)> {
+        let mut used = Vec::new();
+        while used.len() < n {
+            self.ex
+                .run_until(executor::timeout(
+                    Duration::from_secs(5),
+                    self.calls.next_value(),
+                ))
+                .expect("a call within 5 s")
+                .expect("call eventfd");
+            while let Some(u) = self.driver.next_used().expect("used ring") {
+                used.push((u.id, u.len));
+            }
+        }
+        used
+    }
+
+    /// Stops the queue; its task must end within 5 s.
+    pub fn stop_and_join(&self, task: Task<()>) {
+        self.stop.stop();
+        self.ex
+            .run_until(executor::timeout(Duration::from_secs(5), task))
+            .expect("the queue task ends within 5 s");
+    }
+}
+
+impl Default for DeviceQueue {
+    fn default() -> DeviceQueue {
+        DeviceQueue::new()
     }
 }
 

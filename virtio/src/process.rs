@@ -13,6 +13,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::OwnedFd;
 
+use argh::FromArgs;
 use executor::opcode;
 
 use crate::types::DeviceType;
@@ -54,6 +55,17 @@ pub trait DeviceProcess {
     /// The arguments that give `options` back (what the VMM passes when it spawns the
     /// device): `Options::from_args` of them equals `options`.
     fn to_args(options: &Self::Options) -> Vec<OsString>;
+}
+
+/// `options` as [`DeviceProcess::to_args`] prints them, parsed back as the spawned process
+/// parses them: each crate's round-trip test compares the result with `options`.
+pub fn args_round_trip<P: DeviceProcess>(options: &P::Options) -> Result<P::Options, String> {
+    let args = P::to_args(options)
+        .into_iter()
+        .map(|s| s.into_string().map_err(|s| format!("{s:?} is not UTF-8")))
+        .collect::<Result<Vec<String>, String>>()?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    P::Options::from_args(&[P::TYPE.name()], &args).map_err(|e| e.output)
 }
 
 /// A device, and what a jailed child serving it in its place needs.

@@ -68,19 +68,14 @@ impl Rng {
 
     async fn run(self: Rc<Self>, queue: Rc<AsyncQueue>, stop: StopSignal) {
         loop {
-            let next = pin!(queue.next_chain());
+            let next = pin!(queue.next_valid_chain(|head, reason| {
+                self.errors
+                    .log(format_args!("invalid chain at head {head}: {reason}"));
+                crate::stats::stats().request(0, 0);
+                crate::stats::stats().error(0);
+            }));
             let chain = match select(next, stop.clone()).await {
                 Either::Left((Ok(chain), _)) => chain,
-                Either::Left((Err(Error::InvalidChain { head, reason }), _)) => {
-                    self.errors
-                        .log(format_args!("invalid chain at head {head}: {reason}"));
-                    crate::stats::stats().request(0, 0);
-                    crate::stats::stats().error(0);
-                    if let Err(e) = queue.complete(head, 0) {
-                        return self.fail(e, stop).await;
-                    }
-                    continue;
-                }
                 Either::Left((Err(e), _)) => return self.fail(e, stop).await,
                 Either::Right(((), _)) => {
                     self.errors.flush();
@@ -171,52 +166,16 @@ mod tests {
     use std::fs::File;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
-    use std::time::Duration;
-
-    use executor::{EventFd, Executor};
-    use memory::{GuestAddress, GuestMemory};
 
     use super::*;
-    use crate::mock::{MockBuf, MockSplitQueue};
-
-    struct Fixture {
-        ex: Executor,
-        driver: MockSplitQueue,
-        kick: EventFd,
-        calls: executor::EventFdStream,
-        queue: Rc<AsyncQueue>,
-    }
-
-    fn fixture() -> Fixture {
-        let ex = Executor::new().unwrap();
-        let mem = GuestMemory::new_x86(4 << 20).unwrap();
-        let driver = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).unwrap();
-        let kick = EventFd::new().unwrap();
-        let call = EventFd::new().unwrap();
-        let calls = call.try_clone().unwrap().into_stream();
-        let queue = Rc::new(AsyncQueue::new(
-            driver.queue().unwrap(),
-            mem,
-            kick.try_clone().unwrap().into_stream(),
-            call,
-        ));
-        Fixture {
-            ex,
-            driver,
-            kick,
-            calls,
-            queue,
-        }
-    }
+    use crate::mock::{DeviceQueue, MockBuf};
 
     #[test]
     fn writable_buffers_get_exactly_the_entropy_fd_bytes() {
-        let mut f = fixture();
+        let mut f = DeviceQueue::new();
         let (source, mut feed) = UnixStream::pair().unwrap();
         let rng = Rc::new(Rng::new(source.into()));
-        let stop = StopSignal::new();
-        let task =
-            f.ex.spawn(rng.run_queue(0, f.queue.clone(), 0, stop.clone()));
+        let task = f.serve(rng, 0);
         let pattern: Vec<u8> = (0..48).collect();
         feed.write_all(&pattern).unwrap();
         let sent = f
@@ -228,61 +187,35 @@ mod tests {
             ])
             .unwrap();
         f.kick.write(1).unwrap();
-        f.ex.run_until(executor::timeout(
-            Duration::from_secs(5),
-            f.calls.next_value(),
-        ))
-        .unwrap()
-        .unwrap();
-        let used = f.driver.next_used().unwrap().unwrap();
-        assert_eq!(used.len, 48);
+        assert_eq!(f.wait_used(1), [(u32::from(sent.head), 48)]);
         assert_eq!(f.driver.read_writable(&sent).unwrap(), pattern);
-        stop.stop();
-        f.ex.run_until(executor::timeout(Duration::from_secs(5), task))
-            .unwrap();
+        f.stop_and_join(task);
     }
 
     #[test]
     fn urandom_read_at_offset_zero_fills_chains_and_no_writable_buffer_gets_zero() {
-        let mut f = fixture();
+        let mut f = DeviceQueue::new();
         let rng = Rc::new(Rng::new(File::open("/dev/urandom").unwrap().into()));
-        let stop = StopSignal::new();
-        let task =
-            f.ex.spawn(rng.run_queue(0, f.queue.clone(), 0, stop.clone()));
+        let task = f.serve(rng, 0);
         let big = f.driver.add_chain(&[MockBuf::Writable(4096)]).unwrap();
         let none = f
             .driver
             .add_chain(&[MockBuf::Readable(vec![1; 16])])
             .unwrap();
         f.kick.write(1).unwrap();
-        let mut used = Vec::new();
-        while used.len() < 2 {
-            f.ex.run_until(executor::timeout(
-                Duration::from_secs(5),
-                f.calls.next_value(),
-            ))
-            .unwrap()
-            .unwrap();
-            while let Some(u) = f.driver.next_used().unwrap() {
-                used.push((u.id, u.len));
-            }
-        }
+        let used = f.wait_used(2);
         assert_eq!(
             used,
             [(u32::from(big.head), 4096), (u32::from(none.head), 0)]
         );
-        stop.stop();
-        f.ex.run_until(executor::timeout(Duration::from_secs(5), task))
-            .unwrap();
+        f.stop_and_join(task);
     }
 
     #[test]
     fn invalid_chain_completes_empty_and_the_queue_goes_on() {
-        let mut f = fixture();
+        let mut f = DeviceQueue::new();
         let rng = Rc::new(Rng::new(File::open("/dev/urandom").unwrap().into()));
-        let stop = StopSignal::new();
-        let task =
-            f.ex.spawn(rng.run_queue(0, f.queue.clone(), 0, stop.clone()));
+        let task = f.serve(rng, 0);
         f.driver
             .write_desc(
                 9,
@@ -297,22 +230,9 @@ mod tests {
         f.driver.publish(9).unwrap();
         let good = f.driver.add_chain(&[MockBuf::Writable(8)]).unwrap();
         f.kick.write(1).unwrap();
-        let mut used = Vec::new();
-        while used.len() < 2 {
-            f.ex.run_until(executor::timeout(
-                Duration::from_secs(5),
-                f.calls.next_value(),
-            ))
-            .unwrap()
-            .unwrap();
-            while let Some(u) = f.driver.next_used().unwrap() {
-                used.push((u.id, u.len));
-            }
-        }
+        let used = f.wait_used(2);
         assert_eq!(used, [(9, 0), (u32::from(good.head), 8)]);
-        stop.stop();
-        f.ex.run_until(executor::timeout(Duration::from_secs(5), task))
-            .unwrap();
+        f.stop_and_join(task);
     }
 
     #[test]

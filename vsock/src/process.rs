@@ -268,6 +268,7 @@ impl fmt::Display for VsockSpec {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use virtio::process::args_round_trip;
 
     #[test]
     fn options_round_trip_across_exec() {
@@ -285,12 +286,7 @@ mod tests {
                 buf_alloc: Some(1 << 20),
             },
         ] {
-            let args: Vec<String> = VsockProcess::to_args(&a)
-                .into_iter()
-                .map(|s| s.into_string().unwrap())
-                .collect();
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            assert_eq!(VsockArgs::from_args(&["vsock"], &args).unwrap(), a);
+            assert_eq!(args_round_trip::<VsockProcess>(&a).unwrap(), a);
         }
     }
 

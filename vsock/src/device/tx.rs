@@ -19,19 +19,15 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
     shared.start_channel();
     let mem = queue.memory();
     loop {
-        let chain = match select(pin!(queue.next_chain()), stop.clone()).await {
+        let next = queue.next_valid_chain(|head, reason| {
+            shared.count(|s| s.bad_chains += 1);
+            virtio::stats::stats().error(1);
+            shared
+                .errors
+                .log(format_args!("tx: invalid chain at head {head}: {reason}"));
+        });
+        let chain = match select(pin!(next), stop.clone()).await {
             Either::Left((Ok(chain), _)) => chain,
-            Either::Left((Err(virtio::Error::InvalidChain { head, reason }), _)) => {
-                shared.count(|s| s.bad_chains += 1);
-                virtio::stats::stats().error(1);
-                shared
-                    .errors
-                    .log(format_args!("tx: invalid chain at head {head}: {reason}"));
-                if let Err(e) = queue.complete(head, 0) {
-                    return fail(&shared, e, stop).await;
-                }
-                continue;
-            }
             Either::Left((Err(e), _)) => return fail(&shared, e, stop).await,
             Either::Right(_) => break,
         };
