@@ -154,7 +154,7 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "blkbench.tsc_khz", "blkverify.qd", "blkverify.ms", "net.stream_ms", "vsock.app", "vsock.port", "vsock.listen",
 					 "vsock.conns", "vsock.bytes", "vsock.idle_ms", "vsock.seed", "vsock.cid",
 					 "vsock.credit_req_ms", "vsock.pause_ms", "vsock.pause_at", "vsock.check", "vsock.buf_alloc",
-					 "vsock.reset_stall_ms", "console.echo", "console.idle_ms", "console.bench",
+					 "vsock.reset_stall_ms", "vsock.resets", "console.echo", "console.idle_ms", "console.bench",
 					 "count.lines", "count.step", "blkbench.verify"};
 
 const char *opt(const char *key)

@@ -28,7 +28,10 @@
  *    waits for the TRANSPORT_RESET event, and echoes 4096 bytes on a new connection (with
  *    vsock.reset_stall_ms it resets once the first connection's sends stalled that long);
  *    `request` sends vsock.bytes of the pattern, half-closes (SHUTDOWN(SEND)) and hashes
- *    what comes back until the host's stream ends.
+ *    what comes back until the host's stream ends;
+ *    `heal` (one connection at a time) echoes without end until a TRANSPORT_RESET event (the
+ *    device process was killed and started again) ends the connection, then connects again,
+ *    vsock.resets times (default 3); the last connection echoes vsock.bytes and closes.
  *  - listening on ringvm.vsock.listen (accepting vsock.conns host connections):
  *    `echo` sends back everything until the host's stream ends; `sink` hashes it.
  * For throughput runs (benches/benches/vsock.rs), ringvm.vsock.check=0 leaves the bytes
@@ -86,8 +89,8 @@ _Static_assert(sizeof(struct vs_hdr) == 44, "virtio_vsock_hdr is 44 bytes");
 #define VS_CONNBUF (VS_TX + (u64)TX_N * TX_STRIDE)
 #define VS_MEM_END (VS_CONNBUF + (u64)MAX_CONNS * VS_BUF)
 
-enum { APP_ECHO, APP_SOURCE, APP_RST, APP_RESET, APP_SINK, APP_REQUEST };
-static const char *const app_names[] = {"echo", "source", "rst", "reset", "sink", "request"};
+enum { APP_ECHO, APP_SOURCE, APP_RST, APP_RESET, APP_SINK, APP_REQUEST, APP_HEAL };
+static const char *const app_names[] = {"echo", "source", "rst", "reset", "sink", "request", "heal"};
 enum { C_FREE, C_CONNECTING, C_OPEN, C_CLOSING, C_CLOSED };
 static const char *const state_names[] = {"free", "connecting", "open", "closing", "closed"};
 
@@ -105,11 +108,12 @@ struct vconn {
 	u64 stall_since, last_credit_req;
 	u64 pause_until; /* sink: consume nothing before this TSC value */
 	u8 paused, half_closed;
+	u8 resettable; /* heal: echoes until a transport reset ends it */
 };
 
 struct vs_job {
 	/* in */
-	u32 app, conns, listen, port, idle_ms, expect_cid, credit_req_ms, pause_ms, reset_stall_ms;
+	u32 app, conns, listen, port, idle_ms, expect_cid, credit_req_ms, pause_ms, reset_stall_ms, resets;
 	u64 bytes, seed, pause_at;
 	u32 buf_alloc; /* our buf_alloc per connection (VS_BUF unless ringvm.vsock.buf_alloc) */
 	u8 check;      /* 0: source/sink neither generate nor hash their bytes */
@@ -120,6 +124,7 @@ struct vs_job {
 	u32 accepted, events, events_after_reset, inits;
 	u64 rx_packets, tx_packets, credit_updates_sent, credit_updates_got, credit_requests, stalls, max_stall_ms;
 	u64 bytes_sent, bytes_recvd, rsts_sent_unknown, cycles, op0;
+	u32 heal_rsts; /* heal: connections the restarted device answered with RST before its event */
 };
 
 static struct vs_job job;
@@ -332,7 +337,7 @@ static void c_data(struct vconn *c, const u8 *p, u32 n)
 			c_fail(c, "an answer before the request was complete");
 			return;
 		}
-		if (c->app == APP_ECHO || c->app == APP_RESET) {
+		if (c->app == APP_ECHO || c->app == APP_RESET || c->app == APP_HEAL) {
 			for (u32 i = 0; i < n; i++)
 				if (p[i] != pat(c->num, c->recvd + i)) {
 					c_fail(c, "echoed byte %lu is %#x, sent %#x", c->recvd + i, p[i],
@@ -405,6 +410,11 @@ static void rx_packet(const struct vs_hdr *h, u32 used_len)
 		break;
 	case OP_RST:
 		if (c->state == C_CLOSING) {
+			c_closed(c);
+		} else if (c->resettable) {
+			/* heal: a restarted device knows no connection and answers what the guest sent
+			 * before it took the transport reset event with RST. */
+			job.heal_rsts++;
 			c_closed(c);
 		} else {
 			c_fail(c, c->state == C_CONNECTING ? "connection refused (RST)" : "reset by the host (RST)");
@@ -480,6 +490,10 @@ static u32 poll_events(void)
 		/* Every connection is gone (virtio 1.2 5.10.6.6). */
 		for (u32 i = 0; i < MAX_CONNS; i++)
 			if (conns[i].state == C_CONNECTING || conns[i].state == C_OPEN || conns[i].state == C_CLOSING) {
+				if (conns[i].resettable) {
+					c_closed(&conns[i]);
+					continue;
+				}
 				c_fail(&conns[i], "transport reset while the connection was in use");
 				conns[i].state = C_CLOSED;
 			}
@@ -584,7 +598,7 @@ static void c_step(struct vconn *c, u64 now)
 	int finished = 0;
 	if (server)
 		finished = (c->peer_shut & SHUT_SEND) != 0 && !c->rlen;
-	else if (c->app == APP_ECHO || c->app == APP_RESET)
+	else if (c->app == APP_ECHO || c->app == APP_RESET || c->app == APP_HEAL)
 		finished = c->recvd == c->to_send && !c->hold;
 	else if (c->app == APP_SOURCE)
 		finished = 1;
@@ -699,6 +713,53 @@ static int reset_due(void)
 	return c->recvd == c->to_send;
 }
 
+/* heal: the connection a transport reset is to end, and job.events when it opened. */
+static struct vconn *heal_conn;
+static u32 heal_events;
+static u64 heal_closed_at;
+
+/* The heal connection is gone and the device's TRANSPORT_RESET event came. */
+static int heal_reset_seen(void)
+{
+	if (heal_conn->state != C_CLOSED)
+		return 0;
+	if (job.events > heal_events)
+		return 1;
+	if (!heal_closed_at)
+		heal_closed_at = rdtsc();
+	else if (rdtsc() - heal_closed_at > ms_to_cyc(5000))
+		fail(failf("connection %u was reset, and no TRANSPORT_RESET event came within 5 s", heal_conn->num));
+	return 0;
+}
+
+/* heal: connection 0 echoes until a transport reset (the device process was killed and
+ * started again) ends it; after the event connection 1 does the same, and so on; the
+ * connection after the last of vsock.resets events echoes vsock.bytes and closes. */
+static int heal_rounds(void)
+{
+	say("virtio-vsock heal: echoing across %u transport resets", job.resets);
+	struct vconn *c = &conns[0];
+	for (u32 round = 1; round <= job.resets; round++) {
+		heal_conn = c;
+		heal_events = job.events;
+		heal_closed_at = 0;
+		u32 rsts = job.heal_rsts;
+		if (!vs_loop(heal_reset_seen))
+			return 0;
+		say("virtio-vsock heal: transport reset %u ended connection %u after %lu bytes echoed (%s)", round, c->num,
+		    c->recvd, job.heal_rsts > rsts ? "an RST came first" : "by the event");
+		c = c_connect(APP_HEAL, round);
+		if (!c)
+			return 0;
+		if (round < job.resets) {
+			c->resettable = 1;
+			c->to_send = ~0ull;
+		}
+		vqp_kick(&qs[1]);
+	}
+	return 1;
+}
+
 static void user_vsock(void *arg)
 {
 	struct vs_job *j = arg;
@@ -731,6 +792,10 @@ static void user_vsock(void *arg)
 			struct vconn *c = c_connect(j->app, i);
 			if (c && j->app == APP_RESET)
 				c->hold = 1;
+			if (c && j->app == APP_HEAL) {
+				c->resettable = 1;
+				c->to_send = ~0ull;
+			}
 		}
 		vqp_kick(&qs[1]);
 	}
@@ -768,6 +833,8 @@ static void user_vsock(void *arg)
 			c->to_send = 4096;
 		vqp_kick(&qs[1]);
 	}
+	if (j->app == APP_HEAL && !heal_rounds())
+		return;
 	if (!vs_loop(all_closed))
 		return;
 	j->cycles = rdtsc() - t0;
@@ -790,7 +857,7 @@ static const char *vs_run(void)
 			if (str_eq_n(app, app_names[k], strlen(app)) && strlen(app) == strlen(app_names[k]))
 				break;
 		if (k == sizeof(app_names) / sizeof(app_names[0]))
-			return failf("ringvm.vsock.app=%s: want echo, source, rst, reset, request or sink", app);
+			return failf("ringvm.vsock.app=%s: want echo, source, rst, reset, request, heal or sink", app);
 		job.app = k;
 	}
 	job.conns = 1;
@@ -823,6 +890,12 @@ static const char *vs_run(void)
 		if (x < 1 || x > 60000)
 			return failf("ringvm.vsock.reset_stall_ms=%lu: want 1..60000", x);
 		job.reset_stall_ms = (u32)x;
+	}
+	job.resets = 3;
+	if (opt_u64("vsock.resets", &x)) {
+		if (x < 1 || x > 32)
+			return failf("ringvm.vsock.resets=%lu: want 1..32", x);
+		job.resets = (u32)x;
 	}
 	job.pause_at = 1 << 20;
 	opt_u64("vsock.pause_at", &job.pause_at);
@@ -857,7 +930,7 @@ static const char *vs_run(void)
 		job.port = (u32)x;
 		if (job.app == APP_SINK)
 			return failf("ringvm.vsock.app=sink needs vsock.listen");
-		if ((job.app == APP_RESET || job.app == APP_RST) && job.conns != 1)
+		if ((job.app == APP_RESET || job.app == APP_RST || job.app == APP_HEAL) && job.conns != 1)
 			return failf("ringvm.vsock.app=%s takes one connection", app_names[job.app]);
 	}
 	const char *why = virtio_poll_open(&v, "virtio-vsock", VSOCK_TYPE, VS_MEM, VS_MEM_END);

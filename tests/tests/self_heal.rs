@@ -12,6 +12,9 @@
 //!   (its inflight region carried across), qemu-storage-daemon at QD 1 (it tracks nothing in
 //!   flight; at QD 32 it completes out of order and the test is ignored: see there).
 //! - virtio-net: a UDP stream through a tap in a network namespace across 5 kills.
+//! - virtio-vsock: the guest echoes through a host listener over hybrid vsock while the vsock
+//!   process is killed 10 times: each kill ends the connection on both sides, the restarted
+//!   process sends the guest a transport reset event, and the guest's next connection works.
 //! - The budget: past `--device-restarts N`, a death ends the VM with the report it gave
 //!   before restarts existed.
 
@@ -470,5 +473,168 @@ fn udp_stream_through_the_tap_keeps_flowing_across_net_process_kills() {
     assert!(
         at_host * 2 >= sent,
         "more than half the stream was lost: {at_host} of {sent}"
+    );
+}
+
+/// The guest's echo pattern: byte `i` of connection `c` (guest/test/virtio_vsock.c `pat`).
+fn vsock_pattern(c: u64, i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13)
+        .wrapping_add(c * 7)
+        .wrapping_add(i >> 12) as u8
+}
+
+/// Echoes what guest connection `num` sends on `s`, checking the pattern, until the stream
+/// ends; counts the bytes in `echoed`. Returns how it ended: `Ok(())` at the guest's end of
+/// stream, `Err` with the error when it broke (a connection reset).
+fn vsock_echo(
+    mut s: std::os::unix::net::UnixStream,
+    num: u64,
+    echoed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(), String> {
+    use std::io::{ErrorKind, Read, Write};
+    use std::sync::atomic::Ordering;
+    s.set_nonblocking(false).expect("blocking stream");
+    // Longer than any restart: a stream that neither moves nor ends within it is a failure.
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("connection {num}: the host stream neither moved nor ended for 10 s")
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let at = echoed.load(Ordering::SeqCst);
+        for (k, &b) in buf[..n].iter().enumerate() {
+            let i = at + k as u64;
+            assert_eq!(b, vsock_pattern(num, i), "connection {num}: byte {i}");
+        }
+        s.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        echoed.fetch_add(n as u64, Ordering::SeqCst);
+    }
+}
+
+/// virtio-vsock over hybrid vsock: the guest's `heal` app (guest/test/virtio_vsock.c) echoes
+/// through a host listener on `PATH_5000` without end while the vsock process is killed 10
+/// times, each time once the connection carried 256 KiB. After each kill the host's stream
+/// of that connection ends, the guest takes the new process's TRANSPORT_RESET event (it
+/// waits for it before it connects again, and fails without it) and connects again; the
+/// connection after the last kill echoes 4096 bytes, checked on both sides.
+#[test]
+fn vsock_connections_are_reset_and_new_ones_work_across_vsock_process_kills() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    const KILLS: u64 = 10;
+    let dir = Scratch::new("self-heal", "vsock");
+    let uds = dir.path("vm.vsock");
+    let listener = std::os::unix::net::UnixListener::bind(dir.path("vm.vsock_5000"))
+        .expect("listen on PATH_5000");
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    let accept = |limit: Duration| {
+        let mut got = None;
+        assert!(
+            wait_until(limit, || {
+                got = listener.accept().ok().map(|(s, _)| s);
+                got.is_some()
+            }),
+            "no guest connection within {limit:?}"
+        );
+        got.expect("accepted")
+    };
+    let cmdline = GuestCmdline::new()
+        .test("virtio-vsock")
+        .option("vsock.cid", 42)
+        .option("vsock.port", 5000)
+        .option("vsock.app", "heal")
+        .option("vsock.resets", KILLS);
+    let spec = format!("cid=42,uds={}", uds.display());
+    let args = ["--device-restarts", "100/60", "--no-rng", "--vsock", &spec];
+    let mut live = Live::start(&mut ringvm_run(&args, &cmdline));
+    let vmm = live.child.id();
+    let t0 = Instant::now();
+    let mut killed = Vec::new();
+    let mut ends = Vec::new();
+    for num in 0..KILLS {
+        let stream = accept(if num == 0 { BOOT } else { LIMIT });
+        let echoed = Arc::new(AtomicU64::new(0));
+        let counter = echoed.clone();
+        let echo = std::thread::spawn(move || vsock_echo(stream, num, counter));
+        assert!(
+            wait_until(Duration::from_secs(10), || echoed.load(Ordering::SeqCst)
+                >= 256 << 10),
+            "connection {num} echoed only {} bytes",
+            echoed.load(Ordering::SeqCst)
+        );
+        let device = device_of(vmm, &killed);
+        kill(device, "KILL");
+        killed.push(device);
+        // The connection ends on the host too, and the guest has the event.
+        let end = echo.join().expect("the echo thread");
+        live.wait_for(
+            &format!("heal: transport reset {} ended connection {num}", num + 1),
+            Duration::from_secs(10),
+        );
+        ends.push(format!("{} bytes, {end:?}", echoed.load(Ordering::SeqCst)));
+    }
+    // After the last kill: a new connection's round trip.
+    let stream = accept(LIMIT);
+    let echoed = Arc::new(AtomicU64::new(0));
+    let last = vsock_echo(stream, KILLS, echoed.clone());
+    assert_eq!(last, Ok(()), "the last connection broke");
+    assert_eq!(echoed.load(Ordering::SeqCst), 4096);
+    live.wait_for("ringvm-test: done", LIMIT);
+    let seen = live.seen().to_string();
+    let (status, stderr) = live.finish(Duration::from_secs(10));
+    let report = GuestReport::parse(&seen);
+    eprintln!(
+        "vsock: {KILLS} kills in {:?}; the host's streams at each kill: {ends:?}",
+        t0.elapsed()
+    );
+    assert!(
+        report.all_ok(&["virtio-vsock"]),
+        "virtio-vsock failed:\n{seen}\nstderr:\n{stderr}"
+    );
+    assert!(status.success(), "{status:?}\n{stderr}");
+    for pid in &killed {
+        assert!(
+            stderr.contains(&format!(
+                "device vsock (pid {pid}) killed by signal 9 (SIGKILL); restarting it"
+            )),
+            "no restart reported for pid {pid}:\n{stderr}"
+        );
+    }
+    assert_eq!(stderr.matches("; restarting it (").count(), KILLS as usize);
+    // One transport reset event per new process, and the last connection's echo came back
+    // whole to the guest.
+    let details = report.details("virtio-vsock");
+    for l in details
+        .iter()
+        .filter(|l| l.starts_with("heal: transport reset"))
+    {
+        eprintln!("guest: {l}");
+    }
+    assert_eq!(
+        report.value("virtio-vsock", "events"),
+        Some(KILLS.to_string().as_str()),
+        "{seen}"
+    );
+    let want = format!("conn {KILLS} app=heal");
+    let line = details
+        .iter()
+        .find(|l| l.starts_with(&want))
+        .unwrap_or_else(|| panic!("no {want:?} line:\n{seen}"));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..4096 {
+        h ^= u64::from(vsock_pattern(KILLS, i));
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    assert!(
+        line.contains("sent=4096 received=4096") && line.contains(&format!("received-hash={h:#x}")),
+        "{line}"
     );
 }
