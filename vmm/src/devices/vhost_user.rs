@@ -294,11 +294,6 @@ async fn gone(hangup: &executor::AsyncFd, origin: &Origin) {
 }
 
 impl Backend {
-    /// The restarts of this device so far (shared with its [`VhostUserDevice`]).
-    pub fn restarts(&self) -> Arc<AtomicU32> {
-        self.restarts.clone()
-    }
-
     /// Keeps `files` (what `ringvm stats` reads of the device's process) on the process a
     /// restart starts.
     pub fn track_process(&mut self, files: Rc<RefCell<ProcFiles>>) {
