@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::control::stats::ProcFiles;
+use crate::control::stats::{open_proc_files, ProcFiles};
 use crate::device_process::{DeviceProcess, Launch, Started};
 use crate::sys;
 
@@ -126,8 +126,7 @@ fn helper(sock: UnixStream, launches: &[Launch]) -> Result<()> {
             Ok((process, vmm_end)) => {
                 let (pid, pidfd, report) = process.into_fds();
                 // The VMM cannot open files under its filter: its /proc files come from here.
-                let open = |file: &str| std::fs::File::open(format!("/proc/{pid}/{file}"));
-                let (stat, status) = (open("stat")?, open("status")?);
+                let (stat, status) = open_proc_files(pid)?;
                 let mut reply = vec![0u8];
                 reply.extend_from_slice(&pid.to_le_bytes());
                 send_with_fds(

@@ -48,8 +48,8 @@ pub struct ProcFiles {
 impl ProcFiles {
     /// Opens /proc/`pid`/stat and status now.
     pub fn open(pid: i32) -> std::io::Result<ProcFiles> {
-        let open = |file: &str| std::fs::File::open(format!("/proc/{pid}/{file}"));
-        Ok(Self::new(pid, open("stat")?.into(), open("status")?.into()))
+        let (stat, status) = open_proc_files(pid)?;
+        Ok(Self::new(pid, stat, status))
     }
 
     /// The files of process `pid`, opened elsewhere.
@@ -60,6 +60,13 @@ impl ProcFiles {
             status: Rc::new(AsyncFd::new(status)),
         }
     }
+}
+
+/// /proc/`pid`/stat and status, opened (by the VMM before its filter, or by the respawner for
+/// a restarted process).
+pub fn open_proc_files(pid: i32) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let open = |file: &str| std::fs::File::open(format!("/proc/{pid}/{file}"));
+    Ok((open("stat")?.into(), open("status")?.into()))
 }
 
 impl ProcessStats {
