@@ -70,9 +70,6 @@ use memory::GuestAddress;
 /// Errors of virtqueue set-up and processing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The inflight region (vhost-user inflight I/O tracking) cannot be used.
-    #[error("inflight tracking")]
-    Inflight(#[source] queue::inflight::InflightError),
     /// A maximum queue size that is zero, above 32768 or not a power of two.
     #[error("maximum queue size {0} is not a power of two of at most 32768")]
     InvalidMaxSize(u16),
@@ -158,6 +155,9 @@ pub enum Error {
     /// `next_chain` was called while another call on the same queue was waiting.
     #[error("another task is already waiting for a chain on this queue")]
     PopInProgress,
+    /// The inflight region (vhost-user inflight I/O tracking) cannot be used.
+    #[error("inflight tracking")]
+    Inflight(#[source] queue::inflight::InflightError),
     /// The mock driver could not do what a test asked.
     #[cfg(any(test, feature = "test-utils"))]
     #[error("mock driver: {0}")]

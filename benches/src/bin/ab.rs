@@ -2,7 +2,10 @@
 //! significant regression. `scripts/ab` runs it; see its usage below.
 //!
 //! Both revisions are checked out in their own worktrees under `target/ab/` (the head may be
-//! the working tree as it is) and built in their own target folders. Then every chosen bench
+//! the working tree as it is) and built in their own target folders, both with one codegen
+//! unit per crate: with the default sixteen, a change anywhere in a crate can reshuffle which
+//! functions share a unit, and so what gets inlined into code the change never touched (the
+//! unchanged rust-vmm peer of the virtqueue bench moved by 15% that way). Then every chosen bench
 //! runs in rounds: base then head, head then base, and so on, so that both sides see the same
 //! drift of the machine's load. Each run gives one rate per case, and its ratio to its bench's
 //! limit in that run; the rounds give paired samples, compared with `benches::stats::paired`
@@ -225,11 +228,13 @@ fn build_and_compare(
     head: &mut Side,
 ) -> Result<usize, String> {
     base.exes = build(&base.src, &work.join("target-base"), &o.benches)?;
-    let head_target = if head.worktree {
-        work.join("target-head")
+    // The working tree gets a folder of its own: cargo judges freshness by modification
+    // times, and a worktree's fresh checkout would make the older files here look built.
+    let head_target = work.join(if head.worktree {
+        "target-head"
     } else {
-        benches::target_dir()
-    };
+        "target-work"
+    });
     head.exes = build(&head.src, &head_target, &o.benches)?;
     let mut flagged = 0;
     for rep in 0..o.repeat {
@@ -302,6 +307,8 @@ fn build(src: &Path, target: &Path, benches: &[String]) -> Result<Vec<(String, P
     let mut cmd = Command::new("cargo");
     cmd.current_dir(src)
         .env("CARGO_TARGET_DIR", target)
+        // One codegen unit on both sides (see the module's documentation).
+        .env("CARGO_PROFILE_BENCH_CODEGEN_UNITS", "1")
         .args([
             "bench",
             "-p",

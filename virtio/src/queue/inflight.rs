@@ -76,6 +76,8 @@ pub struct InflightRing {
     counter: u64,
     /// Heads to submit again, the next at the end.
     resubmit: Vec<u16>,
+    /// The head the last `next_resubmit` gave, if any (for `undo_resubmit`).
+    popped_again: Option<u16>,
     /// See [`InflightRing::was_in_use`].
     in_use: bool,
 }
@@ -89,6 +91,7 @@ impl InflightRing {
             size,
             counter: 1,
             resubmit: Vec::new(),
+            popped_again: None,
             in_use: false,
         }
     }
@@ -116,6 +119,7 @@ impl InflightRing {
         let u16_at = |at: usize| u16::from_le_bytes([copy[at], copy[at + 1]]);
         let version = u16_at(8);
         self.resubmit.clear();
+        self.popped_again = None;
         self.counter = 1;
         self.in_use = false;
         if version == 0 && copy.iter().all(|&b| b == 0) {
@@ -193,14 +197,23 @@ impl InflightRing {
         Ok(used_idx.wrapping_add(count))
     }
 
-    /// The next chain to submit again, if any.
+    /// The next chain to submit again, if any. Remembered for [`InflightRing::undo_resubmit`]
+    /// until the next call.
     pub fn next_resubmit(&mut self) -> Option<u16> {
-        self.resubmit.pop()
+        self.popped_again = self.resubmit.pop();
+        self.popped_again
     }
 
-    /// Puts `head` back at the front of the chains to submit again (a pop undone).
-    pub fn push_resubmit(&mut self, head: u16) {
-        self.resubmit.push(head);
+    /// Puts the chain the last [`InflightRing::next_resubmit`] gave back at the front of the
+    /// chains to submit again (a pop undone). False if that call gave none.
+    pub fn undo_resubmit(&mut self) -> bool {
+        match self.popped_again.take() {
+            Some(head) => {
+                self.resubmit.push(head);
+                true
+            }
+            None => false,
+        }
     }
 
     /// `head` was taken from the available ring.

@@ -35,9 +35,8 @@ pub struct Queue {
     event_idx: bool,
     indirect: bool,
     /// Inflight I/O tracking (vhost-user `INFLIGHT_SHMFD`), when the frontend gave a region.
-    inflight: Option<InflightRing>,
-    /// The head of the last pop, if it was a chain submitted again (for `undo_pop`).
-    last_resubmitted: Option<u16>,
+    /// Boxed so an untracked queue stays small and its hot paths test one pointer.
+    inflight: Option<Box<InflightRing>>,
 }
 
 fn ring(
@@ -90,7 +89,6 @@ impl Queue {
             event_idx: false,
             indirect: false,
             inflight: None,
-            last_resubmitted: None,
         })
     }
 
@@ -109,7 +107,6 @@ impl Queue {
             event_idx: false,
             indirect: false,
             inflight: None,
-            last_resubmitted: None,
         };
     }
 
@@ -127,8 +124,7 @@ impl Queue {
         self.next_used = Wrapping(used);
         self.signalled_used = Wrapping(used);
         let in_use = region.was_in_use();
-        self.inflight = Some(region);
-        self.last_resubmitted = None;
+        self.inflight = Some(Box::new(region));
         Ok(in_use)
     }
 
@@ -321,15 +317,41 @@ impl Queue {
     #[inline]
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         self.check_ready()?;
-        self.last_resubmitted = None;
+        if self.inflight.is_some() {
+            return self.pop_tracked(mem);
+        }
+        let Some(head) = self.take_avail(mem)? else {
+            return Ok(None);
+        };
+        let table = Self::ring_slice(mem, self.desc_table, desc_table_len(self.size))?;
+        DescriptorChain::parse(mem, table, self.size, self.indirect, head)
+            .map(Some)
+            .map_err(|reason| Error::InvalidChain { head, reason })
+    }
+
+    /// [`Queue::pop`] with inflight tracking: the chains a dead backend had in flight first,
+    /// then each chain taken is marked in the region. Out of line, so that queues without
+    /// tracking (nearly all) keep a lean pop.
+    #[inline(never)]
+    fn pop_tracked(&mut self, mem: &GuestMemory) -> Result<Option<DescriptorChain>> {
         if let Some(head) = self.inflight.as_mut().and_then(|r| r.next_resubmit()) {
             // A chain a dead backend had in flight: still marked in the region.
-            self.last_resubmitted = Some(head);
-            let table = Self::ring_slice(mem, self.desc_table, desc_table_len(self.size))?;
-            return DescriptorChain::parse(mem, table, self.size, self.indirect, head)
-                .map(Some)
-                .map_err(|reason| Error::InvalidChain { head, reason });
+            return self.parse_chain(mem, head).map(Some);
         }
+        let Some(head) = self.take_avail(mem)? else {
+            return Ok(None);
+        };
+        if head < self.size {
+            if let Some(region) = self.inflight.as_mut() {
+                region.taken(head).map_err(Error::Inflight)?;
+            }
+        }
+        self.parse_chain(mem, head).map(Some)
+    }
+
+    /// Takes the next head from the available ring, moving past it; `None` if there is none.
+    #[inline]
+    fn take_avail(&mut self, mem: &GuestMemory) -> Result<Option<u16>> {
         let avail = Self::ring_slice(mem, self.avail_ring, avail_ring_len(self.size))?;
         let avail_idx = avail
             .load_u16(2, Ordering::Acquire)
@@ -353,24 +375,20 @@ impl Queue {
             .map(u16::from_le)
             .ok_or_else(|| ring_error(self.avail_ring))?;
         self.next_avail += 1;
-        if let Some(region) = self.inflight.as_mut() {
-            if head < self.size {
-                region.taken(head).map_err(Error::Inflight)?;
-            }
-        }
+        Ok(Some(head))
+    }
+
+    /// The chain at `head`, validated in full.
+    fn parse_chain(&self, mem: &GuestMemory, head: u16) -> Result<DescriptorChain> {
         let table = Self::ring_slice(mem, self.desc_table, desc_table_len(self.size))?;
         DescriptorChain::parse(mem, table, self.size, self.indirect, head)
-            .map(Some)
             .map_err(|reason| Error::InvalidChain { head, reason })
     }
 
     /// Steps back over the last popped chain, so the next `pop` returns it again (a device
     /// that could not take it yet, such as net receive without a packet).
     pub fn undo_pop(&mut self) {
-        if let Some(head) = self.last_resubmitted.take() {
-            if let Some(region) = self.inflight.as_mut() {
-                region.push_resubmit(head);
-            }
+        if self.inflight.as_mut().is_some_and(|r| r.undo_resubmit()) {
             return;
         }
         self.next_avail -= 1;
@@ -387,22 +405,38 @@ impl Queue {
                 size: self.size,
             });
         }
-        let used = Self::ring_slice(mem, self.used_ring, used_ring_len(self.size))?;
+        if self.inflight.is_some() {
+            return self.add_used_tracked(mem, head, len);
+        }
+        self.put_used(mem, head, len)
+    }
+
+    /// [`Queue::add_used`] with inflight tracking: the region learns of the entry before it
+    /// goes in the used ring and after (so a restart can tell which side it died on).
+    #[inline(never)]
+    fn add_used_tracked(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<()> {
         if let Some(region) = &self.inflight {
             region.before_use(head).map_err(Error::Inflight)?;
         }
-        let slot = usize::from(self.next_used.0 & (self.size - 1));
-        used.write_obj([u32::from(head).to_le(), len.to_le()], 4 + 8 * slot)
-            .ok_or_else(|| ring_error(self.used_ring))?;
-        self.next_used += 1;
-        used.store_u16(2, self.next_used.0.to_le(), Ordering::Release)
-            .ok_or_else(|| ring_error(self.used_ring))?;
+        self.put_used(mem, head, len)?;
         if let Some(region) = &self.inflight {
             region
                 .after_use(head, self.next_used.0)
                 .map_err(Error::Inflight)?;
         }
         Ok(())
+    }
+
+    /// Writes `(head, len)` in the next used slot and publishes it.
+    #[inline]
+    fn put_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<()> {
+        let used = Self::ring_slice(mem, self.used_ring, used_ring_len(self.size))?;
+        let slot = usize::from(self.next_used.0 & (self.size - 1));
+        used.write_obj([u32::from(head).to_le(), len.to_le()], 4 + 8 * slot)
+            .ok_or_else(|| ring_error(self.used_ring))?;
+        self.next_used += 1;
+        used.store_u16(2, self.next_used.0.to_le(), Ordering::Release)
+            .ok_or_else(|| ring_error(self.used_ring))
     }
 
     /// Whether the driver wants a used-buffer notification for the entries added since the
@@ -579,6 +613,31 @@ mod tests {
             q.pop(&mem).expect("pop").expect("again").head_index(),
             a.head
         );
+    }
+
+    #[test]
+    fn a_chain_in_flight_at_a_restart_comes_first_and_an_undone_pop_returns_it() {
+        let (mem, mut mock, mut q) = setup(8);
+        let inflight = GuestMemory::new(&[(GuestAddress(0), 0x1000)]).expect("region");
+        let region = InflightRing::new(inflight, GuestAddress(0x40), 8);
+        q.track_inflight(&mem, region.clone()).expect("track");
+        let a = mock.add_chain(&[MockBuf::Writable(4)]).expect("add");
+        let b = mock.add_chain(&[MockBuf::Writable(4)]).expect("add");
+        q.pop(&mem).expect("pop").expect("a");
+        q.pop(&mem).expect("pop").expect("b");
+        q.add_used(&mem, a.head, 4).expect("used");
+        // The backend dies with b in flight; its successor takes over the rings.
+        let mut q = mock.queue().expect("queue");
+        assert!(q.track_inflight(&mem, region).expect("track again"));
+        let c = mock.add_chain(&[MockBuf::Writable(4)]).expect("add");
+        let again = q.pop(&mem).expect("pop").expect("b again");
+        assert_eq!(again.head_index(), b.head);
+        q.undo_pop();
+        assert_eq!(q.pop(&mem).expect("pop").expect("b").head_index(), b.head);
+        assert_eq!(q.pop(&mem).expect("pop").expect("c").head_index(), c.head);
+        q.undo_pop();
+        assert_eq!(q.pop(&mem).expect("pop").expect("c").head_index(), c.head);
+        assert!(q.pop(&mem).expect("pop").is_none());
     }
 
     #[test]
