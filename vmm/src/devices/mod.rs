@@ -1,5 +1,6 @@
 //! Platform devices on the port I/O and MMIO buses.
 
+pub mod attach;
 pub mod bus;
 pub mod cmos;
 pub mod i8042;
