@@ -1,4 +1,6 @@
-//! Compiles `policies/<name>.policy` to classic BPF for x86_64 and writes, to OUT_DIR,
+//! Compiles every policy — the VMM's in `policies/<name>.policy`, each device's next to its
+//! code in its crate, `<crate>/src/<name>.policy` — to classic BPF for x86_64 and writes, to
+//! OUT_DIR,
 //! `<name>.bpf` (default action KILL_PROCESS), `<name>.log.bpf` (default action LOG) and
 //! `policies.rs` (each policy's rules, for `rules()`, `allowed()` and the tests).
 //! A bad policy fails the build with `file:line: message`.
@@ -51,25 +53,51 @@ impl compiler::Env for Env {
     }
 }
 
-/// The policies: every `policies/<name>.policy`, in name order. Adding a file adds a policy;
-/// nothing in Rust names them.
-fn policy_names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("seccomp: cannot list {}: {e}", dir.display()))
+/// The policies, in name order: every `policies/<name>.policy` (the VMM's, and the files
+/// they include) and every `<crate>/src/<name>.policy` of the workspace's other crates (a
+/// device's, next to its code). Adding a file adds a policy; nothing in Rust names them.
+fn policy_files(manifest: &Path) -> Vec<(String, PathBuf)> {
+    let mut dirs = vec![manifest.join("policies")];
+    let workspace = manifest.parent().expect("the crate is in the workspace");
+    let mut crates: Vec<PathBuf> = std::fs::read_dir(workspace)
+        .unwrap_or_else(|e| panic!("seccomp: cannot list {}: {e}", workspace.display()))
         .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.strip_suffix(".policy").map(str::to_owned)
+            let src = e.ok()?.path().join("src");
+            (src.is_dir() && src.parent()?.join("Cargo.toml").is_file()).then_some(src)
         })
         .collect();
-    names.sort();
-    names
+    crates.sort();
+    dirs.extend(crates);
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    for dir in dirs {
+        println!("cargo::rerun-if-changed={}", dir.display());
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("seccomp: cannot list {}: {e}", dir.display()));
+        for e in entries.filter_map(|e| e.ok()) {
+            let file = e.file_name();
+            let Some(name) = file.to_str().and_then(|n| n.strip_suffix(".policy")) else {
+                continue;
+            };
+            if let Some((_, other)) = files.iter().find(|(n, _)| n == name) {
+                panic!(
+                    "seccomp: two policies named {name}: {} and {}",
+                    other.display(),
+                    e.path().display()
+                );
+            }
+            files.push((name.to_owned(), e.path()));
+        }
+    }
+    files.sort();
+    files
 }
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let dir = manifest.join("policies");
-    println!("cargo::rerun-if-changed=policies");
+    // A new crate (which may bring a policy) is a new member in the workspace's manifest.
+    println!("cargo::rerun-if-changed=../Cargo.toml");
     println!("cargo::rerun-if-changed=src/compiler.rs");
     println!("cargo::rerun-if-changed=src/constants.rs");
     println!("cargo::rerun-if-changed=src/syscalls.rs");
@@ -87,15 +115,19 @@ fn main() {
     };
     let mut rules_rs = String::new();
     let mut table = String::from("pub(crate) static TABLE: &[Entry] = &[\n");
-    for name in &policy_names(&dir) {
+    let workspace = manifest.parent().expect("in the workspace").to_owned();
+    for (name, path) in &policy_files(&manifest) {
         assert!(
             name.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
             "seccomp: policy file names are lowercase letters, digits and '_': {name}"
         );
-        let file = format!("{name}.policy");
-        let path = dir.join(&file);
-        let text = std::fs::read_to_string(&path)
+        let file = path
+            .strip_prefix(&workspace)
+            .unwrap_or(path)
+            .display()
+            .to_string();
+        let text = std::fs::read_to_string(path)
             .unwrap_or_else(|e| panic!("seccomp: cannot read {}: {e}", path.display()));
         let policy = compiler::parse(&file, &text, &env)
             .unwrap_or_else(|e| panic!("seccomp: bad policy {e}"));

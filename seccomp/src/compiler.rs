@@ -1,6 +1,7 @@
 //! The policy compiler: policy text to classic BPF for x86_64. Std only, no unsafe: build.rs
-//! includes this file to compile `policies/*.policy` at build time, and the crate's unit tests
-//! include it to test the parser and the code generator.
+//! includes this file to compile the policies (`policies/*.policy`, `<crate>/src/*.policy`)
+//! at build time, and the crate's unit tests include it to test the parser and the code
+//! generator.
 //!
 //! # Policy format
 //! One rule a line; `#` starts a comment. A rule is a system call name, optionally followed by
@@ -9,7 +10,7 @@
 //!
 //! ```text
 //! # what the whole policy is for (free comment)
-//! @include device.inc                          # another file of policies/, inlined
+//! @include device.inc                          # a file of seccomp's policies/, inlined
 //! io_uring_enter                               # the executor's only wait
 //! mmap: arg2 & PROT_EXEC == 0                  # map guest memory, never executable
 //! ioctl: arg1 == TUNSETOFFLOAD                 # offloads the driver negotiated

@@ -1,7 +1,9 @@
 //! Per-device syscall policies compiled to BPF and embedded in the binary.
 //!
-//! `policies/<name>.policy` lists what a process may call once it is set up, one system call
-//! a line, with optional argument conditions and a reason each (format: `src/compiler.rs`).
+//! A policy lists what a process may call once it is set up, one system call a line, with
+//! optional argument conditions and a reason each (format: `src/compiler.rs`). The VMM's
+//! policies are in `policies/`; a device's is in its own crate, next to its code
+//! (`block/src/block.policy`), and may `@include` the shared files of `policies/`.
 //! build.rs compiles each policy to classic BPF for x86_64 — the architecture checked first
 //! (anything else is killed), x32 calls killed, then one test per call in file order, then
 //! the default action — and this crate embeds the programs with `include_bytes!`.
@@ -38,8 +40,9 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// A compiled policy: one of `policies/<name>.policy`. Every file there is one; nothing in
-/// Rust names them, so a new device's policy is one new file.
+/// A compiled policy: one of `policies/<name>.policy` (the VMM's) or a device crate's
+/// `<crate>/src/<name>.policy`. Every such file is one; nothing in Rust names them, so a new
+/// device's policy is one new file in its own crate.
 #[derive(Clone, Copy)]
 pub struct Policy(&'static generated::Entry);
 
@@ -77,7 +80,7 @@ impl Policy {
         generated::TABLE.iter().map(Policy)
     }
 
-    /// The policy's file name in `policies/`, without `.policy`: a device type's name
+    /// The policy's file name, without `.policy`: a device type's name
     /// (`ringvm device <name>`), [`Policy::VMM`] or [`Policy::VCPU`].
     pub fn name(self) -> &'static str {
         self.0.name
@@ -328,18 +331,28 @@ mod tests {
 
     #[test]
     fn every_policy_file_is_a_policy_and_nothing_else_is() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .expect("policies/")
-            .filter_map(|e| {
+        let seccomp = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut dirs = vec![seccomp.join("policies")];
+        for e in std::fs::read_dir(seccomp.join("..")).expect("the workspace") {
+            let src = e.expect("entry").path().join("src");
+            if src.is_dir() && src.join("../Cargo.toml").is_file() {
+                dirs.push(src);
+            }
+        }
+        let mut files: Vec<String> = Vec::new();
+        for dir in dirs {
+            for e in std::fs::read_dir(&dir).expect("a crate's src/") {
                 let name = e.expect("entry").file_name().into_string().expect("utf-8");
-                name.strip_suffix(".policy").map(str::to_owned)
-            })
-            .collect();
+                files.extend(name.strip_suffix(".policy").map(str::to_owned));
+            }
+        }
         files.sort();
         let names: Vec<&str> = Policy::all().map(Policy::name).collect();
         assert_eq!(files, names);
         assert!(names.contains(&Policy::VMM) && names.contains(&Policy::VCPU));
+        for device in ["block", "net", "rng", "vsock", "console"] {
+            assert!(names.contains(&device), "{device}");
+        }
         assert!(Policy::from_name("nosuch").is_none());
     }
 

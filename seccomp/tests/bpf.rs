@@ -5,7 +5,7 @@
 
 use seccomp::{allowed, allows, filter, logging_filter, rules, ArgOp, Policy, SockFilter};
 
-/// The policy compiled from `policies/<name>.policy`.
+/// The policy compiled from `<name>.policy` (the VMM's in `policies/`, a device's in its crate).
 fn named(name: &str) -> Policy {
     Policy::from_name(name).unwrap_or_else(|| panic!("no policy {name}"))
 }

@@ -1,7 +1,7 @@
 //! What makes a device a process: `ringvm device <name>`.
 //!
 //! A device crate implements [`DeviceProcess`] next to its [`Device`]: its type (and so its
-//! name and seccomp policy, `seccomp/policies/<name>.policy`), the io_uring opcodes its data
+//! name and seccomp policy, `<crate>/src/<name>.policy`), the io_uring opcodes its data
 //! path needs, its own command-line options, the constructor that opens what those options
 //! name before the jail, and the way back from options to arguments for the exec of a device
 //! process (tested as a round trip in each crate). The VMM's one generic entry parses the
