@@ -32,10 +32,11 @@ use crate::{Error, Result};
 pub struct OpenOptions {
     /// Refuse every request that would change the image (and open the file `O_RDONLY`).
     pub read_only: bool,
-    /// Open with `O_DIRECT` (raw images only: qcow2 refuses it with
-    /// [`Error::DirectUnsupported`]). Requests whose offset, length or guest buffers are not
-    /// multiples of [`Disk::block_size`] then fail with [`Error::Unaligned`]; nothing is
-    /// bounced.
+    /// Open with `O_DIRECT`. Requests whose offset or length is not a multiple of
+    /// [`Disk::block_size`] then fail with [`Error::Unaligned`]; so do, on a raw image, requests
+    /// whose guest buffers are not aligned (qcow2 bounces those through an aligned buffer).
+    /// qcow2 metadata I/O is aligned too, and an image whose clusters are smaller than the
+    /// alignment is refused ([`Error::DirectClusterSize`]). Backing files stay buffered.
     pub direct: bool,
     /// The image's format; `None` probes it.
     pub format: Option<Format>,
@@ -83,7 +84,6 @@ impl Disk {
             None => Format::Raw,
         };
         match format {
-            Format::Qcow2 if layer.direct => Err(Error::DirectUnsupported),
             Format::Qcow2 => Ok(Disk::Qcow2(Qcow2::from_file(file, path, layer)?)),
             Format::Raw => Ok(Disk::Raw(Raw::from_file(file, layer)?)),
         }
@@ -109,7 +109,7 @@ impl Disk {
     pub fn block_size(&self) -> u32 {
         match self {
             Disk::Raw(d) => d.block_size(),
-            Disk::Qcow2(_) => 512,
+            Disk::Qcow2(d) => d.block_size(),
         }
     }
 

@@ -7,7 +7,8 @@ use executor::{AlignedBuf, AsyncFd};
 use futures::lock::Mutex;
 use memory::{GuestAddress, GuestMemory};
 
-use crate::file::{check_range, check_request, direct_block_size, file_size, Layer};
+use crate::direct::{check_aligned, direct_alignment};
+use crate::file::{check_range, check_request, file_size, Layer};
 use crate::io::{
     copy_from_guest, read_guest, read_vec, sub_bufs, write_guest, write_vec, Bufs, GuestIoError,
 };
@@ -48,7 +49,7 @@ impl Raw {
     pub(crate) fn from_file(file: File, layer: &Layer<'_>) -> Result<Raw> {
         let size = file_size(&file)?;
         let block_size = if layer.direct {
-            direct_block_size(&file)
+            direct_alignment(&file)
         } else {
             512
         };
@@ -84,13 +85,12 @@ impl Raw {
         if !self.direct {
             return Ok(());
         }
+        check_aligned(offset, len, self.block_size)?;
         let bs = u64::from(self.block_size);
-        let ok = offset.is_multiple_of(bs)
-            && len.is_multiple_of(bs)
-            && bufs
-                .iter()
-                .all(|&(a, n)| a.0 % bs == 0 && (n as u64).is_multiple_of(bs));
-        if ok {
+        if bufs
+            .iter()
+            .all(|&(a, n)| a.0 % bs == 0 && (n as u64).is_multiple_of(bs))
+        {
             Ok(())
         } else {
             Err(Error::Unaligned {
