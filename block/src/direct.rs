@@ -94,6 +94,11 @@ impl ImageFd {
         self.align
     }
 
+    /// The descriptor, for operations of its own (unaligned only on a buffered file).
+    pub(crate) fn file(&self) -> &AsyncFd {
+        &self.fd
+    }
+
     pub(crate) async fn fdatasync(&self) -> io::Result<()> {
         self.fd.fdatasync().await
     }

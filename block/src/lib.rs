@@ -74,8 +74,8 @@ pub enum Error {
         /// Virtual size of the disk.
         size: u64,
     },
-    /// A request to an O_DIRECT disk whose offset or length (raw images: or guest buffers) is
-    /// not aligned to the block size.
+    /// A request to an O_DIRECT disk whose offset or length is not a multiple of the block
+    /// size (unaligned guest buffers are bounced, unaligned disk ranges refused).
     #[error("request at {offset:#x}+{len:#x} is not aligned to the {block_size}-byte block size")]
     Unaligned {
         /// First byte of the request.

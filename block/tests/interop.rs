@@ -567,7 +567,7 @@ fn requests_past_the_end_are_refused_before_any_io() {
 }
 
 #[test]
-fn direct_raw_refuses_unaligned_requests() {
+fn direct_raw_refuses_unaligned_ranges_and_bounces_unaligned_buffers() {
     let dir = TempDir::new("direct");
     let raw = dir.path("disk.raw");
     std::fs::write(&raw, vec![3u8; 1 << 20]).expect("raw");
@@ -600,4 +600,31 @@ fn direct_raw_refuses_unaligned_requests() {
         .read_slice(&mut got, GuestAddress(BUF))
         .expect("read");
     assert!(got[..bs].iter().all(|&b| b == 3) && got[bs..].iter().all(|&b| b == 9));
+    // Guest buffers at odd addresses with odd lengths are bounced, not refused.
+    let odd = [
+        (GuestAddress(BUF + 1), 100),
+        (GuestAddress(BUF + 0x3003), bs - 100),
+    ];
+    vm.mem.fill(GuestAddress(BUF + 1), 100, 4).expect("fill");
+    vm.mem
+        .fill(GuestAddress(BUF + 0x3003), bs - 100, 5)
+        .expect("fill");
+    vm.ex
+        .run_until(disk.write(2 * bs as u64, &odd, &vm.mem))
+        .expect("bounced write");
+    let back = vm.read(&disk, 2 * bs as u64, bs).expect("read");
+    assert!(back[..100].iter().all(|&b| b == 4) && back[100..].iter().all(|&b| b == 5));
+    vm.mem.fill(GuestAddress(BUF), 0x4000, 0).expect("clear");
+    vm.ex
+        .run_until(disk.read(2 * bs as u64, &odd, &vm.mem))
+        .expect("bounced read");
+    let mut head = [0u8; 100];
+    vm.mem
+        .read_slice(&mut head, GuestAddress(BUF + 1))
+        .expect("read");
+    assert!(head.iter().all(|&b| b == 4));
+    drop(disk);
+    let file = std::fs::read(&raw).expect("read file");
+    assert!(file[2 * bs..2 * bs + 100].iter().all(|&b| b == 4));
+    assert!(file[2 * bs + 100..3 * bs].iter().all(|&b| b == 5));
 }

@@ -14,6 +14,14 @@
 //! incompatible features, unsupported backing formats. Refused per request
 //! ([`Error::Compressed`]): zstd-compressed clusters.
 //!
+//! `O_DIRECT` (`direct=on`): every metadata read and write goes through buffers, offsets and
+//! lengths aligned to the file's `O_DIRECT` alignment (`crate::direct`; a partial block of
+//! metadata is read, patched and written whole, under the metadata lock), guest data goes
+//! straight to guest memory when its buffers are aligned and through an aligned bounce buffer
+//! otherwise, and requests whose disk range is unaligned are refused ([`Error::Unaligned`]).
+//! Images whose clusters are smaller than the alignment are refused at open. Backing files
+//! stay buffered.
+//!
 //! Metadata caching: refcounts are written through, L2 tables and L1 entries are written back
 //! at [`Qcow2::flush`] (see `meta.rs` for the ordering). **Call `flush` before dropping a
 //! writable image**: updates since the last flush are otherwise lost (the image stays
@@ -717,6 +725,10 @@ fn open_backing<B: Backing>(path: &Path, format: Option<&str>, overlay: &Layer<'
         ),
     };
     let file = open_backing_file(path, overlay.allowed)?;
+    // Buffered even under a direct overlay: a backing file is only read (O_DIRECT would buy
+    // no durability), it is often shared by many overlays, which its page cache then serves
+    // once, and any of its layouts (512-byte clusters, unaligned compressed data) stays
+    // readable without a block-sized bounce for every small read.
     let layer = Layer {
         read_only: true,
         direct: false,
