@@ -40,7 +40,7 @@ pub(crate) fn direct_alignment(file: &File) -> u32 {
 }
 
 /// Checks that a request's offset and length are multiples of `block_size`.
-pub(crate) fn check_aligned(offset: u64, len: u64, block_size: u32) -> Result<()> {
+fn check_aligned(offset: u64, len: u64, block_size: u32) -> Result<()> {
     let bs = u64::from(block_size);
     if offset.is_multiple_of(bs) && len.is_multiple_of(bs) {
         Ok(())
@@ -92,6 +92,15 @@ impl ImageFd {
     /// The alignment kept: 1 for a buffered file.
     pub(crate) fn align(&self) -> u64 {
         self.align
+    }
+
+    /// With `O_DIRECT`, refuses requests whose disk range (offset or length) is not a
+    /// multiple of the alignment; guest buffers need not be aligned (they are bounced).
+    pub(crate) fn check_request(&self, offset: u64, len: u64) -> Result<()> {
+        if self.align == 1 {
+            return Ok(());
+        }
+        check_aligned(offset, len, self.align as u32)
     }
 
     /// The descriptor, for operations of its own (unaligned only on a buffered file).

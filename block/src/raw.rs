@@ -7,7 +7,7 @@ use executor::AlignedBuf;
 use futures::lock::Mutex;
 use memory::{GuestAddress, GuestMemory};
 
-use crate::direct::{check_aligned, direct_alignment, ImageFd};
+use crate::direct::{direct_alignment, ImageFd};
 use crate::file::{check_range, check_request, file_size, Layer};
 use crate::io::{copy_from_guest, sub_bufs, Bufs, GuestIoError};
 use crate::qcow2::MAGIC;
@@ -77,16 +77,6 @@ impl Raw {
         self.block_size
     }
 
-    /// With `O_DIRECT`, refuses requests whose offset or length is not a multiple of the
-    /// block size (guest buffers need not be aligned: unaligned ones are bounced).
-    fn check_aligned(&self, offset: u64, len: u64) -> Result<()> {
-        if self.direct {
-            check_aligned(offset, len, self.block_size)
-        } else {
-            Ok(())
-        }
-    }
-
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
             Err(Error::ReadOnly)
@@ -103,7 +93,7 @@ impl Raw {
         mem: &GuestMemory,
     ) -> Result<()> {
         let len = check_request(offset, bufs, self.size)?;
-        self.check_aligned(offset, len)?;
+        self.fd.check_request(offset, len)?;
         self.fd
             .read_guest(offset, bufs, mem)
             .await
@@ -122,7 +112,7 @@ impl Raw {
     ) -> Result<()> {
         self.check_writable()?;
         let len = check_request(offset, bufs, self.size)?;
-        self.check_aligned(offset, len)?;
+        self.fd.check_request(offset, len)?;
         if self.probed && offset < SIGNATURE_LEN && len > 0 {
             return self.write_head(offset, len, bufs, mem).await;
         }
@@ -203,7 +193,7 @@ impl Raw {
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.size)?;
-        self.check_aligned(offset, len)?;
+        self.fd.check_request(offset, len)?;
         if len == 0 {
             return Ok(());
         }

@@ -173,50 +173,52 @@ fn same_as_buffered(img: &Path, model: Vec<u8>, bs: u64, extra: &[Op]) {
     assert!(results[0] == results[1]);
 }
 
-#[test]
-fn direct_qcow2_v3_does_what_buffered_does() {
-    let dir = TempDir::new("direct-v3");
+/// A new image of `mib` MiB made with `qemu-img create -o OPTS` (`opts` gets the block size)
+/// through [`same_as_buffered`] (16 MiB and more: with 9 MiB more written); returns the first
+/// 512 bytes of the direct copy (its header).
+fn new_image_same_as_buffered(name: &str, opts: impl Fn(u64) -> String, mib: usize) -> Vec<u8> {
+    let dir = TempDir::new(name);
     let bs = block_size(&dir);
-    let img = dir.path("v3.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "8M"]);
-    same_as_buffered(&img, vec![0u8; 8 << 20], bs, &[]);
-}
-
-#[test]
-fn direct_qcow2_v2_does_what_buffered_does() {
-    let dir = TempDir::new("direct-v2");
-    let bs = block_size(&dir);
-    let img = dir.path("v2.qcow2");
+    let img = dir.path("disk.qcow2");
+    let size = format!("{mib}M");
     qemu_img(&[
         "create",
         "-q",
         "-f",
         "qcow2",
         "-o",
-        "compat=0.10",
+        &opts(bs),
         s(&img),
-        "8M",
+        &size,
     ]);
-    same_as_buffered(&img, vec![0u8; 8 << 20], bs, &[]);
+    // More than 8 MiB of new clusters when there is room (see the small-cluster test).
+    let extra = if mib >= 16 {
+        vec![Op::Write(6 * MIB, 9 * MIB, false)]
+    } else {
+        Vec::new()
+    };
+    same_as_buffered(&img, vec![0u8; mib << 20], bs, &extra);
+    let header = std::fs::read(img.with_extension("direct.qcow2")).expect("read");
+    header[..512].to_vec()
+}
+
+#[test]
+fn direct_qcow2_v3_does_what_buffered_does() {
+    new_image_same_as_buffered("direct-v3", |_| "compat=1.1".into(), 8);
+}
+
+#[test]
+fn direct_qcow2_v2_does_what_buffered_does() {
+    new_image_same_as_buffered("direct-v2", |_| "compat=0.10".into(), 8);
 }
 
 #[test]
 fn direct_qcow2_with_block_sized_clusters_grows_its_refcount_table() {
-    let dir = TempDir::new("direct-small");
-    let bs = block_size(&dir);
-    let img = dir.path("small.qcow2");
     // Clusters as small as O_DIRECT allows: with 512 bytes the 16 MiB of data outgrow the
     // first refcount table cluster (8 MiB), which moves, rewriting the header's pointer to it.
-    let opts = format!("cluster_size={bs}");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "16M"]);
-    same_as_buffered(
-        &img,
-        vec![0u8; 16 << 20],
-        bs,
-        &[Op::Write(6 * MIB, 9 * MIB, false)],
-    );
-    if bs == 512 {
-        let header = std::fs::read(img.with_extension("direct.qcow2")).expect("read");
+    let header = new_image_same_as_buffered("direct-small", |bs| format!("cluster_size={bs}"), 16);
+    let cluster_bits = u32::from_be_bytes(header[20..24].try_into().expect("4 bytes"));
+    if cluster_bits == 9 {
         let clusters = u32::from_be_bytes(header[56..60].try_into().expect("4 bytes"));
         assert!(
             clusters > 1,
@@ -229,39 +231,7 @@ fn direct_qcow2_with_block_sized_clusters_grows_its_refcount_table() {
 fn direct_qcow2_over_backing_files_copies_on_write_as_buffered_does() {
     let dir = TempDir::new("direct-backing");
     let bs = block_size(&dir);
-    let base = dir.path("base.raw");
-    let base_data = Rng(9).bytes(6 << 20);
-    std::fs::write(&base, &base_data).expect("write base");
-    let mid = dir.path("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&mid),
-        "8M",
-    ]);
-    run("qemu-io", &["-c", "write -P 0x11 1M 64k", s(&mid)]);
-    let top = dir.path("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "8M",
-    ]);
-    let mut model = base_data.clone();
-    model.resize(8 << 20, 0);
-    model[MIB as usize..(MIB + 65536) as usize].fill(0x11);
+    let (base, base_data, top, model) = backing_chain(&dir, &mut Rng(9), 65536);
     same_as_buffered(&top, model, bs, &[]);
     assert!(
         std::fs::read(&base).expect("base") == base_data,

@@ -247,44 +247,8 @@ fn qcow2_reads_data_qemu_io_wrote() {
 #[test]
 fn qcow2_with_backing_files_copies_on_write() {
     let dir = TempDir::new("backing");
-    let base = dir.path("base.raw");
     let mut rng = Rng(5);
-    let base_data = rng.bytes(6 << 20);
-    std::fs::write(&base, &base_data).expect("write base");
-    // A qcow2 middle layer with some of its own data, then the overlay (relative names).
-    let mid = dir.path("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&mid),
-        "8M",
-    ]);
-    run("qemu-io", &["-c", "write -P 0x11 1M 64k", s(&mid)]);
-    let top = dir.path("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "8M",
-    ]);
-
-    let mut model = base_data.clone();
-    model.resize(8 << 20, 0);
-    model[1 << 20..(1 << 20) + 65536].fill(0x11);
+    let (base, base_data, top, mut model) = backing_chain(&dir, &mut rng, 4096);
     let vm = Vm::new();
     {
         let disk = Disk::open(&top, qcow2_rw()).expect("open");

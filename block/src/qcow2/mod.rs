@@ -53,7 +53,7 @@ use header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
 use meta::Meta;
 use table::L2Entry;
 
-use crate::direct::{check_aligned, direct_alignment, read_file, write_file, ImageFd};
+use crate::direct::{direct_alignment, read_file, write_file, ImageFd};
 use crate::file::{
     check_range, check_request, file_size, image_dir, open_backing_file, Format, Layer,
     MAX_BACKING_DEPTH,
@@ -88,8 +88,6 @@ pub trait Backing: Sized {
 /// A qcow2 image whose backing files are `B`s.
 pub struct Qcow2<B> {
     fd: ImageFd,
-    /// `O_DIRECT`: requests must be aligned to `block_size`.
-    direct: bool,
     /// 512, or the `O_DIRECT` alignment.
     block_size: u32,
     size: u64,
@@ -239,7 +237,6 @@ impl<B: Backing> Qcow2<B> {
         Ok(Qcow2 {
             meta: Mutex::new(Meta::new(&h, &l1, &rt, file_len)),
             fd: ImageFd::new(file, layer.direct, block_size),
-            direct: layer.direct,
             block_size,
             size: h.size,
             cluster_bits: h.cluster_bits,
@@ -265,16 +262,6 @@ impl<B: Backing> Qcow2<B> {
     /// 512, or the alignment `O_DIRECT` requests need.
     pub fn block_size(&self) -> u32 {
         self.block_size
-    }
-
-    /// With `O_DIRECT`, refuses requests whose offset or length is not a multiple of the
-    /// block size (guest buffers need not be aligned: they are bounced).
-    fn check_aligned(&self, offset: u64, len: u64) -> Result<()> {
-        if self.direct {
-            check_aligned(offset, len, self.block_size)
-        } else {
-            Ok(())
-        }
     }
 
     fn cs(&self) -> u64 {
@@ -370,7 +357,7 @@ impl<B: Backing> Qcow2<B> {
         mem: &GuestMemory,
     ) -> Result<()> {
         let len = check_request(offset, bufs, self.size)?;
-        self.check_aligned(offset, len)?;
+        self.fd.check_request(offset, len)?;
         mem.iovecs(bufs).map_err(Error::GuestMemory)?;
         let (pieces, _inflight) = self.map_read(offset, len).await?;
         for p in pieces {
@@ -465,7 +452,7 @@ impl<B: Backing> Qcow2<B> {
     ) -> Result<()> {
         self.check_writable()?;
         let len = check_request(offset, bufs, self.size)?;
-        self.check_aligned(offset, len)?;
+        self.fd.check_request(offset, len)?;
         mem.iovecs(bufs).map_err(Error::GuestMemory)?;
         let cs = self.cs();
         let mut m = self.meta.lock().await;
@@ -611,7 +598,7 @@ impl<B: Backing> Qcow2<B> {
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.size)?;
-        self.check_aligned(offset, len)?;
+        self.fd.check_request(offset, len)?;
         let cs = self.cs();
         let mut m = self.meta.lock().await;
         let mut runs: Vec<(u64, u64)> = Vec::new();
