@@ -1,15 +1,17 @@
 //! [`Disk`]: an image of either format, opened by probing its first bytes.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memory::{GuestAddress, GuestMemory};
 
+use crate::direct::{direct_alignment, read_file};
 use crate::file::{canonical_dir, image_dir, open_file, Format, Layer};
 use crate::qcow2::{self, Backing, Qcow2};
 use crate::raw::Raw;
-use crate::{Error, Result};
+#[cfg(doc)]
+use crate::Error;
+use crate::Result;
 
 /// How to open a disk image.
 ///
@@ -32,10 +34,12 @@ use crate::{Error, Result};
 pub struct OpenOptions {
     /// Refuse every request that would change the image (and open the file `O_RDONLY`).
     pub read_only: bool,
-    /// Open with `O_DIRECT` (raw images only: qcow2 refuses it with
-    /// [`Error::DirectUnsupported`]). Requests whose offset, length or guest buffers are not
-    /// multiples of [`Disk::block_size`] then fail with [`Error::Unaligned`]; nothing is
-    /// bounced.
+    /// Open with `O_DIRECT`. Requests whose offset or length is not a multiple of
+    /// [`Disk::block_size`] (the alignment the kernel reports for the file) then fail with
+    /// [`Error::Unaligned`]; guest buffers that are not aligned go through an aligned bounce
+    /// buffer. qcow2 metadata I/O is aligned too, and a qcow2 image whose clusters are smaller
+    /// than the alignment is refused ([`Error::DirectClusterSize`]). Backing files are opened
+    /// buffered (see `qcow2::open_backing`).
     pub direct: bool,
     /// The image's format; `None` probes it.
     pub format: Option<Format>,
@@ -79,11 +83,10 @@ impl Disk {
     pub(crate) fn from_file(file: File, path: &Path, layer: &Layer<'_>) -> Result<Disk> {
         let format = match layer.format {
             Some(f) => f,
-            None if probe_magic(&file)? == qcow2::MAGIC => Format::Qcow2,
+            None if probe_magic(&file, layer.direct)? == qcow2::MAGIC => Format::Qcow2,
             None => Format::Raw,
         };
         match format {
-            Format::Qcow2 if layer.direct => Err(Error::DirectUnsupported),
             Format::Qcow2 => Ok(Disk::Qcow2(Qcow2::from_file(file, path, layer)?)),
             Format::Raw => Ok(Disk::Raw(Raw::from_file(file, layer)?)),
         }
@@ -105,11 +108,11 @@ impl Disk {
         }
     }
 
-    /// Logical block size: 512, or the device's logical block size for `O_DIRECT`.
+    /// Logical block size: 512, or the alignment `O_DIRECT` needs on the image file.
     pub fn block_size(&self) -> u32 {
         match self {
             Disk::Raw(d) => d.block_size(),
-            Disk::Qcow2(_) => 512,
+            Disk::Qcow2(d) => d.block_size(),
         }
     }
 
@@ -182,23 +185,17 @@ impl Disk {
     }
 }
 
-/// The first four bytes of the file (zeros if it is shorter). The read goes through a
-/// 4 KiB-aligned buffer of 4 KiB, which `O_DIRECT` accepts on 512-byte and 4K devices alike.
-fn probe_magic(file: &File) -> Result<[u8; 4]> {
-    const ALIGN: usize = 4096;
-    let mut buf = vec![0u8; 2 * ALIGN];
-    let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
-    let block = &mut buf[start..start + ALIGN];
-    // One read: a second one, after a short first, would be unaligned for O_DIRECT.
-    loop {
-        match file.read_at(block, 0) {
-            Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::ReadMetadata(0, e)),
-        }
-    }
+/// The first four bytes of the file (zeros if it is shorter), read through an aligned block
+/// for `O_DIRECT`.
+fn probe_magic(file: &File, direct: bool) -> Result<[u8; 4]> {
+    let align = if direct {
+        u64::from(direct_alignment(file))
+    } else {
+        1
+    };
+    let first = read_file(file, align, 0, 4)?;
     let mut magic = [0u8; 4];
-    magic.copy_from_slice(&block[..4]);
+    magic[..first.len()].copy_from_slice(&first);
     Ok(magic)
 }
 

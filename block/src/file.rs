@@ -3,7 +3,7 @@
 //! composes them; it imports none of them.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::io::{total_len, Bufs};
@@ -129,20 +129,6 @@ pub(crate) fn open_backing_file(path: &Path, allowed: &[PathBuf]) -> Result<File
     Ok(file)
 }
 
-/// Reads what there is of `buf.len()` bytes at `offset`; returns the count.
-pub(crate) fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::ReadMetadata(offset, e)),
-        }
-    }
-    Ok(done)
-}
-
 /// Size in bytes of a regular file or block device.
 pub(crate) fn file_size(file: &File) -> Result<u64> {
     let meta = file.metadata().map_err(Error::Stat)?;
@@ -154,12 +140,10 @@ pub(crate) fn file_size(file: &File) -> Result<u64> {
     Ok(meta.len())
 }
 
-/// The logical block size that `O_DIRECT` requests to `file` must be aligned to, from sysfs
-/// (the device itself, or the device holding the file system); 4096 when unknown.
-pub(crate) fn direct_block_size(file: &File) -> u32 {
-    let Ok(meta) = file.metadata() else {
-        return 4096;
-    };
+/// The logical block size of the device holding `file` (or of `file`, a block device), from
+/// sysfs; `None` when unknown.
+pub(crate) fn sysfs_block_size(file: &File) -> Option<u32> {
+    let meta = file.metadata().ok()?;
     let dev = if meta.file_type().is_block_device() {
         meta.rdev()
     } else {
@@ -169,19 +153,17 @@ pub(crate) fn direct_block_size(file: &File) -> u32 {
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
     let base = format!("/sys/dev/block/{major}:{minor}");
-    for p in [
+    [
         format!("{base}/queue/logical_block_size"),
         format!("{base}/../queue/logical_block_size"),
-    ] {
-        if let Some(n) = std::fs::read_to_string(p)
+    ]
+    .into_iter()
+    .find_map(|p| {
+        std::fs::read_to_string(p)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
             .filter(|n| n.is_power_of_two() && (512..=65536).contains(n))
-        {
-            return n;
-        }
-    }
-    4096
+    })
 }
 
 #[cfg(test)]

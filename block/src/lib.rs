@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod device;
+mod direct;
 mod disk;
 mod file;
 mod io;
@@ -73,8 +74,8 @@ pub enum Error {
         /// Virtual size of the disk.
         size: u64,
     },
-    /// A request to an O_DIRECT disk whose offset, length or buffers are not aligned to the
-    /// logical block size (O_DIRECT requests are never bounced).
+    /// A request to an O_DIRECT disk whose offset or length is not a multiple of the block
+    /// size (unaligned guest buffers are bounced, unaligned disk ranges refused).
     #[error("request at {offset:#x}+{len:#x} is not aligned to the {block_size}-byte block size")]
     Unaligned {
         /// First byte of the request.
@@ -124,9 +125,15 @@ pub enum Error {
     /// Zeroing a range of the image file failed.
     #[error("failed to zero {0:#x}+{1:#x}")]
     WriteZeroes(u64, u64, #[source] stdio::Error),
-    /// O_DIRECT was asked for a format that does not support it.
-    #[error("O_DIRECT is only supported for raw images")]
-    DirectUnsupported,
+    /// O_DIRECT was asked for a qcow2 image whose clusters are smaller than the alignment
+    /// O_DIRECT needs: data and metadata would share blocks that can only be written whole.
+    #[error("O_DIRECT needs qcow2 clusters of at least {block_size} bytes; this image has {cluster_size}-byte clusters (convert it with a larger cluster_size, or open it without direct)")]
+    DirectClusterSize {
+        /// The image's cluster size.
+        cluster_size: u64,
+        /// The alignment O_DIRECT needs on this file.
+        block_size: u32,
+    },
     /// A qcow2 version other than 2 and 3.
     #[error("unsupported qcow2 version {0}")]
     UnsupportedVersion(u32),

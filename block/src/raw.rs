@@ -3,14 +3,13 @@
 use std::fs::File;
 use std::io;
 
-use executor::{AlignedBuf, AsyncFd};
+use executor::AlignedBuf;
 use futures::lock::Mutex;
 use memory::{GuestAddress, GuestMemory};
 
-use crate::file::{check_range, check_request, direct_block_size, file_size, Layer};
-use crate::io::{
-    copy_from_guest, read_guest, read_vec, sub_bufs, write_guest, write_vec, Bufs, GuestIoError,
-};
+use crate::direct::{direct_alignment, ImageFd};
+use crate::file::{check_range, check_request, file_size, Layer};
+use crate::io::{copy_from_guest, sub_bufs, Bufs, GuestIoError};
 use crate::qcow2::MAGIC;
 use crate::{Error, Result};
 
@@ -33,7 +32,7 @@ const ZERO_CHUNK: u64 = 1 << 20;
 /// its format given takes any bytes.
 #[derive(Debug)]
 pub struct Raw {
-    fd: AsyncFd,
+    fd: ImageFd,
     size: u64,
     read_only: bool,
     block_size: u32,
@@ -48,12 +47,12 @@ impl Raw {
     pub(crate) fn from_file(file: File, layer: &Layer<'_>) -> Result<Raw> {
         let size = file_size(&file)?;
         let block_size = if layer.direct {
-            direct_block_size(&file)
+            direct_alignment(&file)
         } else {
             512
         };
         Ok(Raw {
-            fd: AsyncFd::new(file.into()),
+            fd: ImageFd::new(file, layer.direct, block_size),
             size,
             read_only: layer.read_only,
             block_size,
@@ -73,32 +72,9 @@ impl Raw {
         self.read_only
     }
 
-    /// 512, or the logical block size of the device holding the file for `O_DIRECT`.
+    /// 512, or the alignment `O_DIRECT` needs on the file.
     pub fn block_size(&self) -> u32 {
         self.block_size
-    }
-
-    /// With `O_DIRECT`, refuses requests not aligned to the block size (offset, length and
-    /// every guest buffer's address and length).
-    fn check_aligned(&self, offset: u64, len: u64, bufs: &Bufs) -> Result<()> {
-        if !self.direct {
-            return Ok(());
-        }
-        let bs = u64::from(self.block_size);
-        let ok = offset.is_multiple_of(bs)
-            && len.is_multiple_of(bs)
-            && bufs
-                .iter()
-                .all(|&(a, n)| a.0 % bs == 0 && (n as u64).is_multiple_of(bs));
-        if ok {
-            Ok(())
-        } else {
-            Err(Error::Unaligned {
-                offset,
-                len,
-                block_size: self.block_size,
-            })
-        }
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -117,8 +93,9 @@ impl Raw {
         mem: &GuestMemory,
     ) -> Result<()> {
         let len = check_request(offset, bufs, self.size)?;
-        self.check_aligned(offset, len, bufs)?;
-        read_guest(&self.fd, offset, bufs, mem)
+        self.fd.check_request(offset, len)?;
+        self.fd
+            .read_guest(offset, bufs, mem)
             .await
             .map_err(|e| match e {
                 GuestIoError::Memory(e) => Error::GuestMemory(e),
@@ -135,7 +112,7 @@ impl Raw {
     ) -> Result<()> {
         self.check_writable()?;
         let len = check_request(offset, bufs, self.size)?;
-        self.check_aligned(offset, len, bufs)?;
+        self.fd.check_request(offset, len)?;
         if self.probed && offset < SIGNATURE_LEN && len > 0 {
             return self.write_head(offset, len, bufs, mem).await;
         }
@@ -143,7 +120,8 @@ impl Raw {
     }
 
     async fn write_from_guest(&self, offset: u64, bufs: &Bufs, mem: &GuestMemory) -> Result<()> {
-        write_guest(&self.fd, offset, bufs, mem)
+        self.fd
+            .write_guest(offset, bufs, mem)
             .await
             .map_err(|e| match e {
                 GuestIoError::Memory(e) => Error::GuestMemory(e),
@@ -182,13 +160,14 @@ impl Raw {
         if sig == MAGIC {
             return Err(Error::RawSignature);
         }
-        let (res, copy) = self.fd.write_at(copy, offset).await;
+        let (res, copy) = self.fd.file().write_at(copy, offset).await;
         let done = res.map_err(|e| Error::Write(offset, e))? as u64;
         if done < head {
             // A short write: the rest of the copy (a buffered file; O_DIRECT writes whole
             // blocks or fail).
             let rest = copy.as_slice()[done as usize..].to_vec();
-            write_vec(&self.fd, offset + done, rest)
+            self.fd
+                .write_vec(offset + done, rest)
                 .await
                 .map_err(|e| Error::Write(offset + done, e))?;
         }
@@ -214,14 +193,14 @@ impl Raw {
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.size)?;
-        self.check_aligned(offset, len, &[])?;
+        self.fd.check_request(offset, len)?;
         if len == 0 {
             return Ok(());
         }
         let res = if unmap {
             self.fd.punch_hole(offset, len).await
         } else {
-            self.fd.zero_range(offset, len).await
+            self.fd.file().zero_range(offset, len).await
         };
         match res {
             Ok(()) => return Ok(()),
@@ -232,7 +211,8 @@ impl Raw {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(ZERO_CHUNK);
-            write_vec(&self.fd, offset + done, vec![0u8; n as usize])
+            self.fd
+                .write_vec(offset + done, vec![0u8; n as usize])
                 .await
                 .map_err(|e| Error::WriteZeroes(offset + done, n, e))?;
             done += n;
@@ -243,7 +223,9 @@ impl Raw {
     /// Reads into a new buffer; past the end of the disk reads zeros.
     pub(crate) async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let avail = self.size.saturating_sub(offset).min(len as u64) as usize;
-        let mut out = read_vec(&self.fd, offset, avail)
+        let mut out = self
+            .fd
+            .read_vec(offset, avail)
             .await
             .map_err(|e| Error::Read(offset, e))?;
         out.resize(len, 0);

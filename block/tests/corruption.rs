@@ -5,7 +5,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use block::{Disk, Error};
+use block::{Disk, Error, OpenOptions};
 use common::*;
 
 const CS: u64 = 65536;
@@ -439,9 +439,10 @@ fn backing_loops_and_missing_backing_files_fail_open() {
     }
 }
 
-#[test]
-fn random_metadata_corruption_never_panics() {
-    let img = Image::new("fuzz");
+/// Flips random bits in the metadata of an image, `rounds` times, and drives each copy that
+/// opens (`direct`: with O_DIRECT, requests in whole blocks): errors, never a panic.
+fn corrupt_and_drive(direct: bool, rounds: usize) {
+    let img = Image::new(if direct { "fuzz-direct" } else { "fuzz" });
     // Some more metadata to hit: a second L2 table and a zero cluster.
     run(
         "qemu-io",
@@ -456,9 +457,13 @@ fn random_metadata_corruption_never_panics() {
     let pristine = std::fs::read(&img.path).expect("read");
     let meta_end = (6 * CS) as usize;
     let vm = Vm::new();
-    let mut rng = Rng(0xfeed);
+    let mut rng = Rng(if direct { 0xd1ec } else { 0xfeed });
     let mut opened = 0;
-    for _ in 0..300 {
+    let options = OpenOptions {
+        direct,
+        ..OpenOptions::default()
+    };
+    for _ in 0..rounds {
         let mut bytes = pristine.clone();
         for _ in 0..1 + rng.below(8) {
             let at = rng.below(meta_end as u64) as usize;
@@ -466,13 +471,32 @@ fn random_metadata_corruption_never_panics() {
             bytes[at] ^= 1 << rng.below(8);
         }
         std::fs::write(&img.path, &bytes).expect("write");
-        let Ok(disk) = img.open() else { continue };
+        let Ok(disk) = Disk::open(&img.path, options.clone()) else {
+            continue;
+        };
         opened += 1;
+        // Unaligned for buffered images, whole blocks for direct ones.
+        let bs = u64::from(disk.block_size());
+        let (at, len) = if direct {
+            (4 * CS + bs, 17 * bs as usize)
+        } else {
+            (4 * CS + 100, 70_000)
+        };
         let _ = vm.read(&disk, 0, 8 << 20);
-        let _ = vm.write(&disk, 4 * CS + 100, &[7; 70_000]);
+        let _ = vm.write(&disk, at, &vec![7; len]);
         let _ = vm.ex.run_until(disk.write_zeroes(4 << 20, 3 * CS, true));
         let _ = vm.ex.run_until(disk.flush());
         let _ = vm.read(&disk, 0, 8 << 20);
     }
     assert!(opened > 0);
+}
+
+#[test]
+fn random_metadata_corruption_never_panics() {
+    corrupt_and_drive(false, 300);
+}
+
+#[test]
+fn random_metadata_corruption_never_panics_with_o_direct() {
+    corrupt_and_drive(true, 40);
 }

@@ -138,6 +138,32 @@ impl AlignedBuf {
     }
 }
 
+/// The alignment `O_DIRECT` I/O on `fd` needs, as the kernel reports it (`statx` with
+/// `STATX_DIOALIGN`, Linux 6.1 and later): the larger of the buffer-address and the file-offset
+/// alignment, which lengths must be multiples of too. `None` when the kernel or the file system
+/// does not report it (or reports that the file does not support `O_DIRECT`).
+pub fn dio_alignment(fd: std::os::fd::BorrowedFd<'_>) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `statx` is plain old data, for which all zeros is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an empty, NUL-terminated path with AT_EMPTY_PATH makes statx look at `fd`
+    // itself, which the borrow keeps open; the kernel writes only into `stx`, which lives
+    // across the call.
+    let res = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if res != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some(stx.stx_dio_offset_align.max(stx.stx_dio_mem_align))
+}
+
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: `ptr` was allocated in `zeroed` with this very layout and is freed only here.
@@ -265,6 +291,15 @@ mod tests {
         }
         assert!(AlignedBuf::zeroed(0, 512).is_none());
         assert!(AlignedBuf::zeroed(512, 3).is_none());
+    }
+
+    #[test]
+    fn dio_alignment_is_a_power_of_two_when_reported() {
+        use std::os::fd::AsFd;
+        let f = std::fs::File::open(std::env::temp_dir()).expect("open temp dir");
+        if let Some(a) = dio_alignment(f.as_fd()) {
+            assert!(a.is_power_of_two(), "{a}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ mod runtime;
 mod socket;
 mod time;
 
-pub use buf::{AlignedBuf, IoBuf, IoBufMut, IoVecs, IoVecsMut};
+pub use buf::{dio_alignment, AlignedBuf, IoBuf, IoBufMut, IoVecs, IoVecsMut};
 pub use eventfd::{EventFd, EventFdStream};
 pub use fd::{nop, AsyncFd};
 pub use runtime::{

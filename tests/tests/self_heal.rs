@@ -5,8 +5,8 @@
 //!   reads back and checks blocks at QD 32 at CPL3 while the block process is killed 20 times
 //!   at random moments; inflight I/O tracking gives the new process what the dead one had in
 //!   flight. No request may fail, be lost or complete twice, and every block must read back
-//!   as last written; on raw (buffered and O_DIRECT) and qcow2 (whose metadata `ringvm run`
-//!   has written through, and which `qemu-img check` finds uncorrupted). The same with a
+//!   as last written; on raw and qcow2, buffered and O_DIRECT (qcow2 metadata `ringvm run`
+//!   has written through, and `qemu-img check` finds uncorrupted). The same with a
 //!   death by the device's own seccomp filter.
 //! - External backends killed and restarted under blk-verify: `ringvm device block` at QD 32
 //!   (its inflight region carried across), qemu-storage-daemon at QD 1 (it tracks nothing in
@@ -62,6 +62,32 @@ fn device_of(vmm: u32, dead: &[u32]) -> u32 {
         "no single device process under the VMM: {found:?}"
     );
     found[0]
+}
+
+/// Whether process `pid` opened `path` with `O_DIRECT` (the flags in its fdinfo), once it
+/// has it open (a restarted process may still be starting).
+fn opened_direct(pid: u32, path: &std::path::Path) -> bool {
+    /// `O_DIRECT` on x86-64, as /proc/PID/fdinfo prints flags (octal).
+    const O_DIRECT: u32 = 0o40000;
+    let want = std::fs::canonicalize(path).expect("the disk's path");
+    let mut flags = None;
+    let open = wait_until(Duration::from_secs(10), || {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false;
+        };
+        flags = fds
+            .flatten()
+            .filter(|fd| std::fs::read_link(fd.path()).ok().as_deref() == Some(want.as_path()))
+            .find_map(|fd| {
+                let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+                let text = std::fs::read_to_string(info).ok()?;
+                let f = text.lines().find_map(|l| l.strip_prefix("flags:"))?;
+                u32::from_str_radix(f.trim(), 8).ok()
+            });
+        flags.is_some()
+    });
+    assert!(open, "device process {pid} never opened {}", path.display());
+    flags.is_some_and(|f| f & O_DIRECT != 0)
 }
 
 fn kill(pid: u32, signal: &str) {
@@ -127,10 +153,24 @@ fn kill_block_20_times(format: &str, direct: bool) {
     while killed.len() < 20 {
         std::thread::sleep(Duration::from_millis(40 + rand.below(160)));
         let device = device_of(vmm, &killed);
+        if killed.is_empty() {
+            assert_eq!(
+                opened_direct(device, &disk),
+                direct,
+                "O_DIRECT on the image (pid {device})"
+            );
+        }
         kill(device, "KILL");
         killed.push(device);
     }
     let kills_took = started.elapsed();
+    // The restarted process opened the image as the first one did.
+    let last = device_of(vmm, &killed);
+    assert_eq!(
+        opened_direct(last, &disk),
+        direct,
+        "O_DIRECT on the image (pid {last})"
+    );
     let (result, stderr) = finish_blk_verify(live);
     eprintln!("{format} (direct={direct}): 20 kills in {kills_took:?}; guest: {result}");
     let restarts = stderr.matches("; restarting it (").count();
@@ -157,9 +197,10 @@ fn kill_block_20_times(format: &str, direct: bool) {
             "qemu-img check ({:?}):\n{out}",
             check.status
         );
+        let summary: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
         eprintln!(
-            "qcow2 after 20 kills: {}",
-            out.lines().next().unwrap_or_default()
+            "qcow2 (direct={direct}) after 20 kills: {}",
+            summary.join("; ")
         );
     }
 }
@@ -177,6 +218,11 @@ fn block_process_killed_20_times_loses_and_repeats_no_request_raw_o_direct() {
 #[test]
 fn block_process_killed_20_times_loses_and_repeats_no_request_qcow2() {
     kill_block_20_times("qcow2", false);
+}
+
+#[test]
+fn block_process_killed_20_times_loses_and_repeats_no_request_qcow2_o_direct() {
+    kill_block_20_times("qcow2", true);
 }
 
 #[test]

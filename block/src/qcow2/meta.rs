@@ -15,14 +15,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use executor::AsyncFd;
-
 use super::header::{in_file, overlaps, Header, MAX_REFTABLE_BYTES, OFF_REFTABLE};
 use super::table::{
     decode_l1, decode_l2, decode_reftable, encode_l2, get_refcount, max_refcount, set_refcount,
     L2Entry, COPIED,
 };
-use crate::io::{read_vec, write_vec};
+use crate::direct::ImageFd;
 use crate::{Error, Result};
 
 /// Bytes of cached tables of each kind (L2, refcount blocks).
@@ -200,14 +198,14 @@ impl Meta {
 
     /// Makes room in the L2 cache, writing back a dirty victim (after an fdatasync, so what
     /// it points to is durable first).
-    async fn evict_l2(&mut self, fd: &AsyncFd) -> Result<()> {
+    async fn evict_l2(&mut self, fd: &ImageFd) -> Result<()> {
         let Some(off) = self.l2.victim() else {
             return Ok(());
         };
         if self.l2.slots.get(&off).is_some_and(|s| s.dirty) {
             fd.fdatasync().await.map_err(Error::Flush)?;
             let bytes = u64s_be(&self.l2.slots[&off].data);
-            write_vec(fd, off, bytes)
+            fd.write_vec(off, bytes)
                 .await
                 .map_err(|e| Error::WriteMetadata(off, e))?;
         }
@@ -217,7 +215,7 @@ impl Meta {
 
     /// The offset of the L2 table for L1 index `l1i`, loaded into the cache; allocated (as
     /// an all-unallocated table) when missing and `allocate`.
-    async fn l2_table(&mut self, fd: &AsyncFd, l1i: usize, allocate: bool) -> Result<Option<u64>> {
+    async fn l2_table(&mut self, fd: &ImageFd, l1i: usize, allocate: bool) -> Result<Option<u64>> {
         let Some(&raw) = self.l1.get(l1i) else {
             return Err(corrupt("l1 index beyond the l1 table", l1i as u64));
         };
@@ -249,7 +247,8 @@ impl Meta {
             "l2 table outside the file or overlapping metadata",
         )?;
         self.evict_l2(fd).await?;
-        let bytes = read_vec(fd, off, self.cs as usize)
+        let bytes = fd
+            .read_vec(off, self.cs as usize)
             .await
             .map_err(|e| Error::ReadMetadata(off, e))?;
         self.l2.insert(off, be_u64s(&bytes), false);
@@ -257,7 +256,7 @@ impl Meta {
     }
 
     /// The L2 entry of virtual cluster `vc`, validated.
-    pub(crate) async fn entry(&mut self, fd: &AsyncFd, vc: u64) -> Result<L2Entry> {
+    pub(crate) async fn entry(&mut self, fd: &ImageFd, vc: u64) -> Result<L2Entry> {
         let l1i = (vc / self.l2_entries) as usize;
         let Some(table) = self.l2_table(fd, l1i, false).await? else {
             return Ok(L2Entry::Unallocated);
@@ -297,7 +296,7 @@ impl Meta {
     }
 
     /// Sets the L2 entry of virtual cluster `vc` (in the cache; written back later).
-    pub(crate) async fn set_entry(&mut self, fd: &AsyncFd, vc: u64, e: L2Entry) -> Result<()> {
+    pub(crate) async fn set_entry(&mut self, fd: &ImageFd, vc: u64, e: L2Entry) -> Result<()> {
         let l1i = (vc / self.l2_entries) as usize;
         let table = self
             .l2_table(fd, l1i, true)
@@ -320,7 +319,7 @@ impl Meta {
     // ---- refcounts ----
 
     /// The offset of refcount block `bi`, loaded into the cache (None: no block).
-    async fn refblock(&mut self, fd: &AsyncFd, bi: u64) -> Result<Option<u64>> {
+    async fn refblock(&mut self, fd: &ImageFd, bi: u64) -> Result<Option<u64>> {
         let Some(&raw) = self.reftable.get(bi as usize) else {
             return Ok(None);
         };
@@ -340,7 +339,8 @@ impl Meta {
             // Refcount blocks are written through: never dirty.
             self.rb.slots.remove(&victim);
         }
-        let bytes = read_vec(fd, off, self.cs as usize)
+        let bytes = fd
+            .read_vec(off, self.cs as usize)
             .await
             .map_err(|e| Error::ReadMetadata(off, e))?;
         self.rb.insert(off, bytes, false);
@@ -348,7 +348,7 @@ impl Meta {
     }
 
     /// The refcount of the host cluster at `offset`.
-    pub(crate) async fn refcount(&mut self, fd: &AsyncFd, offset: u64) -> Result<u64> {
+    pub(crate) async fn refcount(&mut self, fd: &ImageFd, offset: u64) -> Result<u64> {
         let ci = offset >> self.cluster_bits;
         let Some(block) = self.refblock(fd, ci / self.rb_entries).await? else {
             return Ok(0);
@@ -363,7 +363,7 @@ impl Meta {
 
     /// Sets the refcount of the host cluster at `offset`, whose refcount block exists, and
     /// writes the sector holding it.
-    async fn set_refcount(&mut self, fd: &AsyncFd, offset: u64, value: u64) -> Result<()> {
+    async fn set_refcount(&mut self, fd: &ImageFd, offset: u64, value: u64) -> Result<()> {
         let ci = offset >> self.cluster_bits;
         let block = self
             .refblock(fd, ci / self.rb_entries)
@@ -376,11 +376,14 @@ impl Meta {
             .get(block)
             .ok_or(corrupt("refcount block vanished from the cache", block))?;
         set_refcount(&mut slot.data, idx, order, value);
+        // The 512-byte sector holding the entry, or the O_DIRECT block (no larger than a
+        // cluster: the image was refused at open otherwise).
+        let unit = (fd.align() as usize).max(512);
         let byte = (idx << order) / 8;
-        let sector = byte / 512 * 512;
-        let bytes = slot.data[sector..sector + 512].to_vec();
+        let sector = byte / unit * unit;
+        let bytes = slot.data[sector..sector + unit].to_vec();
         let at = block + sector as u64;
-        write_vec(fd, at, bytes)
+        fd.write_vec(at, bytes)
             .await
             .map_err(|e| Error::WriteMetadata(at, e))
     }
@@ -388,7 +391,7 @@ impl Meta {
     /// Allocates a host cluster (refcount 1, on disk before this returns). `may_reuse`:
     /// clusters freed earlier may be handed out (no data I/O to a freed cluster can still be
     /// in flight).
-    pub(crate) async fn alloc_cluster(&mut self, fd: &AsyncFd, may_reuse: bool) -> Result<u64> {
+    pub(crate) async fn alloc_cluster(&mut self, fd: &ImageFd, may_reuse: bool) -> Result<u64> {
         if may_reuse {
             while let Some(c) = self.free.pop() {
                 if self.refcount(fd, c).await? == 0 {
@@ -414,7 +417,7 @@ impl Meta {
                     self.refcount_order,
                     1,
                 );
-                write_vec(fd, c, block.clone())
+                fd.write_vec(c, block.clone())
                     .await
                     .map_err(|e| Error::WriteMetadata(c, e))?;
                 self.advance(c);
@@ -436,17 +439,17 @@ impl Meta {
         self.file_len = self.file_len.max(self.next_free);
     }
 
-    async fn set_reftable_entry(&mut self, fd: &AsyncFd, bi: u64, block: u64) -> Result<()> {
+    async fn set_reftable_entry(&mut self, fd: &ImageFd, bi: u64, block: u64) -> Result<()> {
         self.reftable[bi as usize] = block;
         let at = self.reftable_offset + bi * 8;
-        write_vec(fd, at, block.to_be_bytes().to_vec())
+        fd.write_vec(at, block.to_be_bytes().to_vec())
             .await
             .map_err(|e| Error::WriteMetadata(at, e))
     }
 
     /// Moves the refcount table to a larger one at the end of the file (with refcount blocks
     /// for its own clusters), switches the header to it and frees the old one.
-    async fn grow_reftable(&mut self, fd: &AsyncFd) -> Result<()> {
+    async fn grow_reftable(&mut self, fd: &ImageFd) -> Result<()> {
         let cs = self.cs;
         let rbe = self.rb_entries;
         let start = self.next_free / cs;
@@ -505,18 +508,18 @@ impl Meta {
             }
         }
         for (off, block) in new_blocks.values() {
-            write_vec(fd, *off, block.clone())
+            fd.write_vec(*off, block.clone())
                 .await
                 .map_err(|e| Error::WriteMetadata(*off, e))?;
         }
         let table_off = start * cs;
-        write_vec(fd, table_off, u64s_be(&table))
+        fd.write_vec(table_off, u64s_be(&table))
             .await
             .map_err(|e| Error::WriteMetadata(table_off, e))?;
         fd.fdatasync().await.map_err(Error::Flush)?;
         let mut hdr = table_off.to_be_bytes().to_vec();
         hdr.extend_from_slice(&(clusters as u32).to_be_bytes());
-        write_vec(fd, OFF_REFTABLE, hdr)
+        fd.write_vec(OFF_REFTABLE, hdr)
             .await
             .map_err(|e| Error::WriteMetadata(OFF_REFTABLE, e))?;
         fd.fdatasync().await.map_err(Error::Flush)?;
@@ -541,7 +544,7 @@ impl Meta {
     /// Writes back dirty L2 tables, then dirty L1 entries, then syncs, then drops the
     /// references released since the last flush (clusters left unreferenced join the free
     /// list; `alloc_cluster` reuses them only when no data I/O is in flight).
-    pub(crate) async fn flush(&mut self, fd: &AsyncFd) -> Result<()> {
+    pub(crate) async fn flush(&mut self, fd: &ImageFd) -> Result<()> {
         self.write_back(fd).await?;
         fd.fdatasync().await.map_err(Error::Flush)?;
         let max = max_refcount(self.refcount_order);
@@ -562,7 +565,7 @@ impl Meta {
 
     /// Writes back dirty L2 tables, then dirty L1 entries, after an fdatasync that makes the
     /// data and refcounts they point to durable first; nothing when nothing is dirty.
-    pub(crate) async fn write_back(&mut self, fd: &AsyncFd) -> Result<()> {
+    pub(crate) async fn write_back(&mut self, fd: &ImageFd) -> Result<()> {
         let dirty: Vec<u64> = self
             .l2
             .slots
@@ -575,7 +578,7 @@ impl Meta {
             fd.fdatasync().await.map_err(Error::Flush)?;
             for off in dirty {
                 let bytes = u64s_be(&self.l2.slots[&off].data);
-                write_vec(fd, off, bytes)
+                fd.write_vec(off, bytes)
                     .await
                     .map_err(|e| Error::WriteMetadata(off, e))?;
                 if let Some(s) = self.l2.slots.get_mut(&off) {
@@ -584,7 +587,7 @@ impl Meta {
             }
             if let (Some(&first), Some(&last)) = (self.l1_dirty.first(), self.l1_dirty.last()) {
                 let at = self.l1_offset + first as u64 * 8;
-                write_vec(fd, at, u64s_be(&self.l1[first..=last]))
+                fd.write_vec(at, u64s_be(&self.l1[first..=last]))
                     .await
                     .map_err(|e| Error::WriteMetadata(at, e))?;
                 self.l1_dirty.clear();

@@ -14,6 +14,14 @@
 //! incompatible features, unsupported backing formats. Refused per request
 //! ([`Error::Compressed`]): zstd-compressed clusters.
 //!
+//! `O_DIRECT` (`direct=on`): every metadata read and write goes through buffers, offsets and
+//! lengths aligned to the file's `O_DIRECT` alignment (`crate::direct`; a partial block of
+//! metadata is read, patched and written whole, under the metadata lock), guest data goes
+//! straight to guest memory when its buffers are aligned and through an aligned bounce buffer
+//! otherwise, and requests whose disk range is unaligned are refused ([`Error::Unaligned`]).
+//! Images whose clusters are smaller than the alignment are refused at open. Backing files
+//! stay buffered.
+//!
 //! Metadata caching: refcounts are written through, L2 tables and L1 entries are written back
 //! at [`Qcow2::flush`] (see `meta.rs` for the ordering). **Call `flush` before dropping a
 //! writable image**: updates since the last flush are otherwise lost (the image stays
@@ -35,10 +43,8 @@ use std::cell::Cell;
 use std::fmt;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use executor::AsyncFd;
 use futures::lock::Mutex;
 use memory::{GuestAddress, GuestMemory};
 
@@ -47,14 +53,12 @@ use header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
 use meta::Meta;
 use table::L2Entry;
 
+use crate::direct::{direct_alignment, read_file, write_file, ImageFd};
 use crate::file::{
-    check_range, check_request, file_size, image_dir, open_backing_file, read_up_to, Format, Layer,
+    check_range, check_request, file_size, image_dir, open_backing_file, Format, Layer,
     MAX_BACKING_DEPTH,
 };
-use crate::io::{
-    copy_from_guest, copy_to_guest, read_guest, read_vec, sub_bufs, write_guest, write_vec, Bufs,
-    GuestIoError,
-};
+use crate::io::{copy_from_guest, copy_to_guest, sub_bufs, Bufs, GuestIoError};
 use crate::{Error, Result};
 
 /// What a qcow2 image reads through to where it has no data of its own: its backing file, a
@@ -83,7 +87,9 @@ pub trait Backing: Sized {
 
 /// A qcow2 image whose backing files are `B`s.
 pub struct Qcow2<B> {
-    fd: AsyncFd,
+    fd: ImageFd,
+    /// 512, or the `O_DIRECT` alignment.
+    block_size: u32,
     size: u64,
     cluster_bits: u32,
     v3: bool,
@@ -158,10 +164,27 @@ fn guest_err(at: u64, write: bool) -> impl Fn(GuestIoError) -> Error {
 impl<B: Backing> Qcow2<B> {
     pub(crate) fn from_file(file: File, path: &Path, layer: &Layer<'_>) -> Result<Qcow2<B>> {
         let file_len = file_size(&file)?;
-        let mut first = vec![0u8; file_len.min(1 << 21) as usize];
-        let n = read_up_to(&file, &mut first, 0)?;
-        first.truncate(n);
+        let block_size = if layer.direct {
+            direct_alignment(&file)
+        } else {
+            512
+        };
+        // The alignment of metadata I/O: none for a buffered file.
+        let align = if layer.direct {
+            u64::from(block_size)
+        } else {
+            1
+        };
+        let first = read_file(&file, align, 0, file_len.min(1 << 21) as usize)?;
         let h = Header::parse(&first, file_len)?;
+        if layer.direct && h.cluster_size() < u64::from(block_size) {
+            // A cluster smaller than a block: data and metadata would share blocks, which
+            // O_DIRECT can only write whole.
+            return Err(Error::DirectClusterSize {
+                cluster_size: h.cluster_size(),
+                block_size,
+            });
+        }
         if !layer.read_only {
             if h.incompatible & INCOMPAT_CORRUPT != 0 {
                 return Err(Error::MarkedCorrupt);
@@ -174,20 +197,21 @@ impl<B: Backing> Qcow2<B> {
             }
         }
         let cs = h.cluster_size();
-        let mut l1 = vec![0u8; h.l1_size as usize * 8];
-        if read_up_to(&file, &mut l1, h.l1_table_offset)? != l1.len() {
+        let l1_len = h.l1_size as usize * 8;
+        let l1 = read_file(&file, align, h.l1_table_offset, l1_len)?;
+        if l1.len() != l1_len {
             return Err(Error::InvalidHeader("l1 table beyond the end of the file"));
         }
-        let mut rt = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
-        if read_up_to(&file, &mut rt, h.refcount_table_offset)? != rt.len() {
+        let rt_len = (u64::from(h.refcount_table_clusters) * cs) as usize;
+        let rt = read_file(&file, align, h.refcount_table_offset, rt_len)?;
+        if rt.len() != rt_len {
             return Err(Error::InvalidHeader(
                 "refcount table beyond the end of the file",
             ));
         }
         if !layer.read_only && h.autoclear != 0 {
             // Features this implementation does not maintain (bitmaps) become invalid.
-            file.write_all_at(&[0u8; 8], OFF_AUTOCLEAR)
-                .map_err(|e| Error::WriteMetadata(OFF_AUTOCLEAR, e))?;
+            write_file(&file, align, OFF_AUTOCLEAR, &[0u8; 8])?;
         }
         let backing = match &h.backing_file {
             None => None,
@@ -212,7 +236,8 @@ impl<B: Backing> Qcow2<B> {
         };
         Ok(Qcow2 {
             meta: Mutex::new(Meta::new(&h, &l1, &rt, file_len)),
-            fd: AsyncFd::new(file.into()),
+            fd: ImageFd::new(file, layer.direct, block_size),
+            block_size,
             size: h.size,
             cluster_bits: h.cluster_bits,
             v3: h.version == 3,
@@ -232,6 +257,11 @@ impl<B: Backing> Qcow2<B> {
     /// Whether requests that change the disk are refused.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// 512, or the alignment `O_DIRECT` requests need.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
     }
 
     fn cs(&self) -> u64 {
@@ -272,7 +302,9 @@ impl<B: Backing> Qcow2<B> {
         if self.zstd {
             return Err(Error::Compressed(voff));
         }
-        let input = read_vec(&self.fd, offset, size as usize)
+        let input = self
+            .fd
+            .read_vec(offset, size as usize)
             .await
             .map_err(|e| Error::Read(offset, e))?;
         let mut out = vec![0u8; self.cs() as usize];
@@ -325,13 +357,16 @@ impl<B: Backing> Qcow2<B> {
         mem: &GuestMemory,
     ) -> Result<()> {
         let len = check_request(offset, bufs, self.size)?;
+        self.fd.check_request(offset, len)?;
         mem.iovecs(bufs).map_err(Error::GuestMemory)?;
         let (pieces, _inflight) = self.map_read(offset, len).await?;
         for p in pieces {
             let sub = sub_bufs(bufs, p.at, p.len);
             let voff = offset + p.at;
             match p.src {
-                Source::Host(h) => read_guest(&self.fd, h, &sub, mem)
+                Source::Host(h) => self
+                    .fd
+                    .read_guest(h, &sub, mem)
                     .await
                     .map_err(guest_err(h, false))?,
                 Source::Zero => zero_guest(&sub, mem)?,
@@ -373,7 +408,9 @@ impl<B: Backing> Qcow2<B> {
             let voff = offset + p.at;
             match p.src {
                 Source::Host(h) => {
-                    let data = read_vec(&self.fd, h, p.len as usize)
+                    let data = self
+                        .fd
+                        .read_vec(h, p.len as usize)
                         .await
                         .map_err(|e| Error::Read(h, e))?;
                     out[range].copy_from_slice(&data);
@@ -415,6 +452,7 @@ impl<B: Backing> Qcow2<B> {
     ) -> Result<()> {
         self.check_writable()?;
         let len = check_request(offset, bufs, self.size)?;
+        self.fd.check_request(offset, len)?;
         mem.iovecs(bufs).map_err(Error::GuestMemory)?;
         let cs = self.cs();
         let mut m = self.meta.lock().await;
@@ -446,7 +484,8 @@ impl<B: Backing> Qcow2<B> {
         let _inflight = self.in_flight();
         drop(m);
         for (at, h, n) in runs {
-            write_guest(&self.fd, h, &sub_bufs(bufs, at, n), mem)
+            self.fd
+                .write_guest(h, &sub_bufs(bufs, at, n), mem)
                 .await
                 .map_err(guest_err(h, true))?;
         }
@@ -473,7 +512,9 @@ impl<B: Backing> Qcow2<B> {
         let cow = if in_off > 0 || len < cs {
             let cstart = vc << self.cluster_bits;
             let mut cluster = match old {
-                L2Entry::Normal { offset, .. } => read_vec(&self.fd, offset, cs as usize)
+                L2Entry::Normal { offset, .. } => self
+                    .fd
+                    .read_vec(offset, cs as usize)
                     .await
                     .map_err(|e| Error::Read(offset, e))?,
                 L2Entry::Compressed { offset, size } => self.decompress(voff, offset, size).await?,
@@ -509,15 +550,20 @@ impl<B: Backing> Qcow2<B> {
             }
         };
         if let Some(cluster) = cow {
-            write_vec(&self.fd, target, cluster)
+            self.fd
+                .write_vec(target, cluster)
                 .await
                 .map_err(|e| Error::Write(target, e))?;
         } else {
             match data {
-                Data::Guest(bufs, mem) => write_guest(&self.fd, target, bufs, mem)
+                Data::Guest(bufs, mem) => self
+                    .fd
+                    .write_guest(target, bufs, mem)
                     .await
                     .map_err(guest_err(target, true))?,
-                Data::Zeros => write_vec(&self.fd, target, vec![0u8; cs as usize])
+                Data::Zeros => self
+                    .fd
+                    .write_vec(target, vec![0u8; cs as usize])
                     .await
                     .map_err(|e| Error::Write(target, e))?,
             }
@@ -552,6 +598,7 @@ impl<B: Backing> Qcow2<B> {
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.size)?;
+        self.fd.check_request(offset, len)?;
         let cs = self.cs();
         let mut m = self.meta.lock().await;
         let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -608,7 +655,8 @@ impl<B: Backing> Qcow2<B> {
         let _inflight = self.in_flight();
         drop(m);
         for (h, n) in runs {
-            write_vec(&self.fd, h, vec![0u8; n as usize])
+            self.fd
+                .write_vec(h, vec![0u8; n as usize])
                 .await
                 .map_err(|e| Error::WriteZeroes(h, n, e))?;
         }
@@ -664,6 +712,10 @@ fn open_backing<B: Backing>(path: &Path, format: Option<&str>, overlay: &Layer<'
         ),
     };
     let file = open_backing_file(path, overlay.allowed)?;
+    // Buffered even under a direct overlay: a backing file is only read (O_DIRECT would buy
+    // no durability), it is often shared by many overlays, which its page cache then serves
+    // once, and any of its layouts (512-byte clusters, unaligned compressed data) stays
+    // readable without a block-sized bounce for every small read.
     let layer = Layer {
         read_only: true,
         direct: false,

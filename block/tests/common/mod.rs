@@ -188,6 +188,50 @@ pub fn qcow2_rw() -> OpenOptions {
     }
 }
 
+/// A backing chain in `dir`, names relative: `base.raw` (6 MiB from `rng`), `mid.qcow2` over
+/// it (64 KiB of 0x11 at 1 MiB of its own), `top.qcow2` (`top_cluster` bytes a cluster) over
+/// that, 8 MiB.
+/// Returns the base's path and bytes, the top's path and what it reads as.
+pub fn backing_chain(
+    dir: &TempDir,
+    rng: &mut Rng,
+    top_cluster: u32,
+) -> (PathBuf, Vec<u8>, PathBuf, Vec<u8>) {
+    let base = dir.path("base.raw");
+    let base_data = rng.bytes(6 << 20);
+    std::fs::write(&base, &base_data).expect("write base");
+    let mid = dir.path("mid.qcow2");
+    let over = |img: &Path, backing: &str, format: &str, opts: &str| {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-b",
+            backing,
+            "-F",
+            format,
+            s(img),
+            "8M",
+        ]);
+    };
+    over(&mid, "base.raw", "raw", "cluster_size=65536");
+    run("qemu-io", &["-c", "write -P 0x11 1M 64k", s(&mid)]);
+    let top = dir.path("top.qcow2");
+    over(
+        &top,
+        "mid.qcow2",
+        "qcow2",
+        &format!("cluster_size={top_cluster}"),
+    );
+    let mut model = base_data.clone();
+    model.resize(8 << 20, 0);
+    model[1 << 20..(1 << 20) + 65536].fill(0x11);
+    (base, base_data, top, model)
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
