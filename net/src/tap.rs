@@ -10,7 +10,9 @@ use crate::features::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
 };
-use crate::sys::{self, IfReq, IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, IFNAMSIZ};
+use crate::sys::{
+    self, IfReq, IFF_DETACH_QUEUE, IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, IFNAMSIZ,
+};
 use crate::{Error, Result, VNET_HDR_SIZE};
 
 /// One open queue of a tap interface (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), whose vnet
@@ -19,6 +21,8 @@ use crate::{Error, Result, VNET_HDR_SIZE};
 pub struct Tap {
     fd: OwnedFd,
     name: String,
+    /// Whether the queue was attached when this handle was made (see [`Tap::attached`]).
+    attached: bool,
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -87,6 +91,7 @@ impl Tap {
             let tap = Tap {
                 fd,
                 name: name.clone(),
+                attached: true,
             };
             tap.set_vnet_hdr_size()?;
             taps.push(tap);
@@ -95,7 +100,9 @@ impl Tap {
     }
 
     /// Adopts a tap fd opened elsewhere (`--tap-fd`): checks it is a tap with `IFF_NO_PI` and
-    /// `IFF_VNET_HDR`, and sets its vnet header size.
+    /// `IFF_VNET_HDR`, and sets its vnet header size. A queue of a multi-queue tap may be
+    /// detached (a device process that died had detached it): that is kept, and
+    /// [`Tap::attached`] says so.
     pub fn from_fd(fd: OwnedFd) -> Result<Tap> {
         let req = sys::tun_get_iff(fd.as_fd()).map_err(Error::GetIff)?;
         let flags = req.flags();
@@ -104,7 +111,9 @@ impl Tap {
         if flags & need != need {
             return Err(Error::TapFlags { name, flags });
         }
-        let tap = Tap { fd, name };
+        // TUNGETIFF adds IFF_DETACH_QUEUE for a detached queue.
+        let attached = flags & IFF_DETACH_QUEUE == 0;
+        let tap = Tap { fd, name, attached };
         tap.set_vnet_hdr_size()?;
         Ok(tap)
     }
@@ -117,6 +126,13 @@ impl Tap {
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the queue was attached to its interface when this handle was made: always
+    /// for [`Tap::create`]; for [`Tap::from_fd`], as the kernel had it. The attachment
+    /// belongs to the open file, so it outlives the process that set it.
+    pub fn attached(&self) -> bool {
+        self.attached
     }
 
     /// Gives the host side of the tap `ip`/`netmask` and brings the link up.
@@ -267,8 +283,15 @@ mod tests {
                 let flags = sys::tun_get_iff(t.as_fd()).unwrap().flags();
                 assert_ne!(flags & IFF_MULTI_QUEUE, 0);
             }
+            let dup = |t: &Tap| Tap::from_fd(t.as_fd().try_clone_to_owned().unwrap()).unwrap();
+            assert!(dup(&taps[1]).attached());
             set_queue_attached(taps[1].as_fd(), "rvmq0", 1, false).unwrap();
+            // The state belongs to the file: another handle on it (as a restarted device
+            // process gets) sees it.
+            assert!(!dup(&taps[1]).attached());
+            assert!(dup(&taps[0]).attached());
             set_queue_attached(taps[1].as_fd(), "rvmq0", 1, true).unwrap();
+            assert!(dup(&taps[1]).attached());
         });
     }
 

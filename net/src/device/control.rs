@@ -73,20 +73,36 @@ impl Future for ChangedAfter<'_> {
 }
 
 impl NetDevice {
-    /// Attaches the tap queues of the first `n` pairs and detaches the others.
+    /// Attaches the tap queues of the first `n` pairs and detaches the others (a queue
+    /// already so is left alone: detaching a detached queue fails).
     pub(super) fn set_active_pairs(&self, n: usize) -> Result<()> {
-        if self.num_pairs() > 1 {
-            for (i, p) in self.pairs.iter().enumerate() {
-                let attach = i < n;
-                if p.attached.get() != attach {
-                    tap::set_queue_attached(p.tap.as_fd(), p.tap.name(), i, attach)?;
-                    p.attached.set(attach);
-                }
+        for (i, p) in self.pairs.iter().enumerate() {
+            let attach = i < n;
+            if p.attached.get() != attach {
+                tap::set_queue_attached(p.tap.as_fd(), p.tap.name(), i, attach)?;
+                p.attached.set(attach);
             }
         }
         self.active_pairs.set(n);
         self.pairs_changed.notify();
         Ok(())
+    }
+
+    /// Once, as the first queue starts: the pairs a resumed device finds attached (the
+    /// driver's last `VQ_PAIRS_SET`, or one), else one pair (virtio 1.2 §5.1.6.5.5: a driver
+    /// starts with one).
+    pub(super) fn settle_pairs(&self) {
+        if self.pairs_settled.replace(true) {
+            return;
+        }
+        let n = if self.resumed.get() {
+            self.found_pairs
+        } else {
+            1
+        };
+        if let Err(e) = self.set_active_pairs(n) {
+            self.log(format_args!("enabling {n} queue pairs: {e}"));
+        }
     }
     /// Waits until the driver changes the enabled pairs; false if `stop` came first.
     pub(super) async fn pairs_changed(&self, stop: &StopSignal) -> bool {
@@ -186,12 +202,17 @@ mod tests {
             let dev = Rc::new(NetDevice::new(fds, options).unwrap());
             assert_eq!(dev.num_queues(), 5);
             assert!(
-                !dev.pairs[1].attached.get(),
-                "one pair until the driver asks"
+                dev.pairs[1].attached.get(),
+                "nothing changes before a queue starts"
             );
             run(async {
                 let features = (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_MQ);
                 let mut g = Guest::start(dev.clone(), features).await;
+                settled(&dev).await;
+                assert!(
+                    !dev.pairs[1].attached.get(),
+                    "one pair until the driver asks"
+                );
                 let mut command = |class: u8, cmd: u8, data: &[u8]| {
                     let mut bytes = vec![class, cmd];
                     bytes.extend_from_slice(data);
@@ -232,6 +253,82 @@ mod tests {
             });
             dev.reset();
             assert!(!dev.pairs[1].attached.get());
+        });
+    }
+
+    /// Waits until the first queue to run has settled the enabled pairs.
+    async fn settled(dev: &NetDevice) {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !dev.pairs_settled.get() {
+            assert!(std::time::Instant::now() < deadline, "no queue started");
+            executor::sleep(Duration::from_millis(1)).await.unwrap();
+        }
+    }
+
+    /// A device made in place of one that died, over the same tap files (as the VMM keeps
+    /// them and the respawned process inherits them): the queue its predecessor detached is
+    /// taken as it is (detaching it again failed with EINVAL, and every restart of a device
+    /// with two pairs with it), and once resumed the device keeps the pairs the driver had
+    /// enabled; a device not resumed starts a driver with one pair.
+    #[test]
+    fn a_device_in_place_of_a_dead_one_keeps_the_pairs_the_driver_enabled() {
+        in_netns(|| {
+            let taps = Tap::create(Some("rvmq3"), 2).unwrap();
+            taps[0].configure(HOST_IP, MASK).unwrap();
+            let kept: Vec<std::os::fd::OwnedFd> = taps.into_iter().map(Tap::into_fd).collect();
+            let options = NetOptions {
+                queue_pairs: 2,
+                ..NetOptions::default()
+            };
+            let make = || {
+                let fds = kept.iter().map(|f| f.try_clone().unwrap()).collect();
+                Rc::new(NetDevice::new(fds, options).unwrap())
+            };
+            let features = (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_MQ);
+            let set = VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET;
+            // The first device: the driver uses one pair.
+            let dev = make();
+            run(async {
+                let g = Guest::start(dev.clone(), features).await;
+                settled(&dev).await;
+                g.stop().await;
+            });
+            assert_eq!(dev.active_pairs.get(), 1);
+            drop(dev);
+            // Its successor finds the second tap queue detached and keeps it so; the driver
+            // then enables both pairs.
+            let dev = make();
+            assert!(!dev.pairs[1].attached.get());
+            dev.resumed();
+            run(async {
+                let mut g = Guest::start(dev.clone(), features).await;
+                settled(&dev).await;
+                assert_eq!(dev.active_pairs.get(), 1);
+                assert_eq!(control(&mut g, VIRTIO_NET_CTRL_MQ, set, &[2, 0]).await, 0);
+                g.stop().await;
+            });
+            drop(dev);
+            // The next one, resumed, has both pairs from its first queue on.
+            let dev = make();
+            dev.resumed();
+            run(async {
+                let g = Guest::start(dev.clone(), features).await;
+                settled(&dev).await;
+                assert_eq!(dev.active_pairs.get(), 2);
+                assert!(dev.pairs[1].attached.get());
+                g.stop().await;
+            });
+            drop(dev);
+            // A device that is not resumed (a new driver) starts with one pair.
+            let dev = make();
+            assert!(dev.pairs[1].attached.get());
+            run(async {
+                let g = Guest::start(dev.clone(), features).await;
+                settled(&dev).await;
+                assert_eq!(dev.active_pairs.get(), 1);
+                assert!(!dev.pairs[1].attached.get());
+                g.stop().await;
+            });
         });
     }
 

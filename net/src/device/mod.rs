@@ -33,6 +33,13 @@
 //! never steers a flow to a queue the driver does not serve; the receive tasks of disabled
 //! pairs sleep until they are enabled. A reset goes back to one pair.
 //!
+//! Which tap queues are attached is also the record of the driver's choice across a restart:
+//! the attachment belongs to the open tap file, which the VMM keeps, so a device process
+//! started in place of one that died finds it as that one left it. Nothing changes the
+//! attachments until the first queue starts (`NetDevice::settle_pairs`): then a device the
+//! frontend resumed (`Device::resumed`: the rings of a device that went away) keeps the
+//! attached pairs, and any other starts the driver with one pair.
+//!
 //! # Bad input
 //! A malformed transmit chain is counted as dropped, a write the tap refuses as an error; a
 //! receive chain that is invalid or too small for a header goes back empty; a frame larger
@@ -159,6 +166,12 @@ pub struct NetDevice {
     /// Queue pairs the driver enabled (1 until it sets more through the control queue).
     active_pairs: Cell<usize>,
     pairs_changed: Changed,
+    /// The attached pairs found when the device was made (leading ones, at least 1).
+    found_pairs: usize,
+    /// Whether the frontend handed over the rings of a device that went away.
+    resumed: Cell<bool>,
+    /// Whether the first queue to start has set the enabled pairs.
+    pairs_settled: Cell<bool>,
     /// Bad guest input (rate-limited: the guest sends as much as it likes).
     errors: GuestLog,
 }
@@ -179,8 +192,10 @@ type QueueResult = std::result::Result<(), virtio::Error>;
 
 impl NetDevice {
     /// A device over `taps` (one fd per queue pair, set up with [`Tap::create`] or
-    /// [`Tap::from_fd`]). With several pairs, all but the first tap queue are detached
-    /// until the driver enables them.
+    /// [`Tap::from_fd`]). Their queues may be detached (left so by a device that died);
+    /// nothing is attached or detached until the first queue starts (see "Queue pairs"
+    /// above): then, unless resumed, all but the first tap queue are detached until the
+    /// driver enables them.
     pub fn new(taps: Vec<OwnedFd>, options: NetOptions) -> Result<NetDevice> {
         let pairs = options.queue_pairs;
         if pairs == 0 || pairs > MAX_QUEUE_PAIRS {
@@ -203,28 +218,34 @@ impl NetDevice {
                 let tap = Tap::from_fd(fd)?;
                 let dup = tap.as_fd().try_clone_to_owned().map_err(Error::Dup)?;
                 Ok(Pair {
+                    attached: Cell::new(tap.attached()),
                     tap,
                     io: AsyncFd::new(dup),
-                    attached: Cell::new(true),
                     index,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         // Without offloads the largest frame is the MTU plus Ethernet and VLAN headers.
         let mtu = pairs[0].tap.mtu().unwrap_or(1500);
-        let dev = NetDevice {
+        let found_pairs = pairs
+            .iter()
+            .take_while(|p| p.attached.get())
+            .count()
+            .max(1);
+        Ok(NetDevice {
             pairs,
             mac: options.mac,
             queue_size: size,
             mtu,
             counters: Cell::new(Counters::default()),
             running: Cell::new(0),
-            active_pairs: Cell::new(options.queue_pairs),
+            active_pairs: Cell::new(found_pairs),
             pairs_changed: Changed::default(),
+            found_pairs,
+            resumed: Cell::new(false),
+            pairs_settled: Cell::new(false),
             errors: GuestLog::new("net"),
-        };
-        dev.set_active_pairs(1)?;
-        Ok(dev)
+        })
     }
 
     /// Counts so far.
@@ -323,6 +344,7 @@ impl NetDevice {
         stop: StopSignal,
     ) {
         self.started();
+        self.settle_pairs();
         let pairs = self.num_pairs();
         let result = if index < 2 * pairs && index.is_multiple_of(2) {
             let mut rx = Rx::new(&self, index / 2, &queue, acked);
@@ -415,9 +437,14 @@ impl Device for NetDevice {
     }
 
     fn reset(&self) {
+        self.pairs_settled.set(true);
         if let Err(e) = self.set_active_pairs(1) {
             self.log(format_args!("reset: {e}"));
         }
+    }
+
+    fn resumed(&self) {
+        self.resumed.set(true);
     }
 }
 
