@@ -149,7 +149,7 @@ static const char *const known_keys[] = {"test", "expect.cpus", "expect.mem_mib"
 					 "compute.iters", "pci.ecam", "pci.mmio", "pci.reassign",
 					 "rng.mode", "rng.bufs", "blk.mode", "blk.sector",
 					 "blk.expect", "blk.id", "net.ip", "net.peer", "net.udp",
-					 "net.mode", "net.csum", "net.serve_ms", "net.bad",
+					 "net.mode", "net.csum", "net.serve_ms", "net.bad", "net.pairs",
 					 "blkbench.qd", "blkbench.ms", "blkbench.op", "blkbench.bs",
 					 "blkbench.tsc_khz", "blkverify.qd", "blkverify.ms", "net.stream_ms", "vsock.app", "vsock.port", "vsock.listen",
 					 "vsock.conns", "vsock.bytes", "vsock.idle_ms", "vsock.seed", "vsock.cid",

@@ -1,5 +1,6 @@
 /* ringvm test guest: virtio-pci modern transport (virtio 1.2 section 4.1), split virtqueues,
- * MSI-X. One queue for rng and blk, two for net (rx, tx). */
+ * MSI-X. One queue for rng and blk, two for net (rx, tx), or two per queue pair and a control
+ * queue with ringvm.net.pairs. */
 #include "virtio.h"
 
 #define NO_VECTOR 0xffff
@@ -202,7 +203,11 @@ const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem)
 {
 	if (qi > 1)
 		return failf("queue %u: the driver keeps at most 2 queues", qi);
-	struct virtq *q = qi ? &v->q1 : &v->q;
+	return virtio_queue_at(v, qi ? &v->q1 : &v->q, qi, v->q_entry[qi] ? v->q_entry[qi] : (u16)(1 + qi), mem);
+}
+
+const char *virtio_queue_at(struct virtio_dev *v, struct virtq *q, u16 qi, u16 entry, void *mem)
+{
 	u16 nq = mmio_read16(v->common + CC_NUMQ);
 	if (qi >= nq)
 		return failf("queue %u requested, the device has %u", qi, nq);
@@ -218,7 +223,6 @@ const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem)
 	memset(q, 0, sizeof(*q));
 	q->index = qi;
 	q->size = size;
-	u16 entry = v->q_entry[qi] ? v->q_entry[qi] : (u16)(1 + qi);
 	q->irq_slot = (u8)((v->vec_base + entry - IRQ_BASE) & 15);
 	q->desc = mem;
 	q->avail = (void *)((u8 *)mem + 4096);

@@ -117,6 +117,9 @@ const char *virtio_open(struct virtio_dev *v, u16 type);
 const char *virtio_init(struct virtio_dev *v, u64 want);
 /* Queue qi (0 or 1: v->q or v->q1) with its rings in mem (3 zeroed-by-us pages, page aligned). */
 const char *virtio_queue(struct virtio_dev *v, u16 qi, void *mem);
+/* Queue qi of the device in *q, its interrupts on MSI-X entry `entry` (several queues may share
+ * one), rings in mem as for virtio_queue. */
+const char *virtio_queue_at(struct virtio_dev *v, struct virtq *q, u16 qi, u16 entry, void *mem);
 const char *virtio_driver_ok(struct virtio_dev *v);
 const char *virtio_poll_queue(struct virtio_dev *v, u64 mem, u32 want, u32 *size, u32 *max, u64 *notify);
 /* Writes 0 to device_status and waits until it reads 0. */

@@ -1,11 +1,13 @@
 /* ringvm test guest: the virtio-net scenario. Negotiates MAC, STATUS, MRG_RXBUF, CSUM and
- * GUEST_CSUM if offered (never MQ, CTRL_VQ or any GSO), posts RX buffers on queue 0, sends on
- * queue 1, and talks to a host-side peer: ARP for the peer, three ICMP echoes, and a UDP echo
- * (optional, with a checksum offloaded through VIRTIO_NET_HDR_F_NEEDS_CSUM if asked). It answers
- * ARP requests and ICMP echo requests for its own address all the while, and for
- * ringvm.net.serve_ms more milliseconds at the end. With ringvm.net.bad=1 it puts malformed chains
- * on the tx queue before the UDP echo. Frames are handled in place in the RX buffers: everything
- * here runs at CPL0 (interpreted on kvm_pvm), so it stays small. */
+ * GUEST_CSUM if offered (never any GSO), posts RX buffers on queue 0, sends on queue 1, and talks
+ * to a host-side peer: ARP for the peer, three ICMP echoes, and a UDP echo (optional, with a
+ * checksum offloaded through VIRTIO_NET_HDR_F_NEEDS_CSUM if asked). It answers ARP requests and
+ * ICMP echo requests for its own address all the while, and for ringvm.net.serve_ms more
+ * milliseconds at the end. With ringvm.net.bad=1 it puts malformed chains on the tx queue before
+ * the UDP echo. With ringvm.net.pairs=N (N > 1) it also negotiates MQ and CTRL_VQ, sets up N
+ * queue pairs and the control queue, enables the pairs with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+ * receives on every pair and spreads the stream over them. Frames are handled in place in the
+ * RX buffers: everything here runs at CPL0 (interpreted on kvm_pvm), so it stays small. */
 #include "virtio.h"
 
 #define NET_F_CSUM (1ull << 0)
@@ -27,7 +29,11 @@ struct net_hdr {
 };
 #define HDR_LEN 12
 
-#define RX_BUFS 8
+#define RX_BUFS 8 /* per receive queue */
+#define NET_MAX_PAIRS 2
+#define CTRL_MQ 4 /* VIRTIO_NET_CTRL_MQ */
+#define CTRL_MQ_VQ_PAIRS_SET 0
+#define CTRL_OK 0
 #define BUF_SIZE 2048 /* >= 1526: enough for a 1514-byte frame + header without GSO */
 #define ETH_LEN 14
 #define IP_LEN 20
@@ -42,17 +48,30 @@ struct net_hdr {
 #define STEP_MS 1000 /* per attempt */
 #define ATTEMPTS 3
 
-static u8 rx_ring[3 * 4096] __attribute__((aligned(4096)));
-static u8 tx_ring[3 * 4096] __attribute__((aligned(4096)));
-static u8 rx_buf[RX_BUFS][BUF_SIZE] __attribute__((aligned(64)));
+static u8 rx_ring[NET_MAX_PAIRS][3 * 4096] __attribute__((aligned(4096)));
+static u8 tx_ring[NET_MAX_PAIRS][3 * 4096] __attribute__((aligned(4096)));
+static u8 ctrl_ring[3 * 4096] __attribute__((aligned(4096)));
+static u8 rx_buf[NET_MAX_PAIRS][RX_BUFS][BUF_SIZE] __attribute__((aligned(64)));
 static u8 tx_buf[BUF_SIZE] __attribute__((aligned(64)));
+static u8 ctrl_buf[16] __attribute__((aligned(16)));
 
 static struct virtio_dev v;
+/* A queue pair: pair 0 is v.q (rx, queue 0) and v.q1 (tx, queue 1); pair k has queues 2k, 2k+1. */
+struct net_pair {
+	struct virtq *rx, *tx;
+	u8 buf_of_head[VQ_MAX]; /* rx buffer index of each chain head in flight */
+	u32 rx_frames, tx_frames; /* frames that came on its rx queue, went on its tx queue */
+	u32 stream_sent, stream_echoed; /* stream datagrams sent on it, echoes that came on it */
+};
+static struct net_pair pairs[NET_MAX_PAIRS];
+static struct virtq pair_q[2 * (NET_MAX_PAIRS - 1)], ctrl_q;
+static u32 npairs;
+static struct net_pair *txp; /* where tx_send sends (pair 0 unless a step picks another) */
+static struct net_pair *rxp; /* the pair of the frame being handled */
 static u8 mac[6], peer_mac[6];
 static const u8 bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 static u32 my_ip, peer_ip, udp_port;
 static int mrg, have_peer, udp_unreach;
-static u8 rx_buf_of_head[VQ_MAX];
 static u32 rx_skip;         /* further buffers of a multi-buffer frame still to drop */
 static u32 ping_got[PING_COUNT]; /* echo replies per sequence number */
 static u32 udp_got, stream_got;
@@ -130,7 +149,7 @@ static u8 *tx_frame(void)
 static int tx_done(void *arg)
 {
 	(void)arg;
-	return v.q1.used->idx == v.q1.avail_idx;
+	return txp->tx->used->idx == txp->tx->avail_idx;
 }
 
 /* Publishes the n chains added to the tx queue with one notification and waits until the device has
@@ -139,15 +158,16 @@ static int tx_done(void *arg)
  * stays in the LAPIC IRR until the next interrupt (see the stats check). */
 static const char *tx_flush(u32 n)
 {
-	vq_kick(&v.q1);
+	struct virtq *q = txp->tx;
+	vq_kick(q);
 	if (!wait_cond(tx_done, 0, v.mode, VQ_TIMEOUT_MS)) {
 		u8 s = virtio_status(&v);
-		return failf("tx: used idx %u, want %u after %u ms (mode %s, status %#x)", v.q1.used->idx,
-			     v.q1.avail_idx, VQ_TIMEOUT_MS, wait_mode_name(v.mode), s);
+		return failf("tx queue %u: used idx %u, want %u after %u ms (mode %s, status %#x)", q->index,
+			     q->used->idx, q->avail_idx, VQ_TIMEOUT_MS, wait_mode_name(v.mode), s);
 	}
 	for (u32 i = 0; i < n; i++) {
 		struct vq_done d;
-		if (vq_pop(&v.q1, &d) != 1)
+		if (vq_pop(q, &d) != 1)
 			return failf("tx used ring returned an id that is not a chain in flight");
 		if (d.len)
 			return failf("tx chain %u came back with used len %u, want 0", d.head, d.len);
@@ -158,8 +178,9 @@ static const char *tx_flush(u32 n)
 /* Adds a chain of n buffers to the tx queue (published by tx_flush). */
 static const char *tx_add(const struct vq_buf *b, int n)
 {
-	if (vq_add(&v.q1, b, n) < 0)
-		return failf("tx queue full (%u of %u descriptors in flight, %d more)", v.q1.in_flight, v.q1.size, n);
+	struct virtq *q = txp->tx;
+	if (vq_add(q, b, n) < 0)
+		return failf("tx queue %u full (%u of %u descriptors in flight, %d more)", q->index, q->in_flight, q->size, n);
 	return 0;
 }
 
@@ -176,6 +197,7 @@ static const char *tx_send(u32 len)
 		why = tx_flush(1);
 	if (!why) {
 		tx_frames++;
+		txp->tx_frames++;
 		tx_bytes += len;
 	}
 	return why;
@@ -242,13 +264,13 @@ static void ping_payload(u8 *p, u16 seq)
 		p[i] = (u8)('a' + (i + seq) % 26);
 }
 
-/* Header and frame at buf: a UDP datagram carrying msg from UDP_SRC_PORT to the peer's udp_port.
- * Returns the frame's length. */
-static u32 udp_fill(u8 *buf, const char *msg, u32 len, int offload)
+/* Header and frame at buf: a UDP datagram carrying msg from port sport (UDP_SRC_PORT + the pair
+ * it goes on, for the stream) to the peer's udp_port. Returns the frame's length. */
+static u32 udp_fill(u8 *buf, const char *msg, u32 len, int offload, u32 sport)
 {
 	memset(buf, 0, HDR_LEN);
 	u8 *u = ip_fill(eth_fill(buf + HDR_LEN, peer_mac, ETH_IP), peer_ip, IP_UDP, 8 + len);
-	put16(u, UDP_SRC_PORT);
+	put16(u, sport);
 	put16(u + 2, udp_port);
 	put16(u + 4, 8 + len);
 	put16(u + 6, 0);
@@ -271,7 +293,7 @@ static u32 udp_fill(u8 *buf, const char *msg, u32 len, int offload)
 
 static const char *send_udp(const char *msg, u32 len, int offload)
 {
-	return tx_send(udp_fill(tx_buf, msg, len, offload));
+	return tx_send(udp_fill(tx_buf, msg, len, offload, UDP_SRC_PORT));
 }
 
 /* ---- TX: malformed chains (ringvm.net.bad=1) ----
@@ -299,7 +321,7 @@ static u8 bad_buf[BAD_CASES + 1][128] __attribute__((aligned(64)));
 /* A UDP datagram at buf padded with image bytes to a frame of len bytes: 2 buffers in b[]. */
 static void padded_udp(u8 *buf, const char *msg, u32 len, struct vq_buf *b)
 {
-	u32 head = udp_fill(buf, msg, (u32)strlen(msg), 0);
+	u32 head = udp_fill(buf, msg, (u32)strlen(msg), 0, UDP_SRC_PORT);
 	b[0] = (struct vq_buf){buf, HDR_LEN + head, 0};
 	b[1] = (struct vq_buf){__image_start, len - head, 0};
 }
@@ -314,7 +336,7 @@ static int bad_chain(int k, u8 *buf, struct vq_buf *b)
 		return 2;
 	}
 	int offload = k == BAD_GSO_FEATURE || k == BAD_CSUM_RANGE;
-	u32 len = udp_fill(buf, msg, (u32)strlen(msg), offload);
+	u32 len = udp_fill(buf, msg, (u32)strlen(msg), offload, UDP_SRC_PORT);
 	struct net_hdr *h = (struct net_hdr *)buf;
 	b[0] = (struct vq_buf){buf, HDR_LEN + len, 0};
 	switch (k) {
@@ -377,7 +399,7 @@ static const char *send_bad(void)
 		if (k == BAD_CASES / 2) {
 			const char *msg = "ringvm-batch-valid"; /* 60 bytes on the wire, no padding needed */
 			u8 *buf = bad_buf[BAD_CASES];
-			b[0] = (struct vq_buf){buf, HDR_LEN + udp_fill(buf, msg, (u32)strlen(msg), 0), 0};
+			b[0] = (struct vq_buf){buf, HDR_LEN + udp_fill(buf, msg, (u32)strlen(msg), 0, UDP_SRC_PORT), 0};
 			tx_bytes += b[0].len - HDR_LEN;
 			if ((why = tx_add(b, 1)))
 				return why;
@@ -495,9 +517,12 @@ static void rx_ip(const u8 *f, u32 len, struct net_hdr *h)
 		if (src == peer_ip && get16(l4) == udp_port && get16(l4 + 2) == UDP_SRC_PORT &&
 		    l4len - 8 == udp_len && memcmp(l4 + 8, udp_msg, udp_len) == 0)
 			udp_got++;
-		else if (src == peer_ip && get16(l4) == udp_port && l4len - 8 > 14 &&
-			 memcmp(l4 + 8, "ringvm-stream-", 14) == 0)
+		else if (src == peer_ip && get16(l4) == udp_port && get16(l4 + 2) >= UDP_SRC_PORT &&
+			 get16(l4 + 2) < UDP_SRC_PORT + npairs && l4len - 8 > 14 &&
+			 memcmp(l4 + 8, "ringvm-stream-", 14) == 0) {
 			stream_got++;
+			rxp->stream_echoed++;
+		}
 		else
 			rx_other++;
 		return;
@@ -509,6 +534,7 @@ static void rx_frame(u8 *buf, u32 used)
 {
 	struct net_hdr *h = (struct net_hdr *)buf;
 	rx_frames++;
+	rxp->rx_frames++;
 	rx_bytes += used - HDR_LEN; /* the caller checked used >= HDR_LEN */
 	u32 len = used - HDR_LEN;
 	if (used < HDR_LEN + ETH_LEN) {
@@ -532,18 +558,32 @@ static void rx_frame(u8 *buf, u32 used)
 static int rx_pending(void *arg)
 {
 	(void)arg;
-	return v.q.used->idx != v.q.used_seen;
+	for (u32 k = 0; k < npairs; k++)
+		if (pairs[k].rx->used->idx != pairs[k].rx->used_seen)
+			return 1;
+	return 0;
 }
 
-/* Handles every frame the device has completed and gives the buffers back. */
-static const char *rx_drain(void)
+/* Posts rx buffer k of pair p (device-writable, the whole buffer). */
+static int rx_post(struct net_pair *p, u32 k)
+{
+	struct vq_buf b = {rx_buf[p - pairs][k], BUF_SIZE, 1};
+	int head = vq_add(p->rx, &b, 1);
+	if (head >= 0)
+		p->buf_of_head[head] = (u8)k;
+	return head;
+}
+
+/* Handles every frame the device has completed on p's rx queue and gives the buffers back. */
+static const char *rx_drain_pair(struct net_pair *p)
 {
 	int posted = 0;
 	struct vq_done d;
 	int r;
-	while ((r = vq_pop(&v.q, &d)) == 1) {
-		u32 k = rx_buf_of_head[d.head];
-		u8 *buf = rx_buf[k];
+	rxp = p;
+	while ((r = vq_pop(p->rx, &d)) == 1) {
+		u32 k = p->buf_of_head[d.head];
+		u8 *buf = rx_buf[p - pairs][k];
 		if (d.len > BUF_SIZE)
 			return failf("rx buffer %u came back with used len %u > %u", k, d.len, BUF_SIZE);
 		if (rx_skip) {
@@ -563,20 +603,28 @@ static const char *rx_drain(void)
 				rx_frame(buf, d.len);
 			}
 		}
-		struct vq_buf b = {buf, BUF_SIZE, 1};
-		int head = vq_add(&v.q, &b, 1);
-		if (head < 0)
-			return failf("rx queue full when giving back buffer %u", k);
-		rx_buf_of_head[head] = (u8)k;
+		if (rx_post(p, k) < 0)
+			return failf("rx queue %u full when giving back buffer %u", p->rx->index, k);
 		posted++;
 		if (rx_error)
 			return rx_error;
 	}
 	if (r < 0)
-		return failf("rx used ring returned an id that is not a buffer in flight");
+		return failf("rx queue %u: used ring returned an id that is not a buffer in flight", p->rx->index);
 	if (posted) {
-		vq_kick(&v.q);
+		vq_kick(p->rx);
 		refills++;
+	}
+	return 0;
+}
+
+/* The same for every pair. */
+static const char *rx_drain(void)
+{
+	for (u32 k = 0; k < npairs; k++) {
+		const char *why = rx_drain_pair(&pairs[k]);
+		if (why)
+			return why;
 	}
 	return 0;
 }
@@ -598,6 +646,123 @@ static int rx_until(const char **why, volatile u32 *flag, u32 want, u64 ms)
 	}
 }
 
+/* ---- Queue pairs (VIRTIO_NET_F_MQ, virtio 1.2 section 5.1.6.5.5) ---- */
+static int ctrl_done(void *arg)
+{
+	(void)arg;
+	return ctrl_q.used->idx == ctrl_q.avail_idx;
+}
+
+/* VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET n on the control queue: the class and command, the pair count
+ * (le16) and the device-written ack in three descriptors, as Linux sends it; waits for the ack. */
+static const char *set_pairs(u32 n)
+{
+	ctrl_buf[0] = CTRL_MQ;
+	ctrl_buf[1] = CTRL_MQ_VQ_PAIRS_SET;
+	ctrl_buf[2] = (u8)n;
+	ctrl_buf[3] = (u8)(n >> 8);
+	ctrl_buf[8] = 0xff;
+	struct vq_buf b[3] = {{ctrl_buf, 2, 0}, {ctrl_buf + 2, 2, 0}, {ctrl_buf + 8, 1, 1}};
+	if (vq_add(&ctrl_q, b, 3) < 0)
+		return failf("control queue full");
+	vq_kick(&ctrl_q);
+	if (!wait_cond(ctrl_done, 0, v.mode, VQ_TIMEOUT_MS))
+		return failf("control queue: VQ_PAIRS_SET %u not used after %u ms", n, VQ_TIMEOUT_MS);
+	struct vq_done d;
+	if (vq_pop(&ctrl_q, &d) != 1)
+		return failf("control queue: used ring returned an id that is not a chain in flight");
+	if (d.len != 1 || ctrl_buf[8] != CTRL_OK)
+		return failf("control queue: VQ_PAIRS_SET %u acked %#x with used len %u, want VIRTIO_NET_OK, 1", n,
+			     ctrl_buf[8], d.len);
+	return 0;
+}
+
+/* Sets up the queues of pairs 1.. and the control queue (after max_virtqueue_pairs pairs), on the
+ * MSI-X entries of pair 0's (rx 2, tx and control 1). */
+static const char *setup_pairs(u32 max)
+{
+	for (u32 k = 1; k < npairs; k++) {
+		struct net_pair *p = &pairs[k];
+		p->rx = &pair_q[2 * (k - 1)];
+		p->tx = &pair_q[2 * (k - 1) + 1];
+		const char *why = virtio_queue_at(&v, p->rx, (u16)(2 * k), v.q_entry[0], rx_ring[k]);
+		if (!why)
+			why = virtio_queue_at(&v, p->tx, (u16)(2 * k + 1), v.q_entry[1], tx_ring[k]);
+		if (why)
+			return why;
+	}
+	return virtio_queue_at(&v, &ctrl_q, (u16)(2 * max), v.q_entry[1], ctrl_ring);
+}
+
+static int rx_full(void *arg)
+{
+	struct net_pair *p = arg;
+	return (u16)(p->rx->used->idx - p->rx->used_seen) >= p->rx->in_flight;
+}
+
+/* Every rx buffer of every pair is still posted at the device (none lost across a device restart):
+ * a burst of as many datagrams as a pair has buffers, sent on the pair's flow (the tap steers the
+ * echoes of a flow to the queue it came from), without taking anything off the rx rings, must fill
+ * them all. */
+static const char *rx_fill_check(void)
+{
+	for (u32 k = 0; k < npairs; k++) {
+		struct net_pair *p = &pairs[k];
+		const char *why = rx_drain();
+		if (why)
+			return why;
+		u32 posted = p->rx->in_flight;
+		txp = p;
+		for (u32 i = 0; i < posted && !why; i++) {
+			char msg[32];
+			u32 len = (u32)fmt(msg, sizeof(msg), "ringvm-fill-%u-%u", k, i);
+			why = tx_send(udp_fill(tx_buf, msg, len, 0, UDP_SRC_PORT + k));
+		}
+		txp = &pairs[0];
+		if (why)
+			return why;
+		if (!wait_cond(rx_full, p, v.mode, VQ_TIMEOUT_MS))
+			return failf("pair %u: %u of its %u rx buffers used after a burst of %u echoes", k,
+				     (u16)(p->rx->used->idx - p->rx->used_seen), posted, posted);
+		say("virtio-net pair %u rx buffers %u of %u filled by a burst of echoes", k, posted, posted);
+	}
+	return rx_drain();
+}
+
+/* Numbered datagrams to the peer for ms, datagram n on pair n % npairs from port UDP_SRC_PORT + that
+ * pair, each sent once the previous one was used (a tx chain that never comes back fails the
+ * wait); the peer's echoes are counted as they come, on the pair they come on. */
+static const char *run_stream(u64 ms, const char *peer)
+{
+	const char *why;
+	say("virtio-net stream to %s:%u for %lu ms", peer, udp_port, ms);
+	u64 s0 = rdtsc(), per_ms = tsc_hz_or_guess() / 1000;
+	u32 sent = 0;
+	stream_got = 0;
+	while ((rdtsc() - s0) / per_ms < ms) {
+		char msg[32];
+		u32 len = (u32)fmt(msg, sizeof(msg), "ringvm-stream-%u", sent);
+		u32 k = sent % npairs;
+		txp = &pairs[k];
+		why = tx_send(udp_fill(tx_buf, msg, len, 0, UDP_SRC_PORT + k));
+		txp = &pairs[0];
+		if (why)
+			return why;
+		pairs[k].stream_sent++;
+		sent++;
+		rx_until(&why, 0, 0, 5);
+		if (why)
+			return why;
+	}
+	rx_until(&why, &stream_got, sent, 500);
+	if (why)
+		return why;
+	say("virtio-net stream sent=%u echoed=%u", sent, stream_got);
+	if (!sent || !stream_got)
+		return failf("stream: %u datagrams sent, %u echoed", sent, stream_got);
+	return rx_fill_check();
+}
+
 static const char *net_run(void)
 {
 	const char *s, *why;
@@ -605,7 +770,7 @@ static const char *net_run(void)
 		return failf("ringvm.net.ip=%s: want the guest's IPv4 address", s ? s : "(missing)");
 	if (!(s = opt("net.peer")) || !parse_ip(s, &peer_ip))
 		return failf("ringvm.net.peer=%s: want the host side's IPv4 address", s ? s : "(missing)");
-	u64 x = 0, serve_ms = 0, csum = 0, bad = 0, stream_ms = 0;
+	u64 x = 0, serve_ms = 0, csum = 0, bad = 0, stream_ms = 0, want_pairs = 1;
 	if (opt("net.udp") && (!opt_u64("net.udp", &x) || x < 1 || x > 65535))
 		return failf("ringvm.net.udp=%s: want a port 1..65535", opt("net.udp"));
 	udp_port = (u32)x;
@@ -621,12 +786,26 @@ static const char *net_run(void)
 		return failf("ringvm.net.bad=%s: want 0 or 1", opt("net.bad"));
 	if (bad && !udp_port)
 		return failf("ringvm.net.bad=1 needs ringvm.net.udp (the malformed frames are datagrams to it)");
+	if (opt("net.pairs") && (!opt_u64("net.pairs", &want_pairs) || want_pairs < 1 || want_pairs > NET_MAX_PAIRS))
+		return failf("ringvm.net.pairs=%s: want 1..%u", opt("net.pairs"), NET_MAX_PAIRS);
+	npairs = (u32)want_pairs;
 
+	u64 want = NET_F_CSUM | NET_F_GUEST_CSUM | NET_F_MAC | NET_F_MRG_RXBUF | NET_F_STATUS;
+	if (npairs > 1)
+		want |= NET_F_MQ | NET_F_CTRL_VQ;
 	why = virtio_open(&v, VIRTIO_TYPE_NET);
 	if (!why)
-		why = virtio_init(&v, NET_F_CSUM | NET_F_GUEST_CSUM | NET_F_MAC | NET_F_MRG_RXBUF | NET_F_STATUS);
+		why = virtio_init(&v, want);
 	if (why)
 		return why;
+	u32 max_pairs = 1;
+	if (npairs > 1) {
+		if ((v.drv_features & (NET_F_MQ | NET_F_CTRL_VQ)) != (NET_F_MQ | NET_F_CTRL_VQ))
+			return failf("ringvm.net.pairs=%u, but the device does not offer VIRTIO_NET_F_MQ and CTRL_VQ", npairs);
+		max_pairs = (u32)virtio_cfg(&v, 8, 2);
+		if (max_pairs < npairs)
+			return failf("ringvm.net.pairs=%u, but max_virtqueue_pairs is %u", npairs, max_pairs);
+	}
 	mrg = !!(v.drv_features & NET_F_MRG_RXBUF);
 	if (v.drv_features & NET_F_MAC) {
 		for (int i = 0; i < 6; i++)
@@ -646,23 +825,30 @@ static const char *net_run(void)
 	    v.drv_features & NET_F_MAC ? "" : " (chosen: no MAC feature)", link, ibuf, pbuf, mrg,
 	    !!(v.drv_features & NET_F_CSUM), !!(v.drv_features & NET_F_GUEST_CSUM));
 
-	why = virtio_queue(&v, 0, rx_ring);
+	why = virtio_queue(&v, 0, rx_ring[0]);
 	if (!why)
-		why = virtio_queue(&v, 1, tx_ring);
+		why = virtio_queue(&v, 1, tx_ring[0]);
+	if (!why && npairs > 1)
+		why = setup_pairs(max_pairs);
 	if (why)
 		return why;
-	u32 nrx = RX_BUFS < v.q.size ? RX_BUFS : v.q.size;
-	for (u32 k = 0; k < nrx; k++) {
-		struct vq_buf b = {rx_buf[k], BUF_SIZE, 1};
-		int head = vq_add(&v.q, &b, 1);
-		if (head < 0)
-			return failf("rx queue full at buffer %u", k);
-		rx_buf_of_head[head] = (u8)k;
+	for (u32 p = 0; p < npairs; p++) {
+		u32 nrx = RX_BUFS < pairs[p].rx->size ? RX_BUFS : pairs[p].rx->size;
+		for (u32 k = 0; k < nrx; k++)
+			if (rx_post(&pairs[p], k) < 0)
+				return failf("rx queue %u full at buffer %u", pairs[p].rx->index, k);
 	}
 	why = virtio_driver_ok(&v);
 	if (why)
 		return why;
-	vq_kick(&v.q); /* the buffers are there before DRIVER_OK; this tells the device */
+	for (u32 p = 0; p < npairs; p++)
+		vq_kick(pairs[p].rx); /* the buffers are there before DRIVER_OK; this tells the device */
+	if (npairs > 1) {
+		if ((why = set_pairs(npairs)))
+			return why;
+		say("virtio-net queue pairs %u of %u enabled (VQ_PAIRS_SET acked), control queue %u", npairs, max_pairs,
+		    ctrl_q.index);
+	}
 
 	u32 irq_rx0 = irq_count[v.q.irq_slot], irq_tx0 = irq_count[v.q1.irq_slot],
 	    irq_cfg0 = irq_count[v.vec_base & 15], tick0 = irq_count[IRQ_TIMER - IRQ_BASE];
@@ -725,31 +911,8 @@ static const char *net_run(void)
 		say("virtio-net udp echo \"%s\" from %s:%u ok (tx checksum %s, rx partial-checksums=%u data-valid=%u)",
 		    udp_msg, pbuf, udp_port, offload ? "offloaded: NEEDS_CSUM" : "in software", rx_partial, rx_valid);
 	}
-	/* A stream of datagrams for stream_ms, each sent once it is used (a tx chain that never
-	 * comes back fails the wait), the peer's echoes counted as they come. */
-	if (stream_ms) {
-		say("virtio-net stream to %s:%u for %lu ms", pbuf, udp_port, stream_ms);
-		u64 s0 = rdtsc(), per_ms = tsc_hz_or_guess() / 1000;
-		u32 sent = 0;
-		stream_got = 0;
-		while ((rdtsc() - s0) / per_ms < stream_ms) {
-			char msg[32];
-			u32 len = (u32)fmt(msg, sizeof(msg), "ringvm-stream-%u", sent);
-			why = send_udp(msg, len, 0);
-			if (why)
-				return why;
-			sent++;
-			rx_until(&why, 0, 0, 5);
-			if (why)
-				return why;
-		}
-		rx_until(&why, &stream_got, sent, 500);
-		if (why)
-			return why;
-		say("virtio-net stream sent=%u echoed=%u", sent, stream_got);
-		if (!sent || !stream_got)
-			return failf("stream: %u datagrams sent, %u echoed", sent, stream_got);
-	}
+	if (stream_ms && (why = run_stream(stream_ms, pbuf)))
+		return why;
 	u64 us = (rdtsc() - t0) / (tsc_hz_or_guess() / 1000000);
 
 	if (serve_ms) {
@@ -766,6 +929,19 @@ static const char *net_run(void)
 	    "timer-irq=%u other=%u bad=%u refills=%u rx-bytes=%lu tx-bytes=%lu",
 	    rx_frames, tx_frames, irx + itx, wait_mode_name(v.mode), us, irx, itx, icfg, ticks, rx_other, rx_bad,
 	    refills, rx_bytes, tx_bytes);
+	/* Every tx chain posted on every pair was used (tx_flush waits for each; this checks the rings
+	 * agree), and every pair's rx queue still holds the buffers it was given. */
+	for (u32 k = 0; k < npairs && npairs > 1; k++) {
+		struct net_pair *p = &pairs[k];
+		say("virtio-net pair %u rx=%u tx=%u stream-sent=%u stream-echoed=%u tx-used=%u/%u rx-posted=%u",
+		    k, p->rx_frames, p->tx_frames, p->stream_sent, p->stream_echoed, p->tx->used->idx,
+		    p->tx->avail_idx, p->rx->in_flight);
+		if (p->tx->in_flight || p->tx->used->idx != p->tx->avail_idx)
+			return failf("pair %u: tx used idx %u, avail idx %u: %u descriptors never used", k,
+				     p->tx->used->idx, p->tx->avail_idx, p->tx->in_flight);
+		if (stream_ms && !p->stream_echoed)
+			return failf("pair %u: no stream echo came on its rx queue", k);
+	}
 	if (v.mode != WAIT_POLL) {
 		/* Unlike rng/blk, no wait here insists on an interrupt: the device is usually done before
 		 * the (interpreted) guest checks, so a vector may legitimately stay quiet. And on kvm_pvm
@@ -795,6 +971,12 @@ const char *scenario_virtio_net(void)
 	v.nr_queues = 2;
 	v.q_entry[0] = 2;
 	v.q_entry[1] = 1;
+	memset(pairs, 0, sizeof(pairs));
+	memset(&ctrl_q, 0, sizeof(ctrl_q));
+	pairs[0].rx = &v.q;
+	pairs[0].tx = &v.q1;
+	npairs = 1;
+	txp = rxp = &pairs[0];
 	have_peer = udp_unreach = 0;
 	rx_skip = udp_got = udp_len = 0;
 	rx_frames = tx_frames = rx_other = rx_bad = rx_partial = rx_valid = served_arp = served_icmp = refills = 0;

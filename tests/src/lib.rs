@@ -8,6 +8,7 @@
 //! status 0). [`GuestReport`] parses that; [`GuestCmdline`] builds its command line;
 //! [`run_guest`] runs a VMM with a time limit and collects the serial console.
 
+pub mod heal;
 pub mod hostile;
 pub mod netns;
 

@@ -24,6 +24,15 @@ pub struct NetNs {
 
 impl NetNs {
     pub fn new(tag: &str) -> Self {
+        NetNs::with_tap(tag, false)
+    }
+
+    /// The same with a multi-queue `tap0` (`ringvm run -c N` opens N queues of it).
+    pub fn multi_queue(tag: &str) -> Self {
+        NetNs::with_tap(tag, true)
+    }
+
+    fn with_tap(tag: &str, multi_queue: bool) -> Self {
         let name = format!("ringvm-{tag}-{}", std::process::id());
         let _ = ip(&["netns", "del", &name]); // a leftover of a killed run
         let out = ip(&["netns", "add", &name]).expect("run `ip` (iproute2)");
@@ -35,11 +44,15 @@ impl NetNs {
         let ns = NetNs { name, peer: None };
         let n = ns.name.as_str();
         let addr = format!("{HOST_IP}/24");
+        let mut tuntap = vec![
+            "netns", "exec", n, "ip", "tuntap", "add", "tap0", "mode", "tap",
+        ];
+        if multi_queue {
+            tuntap.push("multi_queue");
+        }
         for args in [
             &["-n", n, "link", "set", "lo", "up"][..],
-            &[
-                "netns", "exec", n, "ip", "tuntap", "add", "tap0", "mode", "tap",
-            ],
+            &tuntap,
             &["-n", n, "addr", "add", &addr, "dev", "tap0"],
             &["-n", n, "link", "set", "tap0", "up"],
         ] {

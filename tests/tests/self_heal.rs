@@ -11,7 +11,8 @@
 //! - External backends killed and restarted under blk-verify: `ringvm device block` at QD 32
 //!   (its inflight region carried across), qemu-storage-daemon at QD 1 (it tracks nothing in
 //!   flight; at QD 32 it completes out of order and the test is ignored: see there).
-//! - virtio-net: a UDP stream through a tap in a network namespace across 5 kills.
+//! - virtio-net: a UDP stream through a tap in a network namespace across 20 kills (several
+//!   queue pairs: self_heal_net.rs).
 //! - virtio-vsock: the guest echoes through a host listener over hybrid vsock while the vsock
 //!   process is killed 10 times: each kill ends the connection on both sides, the restarted
 //!   process sends the guest a transport reset event, and the guest's next connection works.
@@ -21,48 +22,10 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tests::heal::{device_of, kill, NetStreamKills, Rand, BOOT, LIMIT};
 use tests::{
     children_of, gdb_prints, ringvm_run, wait_until, GuestCmdline, GuestReport, Live, Scratch,
 };
-
-const BOOT: Duration = Duration::from_secs(60);
-const LIMIT: Duration = Duration::from_secs(60);
-
-/// A small xorshift, seeded from the clock (the seed is printed for a rerun).
-struct Rand(u64);
-
-impl Rand {
-    fn new() -> Rand {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1;
-        eprintln!("random seed {seed:#x}");
-        Rand(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
-/// The VMM's one device process, waiting for it to be there (a restart may be under way;
-/// the processes in `dead` were killed and may not be reaped yet).
-fn device_of(vmm: u32, dead: &[u32]) -> u32 {
-    let mut found = Vec::new();
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            found = children_of(vmm);
-            found.retain(|p| !dead.contains(p));
-            found.len() == 1
-        }),
-        "no single device process under the VMM: {found:?}"
-    );
-    found[0]
-}
 
 /// Whether process `pid` opened `path` with `O_DIRECT` (the flags in its fdinfo), once it
 /// has it open (a restarted process may still be starting).
@@ -88,13 +51,6 @@ fn opened_direct(pid: u32, path: &std::path::Path) -> bool {
     });
     assert!(open, "device process {pid} never opened {}", path.display());
     flags.is_some_and(|f| f & O_DIRECT != 0)
-}
-
-fn kill(pid: u32, signal: &str) {
-    // The device may be gone already (a restart under way): that kill just does nothing.
-    let _ = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status();
 }
 
 /// `ringvm run --rwdisk DISK` with the guest's rtc (for its TSC rate) and blk-verify for
@@ -428,98 +384,18 @@ fn external_qsd_killed_and_restarted_at_qd32_is_reconnected() {
 /// virtio-net: the guest streams UDP datagrams to a peer in a network namespace (which
 /// echoes them) while the net process is killed 20 times. Every tx chain must come back
 /// (the guest waits for each), the stream must reach the host after every restart, and
-/// echoes must keep coming in (rx buffers stay posted). The loss is reported.
+/// echoes must keep coming in (rx buffers stay posted). The loss is reported. Several queue
+/// pairs: tests/tests/self_heal_net.rs.
 #[test]
 fn udp_stream_through_the_tap_keeps_flowing_across_net_process_kills() {
-    use tests::netns::{NetNs, GUEST_IP, UDP_PORT};
-    let mut ns = NetNs::new("rvm-heal");
-    let peer = ns.start_peer(0, 60);
-    let cmdline = GuestCmdline::new()
-        .test("virtio-net")
-        .option("net.ip", GUEST_IP)
-        .option("net.peer", "10.0.2.1")
-        .option("net.udp", UDP_PORT)
-        .option("net.stream_ms", 12000);
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name])
-        .arg(tests::ringvm_bin())
-        .args(tests::test_guest_args(
-            &[
-                "--no-rng",
-                "--tap-name",
-                "tap0",
-                "--device-restarts",
-                "100/60",
-            ],
-            &cmdline,
-        ));
-    let mut live = Live::start(&mut cmd);
-    live.wait_for("virtio-net stream to", BOOT);
-    let vmm = live.child.id();
-    let mut rand = Rand::new();
-    let mut killed = Vec::new();
-    let mut kill_times = Vec::new();
-    let t0 = Instant::now();
-    while killed.len() < 20 {
-        std::thread::sleep(Duration::from_millis(250 + rand.below(250)));
-        let device = device_of(vmm, &killed);
-        kill(device, "KILL");
-        kill_times.push(t0.elapsed());
-        killed.push(device);
+    NetStreamKills {
+        tag: "rvm-heal",
+        pairs: 1,
+        kills: 20,
+        stream_ms: 12000,
+        mode: "hlt",
     }
-    live.wait_for("ringvm-test: done", LIMIT);
-    let seen = live.seen().to_string();
-    let (status, stderr) = live.finish(Duration::from_secs(10));
-    drop(ns);
-    let report = GuestReport::parse(&seen);
-    assert!(
-        report.all_ok(&["virtio-net"]),
-        "virtio-net failed:\n{seen}\nstderr:\n{stderr}"
-    );
-    assert!(status.success(), "{status:?}\n{stderr}");
-    assert_eq!(stderr.matches("; restarting it (").count(), 20, "{stderr}");
-    let stream = report
-        .details("virtio-net")
-        .into_iter()
-        .find(|l| l.starts_with("stream sent="))
-        .unwrap_or_else(|| panic!("no stream line:\n{seen}"))
-        .to_string();
-    let number = |key: &str| -> u64 {
-        stream
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {stream:?}"))
-    };
-    let (sent, echoed) = (number("sent="), number("echoed="));
-    // What reached the host, by sequence number.
-    let mut got: Vec<u64> = peer
-        .try_iter()
-        .filter_map(|l| {
-            l.split("ringvm-stream-")
-                .nth(1)
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .collect();
-    got.sort_unstable();
-    got.dedup();
-    let at_host = got.len() as u64;
-    eprintln!(
-        "udp stream: {sent} sent, {at_host} reached the host ({} lost), {echoed} echoes back; \
-         kills at {kill_times:?}",
-        sent.saturating_sub(at_host)
-    );
-    assert!(at_host > 0 && echoed > 0, "{stream}");
-    // The stream went on after the last kill: the last datagrams reached the host.
-    assert!(
-        got.last().is_some_and(|&last| last + 5 >= sent),
-        "the stream stopped reaching the host (last {:?} of {sent})",
-        got.last()
-    );
-    assert!(
-        at_host * 2 >= sent,
-        "more than half the stream was lost: {at_host} of {sent}"
-    );
+    .run();
 }
 
 /// The guest's echo pattern: byte `i` of connection `c` (guest/test/virtio_vsock.c `pat`).

@@ -227,11 +227,7 @@ impl NetDevice {
             .collect::<Result<Vec<_>>>()?;
         // Without offloads the largest frame is the MTU plus Ethernet and VLAN headers.
         let mtu = pairs[0].tap.mtu().unwrap_or(1500);
-        let found_pairs = pairs
-            .iter()
-            .take_while(|p| p.attached.get())
-            .count()
-            .max(1);
+        let found_pairs = pairs.iter().take_while(|p| p.attached.get()).count().max(1);
         Ok(NetDevice {
             pairs,
             mac: options.mac,
