@@ -88,6 +88,17 @@ pub enum Error {
     /// An interface name that is empty, too long or has a NUL.
     #[error("invalid interface name {0:?} (1 to 15 bytes, no NUL)")]
     InvalidName(String),
+    /// `TUNSETIFF` for several queues was refused by a tap that exists.
+    #[error(
+        "tap {name:?} refused {queues} queues (TUNSETIFF); a tap that exists takes several only \
+         if it was created multi-queue (`ip tuntap add {name} mode tap multi_queue`)"
+    )]
+    MultiQueue {
+        name: String,
+        queues: usize,
+        #[source]
+        source: io::Error,
+    },
     /// `TUNSETIFF` failed.
     #[error("failed to create tap {name:?} (TUNSETIFF)")]
     CreateTap {

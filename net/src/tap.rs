@@ -82,9 +82,21 @@ impl Tap {
                 .into();
             let mut req = IfReq::with_name(&name);
             req.set_flags(flags);
-            sys::tun_set_iff(fd.as_fd(), &mut req).map_err(|source| Error::CreateTap {
-                name: name.clone(),
-                source,
+            sys::tun_set_iff(fd.as_fd(), &mut req).map_err(|source| {
+                // EINVAL for the first of several queues: most likely a tap made without
+                // IFF_MULTI_QUEUE (or a tun), which the kernel cannot say.
+                if queues > 1 && taps.is_empty() && source.raw_os_error() == Some(libc::EINVAL) {
+                    Error::MultiQueue {
+                        name: name.clone(),
+                        queues,
+                        source,
+                    }
+                } else {
+                    Error::CreateTap {
+                        name: name.clone(),
+                        source,
+                    }
+                }
             })?;
             // The next queues attach to the interface this one created.
             name = req.name();
@@ -292,6 +304,20 @@ mod tests {
             assert!(dup(&taps[0]).attached());
             set_queue_attached(taps[1].as_fd(), "rvmq0", 1, true).unwrap();
             assert!(dup(&taps[1]).attached());
+        });
+    }
+
+    #[test]
+    fn a_single_queue_tap_asked_for_several_queues_says_it_must_be_multi_queue() {
+        in_netns(|| {
+            ip(&["tuntap", "add", "rvsq0", "mode", "tap"]);
+            let err = Tap::create(Some("rvsq0"), 2).unwrap_err();
+            assert!(
+                matches!(err, Error::MultiQueue { queues: 2, .. }),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("multi_queue"), "{err}");
+            assert_eq!(Tap::create(Some("rvsq0"), 1).unwrap().len(), 1);
         });
     }
 
