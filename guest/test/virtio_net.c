@@ -677,8 +677,8 @@ static const char *set_pairs(u32 n)
 	return 0;
 }
 
-/* Sets up the queues of pairs 1.. and the control queue (after max_virtqueue_pairs pairs), on the
- * MSI-X entries of pair 0's (rx 2, tx and control 1). */
+/* Sets up the queues of pairs 1.. and the control queue (queue 2 x max_virtqueue_pairs), on pair 0's
+ * MSI-X entries: 2 for every rx queue, 1 for every tx queue and the control queue. */
 static const char *setup_pairs(u32 max)
 {
 	for (u32 k = 1; k < npairs; k++) {
