@@ -258,6 +258,49 @@ fn past_the_budget_a_death_ends_the_vm_with_the_report_of_old() {
     assert!(children_of(vmm).is_empty(), "device processes left behind");
 }
 
+/// A device that cannot start again (its image was removed after the VM started) is tried
+/// with growing waits between the tries (10, 20, 40, 80 ms), not in a tight loop, until the
+/// budget is spent; then the VM ends with the old report.
+#[test]
+fn restarts_that_fail_are_spaced_out_until_the_budget_is_spent() {
+    let dir = Scratch::new("self-heal", "gone-image");
+    let disk = dir.path("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("image");
+    let cmdline = GuestCmdline::new().test("wait");
+    let disk_arg = disk.display().to_string();
+    let args = [
+        "--device-restarts",
+        "5/60",
+        "--no-rng",
+        "--rwdisk",
+        &disk_arg,
+    ];
+    let mut live = Live::start(&mut ringvm_run(&args, &cmdline));
+    live.wait_for("wait halting", BOOT);
+    let vmm = live.child.id();
+    std::fs::remove_file(&disk).expect("remove the image");
+    let device = device_of(vmm, &[]);
+    let killed_at = Instant::now();
+    kill(device, "KILL");
+    let (status, stderr) = live.finish(Duration::from_secs(20));
+    let took = killed_at.elapsed();
+    eprintln!("from the kill to the end: {took:?}\n{stderr}");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("; restarting it (").count(), 5, "{stderr}");
+    for ms in [10, 20, 40, 80, 160] {
+        let next = format!("; the next try in {ms} ms");
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("its restart failed: ") && l.ends_with(&next)),
+            "no failed restart followed by a {ms} ms wait:\n{stderr}"
+        );
+    }
+    // The waits before tries 2 to 5 alone add up to 150 ms.
+    assert!(took >= Duration::from_millis(150), "{took:?}:\n{stderr}");
+    assert!(children_of(vmm).is_empty(), "device processes left behind");
+}
+
 /// An external block backend (`--vhost-user type=blk`) on `sock`, killed with SIGKILL and
 /// started again on the same path 3 times under blk-verify at queue depth `qd`: ringvm
 /// reconnects each time and the guest's loop goes on. `start` starts the backend (and starts

@@ -63,6 +63,16 @@ const RESTART_KICKS: [Duration; 4] = [
 ];
 /// Largest queue the transport offers for a vhost-user device.
 const MAX_QUEUE_SIZE: u16 = 256;
+/// The wait before another restart when the last one failed (a device that cannot start
+/// again, say its image is gone), doubled after each failure up to [`RETRY_MAX`]: the budget
+/// is spent over a moment rather than in a tight loop. A first restart does not wait.
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// The wait before the restart after `previous` (none before the first).
+fn retry_delay(previous: Option<Duration>) -> Duration {
+    previous.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))
+}
 
 /// A vring as the transport handed it over, with descriptors this side owns.
 struct Vring {
@@ -518,6 +528,7 @@ impl Backend {
         heal: &Rc<Healing>,
         restarts: &mut Restarts,
     ) -> bool {
+        let mut wait: Option<Duration> = None;
         loop {
             let why = self.why_gone().await;
             let allowed = match (&self.origin, &heal.respawner) {
@@ -534,6 +545,9 @@ impl Backend {
                 budget.max,
                 budget.window.as_secs()
             );
+            if let Some(delay) = wait {
+                let _ = executor::sleep(delay).await;
+            }
             match self.restart(mem, heal).await {
                 Ok(()) => {
                     self.restarts.fetch_add(1, Ordering::Relaxed);
@@ -541,7 +555,13 @@ impl Backend {
                     return true;
                 }
                 Err(RestartError::Gone(e)) => {
-                    eprintln!("ringvm: device {}: its restart failed: {e:#}", self.name);
+                    let delay = retry_delay(wait);
+                    eprintln!(
+                        "ringvm: device {}: its restart failed: {e:#}; the next try in {} ms",
+                        self.name,
+                        delay.as_millis()
+                    );
+                    wait = Some(delay);
                 }
                 Err(RestartError::Fatal(e)) => {
                     exit.report(ExitReason::Failed(format!(
@@ -853,5 +873,22 @@ impl VirtioDevice for VhostUserDevice {
 
     fn reset(&mut self) {
         let _ = self.call(|reply| Request::Stop { reply });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_restarts_wait_longer_each_time_up_to_a_second() {
+        let mut wait = None;
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            let d = retry_delay(wait);
+            seen.push(d.as_millis());
+            wait = Some(d);
+        }
+        assert_eq!(seen, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
     }
 }
