@@ -291,11 +291,10 @@ fn measure(bin: &Path, guest: &Path, image: &Path, kills: usize) -> Result<Run, 
     let mut device = single_device(vmm, &skip)?;
     let page = StatsPage::of_device(device)?;
     set_timer_slack();
-    let mut rand = Rand::new();
     let mut out = Vec::with_capacity(kills);
     for n in 0..kills {
         std::thread::sleep(Duration::from_millis(
-            GAP_MS.0 + rand.below(GAP_MS.1 - GAP_MS.0),
+            GAP_MS.0 + random_below(GAP_MS.1 - GAP_MS.0),
         ));
         if let Some(line) = vm.ended_line() {
             return Err(format!(
@@ -806,23 +805,11 @@ fn set_timer_slack() {
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0) };
 }
 
-/// A small xorshift, seeded from the clock (the seed is printed).
-struct Rand(u64);
-
-impl Rand {
-    fn new() -> Rand {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1;
-        eprintln!("recovery: random seed {seed:#x}");
-        Rand(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
+/// A random number below `n` (std's per-map random hash keys: no seed to keep).
+fn random_below(n: u64) -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % n.max(1)
 }
