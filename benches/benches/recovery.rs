@@ -25,10 +25,12 @@
 //! the requests that were in flight.
 //!
 //! The guest reports the longest gap it saw between two completions (`max_stall_us`) and the
-//! gaps over 5 ms (count, median, p99), and checks every block it wrote: any I/O error,
-//! mismatch, request completed twice or lost (no completion for 10 s) fails the bench, as do a
-//! kill that was not reported as a restart, a restarted process counting in another page, or
-//! an error counted by the device.
+//! gaps over 5 ms (count, median, p99); a second VM then runs the same loop for as long without
+//! kills, whose stalls are the host's scheduling alone (the `quiet_` figures), to read the
+//! first against. The guest checks every block it wrote: any I/O error, mismatch, request
+//! completed twice or lost (no completion for 10 s) fails the bench, as do a kill that was not
+//! reported as a restart, a restarted process counting in another page, or an error counted by
+//! the device.
 //!
 //! The table's ns/op is the rounds' median recovery; the JSON line
 //! (`<target>/bench/recovery.jsonl`) carries the median, p99 (nearest rank: with 51 kills, the
@@ -106,15 +108,20 @@ fn main() {
         .and_then(|f| f.set_len(IMAGE_BYTES))
         .expect("create the bench image");
 
-    let run = match measure(&bin, &guest, &image, kills + 1) {
-        Ok(run) => run,
+    // The same loop without kills, after: how long the guest's stalls are on this machine
+    // anyway (the host's scheduling), to read the stalls with kills against.
+    let runs = measure(&bin, &guest, &image, kills + 1, kills + 1).and_then(|run| {
+        let quiet = measure(&bin, &guest, &image, kills + 1, 0)?;
+        Ok((run, quiet.guest))
+    });
+    let _ = fs::remove_file(&image);
+    let (run, quiet) = match runs {
+        Ok(runs) => runs,
         Err(e) => {
-            let _ = fs::remove_file(&image);
             println!("FAIL {BENCH}: {e}");
             std::process::exit(1);
         }
     };
-    let _ = fs::remove_file(&image);
     let opt_ms =
         |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2}", d.as_secs_f64() * 1e3));
     for (i, k) in run.kills.iter().enumerate() {
@@ -185,6 +192,9 @@ fn main() {
         ("guest_final_checked", g.final_checked),
         ("guest_errors", g.errors),
         ("guest_mismatches", g.mismatches),
+        ("quiet_guest_max_stall_ms", quiet.max_stall_us / 1e3),
+        ("quiet_guest_stalls_over_5ms", quiet.stalls),
+        ("quiet_guest_stall_p99_ms", quiet.stall_p99_us / 1e3),
         ("qd", f64::from(QD)),
     ];
     for (key, value) in figures {
@@ -218,6 +228,14 @@ fn main() {
         g.final_checked,
         g.errors,
         g.mismatches
+    );
+    println!(
+        "{BENCH}: guest without kills (the same loop, next): longest stall {:.2} ms; stalls over \
+         5 ms: {} (median {:.2} ms, p99 {:.2} ms)",
+        quiet.max_stall_us / 1e3,
+        quiet.stalls,
+        quiet.stall_median_us / 1e3,
+        quiet.stall_p99_us / 1e3
     );
     for (what, value, goal) in [
         ("median", recovery.median, GOAL_MEDIAN_MS),
@@ -268,9 +286,17 @@ struct Run {
 }
 
 /// Boots the guest, kills its block process `kills` times and waits for its verdict.
-fn measure(bin: &Path, guest: &Path, image: &Path, kills: usize) -> Result<Run, String> {
-    let kills_u32 = u32::try_from(kills).map_err(|_| "too many kills".to_owned())?;
-    let loop_ms = (LOOP_PER_KILL * kills_u32 + LOOP_SLACK).as_millis();
+/// Boots the guest with a loop long enough for `room` kills, kills its block process `kills`
+/// times (0 or `room`) and waits for its verdict.
+fn measure(
+    bin: &Path,
+    guest: &Path,
+    image: &Path,
+    room: usize,
+    kills: usize,
+) -> Result<Run, String> {
+    let room = u32::try_from(room).map_err(|_| "too many kills".to_owned())?;
+    let loop_ms = (LOOP_PER_KILL * room + LOOP_SLACK).as_millis();
     let params = format!(
         "ringvm.test=rtc,blk-verify ringvm.blkverify.qd={QD} ringvm.blkverify.ms={loop_ms}"
     );
@@ -316,7 +342,7 @@ fn measure(bin: &Path, guest: &Path, image: &Path, kills: usize) -> Result<Run, 
         out.push(kill);
     }
     let counted = page.snapshot()?.queues[0];
-    vm.wait_for("ringvm-test: done", LOOP_PER_KILL * kills_u32 + BOOT_LIMIT)?;
+    vm.wait_for("ringvm-test: done", LOOP_PER_KILL * room + BOOT_LIMIT)?;
     let status = vm.finish(Duration::from_secs(20))?;
     let guest = guest_figures(&vm.seen).map_err(|e| format!("{e}\n{}", vm.output()))?;
     let stderr = vm.stderr_text();
