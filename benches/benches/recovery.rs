@@ -217,12 +217,8 @@ fn main() {
         dead.median, noticed.median, cloned.median, execed.median, recovery.median
     );
     println!(
-        "{BENCH}: guest: longest stall {:.2} ms; stalls over 5 ms: {} (median {:.2} ms, p99 \
-         {:.2} ms); writes {} reads {} final checks {}, errors {} mismatches {}",
-        g.max_stall_us / 1e3,
-        g.stalls,
-        g.stall_median_us / 1e3,
-        g.stall_p99_us / 1e3,
+        "{BENCH}: guest: {}; writes {} reads {} final checks {}, errors {} mismatches {}",
+        g.stalls_text(),
         g.writes,
         g.reads,
         g.final_checked,
@@ -230,12 +226,8 @@ fn main() {
         g.mismatches
     );
     println!(
-        "{BENCH}: guest without kills (the same loop, next): longest stall {:.2} ms; stalls over \
-         5 ms: {} (median {:.2} ms, p99 {:.2} ms)",
-        quiet.max_stall_us / 1e3,
-        quiet.stalls,
-        quiet.stall_median_us / 1e3,
-        quiet.stall_p99_us / 1e3
+        "{BENCH}: guest without kills (the same loop, next): {}",
+        quiet.stalls_text()
     );
     for (what, value, goal) in [
         ("median", recovery.median, GOAL_MEDIAN_MS),
@@ -278,6 +270,26 @@ struct GuestFigures {
     stalls: f64,
     stall_median_us: f64,
     stall_p99_us: f64,
+}
+
+impl GuestFigures {
+    /// The guest keeps the first this many stalls (guest/test/blk_verify.c, `BV_GAPS`): their
+    /// median and p99 are of those.
+    const STALLS_KEPT: f64 = 256.0;
+
+    fn stalls_text(&self) -> String {
+        let (count, of) = if self.stalls >= Self::STALLS_KEPT {
+            ("at least 256".to_owned(), " of the first 256")
+        } else {
+            (self.stalls.to_string(), "")
+        };
+        format!(
+            "longest stall {:.2} ms; stalls over 5 ms: {count} (median {:.2} ms, p99 {:.2} ms{of})",
+            self.max_stall_us / 1e3,
+            self.stall_median_us / 1e3,
+            self.stall_p99_us / 1e3
+        )
+    }
 }
 
 struct Run {
