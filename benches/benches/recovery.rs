@@ -640,8 +640,22 @@ impl Vm {
                 Err(_) => break,
             }
         }
+        // Its console closed or the time is up: say whether it ended (give an exit a moment).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let state = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    self.ended = true;
+                    break format!("ringvm ended with {status}");
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => break "ringvm still runs".to_owned(),
+            }
+        };
         Err(format!(
-            "no serial line with {needle:?} within {limit:?}\n{}",
+            "no serial line with {needle:?} within {limit:?} ({state})\n{}",
             self.output()
         ))
     }
