@@ -12,6 +12,10 @@
 //! request can only name a launch made before the fork: a VMM that is taken over cannot
 //! make it start anything else.
 //!
+//! It holds the mount namespace of the last process it started for each slot until it starts
+//! the next one, so that a dying device does not tear its namespace down in its exit (an RCU
+//! grace period, which the restart would wait for: `benches/benches/recovery.rs`).
+//!
 //! The respawner dies with the VMM (`PR_SET_PDEATHSIG`), and ends on its own when its socket
 //! closes.
 
@@ -110,6 +114,9 @@ fn helper(sock: UnixStream, launches: &[Launch]) -> Result<()> {
     }
     sys::close_descriptors_except(&keep).context("closing the VMM's descriptors")?;
     let mut sock = sock;
+    // The mount namespace of each slot's process started here, held open until the next
+    // process of the slot is started (see below).
+    let mut held: Vec<Option<std::fs::File>> = launches.iter().map(|_| None).collect();
     loop {
         let mut slot = [0u8; 4];
         match sock.read_exact(&mut slot) {
@@ -127,6 +134,7 @@ fn helper(sock: UnixStream, launches: &[Launch]) -> Result<()> {
                 let (pid, pidfd, report) = process.into_fds();
                 // The VMM cannot open files under its filter: its /proc files come from here.
                 let (stat, status) = open_proc_files(pid)?;
+                let mount_ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok();
                 let mut reply = vec![0u8];
                 reply.extend_from_slice(&pid.to_le_bytes());
                 send_with_fds(
@@ -140,6 +148,14 @@ fn helper(sock: UnixStream, launches: &[Launch]) -> Result<()> {
                         status.as_fd(),
                     ],
                 )?;
+                // A dying process whose mount namespace it holds the last reference to tears
+                // the namespace down in its exit, which waits for an RCU grace period (up to
+                // hundreds of ms on a busy host), and the VMM waits for that exit before it
+                // starts the next process. Held here, the dead process's namespace goes when
+                // its successor's replaces it, after the reply: off the restart's path.
+                if let Some(h) = held.get_mut(slot) {
+                    *h = mount_ns;
+                }
             }
             Err(e) => {
                 let mut reply = vec![1u8];
