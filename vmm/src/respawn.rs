@@ -12,8 +12,8 @@
 //! request can only name a launch made before the fork: a VMM that is taken over cannot
 //! make it start anything else.
 //!
-//! It holds the mount namespace of the last process it started for each slot until it starts
-//! the next one, so that a dying device does not tear its namespace down in its exit (an RCU
+//! It holds the mount namespace of each slot's live process (the VMM hands over those of the
+//! first ones) until it starts the next one, so that a dying device does not tear its namespace down in its exit (an RCU
 //! grace period, which the restart would wait for: `benches/benches/recovery.rs`).
 //!
 //! The respawner dies with the VMM (`PR_SET_PDEATHSIG`), and ends on its own when its socket
@@ -46,14 +46,18 @@ pub struct Respawner {
 }
 
 impl Respawner {
-    /// Forks the respawner with `launches` (slot N is `launches[N]`). Call it while the
-    /// process has one thread.
-    pub fn start(launches: Vec<Launch>) -> Result<Respawner> {
+    /// Forks the respawner with `launches` (slot N is `launches[N]`) and the mount namespaces
+    /// of the processes started from them ([`mount_namespace`]; the respawner holds them, this
+    /// process lets go of them). Call it while the process has one thread.
+    pub fn start(
+        launches: Vec<Launch>,
+        mount_namespaces: Vec<Option<std::fs::File>>,
+    ) -> Result<Respawner> {
         let (ours, theirs) = UnixStream::pair().context("device respawner: socketpair failed")?;
         match sys::fork_single_threaded().context("device respawner: fork failed")? {
             None => {
                 drop(ours);
-                let code = match helper(theirs, &launches) {
+                let code = match helper(theirs, &launches, mount_namespaces) {
                     Ok(()) => 0,
                     Err(e) => {
                         eprintln!("ringvm: device respawner: {e:#}");
@@ -105,18 +109,28 @@ impl Drop for Respawner {
     }
 }
 
+/// The mount namespace of process `pid`, opened (for [`Respawner::start`]).
+pub fn mount_namespace(pid: i32) -> Option<std::fs::File> {
+    std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok()
+}
+
 /// The respawner's side: serves requests on `sock` until it closes.
-fn helper(sock: UnixStream, launches: &[Launch]) -> Result<()> {
+fn helper(
+    sock: UnixStream,
+    launches: &[Launch],
+    mut held: Vec<Option<std::fs::File>>,
+) -> Result<()> {
     sys::become_helper(COMM).context("prctl")?;
     let mut keep = vec![sock.as_raw_fd()];
     for l in launches {
         keep.extend(l.fds.iter().map(|f| f.as_raw_fd()));
     }
+    // The mount namespace of each slot's live process, held until the next process of the
+    // slot is started (see below).
+    held.resize_with(launches.len(), || None);
+    keep.extend(held.iter().flatten().map(|f| f.as_raw_fd()));
     sys::close_descriptors_except(&keep).context("closing the VMM's descriptors")?;
     let mut sock = sock;
-    // The mount namespace of each slot's process started here, held open until the next
-    // process of the slot is started (see below).
-    let mut held: Vec<Option<std::fs::File>> = launches.iter().map(|_| None).collect();
     loop {
         let mut slot = [0u8; 4];
         match sock.read_exact(&mut slot) {
@@ -134,7 +148,7 @@ fn helper(sock: UnixStream, launches: &[Launch]) -> Result<()> {
                 let (pid, pidfd, report) = process.into_fds();
                 // The VMM cannot open files under its filter: its /proc files come from here.
                 let (stat, status) = open_proc_files(pid)?;
-                let mount_ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok();
+                let mount_ns = mount_namespace(pid);
                 let mut reply = vec![0u8];
                 reply.extend_from_slice(&pid.to_le_bytes());
                 send_with_fds(

@@ -422,13 +422,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason> {
     let Spawned {
         processes,
         launches,
+        mount_namespaces,
     } = spawned;
     // Forked while this process has one thread, before its seccomp filter: the respawner
     // starts devices again after they die (`respawn`).
     let respawner = if config.restarts.max > 0 && !launches.is_empty() {
-        Some(Respawner::start(launches)?)
+        Some(Respawner::start(launches, mount_namespaces)?)
     } else {
-        drop(launches);
+        drop((launches, mount_namespaces));
         None
     };
     let heal = Rc::new(Healing {

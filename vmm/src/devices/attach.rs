@@ -24,6 +24,8 @@ use crate::vm::{Machine, VmConfig};
 pub(crate) struct Spawned {
     pub(crate) processes: DeviceProcesses,
     pub(crate) launches: Vec<Launch>,
+    /// The mount namespace of each launch's process, for the respawner to hold.
+    pub(crate) mount_namespaces: Vec<Option<std::fs::File>>,
 }
 
 /// A started backend: the VMM's end of its socket, its statistics, where it comes from.
@@ -218,6 +220,9 @@ fn spawn_process(
     let process = processes.processes.push(process);
     let slot = u32::try_from(processes.launches.len()).context("too many devices")?;
     processes.launches.push(launch);
+    processes
+        .mount_namespaces
+        .push(crate::respawn::mount_namespace(pid));
     let stats = ProcessStats::new(pid, page)
         .with_context(|| format!("device {name}: cannot open /proc/{pid}"))?;
     Ok((sock, Some(stats), Origin::Own { process, slot }))
