@@ -13,8 +13,9 @@
 //! make it start anything else.
 //!
 //! It holds the mount namespace of each slot's live process (the VMM hands over those of the
-//! first ones) until it starts the next one, so that a dying device does not tear its namespace down in its exit (an RCU
-//! grace period, which the restart would wait for: `benches/benches/recovery.rs`).
+//! first ones) until it starts the next one, so that a dying device does not tear its
+//! namespace down in its exit (an RCU grace period, which the restart would wait for:
+//! `benches/benches/recovery.rs`).
 //!
 //! The respawner dies with the VMM (`PR_SET_PDEATHSIG`), and ends on its own when its socket
 //! closes.
