@@ -51,13 +51,12 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::ptr::NonNull;
-use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use benches::process::{kill_tree, ringvm_release, test_guest};
 use benches::{bench_dir, Config, Runner, Variant};
+use memory::SharedCounters;
 use virtio::stats::{Snapshot, COUNTERS};
 
 const QD: u32 = 32;
@@ -735,16 +734,14 @@ impl Drop for Vm {
     }
 }
 
-/// A device's statistics page (virtio/src/stats.rs), mapped read-only from the memfd the
-/// device process holds as `--stats-fd N`.
+/// A device's statistics page (virtio/src/stats.rs), mapped with `memory::SharedCounters`
+/// from the memfd the device process holds as `--stats-fd N`.
 struct StatsPage {
-    ptr: NonNull<AtomicU64>,
+    counters: SharedCounters,
     ino: u64,
 }
 
 impl StatsPage {
-    const BYTES: usize = COUNTERS * 8;
-
     /// `/proc/<pid>/fd/<its --stats-fd>`.
     fn path_of_device(pid: u32) -> Result<PathBuf, String> {
         let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
@@ -767,60 +764,27 @@ impl StatsPage {
 
     fn of_device(pid: u32) -> Result<StatsPage, String> {
         let path = Self::path_of_device(pid)?;
-        let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let meta = file
-            .metadata()
+        // Read and write, as the device maps it (memory::SharedCounters); only read here.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        if meta.len() < Self::BYTES as u64 {
-            return Err(format!(
-                "{}: {} bytes, not a statistics page",
-                path.display(),
-                meta.len()
-            ));
-        }
-        // SAFETY: a new shared read-only mapping of a file this bench opened, at least BYTES
-        // long (checked); it touches no memory of this process's.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                Self::BYTES,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            ));
-        }
-        let page = StatsPage {
-            ptr: NonNull::new(addr.cast()).ok_or("mmap returned null")?,
-            ino: meta.ino(),
-        };
+        let ino = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .ino();
+        let counters = SharedCounters::from_fd(file.into(), COUNTERS)
+            .map_err(|e| format!("{}: not a statistics page: {e}", path.display()))?;
+        let page = StatsPage { counters, ino };
         page.snapshot()?;
         Ok(page)
     }
 
     /// The page's counters now; an error if it does not carry the layout's mark.
     fn snapshot(&self) -> Result<Snapshot, String> {
-        // SAFETY: the mapping is BYTES long, page-aligned and lives as long as `self`; the
-        // device writes it with atomic stores, and relaxed atomic loads of lock-free 8-byte
-        // atomics are allowed on read-only memory (std::sync::atomic, "Atomic accesses to
-        // read-only memory").
-        let page = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), COUNTERS) };
-        Snapshot::read(page, 1).ok_or_else(|| "the statistics page has no mark".to_owned())
-    }
-}
-
-impl Drop for StatsPage {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `of_device`, unmapped once; no reference to it outlives
-        // `self` (`snapshot` copies the counters out).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), Self::BYTES) };
+        Snapshot::read(self.counters.as_slice(), 1)
+            .ok_or_else(|| "the statistics page has no mark".to_owned())
     }
 }
 
