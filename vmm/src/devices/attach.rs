@@ -220,9 +220,11 @@ fn spawn_process(
     let process = processes.processes.push(process);
     let slot = u32::try_from(processes.launches.len()).context("too many devices")?;
     processes.launches.push(launch);
-    processes
-        .mount_namespaces
-        .push(crate::respawn::mount_namespace(pid));
+    // Held by the respawner, which runs only with restarts on.
+    let mount_namespace = (config.restarts.max > 0)
+        .then(|| crate::respawn::mount_namespace(pid))
+        .flatten();
+    processes.mount_namespaces.push(mount_namespace);
     let stats = ProcessStats::new(pid, page)
         .with_context(|| format!("device {name}: cannot open /proc/{pid}"))?;
     Ok((sock, Some(stats), Origin::Own { process, slot }))
