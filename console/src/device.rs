@@ -233,7 +233,7 @@ async fn read_some(input: &AsyncFd) -> std::io::Result<Vec<u8>> {
 
 impl Device for Console {
     fn name(&self) -> &'static str {
-        "console"
+        DeviceType::Console.name()
     }
 
     fn device_type(&self) -> u32 {
@@ -241,7 +241,7 @@ impl Device for Console {
     }
 
     fn num_queues(&self) -> usize {
-        2
+        DeviceType::Console.default_queues()
     }
 
     fn max_queue_size(&self) -> u16 {

@@ -100,7 +100,7 @@ impl Rng {
 
 impl Device for Rng {
     fn name(&self) -> &'static str {
-        "rng"
+        DeviceType::Rng.name()
     }
 
     fn device_type(&self) -> u32 {
@@ -108,7 +108,7 @@ impl Device for Rng {
     }
 
     fn num_queues(&self) -> usize {
-        1
+        DeviceType::Rng.default_queues()
     }
 
     fn max_queue_size(&self) -> u16 {

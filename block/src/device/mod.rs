@@ -370,7 +370,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 impl Device for BlockDevice {
     fn name(&self) -> &'static str {
-        "block"
+        DeviceType::Block.name()
     }
 
     fn device_type(&self) -> u32 {

@@ -368,7 +368,7 @@ impl NetDevice {
 
 impl Device for NetDevice {
     fn name(&self) -> &'static str {
-        "net"
+        virtio::DeviceType::Net.name()
     }
 
     fn device_type(&self) -> u32 {

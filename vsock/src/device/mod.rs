@@ -522,7 +522,7 @@ impl Device for VsockDevice {
     }
 
     fn num_queues(&self) -> usize {
-        3
+        DeviceType::Vsock.default_queues()
     }
 
     fn max_queue_size(&self) -> u16 {
