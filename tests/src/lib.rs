@@ -306,6 +306,20 @@ pub fn ringvm_run(args: &[&str], cmdline: &GuestCmdline) -> Command {
     c
 }
 
+/// The lines of `r` as they come, read on a thread of their own (until `r` ends or the
+/// receiver is dropped).
+pub fn lines_of<R: Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// A running VMM whose stdout (the serial console) is read line by line as it comes; killed
 /// when dropped, so a test that fails half-way leaves no VM (or device process) behind.
 pub struct Live {
@@ -323,18 +337,10 @@ impl Live {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ringvm");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = lines_of(child.stdout.take().expect("piped stdout"));
         Live {
             child,
-            lines: rx,
+            lines,
             seen: String::new(),
         }
     }

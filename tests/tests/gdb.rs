@@ -5,7 +5,7 @@
 //! hardware breakpoints and the trap flag but not data breakpoints; so the test guest's
 //! `gdb` scenario runs at CPL0 and the watchpoint is GDB's software one (single steps).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,8 +13,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tests::{
-    guest_kernel, ringvm_bin, run_guest, test_guest_args, test_guest_path, GuestCmdline, Scratch,
-    HOST_CPU_FEATURES, HOST_PARAMS,
+    guest_kernel, lines_of, ringvm_bin, run_guest, test_guest_args, test_guest_path, GuestCmdline,
+    Scratch, HOST_CPU_FEATURES, HOST_PARAMS,
 };
 
 /// A `ringvm run --gdb ...` whose stub is listening; killed when dropped.
@@ -24,18 +24,6 @@ struct DebuggedVm {
     addr: String,
     stdout: mpsc::Receiver<String>,
     stderr: mpsc::Receiver<String>,
-}
-
-fn lines_of<R: Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 impl DebuggedVm {
