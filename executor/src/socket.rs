@@ -12,7 +12,7 @@ use std::path::Path;
 
 use io_uring::opcode;
 
-use crate::buf::{IoBuf, IoBufMut};
+use crate::buf::{BufVec, IoBuf, IoBufMut};
 use crate::fd::{submit, with_target, AsyncFd, Source};
 
 /// Most descriptors one message may carry (the kernel's SCM_MAX_FD).
@@ -167,6 +167,30 @@ impl AsyncFd {
                 }
                 Err((e, buf)) => (Err(e), buf),
             }
+        }
+    }
+
+    /// Sends the initialised bytes of `bufs`, in order, as one message (`MSG_NOSIGNAL`: a
+    /// peer that closed its end gives EPIPE, never a SIGPIPE). A stream socket may take only
+    /// a first part; the result says how many bytes.
+    pub fn send_vectored<B: IoBuf>(
+        &self,
+        bufs: Vec<B>,
+    ) -> impl Future<Output = (io::Result<usize>, Vec<B>)> + 'static {
+        let bv = BufVec::for_write(bufs);
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
+        hdr.msg_iov = bv.iovecs.as_ptr().cast_mut();
+        hdr.msg_iovlen = bv.iovecs.len() as _;
+        let sqe = with_target!(&self.src, t => opcode::SendMsg::new(t, &*hdr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build());
+        // SAFETY: the header is boxed and its iovecs live in `bv`'s Vec, both owned by the
+        // op, as are the buffers the iovecs point into (stable while `bv` lives: `IoBuf`).
+        let op = unsafe { submit(sqe, (self.src.clone(), hdr, bv), None) };
+        async move {
+            let (res, (_, _, bv)) = op.await;
+            (res.map(|n| n as usize), bv.bufs)
         }
     }
 

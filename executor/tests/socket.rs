@@ -299,3 +299,26 @@ fn connect_future_is_static_and_spawnable() {
         connect.await.unwrap();
     });
 }
+
+#[test]
+fn send_vectored_sends_the_buffers_in_order_and_a_closed_peer_is_epipe() {
+    let ex = Executor::new().unwrap();
+    let (a, b) = socketpair().unwrap();
+    ex.run_until(async {
+        let bufs = vec![
+            b"one ".to_vec(),
+            Vec::new(),
+            b"two ".to_vec(),
+            b"three".to_vec(),
+        ];
+        let (res, bufs) = a.send_vectored(bufs).await;
+        assert_eq!(res.unwrap(), 13);
+        assert_eq!(bufs.len(), 4, "the buffers come back");
+        let (res, buf) = b.read(Vec::with_capacity(64)).await;
+        assert_eq!(res.unwrap(), 13);
+        assert_eq!(buf, b"one two three");
+        drop(b);
+        let (res, _) = a.send_vectored(vec![b"late".to_vec()]).await;
+        assert_eq!(errno(&res.unwrap_err()), libc::EPIPE);
+    });
+}

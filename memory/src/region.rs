@@ -30,8 +30,8 @@ pub(crate) struct MmapRegion {
 
 // SAFETY: the mapping is plain shared memory owned by this value until `Drop`; nothing in it
 // is tied to the creating thread, and every access to it goes through `VolatileSlice`'s
-// volatile or atomic operations, which are sound from several threads at once (the guest
-// writes the same memory concurrently anyway).
+// raw-pointer operations (volatile, atomic, or a payload's memcpy), which are sound from
+// several threads at once (the guest writes the same memory concurrently anyway).
 unsafe impl Send for MmapRegion {}
 // SAFETY: as for `Send`: `&MmapRegion` only hands out volatile views and fd borrows.
 unsafe impl Sync for MmapRegion {}

@@ -41,6 +41,53 @@ impl Chunks {
         out
     }
 
+    /// Appends a copy of `data`: into the last buffer when it has room to spare, else into
+    /// a new one from `spare` (at least `data.len()` bytes of capacity). Short packets so
+    /// share buffers, and the buffers stay few whatever the packet sizes.
+    pub fn append(&mut self, data: &[u8], spare: impl FnOnce() -> Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        self.len += data.len();
+        if let Some(back) = self.bufs.back_mut() {
+            if back.capacity() - back.len() >= data.len() {
+                back.extend_from_slice(data);
+                return;
+            }
+        }
+        let mut buf = spare();
+        buf.clear();
+        buf.extend_from_slice(data);
+        self.bufs.push_back(buf);
+    }
+
+    /// Takes whole buffers from the front for one write: at most `max_bufs` of them, and no
+    /// more than `max` bytes unless the first alone is longer.
+    pub fn take_bufs(&mut self, max: usize, max_bufs: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut total = 0;
+        while out.len() < max_bufs {
+            let Some(front) = self.bufs.front() else {
+                break;
+            };
+            if !out.is_empty() && total + front.len() > max {
+                break;
+            }
+            total += front.len();
+            out.extend(self.bufs.pop_front());
+        }
+        self.len -= total;
+        out
+    }
+
+    /// Puts `buf` back in front (what a write did not take).
+    pub fn push_front(&mut self, buf: Vec<u8>) {
+        if !buf.is_empty() {
+            self.len += buf.len();
+            self.bufs.push_front(buf);
+        }
+    }
+
     /// Copies the first `n` bytes (at most what there is) into `out`.
     pub fn copy_front(&self, n: usize, out: &mut Vec<u8>) {
         let mut left = n.min(self.len);
@@ -95,5 +142,34 @@ mod tests {
         assert_eq!((c.len(), c.take(9)), (1, vec![6]));
         assert!(c.is_empty());
         assert_eq!(c.take(4), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn short_data_shares_buffers_and_a_write_takes_whole_buffers() {
+        let mut c = Chunks::default();
+        c.append(b"ab", || Vec::with_capacity(8));
+        c.append(b"cde", || panic!("room in the last buffer"));
+        c.append(b"fghi", || Vec::with_capacity(8));
+        c.push(vec![1; 20]);
+        c.append(b"", || panic!("nothing to append"));
+        assert_eq!((c.len(), c.bufs.len()), (29, 3));
+        let first = c.take_bufs(10, 8);
+        assert_eq!(
+            first,
+            [b"abcde".to_vec(), b"fghi".to_vec()],
+            "no more than 10 bytes"
+        );
+        c.push(vec![2; 3]);
+        assert_eq!(
+            c.take_bufs(10, 8),
+            [vec![1; 20]],
+            "a longer first buffer goes alone"
+        );
+        c.push(vec![3; 1]);
+        assert_eq!(c.take_bufs(100, 1), [vec![2; 3]], "at most max_bufs");
+        c.push_front(vec![9]);
+        c.push_front(Vec::new());
+        assert_eq!(c.take_bufs(100, 8), [vec![9], vec![3]]);
+        assert!(c.is_empty() && c.take_bufs(100, 8).is_empty());
     }
 }

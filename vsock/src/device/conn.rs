@@ -9,8 +9,14 @@ pub(crate) const MAX_READ: usize = 64 << 10;
 /// The most host bytes buffered for the guest: two reads, so the next read runs while the
 /// last one is copied to the guest.
 pub(crate) const MAX_BUFFERED: usize = 2 * MAX_READ;
-/// The most bytes written to a host stream at once.
-pub(crate) const MAX_WRITE: usize = 64 << 10;
+/// The most bytes written to a host stream at once (one message: all there is, up to the
+/// default receive buffer, so a stream moves with few wakeups).
+pub(crate) const MAX_WRITE: usize = 256 << 10;
+/// The most buffers gathered into one write.
+pub(crate) const MAX_WRITE_BUFS: usize = 64;
+/// Guest packets shorter than this are copied into a shared buffer; longer ones keep the
+/// buffer they were read into.
+pub(crate) const GATHER_BELOW: usize = 4 << 10;
 
 /// A connection's address: the host-side port and the guest-side port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -106,8 +112,10 @@ pub(crate) struct Conn {
     fwd_cnt: u32,
     /// The `fwd_cnt` the guest last heard.
     fwd_cnt_sent: u32,
-    /// Guest data not yet written to the host (at most `buf_alloc` bytes).
+    /// Guest data not yet written to the host (with `writing`, at most `buf_alloc` bytes).
     pub to_host: Chunks,
+    /// Guest data taken out of `to_host` by the host write in flight.
+    writing: usize,
     /// Host data not yet sent to the guest (at most [`MAX_BUFFERED`] bytes).
     pub to_guest: Chunks,
     /// In the device's list of connections with something for the guest.
@@ -134,6 +142,7 @@ impl Conn {
             fwd_cnt: 0,
             fwd_cnt_sent: 0,
             to_host: Chunks::default(),
+            writing: 0,
             to_guest: Chunks::default(),
             queued: false,
         }
@@ -170,6 +179,8 @@ impl Conn {
     pub fn reset(&mut self) {
         self.state = State::Reset;
         self.to_host = Chunks::default();
+        // The write in flight is cancelled with the stream.
+        self.writing = 0;
         self.to_guest = Chunks::default();
     }
 
@@ -206,21 +217,43 @@ impl Conn {
     /// Free space in our receive buffer: the credit the guest has.
     pub fn free(&self) -> u32 {
         self.buf_alloc
-            .saturating_sub(u32::try_from(self.to_host.len()).unwrap_or(u32::MAX))
+            .saturating_sub(u32::try_from(self.for_host()).unwrap_or(u32::MAX))
     }
 
-    /// Takes `data` from the guest for the host, within the credit.
+    /// Guest data not yet written to the host, with what a write in flight holds.
+    pub fn for_host(&self) -> usize {
+        self.to_host.len() + self.writing
+    }
+
+    /// Takes `data` from the guest for the host, within the credit (in the buffer it came in).
     pub fn guest_data(&mut self, data: impl Into<Vec<u8>>) -> Result<(), Violation> {
         let data = data.into();
+        self.may_take(data.len())?;
+        self.to_host.push(data);
+        Ok(())
+    }
+
+    /// Takes a short packet's `data` from the guest for the host, within the credit: copied
+    /// after the data before it, or into a buffer from `spare`.
+    pub fn guest_bytes(
+        &mut self,
+        data: &[u8],
+        spare: impl FnOnce() -> Vec<u8>,
+    ) -> Result<(), Violation> {
+        self.may_take(data.len())?;
+        self.to_host.append(data, spare);
+        Ok(())
+    }
+
+    fn may_take(&self, len: usize) -> Result<(), Violation> {
         if self.state != State::Established || self.peer_shutdown & SHUTDOWN_SEND != 0 {
             return Err(self.unexpected(Op::Rw));
         }
-        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
         let free = self.free();
         if len > free {
             return Err(Violation::CreditExceeded { len, free });
         }
-        self.to_host.push(data);
         Ok(())
     }
 
@@ -271,19 +304,43 @@ impl Conn {
         self.shutdown_owed |= SHUTDOWN_SEND & !self.shutdown_sent;
     }
 
-    /// The next bytes to write to the host (at most [`MAX_WRITE`]).
-    pub fn write_chunk(&self) -> Vec<u8> {
-        let n = self.to_host.len().min(MAX_WRITE);
-        let mut out = Vec::with_capacity(n);
-        self.to_host.copy_front(n, &mut out);
-        out
+    /// The next buffers to write to the host (see [`MAX_WRITE`], [`MAX_WRITE_BUFS`]), out of
+    /// the queue until [`host_wrote`](Self::host_wrote) takes them back.
+    pub fn write_bufs(&mut self) -> Vec<Vec<u8>> {
+        let bufs = self.to_host.take_bufs(MAX_WRITE, MAX_WRITE_BUFS);
+        self.writing += bufs.iter().map(Vec::len).sum::<usize>();
+        bufs
     }
 
-    /// `n` bytes reached the host. The guest hears of it when its view of our free space
-    /// fell below half (or to nothing, where it waits).
-    pub fn host_wrote(&mut self, n: usize) {
-        let n = n.min(self.to_host.len());
-        self.to_host.drop_front(n);
+    /// A write of `bufs` (from [`write_bufs`](Self::write_bufs)) took their first `n` bytes
+    /// to the host; the rest goes back in front. Returns the buffers written out, for reuse.
+    /// The guest hears of the bytes when its view of our free space fell below half (or to
+    /// nothing, where it waits).
+    pub fn host_wrote(&mut self, n: usize, bufs: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let mut left = n;
+        let mut done = Vec::with_capacity(bufs.len());
+        let mut rest = Vec::new();
+        for mut buf in bufs {
+            self.writing = self.writing.saturating_sub(buf.len());
+            if left >= buf.len() {
+                left -= buf.len();
+                done.push(buf);
+            } else {
+                buf.drain(..left);
+                left = 0;
+                rest.push(buf);
+            }
+        }
+        if self.state != State::Reset {
+            for buf in rest.into_iter().rev() {
+                self.to_host.push_front(buf);
+            }
+        }
+        self.wrote(n - left);
+        done
+    }
+
+    fn wrote(&mut self, n: usize) {
         self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
         let unheard = self.fwd_cnt.wrapping_sub(self.fwd_cnt_sent);
         let in_flight_as_guest_sees = unheard.saturating_add(self.buf_alloc - self.free());
@@ -297,7 +354,7 @@ impl Conn {
     pub fn should_shut_host(&self) -> bool {
         self.state == State::Established
             && self.peer_shutdown & SHUTDOWN_SEND != 0
-            && self.to_host.is_empty()
+            && self.for_host() == 0
             && !self.host_shut
     }
 
@@ -306,7 +363,7 @@ impl Conn {
     pub fn finished(&self) -> bool {
         self.state == State::Established
             && self.peer_shutdown == SHUTDOWN_BOTH
-            && self.to_host.is_empty()
+            && self.for_host() == 0
     }
 
     /// Whether a packet is owed to the guest now.
@@ -433,8 +490,14 @@ mod tests {
             c.guest_data([0; 25]),
             Err(Violation::CreditExceeded { len: 25, free: 24 })
         );
-        assert_eq!(c.write_chunk().len(), 1000);
-        c.host_wrote(1000);
+        let bufs = c.write_bufs();
+        assert_eq!(bufs, [vec![0; 1000]]);
+        assert_eq!(c.free(), 24, "a write in flight still holds its bytes");
+        assert_eq!(
+            c.host_wrote(1000, bufs).len(),
+            1,
+            "written out: back for reuse"
+        );
         assert_eq!(c.free(), 1024);
         assert!(c.has_output(), "a credit update is owed");
         let p = c.next_packet(0).unwrap();
@@ -461,7 +524,18 @@ mod tests {
         c.guest_shutdown(SHUTDOWN_BOTH).unwrap();
         assert!(!c.should_shut_host() && !c.finished());
         assert!(c.guest_data(b"z").is_err(), "no data after SHUTDOWN(SEND)");
-        c.host_wrote(2);
+        c.guest_bytes(b"z", || panic!("refused before the copy"))
+            .unwrap_err();
+        let bufs = c.write_bufs();
+        assert!(
+            !c.should_shut_host() && !c.finished(),
+            "not while the write is in flight"
+        );
+        assert!(c.host_wrote(1, bufs).is_empty(), "a short write");
+        assert!(!c.should_shut_host() && !c.finished());
+        let bufs = c.write_bufs();
+        assert_eq!(bufs, [b"y".to_vec()]);
+        c.host_wrote(1, bufs);
         assert!(c.should_shut_host() && c.finished());
     }
 
@@ -482,7 +556,9 @@ mod tests {
     enum Step {
         PeerCredit(u32, u32),
         GuestData(usize),
+        GuestBytes(usize),
         HostData(usize),
+        HostWrite,
         HostWrote(usize),
         Next(usize),
         GuestShutdown(u32),
@@ -495,7 +571,9 @@ mod tests {
             (prop_oneof![Just(4096u32), any::<u32>()], 0u32..20000)
                 .prop_map(|(b, f)| Step::PeerCredit(b, f)),
             (0usize..3000).prop_map(Step::GuestData),
+            (0usize..300).prop_map(Step::GuestBytes),
             (0usize..100_000).prop_map(Step::HostData),
+            Just(Step::HostWrite),
             (0usize..5000).prop_map(Step::HostWrote),
             (0usize..5000).prop_map(Step::Next),
             (0u32..4).prop_map(Step::GuestShutdown),
@@ -512,6 +590,8 @@ mod tests {
             let mut c = established(4096);
             // What the guest has acknowledged, as the device checks it.
             let mut sent = 0u32;
+            // The host write in flight.
+            let mut writing: Option<Vec<Vec<u8>>> = None;
             for s in steps {
                 match s {
                     Step::PeerCredit(b, f) => {
@@ -526,12 +606,36 @@ mod tests {
                             prop_assert!(r.is_err());
                         }
                     }
+                    Step::GuestBytes(n) => {
+                        let free = c.free() as usize;
+                        let r = c.guest_bytes(&vec![2; n], || Vec::with_capacity(512));
+                        if n > free {
+                            prop_assert!(r.is_err());
+                        }
+                    }
                     // The reader reads at most what `read_size` says.
                     Step::HostData(n) => {
                         let n = n.min(c.read_size());
                         c.host_data(vec![1; n]);
                     }
-                    Step::HostWrote(n) => c.host_wrote(n),
+                    Step::HostWrite => {
+                        if writing.is_none() && !c.to_host.is_empty() {
+                            let bufs = c.write_bufs();
+                            let len: usize = bufs.iter().map(Vec::len).sum();
+                            prop_assert!(len > 0 && bufs.len() <= MAX_WRITE_BUFS);
+                            prop_assert!(len <= MAX_WRITE || bufs.len() == 1);
+                            writing = Some(bufs);
+                        }
+                    }
+                    Step::HostWrote(n) => {
+                        if let Some(bufs) = writing.take() {
+                            let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
+                            let back = c.host_wrote(n, bufs);
+                            let whole = lens.iter().scan(0, |t, l| { *t += l; Some(*t) })
+                                .take_while(|t| *t <= n).count();
+                            prop_assert_eq!(back.len(), whole);
+                        }
+                    }
                     Step::Next(room) => {
                         let free = c.peer_free();
                         if let Some(p) = c.next_packet(room) {
@@ -546,7 +650,10 @@ mod tests {
                     Step::HostEof => c.host_eof(),
                     Step::CreditRequested => c.credit_requested(),
                 }
-                prop_assert!(c.to_host.len() <= 1024);
+                prop_assert!(c.for_host() <= 1024);
+                if writing.is_some() {
+                    prop_assert!(!c.finished() && !c.should_shut_host());
+                }
                 prop_assert!(c.to_guest.len() <= MAX_BUFFERED);
                 // `has_output` says exactly whether `next_packet` has something.
                 prop_assert_eq!(c.has_output(), c.clone().next_packet(usize::MAX).is_some());

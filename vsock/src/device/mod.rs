@@ -46,6 +46,7 @@ mod channel;
 mod chunks;
 mod conn;
 mod rx;
+mod spare;
 mod stream;
 mod tx;
 
@@ -67,6 +68,7 @@ use crate::notify::Notify;
 use crate::packet::{Header, Op, HOST_CID, TYPE_STREAM};
 use crate::{Error, Result};
 use conn::{Conn, Key, State, Violation};
+use spare::Spares;
 use stream::Stream;
 
 /// `VIRTIO_VSOCK_F_STREAM`: stream sockets (the only type offered).
@@ -192,6 +194,8 @@ struct Shared {
     channel: RefCell<Option<(Task<()>, Task<()>)>>,
     /// The broker channel failed or was closed: no more connects.
     channel_closed: Cell<bool>,
+    /// Buffers for guest data, back from the host writes.
+    spares: Spares,
 }
 
 /// A virtio-vsock device (see the module docs).
@@ -239,6 +243,7 @@ impl VsockDevice {
                 broker: AsyncFd::new(broker),
                 channel: RefCell::new(None),
                 channel_closed: Cell::new(false),
+                spares: Spares::default(),
             }),
         })
     }
@@ -259,7 +264,7 @@ impl VsockDevice {
             .conns
             .borrow()
             .values()
-            .map(|e| e.conn.to_host.len() + e.conn.to_guest.len())
+            .map(|e| e.conn.for_host() + e.conn.to_guest.len())
             .sum()
     }
 }

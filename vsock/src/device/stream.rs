@@ -2,8 +2,11 @@
 //! guest (only as much as the guest has credit for, at most two reads ahead),
 //! one writes what the guest sent to the host and returns the credit.
 //!
-//! Writes are `sendmsg` with `MSG_NOSIGNAL`: a host process that closed its end gives
-//! EPIPE (the connection is reset), never a SIGPIPE.
+//! Writes are `sendmsg` with `MSG_NOSIGNAL` (a host process that closed its end gives EPIPE,
+//! the connection is reset, never a SIGPIPE), each gathering all the guest data there is (up
+//! to [`MAX_WRITE`](super::conn::MAX_WRITE)) in the buffers it arrived in: one copy per byte
+//! from guest memory to the host, and one write and one wakeup of the host reader for many
+//! packets.
 //!
 //! Both tasks look their connection up by key and id on every step and end when it is
 //! gone; dropping a [`Stream`] cancels them (and their I/O) and closes the descriptor.
@@ -72,7 +75,7 @@ struct Host {
 enum Job {
     Idle,
     Shut,
-    Write(Vec<u8>),
+    Write(Vec<Vec<u8>>),
 }
 
 impl Host {
@@ -146,7 +149,7 @@ impl Host {
                 } else if c.to_host.is_empty() {
                     Job::Idle
                 } else {
-                    Job::Write(c.write_chunk())
+                    Job::Write(c.write_bufs())
                 }
             });
             match job {
@@ -158,20 +161,27 @@ impl Host {
                     self.shared
                         .with_conn(self.key, self.id, |c| c.host_shut = true);
                 }
-                Some(Job::Write(buf)) => match self.fd.sendmsg(buf, &[]).await.0 {
-                    Ok(n) if n > 0 => {
-                        self.shared
-                            .with_conn(self.key, self.id, |c| c.host_wrote(n));
-                    }
-                    Ok(_) => return self.failed("writing", io::ErrorKind::WriteZero.into()),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Err(e) = self.fd.poll_writable().await {
-                            return self.failed("polling", e);
+                Some(Job::Write(bufs)) => {
+                    let (res, bufs) = self.fd.send_vectored(bufs).await;
+                    let n = match res {
+                        Ok(n) if n > 0 => n,
+                        Ok(_) => return self.failed("writing", io::ErrorKind::WriteZero.into()),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if let Err(e) = self.fd.poll_writable().await {
+                                return self.failed("polling", e);
+                            }
+                            0
                         }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                        Err(e) => return self.failed("writing", e),
+                    };
+                    let done = self
+                        .shared
+                        .with_conn(self.key, self.id, |c| c.host_wrote(n, bufs));
+                    for buf in done.into_iter().flatten() {
+                        self.shared.spares.put(buf);
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return self.failed("writing", e),
-                },
+                }
             }
         }
     }

@@ -9,10 +9,13 @@ use memory::GuestMemory;
 use virtio::vhost_user::StopSignal;
 use virtio::{AsyncQueue, DescriptorChain};
 
-use super::conn::{Conn, Key, State, Violation};
+use super::conn::{Conn, Key, State, Violation, GATHER_BELOW};
 use super::{Entry, Shared, Slot, MAX_PACKET};
 use crate::broker::Frame;
 use crate::packet::{Header, Op, HEADER_SIZE, HOST_CID, TYPE_STREAM};
+
+/// The capacity of a buffer that short packets are gathered into.
+const SHARED_BUF: usize = 4 * GATHER_BELOW;
 
 /// Runs the tx queue until `stop` fires.
 pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSignal) {
@@ -146,12 +149,25 @@ impl Shared {
                     Ok(())
                 }
                 Op::Shutdown => entry.conn.guest_shutdown(hdr.flags),
+                // The length was checked against the chain's readable bytes.
+                Op::Rw if (hdr.len as usize) < GATHER_BELOW => {
+                    let mut data = [0u8; GATHER_BELOW];
+                    let data = &mut data[..hdr.len as usize];
+                    match reader.read_exact_bytes(data) {
+                        Ok(()) => entry
+                            .conn
+                            .guest_bytes(data, || self.spares.empty(SHARED_BUF)),
+                        Err(_) => Err(entry.conn.unexpected(op)),
+                    }
+                }
                 Op::Rw => {
-                    let mut data = vec![0u8; hdr.len as usize];
-                    // The length was checked against the chain's readable bytes.
+                    let mut data = self.spares.get(hdr.len as usize);
                     match reader.read_exact_bytes(&mut data) {
                         Ok(()) => entry.conn.guest_data(data),
-                        Err(_) => Err(entry.conn.unexpected(op)),
+                        Err(_) => {
+                            self.spares.put(data);
+                            Err(entry.conn.unexpected(op))
+                        }
                     }
                 }
                 Op::CreditUpdate => Ok(()),
