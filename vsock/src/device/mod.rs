@@ -16,7 +16,11 @@
 //! tx: the tx task copies each packet's header out of the chain, checks the copy, and acts
 //! on it at once (a connect request goes to the broker, data is copied into the
 //! connection's buffer for the host writer); the chain is returned straight away, so one
-//! connection never holds up the queue for the others. rx: connections with something for
+//! connection never holds up the queue for the others. A packet of 4 KiB or more is copied
+//! into a buffer of its own (a spare one when there is, `spare`), and the host writer sends
+//! those buffers as they are, many in one `sendmsg`: one copy per byte on the device's side.
+//! Shorter packets are gathered into shared buffers, so a flood of tiny packets costs
+//! buffers by the bytes, not by the packet. rx: connections with something for
 //! the guest (a control packet, data within the guest's credit) wait in a ready list, served
 //! round-robin, one packet per rx chain; the rx task holds at most one chain while nothing
 //! is ready, and steps back over it when it stops.
