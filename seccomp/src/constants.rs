@@ -91,6 +91,7 @@ pub fn constants() -> Vec<(&'static str, u64)> {
         TUNSETQUEUE,
         GRND_NONBLOCK,
         SIGKILL,
+        SIGABRT,
         PR_SET_NO_NEW_PRIVS,
         SECCOMP_SET_MODE_FILTER,
         IPPROTO_TCP,

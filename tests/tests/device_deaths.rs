@@ -343,3 +343,41 @@ fn a_flood_of_bad_chains_makes_a_bounded_log_with_a_summary() {
         run.stderr
     );
 }
+
+#[test]
+fn abort_in_a_jailed_device_is_reported_as_an_abort() {
+    let vm = HaltedVm::start(&["--device-restarts", "0"]);
+    let device = vm.device;
+    let _ = gdb_prints(device, &["(void)abort()"]);
+    let (code, stderr) = vm.finish(LIMIT);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "device rng (pid {device}) exited with status 134: it aborted (SIGABRT"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("SIGSYS") && !stderr.contains("SIGSEGV"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigabrt_sent_by_another_process_is_not_called_an_abort() {
+    let vm = HaltedVm::start(&["--device-restarts", "0"]);
+    let device = vm.device;
+    let sent = Command::new("kill")
+        .args(["-ABRT", &device.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    let (code, stderr) = vm.finish(LIMIT);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "device rng (pid {device}) exited with status 134 after signal 6 (SIGABRT) sent by another process"
+        )),
+        "{stderr}"
+    );
+}

@@ -7,6 +7,11 @@
 //! - SIGSYS (the seccomp filter refused a call): the call's number, and where it was made.
 //! - SIGSEGV, SIGBUS (a memory fault): the `si_code`, and the faulting address. A code of 0 or
 //!   less means another process sent the signal: there was no fault and no address.
+//! - SIGABRT: [`ABORTED`] when the process aborted itself (abort()), else the `si_code` of
+//!   the sender's signal (0 or less).
+
+/// The value of a SIGABRT report whose process aborted itself.
+pub const ABORTED: i32 = 1;
 
 /// One report of a dying device process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +77,12 @@ impl std::fmt::Display for Suffix<'_> {
                 r.value,
                 seccomp::syscall_name(i64::from(r.value)).unwrap_or("unknown")
             ),
+            libc::SIGABRT if !r.sent() => {
+                write!(
+                    f,
+                    ": it aborted (SIGABRT; its last words, if any, are above)"
+                )
+            }
             _ if r.sent() => write!(
                 f,
                 " after signal {} ({}) sent by another process",
@@ -95,6 +106,7 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGSEGV => "SIGSEGV",
         libc::SIGBUS => "SIGBUS",
         libc::SIGSYS => "SIGSYS",
+        libc::SIGABRT => "SIGABRT",
         _ => "?",
     }
 }
@@ -167,6 +179,24 @@ mod tests {
         assert_eq!(
             describe("exited with status 139", Some(&sent)),
             "exited with status 139 after signal 11 (SIGSEGV) sent by another process"
+        );
+        let aborted = DeathReport {
+            signal: libc::SIGABRT,
+            value: ABORTED,
+            addr: 0,
+        };
+        assert_eq!(
+            describe("exited with status 134", Some(&aborted)),
+            "exited with status 134: it aborted (SIGABRT; its last words, if any, are above)"
+        );
+        let sent_abort = DeathReport {
+            signal: libc::SIGABRT,
+            value: -6,
+            addr: 0,
+        };
+        assert_eq!(
+            describe("exited with status 134", Some(&sent_abort)),
+            "exited with status 134 after signal 6 (SIGABRT) sent by another process"
         );
         assert_eq!(
             describe("exited with status 1", None),

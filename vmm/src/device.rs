@@ -191,6 +191,8 @@ pub const PANIC_STATUS: i32 = 101;
 ///   write(2) and exits with [`PANIC_STATUS`]. std's default hook may print a backtrace and
 ///   unwinding may call into the unwinder; a panic in a device is a bug, and its message is
 ///   what is worth keeping.
+/// - Aborts (a failed allocation prints its message and calls abort()): the SIGABRT
+///   reporter of `sys::install_death_reporters`, installed with the others after the jail.
 fn end_plainly(name: &'static str) {
     // Single-threaded here (the first thing `ringvm device` does after parsing its
     // arguments), so changing the environment races with nothing.

@@ -369,6 +369,29 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     // rt_sigaction (std's own handler re-raises with one, which the seccomp filter refuses).
 }
 
+extern "C" fn on_abort(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers; for SI_USER and
+    // SI_TKILL (the codes of kill and tgkill) the sender's pid is at si_pid.
+    let (code, from) = unsafe { ((*info).si_code, (*info).si_pid()) };
+    // SAFETY: a plain system call (in every device policy, for abort()'s raise).
+    let own = unsafe { libc::getpid() };
+    // abort() raises SIGABRT with tgkill on itself; anything else was sent to it.
+    let value = if code == libc::SI_TKILL && from == own {
+        crate::death::ABORTED
+    } else {
+        code.min(0)
+    };
+    report_death(DeathReport {
+        signal: sig,
+        value,
+        addr: 0,
+    });
+    // The device is the init of its PID namespace, where a SIGABRT left at its default
+    // action is ignored: it ends here, with the status a death by SIGABRT would give.
+    // SAFETY: ends the process; exit_group is in every device policy.
+    unsafe { libc::_exit(128 + sig) };
+}
+
 /// Installs the handlers that report how a device process dies, to `report` (ringvm's
 /// pipe, read when the process has ended; see [`DeathReport`]) and to stderr:
 ///
@@ -379,6 +402,10 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
 ///   reported too.
 /// - With `trap_sigsys` (the filter traps), SIGSYS: the refused call's number, then the
 ///   process dies by SIGSYS.
+/// - SIGABRT: whether the process aborted itself (abort(): a failed allocation, a panic
+///   while panicking) or another process sent it, then the process exits with status 134.
+///   Without it an abort would read as the seccomp refusal of abort()'s first call, or, as
+///   PID 1 of its namespace, as the SIGSEGV of glibc's last resort.
 pub fn install_death_reporters(report: Option<OwnedFd>, trap_sigsys: bool) -> io::Result<()> {
     if let Some(fd) = report {
         // Kept open for the life of the process: a handler may run at any time.
@@ -387,10 +414,11 @@ pub fn install_death_reporters(report: Option<OwnedFd>, trap_sigsys: bool) -> io
             std::sync::atomic::Ordering::Relaxed,
         );
     }
-    let handlers: [(libc::c_int, usize); 3] = [
+    let handlers: [(libc::c_int, usize); 4] = [
         (libc::SIGSEGV, on_fault as *const () as usize),
         (libc::SIGBUS, on_fault as *const () as usize),
         (libc::SIGSYS, on_sigsys as *const () as usize),
+        (libc::SIGABRT, on_abort as *const () as usize),
     ];
     for (sig, handler) in handlers {
         if sig == libc::SIGSYS && !trap_sigsys {
