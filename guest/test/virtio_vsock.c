@@ -73,6 +73,7 @@ _Static_assert(sizeof(struct vs_hdr) == 44, "virtio_vsock_hdr is 44 bytes");
 #define RX_PAYLOAD 65536
 #define RX_STRIDE 0x11000
 #define TX_N 64
+#define TX_BURST 16
 #define TX_PAYLOAD 32768
 #define TX_STRIDE 0x9000
 #define EV_N 4
@@ -670,7 +671,14 @@ static int vs_loop(int (*done)(void))
 		poll_events();
 		tx_reclaim();
 		for (u32 i = 0; i < MAX_CONNS && !job.fail; i++) {
-			c_step(&conns[i], now);
+			/* Up to TX_BURST packets of a connection per kick, as a driver that drains its
+			 * send queue before it notifies the device. */
+			for (u32 k = 0; k < TX_BURST; k++) {
+				u64 sent = job.tx_packets;
+				c_step(&conns[i], now);
+				if (job.tx_packets == sent || conns[i].state != C_OPEN || job.fail)
+					break;
+			}
 			if (conns[i].state == C_CLOSED)
 				c_report(&conns[i]);
 		}
