@@ -41,24 +41,42 @@ impl Chunks {
         out
     }
 
-    /// Appends a copy of `data`: into the last buffer when it has room to spare, else into
-    /// a new one from `spare` (at least `data.len()` bytes of capacity). Short packets so
-    /// share buffers, and the buffers stay few whatever the packet sizes.
-    pub fn append(&mut self, data: &[u8], spare: impl FnOnce() -> Vec<u8>) {
-        if data.is_empty() {
-            return;
+    /// Appends `len` bytes that `fill` writes in place: after the last buffer's bytes when it
+    /// has room to spare, else into a new one from `spare`. Short packets so share buffers,
+    /// and the buffers stay few whatever the packet sizes. When `fill` fails (returns false)
+    /// nothing is appended.
+    pub fn append_with(
+        &mut self,
+        len: usize,
+        spare: impl FnOnce() -> Vec<u8>,
+        fill: impl FnOnce(&mut [u8]) -> bool,
+    ) -> bool {
+        if len == 0 {
+            return true;
         }
-        self.len += data.len();
-        if let Some(back) = self.bufs.back_mut() {
-            if back.capacity() - back.len() >= data.len() {
-                back.extend_from_slice(data);
-                return;
-            }
+        let fits = self
+            .bufs
+            .back()
+            .is_some_and(|b| b.capacity() - b.len() >= len);
+        if !fits {
+            let mut buf = spare();
+            buf.clear();
+            self.bufs.push_back(buf);
         }
-        let mut buf = spare();
-        buf.clear();
-        buf.extend_from_slice(data);
-        self.bufs.push_back(buf);
+        let Some(back) = self.bufs.back_mut() else {
+            return false;
+        };
+        let start = back.len();
+        back.resize(start + len, 0);
+        if fill(&mut back[start..]) {
+            self.len += len;
+            return true;
+        }
+        back.truncate(start);
+        if back.is_empty() {
+            self.bufs.pop_back();
+        }
+        false
     }
 
     /// Takes whole buffers from the front for one write: at most `max_bufs` of them, and no
@@ -147,12 +165,24 @@ mod tests {
     #[test]
     fn short_data_shares_buffers_and_a_write_takes_whole_buffers() {
         let mut c = Chunks::default();
-        c.append(b"ab", || Vec::with_capacity(8));
-        c.append(b"cde", || panic!("room in the last buffer"));
-        c.append(b"fghi", || Vec::with_capacity(8));
+        let put = |data: &'static [u8]| {
+            move |b: &mut [u8]| {
+                b.copy_from_slice(data);
+                true
+            }
+        };
+        assert!(c.append_with(2, || Vec::with_capacity(8), put(b"ab")));
+        assert!(c.append_with(3, || panic!("room in the last buffer"), put(b"cde")));
+        assert!(c.append_with(4, || Vec::with_capacity(8), put(b"fghi")));
+        assert!(!c.append_with(1, || panic!("room in the last buffer"), |_| false));
+        assert!(!c.append_with(9, || Vec::with_capacity(16), |_| false));
         c.push(vec![1; 20]);
-        c.append(b"", || panic!("nothing to append"));
-        assert_eq!((c.len(), c.bufs.len()), (29, 3));
+        assert!(c.append_with(0, || panic!("nothing to append"), |_| false));
+        assert_eq!(
+            (c.len(), c.bufs.len()),
+            (29, 3),
+            "a failed fill appends nothing"
+        );
         let first = c.take_bufs(10, 8);
         assert_eq!(
             first,

@@ -233,16 +233,21 @@ impl Conn {
         Ok(())
     }
 
-    /// Takes a short packet's `data` from the guest for the host, within the credit: copied
-    /// after the data before it, or into a buffer from `spare`.
+    /// Takes a short packet's `len` bytes from the guest for the host, within the credit:
+    /// `fill` writes them in place, after the data before them or into a buffer from
+    /// `spare`; when it fails nothing is taken.
     pub fn guest_bytes(
         &mut self,
-        data: &[u8],
+        len: usize,
         spare: impl FnOnce() -> Vec<u8>,
+        fill: impl FnOnce(&mut [u8]) -> bool,
     ) -> Result<(), Violation> {
-        self.may_take(data.len())?;
-        self.to_host.append(data, spare);
-        Ok(())
+        self.may_take(len)?;
+        if self.to_host.append_with(len, spare, fill) {
+            Ok(())
+        } else {
+            Err(self.unexpected(Op::Rw))
+        }
     }
 
     fn may_take(&self, len: usize) -> Result<(), Violation> {
@@ -524,7 +529,7 @@ mod tests {
         c.guest_shutdown(SHUTDOWN_BOTH).unwrap();
         assert!(!c.should_shut_host() && !c.finished());
         assert!(c.guest_data(b"z").is_err(), "no data after SHUTDOWN(SEND)");
-        c.guest_bytes(b"z", || panic!("refused before the copy"))
+        c.guest_bytes(1, || panic!("refused before the copy"), |_| true)
             .unwrap_err();
         let bufs = c.write_bufs();
         assert!(
@@ -608,7 +613,10 @@ mod tests {
                     }
                     Step::GuestBytes(n) => {
                         let free = c.free() as usize;
-                        let r = c.guest_bytes(&vec![2; n], || Vec::with_capacity(512));
+                        let r = c.guest_bytes(n, || Vec::with_capacity(512), |b| {
+                            b.fill(2);
+                            true
+                        });
                         if n > free {
                             prop_assert!(r.is_err());
                         }

@@ -150,16 +150,11 @@ impl Shared {
                 }
                 Op::Shutdown => entry.conn.guest_shutdown(hdr.flags),
                 // The length was checked against the chain's readable bytes.
-                Op::Rw if (hdr.len as usize) < GATHER_BELOW => {
-                    let mut data = [0u8; GATHER_BELOW];
-                    let data = &mut data[..hdr.len as usize];
-                    match reader.read_exact_bytes(data) {
-                        Ok(()) => entry
-                            .conn
-                            .guest_bytes(data, || self.spares.empty(SHARED_BUF)),
-                        Err(_) => Err(entry.conn.unexpected(op)),
-                    }
-                }
+                Op::Rw if (hdr.len as usize) < GATHER_BELOW => entry.conn.guest_bytes(
+                    hdr.len as usize,
+                    || self.spares.empty(SHARED_BUF),
+                    |buf| reader.read_exact_bytes(buf).is_ok(),
+                ),
                 Op::Rw => {
                     let mut data = self.spares.get(hdr.len as usize);
                     match reader.read_exact_bytes(&mut data) {
