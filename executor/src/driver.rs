@@ -161,9 +161,12 @@ impl Driver {
         }
     }
 
-    /// Whether SQEs are waiting to be submitted.
-    pub(crate) fn has_pending_sqes(&mut self) -> bool {
-        !self.ring.submission().is_empty()
+    /// Whether SQEs are waiting to be submitted, or completions wait in the kernel for this
+    /// thread to enter it (IORING_SQ_TASKRUN: with COOP_TASKRUN the kernel does not interrupt
+    /// a running thread to post them; `submit` enters the kernel and posts them).
+    pub(crate) fn needs_enter(&mut self) -> bool {
+        let sq = self.ring.submission();
+        !sq.is_empty() || sq.taskrun()
     }
 
     /// Makes sure the wake eventfd has a read in the ring.
