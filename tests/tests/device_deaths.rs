@@ -27,6 +27,16 @@ use tests::{
 
 const LIMIT: Duration = Duration::from_secs(20);
 
+/// A VM with its jailed rng device and no restarts, whose device gdb makes evaluate `exprs`;
+/// the device's pid, and the VM's exit code and stderr once it ended.
+fn rng_device_made_to(exprs: &[&str]) -> (u32, Option<i32>, String) {
+    let vm = HaltedVm::start(&["--device-restarts", "0"]);
+    let device = vm.device;
+    let _ = gdb_prints(device, exprs);
+    let (code, stderr) = vm.finish(LIMIT);
+    (device, code, stderr)
+}
+
 /// The environment that asks Rust for backtraces everywhere.
 const BACKTRACES_ON: [(&str, &str); 2] = [("RUST_BACKTRACE", "1"), ("RUST_LIB_BACKTRACE", "1")];
 
@@ -203,11 +213,8 @@ fn memory_fault_in_a_jailed_device_is_reported_with_its_address() {
 
 #[test]
 fn segfault_in_a_jailed_device_is_reported_with_its_address() {
-    let vm = HaltedVm::start(&["--device-restarts", "0"]);
-    let device = vm.device;
     // Reads address 0x10, which nothing maps.
-    let _ = gdb_prints(device, &["(long)strlen((char*)16)"]);
-    let (code, stderr) = vm.finish(LIMIT);
+    let (device, code, stderr) = rng_device_made_to(&["(long)strlen((char*)16)"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -261,10 +268,7 @@ const INJECT_PANIC: [&str; 6] = [
 
 #[test]
 fn panic_in_a_vm_device_ends_the_vm_with_the_device_message_and_status_101() {
-    let vm = HaltedVm::start(&["--device-restarts", "0"]);
-    let device = vm.device;
-    let _ = gdb_prints(device, &INJECT_PANIC);
-    let (code, stderr) = vm.finish(LIMIT);
+    let (device, code, stderr) = rng_device_made_to(&INJECT_PANIC);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("ringvm device rng: panicked at gdb-injected:7:9:\nboom from gdb"),
@@ -358,10 +362,7 @@ fn a_flood_of_bad_chains_makes_a_bounded_log_with_a_summary() {
 
 #[test]
 fn abort_in_a_jailed_device_is_reported_as_an_abort() {
-    let vm = HaltedVm::start(&["--device-restarts", "0"]);
-    let device = vm.device;
-    let _ = gdb_prints(device, &["(void)abort()"]);
-    let (code, stderr) = vm.finish(LIMIT);
+    let (device, code, stderr) = rng_device_made_to(&["(void)abort()"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
