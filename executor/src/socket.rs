@@ -12,7 +12,7 @@ use std::path::Path;
 
 use io_uring::opcode;
 
-use crate::buf::{BufVec, IoBuf, IoBufMut};
+use crate::buf::{BufVec, IoBuf, IoBufMut, IoVecs};
 use crate::fd::{submit, with_target, AsyncFd, Source};
 
 /// Most descriptors one message may carry (the kernel's SCM_MAX_FD).
@@ -191,6 +191,34 @@ impl AsyncFd {
         async move {
             let (res, (_, _, bv)) = op.await;
             (res.map(|n| n as usize), bv.bufs)
+        }
+    }
+
+    /// Sends the regions of `mem` (guest memory, say), in order, as one message, taking only
+    /// what the socket has room for now: `MSG_DONTWAIT` makes the operation complete when it
+    /// is submitted, with the bytes taken (a stream socket may take a first part) or
+    /// EWOULDBLOCK when there is no room, never waiting in the ring; `MSG_NOSIGNAL` makes a
+    /// peer that closed its end EPIPE. The regions are only read.
+    pub fn send_mem_nowait<M: IoVecs>(
+        &self,
+        mem: M,
+    ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
+        let iovecs = mem.iovecs();
+        hdr.msg_iov = iovecs.as_ptr().cast_mut();
+        hdr.msg_iovlen = iovecs.len() as _;
+        let sqe = with_target!(&self.src, t => opcode::SendMsg::new(t, &*hdr)
+            .flags((libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) as u32)
+            .build());
+        // SAFETY: the header is boxed and owned by the op; its iovec array is `mem`'s, which
+        // stays at the same address while `mem` lives (the `IoVecs` contract), and so do the
+        // regions it describes; the op owns `mem` until the completion. A send only reads
+        // the regions.
+        let op = unsafe { submit(sqe, (self.src.clone(), hdr, mem), None) };
+        async move {
+            let (res, (_, _, mem)) = op.await;
+            (res.map(|n| n as usize), mem)
         }
     }
 

@@ -322,3 +322,67 @@ fn send_vectored_sends_the_buffers_in_order_and_a_closed_peer_is_epipe() {
         assert_eq!(errno(&res.unwrap_err()), libc::EPIPE);
     });
 }
+
+/// Two regions of one buffer, as guest memory would be handed to the kernel.
+struct Regions {
+    _buf: Box<[u8]>,
+    iovecs: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs point into `_buf`'s heap allocation, which does not move and lives as
+// long as the value.
+unsafe impl executor::IoVecs for Regions {
+    fn iovecs(&self) -> &[libc::iovec] {
+        &self.iovecs
+    }
+}
+
+fn regions(data: &[u8], cut: usize) -> Regions {
+    let mut buf: Box<[u8]> = data.into();
+    let base = buf.as_mut_ptr();
+    let iovecs = vec![
+        libc::iovec {
+            iov_base: base.cast(),
+            iov_len: cut,
+        },
+        libc::iovec {
+            // SAFETY: `cut <= data.len()`: inside the buffer.
+            iov_base: unsafe { base.add(cut) }.cast(),
+            iov_len: data.len() - cut,
+        },
+    ];
+    Regions { _buf: buf, iovecs }
+}
+
+#[test]
+fn send_mem_nowait_takes_what_fits_and_never_waits() {
+    let ex = Executor::new().unwrap();
+    let (a, b) = socketpair().unwrap();
+    ex.run_until(async {
+        let (res, _) = a.send_mem_nowait(regions(b"hello world", 5)).await;
+        assert_eq!(res.unwrap(), 11);
+        let (res, buf) = b.read(Vec::with_capacity(64)).await;
+        assert_eq!((res.unwrap(), &buf[..]), (11, &b"hello world"[..]));
+
+        // Fill the socket: the send takes a first part, then nothing, and returns at once
+        // each time (nobody reads b meanwhile).
+        let big = vec![7u8; 1 << 20];
+        let mut sent = 0;
+        loop {
+            match a.send_mem_nowait(regions(&big, 1000)).await.0 {
+                Ok(n) => {
+                    assert!(n > 0 && n <= big.len());
+                    sent += n;
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                    break;
+                }
+            }
+        }
+        assert!(sent > 0, "the socket took something before it filled");
+        drop(b);
+        let (res, _) = a.send_mem_nowait(regions(b"late", 2)).await;
+        assert_eq!(errno(&res.unwrap_err()), libc::EPIPE);
+    });
+}

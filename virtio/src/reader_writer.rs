@@ -179,6 +179,19 @@ impl Reader {
         self.cursor.iovecs(&self.mem, max)
     }
 
+    /// Appends iovecs over the next `max` bytes (or all that is left) to `iov` (over the
+    /// same guest memory), to gather several chains into one write; fails, appending nothing,
+    /// when a range is outside `iov`'s memory. Consumes nothing.
+    pub fn append_iovecs(&self, iov: &mut GuestIoVecs, max: usize) -> Result<()> {
+        let before = iov.total_len();
+        self.cursor
+            .ranges(max, |addr, n| iov.push(addr, n))
+            .map_err(|e| {
+                iov.truncate(before);
+                Error::BufferAccess(e)
+            })
+    }
+
     /// Keeps the next `offset` bytes in `self` and returns a reader over the rest.
     pub fn split_at(&mut self, offset: usize) -> Reader {
         Reader {
@@ -392,6 +405,39 @@ mod tests {
         assert_eq!(lens, [2, 2, 2, 2], "the buffer at 0xfffe splits at 0x10000");
         assert_eq!(w.iovecs(usize::MAX).expect("all").total_len(), 11);
         assert_eq!(w.bytes_written(), 1, "iovecs consume nothing");
+    }
+
+    #[test]
+    fn appended_iovecs_gather_chains_and_a_bad_range_appends_nothing() {
+        let mem = memory();
+        let mut r = Reader::new(mem.clone(), &bufs());
+        r.consume(3);
+        let mut iov = GuestIoVecs::new(mem.clone());
+        r.append_iovecs(&mut iov, 4).expect("first chain");
+        Reader::new(mem.clone(), &bufs())
+            .append_iovecs(&mut iov, 2)
+            .expect("second chain");
+        assert_eq!(iov.total_len(), 6);
+        assert_eq!(r.bytes_read(), 3, "appending consumes nothing");
+        let outside = [
+            Buffer {
+                addr: GuestAddress(0),
+                len: 2,
+            },
+            Buffer {
+                addr: GuestAddress(1 << 40),
+                len: 2,
+            },
+        ];
+        let before = iov.len();
+        assert!(Reader::new(mem, &outside)
+            .append_iovecs(&mut iov, 4)
+            .is_err());
+        assert_eq!(
+            (iov.len(), iov.total_len()),
+            (before, 6),
+            "nothing appended"
+        );
     }
 
     #[test]

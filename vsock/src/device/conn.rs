@@ -116,6 +116,9 @@ pub(crate) struct Conn {
     pub to_host: Chunks,
     /// Guest data taken out of `to_host` by the host write in flight.
     writing: usize,
+    /// Guest data the tx queue holds to send to the host straight from guest memory (it
+    /// goes before `to_host`).
+    direct: usize,
     /// Host data not yet sent to the guest (at most [`MAX_BUFFERED`] bytes).
     pub to_guest: Chunks,
     /// In the device's list of connections with something for the guest.
@@ -143,6 +146,7 @@ impl Conn {
             fwd_cnt_sent: 0,
             to_host: Chunks::default(),
             writing: 0,
+            direct: 0,
             to_guest: Chunks::default(),
             queued: false,
         }
@@ -179,8 +183,10 @@ impl Conn {
     pub fn reset(&mut self) {
         self.state = State::Reset;
         self.to_host = Chunks::default();
-        // The write in flight is cancelled with the stream.
+        // The write in flight is cancelled with the stream; a send straight from guest
+        // memory ends on its own, and what it did not send is dropped.
         self.writing = 0;
+        self.direct = 0;
         self.to_guest = Chunks::default();
     }
 
@@ -222,7 +228,52 @@ impl Conn {
 
     /// Guest data not yet written to the host, with what a write in flight holds.
     pub fn for_host(&self) -> usize {
+        self.to_host.len() + self.writing + self.direct
+    }
+
+    /// Guest data for the host in the device's own buffers (not held in guest memory).
+    pub fn buffered_for_host(&self) -> usize {
         self.to_host.len() + self.writing
+    }
+
+    /// Whether nothing of the guest's waits for the host or is being written: the next
+    /// data may then be sent straight from guest memory without passing any.
+    pub fn nothing_for_host(&self) -> bool {
+        self.to_host.is_empty() && self.writing == 0
+    }
+
+    /// Takes `len` bytes from the guest for the host, within the credit, that the tx queue
+    /// sends straight from guest memory; [`direct_sent`](Self::direct_sent) ends that.
+    pub fn guest_direct(&mut self, len: usize) -> Result<(), Violation> {
+        self.may_take(len)?;
+        self.direct += len;
+        Ok(())
+    }
+
+    /// `len` bytes taken by [`guest_direct`](Self::guest_direct) are no longer held, of which
+    /// `sent` reached the host.
+    pub fn direct_sent(&mut self, len: usize, sent: usize) {
+        self.direct = self.direct.saturating_sub(len);
+        if self.state != State::Reset {
+            self.wrote(sent);
+        }
+    }
+
+    /// Whether the host writer has something to write: `to_host`, once no held guest data
+    /// (which goes first, sent by the tx queue) is left.
+    pub fn has_host_write(&self) -> bool {
+        !self.to_host.is_empty() && self.direct == 0
+    }
+
+    /// The `len` held bytes taken by [`guest_direct`](Self::guest_direct), copied into
+    /// `bufs`, go in front of what waits for the host (the hold ended unsent).
+    pub fn unhold(&mut self, bufs: Vec<Vec<u8>>, len: usize) {
+        self.direct = self.direct.saturating_sub(len);
+        if self.state != State::Reset {
+            for buf in bufs.into_iter().rev() {
+                self.to_host.push_front(buf);
+            }
+        }
     }
 
     /// Takes `data` from the guest for the host, within the credit (in the buffer it came in).

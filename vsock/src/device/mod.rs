@@ -8,32 +8,42 @@
 //! change). Its state machine and credit are in `conn` (no I/O); its host stream is driven
 //! by two tasks of its own (`stream`: one reads the host into a bounded buffer for the
 //! guest, one writes the guest's data to the host), and the broker channel by two more
-//! (`channel`). None of those tasks touches guest memory: only the queue tasks do, by copy,
-//! so stopping the queues is enough to hand guest memory back. A host process's connection
-//! waits [`VsockOptions::request_timeout`] for the guest to answer its REQUEST.
+//! (`channel`). None of those tasks touches guest memory: only the queue tasks do, and the
+//! tx task ends every use of it when it stops (below), so stopping the queues is enough to
+//! hand guest memory back. A host process's connection waits
+//! [`VsockOptions::request_timeout`] for the guest to answer its REQUEST.
 //!
 //! # Data path
 //! tx: the tx task copies each packet's header out of the chain, checks the copy, and acts
-//! on it at once (a connect request goes to the broker, data is copied into the
-//! connection's buffer for the host writer); the chain is returned straight away, so one
-//! connection never holds up the queue for the others. A packet of 4 KiB or more is copied
-//! into a buffer of its own (a spare one when there is, `spare`), and the host writer sends
-//! those buffers as they are, many in one `sendmsg`: one copy per byte on the device's side.
-//! Shorter packets are gathered into shared buffers, so a flood of tiny packets costs
-//! buffers by the bytes, not by the packet. rx: connections with something for
-//! the guest (a control packet, data within the guest's credit) wait in a ready list, served
-//! round-robin, one packet per rx chain; the rx task holds at most one chain while nothing
-//! is ready, and steps back over it when it stops.
+//! on it at once (a connect request goes to the broker, data goes to the host). A data
+//! packet of 4 KiB or more on a connection with nothing else waiting for its host is held
+//! in guest memory and sent from there by the tx task, in `sendmsg`s that never wait, many
+//! packets in one (`held`): the device copies none of its bytes, and its chain goes back
+//! once they are sent. At most half the queue is held, and a reset connection or a stopped
+//! queue ends the hold at once (the unsent bytes of a stopped queue are copied into the
+//! connection's buffer), so one connection never holds up the queue for the others. Any
+//! other packet's chain is returned straight away: a data packet that is not held is
+//! copied into the connection's buffer, behind the held ones, and the host writer sends
+//! those buffers as they are, many in one `sendmsg`. A packet of 4 KiB or more gets a
+//! buffer of its own (a spare one when there is, `spare`); shorter packets are gathered
+//! into shared buffers, so a flood of tiny packets costs buffers by the bytes, not by the
+//! packet. tx chains are returned out of order; a device process that dies holding some
+//! leaves them in the inflight region, and the next one finishes them.
+//!
+//! rx: connections with something for the guest (a control packet, data within the guest's
+//! credit) wait in a ready list, served round-robin, one packet per rx chain; the rx task
+//! holds at most one chain while nothing is ready, and steps back over it when it stops.
 //!
 //! # Flow control
 //! The device never sends the guest more than its credit (`buf_alloc - (tx_cnt -
 //! fwd_cnt)`), and reads a host stream only within the credit that the bytes already
 //! buffered for the guest leave, at most two reads ahead (the next read runs while the last
 //! is copied to the guest): a guest that stops reading stops the host writer. Each connection
-//! advertises [`VsockOptions::buf_alloc`] bytes, and the guest data it buffers for the host
-//! never exceeds that: a guest that sends beyond its credit is reset. So a connection holds
-//! at most `buf_alloc` + 128 KiB, the device at most [`VsockOptions::max_connections`] of
-//! them, and the queue of replies to unknown connections [`MAX_RESETS`] packets.
+//! advertises [`VsockOptions::buf_alloc`] bytes, and the guest data it buffers or holds
+//! for the host never exceeds that: a guest that sends beyond its credit is reset. So a
+//! connection holds at most `buf_alloc` + 128 KiB, the device at most
+//! [`VsockOptions::max_connections`] of them, and the queue of replies to unknown
+//! connections [`MAX_RESETS`] packets.
 //!
 //! # Bad input
 //! Chains too short for a header, wrong CIDs, unknown types and ops, lengths beyond the
@@ -49,6 +59,7 @@
 mod channel;
 mod chunks;
 mod conn;
+mod held;
 mod rx;
 mod spare;
 mod stream;
@@ -188,6 +199,9 @@ struct Shared {
     next_port: Cell<u32>,
     next_id: Cell<u64>,
     rx_wake: Notify,
+    /// Wakes the tx queue when a connection is reset or removed (to give back the chains
+    /// it held for it).
+    tx_wake: Notify,
     event_wake: Notify,
     outbox_wake: Notify,
     transport_reset: Cell<bool>,
@@ -239,6 +253,7 @@ impl VsockDevice {
                 next_port: Cell::new(FIRST_HOST_PORT),
                 next_id: Cell::new(0),
                 rx_wake: Notify::default(),
+                tx_wake: Notify::default(),
                 event_wake: Notify::default(),
                 outbox_wake: Notify::default(),
                 transport_reset: Cell::new(false),
@@ -262,13 +277,14 @@ impl VsockDevice {
         self.shared.conns.borrow().len()
     }
 
-    /// Bytes buffered for all connections, both ways.
+    /// Bytes the device buffers for all connections, both ways (guest data it holds in
+    /// guest memory to send to the host does not count: it is the guest's memory).
     pub fn buffered(&self) -> usize {
         self.shared
             .conns
             .borrow()
             .values()
-            .map(|e| e.conn.for_host() + e.conn.to_guest.len())
+            .map(|e| e.conn.buffered_for_host() + e.conn.to_guest.len())
             .sum()
     }
 }
@@ -352,6 +368,7 @@ impl Shared {
             self.requests.borrow_mut().remove(&request);
         }
         entry.conn.reset();
+        self.tx_wake.notify();
     }
 
     /// After a change to `entry`: resets a finished connection, closes the stream of a reset
@@ -373,7 +390,7 @@ impl Shared {
             if c.read_size() > 0 {
                 s.read_wake.notify();
             }
-            if !c.to_host.is_empty() || c.should_shut_host() {
+            if c.has_host_write() || c.should_shut_host() {
                 s.write_wake.notify();
             }
         }
@@ -391,6 +408,7 @@ impl Shared {
                 self.ready.borrow_mut().retain(|k| *k != key);
             }
             entry.stream = Slot::None;
+            self.tx_wake.notify();
         }
     }
 
@@ -466,6 +484,7 @@ impl Shared {
         self.requests.borrow_mut().clear();
         self.outbox.borrow_mut().clear();
         drop(conns);
+        self.tx_wake.notify();
         self.transport_reset.set(true);
         self.event_wake.notify();
     }

@@ -11,6 +11,7 @@
 //! Both tasks look their connection up by key and id on every step and end when it is
 //! gone; dropping a [`Stream`] cancels them (and their I/O) and closes the descriptor.
 
+use std::cell::Cell;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
@@ -25,6 +26,10 @@ use crate::notify::Notify;
 
 /// The running tasks of one host stream.
 pub(super) struct Stream {
+    /// The host stream, for the tx queue's sends straight from guest memory.
+    pub fd: AsyncFd,
+    /// Set once the writer sent the preamble: only then may others write to `fd`.
+    pub opened: Rc<Cell<bool>>,
     pub read_wake: Rc<Notify>,
     pub write_wake: Rc<Notify>,
     _reader: Task<()>,
@@ -52,9 +57,14 @@ impl Stream {
             id,
             fd,
         };
+        let fd_for_tx = host.fd.clone();
+        let opened = Rc::new(Cell::new(preamble.is_empty()));
         let reader = executor::spawn(host.clone().read(read_wake.clone()));
-        let writer = executor::spawn(host.write(control, write_wake.clone(), preamble));
+        let writer =
+            executor::spawn(host.write(control, write_wake.clone(), preamble, opened.clone()));
         Ok(Stream {
+            fd: fd_for_tx,
+            opened,
             read_wake,
             write_wake,
             _reader: reader,
@@ -133,7 +143,13 @@ impl Host {
         }
     }
 
-    async fn write(self, control: UnixStream, wake: Rc<Notify>, preamble: Vec<u8>) {
+    async fn write(
+        self,
+        control: UnixStream,
+        wake: Rc<Notify>,
+        preamble: Vec<u8>,
+        opened: Rc<Cell<bool>>,
+    ) {
         let mut preamble = preamble;
         while !preamble.is_empty() {
             match self.fd.sendmsg(preamble, &[]).await {
@@ -142,11 +158,12 @@ impl Host {
                 (Err(e), _) => return self.failed("writing", e),
             }
         }
+        opened.set(true);
         loop {
             let job = self.shared.with_conn(self.key, self.id, |c| {
                 if c.should_shut_host() {
                     Job::Shut
-                } else if c.to_host.is_empty() {
+                } else if !c.has_host_write() {
                     Job::Idle
                 } else {
                     Job::Write(c.write_bufs())

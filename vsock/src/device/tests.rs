@@ -29,6 +29,8 @@ struct Guest {
     kicks: [EventFd; 3],
     stops: Vec<StopSignal>,
     tasks: Vec<Task<()>>,
+    /// The queues the device runs now.
+    running: Vec<Rc<AsyncQueue>>,
     rx_posted: HashMap<u16, MockChain>,
     /// The test's end of the broker channel.
     broker: AsyncFd,
@@ -36,6 +38,8 @@ struct Guest {
     inbox: VecDeque<(Header, Vec<u8>)>,
     /// Post rx buffers as a header buffer and a data buffer (older Linux drivers).
     rx_split: bool,
+    /// tx chains the device has not given back.
+    tx_out: usize,
     /// Last, so the device and its tasks go first.
     ex: Executor,
 }
@@ -90,10 +94,12 @@ impl Guest {
             kicks,
             stops: Vec::new(),
             tasks: Vec::new(),
+            running: Vec::new(),
             rx_posted: HashMap::new(),
             broker: AsyncFd::new(ours),
             inbox: VecDeque::new(),
             rx_split: false,
+            tx_out: 0,
             ex,
         };
         g.start();
@@ -121,13 +127,37 @@ impl Guest {
 
     /// Starts the device's queues on the current rings and posts rx buffers.
     fn start(&mut self) {
-        for i in 0..3 {
+        self.running.clear();
+        self.start_at([None; 3]);
+        self.post_rx(64);
+    }
+
+    /// Stops the queues and starts them again where they stopped (`GET_VRING_BASE`, then
+    /// `SET_VRING_BASE`, as around a memory table change).
+    fn restart(&mut self) {
+        self.stop();
+        let bases = self
+            .running
+            .drain(..)
+            .map(|q| Some(q.with_queue(|q| (q.next_avail(), q.next_used()))))
+            .collect::<Vec<_>>();
+        self.start_at(bases.try_into().unwrap());
+    }
+
+    fn start_at(&mut self, bases: [Option<(u16, u16)>; 3]) {
+        for (i, base) in bases.into_iter().enumerate() {
+            let mut q = self.queues[i].queue().unwrap();
+            if let Some((avail, used)) = base {
+                q.set_next_avail(avail);
+                q.set_next_used(used);
+            }
             let queue = Rc::new(AsyncQueue::new(
-                self.queues[i].queue().unwrap(),
+                q,
                 self.mem.clone(),
                 self.kicks[i].try_clone().unwrap().into_stream(),
                 EventFd::new().unwrap(),
             ));
+            self.running.push(queue.clone());
             let stop = StopSignal::new();
             let task = self
                 .ex
@@ -135,7 +165,6 @@ impl Guest {
             self.stops.push(stop);
             self.tasks.push(task);
         }
-        self.post_rx(64);
     }
 
     fn stop(&mut self) {
@@ -179,6 +208,7 @@ impl Guest {
 
     fn send_bufs(&mut self, bufs: &[MockBuf]) {
         self.queues[TX].add_chain(bufs).unwrap();
+        self.tx_out += 1;
         self.kicks[TX].write(1).unwrap();
     }
 
@@ -189,6 +219,7 @@ impl Guest {
             .unwrap();
         while let Some(u) = self.queues[TX].next_used().unwrap() {
             assert_eq!(u.len, 0);
+            self.tx_out -= 1;
         }
         let mut reposts = 0;
         while let Some(u) = self.queues[RX].next_used().unwrap() {
@@ -417,6 +448,34 @@ fn host_connects_to_a_guest_listener() {
     assert_eq!(data, b"ping");
     g.send(header(1234, req.src_port, Op::Rw), b"pong");
     assert_eq!(g.host_read(&mut host, 4), b"pong");
+}
+
+#[test]
+fn a_host_connect_gets_its_ok_line_before_data_that_came_with_the_response() {
+    let mut g = Guest::new();
+    let (host, device_end) = UnixStream::pair().unwrap();
+    host.set_nonblocking(true).unwrap();
+    let mut host = host;
+    g.tell_device(Frame::HostConnect { port: 1234 }, Some(&device_end.into()));
+    let (req, _) = g.expect(Op::Request);
+    // The RESPONSE and a large data packet in one kick: the data may not pass the OK line
+    // the host writer owes first.
+    let mut resp = header(1234, req.src_port, Op::Response);
+    resp.len = 0;
+    let data = numbered(0, 32 << 10);
+    g.queues[TX]
+        .add_chain(&[MockBuf::Readable(resp.encode().to_vec())])
+        .unwrap();
+    g.queues[TX]
+        .add_chain(&data_packet(1234, req.src_port, &data))
+        .unwrap();
+    g.tx_out += 2;
+    g.kicks[TX].write(1).unwrap();
+    let ok = format!("OK {}\n", req.src_port);
+    let got = g.host_read(&mut host, ok.len() + data.len());
+    assert_eq!(&got[..ok.len()], ok.as_bytes());
+    assert!(got[ok.len()..] == data[..], "the data after the OK line");
+    g.until("every tx chain back", |g| (g.tx_out == 0).then_some(()));
 }
 
 #[test]
@@ -1193,4 +1252,184 @@ fn expect_transport_reset(g: &mut Guest) {
         g.queues[2].read_writable(&ev).unwrap(),
         EVENT_TRANSPORT_RESET.to_le_bytes()
     );
+}
+
+/// A data packet in one buffer (header and payload), as a driver may lay it out: a chain of
+/// one descriptor.
+fn data_packet(src_port: u32, dst_port: u32, payload: &[u8]) -> Vec<MockBuf> {
+    let mut hdr = header(src_port, dst_port, Op::Rw);
+    hdr.len = payload.len() as u32;
+    vec![MockBuf::Readable([&hdr.encode()[..], payload].concat())]
+}
+
+/// Bytes `from..from + len` of a stream that numbers its bytes (mod 251).
+fn numbered(from: usize, len: usize) -> Vec<u8> {
+    (from..from + len).map(|i| (i % 251) as u8).collect()
+}
+
+/// The guest's side of one connection's numbered stream.
+struct Sender {
+    port: u32,
+    /// Bytes sent so far, and the device's `fwd_cnt` as last heard.
+    sent: usize,
+    fwd_cnt: u32,
+}
+
+impl Sender {
+    fn new(port: u32) -> Sender {
+        Sender {
+            port,
+            sent: 0,
+            fwd_cnt: 0,
+        }
+    }
+
+    /// Sends packets of `sizes` in turn within the credit `buf_alloc` (and with at most
+    /// `max_out` chains out), until the device stops giving credit: the host reads nothing.
+    /// Returns the bytes sent.
+    fn until_stalled(
+        &mut self,
+        g: &mut Guest,
+        buf_alloc: u32,
+        sizes: &[usize],
+        max_out: usize,
+    ) -> usize {
+        let start = self.sent;
+        let mut idle = 0;
+        let mut k = 0;
+        while idle < 50 {
+            let credit = buf_alloc.wrapping_sub((self.sent as u32).wrapping_sub(self.fwd_cnt));
+            if credit > 0 && g.tx_out < max_out {
+                let n = (credit as usize).min(sizes[k % sizes.len()]);
+                k += 1;
+                g.send_bufs(&data_packet(self.port, 80, &numbered(self.sent, n)));
+                self.sent += n;
+                idle = 0;
+            } else {
+                idle += 1;
+            }
+            g.turn();
+            // Credit updates of connections that stalled before are not needed any more.
+            while let Some((h, _)) = g.inbox.pop_front() {
+                assert_eq!(h.op(), Some(Op::CreditUpdate));
+                if h.dst_port == self.port {
+                    self.fwd_cnt = h.fwd_cnt;
+                }
+            }
+            assert!(self.sent - start < 64 << 20, "the guest was never stopped");
+        }
+        self.sent - start
+    }
+}
+
+#[test]
+fn data_goes_to_the_host_from_guest_memory_in_order_its_chains_back_once_sent() {
+    let buf_alloc = 1 << 20;
+    let mut g = Guest::with_options(VsockOptions {
+        buf_alloc,
+        ..VsockOptions::new(CID)
+    });
+    let mut host = g.connect(1000, 80);
+    // Large packets: the host socket fills, and what it cannot take is held in guest
+    // memory, none of it copied into the device.
+    let mut tx = Sender::new(1000);
+    let sent = tx.until_stalled(&mut g, buf_alloc, &[32 << 10, 60 << 10], 64);
+    assert!(g.tx_out > 0, "chains are held while the host reads nothing");
+    assert_eq!(g.device.buffered(), 0, "nothing was copied");
+    assert_eq!(g.device.stats(), Stats::default());
+    // The host reads it all, in order, and every chain comes back.
+    let got = g.host_read(&mut host, sent);
+    assert!(got == numbered(0, sent), "the bytes came in order");
+    g.until("every tx chain back", |g| (g.tx_out == 0).then_some(()));
+    // Short packets between large ones are copied, and go after the held data.
+    let more = tx.until_stalled(&mut g, buf_alloc, &[32 << 10, 100, 4096], 64);
+    let got = g.host_read(&mut host, more);
+    assert!(got == numbered(sent, more), "the bytes came in order");
+    g.until("every tx chain back", |g| (g.tx_out == 0).then_some(()));
+    assert_eq!(g.device.buffered(), 0);
+}
+
+#[test]
+fn a_reset_connection_gives_back_the_chains_held_for_it() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1000, 80);
+    let buf_alloc = g.device.shared.buf_alloc;
+    Sender::new(1000).until_stalled(&mut g, buf_alloc, &[16 << 10], 64);
+    assert!(g.tx_out > 0, "chains are held while the host reads nothing");
+    // The guest resets the connection: the held chains come back unsent, and the host's
+    // stream ends after what the socket already had.
+    g.send(header(1000, 80, Op::Rst), &[]);
+    g.until("every tx chain back", |g| (g.tx_out == 0).then_some(()));
+    let mut got = Vec::new();
+    g.until("host eof", |_| {
+        let mut buf = [0u8; 65536];
+        loop {
+            match host.read(&mut buf) {
+                Ok(0) => return Some(()),
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    assert!(
+        got == numbered(0, got.len()),
+        "what came is the stream's start"
+    );
+    assert_eq!(g.device.connections(), 0);
+}
+
+#[test]
+fn a_queue_stop_moves_held_data_into_the_buffer_and_gives_back_every_chain() {
+    let buf_alloc = 512 << 10;
+    let mut g = Guest::with_options(VsockOptions {
+        buf_alloc,
+        ..VsockOptions::new(CID)
+    });
+    let mut host = g.connect(1000, 80);
+    let sent = Sender::new(1000).until_stalled(&mut g, buf_alloc, &[8 << 10], 64);
+    assert!(g.tx_out > 0, "chains are held while the host reads nothing");
+    // A memory table change stops the queues: the connection lives on, its held data
+    // copied into its buffer, and the guest gets every chain back.
+    g.restart();
+    while let Some(u) = g.queues[TX].next_used().unwrap() {
+        assert_eq!(u.len, 0);
+        g.tx_out -= 1;
+    }
+    assert_eq!(g.tx_out, 0, "every tx chain came back at the stop");
+    assert!(g.device.buffered() > 0, "the held data waits in the device");
+    let got = g.host_read(&mut host, sent);
+    assert!(got == numbered(0, sent), "the bytes came in order");
+    // The connection goes on.
+    g.send_bufs(&data_packet(1000, 80, b"after"));
+    assert_eq!(g.host_read(&mut host, 5), b"after");
+}
+
+#[test]
+fn at_most_half_the_queue_is_held_and_other_connections_go_on() {
+    // Twenty stalled connections would hold more than half the tx queue (256): past 128
+    // chains their data is copied into their buffers instead.
+    let mut g = Guest::new();
+    let buf_alloc = g.device.shared.buf_alloc;
+    let mut hosts = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let port = 2000 + i;
+        hosts.push(g.connect(port, 80));
+        // Chains of one descriptor: the mock's 256 are enough for 128 held and more.
+        sent.push(Sender::new(port).until_stalled(&mut g, buf_alloc, &[4096], 250));
+        assert!(g.tx_out <= 128, "{} chains held", g.tx_out);
+    }
+    assert_eq!(g.tx_out, 128, "half the queue is held");
+    assert!(g.device.buffered() > 0, "the rest was copied");
+    // Another connection still moves data both ways.
+    let mut other = g.connect(3000, 80);
+    g.send_bufs(&data_packet(3000, 80, b"ping"));
+    assert_eq!(g.host_read(&mut other, 4), b"ping");
+    // Every stalled stream arrives whole once its host reads.
+    for (host, n) in hosts.iter_mut().zip(&sent) {
+        let got = g.host_read(host, *n);
+        assert!(got == numbered(0, *n), "the bytes came in order");
+    }
+    g.until("every tx chain back", |g| (g.tx_out == 0).then_some(()));
 }

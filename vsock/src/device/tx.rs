@@ -1,15 +1,19 @@
-//! The tx queue: packets from the guest, each checked and acted on at once, its chain
-//! returned straight away.
+//! The tx queue: packets from the guest, each checked and acted on at once, so one
+//! connection never holds up the queue for the others. A chain goes back straight away,
+//! except a data packet held to be sent to the host straight from guest memory (`held`):
+//! its chain goes back once its bytes are sent, or when the hold ends.
 
-use std::pin::pin;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::rc::Rc;
+use std::task::Poll;
 
-use futures::future::{select, Either};
 use memory::GuestMemory;
 use virtio::vhost_user::StopSignal;
 use virtio::{AsyncQueue, DescriptorChain};
 
 use super::conn::{Conn, Key, State, Violation, GATHER_BELOW};
+use super::held::HeldSet;
 use super::{Entry, Shared, Slot, MAX_PACKET};
 use crate::broker::Frame;
 use crate::packet::{Header, Op, HEADER_SIZE, HOST_CID, TYPE_STREAM};
@@ -17,57 +21,119 @@ use crate::packet::{Header, Op, HEADER_SIZE, HOST_CID, TYPE_STREAM};
 /// The capacity of a buffer that short packets are gathered into.
 const SHARED_BUF: usize = 4 * GATHER_BELOW;
 
+/// What became of a guest packet.
+enum Outcome {
+    /// Acted on: its chain goes back now.
+    Done,
+    /// Held, to be sent from guest memory: its chain goes back later.
+    Held,
+}
+
+/// What the tx task woke for.
+enum Event {
+    Chain(virtio::Result<DescriptorChain>),
+    /// A host socket with held data became writable.
+    Writable,
+    /// A connection was reset or removed.
+    Changed,
+    Stop,
+}
+
 /// Runs the tx queue until `stop` fires.
 pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSignal) {
     shared.start_channel();
-    let mem = queue.memory();
-    loop {
-        let next = queue.next_valid_chain(|head, reason| {
-            shared.count(|s| s.bad_chains += 1);
-            virtio::stats::stats().error(1);
-            shared
-                .errors
-                .log(format_args!("tx: invalid chain at head {head}: {reason}"));
-        });
-        let chain = match select(pin!(next), stop.clone()).await {
-            Either::Left((Ok(chain), _)) => chain,
-            Either::Left((Err(e), _)) => return fail(&shared, e, stop).await,
-            Either::Right(_) => break,
-        };
-        shared.on_packet(&chain, mem);
-        count_tx(&chain);
-        if let Err(e) = queue.add_used(chain.head_index(), 0) {
-            return fail(&shared, e, stop).await;
+    let max_held = usize::from(queue.with_queue(|q| q.size())) / 2;
+    let mut held = HeldSet::new(max_held);
+    let result = serve(&shared, &queue, &stop, &mut held).await;
+    match result {
+        Ok(()) => {
+            held.unhold_all(&shared, Some(&queue));
+            // The guest hears of the chains given back; a queue that fails now is stopping.
+            let _ = queue.signal_used();
         }
-        // Everything else already there goes in the same batch.
-        loop {
-            match queue.try_pop() {
-                Ok(Some(chain)) => {
-                    shared.on_packet(&chain, mem);
-                    count_tx(&chain);
-                    if let Err(e) = queue.add_used(chain.head_index(), 0) {
-                        return fail(&shared, e, stop).await;
-                    }
-                }
-                Ok(None) => break,
-                Err(virtio::Error::InvalidChain { head, reason }) => {
-                    shared.count(|s| s.bad_chains += 1);
-                    virtio::stats::stats().error(1);
-                    shared
-                        .errors
-                        .log(format_args!("tx: invalid chain at head {head}: {reason}"));
-                    if let Err(e) = queue.add_used(head, 0) {
-                        return fail(&shared, e, stop).await;
-                    }
-                }
-                Err(e) => return fail(&shared, e, stop).await,
-            }
-        }
-        if let Err(e) = queue.signal_used() {
-            return fail(&shared, e, stop).await;
+        Err(e) => {
+            // The queue cannot go on (its rings became inaccessible): the held data goes to
+            // the connections' buffers, and the task waits to be stopped.
+            eprintln!("ringvm device vsock: tx queue stopped: {e}");
+            held.unhold_all(&shared, None);
+            stop.await;
         }
     }
     shared.errors.flush();
+}
+
+/// Serves the queue until `stop` fires (`Ok`) or the queue fails.
+async fn serve(
+    shared: &Rc<Shared>,
+    queue: &AsyncQueue,
+    stop: &StopSignal,
+    held: &mut HeldSet,
+) -> virtio::Result<()> {
+    let mem = queue.memory();
+    loop {
+        let event = {
+            let mut next = pin!(queue.next_valid_chain(|head, reason| {
+                shared.count(|s| s.bad_chains += 1);
+                virtio::stats::stats().error(1);
+                shared
+                    .errors
+                    .log(format_args!("tx: invalid chain at head {head}: {reason}"));
+            }));
+            let mut writable = pin!(held.writable());
+            let mut changed = pin!(shared.tx_wake.wait());
+            let mut stop = stop.clone();
+            poll_fn(|cx| {
+                if let Poll::Ready(chain) = next.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Chain(chain));
+                }
+                if writable.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Writable);
+                }
+                if changed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Changed);
+                }
+                Pin::new(&mut stop).poll(cx).map(|()| Event::Stop)
+            })
+            .await
+        };
+        match event {
+            Event::Chain(chain) => {
+                held.sweep(shared, queue)?;
+                // The chain that woke the task, then everything else already there.
+                let mut next = Some(chain?);
+                while let Some(chain) = next.take() {
+                    let outcome = shared.on_packet(&chain, mem, held);
+                    count_tx(&chain);
+                    if let Outcome::Done = outcome {
+                        queue.add_used(chain.head_index(), 0)?;
+                    }
+                    next = pop(shared, queue)?;
+                }
+                held.send(shared, queue).await?;
+            }
+            Event::Writable => held.send(shared, queue).await?,
+            Event::Changed => held.sweep(shared, queue)?,
+            Event::Stop => return Ok(()),
+        }
+        queue.signal_used()?;
+    }
+}
+
+/// The next available chain, if any; a malformed one is counted and given back.
+fn pop(shared: &Shared, queue: &AsyncQueue) -> virtio::Result<Option<DescriptorChain>> {
+    loop {
+        match queue.try_pop() {
+            Err(virtio::Error::InvalidChain { head, reason }) => {
+                shared.count(|s| s.bad_chains += 1);
+                virtio::stats::stats().error(1);
+                shared
+                    .errors
+                    .log(format_args!("tx: invalid chain at head {head}: {reason}"));
+                queue.add_used(head, 0)?;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Counts a transmitted packet in the statistics page: a request of the tx queue (1) with
@@ -77,17 +143,15 @@ fn count_tx(chain: &DescriptorChain) {
     virtio::stats::stats().request(1, bytes.saturating_sub(HEADER_SIZE as u64));
 }
 
-/// The queue cannot go on (its rings became inaccessible): wait to be stopped.
-async fn fail(shared: &Shared, e: virtio::Error, stop: StopSignal) {
-    eprintln!("ringvm device vsock: tx queue stopped: {e}");
-    stop.await;
-    shared.errors.flush();
-}
-
 impl Shared {
     /// Checks and acts on one guest packet. Its header is copied out first; every check is
     /// on the copy.
-    fn on_packet(self: &Rc<Self>, chain: &DescriptorChain, mem: &GuestMemory) {
+    fn on_packet(
+        self: &Rc<Self>,
+        chain: &DescriptorChain,
+        mem: &GuestMemory,
+        held: &mut HeldSet,
+    ) -> Outcome {
         let head = chain.head_index();
         let mut reader = chain.reader(mem);
         let mut raw = [0u8; HEADER_SIZE];
@@ -95,7 +159,7 @@ impl Shared {
             self.count(|s| s.bad_chains += 1);
             self.errors
                 .log(format_args!("tx chain {head}: no packet header: {e}"));
-            return;
+            return Outcome::Done;
         }
         let hdr = Header::decode(&raw);
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
@@ -104,26 +168,35 @@ impl Shared {
                 "tx chain {head}: packet from CID {} to CID {} dropped",
                 hdr.src_cid, hdr.dst_cid
             ));
-            return;
+            return Outcome::Done;
         }
         let key = Key {
             local: hdr.dst_port,
             peer: hdr.src_port,
         };
+        let len = hdr.len as usize;
+        let available = reader.available_bytes();
         let op = match hdr.op() {
             Some(op) if hdr.kind == TYPE_STREAM => op,
-            _ => return self.bad_packet(key, &hdr, "unknown type or op"),
+            _ => {
+                self.bad_packet(key, &hdr, "unknown type or op");
+                return Outcome::Done;
+            }
         };
-        let available = reader.available_bytes();
-        if hdr.len > MAX_PACKET || hdr.len as usize > available {
-            return self.bad_packet(key, &hdr, "length beyond the buffers or 64 KiB");
+        if hdr.len > MAX_PACKET || len > available {
+            self.bad_packet(key, &hdr, "length beyond the buffers or 64 KiB");
+            return Outcome::Done;
         }
-        if op == Op::Request {
-            return self.guest_connect(key, &hdr);
-        }
-        if op == Op::Rst {
-            self.remove(key);
-            return;
+        match op {
+            Op::Request => {
+                self.guest_connect(key, &hdr);
+                return Outcome::Done;
+            }
+            Op::Rst => {
+                self.remove(key);
+                return Outcome::Done;
+            }
+            _ => {}
         }
         let mut conns = self.conns.borrow_mut();
         let Some(entry) = conns.get_mut(&key) else {
@@ -133,30 +206,31 @@ impl Shared {
                 "{op:?} for unknown connection host port {} guest port {}; reset",
                 key.local, key.peer
             ));
-            return self.reply_rst(&hdr);
+            self.reply_rst(&hdr);
+            return Outcome::Done;
         };
         if entry.conn.state == State::Reset {
             // The RST is on its way.
-            return;
+            return Outcome::Done;
         }
-        let result = entry
-            .conn
-            .peer_credit(hdr.buf_alloc, hdr.fwd_cnt)
-            .and_then(|()| match op {
-                Op::Response => {
-                    entry.conn.accepted()?;
-                    self.accept_host(key, entry);
-                    Ok(())
-                }
+        let mut outcome = Outcome::Done;
+        let result = match entry.conn.peer_credit(hdr.buf_alloc, hdr.fwd_cnt) {
+            Err(v) => Err(v),
+            Ok(()) => match op {
+                Op::Response => entry.conn.accepted().map(|()| self.accept_host(key, entry)),
                 Op::Shutdown => entry.conn.guest_shutdown(hdr.flags),
                 // The length was checked against the chain's readable bytes.
-                Op::Rw if (hdr.len as usize) < GATHER_BELOW => entry.conn.guest_bytes(
-                    hdr.len as usize,
+                Op::Rw if len < GATHER_BELOW => entry.conn.guest_bytes(
+                    len,
                     || self.spares.empty(SHARED_BUF),
                     |buf| reader.read_exact_bytes(buf).is_ok(),
                 ),
+                Op::Rw if held.may_hold(key, entry) => {
+                    outcome = Outcome::Held;
+                    held.hold(key, entry, head, reader, len)
+                }
                 Op::Rw => {
-                    let mut data = self.spares.get(hdr.len as usize);
+                    let mut data = self.spares.get(len);
                     match reader.read_exact_bytes(&mut data) {
                         Ok(()) => entry.conn.guest_data(data),
                         Err(_) => {
@@ -171,12 +245,18 @@ impl Shared {
                     Ok(())
                 }
                 Op::Request | Op::Rst => Ok(()),
-            });
+            },
+        };
         match result {
-            Ok(()) => self.settle(key, entry),
+            Ok(()) => {
+                self.settle(key, entry);
+                outcome
+            }
             Err(v) => {
                 drop(conns);
                 self.violation(key, v);
+                // A packet that broke the credit was not held.
+                Outcome::Done
             }
         }
     }
