@@ -473,6 +473,29 @@ impl Shared {
         }
     }
 
+    /// The next available chain of queue `index` (rx or tx), if any; a malformed one is
+    /// counted, logged and given back.
+    fn pop_valid(
+        &self,
+        queue: &AsyncQueue,
+        index: usize,
+    ) -> virtio::Result<Option<virtio::DescriptorChain>> {
+        loop {
+            match queue.try_pop() {
+                Err(virtio::Error::InvalidChain { head, reason }) => {
+                    self.count(|s| s.bad_chains += 1);
+                    virtio::stats::stats().error(index);
+                    let name = if index == RX { "rx" } else { "tx" };
+                    self.errors.log(format_args!(
+                        "{name}: invalid chain at head {head}: {reason}"
+                    ));
+                    queue.add_used(head, 0)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Drops every connection and queues a transport reset event.
     fn reset(&self) {
         let conns = self.conns.take();

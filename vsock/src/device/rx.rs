@@ -10,7 +10,7 @@ use virtio::vhost_user::StopSignal;
 use virtio::{AsyncQueue, DescriptorChain};
 
 use super::conn::Outgoing;
-use super::Shared;
+use super::{Shared, RX};
 use crate::packet::{Header, Op, HEADER_SIZE, HOST_CID, TYPE_STREAM};
 
 /// What became of an rx chain.
@@ -75,20 +75,9 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
         }
         // Fill what else is there while packets are ready, then signal once.
         while shared.rx_pending() {
-            let chain = match queue.try_pop() {
+            let chain = match shared.pop_valid(&queue, RX) {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
-                Err(virtio::Error::InvalidChain { head, reason }) => {
-                    shared.count(|s| s.bad_chains += 1);
-                    virtio::stats::stats().error(0);
-                    shared
-                        .errors
-                        .log(format_args!("rx: invalid chain at head {head}: {reason}"));
-                    if let Err(e) = queue.add_used(head, 0) {
-                        return fail(&shared, e, stop).await;
-                    }
-                    continue;
-                }
                 Err(e) => return fail(&shared, e, stop).await,
             };
             let len = match shared.fill(&chain, mem) {

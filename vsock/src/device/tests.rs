@@ -64,6 +64,14 @@ impl Guest {
         Guest::with_options(VsockOptions::new(CID))
     }
 
+    /// With connections that advertise `buf_alloc`.
+    fn with_buf_alloc(buf_alloc: u32) -> Guest {
+        Guest::with_options(VsockOptions {
+            buf_alloc,
+            ..VsockOptions::new(CID)
+        })
+    }
+
     fn with_options(options: VsockOptions) -> Guest {
         let (ours, theirs) = UnixStream::pair().unwrap();
         Guest::with_channel(options, ours.into(), theirs.into())
@@ -312,6 +320,16 @@ impl Guest {
         host
     }
 
+    /// A host process connects to guest port `port` (the test, as the broker, hands the
+    /// device a socketpair): returns the host's end (nonblocking) and the device's REQUEST.
+    fn host_connect(&mut self, port: u32) -> (UnixStream, Header) {
+        let (host, device_end) = UnixStream::pair().unwrap();
+        host.set_nonblocking(true).unwrap();
+        self.tell_device(Frame::HostConnect { port }, Some(&device_end.into()));
+        let (req, _) = self.expect(Op::Request);
+        (host, req)
+    }
+
     /// Reads what the host has, until `n` bytes came.
     fn host_read(&mut self, host: &mut UnixStream, n: usize) -> Vec<u8> {
         let mut got = Vec::new();
@@ -433,11 +451,7 @@ fn host_eof_reaches_the_guest_as_shutdown_send_after_the_data() {
 #[test]
 fn host_connects_to_a_guest_listener() {
     let mut g = Guest::new();
-    let (host, device_end) = UnixStream::pair().unwrap();
-    host.set_nonblocking(true).unwrap();
-    let mut host = host;
-    g.tell_device(Frame::HostConnect { port: 1234 }, Some(&device_end.into()));
-    let (req, _) = g.expect(Op::Request);
+    let (mut host, req) = g.host_connect(1234);
     assert_eq!(req.dst_port, 1234);
     assert_eq!(req.src_port, FIRST_HOST_PORT);
     g.send(header(1234, req.src_port, Op::Response), &[]);
@@ -453,11 +467,7 @@ fn host_connects_to_a_guest_listener() {
 #[test]
 fn a_host_connect_gets_its_ok_line_before_data_that_came_with_the_response() {
     let mut g = Guest::new();
-    let (host, device_end) = UnixStream::pair().unwrap();
-    host.set_nonblocking(true).unwrap();
-    let mut host = host;
-    g.tell_device(Frame::HostConnect { port: 1234 }, Some(&device_end.into()));
-    let (req, _) = g.expect(Op::Request);
+    let (mut host, req) = g.host_connect(1234);
     // The RESPONSE and a large data packet in one kick: the data may not pass the OK line
     // the host writer owes first.
     let mut resp = header(1234, req.src_port, Op::Response);
@@ -481,11 +491,7 @@ fn a_host_connect_gets_its_ok_line_before_data_that_came_with_the_response() {
 #[test]
 fn a_refused_host_connection_closes_the_host_stream() {
     let mut g = Guest::new();
-    let (host, device_end) = UnixStream::pair().unwrap();
-    host.set_nonblocking(true).unwrap();
-    let mut host = host;
-    g.tell_device(Frame::HostConnect { port: 1234 }, Some(&device_end.into()));
-    let (req, _) = g.expect(Op::Request);
+    let (mut host, req) = g.host_connect(1234);
     g.send(header(1234, req.src_port, Op::Rst), &[]);
     g.host_eof(&mut host);
     assert_eq!(g.device.connections(), 0);
@@ -521,45 +527,22 @@ fn sixty_four_connections_at_once() {
 #[test]
 fn a_stalled_host_reader_stalls_the_guest_sender_through_credit() {
     let buf_alloc = 64 << 10;
-    let mut g = Guest::with_options(VsockOptions {
-        buf_alloc,
-        ..VsockOptions::new(CID)
-    });
+    let mut g = Guest::with_buf_alloc(buf_alloc);
     let mut host = g.connect(1000, 80);
     // The guest sends within the credit the device gives, as a driver does, until no more
-    // comes: the host reads nothing.
-    let (mut sent, mut fwd_cnt) = (0u32, 0u32);
-    let chunk = vec![0x5a; 4096];
-    let mut idle = 0;
-    while idle < 50 {
-        let credit = buf_alloc - (sent - fwd_cnt);
-        if credit > 0 {
-            let n = (credit as usize).min(chunk.len());
-            g.send(header(1000, 80, Op::Rw), &chunk[..n]);
-            sent += n as u32;
-            idle = 0;
-        } else {
-            idle += 1;
-        }
-        g.turn();
-        while let Some((h, _)) = g.inbox.pop_front() {
-            assert_eq!(h.op(), Some(Op::CreditUpdate));
-            fwd_cnt = h.fwd_cnt;
-        }
-        assert!(g.device.buffered() <= buf_alloc as usize);
-        assert!(sent < 64 << 20, "the guest was never stopped");
-    }
+    // comes: the host reads nothing (the device's buffers stay within the credit).
+    let mut tx = Sender::new(1000);
+    let sent = tx.until_stalled(&mut g, buf_alloc, &[4096], 64);
     assert_eq!(g.device.stats(), Stats::default(), "no credit was exceeded");
     // Everything the host did not take waits in the device (at most buf_alloc) or its
     // socket; now the host reads it all, and the guest may go on.
-    let got = g.host_read(&mut host, sent as usize);
-    assert_eq!(got.len(), sent as usize);
-    assert!(got.iter().all(|&b| b == 0x5a));
+    let got = g.host_read(&mut host, sent);
+    assert!(got == numbered(0, sent), "the bytes came in order");
     g.until("a credit update", |g| {
         while let Some((h, _)) = g.inbox.pop_front() {
-            fwd_cnt = h.fwd_cnt;
+            tx.fwd_cnt = h.fwd_cnt;
         }
-        (buf_alloc - (sent - fwd_cnt) > 0).then_some(())
+        (buf_alloc - (sent as u32 - tx.fwd_cnt) > 0).then_some(())
     });
     g.send(header(1000, 80, Op::Rw), b"more");
     assert_eq!(g.host_read(&mut host, 4), b"more");
@@ -1077,11 +1060,7 @@ fn a_guest_that_never_answers_a_host_connect_times_out() {
         request_timeout: Duration::from_millis(50),
         ..VsockOptions::new(CID)
     });
-    let (host, device_end) = UnixStream::pair().unwrap();
-    host.set_nonblocking(true).unwrap();
-    let mut host = host;
-    g.tell_device(Frame::HostConnect { port: 1234 }, Some(&device_end.into()));
-    let (req, _) = g.expect(Op::Request);
+    let (mut host, req) = g.host_connect(1234);
     let (rst, _) = g.expect(Op::Rst);
     assert_eq!((rst.src_port, rst.dst_port), (req.src_port, 1234));
     g.host_eof(&mut host);
@@ -1316,6 +1295,11 @@ impl Sender {
                     self.fwd_cnt = h.fwd_cnt;
                 }
             }
+            let bound = buf_alloc as usize * g.device.connections();
+            assert!(
+                g.device.buffered() <= bound,
+                "the device buffers beyond the credit"
+            );
             assert!(self.sent - start < 64 << 20, "the guest was never stopped");
         }
         self.sent - start
@@ -1325,10 +1309,7 @@ impl Sender {
 #[test]
 fn data_goes_to_the_host_from_guest_memory_in_order_its_chains_back_once_sent() {
     let buf_alloc = 1 << 20;
-    let mut g = Guest::with_options(VsockOptions {
-        buf_alloc,
-        ..VsockOptions::new(CID)
-    });
+    let mut g = Guest::with_buf_alloc(buf_alloc);
     let mut host = g.connect(1000, 80);
     // Large packets: the host socket fills, and what it cannot take is held in guest
     // memory, none of it copied into the device.
@@ -1382,10 +1363,7 @@ fn a_reset_connection_gives_back_the_chains_held_for_it() {
 #[test]
 fn a_queue_stop_moves_held_data_into_the_buffer_and_gives_back_every_chain() {
     let buf_alloc = 512 << 10;
-    let mut g = Guest::with_options(VsockOptions {
-        buf_alloc,
-        ..VsockOptions::new(CID)
-    });
+    let mut g = Guest::with_buf_alloc(buf_alloc);
     let mut host = g.connect(1000, 80);
     let sent = Sender::new(1000).until_stalled(&mut g, buf_alloc, &[8 << 10], 64);
     assert!(g.tx_out > 0, "chains are held while the host reads nothing");

@@ -14,7 +14,7 @@ use virtio::{AsyncQueue, DescriptorChain};
 
 use super::conn::{Conn, Key, State, Violation, GATHER_BELOW};
 use super::held::HeldSet;
-use super::{Entry, Shared, Slot, MAX_PACKET};
+use super::{Entry, Shared, Slot, MAX_PACKET, TX};
 use crate::broker::Frame;
 use crate::packet::{Header, Op, HEADER_SIZE, HOST_CID, TYPE_STREAM};
 
@@ -107,7 +107,7 @@ async fn serve(
                     if let Outcome::Done = outcome {
                         queue.add_used(chain.head_index(), 0)?;
                     }
-                    next = pop(shared, queue)?;
+                    next = shared.pop_valid(queue, TX)?;
                 }
                 held.send(shared, queue).await?;
             }
@@ -116,23 +116,6 @@ async fn serve(
             Event::Stop => return Ok(()),
         }
         queue.signal_used()?;
-    }
-}
-
-/// The next available chain, if any; a malformed one is counted and given back.
-fn pop(shared: &Shared, queue: &AsyncQueue) -> virtio::Result<Option<DescriptorChain>> {
-    loop {
-        match queue.try_pop() {
-            Err(virtio::Error::InvalidChain { head, reason }) => {
-                shared.count(|s| s.bad_chains += 1);
-                virtio::stats::stats().error(1);
-                shared
-                    .errors
-                    .log(format_args!("tx: invalid chain at head {head}: {reason}"));
-                queue.add_used(head, 0)?;
-            }
-            other => return other,
-        }
     }
 }
 
