@@ -17,6 +17,8 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_PROCESS_QUEUES: usize = 64;
 
 /// virtio-blk backend for a raw or qcow2 image.
+// Its field docs are argh's help text: brackets there mean optional parts, not links.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(FromArgs, Debug, Clone, PartialEq, Eq)]
 pub struct BlockArgs {
     /// the image: PATH[,ro][,format=raw|qcow2][,direct=BOOL][,id=STR][,backing-dir=DIR]...

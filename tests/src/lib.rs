@@ -39,7 +39,7 @@ pub fn workspace_root() -> &'static Path {
         .expect("tests/ is inside the workspace")
 }
 
-/// The `ringvm` binary beside the running test executable (target/<profile>/ringvm), or
+/// The `ringvm` binary beside the running test executable (`target/<profile>/ringvm`), or
 /// `$RINGVM_BIN`. Panics with a hint when it is missing.
 pub fn ringvm_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("RINGVM_BIN") {

@@ -46,7 +46,7 @@ const VSOCK_BASE: usize = NET_BASE + 8;
 const END: usize = VSOCK_BASE + 2;
 const _: () = assert!(END <= COUNTERS);
 
-/// What net counts, in layout order after [`NET_BASE`].
+/// What net counts, in layout order after `NET_BASE`.
 pub const NET_COUNTERS: [&str; 8] = [
     "rx_packets",
     "rx_bytes",

@@ -28,6 +28,9 @@ pub enum Command {
 }
 
 /// Boot a Linux kernel (bzImage or ELF vmlinux) or any ELF kernel with a PVH note.
+// Its field docs are argh's help text, written for the terminal: brackets there mean
+// optional parts and <pid> a placeholder, not rustdoc links and HTML.
+#[allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "run")]
 pub struct RunArgs {

@@ -38,7 +38,7 @@ pub struct Registered {
 }
 
 /// Every device ringvm runs as a process of its own: `ringvm device <name>`, and for those
-/// registered with [`register_run`], `ringvm run` flags (see [`crate::run_flags`]).
+/// registered with `register_run`, `ringvm run` flags (see [`crate::run_flags`]).
 pub const REGISTRY: &[Registered] = &[
     register::<virtio::RngProcess>(),
     register::<block::BlockProcess>(),
@@ -74,7 +74,7 @@ pub struct RunFlags {
 
 /// Runs `ringvm device <name> [options...]` (`args` after `device`) until its frontend
 /// disconnects. The arguments come straight from the command line: argh cannot take the
-/// shared options and the device's own in one pass, so [`run_process`] parses them.
+/// shared options and the device's own in one pass, so `run_process` parses them.
 pub fn run(args: &[String]) -> Result<()> {
     let names: Vec<&str> = REGISTRY.iter().map(|r| r.device_type.name()).collect();
     match args.first().map(String::as_str) {

@@ -3,7 +3,7 @@
 //! inherit it).
 //!
 //! Before that filter, `vm::run` forks a helper, the respawner (`ringvm-respawn` in `ps`):
-//! it keeps every device's [`Launch`] (kind, arguments, duplicates of its descriptors) and
+//! it keeps every device's `Launch` (kind, arguments, duplicates of its descriptors) and
 //! nothing else of the VMM (it closes every other descriptor it inherited), and serves one
 //! request on a socketpair: "start slot N again". It starts that device exactly as the VMM
 //! did, jailed, as a child of the VMM (`CLONE_PARENT`, so the VMM reaps it and

@@ -1,5 +1,5 @@
 //! `ringvm run` flags that device crates declare ([`RunDevice`]), composed from the
-//! [`REGISTRY`](crate::device::REGISTRY).
+//! [`REGISTRY`].
 //!
 //! argh derives [`RunArgs`](crate::cli::RunArgs) at compile time and has no flatten, so a
 //! device's flags cannot be fields of it. Instead [`from_env`] claims them from a `ringvm run`

@@ -20,6 +20,8 @@ use crate::{Broker, VsockDevice, VsockOptions, BUF_ALLOC_RANGE};
 const STRIP: &[&str] = &["--uds", "--broker-fd"];
 
 /// virtio-vsock: stream sockets between the guest and host processes on unix sockets.
+// Its field docs are argh's help text: <port> there is a placeholder, not HTML.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(FromArgs, Debug, Clone, PartialEq, Eq)]
 pub struct VsockArgs {
     /// the guest's context ID (3 and up)
