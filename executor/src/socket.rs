@@ -12,7 +12,7 @@ use std::path::Path;
 
 use io_uring::opcode;
 
-use crate::buf::{BufVec, IoBuf, IoBufMut, IoVecs};
+use crate::buf::{BufVec, IoBuf, IoBufMut, IoVecs, IoVecsMut};
 use crate::fd::{submit, with_target, AsyncFd, Source};
 
 /// Most descriptors one message may carry (the kernel's SCM_MAX_FD).
@@ -215,6 +215,32 @@ impl AsyncFd {
         // stays at the same address while `mem` lives (the `IoVecs` contract), and so do the
         // regions it describes; the op owns `mem` until the completion. A send only reads
         // the regions.
+        let op = unsafe { submit(sqe, (self.src.clone(), hdr, mem), None) };
+        async move {
+            let (res, (_, _, mem)) = op.await;
+            (res.map(|n| n as usize), mem)
+        }
+    }
+
+    /// Receives into the regions of `mem` (guest memory, say), in order, what the socket has
+    /// now: `MSG_DONTWAIT` makes the operation complete when it is submitted, with the bytes
+    /// received (0: the peer closed its end) or EWOULDBLOCK when there is nothing, never
+    /// waiting in the ring.
+    pub fn recv_mem_nowait<M: IoVecsMut>(
+        &self,
+        mem: M,
+    ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
+        let iovecs = mem.iovecs();
+        hdr.msg_iov = iovecs.as_ptr().cast_mut();
+        hdr.msg_iovlen = iovecs.len() as _;
+        let sqe = with_target!(&self.src, t => opcode::RecvMsg::new(t, &mut *hdr)
+            .flags(libc::MSG_DONTWAIT as u32)
+            .build());
+        // SAFETY: the header is boxed and owned by the op; its iovec array is `mem`'s, which
+        // stays at the same address while `mem` lives, and so do the regions, which are
+        // writable (`IoVecsMut`); the op owns `mem` until the completion.
         let op = unsafe { submit(sqe, (self.src.clone(), hdr, mem), None) };
         async move {
             let (res, (_, _, mem)) = op.await;

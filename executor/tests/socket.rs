@@ -325,7 +325,7 @@ fn send_vectored_sends_the_buffers_in_order_and_a_closed_peer_is_epipe() {
 
 /// Two regions of one buffer, as guest memory would be handed to the kernel.
 struct Regions {
-    _buf: Box<[u8]>,
+    buf: Box<[u8]>,
     iovecs: Vec<libc::iovec>,
 }
 
@@ -336,6 +336,10 @@ unsafe impl executor::IoVecs for Regions {
         &self.iovecs
     }
 }
+
+// SAFETY: `buf` is owned by the value, writable, and nothing borrows it while an operation
+// holds the value.
+unsafe impl executor::IoVecsMut for Regions {}
 
 fn regions(data: &[u8], cut: usize) -> Regions {
     let mut buf: Box<[u8]> = data.into();
@@ -351,7 +355,7 @@ fn regions(data: &[u8], cut: usize) -> Regions {
             iov_len: data.len() - cut,
         },
     ];
-    Regions { _buf: buf, iovecs }
+    Regions { buf, iovecs }
 }
 
 #[test]
@@ -384,5 +388,27 @@ fn send_mem_nowait_takes_what_fits_and_never_waits() {
         drop(b);
         let (res, _) = a.send_mem_nowait(regions(b"late", 2)).await;
         assert_eq!(errno(&res.unwrap_err()), libc::EPIPE);
+    });
+}
+
+#[test]
+fn recv_mem_nowait_takes_what_is_there_and_never_waits() {
+    let ex = Executor::new().unwrap();
+    let (a, b) = socketpair().unwrap();
+    ex.run_until(async {
+        let (res, _) = b.recv_mem_nowait(regions(&[0; 16], 4)).await;
+        assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+        let (res, _) = a.write(b"hello world".to_vec()).await;
+        assert_eq!(res.unwrap(), 11);
+        let (res, r) = b.recv_mem_nowait(regions(&[0; 16], 4)).await;
+        assert_eq!(res.unwrap(), 11);
+        assert_eq!(
+            &r.buf[..11],
+            b"hello world",
+            "across both regions, in order"
+        );
+        drop(a);
+        let (res, _) = b.recv_mem_nowait(regions(&[0; 16], 4)).await;
+        assert_eq!(res.unwrap(), 0, "the peer closed its end");
     });
 }

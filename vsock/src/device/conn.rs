@@ -4,11 +4,8 @@
 use super::chunks::Chunks;
 use crate::packet::{Op, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
-/// The most bytes read from a host stream at once.
+/// The most bytes read from a host stream at once (into one packet for the guest).
 pub(crate) const MAX_READ: usize = 64 << 10;
-/// The most host bytes buffered for the guest: two reads, so the next read runs while the
-/// last one is copied to the guest.
-pub(crate) const MAX_BUFFERED: usize = 2 * MAX_READ;
 /// The most bytes written to a host stream at once (one message: all there is, up to the
 /// default receive buffer, so a stream moves with few wakeups).
 pub(crate) const MAX_WRITE: usize = 256 << 10;
@@ -72,12 +69,14 @@ pub(crate) enum Violation {
     },
 }
 
-/// A packet the device owes the guest: op, flags and payload.
+/// A packet the device owes the guest: op and flags; for data (`Rw`), how many bytes it may
+/// read from the host into it (the packet is sent only once [`Conn::delivered`] says how many
+/// came).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Outgoing {
     pub op: Op,
     pub flags: u32,
-    pub data: Vec<u8>,
+    pub read: usize,
 }
 
 /// One connection.
@@ -119,8 +118,9 @@ pub(crate) struct Conn {
     /// Guest data the tx queue holds to send to the host straight from guest memory (it
     /// goes before `to_host`).
     direct: usize,
-    /// Host data not yet sent to the guest (at most [`MAX_BUFFERED`] bytes).
-    pub to_guest: Chunks,
+    /// The host stream has something to read (a poll said so): the rx queue reads it
+    /// straight into the guest's buffers.
+    pub readable: bool,
     /// In the device's list of connections with something for the guest.
     pub queued: bool,
 }
@@ -147,7 +147,7 @@ impl Conn {
             to_host: Chunks::default(),
             writing: 0,
             direct: 0,
-            to_guest: Chunks::default(),
+            readable: false,
             queued: false,
         }
     }
@@ -187,7 +187,6 @@ impl Conn {
         // memory ends on its own, and what it did not send is dropped.
         self.writing = 0;
         self.direct = 0;
-        self.to_guest = Chunks::default();
     }
 
     pub fn unexpected(&self, op: Op) -> Violation {
@@ -318,11 +317,8 @@ impl Conn {
         if self.state != State::Established {
             return Err(self.unexpected(Op::Shutdown));
         }
+        // After SHUTDOWN(RCV) nothing more is read for the guest (`read_size`).
         self.peer_shutdown |= flags & SHUTDOWN_BOTH;
-        if self.peer_shutdown & SHUTDOWN_RCV != 0 {
-            // The guest takes no more data: what waits for it is dropped.
-            self.to_guest = Chunks::default();
-        }
         Ok(())
     }
 
@@ -331,7 +327,7 @@ impl Conn {
         self.send_credit = true;
     }
 
-    /// How much to read from the host now (0: not now).
+    /// How much the guest may take from the host now, within its credit (0: nothing).
     pub fn read_size(&self) -> usize {
         let open = self.state == State::Established
             && !self.host_eof
@@ -339,19 +335,21 @@ impl Conn {
         if !open {
             return 0;
         }
-        // Within the credit the buffered bytes leave, and the buffer's bound.
-        let credit = (self.peer_free() as usize).saturating_sub(self.to_guest.len());
-        credit
-            .min(MAX_READ)
-            .min(MAX_BUFFERED.saturating_sub(self.to_guest.len()))
+        (self.peer_free() as usize).min(MAX_READ)
     }
 
-    /// Data read from the host (dropped once the guest shut its receive side: a read in
-    /// flight then still completes).
-    pub fn host_data(&mut self, data: impl Into<Vec<u8>>) {
-        if self.peer_shutdown & SHUTDOWN_RCV == 0 {
-            self.to_guest.push(data.into());
-        }
+    /// Whether the host stream should be polled for something to read: the guest has credit
+    /// and no poll said so yet.
+    pub fn wants_poll(&self) -> bool {
+        !self.readable && self.read_size() > 0
+    }
+
+    /// `n` bytes read from the host went to the guest in a data packet (from
+    /// [`next_packet`](Self::next_packet)'s plan), which carries our credit.
+    pub fn delivered(&mut self, n: usize) {
+        self.tx_cnt = self.tx_cnt.wrapping_add(n as u32);
+        self.send_credit = false;
+        self.fwd_cnt_sent = self.fwd_cnt;
     }
 
     /// The host stream ended: once its data is out, the guest hears SHUTDOWN(SEND).
@@ -430,44 +428,48 @@ impl Conn {
             State::Requesting => self.send_request,
             State::Established => {
                 self.send_response
-                    || (!self.to_guest.is_empty() && self.peer_free() > 0)
-                    || (self.shutdown_owed != 0 && self.to_guest.is_empty())
+                    || (self.readable && self.read_size() > 0)
+                    || self.shutdown_owed != 0
                     || self.send_credit
             }
         }
     }
 
-    /// The next packet owed to the guest, with at most `room` payload bytes; it is taken as
-    /// sent. Every packet carries our credit, so a separate update is no longer owed.
+    /// The next packet owed to the guest, with at most `room` payload bytes. A control
+    /// packet is taken as sent; it carries our credit, so a separate update is no longer
+    /// owed. A data packet is a plan: read at most `read` bytes from the host into the
+    /// guest's buffer, then [`delivered`](Self::delivered) (or nothing, if none came).
     pub fn next_packet(&mut self, room: usize) -> Option<Outgoing> {
-        let (op, flags, data) = match self.state {
-            State::Reset => (Op::Rst, 0, Vec::new()),
+        let (op, flags) = match self.state {
+            State::Reset => (Op::Rst, 0),
             State::Requesting if self.send_request => {
                 self.send_request = false;
-                (Op::Request, 0, Vec::new())
+                (Op::Request, 0)
             }
             State::Established if self.send_response => {
                 self.send_response = false;
-                (Op::Response, 0, Vec::new())
+                (Op::Response, 0)
             }
-            State::Established if !self.to_guest.is_empty() && self.peer_free() > 0 && room > 0 => {
-                let n = self.to_guest.len().min(self.peer_free() as usize).min(room);
-                let data = self.to_guest.take(n);
-                self.tx_cnt = self.tx_cnt.wrapping_add(n as u32);
-                (Op::Rw, 0, data)
+            State::Established if self.readable && self.read_size() > 0 && room > 0 => {
+                let read = self.read_size().min(room);
+                return Some(Outgoing {
+                    op: Op::Rw,
+                    flags: 0,
+                    read,
+                });
             }
-            State::Established if self.shutdown_owed != 0 && self.to_guest.is_empty() => {
+            State::Established if self.shutdown_owed != 0 => {
                 let flags = self.shutdown_owed;
                 self.shutdown_sent |= flags;
                 self.shutdown_owed = 0;
-                (Op::Shutdown, flags, Vec::new())
+                (Op::Shutdown, flags)
             }
-            State::Established if self.send_credit => (Op::CreditUpdate, 0, Vec::new()),
+            State::Established if self.send_credit => (Op::CreditUpdate, 0),
             _ => return None,
         };
         self.send_credit = false;
         self.fwd_cnt_sent = self.fwd_cnt;
-        Some(Outgoing { op, flags, data })
+        Some(Outgoing { op, flags, read: 0 })
     }
 
     /// Our credit fields for an outgoing header: `(buf_alloc, fwd_cnt)`.
@@ -495,27 +497,32 @@ mod tests {
     fn the_device_never_sends_more_than_the_guests_credit() {
         let mut c = established(100);
         assert_eq!(c.read_size(), 100);
-        c.host_data([7; 100]);
-        assert_eq!(c.read_size(), 0, "nothing more is read while data waits");
+        assert!(c.wants_poll() && !c.has_output(), "nothing to read yet");
+        c.readable = true;
+        assert!(!c.wants_poll());
         let p = c.next_packet(30).unwrap();
-        assert_eq!((p.op, p.data.len()), (Op::Rw, 30));
+        assert_eq!((p.op, p.read), (Op::Rw, 30));
+        assert_eq!(c.peer_free(), 100, "a plan until the bytes came");
+        c.delivered(30);
         let p = c.next_packet(4096).unwrap();
-        assert_eq!(p.data.len(), 70);
+        assert_eq!(p.read, 70);
+        c.delivered(70);
         assert_eq!(c.peer_free(), 0);
         assert_eq!(c.read_size(), 0, "no credit: nothing is read");
-        c.host_data([1; 10]);
         assert!(!c.has_output(), "no credit: nothing is sent");
         assert_eq!(c.next_packet(4096), None);
         c.peer_credit(100, 40).unwrap();
-        assert_eq!(c.next_packet(4096).unwrap().data.len(), 10);
+        assert_eq!(c.next_packet(4096).unwrap().read, 40);
+        c.delivered(10);
         assert_eq!(c.peer_free(), 30);
     }
 
     #[test]
     fn a_shrunk_guest_buffer_leaves_no_credit_instead_of_wrapping() {
         let mut c = established(100);
-        c.host_data([0; 100]);
+        c.readable = true;
         c.next_packet(4096).unwrap();
+        c.delivered(100);
         c.peer_credit(10, 0).unwrap();
         assert_eq!(c.peer_free(), 0);
     }
@@ -523,8 +530,9 @@ mod tests {
     #[test]
     fn fwd_cnt_may_not_go_back_or_past_what_was_sent() {
         let mut c = established(100);
-        c.host_data([0; 50]);
+        c.readable = true;
         c.next_packet(4096).unwrap();
+        c.delivered(50);
         assert!(matches!(
             c.peer_credit(100, 51),
             Err(Violation::BadFwdCnt { .. })
@@ -564,9 +572,11 @@ mod tests {
     #[test]
     fn host_eof_becomes_shutdown_send_after_the_data() {
         let mut c = established(100);
-        c.host_data(b"abc");
-        c.host_eof();
+        c.readable = true;
         assert_eq!(c.next_packet(4096).unwrap().op, Op::Rw);
+        c.delivered(3);
+        // The next read finds the end.
+        c.host_eof();
         let p = c.next_packet(4096).unwrap();
         assert_eq!((p.op, p.flags), (Op::Shutdown, SHUTDOWN_SEND));
         assert_eq!(c.next_packet(4096), None);
@@ -613,10 +623,10 @@ mod tests {
         PeerCredit(u32, u32),
         GuestData(usize),
         GuestBytes(usize),
-        HostData(usize),
+        HostReadable,
         HostWrite,
         HostWrote(usize),
-        Next(usize),
+        Next(usize, usize),
         GuestShutdown(u32),
         HostEof,
         CreditRequested,
@@ -628,10 +638,10 @@ mod tests {
                 .prop_map(|(b, f)| Step::PeerCredit(b, f)),
             (0usize..3000).prop_map(Step::GuestData),
             (0usize..300).prop_map(Step::GuestBytes),
-            (0usize..100_000).prop_map(Step::HostData),
+            Just(Step::HostReadable),
             Just(Step::HostWrite),
             (0usize..5000).prop_map(Step::HostWrote),
-            (0usize..5000).prop_map(Step::Next),
+            (0usize..5000, 0usize..100_000).prop_map(|(r, g)| Step::Next(r, g)),
             (0u32..4).prop_map(Step::GuestShutdown),
             Just(Step::HostEof),
             Just(Step::CreditRequested),
@@ -672,11 +682,7 @@ mod tests {
                             prop_assert!(r.is_err());
                         }
                     }
-                    // The reader reads at most what `read_size` says.
-                    Step::HostData(n) => {
-                        let n = n.min(c.read_size());
-                        c.host_data(vec![1; n]);
-                    }
+                    Step::HostReadable => c.readable = true,
                     Step::HostWrite => {
                         if writing.is_none() && !c.to_host.is_empty() {
                             let bufs = c.write_bufs();
@@ -695,12 +701,23 @@ mod tests {
                             prop_assert_eq!(back.len(), whole);
                         }
                     }
-                    Step::Next(room) => {
+                    // A data packet reads up to its plan; nothing there ends the readable
+                    // state, as EAGAIN does.
+                    Step::Next(room, there) => {
                         let free = c.peer_free();
                         if let Some(p) = c.next_packet(room) {
-                            prop_assert!(p.data.len() <= room);
-                            prop_assert!(p.data.len() as u32 <= free, "beyond the credit");
-                            sent += p.data.len() as u32;
+                            prop_assert!(p.read <= room);
+                            prop_assert!(p.read as u32 <= free, "beyond the credit");
+                            if p.op == Op::Rw {
+                                prop_assert!(p.read > 0);
+                                let n = p.read.min(there);
+                                if n == 0 {
+                                    c.readable = false;
+                                } else {
+                                    c.delivered(n);
+                                    sent += n as u32;
+                                }
+                            }
                         }
                     }
                     Step::GuestShutdown(f) => {
@@ -713,7 +730,6 @@ mod tests {
                 if writing.is_some() {
                     prop_assert!(!c.finished() && !c.should_shut_host());
                 }
-                prop_assert!(c.to_guest.len() <= MAX_BUFFERED);
                 // `has_output` says exactly whether `next_packet` has something.
                 prop_assert_eq!(c.has_output(), c.clone().next_packet(usize::MAX).is_some());
             }
@@ -723,7 +739,7 @@ mod tests {
     #[test]
     fn a_reset_connection_owes_only_an_rst() {
         let mut c = established(100);
-        c.host_data(b"data");
+        c.readable = true;
         c.reset();
         assert_eq!(c.next_packet(4096).unwrap().op, Op::Rst);
         assert_eq!(c.read_size(), 0);

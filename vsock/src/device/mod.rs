@@ -6,8 +6,8 @@
 //! A connection is keyed by (host port, guest port) and lives in the device, not in a
 //! queue's task: it survives a queue being stopped and started again (a memory table
 //! change). Its state machine and credit are in `conn` (no I/O); its host stream is driven
-//! by two tasks of its own (`stream`: one reads the host into a bounded buffer for the
-//! guest, one writes the guest's data to the host), and the broker channel by two more
+//! by two tasks of its own (`stream`: one watches it for something to read while the guest
+//! has credit, one writes the guest's data to the host), and the broker channel by two more
 //! (`channel`). None of those tasks touches guest memory: only the queue tasks do, and the
 //! tx task ends every use of it when it stops (below), so stopping the queues is enough to
 //! hand guest memory back. A host process's connection waits
@@ -32,18 +32,20 @@
 //!
 //! rx: connections with something for the guest (a control packet, data within the guest's
 //! credit) wait in a ready list, served round-robin, one packet per rx chain; the rx task
-//! holds at most one chain while nothing is ready, and steps back over it when it stops.
+//! holds at most one chain while nothing is ready, and steps back over it when it stops. A
+//! data packet's bytes are read from the host stream straight into its chain, with a
+//! `recvmsg` that never waits (after the stream's watcher saw it readable): host data is
+//! copied once, by the kernel, into guest memory, and waits in the host socket, not in the
+//! device, until the guest has buffers and credit for it.
 //!
 //! # Flow control
 //! The device never sends the guest more than its credit (`buf_alloc - (tx_cnt -
-//! fwd_cnt)`), and reads a host stream only within the credit that the bytes already
-//! buffered for the guest leave, at most two reads ahead (the next read runs while the last
-//! is copied to the guest): a guest that stops reading stops the host writer. Each connection
-//! advertises [`VsockOptions::buf_alloc`] bytes, and the guest data it buffers or holds
-//! for the host never exceeds that: a guest that sends beyond its credit is reset. So a
-//! connection holds at most `buf_alloc` + 128 KiB, the device at most
-//! [`VsockOptions::max_connections`] of them, and the queue of replies to unknown
-//! connections [`MAX_RESETS`] packets.
+//! fwd_cnt)`), and reads a host stream only within that credit: a guest that stops reading
+//! stops the host writer (the host socket fills). Each connection advertises
+//! [`VsockOptions::buf_alloc`] bytes, and the guest data it buffers or holds for the host
+//! never exceeds that: a guest that sends beyond its credit is reset. So a connection holds
+//! at most `buf_alloc`, the device at most [`VsockOptions::max_connections`] of them, and the
+//! queue of replies to unknown connections [`MAX_RESETS`] packets.
 //!
 //! # Bad input
 //! Chains too short for a header, wrong CIDs, unknown types and ops, lengths beyond the
@@ -115,7 +117,7 @@ pub struct VsockOptions {
     /// The guest's CID (3 to `u32::MAX - 1`).
     pub guest_cid: u64,
     /// The most connections at once, 1 to [`MAX_CONNECTIONS`] (each costs up to
-    /// `buf_alloc` + 128 KiB of buffers).
+    /// `buf_alloc` of buffers).
     pub max_connections: usize,
     /// The receive buffer each connection advertises to the guest.
     pub buf_alloc: u32,
@@ -284,7 +286,7 @@ impl VsockDevice {
             .conns
             .borrow()
             .values()
-            .map(|e| e.conn.buffered_for_host() + e.conn.to_guest.len())
+            .map(|e| e.conn.buffered_for_host())
             .sum()
     }
 }
@@ -387,7 +389,7 @@ impl Shared {
             self.rx_wake.notify();
         }
         if let Slot::Running(s) = &entry.stream {
-            if c.read_size() > 0 {
+            if c.wants_poll() {
                 s.read_wake.notify();
             }
             if c.has_host_write() || c.should_shut_host() {

@@ -1,5 +1,7 @@
 //! The rx queue: packets for the guest, one per chain, from the replies to unknown
-//! connections first and then the ready connections in turn.
+//! connections first and then the ready connections in turn. A data packet's payload is
+//! read from the host stream straight into the chain (`recvmsg` that never waits), so host
+//! data is copied once, by the kernel, into guest memory.
 
 use std::pin::pin;
 use std::rc::Rc;
@@ -9,8 +11,12 @@ use memory::GuestMemory;
 use virtio::vhost_user::StopSignal;
 use virtio::{AsyncQueue, DescriptorChain};
 
-use super::conn::Outgoing;
-use super::{Shared, RX};
+use std::io;
+
+use executor::AsyncFd;
+
+use super::conn::{Key, Outgoing};
+use super::{Shared, Slot, RX};
 use crate::packet::{Header, Op, HEADER_SIZE, HOST_CID, TYPE_STREAM};
 
 /// What became of an rx chain.
@@ -55,7 +61,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
                 Either::Right(_) => break,
             },
         };
-        match shared.fill(&chain, mem) {
+        match shared.fill(&chain, mem).await {
             Fill::Nothing => {
                 held = Some(chain);
                 continue;
@@ -80,7 +86,7 @@ pub(super) async fn run(shared: Rc<Shared>, queue: Rc<AsyncQueue>, stop: StopSig
                 Ok(None) => break,
                 Err(e) => return fail(&shared, e, stop).await,
             };
-            let len = match shared.fill(&chain, mem) {
+            let len = match shared.fill(&chain, mem).await {
                 Fill::Nothing => {
                     held = Some(chain);
                     break;
@@ -115,9 +121,22 @@ async fn fail(shared: &Shared, e: virtio::Error, stop: StopSignal) {
     shared.errors.flush();
 }
 
+/// The next packet for the guest, from [`Shared::next_ready`].
+enum Next {
+    /// A control packet, whole.
+    Packet(Header),
+    /// Data: read at most `max` bytes of connection `key` (`id`) from `fd`.
+    Read {
+        key: Key,
+        id: u64,
+        fd: AsyncFd,
+        max: usize,
+    },
+}
+
 impl Shared {
     /// Writes the next packet for the guest into `chain`.
-    fn fill(&self, chain: &DescriptorChain, mem: &GuestMemory) -> Fill {
+    async fn fill(&self, chain: &DescriptorChain, mem: &GuestMemory) -> Fill {
         let mut writer = chain.writer(mem);
         let Some(room) = writer.available_bytes().checked_sub(HEADER_SIZE) else {
             self.count(|s| s.bad_chains += 1);
@@ -129,25 +148,27 @@ impl Shared {
             return Fill::Bad;
         };
         let reset = self.resets.borrow_mut().pop_front();
-        let (hdr, data) = match reset {
-            Some(hdr) => (hdr, Vec::new()),
-            None => match self.next_ready(room) {
-                Some(packet) => packet,
-                None => return Fill::Nothing,
-            },
+        let hdr = match reset.map(Next::Packet).or_else(|| self.next_ready(room)) {
+            None => return Fill::Nothing,
+            Some(Next::Packet(hdr)) => hdr,
+            Some(Next::Read { key, id, fd, max }) => {
+                let mut payload = chain.writer(mem);
+                payload.consume(HEADER_SIZE);
+                match self.read_host(key, id, &fd, &payload, max).await {
+                    Some(hdr) => hdr,
+                    None => return Fill::Nothing,
+                }
+            }
         };
-        let written = writer
-            .write_all_bytes(&hdr.encode())
-            .and_then(|()| writer.write_all_bytes(&data));
-        match written {
+        match writer.write_all_bytes(&hdr.encode()) {
             // At most HEADER_SIZE + 64 KiB.
-            Ok(()) => Fill::Used((HEADER_SIZE + data.len()) as u32),
+            Ok(()) => Fill::Used((HEADER_SIZE + hdr.len as usize) as u32),
             Err(e) => {
                 // The chain was validated: its memory went away. The packet is lost, and so
                 // is the connection's byte count: reset it.
                 self.errors
                     .log(format_args!("rx chain {}: {e}", chain.head_index()));
-                let key = super::conn::Key {
+                let key = Key {
                     local: hdr.src_port,
                     peer: hdr.dst_port,
                 };
@@ -161,8 +182,77 @@ impl Shared {
         }
     }
 
+    /// Reads at most `max` bytes of connection `key` (`id`) from its host stream `fd`
+    /// straight into `payload` (a chain after its header). Returns the data packet's header
+    /// when bytes came; `None` when none did (the stream ended, had nothing after all, or
+    /// failed: the connection learns which) or the connection is gone.
+    async fn read_host(
+        &self,
+        key: Key,
+        id: u64,
+        fd: &AsyncFd,
+        payload: &virtio::Writer,
+        max: usize,
+    ) -> Option<Header> {
+        let res = match payload.iovecs(max) {
+            Ok(iov) => fd.recv_mem_nowait(iov).await.0,
+            Err(e) => Err(io::Error::other(e)),
+        };
+        self.with_conn(key, id, |c| match res {
+            Ok(0) => {
+                c.readable = false;
+                c.host_eof();
+                None
+            }
+            Ok(n) => {
+                // At most `max`, which is at most 64 KiB.
+                let n = n.min(max);
+                c.delivered(n);
+                // A short read took all there was: the watcher polls again rather than the
+                // next packet reading nothing.
+                if n < max {
+                    c.readable = false;
+                }
+                let (buf_alloc, fwd_cnt) = c.credit();
+                Some(Header {
+                    src_cid: HOST_CID,
+                    dst_cid: self.guest_cid,
+                    src_port: key.local,
+                    dst_port: key.peer,
+                    len: n as u32,
+                    kind: TYPE_STREAM,
+                    op: Op::Rw.to_u16(),
+                    flags: 0,
+                    buf_alloc,
+                    fwd_cnt,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.readable = false;
+                None
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+            Err(e) => {
+                // A host end that reset, or guest memory that cannot take the bytes: the
+                // connection cannot go on whole. Closing is not an error worth a line.
+                if e.raw_os_error() != Some(libc::ECONNRESET) {
+                    eprintln!(
+                        "ringvm device vsock: host port {} guest port {}: reading failed: {e}",
+                        key.local, key.peer
+                    );
+                }
+                c.readable = false;
+                c.reset();
+                // The tx queue gives back what it held for the connection.
+                self.tx_wake.notify();
+                None
+            }
+        })
+        .flatten()
+    }
+
     /// The next packet of the ready connections, in turn, with at most `room` payload bytes.
-    fn next_ready(&self, room: usize) -> Option<(Header, Vec<u8>)> {
+    fn next_ready(&self, room: usize) -> Option<Next> {
         loop {
             let key = self.ready.borrow_mut().pop_front()?;
             let mut conns = self.conns.borrow_mut();
@@ -170,17 +260,29 @@ impl Shared {
                 continue;
             };
             entry.conn.queued = false;
-            let Some(Outgoing { op, flags, data }) = entry.conn.next_packet(room) else {
+            let Some(Outgoing { op, flags, read }) = entry.conn.next_packet(room) else {
                 continue;
             };
+            if op == Op::Rw {
+                let Slot::Running(stream) = &entry.stream else {
+                    // Readable only comes from a running stream's watcher.
+                    entry.conn.readable = false;
+                    continue;
+                };
+                return Some(Next::Read {
+                    key,
+                    id: entry.conn.id,
+                    fd: stream.fd.clone(),
+                    max: read,
+                });
+            }
             let (buf_alloc, fwd_cnt) = entry.conn.credit();
             let hdr = Header {
                 src_cid: HOST_CID,
                 dst_cid: self.guest_cid,
                 src_port: key.local,
                 dst_port: key.peer,
-                // At most 64 KiB.
-                len: data.len() as u32,
+                len: 0,
                 kind: TYPE_STREAM,
                 op: op.to_u16(),
                 flags,
@@ -193,7 +295,7 @@ impl Shared {
             } else {
                 self.settle(key, entry);
             }
-            return Some((hdr, data));
+            return Some(Next::Packet(hdr));
         }
     }
 }

@@ -1,6 +1,6 @@
-//! A connection's host stream: one task reads the host into the connection's buffer for the
-//! guest (only as much as the guest has credit for, at most two reads ahead),
-//! one writes what the guest sent to the host and returns the credit.
+//! A connection's host stream: one task watches it for something to read while the guest
+//! has credit (the rx queue then reads it straight into the guest's buffers), one writes
+//! what the guest sent to the host and returns the credit.
 //!
 //! Writes are `sendmsg` with `MSG_NOSIGNAL` (a host process that closed its end gives EPIPE,
 //! the connection is reset, never a SIGPIPE), each gathering all the guest data there is (up
@@ -109,35 +109,27 @@ impl Host {
         }
     }
 
+    /// Watches the host stream for something to read while the guest has credit: the rx
+    /// queue reads it, straight into the guest's buffers, once this says it is there.
     async fn read(self, wake: Rc<Notify>) {
         loop {
-            let Some(want) = self.shared.with_conn(self.key, self.id, |c| c.read_size()) else {
+            let Some(wants) = self.shared.with_conn(self.key, self.id, |c| c.wants_poll()) else {
                 return;
             };
-            if want == 0 {
+            if !wants {
                 wake.wait().await;
                 continue;
             }
-            // Read into a buffer of its own (no zeroing: the read fills what it returns),
-            // which the connection keeps as it is.
-            let (res, mut buf) = self.fd.read(Vec::with_capacity(want)).await;
-            let alive = match res {
-                Ok(0) => self.shared.with_conn(self.key, self.id, |c| c.host_eof()),
-                Ok(n) => {
-                    buf.truncate(n);
-                    self.shared
-                        .with_conn(self.key, self.id, |c| c.host_data(buf))
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match self.fd.poll_readable().await {
-                        Ok(_) => Some(()),
-                        Err(e) => return self.failed("polling", e),
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => Some(()),
-                Err(e) => return self.failed("reading", e),
-            };
-            if alive.is_none() {
+            // Readable also means the end of the stream or an error: the rx queue's read
+            // finds out which.
+            if let Err(e) = self.fd.poll_readable().await {
+                return self.failed("polling", e);
+            }
+            if self
+                .shared
+                .with_conn(self.key, self.id, |c| c.readable = true)
+                .is_none()
+            {
                 return;
             }
         }
