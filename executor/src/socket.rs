@@ -203,23 +203,8 @@ impl AsyncFd {
         &self,
         mem: M,
     ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
-        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
-        let iovecs = mem.iovecs();
-        hdr.msg_iov = iovecs.as_ptr().cast_mut();
-        hdr.msg_iovlen = iovecs.len() as _;
-        let sqe = with_target!(&self.src, t => opcode::SendMsg::new(t, &*hdr)
-            .flags((libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) as u32)
-            .build());
-        // SAFETY: the header is boxed and owned by the op; its iovec array is `mem`'s, which
-        // stays at the same address while `mem` lives (the `IoVecs` contract), and so do the
-        // regions it describes; the op owns `mem` until the completion. A send only reads
-        // the regions.
-        let op = unsafe { submit(sqe, (self.src.clone(), hdr, mem), None) };
-        async move {
-            let (res, (_, _, mem)) = op.await;
-            (res.map(|n| n as usize), mem)
-        }
+        // SAFETY: a send only reads the regions.
+        unsafe { self.mem_msg_nowait(mem, false) }
     }
 
     /// Receives into the regions of `mem` (guest memory, say), in order, what the socket has
@@ -230,17 +215,38 @@ impl AsyncFd {
         &self,
         mem: M,
     ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
+        // SAFETY: `IoVecsMut` regions are writable.
+        unsafe { self.mem_msg_nowait(mem, true) }
+    }
+
+    /// One message over the regions of `mem` that never waits: a receive into them
+    /// (`recv`), else a send from them.
+    ///
+    /// # Safety
+    /// With `recv`, every region must be writable (the `IoVecsMut` contract).
+    unsafe fn mem_msg_nowait<M: IoVecs>(
+        &self,
+        mem: M,
+        recv: bool,
+    ) -> impl Future<Output = (io::Result<usize>, M)> + 'static {
         // SAFETY: msghdr is plain data; all-zero is a valid empty header.
         let mut hdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
         let iovecs = mem.iovecs();
         hdr.msg_iov = iovecs.as_ptr().cast_mut();
         hdr.msg_iovlen = iovecs.len() as _;
-        let sqe = with_target!(&self.src, t => opcode::RecvMsg::new(t, &mut *hdr)
-            .flags(libc::MSG_DONTWAIT as u32)
-            .build());
+        let sqe = if recv {
+            with_target!(&self.src, t => opcode::RecvMsg::new(t, &mut *hdr)
+                .flags(libc::MSG_DONTWAIT as u32)
+                .build())
+        } else {
+            with_target!(&self.src, t => opcode::SendMsg::new(t, &*hdr)
+                .flags((libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) as u32)
+                .build())
+        };
         // SAFETY: the header is boxed and owned by the op; its iovec array is `mem`'s, which
-        // stays at the same address while `mem` lives, and so do the regions, which are
-        // writable (`IoVecsMut`); the op owns `mem` until the completion.
+        // stays at the same address while `mem` lives (the `IoVecs` contract), and so do the
+        // regions it describes, writable for a receive (the caller's promise); the op owns
+        // `mem` until the completion.
         let op = unsafe { submit(sqe, (self.src.clone(), hdr, mem), None) };
         async move {
             let (res, (_, _, mem)) = op.await;
