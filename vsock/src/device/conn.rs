@@ -235,12 +235,6 @@ impl Conn {
         self.to_host.len() + self.writing
     }
 
-    /// Whether nothing of the guest's waits for the host or is being written: the next
-    /// data may then be sent straight from guest memory without passing any.
-    pub fn nothing_for_host(&self) -> bool {
-        self.to_host.is_empty() && self.writing == 0
-    }
-
     /// Takes `len` bytes from the guest for the host, within the credit, that the tx queue
     /// sends straight from guest memory; [`direct_sent`](Self::direct_sent) ends that.
     pub fn guest_direct(&mut self, len: usize) -> Result<(), Violation> {

@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use executor::AsyncFd;
 use futures::future::join_all;
@@ -80,7 +80,7 @@ impl HeldSet {
     pub fn may_hold(&self, key: Key, entry: &Entry) -> bool {
         self.chains < self.max_chains
             && matches!(&entry.stream, Slot::Running(s) if s.opened.get())
-            && entry.conn.nothing_for_host()
+            && entry.conn.buffered_for_host() == 0
             && self
                 .conns
                 .iter()
@@ -124,17 +124,30 @@ impl HeldSet {
     /// Resolves when a held connection's host socket became writable.
     pub async fn writable(&mut self) {
         poll_fn(|cx| {
-            for held in &mut self.conns {
-                if let Some(w) = &mut held.writable {
-                    if w.as_mut().poll(cx).is_ready() {
-                        held.writable = None;
-                        return Poll::Ready(());
-                    }
-                }
+            if self.poll_writable(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
             }
-            Poll::Pending
         })
         .await
+    }
+
+    /// Polls the sockets waited on; those that became writable are waited on no more.
+    /// Whether any did.
+    fn poll_writable(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut any = false;
+        for held in &mut self.conns {
+            if held
+                .writable
+                .as_mut()
+                .is_some_and(|w| w.as_mut().poll(cx).is_ready())
+            {
+                held.writable = None;
+                any = true;
+            }
+        }
+        any
     }
 
     /// Gives back the chains of connections that are gone, reset or replaced, unsent.
@@ -164,15 +177,7 @@ impl HeldSet {
         // Sockets that became writable while the task was busy with chains (which the task's
         // wait looks at first) go now too.
         poll_fn(|cx| {
-            for held in &mut self.conns {
-                if held
-                    .writable
-                    .as_mut()
-                    .is_some_and(|w| w.as_mut().poll(cx).is_ready())
-                {
-                    held.writable = None;
-                }
-            }
+            self.poll_writable(cx);
             Poll::Ready(())
         })
         .await;
@@ -217,16 +222,16 @@ impl HeldSet {
                         held.writable = Some(Box::pin(held.fd.poll_writable()));
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => again = true,
-                    // Nothing taken of something (a host end that closed, or guest memory
-                    // that cannot be read): the connection cannot go on whole.
                     res => failed.push((i, res.err())),
                 }
             }
             // Highest index first: swap_remove leaves the lower ones where they are.
             failed.sort_by_key(|f| std::cmp::Reverse(f.0));
             for (i, err) in failed {
+                // Nothing taken of something: a host end that failed, or guest memory that
+                // cannot be read (no error then). The connection cannot go on whole.
                 let held = self.conns.swap_remove(i);
-                fail_conn(shared, &held, err);
+                shared.host_failed(held.key, held.id, "writing", err.as_ref());
                 self.release(shared, held, queue)?;
             }
             self.conns.retain(|h| !h.packets.is_empty());
@@ -302,25 +307,4 @@ fn sent(shared: &Shared, held: &mut Held, n: usize, queue: &AsyncQueue) -> virti
     held.bytes -= n;
     shared.with_conn(held.key, held.id, |c| c.direct_sent(n, n));
     Ok(done)
-}
-
-/// A send of `held` failed (`err`, or took nothing): the connection is reset, as the host
-/// writer resets one whose host end fails. Closing is how a host process ends a connection,
-/// so that is not logged.
-fn fail_conn(shared: &Shared, held: &Held, err: Option<io::Error>) {
-    let quiet = err.as_ref().is_none_or(|e| {
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ECANCELED)
-        )
-    });
-    if !quiet {
-        if let Some(e) = err {
-            eprintln!(
-                "ringvm device vsock: host port {} guest port {}: writing failed: {e}",
-                held.key.local, held.key.peer
-            );
-        }
-    }
-    shared.with_conn(held.key, held.id, |c| c.reset());
 }

@@ -70,6 +70,7 @@ mod tx;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::io;
 use std::os::fd::OwnedFd;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
@@ -340,19 +341,52 @@ impl Shared {
             self.count(|s| s.dropped_resets += 1);
             return;
         }
-        resets.push_back(Header {
+        let key = Key {
+            local: hdr.dst_port,
+            peer: hdr.src_port,
+        };
+        resets.push_back(self.header(key, Op::Rst, 0, 0, (0, 0)));
+        self.rx_wake.notify();
+    }
+
+    /// A packet header from the host side of connection `key` to the guest, with `credit`
+    /// (`buf_alloc`, `fwd_cnt`).
+    fn header(&self, key: Key, op: Op, flags: u32, len: u32, credit: (u32, u32)) -> Header {
+        Header {
             src_cid: HOST_CID,
             dst_cid: self.guest_cid,
-            src_port: hdr.dst_port,
-            dst_port: hdr.src_port,
-            len: 0,
+            src_port: key.local,
+            dst_port: key.peer,
+            len,
             kind: TYPE_STREAM,
-            op: Op::Rst.to_u16(),
-            flags: 0,
-            buf_alloc: 0,
-            fwd_cnt: 0,
+            op: op.to_u16(),
+            flags,
+            buf_alloc: credit.0,
+            fwd_cnt: credit.1,
+        }
+    }
+
+    /// The host stream of connection `key` (`id`) failed (`what`: reading, writing, ...):
+    /// the connection is reset. Closing is how a host process ends a connection, so that,
+    /// and a failure without an error, is not logged.
+    fn host_failed(&self, key: Key, id: u64, what: &str, err: Option<&io::Error>) {
+        let quiet = err.is_none_or(|e| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ECANCELED)
+            )
         });
-        self.rx_wake.notify();
+        if let (false, Some(e)) = (quiet, err) {
+            eprintln!(
+                "ringvm device vsock: host port {} guest port {}: {what} failed: {e}",
+                key.local, key.peer
+            );
+        }
+        let mut conns = self.conns.borrow_mut();
+        if let Some(entry) = conns.get_mut(&key).filter(|e| e.conn.id == id) {
+            self.reset_entry(entry);
+            self.settle(key, entry);
+        }
     }
 
     /// Runs `f` on connection `key` if it is still connection `id`, then settles it.

@@ -17,7 +17,7 @@ use executor::AsyncFd;
 
 use super::conn::{Key, Outgoing};
 use super::{Shared, Slot, RX};
-use crate::packet::{Header, Op, HEADER_SIZE, HOST_CID, TYPE_STREAM};
+use crate::packet::{Header, Op, HEADER_SIZE};
 
 /// What became of an rx chain.
 enum Fill {
@@ -198,6 +198,16 @@ impl Shared {
             Ok(iov) => fd.recv_mem_nowait(iov).await.0,
             Err(e) => Err(io::Error::other(e)),
         };
+        let res = match res {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return None,
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                // A host end that reset, or guest memory that cannot take the bytes: the
+                // connection cannot go on whole.
+                self.host_failed(key, id, "reading", Some(&e));
+                return None;
+            }
+            res => res,
+        };
         self.with_conn(key, id, |c| match res {
             Ok(0) => {
                 c.readable = false;
@@ -213,38 +223,11 @@ impl Shared {
                 if n < max {
                     c.readable = false;
                 }
-                let (buf_alloc, fwd_cnt) = c.credit();
-                Some(Header {
-                    src_cid: HOST_CID,
-                    dst_cid: self.guest_cid,
-                    src_port: key.local,
-                    dst_port: key.peer,
-                    len: n as u32,
-                    kind: TYPE_STREAM,
-                    op: Op::Rw.to_u16(),
-                    flags: 0,
-                    buf_alloc,
-                    fwd_cnt,
-                })
+                Some(self.header(key, Op::Rw, 0, n as u32, c.credit()))
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            // Nothing there after all: the watcher polls again.
+            Err(_) => {
                 c.readable = false;
-                None
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
-            Err(e) => {
-                // A host end that reset, or guest memory that cannot take the bytes: the
-                // connection cannot go on whole. Closing is not an error worth a line.
-                if e.raw_os_error() != Some(libc::ECONNRESET) {
-                    eprintln!(
-                        "ringvm device vsock: host port {} guest port {}: reading failed: {e}",
-                        key.local, key.peer
-                    );
-                }
-                c.readable = false;
-                c.reset();
-                // The tx queue gives back what it held for the connection.
-                self.tx_wake.notify();
                 None
             }
         })
@@ -276,19 +259,7 @@ impl Shared {
                     max: read,
                 });
             }
-            let (buf_alloc, fwd_cnt) = entry.conn.credit();
-            let hdr = Header {
-                src_cid: HOST_CID,
-                dst_cid: self.guest_cid,
-                src_port: key.local,
-                dst_port: key.peer,
-                len: 0,
-                kind: TYPE_STREAM,
-                op: op.to_u16(),
-                flags,
-                buf_alloc,
-                fwd_cnt,
-            };
+            let hdr = self.header(key, op, flags, 0, entry.conn.credit());
             if op == Op::Rst {
                 drop(conns);
                 self.remove(key);

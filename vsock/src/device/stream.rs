@@ -92,21 +92,7 @@ impl Host {
     /// The host failed (closed, reset): the connection is reset. Closing is how a host
     /// process ends a connection, so that is not logged.
     fn failed(&self, what: &str, e: io::Error) {
-        let quiet = matches!(
-            e.raw_os_error(),
-            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ECANCELED)
-        );
-        if !quiet {
-            eprintln!(
-                "ringvm device vsock: host port {} guest port {}: {what} failed: {e}",
-                self.key.local, self.key.peer
-            );
-        }
-        let mut conns = self.shared.conns.borrow_mut();
-        if let Some(entry) = conns.get_mut(&self.key).filter(|e| e.conn.id == self.id) {
-            self.shared.reset_entry(entry);
-            self.shared.settle(self.key, entry);
-        }
+        self.shared.host_failed(self.key, self.id, what, Some(&e));
     }
 
     /// Watches the host stream for something to read while the guest has credit: the rx

@@ -98,7 +98,6 @@ async fn serve(
         };
         match event {
             Event::Chain(chain) => {
-                held.sweep(shared, queue)?;
                 // The chain that woke the task, then everything else already there.
                 let mut next = Some(chain?);
                 while let Some(chain) = next.take() {
