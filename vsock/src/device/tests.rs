@@ -348,6 +348,23 @@ impl Guest {
         got
     }
 
+    /// Reads what the host gets until its end sees end-of-file.
+    fn host_read_to_eof(&mut self, host: &mut UnixStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        self.until("host eof", |_| {
+            let mut buf = [0u8; 65536];
+            loop {
+                match host.read(&mut buf) {
+                    Ok(0) => return Some(()),
+                    Ok(k) => got.extend_from_slice(&buf[..k]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        got
+    }
+
     /// Waits for the host's end to see end-of-file.
     fn host_eof(&mut self, host: &mut UnixStream) {
         self.until("host eof", |_| {
@@ -1341,18 +1358,7 @@ fn a_reset_connection_gives_back_the_chains_held_for_it() {
     // stream ends after what the socket already had.
     g.send(header(1000, 80, Op::Rst), &[]);
     g.until("every tx chain back", |g| (g.tx_out == 0).then_some(()));
-    let mut got = Vec::new();
-    g.until("host eof", |_| {
-        let mut buf = [0u8; 65536];
-        loop {
-            match host.read(&mut buf) {
-                Ok(0) => return Some(()),
-                Ok(k) => got.extend_from_slice(&buf[..k]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    });
+    let got = g.host_read_to_eof(&mut host);
     assert!(
         got == numbered(0, got.len()),
         "what came is the stream's start"
@@ -1410,4 +1416,35 @@ fn at_most_half_the_queue_is_held_and_other_connections_go_on() {
         assert!(got == numbered(0, *n), "the bytes came in order");
     }
     g.until("every tx chain back", |g| (g.tx_out == 0).then_some(()));
+}
+
+#[test]
+fn a_held_packet_beyond_the_credit_resets_the_connection_and_every_chain_comes_back() {
+    let buf_alloc = 64 << 10;
+    let mut g = Guest::with_buf_alloc(buf_alloc);
+    let mut host = g.connect(1000, 80);
+    let mut neighbour = g.connect(1001, 80);
+    let mut tx = Sender::new(1000);
+    tx.until_stalled(&mut g, buf_alloc, &[8 << 10], 64);
+    assert!(g.tx_out > 0, "chains are held while the host reads nothing");
+    // One more packet, of the whole buffer while some of it is held: beyond the credit.
+    // The connection is reset, and the chains held for it come back with the bad one.
+    g.send_bufs(&data_packet(1000, 80, &numbered(tx.sent, 64 << 10)));
+    g.until("the RST", |g| {
+        g.inbox
+            .iter()
+            .any(|(h, _)| h.op() == Some(Op::Rst) && h.dst_port == 1000)
+            .then_some(())
+    });
+    g.until("every tx chain back", |g| (g.tx_out == 0).then_some(()));
+    assert_eq!(g.device.stats().credit_violations, 1);
+    // The host's stream ends after what its socket already had, in order.
+    let got = g.host_read_to_eof(&mut host);
+    assert!(
+        got == numbered(0, got.len()),
+        "what came is the stream's start"
+    );
+    // The other connection is unaffected.
+    g.send_bufs(&data_packet(1001, 80, &numbered(0, 8 << 10)));
+    assert!(g.host_read(&mut neighbour, 8 << 10) == numbered(0, 8 << 10));
 }
