@@ -1448,3 +1448,5 @@ fn a_held_packet_beyond_the_credit_resets_the_connection_and_every_chain_comes_b
     g.send_bufs(&data_packet(1001, 80, &numbered(0, 8 << 10)));
     assert!(g.host_read(&mut neighbour, 8 << 10) == numbered(0, 8 << 10));
 }
+
+mod model;
