@@ -33,7 +33,8 @@ pub struct AsyncQueue {
     mem: GuestMemory,
     /// Taken by the one `next_chain` that waits on it, put back when it stops waiting.
     kick: Cell<Option<EventFdStream>>,
-    call: EventFd,
+    /// Replaced while the queue runs by [`AsyncQueue::set_call`].
+    call: RefCell<EventFd>,
 }
 
 /// Holds the kick stream while a `next_chain` waits, and puts it back even when that future
@@ -66,7 +67,7 @@ impl AsyncQueue {
             queue: RefCell::new(queue),
             mem,
             kick: Cell::new(Some(kick)),
-            call,
+            call: RefCell::new(call),
         }
     }
 
@@ -146,9 +147,16 @@ impl AsyncQueue {
         if notify {
             // Never blocks on a nonblocking call eventfd (the vhost-user backend makes every
             // one so): a counter the peer let fill up already wakes it.
-            self.call.notify().map_err(Error::Call)?;
+            self.call.borrow().notify().map_err(Error::Call)?;
         }
         Ok(notify)
+    }
+
+    /// Signals the driver through `call` from now on (vhost-user `SET_VRING_CALL` on a
+    /// running ring, as a frontend does when the guest masks or unmasks the queue's
+    /// interrupt). The queue goes on: nothing held or in flight is touched.
+    pub fn set_call(&self, call: EventFd) {
+        *self.call.borrow_mut() = call;
     }
 
     /// `add_used` then `signal_used`.
@@ -160,7 +168,11 @@ impl AsyncQueue {
     /// The queue, the kick stream (absent only while a `next_chain` future is alive), and
     /// the call eventfd, to hand the queue back (vhost-user `GET_VRING_BASE`).
     pub fn into_parts(self) -> (Queue, Option<EventFdStream>, EventFd) {
-        (self.queue.into_inner(), self.kick.into_inner(), self.call)
+        (
+            self.queue.into_inner(),
+            self.kick.into_inner(),
+            self.call.into_inner(),
+        )
     }
 }
 

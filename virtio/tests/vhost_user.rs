@@ -865,7 +865,7 @@ fn without_protocol_features_the_kick_starts_the_ring() {
         .await;
         let (len, _) = guest.request(&[MockBuf::Writable(10)]).await;
         assert_eq!(len, 10);
-        // A new call fd while running: the ring restarts and signals the new one.
+        // A new call fd while running: the ring goes on, and signals the new one.
         let call2 = EventFd::new().unwrap();
         let mut calls2 = call2.try_clone().unwrap().into_stream();
         raw.send(

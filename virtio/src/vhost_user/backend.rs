@@ -499,11 +499,14 @@ impl<D: Device> Server<D> {
             }
             (Request::SetVringCall, RequestBody::VringFd(body)) => {
                 let i = self.vring_fd_index(body)?;
-                let was_running = self.vrings[i].running.is_some();
-                self.stop_vring(i).await;
-                self.vrings[i].call = fds.pop();
-                if was_running {
-                    self.start_vring(i)?;
+                let vring = &mut self.vrings[i];
+                vring.call = fds.pop();
+                // A running ring goes on with the new fd: frontends swap it whenever the
+                // guest masks or unmasks the queue's interrupt, and a restart would drain
+                // the requests in flight and drop what a queue holds (a frame waiting for
+                // receive buffers).
+                if let Some(running) = &vring.running {
+                    running.queue.set_call(call_eventfd(&vring.call)?);
                 }
             }
             (Request::SetVringErr, RequestBody::VringFd(body)) => {
@@ -783,14 +786,7 @@ impl<D: Device> Server<D> {
         }
         self.started_once = true;
         let kick = EventFdStream::new(kick.try_clone().map_err(Error::DupFd)?);
-        let call = match &vring.call {
-            Some(fd) => EventFd::from(fd.as_fd().try_clone_to_owned().map_err(Error::DupFd)?),
-            None => EventFd::new().map_err(Error::EventFd)?,
-        };
-        // The frontend's eventfd may be full and never read: signalling it must not block
-        // the executor (and with it every queue and this socket). Nonblocking, a full counter
-        // is a pending wake-up and `signal_used` goes on.
-        call.set_nonblocking().map_err(Error::CallNonblocking)?;
+        let call = call_eventfd(&vring.call)?;
         let queue = Rc::new(AsyncQueue::new(queue, mem.clone(), kick, call));
         let stop = StopSignal::new();
         let future = self
@@ -839,6 +835,20 @@ impl<D: Device> Server<D> {
         self.inflight = None;
         self.device.reset();
     }
+}
+
+/// The eventfd a queue signals: a nonblocking copy of the frontend's `call` fd, or one of its
+/// own that nobody reads (NOFD).
+fn call_eventfd(call: &Option<OwnedFd>) -> Result<EventFd> {
+    let call = match call {
+        Some(fd) => EventFd::from(fd.as_fd().try_clone_to_owned().map_err(Error::DupFd)?),
+        None => EventFd::new().map_err(Error::EventFd)?,
+    };
+    // The frontend's eventfd may be full and never read: signalling it must not block the
+    // executor (and with it every queue and this socket). Nonblocking, a full counter is a
+    // pending wake-up and `signal_used` goes on.
+    call.set_nonblocking().map_err(Error::CallNonblocking)?;
+    Ok(call)
 }
 
 /// The guest addresses of a ring's three parts, from the frontend's user addresses.
