@@ -37,7 +37,10 @@
 //! # Stop
 //! Stopping cancels the pending reads and delivers what they may have read; chains still
 //! held go back to the avail ring when they are the last ones popped (`GET_VRING_BASE`
-//! reports them unconsumed), else as empty used entries.
+//! reports them unconsumed), else as empty used entries. The one frame that can be lost is
+//! one that waits for more buffers (`MRG_RXBUF`) when the stop comes: it is counted in
+//! `rx_errors`, and nothing more is read from the tap. A new call fd (`SET_VRING_CALL`, as a
+//! frontend swaps it when the guest masks the queue's interrupt) does not stop the ring.
 
 mod buffers;
 mod plan;
@@ -242,6 +245,9 @@ impl<'a> Rx<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod model_tests;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -50,6 +50,7 @@ impl Rx<'_> {
             if let (Ok(n), iovecs) = read.await {
                 if n > 0 {
                     let spill = iovecs.into_host();
+                    // Stopped either way: whether it waited for buffers does not matter.
                     self.received(n, chains, capacity, &spill, stop).await?;
                 }
             }
@@ -57,10 +58,9 @@ impl Rx<'_> {
         };
         let spill = iovecs.into_host();
         let go_on = match result {
-            Ok(n) => {
-                self.received(n, chains, capacity, &spill, stop).await?;
-                true
-            }
+            // False when the stop came while the frame waited for buffers: no more reads,
+            // or the next would take a frame from the tap only to drop it.
+            Ok(n) => self.received(n, chains, capacity, &spill, stop).await?,
             Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) => self.readable(stop).await,
                 Some(libc::EINTR | libc::ECANCELED) => true,
@@ -104,7 +104,8 @@ impl Rx<'_> {
     /// A read of `n` bytes (header included) into `capacity` bytes of the first `chains` held
     /// chains and then `spill`: delivers the frame, copying an overflow into more chains with
     /// `MRG_RXBUF` (waiting for the driver to post them), or counts it as an error if it
-    /// cannot fit.
+    /// cannot fit. False when `stop` came while the frame waited for buffers (the frame is
+    /// counted as an error and dropped).
     async fn received(
         &mut self,
         n: usize,
@@ -112,7 +113,7 @@ impl Rx<'_> {
         capacity: usize,
         spill: &[u8],
         stop: &StopSignal,
-    ) -> QueueResult {
+    ) -> std::result::Result<bool, virtio::Error> {
         if n < VNET_HDR_SIZE || n >= capacity + spill.len() || (n > capacity && !self.mrg) {
             // Cut by the tap (larger than the largest frame we allowed for), or too big for
             // one buffer without MRG_RXBUF: the chains stay held for the next frame.
@@ -121,7 +122,7 @@ impl Rx<'_> {
                 self.index
             ));
             self.dev.count(self.pair, |c| c.rx_errors += 1);
-            return Ok(());
+            return Ok(true);
         }
         let mut overflow = &spill[..n.saturating_sub(capacity)];
         // The read filled the first `chains` held chains: the overflow goes into the next.
@@ -137,7 +138,7 @@ impl Rx<'_> {
                             self.index
                         ));
                         self.dev.count(self.pair, |c| c.rx_errors += 1);
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 continue;
@@ -150,7 +151,8 @@ impl Rx<'_> {
             overflow = &overflow[k..];
             filled += 1;
         }
-        self.deliver(n)
+        self.deliver(n)?;
+        Ok(true)
     }
 
     /// Returns the chains a frame of `n` bytes (header included) filled, in order.
