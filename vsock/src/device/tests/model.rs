@@ -246,12 +246,7 @@ fn random_traffic_keeps_both_streams_whole_and_in_order_and_every_chain_comes_ba
         .run(&(model_steps(), any::<bool>()), |(steps, rx_split)| {
             let mut g = Guest::with_buf_alloc(buf_alloc);
             if rx_split {
-                // Receive buffers as older Linux posts them: the header apart.
-                g.stop();
-                g.queues = Guest::layout(&g.mem);
-                g.rx_posted.clear();
-                g.rx_split = true;
-                g.start();
+                g.split_rx();
             }
             let mut conns: Vec<Model> = (0..MODEL_CONNS)
                 .map(|c| Model {
