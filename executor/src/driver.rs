@@ -161,6 +161,11 @@ impl Driver {
         }
     }
 
+    /// Whether SQEs are waiting to be submitted.
+    pub(crate) fn has_queued(&mut self) -> bool {
+        !self.ring.submission().is_empty()
+    }
+
     /// Whether SQEs are waiting to be submitted, or completions wait in the kernel for this
     /// thread to enter it (IORING_SQ_TASKRUN: with COOP_TASKRUN the kernel does not interrupt
     /// a running thread to post them; `submit` enters the kernel and posts them).

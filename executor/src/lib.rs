@@ -39,8 +39,8 @@ pub use buf::{dio_alignment, AlignedBuf, IoBuf, IoBufMut, IoVecs, IoVecsMut};
 pub use eventfd::{EventFd, EventFdStream};
 pub use fd::{nop, AsyncFd};
 pub use runtime::{
-    block_on, is_supported, probe, spawn, yield_now, Builder, Executor, Task, ALWAYS_ALLOWED_OPS,
-    DEFAULT_MAX_IO_WORKERS,
+    block_on, is_supported, probe, spawn, submit_now, yield_now, Builder, Executor, Task,
+    ALWAYS_ALLOWED_OPS, DEFAULT_MAX_IO_WORKERS,
 };
 pub use socket::{connect_unix, listen_unix, socketpair, RecvMsg};
 pub use time::{sleep, timeout, Elapsed};

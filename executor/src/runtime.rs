@@ -155,6 +155,27 @@ pub(crate) fn current_driver() -> io::Result<DriverRef> {
         .ok_or_else(|| io::Error::other("no executor is running on this thread"))
 }
 
+/// Hands the operations queued so far on this thread's executor to the kernel now, without
+/// waiting for any. The executor does so anyway once its tasks have run; this is for a task
+/// that queues many operations in one turn and wants the first ones started while it makes
+/// the rest (a disk works on its first requests while the device reads the others). Does
+/// nothing when none is queued or no executor runs on this thread (nor from code the
+/// executor runs while it holds its ring: a waker, a drop of an operation). An error leaves
+/// the operations queued for the executor's next submission.
+pub fn submit_now() -> io::Result<()> {
+    let Ok(driver) = current_driver() else {
+        return Ok(());
+    };
+    let Ok(mut d) = driver.try_borrow_mut() else {
+        return Ok(());
+    };
+    if d.has_queued() {
+        d.submit()
+    } else {
+        Ok(())
+    }
+}
+
 /// Makes `inner` the current executor until dropped; restores the previous one.
 struct Enter {
     prev: Option<Rc<Inner>>,

@@ -5,6 +5,7 @@ mod common;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -378,4 +379,46 @@ fn executor_dropped_from_a_thread_local_destructor_drops_its_tasks() {
         dropped.load(Ordering::SeqCst),
         "the waiting task was dropped"
     );
+}
+
+#[test]
+fn submit_now_hands_queued_ops_to_the_kernel_before_the_task_yields() {
+    let (r, w) = common::pipe();
+    let ex = Executor::new().unwrap();
+    ex.run_until(async move {
+        let w = AsyncFd::new(w);
+        // Queued, not yet submitted: the executor submits when the task yields.
+        let write = w.write(b"x".to_vec());
+        let mut byte = [0u8; 1];
+        let peek = |byte: &mut [u8; 1]| {
+            let mut pfd = libc::pollfd {
+                fd: r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; a zero timeout does not block.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+            ready == 1 && {
+                // SAFETY: reads one byte into `byte`, which has room for it.
+                unsafe { libc::read(r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) == 1 }
+            }
+        };
+        assert!(
+            !peek(&mut byte),
+            "the write reached the pipe before any submission"
+        );
+        executor::submit_now().unwrap();
+        // A pipe write completes as it is submitted.
+        assert!(
+            peek(&mut byte),
+            "submit_now did not submit the queued write"
+        );
+        assert_eq!(&byte, b"x");
+        let (res, _) = write.await;
+        assert_eq!(res.unwrap(), 1);
+        // Nothing queued: a no-op.
+        executor::submit_now().unwrap();
+    });
+    // No executor on this thread: a no-op too.
+    executor::submit_now().unwrap();
 }
