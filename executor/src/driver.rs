@@ -34,6 +34,7 @@ enum Lifecycle {
 }
 
 /// A CQE result: a count, or an OS error.
+#[inline]
 pub(crate) fn to_result(res: i32) -> io::Result<i32> {
     if res < 0 {
         Err(io::Error::from_raw_os_error(-res))
@@ -92,11 +93,13 @@ impl Driver {
     }
 
     /// The `user_data` of the op in slot `index`.
+    #[inline]
     fn token(&self, index: usize) -> u64 {
         (u64::from(self.generations[index]) << 32) | index as u64
     }
 
     /// Takes a slot for a new op.
+    #[inline]
     fn insert(&mut self, state: Lifecycle) -> usize {
         let index = self.ops.insert(state);
         if self.generations.len() <= index {
@@ -110,6 +113,7 @@ impl Driver {
     ///
     /// # Safety
     /// Every pointer in `sqe` must stay valid until its completion is reaped.
+    #[inline]
     unsafe fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: the caller guarantees the pointers in the entry stay valid.
@@ -248,9 +252,11 @@ impl Driver {
     }
 
     /// The result of op `index` if it completed (its slot freed); else `Pending`, with
-    /// `waker` stored to be woken at the completion. The state it replaced comes back, for
-    /// the caller to drop once the driver is released.
-    fn poll_op(&mut self, index: usize, waker: &Waker) -> (Poll<i32>, Option<Lifecycle>) {
+    /// `waker` stored to be woken at the completion. A state it replaces (a waker of an
+    /// earlier poll, say) goes to the garbage, dropped once the driver is released: a
+    /// waker's drop may run arbitrary code.
+    #[inline]
+    fn poll_op(&mut self, index: usize, waker: &Waker) -> Poll<i32> {
         let state = self
             .ops
             .get_mut(index)
@@ -259,12 +265,17 @@ impl Driver {
             Lifecycle::Completed(res) => {
                 let res = *res;
                 self.ops.remove(index);
-                (Poll::Ready(res), None)
+                Poll::Ready(res)
             }
-            Lifecycle::Waiting(w) if w.will_wake(waker) => (Poll::Pending, None),
+            Lifecycle::Submitted => {
+                *state = Lifecycle::Waiting(waker.clone());
+                Poll::Pending
+            }
+            Lifecycle::Waiting(w) if w.will_wake(waker) => Poll::Pending,
             _ => {
                 let old = std::mem::replace(state, Lifecycle::Waiting(waker.clone()));
-                (Poll::Pending, Some(old))
+                self.garbage.push(Box::new(old));
+                Poll::Pending
             }
         }
     }
@@ -329,6 +340,7 @@ impl Driver {
 ///
 /// # Safety
 /// Every pointer in `sqe` must stay valid until the completion is reaped.
+#[inline]
 unsafe fn register(driver: &DriverRef, sqe: &squeue::Entry) -> io::Result<usize> {
     let mut d = driver.borrow_mut();
     let index = d.insert(Lifecycle::Submitted);
@@ -474,10 +486,7 @@ impl<T: 'static> Future for Op<T> {
             }
             State::Deferred(_) | State::Done => panic!("an op is polled after completion"),
         };
-        let (poll, old) = driver.borrow_mut().poll_op(index, cx.waker());
-        // Dropped with the driver released: a waker's drop may run arbitrary code.
-        drop(old);
-        let res = std::task::ready!(poll);
+        let res = std::task::ready!(driver.borrow_mut().poll_op(index, cx.waker()));
         this.state = State::Done;
         let data = this.data.take().expect("an op completes once");
         Poll::Ready((to_result(res), data))
@@ -589,13 +598,8 @@ impl<T: 'static> Future for Ops<T> {
             // Only the first one still in the kernel wakes the task: the batch is done no
             // sooner than it is.
             match d.poll_op(index, cx.waker()) {
-                (Poll::Ready(res), _) => *slot = Slot::Done(res),
-                (Poll::Pending, old) => {
-                    drop(d);
-                    // Dropped with the driver released: a waker's drop may run arbitrary code.
-                    drop(old);
-                    return Poll::Pending;
-                }
+                Poll::Ready(res) => *slot = Slot::Done(res),
+                Poll::Pending => return Poll::Pending,
             }
         }
         drop(d);
@@ -829,6 +833,63 @@ mod tests {
         d.borrow_mut().take_ready(&mut wakers, &mut garbage);
         assert_eq!((wakers.len(), garbage.len()), (1, 0));
         assert!(matches!(poll_once(&mut op), Poll::Ready((Ok(1), _))));
+    }
+
+    /// A waker that counts its wakes and its live clones.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn repoll_with_a_new_waker_wakes_only_the_new_one_and_drops_the_old_outside_the_borrow() {
+        let (d, _wake) = driver();
+        let (r, w) = pipe();
+        let token = Arc::new(());
+        let mut op = read_op(&d, &r, &token);
+        let (a, b) = (
+            Arc::new(Counting(Default::default())),
+            Arc::new(Counting(Default::default())),
+        );
+        let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        assert!(Pin::new(&mut op)
+            .poll(&mut Context::from_waker(&wa))
+            .is_pending());
+        // The same waker again: kept, not cloned.
+        assert!(Pin::new(&mut op)
+            .poll(&mut Context::from_waker(&wa))
+            .is_pending());
+        assert_eq!(Arc::strong_count(&a), 3);
+        assert!(Pin::new(&mut op)
+            .poll(&mut Context::from_waker(&wb))
+            .is_pending());
+        // The old clone waits in the garbage: its drop may run code that needs the driver.
+        assert_eq!(Arc::strong_count(&a), 3);
+        assert_eq!(Arc::strong_count(&b), 3);
+        assert!(d.borrow().has_ready());
+        // SAFETY: writes 1 byte from a live array to a pipe we own.
+        let n = unsafe { libc::write(w.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        assert_eq!(n, 1);
+        let (mut wakers, mut garbage) = (Vec::new(), Vec::new());
+        while wakers.is_empty() {
+            d.borrow_mut().submit_and_wait().unwrap();
+            d.borrow_mut().reap();
+            d.borrow_mut().take_ready(&mut wakers, &mut garbage);
+        }
+        drop(garbage);
+        assert_eq!(Arc::strong_count(&a), 2, "the replaced clone is dropped");
+        for waker in wakers.drain(..) {
+            waker.wake();
+        }
+        let wakes = |c: &Counting| c.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!((wakes(&a), wakes(&b)), (0, 1));
+        assert!(matches!(
+            Pin::new(&mut op).poll(&mut Context::from_waker(&wb)),
+            Poll::Ready((Ok(1), _))
+        ));
     }
 
     #[test]

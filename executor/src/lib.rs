@@ -39,7 +39,7 @@ pub use buf::{dio_alignment, AlignedBuf, IoBuf, IoBufMut, IoVecs, IoVecsMut};
 pub use eventfd::{EventFd, EventFdStream};
 pub use fd::{nop, AsyncFd};
 pub use runtime::{
-    block_on, is_supported, probe, spawn, submit_now, yield_now, Builder, Executor, Task,
+    block_on, is_supported, probe, spawn, submit_now, yield_now, Builder, Executor, Home, Task,
     ALWAYS_ALLOWED_OPS, DEFAULT_MAX_IO_WORKERS,
 };
 pub use socket::{connect_unix, listen_unix, socketpair, RecvMsg};

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, ThreadId};
 
-use async_task::Runnable;
 use io_uring::{opcode, register::Restriction, squeue, IoUring};
 
 use crate::driver::{Driver, DriverRef};
@@ -21,7 +20,23 @@ use crate::{Error, Result};
 
 /// A spawned task: await it for its output, `detach()` it to let it run on, or drop it to
 /// cancel it.
-pub type Task<T> = async_task::Task<T>;
+pub type Task<T> = async_task::Task<T, Home>;
+
+/// The executor a task belongs to, kept in the task itself (opaque).
+///
+/// There, and not in the task's schedule function, it leaves that function without data, and
+/// a waker consumed by `wake` then hands its reference to the scheduled task. With data, the
+/// task takes a new reference and the waker drops its own: two atomic operations more on
+/// every wake, which is every completion an operation's task waits for.
+pub struct Home(Arc<Shared>);
+
+impl fmt::Debug for Home {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Home").field(&self.0.id).finish()
+    }
+}
+
+type Runnable = async_task::Runnable<Home>;
 
 /// Opcodes the executor itself uses, allowed in every restricted ring: the read that wakes
 /// the ring from other threads, and the cancellation of dropped operations.
@@ -90,36 +105,40 @@ struct Shared {
     wake_fd: OwnedFd,
 }
 
-impl Shared {
-    fn schedule(self: &Arc<Self>, runnable: Runnable) {
-        if self.closed.load(Ordering::Acquire) && thread::current().id() == self.owner {
-            // The executor is gone and will never run this task: drop its future now, on its
-            // own thread (a `Task` handle dropped after the executor, say). Queued instead, the
-            // task would keep `self` alive through its schedule function, and leak both.
-            drop(runnable);
-            return;
-        }
-        let mut runnable = Some(runnable);
-        // Fails only while this thread's locals are destroyed: it runs no executor then.
-        let _ = CURRENT.try_with(|cur| {
-            if let Some(inner) = &*cur.borrow() {
-                if inner.shared.id == self.id {
-                    if let Some(r) = runnable.take() {
-                        inner.local.borrow_mut().push_back(r);
-                    }
+/// The schedule function of every task: queues the task on its executor.
+#[inline]
+fn schedule(runnable: Runnable) {
+    let shared = &runnable.metadata().0;
+    if shared.closed.load(Ordering::Acquire) && thread::current().id() == shared.owner {
+        // The executor is gone and will never run this task: drop its future now, on its
+        // own thread (a `Task` handle dropped after the executor, say). Queued instead, the
+        // task would keep its executor's `Shared` alive through its metadata, and leak both.
+        drop(runnable);
+        return;
+    }
+    let mut runnable = Some(runnable);
+    // Fails only while this thread's locals are destroyed: it runs no executor then.
+    let _ = CURRENT.try_with(|cur| {
+        if let (Some(inner), Some(r)) = (&*cur.borrow(), &runnable) {
+            if Arc::ptr_eq(&inner.shared, &r.metadata().0) {
+                if let Some(r) = runnable.take() {
+                    inner.local.borrow_mut().push_back(r);
                 }
             }
-        });
-        if let Some(runnable) = runnable {
-            let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            remote.push_back(runnable);
-            // SeqCst: ordered before `notify`'s swap of `sleeping` (see `Inner::park`).
-            self.remote_pending.store(true, Ordering::SeqCst);
-            drop(remote);
-            self.notify();
         }
+    });
+    if let Some(runnable) = runnable {
+        let shared = runnable.metadata().0.clone();
+        let mut remote = shared.remote.lock().unwrap_or_else(|e| e.into_inner());
+        remote.push_back(runnable);
+        // SeqCst: ordered before `notify`'s swap of `sleeping` (see `Inner::park`).
+        shared.remote_pending.store(true, Ordering::SeqCst);
+        drop(remote);
+        shared.notify();
     }
+}
 
+impl Shared {
     /// Wakes the ring if the executor is blocked in it.
     fn notify(&self) {
         if self.sleeping.swap(false, Ordering::SeqCst) {
@@ -146,6 +165,7 @@ thread_local! {
 }
 
 /// The driver of the executor running on this thread.
+#[inline]
 pub(crate) fn current_driver() -> io::Result<DriverRef> {
     // Fails only while this thread's locals are destroyed: no executor runs then.
     CURRENT
@@ -633,8 +653,10 @@ where
     F: Future + 'static,
     F::Output: 'static,
 {
-    let shared = inner.shared.clone();
-    let (runnable, task) = async_task::spawn_local(future, move |r| shared.schedule(r));
+    let home = Home(inner.shared.clone());
+    let (runnable, task) = async_task::Builder::new()
+        .metadata(home)
+        .spawn_local(move |_| future, schedule);
     runnable.schedule();
     task
 }
@@ -797,10 +819,9 @@ mod tests {
         assert_eq!(ex.inner.shared.remote.lock().unwrap().len(), 1);
         let shared = ex.inner.shared.clone();
         let ran = ex.run_until(async move {
-            let (runnable, task) = async_task::spawn(async { 6 }, {
-                let shared = shared.clone();
-                move |r| shared.schedule(r)
-            });
+            let (runnable, task) = async_task::Builder::new()
+                .metadata(Home(shared.clone()))
+                .spawn(|_| async { 6 }, schedule);
             std::thread::spawn(move || runnable.schedule())
                 .join()
                 .unwrap();
@@ -817,10 +838,9 @@ mod tests {
         let shared = ex.inner.shared.clone();
         let token = Arc::new(());
         let t = token.clone();
-        let (runnable, task) = async_task::spawn_local(async move { drop(t) }, {
-            let shared = shared.clone();
-            move |r| shared.schedule(r)
-        });
+        let (runnable, task) = async_task::Builder::new()
+            .metadata(Home(shared.clone()))
+            .spawn_local(move |_| async move { drop(t) }, schedule);
         drop(ex);
         assert!(shared.closed.load(Ordering::SeqCst));
         runnable.schedule();
