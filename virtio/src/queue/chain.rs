@@ -187,7 +187,10 @@ impl DescriptorChain {
         };
         // Kept in locals (registers, mostly) while walking; the chain is built once at the
         // end, which keeps the hot path free of loads of values just stored.
-        let mut items = [Buffer::default(); INLINE];
+        // Addresses and lengths apart: a `Buffer` stored as two fields (8 + 4 bytes) and read
+        // back whole right away cannot be forwarded from the store buffer, and stalls.
+        let mut addrs = [0u64; INLINE];
+        let mut lens = [0u32; INLINE];
         let mut n = 0usize;
         let mut spill: Vec<Buffer> = Vec::new();
         let (mut readable, mut readable_len, mut writable_len) = (0usize, 0usize, 0usize);
@@ -266,11 +269,15 @@ impl DescriptorChain {
                 len: desc.len,
             };
             if n < INLINE {
-                items[n] = b;
+                addrs[n] = b.addr.0;
+                lens[n] = b.len;
             } else {
                 if spill.is_empty() {
                     spill.reserve(2 * INLINE);
-                    spill.extend_from_slice(&items);
+                    spill.extend((0..INLINE).map(|i| Buffer {
+                        addr: GuestAddress(addrs[i]),
+                        len: lens[i],
+                    }));
                 }
                 spill.push(b);
             }
@@ -279,7 +286,13 @@ impl DescriptorChain {
                 return Ok(DescriptorChain {
                     head,
                     bufs: if n <= INLINE {
-                        BufList::Inline { len: n, items }
+                        BufList::Inline {
+                            len: n,
+                            items: std::array::from_fn(|i| Buffer {
+                                addr: GuestAddress(addrs[i]),
+                                len: lens[i],
+                            }),
+                        }
                     } else {
                         BufList::Heap(spill)
                     },
@@ -451,6 +464,20 @@ mod tests {
         let c = parse_at(&mem, 16, true, 0).expect("valid");
         assert_eq!(c.buffers().len(), 9);
         assert_eq!(c.readable_len(), 0x801);
+        let want = descs.iter().map(|d| (d.addr, d.len));
+        let got = c.buffers().iter().map(|b| (b.addr.0, b.len));
+        assert!(got.eq(want), "every buffer, in order: {:?}", c.buffers());
+        for n in 1..=4 {
+            let mut short = descs[9 - n..].to_vec();
+            for (i, d) in short.iter_mut().enumerate() {
+                d.next = i as u16 + 1;
+            }
+            write(&mem, TABLE, &short);
+            let c = parse_at(&mem, 16, true, 0).expect("valid");
+            let want = short.iter().map(|d| (d.addr, d.len));
+            let got = c.buffers().iter().map(|b| (b.addr.0, b.len));
+            assert!(got.eq(want), "{n} inline buffers: {:?}", c.buffers());
+        }
     }
 
     #[test]
