@@ -363,6 +363,7 @@ unsafe fn register(driver: &DriverRef, sqe: &squeue::Entry) -> io::Result<usize>
 /// # Safety
 /// Every pointer in `sqe` must point into `data` (valid at the same address even when `data`
 /// moves) or into memory that outlives the operation.
+#[inline(always)]
 pub(crate) unsafe fn submit<T: 'static>(
     driver: DriverRef,
     sqe: squeue::Entry,

@@ -110,6 +110,7 @@ fn close_received<B: 'static>(data: &mut dyn Any, res: i32) {
 
 impl AsyncFd {
     /// Sends the initialised bytes of `buf` and, with them, `fds` (SCM_RIGHTS).
+    #[inline(always)]
     pub fn sendmsg<B: IoBuf>(
         &self,
         buf: B,
@@ -173,6 +174,7 @@ impl AsyncFd {
     /// Sends the initialised bytes of `bufs`, in order, as one message (`MSG_NOSIGNAL`: a
     /// peer that closed its end gives EPIPE, never a SIGPIPE). A stream socket may take only
     /// a first part; the result says how many bytes.
+    #[inline(always)]
     pub fn send_vectored<B: IoBuf>(
         &self,
         bufs: Vec<B>,
@@ -199,6 +201,7 @@ impl AsyncFd {
     /// is submitted, with the bytes taken (a stream socket may take a first part) or
     /// EWOULDBLOCK when there is no room, never waiting in the ring; `MSG_NOSIGNAL` makes a
     /// peer that closed its end EPIPE. The regions are only read.
+    #[inline(always)]
     pub fn send_mem_nowait<M: IoVecs>(
         &self,
         mem: M,
@@ -211,6 +214,7 @@ impl AsyncFd {
     /// now: `MSG_DONTWAIT` makes the operation complete when it is submitted, with the bytes
     /// received (0: the peer closed its end) or EWOULDBLOCK when there is nothing, never
     /// waiting in the ring.
+    #[inline(always)]
     pub fn recv_mem_nowait<M: IoVecsMut>(
         &self,
         mem: M,
@@ -255,6 +259,7 @@ impl AsyncFd {
     }
 
     /// Receives into `buf`, accepting up to `max_fds` descriptors with the message.
+    #[inline(always)]
     pub fn recvmsg<B: IoBufMut>(
         &self,
         mut buf: B,
