@@ -80,6 +80,16 @@ pub struct Buffer {
 
 const INLINE: usize = 4;
 
+/// The first buffers of a chain being parsed, from the addresses and lengths kept apart
+/// (see [`DescriptorChain::parse`]).
+#[inline]
+fn inline_buffers(addrs: &[u64; INLINE], lens: &[u32; INLINE]) -> [Buffer; INLINE] {
+    std::array::from_fn(|i| Buffer {
+        addr: GuestAddress(addrs[i]),
+        len: lens[i],
+    })
+}
+
 /// A list of buffers that stays on the stack for the usual short chains.
 #[derive(Clone, Debug)]
 pub(crate) enum BufList {
@@ -274,10 +284,7 @@ impl DescriptorChain {
             } else {
                 if spill.is_empty() {
                     spill.reserve(2 * INLINE);
-                    spill.extend((0..INLINE).map(|i| Buffer {
-                        addr: GuestAddress(addrs[i]),
-                        len: lens[i],
-                    }));
+                    spill.extend_from_slice(&inline_buffers(&addrs, &lens));
                 }
                 spill.push(b);
             }
@@ -288,10 +295,7 @@ impl DescriptorChain {
                     bufs: if n <= INLINE {
                         BufList::Inline {
                             len: n,
-                            items: std::array::from_fn(|i| Buffer {
-                                addr: GuestAddress(addrs[i]),
-                                len: lens[i],
-                            }),
+                            items: inline_buffers(&addrs, &lens),
                         }
                     } else {
                         BufList::Heap(spill)
