@@ -1,17 +1,20 @@
-//! The executor beside its limit and its peer, in one run.
+//! The executor beside its limit and its peers, in one run.
 //!
 //! - `nop/qd1`, `nop/qd32`: round trips through the ring with nothing to do in the kernel:
 //!   the executor's own cost per operation. QD32 runs 32 tasks (`ringvm`) and, as the block
 //!   device does, one task with a `FuturesUnordered` of 32 ops (`ringvm-fu`). The limit is a
-//!   hand-written io_uring loop with the same queue depth. The peer is tokio rescheduling a
-//!   task through its driver (`yield_now`: one `epoll_wait(0)` per scheduler pass): tokio has
-//!   no I/O that does nothing, and this is the cheapest round trip through its reactor. It
-//!   does less kernel work than a NOP, so even the limit stays below it.
+//!   hand-written io_uring loop with the same queue depth. The peers are the io_uring
+//!   runtimes a user would pick instead: tokio-uring (`no_op`) and monoio (a 0-byte
+//!   `read_at`: it has no NOP). A reference is tokio rescheduling a task through its driver
+//!   (`yield_now`: one `epoll_wait(0)` per scheduler pass): no I/O at all, so even the limit
+//!   stays below it.
 //! - `read4k/qd1`, `read4k/qd32`: 4 KiB reads at random aligned offsets of a 64 MiB file in the
 //!   page cache, so the comparison is about the runtime, not the disk. The executor reuses
-//!   owned buffers; the limit is the hand-written loop; the peer is what a tokio user writes
-//!   for positioned reads: `spawn_blocking` + `pread` on a multi-thread runtime (tokio::fs
-//!   has no positioned read, and its `File` runs every call through `spawn_blocking` too).
+//!   owned buffers (in 32 tasks, and in one task's `FuturesUnordered`); the limit is the
+//!   hand-written loop; the peers are tokio-uring's and monoio's `read_at` in as many tasks;
+//!   the reference is what a tokio user writes for positioned reads: `spawn_blocking` +
+//!   `pread` on a multi-thread runtime (tokio::fs has no positioned read, and its `File`
+//!   runs every call through `spawn_blocking` too).
 //! - `eventfd/pingpong`: the kick path. Two threads bounce a counter over two eventfds; both
 //!   sides use the variant's mechanism: executors awaiting an `EventFdStream`, blocking
 //!   `read`/`write` (the limit), a hand-written io_uring READ per wait (a reference: what

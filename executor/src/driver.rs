@@ -98,10 +98,17 @@ impl Driver {
         (u64::from(self.generations[index]) << 32) | index as u64
     }
 
-    /// Takes a slot for a new op.
+    /// Takes a slot for a new op, in the `Submitted` state.
     #[inline]
-    fn insert(&mut self, state: Lifecycle) -> usize {
-        let index = self.ops.insert(state);
+    fn insert(&mut self) -> usize {
+        // A constant, not the variant written in place: the variant is built on the stack as
+        // a 4-byte tag and copied into the slot with 16-byte loads, which the CPU cannot
+        // forward from the narrower store and waits for (half the time of `register` on
+        // every submission, perf annotate). The constant's bytes are all written, and go to
+        // the slot directly as two 16-byte stores (2-4% less time per NOP in a small program
+        // of 32 tasks; +1.5% in the executor bench, within its noise).
+        const SUBMITTED: Lifecycle = Lifecycle::Submitted;
+        let index = self.ops.insert(SUBMITTED);
         if self.generations.len() <= index {
             self.generations.resize(index + 1, 0);
         }
@@ -343,7 +350,7 @@ impl Driver {
 #[inline]
 unsafe fn register(driver: &DriverRef, sqe: &squeue::Entry) -> io::Result<usize> {
     let mut d = driver.borrow_mut();
-    let index = d.insert(Lifecycle::Submitted);
+    let index = d.insert();
     let sqe = sqe.clone().user_data(d.token(index));
     // SAFETY: forwarded from the caller.
     match unsafe { d.push(&sqe) } {
@@ -692,10 +699,10 @@ mod tests {
     fn reused_slot_gets_a_new_token() {
         let (d, _wake) = driver();
         let mut d = d.borrow_mut();
-        let a = d.insert(Lifecycle::Submitted);
+        let a = d.insert();
         let first = d.token(a);
         d.ops.remove(a);
-        let b = d.insert(Lifecycle::Submitted);
+        let b = d.insert();
         assert_eq!(a, b, "the slab reuses the slot");
         assert_ne!(
             d.token(b),
