@@ -101,12 +101,12 @@ impl Driver {
     /// Takes a slot for a new op, in the `Submitted` state.
     #[inline]
     fn insert(&mut self) -> usize {
-        // A constant, not the variant written in place: the variant is built on the stack as
-        // a 4-byte tag and copied into the slot with 16-byte loads, which the CPU cannot
-        // forward from the narrower store and waits for (half the time of `register` on
-        // every submission, perf annotate). The constant's bytes are all written, and go to
-        // the slot directly as two 16-byte stores (1.5-2% less time per NOP in a small
-        // program of 32 tasks; +1.5% in the executor bench, within its noise).
+        // A constant, not the variant itself: `Lifecycle::Submitted` passed by value is built
+        // on the stack as a 4-byte tag and copied into the slot with 16-byte loads, which
+        // the CPU cannot forward from the narrower store and waits for (half the time of
+        // `register` on every submission, perf annotate). The constant's bytes are all
+        // defined, and go to the slot directly as two 16-byte stores (1.5-2% less time per
+        // NOP in a small program of 32 tasks; +1.5% in the executor bench, within its noise).
         const SUBMITTED: Lifecycle = Lifecycle::Submitted;
         let index = self.ops.insert(SUBMITTED);
         if self.generations.len() <= index {
