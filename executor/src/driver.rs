@@ -8,13 +8,15 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
+
+use crate::ring_fd;
 
 /// `user_data` of the persistent read on the wake eventfd.
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -68,6 +70,9 @@ pub(crate) struct Driver {
     /// Resources of ignored operations that completed, dropped after the driver borrow ends:
     /// a buffer's drop may run arbitrary code, even code that uses the executor.
     garbage: Vec<Box<dyn Any>>,
+    /// The ring's slot in this thread's table of registered rings, if it got one: entered
+    /// through it (`ring_fd`), and given back on drop.
+    registered: Option<u32>,
 }
 
 pub(crate) type DriverRef = Rc<RefCell<Driver>>;
@@ -78,7 +83,9 @@ fn is_transient(e: &io::Error) -> bool {
 }
 
 impl Driver {
-    pub(crate) fn new(ring: IoUring, wake_fd: RawFd) -> Driver {
+    /// A driver for `ring`, which has `registered` as its slot in this thread's table of
+    /// registered rings (`ring_fd::register`), if any.
+    pub(crate) fn new(ring: IoUring, wake_fd: RawFd, registered: Option<u32>) -> Driver {
         Driver {
             ring,
             ops: Slab::with_capacity(64),
@@ -89,7 +96,32 @@ impl Driver {
             wake_armed: false,
             to_wake: Vec::new(),
             garbage: Vec::new(),
+            registered,
         }
+    }
+
+    /// Whether the ring is entered through this thread's table of registered rings.
+    pub(crate) fn registered(&self) -> bool {
+        self.registered.is_some()
+    }
+
+    /// Submits what is queued and waits for `want` completions: one `io_uring_enter`, through
+    /// the registered slot when there is one. Enters for completions (GETEVENTS) when it waits,
+    /// and when completions wait in the kernel: an overflowed completion queue, or task work
+    /// that COOP_TASKRUN held back (IORING_SQ_TASKRUN).
+    fn enter(&mut self, want: u32) -> io::Result<usize> {
+        let Some(index) = self.registered else {
+            return self.ring.submit_and_wait(want as usize);
+        };
+        let sq = self.ring.submission();
+        let flags = if want > 0 || sq.cq_overflow() || sq.taskrun() {
+            ring_fd::ENTER_GETEVENTS
+        } else {
+            0
+        };
+        let to_submit = sq.len() as u32;
+        drop(sq);
+        ring_fd::enter(index, to_submit, want, flags)
     }
 
     /// The `user_data` of the op in slot `index`.
@@ -134,7 +166,7 @@ impl Driver {
     /// Submits queued SQEs without waiting.
     pub(crate) fn submit(&mut self) -> io::Result<()> {
         loop {
-            match self.ring.submit() {
+            match self.enter(0) {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // The completion queue overflowed: make room, then try again.
@@ -161,7 +193,7 @@ impl Driver {
         if !self.ring.completion().is_empty() {
             return self.submit();
         }
-        match self.ring.submit_and_wait(1) {
+        match self.enter(1) {
             Ok(_) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) || is_transient(&e) => {
@@ -339,6 +371,18 @@ impl Driver {
                 return;
             }
             self.reap();
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Before the ring's descriptor closes: the slot holds the ring, which would otherwise
+        // live on, with its registered files, until the thread exits.
+        if let Some(index) = self.registered.take() {
+            if let Err(e) = ring_fd::unregister(self.ring.as_raw_fd(), index) {
+                eprintln!("executor: cannot give back the ring's registered slot {index}: {e}");
+            }
         }
     }
 }
@@ -682,7 +726,7 @@ mod tests {
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
         let ring = IoUring::new(8).unwrap();
         (
-            Rc::new(RefCell::new(Driver::new(ring, wake.as_raw_fd()))),
+            Rc::new(RefCell::new(Driver::new(ring, wake.as_raw_fd(), None))),
             wake,
         )
     }

@@ -31,6 +31,7 @@ mod buf;
 mod driver;
 mod eventfd;
 mod fd;
+mod ring_fd;
 mod runtime;
 mod socket;
 mod time;

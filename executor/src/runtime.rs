@@ -16,6 +16,7 @@ use std::thread::{self, ThreadId};
 use io_uring::{opcode, register::Restriction, squeue, IoUring};
 
 use crate::driver::{Driver, DriverRef};
+use crate::ring_fd;
 use crate::{Error, Result};
 
 /// A spawned task: await it for its output, `detach()` it to let it run on, or drop it to
@@ -347,6 +348,8 @@ impl Builder {
             res.push(Restriction::sqe_flags_allowed(
                 (squeue::Flags::FIXED_FILE | squeue::Flags::ASYNC | squeue::Flags::IO_LINK).bits(),
             ));
+            // The driver gives the ring's slot in the thread's table back when it drops.
+            res.push(Restriction::register_op(ring_fd::UNREGISTER_RING_FDS as u8));
             submitter
                 .register_restrictions(&mut res)
                 .map_err(Error::RegisterRestrictions)?;
@@ -355,9 +358,6 @@ impl Builder {
             submitter
                 .register_files(&self.files)
                 .map_err(Error::RegisterFiles)?;
-        }
-        if self.allowed_ops.is_some() {
-            submitter.register_enable_rings().map_err(Error::Enable)?;
         }
         // Blocking on purpose: on some kernels io_uring completes reads of O_NONBLOCK files
         // with EAGAIN instead of waiting for data.
@@ -368,7 +368,24 @@ impl Builder {
         }
         // SAFETY: `fd` was just created and is owned by nothing else.
         let wake_fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let driver = Rc::new(RefCell::new(Driver::new(ring, wake_fd.as_raw_fd())));
+        // Registered with this thread before the ring is enabled, while a restricted ring
+        // still allows it; the driver gives the slot back. Without a slot (all 16 taken, or a
+        // kernel before 5.18) the ring is entered by its descriptor.
+        let registered = ring_fd::register(ring.as_raw_fd());
+        if self.allowed_ops.is_some() {
+            if let Err(e) = submitter.register_enable_rings() {
+                if let Some(index) = registered {
+                    // Best effort: the error below is what the caller needs to know.
+                    let _ = ring_fd::unregister(ring.as_raw_fd(), index);
+                }
+                return Err(Error::Enable(e));
+            }
+        }
+        let driver = Rc::new(RefCell::new(Driver::new(
+            ring,
+            wake_fd.as_raw_fd(),
+            registered,
+        )));
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             owner: thread::current().id(),
@@ -446,6 +463,13 @@ impl Executor {
     /// interrupt the thread, they wait for its next entry into the kernel.
     pub fn coop_taskrun(&self) -> bool {
         self.inner.coop_taskrun
+    }
+
+    /// Whether the ring is registered with this thread (Linux 5.18, and a free slot among
+    /// the thread's 16): then every `io_uring_enter` names it by that slot, which spares the
+    /// kernel a descriptor lookup per entry. The slot is given back when the executor drops.
+    pub fn ring_registered(&self) -> bool {
+        self.inner.driver.borrow().registered()
     }
 
     /// Spawns a task on this executor. It runs when the executor runs.

@@ -268,7 +268,6 @@ const NEVER: &[(&str, u32)] = &[
     ("connect", nr(libc::SYS_connect)),
     ("bind", nr(libc::SYS_bind)),
     ("io_uring_setup", nr(libc::SYS_io_uring_setup)),
-    ("io_uring_register", nr(libc::SYS_io_uring_register)),
     ("bpf", nr(libc::SYS_bpf)),
     ("setuid", nr(libc::SYS_setuid)),
     ("capset", nr(libc::SYS_capset)),
@@ -339,6 +338,44 @@ fn no_policy_allows_opening_executing_or_escaping() {
                 run(filter(policy), &Data::x86_64(n, [0; 6])),
                 KILL_PROCESS,
                 "{policy:?} {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn io_uring_register_only_gives_a_ring_slot_back() {
+    // IORING_UNREGISTER_RING_FDS: an executor gives its ring's slot in the thread's table of
+    // registered rings back as it drops. Every other registration (buffers, files,
+    // restrictions, enabling, buffer rings, a ring slot taken) happens before the filter.
+    const UNREGISTER_RING_FDS: u64 = 21;
+    let n = nr(libc::SYS_io_uring_register);
+    let with = |opcode: u64| [3, opcode, 0x1000, 1, 0, 0];
+    for policy in Policy::all() {
+        if policy == named("vcpu") {
+            assert!(!allowed(policy).contains(&"io_uring_register"));
+            continue;
+        }
+        assert_eq!(
+            run(filter(policy), &Data::x86_64(n, with(UNREGISTER_RING_FDS))),
+            ALLOW,
+            "{policy:?}"
+        );
+        for opcode in [
+            0,                               /* REGISTER_BUFFERS */
+            2,                               /* REGISTER_FILES */
+            11,                              /* REGISTER_RESTRICTIONS */
+            12,                              /* REGISTER_ENABLE_RINGS */
+            20,                              /* REGISTER_RING_FDS */
+            22,                              /* REGISTER_PBUF_RING */
+            UNREGISTER_RING_FDS | (1 << 31), /* by a registered ring */
+            UNREGISTER_RING_FDS | (1 << 32),
+            u64::MAX,
+        ] {
+            assert_eq!(
+                run(filter(policy), &Data::x86_64(n, with(opcode))),
+                KILL_PROCESS,
+                "{policy:?} io_uring_register {opcode:#x}"
             );
         }
     }
