@@ -12,6 +12,8 @@
 //! slot, or a kernel without the feature, enters by descriptor as before. The slot keeps the
 //! ring alive, so the driver gives it back when it drops ([`unregister`]): a dropped
 //! executor's ring (and the files registered in it) goes at once, not when the thread exits.
+//! A process forked from the thread starts with no slots: its copy of the executor cannot
+//! enter the ring (the VMM's forked helpers never use it; they leave with `_exit`).
 //! A restricted ring allows that one registration opcode, and the seccomp policies allow that
 //! one `io_uring_register` call.
 
