@@ -41,46 +41,42 @@ struct RsrcUpdate {
 /// the table is full (EBUSY) or the kernel is older than 5.18 (EINVAL).
 pub(crate) fn register(ring: RawFd) -> Option<u32> {
     let mut update = RsrcUpdate {
-        // Any free slot.
+        // Any free slot: the kernel writes the one it took here.
         offset: u32::MAX,
         resv: 0,
         data: ring as u64,
     };
-    // SAFETY: the kernel reads one `io_uring_rsrc_update` from `update`, which is live and
-    // writable for the call, and writes the slot it took into its `offset`.
-    let n = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_register,
-            ring,
-            REGISTER_RING_FDS,
-            &mut update as *mut RsrcUpdate,
-            1u32,
-        )
-    };
-    (n == 1).then_some(update.offset)
+    update_slot(ring, REGISTER_RING_FDS, &mut update).ok()?;
+    Some(update.offset)
 }
 
 /// Gives back slot `index` of the calling thread's table, which `ring` registered.
 pub(crate) fn unregister(ring: RawFd, index: u32) -> io::Result<()> {
-    let update = RsrcUpdate {
+    let mut update = RsrcUpdate {
         offset: index,
         resv: 0,
         data: 0,
     };
-    // SAFETY: the kernel reads one `io_uring_rsrc_update` from `update`, live for the call.
+    update_slot(ring, UNREGISTER_RING_FDS, &mut update)
+}
+
+/// `io_uring_register(ring, opcode, update, 1)` for one slot of the thread's table.
+fn update_slot(ring: RawFd, opcode: u32, update: &mut RsrcUpdate) -> io::Result<()> {
+    // SAFETY: the kernel reads one `io_uring_rsrc_update` from `update`, which is live and
+    // writable for the call, and may write the slot it took into its `offset`.
     let n = unsafe {
         libc::syscall(
             libc::SYS_io_uring_register,
             ring,
-            UNREGISTER_RING_FDS,
-            &update as *const RsrcUpdate,
+            opcode,
+            update as *mut RsrcUpdate,
             1u32,
         )
     };
     match n {
         1 => Ok(()),
         -1 => Err(io::Error::last_os_error()),
-        _ => Err(io::Error::other("io_uring_register gave back no ring slot")),
+        _ => Err(io::Error::other("io_uring_register updated no ring slot")),
     }
 }
 
