@@ -27,6 +27,7 @@
 //! # }
 //! ```
 
+pub mod budget;
 mod buf;
 mod driver;
 mod eventfd;

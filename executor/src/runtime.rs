@@ -15,6 +15,7 @@ use std::thread::{self, ThreadId};
 
 use io_uring::{opcode, register::Restriction, squeue, IoUring};
 
+use crate::budget;
 use crate::driver::{Driver, DriverRef};
 use crate::ring_fd;
 use crate::{Error, Result};
@@ -494,10 +495,13 @@ impl Executor {
         let mut future = pin!(future);
         let mut wakers = Vec::new();
         let mut garbage = Vec::new();
+        let outer = budget::fresh();
         loop {
             // A plain load first: the locked swap only when the flag is set.
             if main.woken.load(Ordering::Acquire) && main.woken.swap(false, Ordering::AcqRel) {
+                budget::set(budget::PER_POLL);
                 if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                    budget::set(outer);
                     return out;
                 }
             }
@@ -585,12 +589,21 @@ impl Inner {
             self.shared.remote_pending.store(false, Ordering::Release);
             self.local.borrow_mut().extend(remote.drain(..));
         }
+        let outer = budget::fresh();
         for _ in 0..TASK_BUDGET {
             let Some(runnable) = self.local.borrow_mut().pop_front() else {
                 break;
             };
+            budget::set(budget::PER_POLL);
             runnable.run();
+            if !budget::left() {
+                // It spent its whole share and is queued again, behind the others: look at
+                // the ring before the next round, so I/O completions are not held back by a
+                // task that always has work (a guest that keeps a queue full of chains).
+                break;
+            }
         }
+        budget::set(outer);
     }
 
     /// Blocks in the ring until a completion or a wake arrives.

@@ -81,19 +81,34 @@ impl AsyncQueue {
         f(&mut self.queue.borrow_mut())
     }
 
-    /// Pops an available chain without waiting.
+    /// Pops an available chain without waiting: `None` when there is none, or when the
+    /// running task has popped its share for this poll ([`executor::budget`]; a malformed
+    /// chain counts too). It gets more once it has gone back to the executor, and
+    /// [`next_chain`](Self::next_chain) waits for that. So a driver that keeps the ring full
+    /// (or a ring laid out so that every used entry makes a new available one) cannot keep
+    /// the device's other tasks, or the stop of this queue, from running.
     pub fn try_pop(&self) -> Result<Option<DescriptorChain>> {
-        self.queue.borrow_mut().pop(&self.mem)
+        if !executor::budget::left() {
+            return Ok(None);
+        }
+        let popped = self.queue.borrow_mut().pop(&self.mem);
+        if !matches!(popped, Ok(None)) {
+            executor::budget::spend();
+        }
+        popped
     }
 
     /// The next available chain, waiting for a kick when there is none. While chains keep
     /// coming the driver is asked not to kick; before waiting the device asks for a kick again
-    /// and re-checks the ring, so no chain added in between is missed.
+    /// and re-checks the ring, so no chain added in between is missed. A task that has popped
+    /// its share for this poll yields to the executor first (see [`try_pop`](Self::try_pop)).
     ///
     /// Only one call may wait at a time ([`Error::PopInProgress`] otherwise). Dropping the
     /// future is safe: the kick stream and its in-flight read are kept for the next call.
     pub async fn next_chain(&self) -> Result<DescriptorChain> {
         loop {
+            // Out of budget for this poll: back to the executor first.
+            std::future::poll_fn(executor::budget::poll_left).await;
             if let Some(chain) = self.try_pop()? {
                 return Ok(chain);
             }
@@ -322,6 +337,68 @@ mod tests {
             let c = q.next_chain().await.expect("next");
             assert_eq!(c.head_index(), sent);
         });
+    }
+
+    #[test]
+    fn a_stream_of_malformed_chains_lets_the_other_tasks_run() {
+        // Chains that need no I/O never make the popping task wait: without a budget it
+        // would skip all 200 before anything else on the executor ran (and never stop, for a
+        // driver that keeps publishing them, or a ring laid over itself).
+        let mut f = fixture();
+        f.mock = MockSplitQueue::new(&f.mem, GuestAddress(0x1000), 256).expect("mock");
+        let bad = crate::Descriptor {
+            addr: 0xffff_ffff_0000,
+            len: 8,
+            flags: 0,
+            next: 0,
+        };
+        f.mock.write_desc(5, bad).expect("write");
+        for _ in 0..200 {
+            f.mock.publish(5).expect("publish");
+        }
+        let q = async_queue(&f, 0);
+        let witness = std::rc::Rc::new(Cell::new(false));
+        let mut skipped = 0u32;
+        let mut skipped_before_witness = None;
+        f.ex.run_until(async {
+            let w = witness.clone();
+            executor::spawn(async move { w.set(true) }).detach();
+            let next = q.next_valid_chain(|_, _| {
+                if witness.get() && skipped_before_witness.is_none() {
+                    skipped_before_witness = Some(skipped);
+                }
+                skipped += 1;
+            });
+            // Every chain is malformed: skipped until the ring is empty, then a wait.
+            let _ = executor::timeout(Duration::from_millis(200), next).await;
+        });
+        assert_eq!(skipped, 200);
+        let at = skipped_before_witness.expect("the other task ran while chains were left");
+        assert!(at <= executor::budget::PER_POLL, "it ran after {at} chains");
+    }
+
+    #[test]
+    fn try_pop_stops_at_the_budget_until_the_task_yields() {
+        let mut f = fixture();
+        f.mock = MockSplitQueue::new(&f.mem, GuestAddress(0x1000), 256).expect("mock");
+        for _ in 0..200 {
+            f.mock.add_chain(&[MockBuf::Writable(1)]).expect("add");
+        }
+        let q = async_queue(&f, 0);
+        f.ex.run_until(async {
+            let mut popped = 0;
+            while q.try_pop().expect("pop").is_some() {
+                popped += 1;
+            }
+            assert_eq!(popped, executor::budget::PER_POLL, "one poll's share");
+            executor::yield_now().await;
+            while q.try_pop().expect("pop").is_some() {
+                popped += 1;
+            }
+            assert_eq!(popped, 200, "the rest after a yield");
+        });
+        // Outside a task there is no budget.
+        assert!(q.try_pop().expect("pop").is_none());
     }
 
     #[test]
