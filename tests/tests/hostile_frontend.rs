@@ -20,7 +20,7 @@ use std::time::Duration;
 use executor::EventFd;
 use tests::hostile::{vring, GuestRam, HostileFrontend};
 use virtio::mock::MockBuf;
-use virtio::vhost_user::{Config, Error, Request, VringAddr, VringFd, VringState};
+use virtio::vhost_user::{Body, Config, Error, Request, VringAddr, VringFd, VringState};
 use virtio::VIRTIO_F_EVENT_IDX;
 
 const EXIT_LIMIT: Duration = Duration::from_secs(10);
@@ -228,6 +228,76 @@ fn nofd_kick_is_refused_or_the_ring_is_polled() {
         }
         Err(e) => panic!("SET_VRING_KICK without an fd: {e:?}"),
     }
+    assert!(h.answers());
+    let exit = h.disconnect(EXIT_LIMIT);
+    assert!(exit.ended, "{}", exit.stderr);
+}
+
+/// A ring laid over itself: the descriptor table, the avail ring and the used ring at one
+/// address, the used entries one ahead of the available ones. Every used entry the device
+/// writes moves the shared index on by one and makes another malformed chain available, so
+/// the device always has one more chain to skip, and none needs I/O. It must still answer
+/// its socket and stop the ring when asked, not spin in one endless poll.
+#[test]
+fn rings_laid_over_each_other_do_not_wedge_the_device() {
+    let h = HostileFrontend::spawn("rng", &[]);
+    let ram = GuestRam::sealed(RAM);
+    let queue = ram.queue(16);
+    let (kick, call) = (EventFd::new().unwrap(), EventFd::new().unwrap());
+    let features = features_without_event_idx(&h);
+    h.block_on(h.frontend().start(features, &ram.mem, &[]))
+        .expect("start");
+    let state = |num| VringState { index: 0, num };
+    let at = queue.desc_table();
+    let user = ram.user_addr(at);
+    // The shared index is 1 when the ring starts: one chain available (from base 0), and
+    // used entries that continue from 1, so each one the device adds makes one more
+    // available. Head 0's descriptor has length zero.
+    ram.mem
+        .write_slice(&1u16.to_le_bytes(), memory::GuestAddress(at.0 + 2))
+        .unwrap();
+    h.request(Request::SetVringNum, &state(16), &[]).unwrap();
+    let addr = VringAddr {
+        index: 0,
+        flags: 0,
+        desc: user,
+        used: user,
+        avail: user,
+        log: 0,
+    };
+    h.request(Request::SetVringAddr, &addr, &[]).unwrap();
+    h.request(Request::SetVringBase, &state(0), &[]).unwrap();
+    h.request(
+        Request::SetVringKick,
+        &VringFd::new(0, false),
+        &[kick.as_fd()],
+    )
+    .unwrap();
+    h.request(
+        Request::SetVringCall,
+        &VringFd::new(0, false),
+        &[call.as_fd()],
+    )
+    .unwrap();
+    h.request(Request::SetVringEnable, &state(1), &[]).unwrap();
+    kick.write(1).unwrap();
+    // The device is skipping chains now, and keeps finding more: the shared index moves.
+    let index_at = memory::GuestAddress(at.0 + 2);
+    assert!(
+        tests::wait_until(EXIT_LIMIT, || {
+            matches!(ram.mem.read_obj::<u16>(index_at), Ok(i) if i > 2)
+        }),
+        "the device gives the chains back"
+    );
+    assert!(
+        h.answers(),
+        "the device answers while its ring feeds itself"
+    );
+    let base = h
+        .get(Request::GetVringBase, &state(0))
+        .expect("the ring stops when asked");
+    let base = VringState::decode(&base).expect("a vring state");
+    assert!(base.num > 1, "it skipped more than the one chain: {base:?}");
     assert!(h.answers());
     let exit = h.disconnect(EXIT_LIMIT);
     assert!(exit.ended, "{}", exit.stderr);
