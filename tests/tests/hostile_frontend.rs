@@ -13,7 +13,7 @@
 //!    outside the config space, 8. a kick without a descriptor: here (the harness also runs
 //!    every device with `RUST_BACKTRACE=1`, class 2's trigger).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
@@ -32,6 +32,43 @@ const RAM: u64 = 4 * MIB;
 /// the call eventfd after every completion.
 fn features_without_event_idx(h: &HostileFrontend) -> u64 {
     h.frontend().features() & !(1 << VIRTIO_F_EVENT_IDX)
+}
+
+/// Sets up ring 0 by hand, as `Frontend::start` would but at the addresses given (user
+/// addresses): 16 entries from base 0, `kick` (`None`: the no-fd bit), `call`, enabled.
+/// Returns the result of `SET_VRING_KICK`, which a device may refuse; the rest must succeed.
+fn ring_by_hand(
+    h: &HostileFrontend,
+    desc: u64,
+    used: u64,
+    avail: u64,
+    kick: Option<BorrowedFd<'_>>,
+    call: BorrowedFd<'_>,
+) -> Result<(), Error> {
+    let state = |num| VringState { index: 0, num };
+    h.request(Request::SetVringNum, &state(16), &[])
+        .expect("SET_VRING_NUM");
+    let addr = VringAddr {
+        index: 0,
+        flags: 0,
+        desc,
+        used,
+        avail,
+        log: 0,
+    };
+    h.request(Request::SetVringAddr, &addr, &[])
+        .expect("SET_VRING_ADDR");
+    h.request(Request::SetVringBase, &state(0), &[])
+        .expect("SET_VRING_BASE");
+    let kicked = match kick {
+        Some(fd) => h.request(Request::SetVringKick, &VringFd::new(0, false), &[fd]),
+        None => h.request(Request::SetVringKick, &VringFd::new(0, true), &[]),
+    };
+    h.request(Request::SetVringCall, &VringFd::new(0, false), &[call])
+        .expect("SET_VRING_CALL");
+    h.request(Request::SetVringEnable, &state(1), &[])
+        .expect("SET_VRING_ENABLE");
+    kicked
 }
 
 /// Class 5: the frontend shrinks a memory region's file after `SET_MEM_TABLE`. The device
@@ -192,27 +229,15 @@ fn nofd_kick_is_refused_or_the_ring_is_polled() {
     // Features and the memory table by the book; the ring by hand.
     h.block_on(h.frontend().start(features, &ram.mem, &[]))
         .expect("start");
-    let state = |num| VringState { index: 0, num };
     let user = |addr| ram.user_addr(addr);
-    h.request(Request::SetVringNum, &state(16), &[]).unwrap();
-    let addr = VringAddr {
-        index: 0,
-        flags: 0,
-        desc: user(queue.desc_table()),
-        used: user(queue.used_addr()),
-        avail: user(queue.avail_addr()),
-        log: 0,
-    };
-    h.request(Request::SetVringAddr, &addr, &[]).unwrap();
-    h.request(Request::SetVringBase, &state(0), &[]).unwrap();
-    let kick = h.request(Request::SetVringKick, &VringFd::new(0, true), &[]);
-    h.request(
-        Request::SetVringCall,
-        &VringFd::new(0, false),
-        &[call.as_fd()],
-    )
-    .unwrap();
-    h.request(Request::SetVringEnable, &state(1), &[]).unwrap();
+    let kick = ring_by_hand(
+        &h,
+        user(queue.desc_table()),
+        user(queue.used_addr()),
+        user(queue.avail_addr()),
+        None,
+        call.as_fd(),
+    );
     match kick {
         Err(Error::BackendFailed { .. }) => {}
         Ok(()) => {
@@ -256,30 +281,7 @@ fn rings_laid_over_each_other_do_not_wedge_the_device() {
     ram.mem
         .write_slice(&1u16.to_le_bytes(), memory::GuestAddress(at.0 + 2))
         .unwrap();
-    h.request(Request::SetVringNum, &state(16), &[]).unwrap();
-    let addr = VringAddr {
-        index: 0,
-        flags: 0,
-        desc: user,
-        used: user,
-        avail: user,
-        log: 0,
-    };
-    h.request(Request::SetVringAddr, &addr, &[]).unwrap();
-    h.request(Request::SetVringBase, &state(0), &[]).unwrap();
-    h.request(
-        Request::SetVringKick,
-        &VringFd::new(0, false),
-        &[kick.as_fd()],
-    )
-    .unwrap();
-    h.request(
-        Request::SetVringCall,
-        &VringFd::new(0, false),
-        &[call.as_fd()],
-    )
-    .unwrap();
-    h.request(Request::SetVringEnable, &state(1), &[]).unwrap();
+    ring_by_hand(&h, user, user, user, Some(kick.as_fd()), call.as_fd()).unwrap();
     kick.write(1).unwrap();
     // The device is skipping chains now, and keeps finding more: the shared index moves.
     let index_at = memory::GuestAddress(at.0 + 2);
