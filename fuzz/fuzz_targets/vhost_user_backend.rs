@@ -26,7 +26,7 @@ use std::time::Duration;
 use executor::{EventFd, Executor};
 use libfuzzer_sys::fuzz_target;
 use memory::{GuestAddress, GuestMemory};
-use virtio::vhost_user::message::{Request, FLAG_NEED_REPLY};
+use virtio::vhost_user::message::{Body, Config, Header, Message, Request, FLAG_NEED_REPLY};
 use virtio::vhost_user::{reserve_inflight, serve_with_inflight, Connection};
 use virtio::Rng;
 
@@ -47,15 +47,11 @@ fn memory() -> &'static GuestMemory {
     MEM.get_or_init(|| GuestMemory::new(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory"))
 }
 
-/// A request: header (version 1, NEED_REPLY when asked) and body.
-fn message(code: u32, need_reply: bool, body: &[u8]) -> Vec<u8> {
-    let flags = 1 | if need_reply { FLAG_NEED_REPLY } else { 0 };
-    let mut m = Vec::with_capacity(12 + body.len());
-    m.extend_from_slice(&code.to_le_bytes());
-    m.extend_from_slice(&flags.to_le_bytes());
-    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    m.extend_from_slice(body);
-    m
+/// A request with `body` as it is (NEED_REPLY when asked), in the project's own encoding.
+fn message(request: Request, need_reply: bool, body: Vec<u8>) -> Vec<u8> {
+    let flags = if need_reply { FLAG_NEED_REPLY } else { 0 };
+    let header = Header::new(request, flags, body.len() as u32);
+    Message { header, body }.encode()
 }
 
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
@@ -120,9 +116,10 @@ fuzz_target!(|data: &[u8]| {
     let rest = &data[2..];
     let (image, ops) = rest.split_at(image_len.min(rest.len()));
     let mem = memory();
-    let mut zero = vec![0u8; 0x4000];
-    zero[..image.len().min(0x4000)].copy_from_slice(&image[..image.len().min(0x4000)]);
-    mem.write_slice(&zero, GuestAddress(0))
+    let mut start = vec![0u8; 0x4000];
+    let n = image.len().min(start.len());
+    start[..n].copy_from_slice(&image[..n]);
+    mem.write_slice(&start, GuestAddress(0))
         .expect("guest memory");
 
     let (front, back) = UnixStream::pair().expect("socketpair");
@@ -231,25 +228,27 @@ fuzz_target!(|data: &[u8]| {
                     }
                     14 => (Request::SetVringEnable, state(u32::from(p[1] & 1)), vec![]),
                     15 => (Request::GetQueueNum, vec![], vec![]),
-                    16 => {
-                        let size = u32::from(p[5] % 16);
-                        let cfg = cat(&[
-                            &u32::from(p[1]).to_le_bytes(),
-                            &size.to_le_bytes(),
-                            &0u32.to_le_bytes(),
-                            &vec![0; size as usize],
-                        ]);
-                        (Request::GetConfig, cfg, vec![])
-                    }
-                    17 => {
-                        let size = u32::from(p[5] % 9);
-                        let cfg = cat(&[
-                            &u32::from(p[1]).to_le_bytes(),
-                            &size.to_le_bytes(),
-                            &0u32.to_le_bytes(),
-                            &p[6..6 + size as usize],
-                        ]);
-                        (Request::SetConfig, cfg, vec![])
+                    16 | 17 => {
+                        // GET_CONFIG asks with zeroes; SET_CONFIG brings bytes.
+                        let get = op[0] % 24 == 16;
+                        let size = if get { p[5] % 16 } else { p[5] % 9 };
+                        let payload = if get {
+                            vec![0; usize::from(size)]
+                        } else {
+                            p[6..6 + usize::from(size)].to_vec()
+                        };
+                        let config = Config {
+                            offset: u32::from(p[1]),
+                            size: u32::from(size),
+                            flags: 0,
+                            payload,
+                        };
+                        let code = if get {
+                            Request::GetConfig
+                        } else {
+                            Request::SetConfig
+                        };
+                        (code, config.to_bytes(), vec![])
                     }
                     18 => (Request::ResetDevice, vec![], vec![]),
                     19 => (Request::GetMaxMemSlots, vec![], vec![]),
@@ -286,11 +285,7 @@ fuzz_target!(|data: &[u8]| {
                         continue;
                     }
                 };
-                if front
-                    .send(message(code.code(), reply, &body), &fds)
-                    .await
-                    .is_err()
-                {
+                if front.send(message(code, reply, body), &fds).await.is_err() {
                     break;
                 }
                 executor::yield_now().await;
