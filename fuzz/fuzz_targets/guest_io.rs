@@ -23,7 +23,6 @@
 
 #![no_main]
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
@@ -182,7 +181,6 @@ struct FakeDevice {
     max_queue_size: u16,
     config: [u8; CONFIG_LEN],
     fail_activate: bool,
-    active: Cell<bool>,
 }
 
 impl VirtioDevice for FakeDevice {
@@ -239,12 +237,9 @@ impl VirtioDevice for FakeDevice {
         if self.fail_activate {
             return Err("the fake device refuses".into());
         }
-        self.active.set(true);
         Ok(())
     }
-    fn reset(&mut self) {
-        self.active.set(false);
-    }
+    fn reset(&mut self) {}
 }
 
 fn device(name: &str, queues: usize, fail_activate: bool) -> Box<dyn VirtioDevice> {
@@ -254,7 +249,6 @@ fn device(name: &str, queues: usize, fail_activate: bool) -> Box<dyn VirtioDevic
         max_queue_size: 256,
         config: std::array::from_fn(|i| i as u8),
         fail_activate,
-        active: Cell::new(false),
     })
 }
 
