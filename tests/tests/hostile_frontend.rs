@@ -12,6 +12,9 @@
 //! 5. guest memory shrunk under the device, 6. a saturated call eventfd, 7. GET_CONFIG
 //!    outside the config space, 8. a kick without a descriptor: here (the harness also runs
 //!    every device with `RUST_BACKTRACE=1`, class 2's trigger).
+//!
+//! Found later by fuzzing (`fuzz/fuzz_targets/vhost_user_backend.rs`), and here too: rings
+//! laid over each other, so that the device always has one more malformed chain.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::ExitStatusExt;
