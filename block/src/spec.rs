@@ -7,6 +7,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use virtio::process::SpecKeys;
+
 use crate::{Format, OpenOptions};
 
 /// Longest GET_ID string (virtio 1.2 §5.2.6: 20 bytes).
@@ -45,6 +47,7 @@ impl DiskSpec {
             "false" | "0" | "off" | "no" => Ok(false),
             _ => Err(format!("{key}={v}: expected true or false")),
         };
+        let mut keys = SpecKeys::default();
         for kv in parts.filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 None if kv == "ro" => d.read_only = true,
@@ -60,6 +63,12 @@ impl DiskSpec {
                     return Err(format!("id={v}: at most {MAX_DISK_ID} ASCII characters"))
                 }
                 _ => return Err(format!("unknown option '{kv}'")),
+            }
+            // `ro`, `rw` and `ro=` set one thing; `backing-dir=` may be given many times.
+            match kv.split_once('=').map_or(kv, |(k, _)| k) {
+                "rw" => keys.once("ro")?,
+                "backing-dir" => {}
+                k => keys.once(k)?,
             }
         }
         Ok(d)
@@ -144,6 +153,25 @@ mod tests {
             DiskSpec::parse("a,direct=maybe", false),
             Err("direct=maybe: expected true or false".into())
         );
+    }
+
+    #[test]
+    fn a_setting_given_twice_is_refused() {
+        for (bad, key) in [
+            ("a,ro,rw", "ro"),
+            ("a,rw,ro=false", "ro"),
+            ("a,direct=on,direct=off", "direct"),
+            ("a,format=raw,format=qcow2", "format"),
+            ("a,id=x,id=x", "id"),
+        ] {
+            assert_eq!(
+                DiskSpec::parse(bad, false),
+                Err(format!("{key}= is given twice")),
+                "{bad}"
+            );
+        }
+        let d = DiskSpec::parse("a,backing-dir=/b,backing-dir=/c", false).expect("valid");
+        assert_eq!(d.backing_dirs, [PathBuf::from("/b"), PathBuf::from("/c")]);
     }
 
     #[test]

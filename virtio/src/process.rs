@@ -159,3 +159,19 @@ pub trait RunDevice: DeviceProcess {
 pub fn flag_error(flag: &str, value: &str, why: impl std::fmt::Display) -> String {
     format!("Error parsing option '{flag}' with value '{value}': {why}")
 }
+
+/// The keys one option value has given so far (`key=value,key=value`): a key given twice is
+/// refused, as argh refuses a flag given twice, instead of the last one silently winning.
+#[derive(Debug, Default)]
+pub struct SpecKeys<'a>(Vec<&'a str>);
+
+impl<'a> SpecKeys<'a> {
+    /// Notes `key`; an error if it was given before.
+    pub fn once(&mut self, key: &'a str) -> Result<(), String> {
+        if self.0.contains(&key) {
+            return Err(format!("{key}= is given twice"));
+        }
+        self.0.push(key);
+        Ok(())
+    }
+}

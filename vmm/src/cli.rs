@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use argh::FromArgs;
 use block::DiskSpec;
 use net::MacAddress;
+use virtio::process::SpecKeys;
 use virtio::DeviceType;
 
 /// ringvm: an async-native virtual machine monitor for Linux/KVM.
@@ -370,6 +371,7 @@ pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
     let mut kind = None;
     let mut socket = None;
     let mut tag = None;
+    let mut keys = SpecKeys::default();
     for kv in spec.split(',').filter(|s| !s.is_empty()) {
         let (k, v) = kv
             .split_once('=')
@@ -392,6 +394,7 @@ pub fn parse_vhost_user(spec: &str) -> Result<VhostUserSpec, String> {
             "socket" => return Err("socket= is empty".into()),
             _ => return Err(format!("unknown key '{k}'")),
         }
+        keys.once(k)?;
     }
     let kind = kind.ok_or("type= is missing")?;
     match (kind, &tag) {
@@ -495,13 +498,18 @@ pub fn parse_serial(spec: &str) -> Result<SerialSpec, String> {
         stdin: false,
         ..SerialSpec::default()
     };
+    let mut keys = SpecKeys::default();
     for kv in spec.split(',').filter(|s| !s.is_empty()) {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| format!("'{kv}' is not key=value"))?;
         match k {
-            // crosvm's `hardware=`; ringvm also takes the device as the type.
-            "type" if v == "virtio-console" => s.virtio_console = true,
+            // crosvm's `hardware=`; ringvm also takes the device as the type (and so gives
+            // both).
+            "type" if v == "virtio-console" => {
+                keys.once("hardware")?;
+                s.virtio_console = true
+            }
             "hardware" => {
                 s.virtio_console = match v {
                     "serial" => false,
@@ -522,6 +530,7 @@ pub fn parse_serial(spec: &str) -> Result<SerialSpec, String> {
             "stdin" => s.stdin = parse_bool(k, v)?,
             _ => return Err(format!("unknown key '{k}'")),
         }
+        keys.once(k)?;
     }
     s.out = match (kind.as_deref(), path) {
         (Some("stdout") | None, None) => SerialOut::Stdout,

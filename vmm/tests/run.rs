@@ -257,6 +257,35 @@ fn bad_arguments_are_rejected_before_booting() {
             "unknown cpu feature",
         ),
         (vec!["run", "-m", "many", k], "many"),
+        // A setting given twice in one value is refused, as a flag given twice is.
+        (
+            vec!["run", "--serial", "num=1,num=2", k],
+            "'--serial' with value 'num=1,num=2': num= is given twice",
+        ),
+        (
+            vec!["run", "--serial", "type=virtio-console,hardware=serial", k],
+            "hardware= is given twice",
+        ),
+        (
+            vec!["run", "-d", "/dev/null,ro,rw", k],
+            "ro= is given twice",
+        ),
+        (
+            vec!["run", "--vsock", "cid=3,cid=4", k],
+            "'--vsock' with value 'cid=3,cid=4': cid= is given twice",
+        ),
+        (
+            vec!["run", "--vhost-user", "type=rng,socket=/a,socket=/b", k],
+            "socket= is given twice",
+        ),
+        (
+            vec!["run", "--shared-dir", "/tmp:t:cache=auto:cache=never", k],
+            "cache= is given twice",
+        ),
+        (
+            vec!["run", "--cpu-features", "+avx,-avx", k],
+            "cpu feature 'avx' is given twice",
+        ),
     ] {
         let out = run_with_limit(ringvm(&args), Duration::from_secs(30));
         assert!(!out.status.success(), "{args:?} succeeded");

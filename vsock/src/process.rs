@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use argh::FromArgs;
 use virtio::process::{
-    flag_error, DeviceProcess, Forward, Made, MakeError, Planned, RunDevice, RunFlag,
+    flag_error, DeviceProcess, Forward, Made, MakeError, Planned, RunDevice, RunFlag, SpecKeys,
 };
 use virtio::DeviceType;
 
@@ -226,7 +226,9 @@ impl FromStr for VsockSpec {
 
     fn from_str(s: &str) -> Result<VsockSpec, String> {
         let (mut cid, mut uds, mut buf_alloc) = (None, None, None);
+        let mut keys = SpecKeys::default();
         for kv in s.split(',').filter(|s| !s.is_empty()) {
+            let key = kv.split_once('=').map_or(kv, |(k, _)| k);
             match kv.split_once('=') {
                 Some(("cid", v)) => {
                     cid = Some(
@@ -244,6 +246,7 @@ impl FromStr for VsockSpec {
                     ))
                 }
             }
+            keys.once(key)?;
         }
         Ok(VsockSpec {
             cid: cid.ok_or("cid= is missing")?,

@@ -18,6 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
+use virtio::process::SpecKeys;
 
 use crate::device_process::{self, DeviceProcess};
 
@@ -87,7 +88,9 @@ impl std::str::FromStr for SharedDir {
             cache: Cache::default(),
             writeback: false,
         };
+        let mut keys = SpecKeys::default();
         for kv in parts {
+            let key = kv.split_once('=').map_or(kv, |(k, _)| k);
             match kv.split_once('=') {
                 Some(("type", "fs")) => {}
                 Some(("type", t)) => return Err(format!("type={t}: only type=fs is supported")),
@@ -113,6 +116,7 @@ impl std::str::FromStr for SharedDir {
                     ))
                 }
             }
+            keys.once(key)?;
         }
         Ok(dir)
     }
