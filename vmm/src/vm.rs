@@ -194,6 +194,24 @@ fn serial_output(spec: &SerialSpec) -> Result<Box<dyn Write + Send>> {
     })
 }
 
+/// A kernel or initrd, refused once it is larger than the guest's RAM (`ram` bytes), which it
+/// could never fit in: a path such as /dev/zero, or a pipe that never ends, is an error
+/// instead of the host's memory.
+fn read_image(path: &std::path::Path, ram: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    std::fs::File::open(path)?
+        .take(ram.saturating_add(1))
+        .read_to_end(&mut data)?;
+    if data.len() as u64 > ram {
+        return Err(std::io::Error::other(format!(
+            "larger than the guest's {} MiB of memory",
+            ram >> 20
+        )));
+    }
+    Ok(data)
+}
+
 fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
     let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM failed")?);
     let size = config.mem_mib << 20;
@@ -220,12 +238,12 @@ fn build(config: &VmConfig, kvm: &Kvm) -> Result<Machine> {
     };
     vm.create_pit2(pit).context("KVM_CREATE_PIT2 failed")?;
 
-    let kernel = std::fs::read(&config.kernel)
+    let kernel = read_image(&config.kernel, size)
         .with_context(|| format!("cannot read kernel {}", config.kernel.display()))?;
     let initrd = match &config.initrd {
-        Some(p) => {
-            Some(std::fs::read(p).with_context(|| format!("cannot read initrd {}", p.display()))?)
-        }
+        Some(p) => Some(
+            read_image(p, size).with_context(|| format!("cannot read initrd {}", p.display()))?,
+        ),
         None => None,
     };
     // The kernel is read and parsed here, once: the boot vCPU's entry comes from this load.

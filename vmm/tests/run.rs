@@ -231,6 +231,23 @@ fn bad_kernel_images_are_named_errors() {
         text(&out.stderr)
     );
 
+    // A kernel or initrd that never ends is refused once it outgrows the guest's RAM.
+    let k = t.to_str().expect("utf-8");
+    for (args, needle) in [
+        (
+            vec!["run", "-m", "16", "/dev/zero"],
+            "cannot read kernel /dev/zero: larger than the guest's 16 MiB of memory",
+        ),
+        (
+            vec!["run", "-m", "16", "-i", "/dev/zero", k],
+            "cannot read initrd /dev/zero: larger than the guest's 16 MiB of memory",
+        ),
+    ] {
+        let out = run_with_limit(ringvm(&args), Duration::from_secs(30));
+        assert!(!out.status.success(), "{args:?}");
+        assert!(text(&out.stderr).contains(needle), "{}", text(&out.stderr));
+    }
+
     let out = run_with_limit(
         ringvm(&["run", "/nonexistent/kernel"]),
         Duration::from_secs(30),
