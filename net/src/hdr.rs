@@ -140,8 +140,7 @@ impl VirtioNetHdr {
     /// `RSC_INFO`, and the tap would take `DATA_VALID` as "checksum verified"); `hdr_len`,
     /// a hint, is kept when the tap takes it (0, or an Ethernet header to the whole frame)
     /// and else made one it takes (the checksum's end with GSO, else 0); `num_buffers` is 0.
-    /// Where the result equals the guest's header but for `num_buffers` (which the tap
-    /// skips), the device may hand the tap the guest's own bytes.
+    /// The tap gets this result, never the guest's bytes, which could change after the check.
     pub fn for_tap(&self, features: u64, frame_len: usize) -> Result<VirtioNetHdr, HdrError> {
         let has = |bit: u32| features & (1 << bit) != 0;
         let needs_csum = self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;

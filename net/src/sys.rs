@@ -244,8 +244,9 @@ pub fn thread_cpu_time() -> io::Result<std::time::Duration> {
 ///   in the guest's: the tap reports a frame it had to cut as if it fit, so the device reads
 ///   into one byte more than the largest frame and copies an overflow into later buffers
 ///   (or counts the frame as too big) instead of handing the guest a truncated frame.
-/// - Write ([`HostIoVecs::header`]): the host buffer comes first and holds a vnet header
-///   the device rewrote (empty when the guest's own goes with the frame).
+/// - Write ([`HostIoVecs::header`]): the host buffer comes first and holds the vnet header
+///   the device checked (the guest's own never goes to the tap: it could change after the
+///   check).
 pub struct HostIoVecs {
     /// The guest iovecs; keeps the guest mappings they point into alive.
     guest: memory::GuestIoVecs,

@@ -3,20 +3,21 @@
 //! The task pops every available chain (up to [`TX_BATCH`]), checks each
 //! (`[virtio_net_hdr_v1][frame]`, readable only, sane header and length) and submits one
 //! `writev` per frame, all in the same turn of the executor (one `io_uring_enter` for the
-//! batch), straight from guest memory; a header the device had to rewrite (flags it
-//! ignores, an `hdr_len` the tap would refuse: [`VirtioNetHdr::for_tap`]) goes as a host
-//! copy before the frame. Checksum and segmentation offloads pass through to the tap. A
+//! batch): the frame straight from guest memory, after the header the device checked (and
+//! rewrote where the tap would refuse it or a flag is one it ignores:
+//! [`VirtioNetHdr::for_tap`]), which goes as a host copy. Checksum and segmentation offloads pass through to the tap. A
 //! malformed chain is counted as dropped, a failed write as an error; either way the chain
 //! is returned and the queue goes on.
 
 use std::pin::pin;
 
 use futures::future::{select, Either};
+use memory::GuestMemory;
 use virtio::vhost_user::StopSignal;
 use virtio::{AsyncQueue, DescriptorChain};
 
 use super::{NetDevice, Pair, QueueResult};
-use crate::hdr::{VirtioNetHdr, MAX_FRAME, MIN_FRAME, NUM_BUFFERS_OFFSET, VNET_HDR_SIZE};
+use crate::hdr::{VirtioNetHdr, MAX_FRAME, MIN_FRAME, VNET_HDR_SIZE};
 use crate::sys;
 
 /// The most transmit chains submitted in one batch.
@@ -121,52 +122,47 @@ impl Tx<'_> {
         self.queue.signal_used().map(drop)
     }
 
-    /// Checks a transmit chain: readable buffers only, a whole header, a frame of sane
-    /// length, a header the tap will take.
     fn frame(&self, chain: &DescriptorChain) -> TxFrame {
-        if chain.writable_len() != 0 {
-            return TxFrame::Drop(format!(
-                "chain {} has {} device-writable bytes",
-                chain.head_index(),
-                chain.writable_len()
-            ));
-        }
-        let total = chain.readable_len();
-        if !(VNET_HDR_SIZE + MIN_FRAME..=VNET_HDR_SIZE + MAX_FRAME).contains(&total) {
-            return TxFrame::Drop(format!(
-                "chain {} holds {total} bytes; a header and a frame of {MIN_FRAME} to \
-                 {MAX_FRAME} bytes are needed",
-                chain.head_index()
-            ));
-        }
-        let mut reader = chain.reader(self.queue.memory());
-        let guest = match reader.read_obj::<[u8; VNET_HDR_SIZE]>() {
-            Ok(b) => b,
-            Err(e) => return TxFrame::Drop(e.to_string()),
-        };
-        let hdr = match VirtioNetHdr::from_bytes(&guest).for_tap(self.acked, total - VNET_HDR_SIZE)
-        {
-            Ok(hdr) => hdr.to_bytes(),
-            Err(e) => return TxFrame::Drop(e.to_string()),
-        };
-        // The tap reads the header up to `num_buffers` and skips that. A header the device
-        // left as it was goes straight from guest memory with the frame (usually one buffer:
-        // one plain write); a rewritten one goes as a host copy before the frame. A guest
-        // that changes its header after this check only spoils its own frame: the tap copies
-        // the header once and checks that copy itself (a refusal counts in `tx_errors`).
-        let as_is = hdr[..NUM_BUFFERS_OFFSET] == guest[..NUM_BUFFERS_OFFSET];
-        let (host, iovecs) = if as_is {
-            (Vec::new(), chain.reader(self.queue.memory()).iovecs(total))
-        } else {
-            (hdr.to_vec(), reader.iovecs(total - VNET_HDR_SIZE))
-        };
-        match iovecs {
-            Ok(iovecs) => TxFrame::Write {
-                iovecs: sys::HostIoVecs::header(host, iovecs),
-                total,
-            },
-            Err(e) => TxFrame::Drop(e.to_string()),
-        }
+        tap_frame(chain, self.queue.memory(), self.acked)
+    }
+}
+
+/// Checks a transmit chain: readable buffers only, a whole header, a frame of sane length,
+/// a header the tap will take (features `acked`). The header goes to the tap as the host
+/// copy that was checked, never from guest memory: the tap reads what it is given when the
+/// write runs, so a guest that rewrote its header after the check (a flag or a GSO type the
+/// device refuses, `DATA_VALID` to pass a bad checksum as verified) would get past the check.
+fn tap_frame(chain: &DescriptorChain, mem: &GuestMemory, acked: u64) -> TxFrame {
+    if chain.writable_len() != 0 {
+        return TxFrame::Drop(format!(
+            "chain {} has {} device-writable bytes",
+            chain.head_index(),
+            chain.writable_len()
+        ));
+    }
+    let total = chain.readable_len();
+    if !(VNET_HDR_SIZE + MIN_FRAME..=VNET_HDR_SIZE + MAX_FRAME).contains(&total) {
+        return TxFrame::Drop(format!(
+            "chain {} holds {total} bytes; a header and a frame of {MIN_FRAME} to \
+             {MAX_FRAME} bytes are needed",
+            chain.head_index()
+        ));
+    }
+    let mut reader = chain.reader(mem);
+    let guest = match reader.read_obj::<[u8; VNET_HDR_SIZE]>() {
+        Ok(b) => b,
+        Err(e) => return TxFrame::Drop(e.to_string()),
+    };
+    let hdr = match VirtioNetHdr::from_bytes(&guest).for_tap(acked, total - VNET_HDR_SIZE) {
+        Ok(hdr) => hdr.to_bytes(),
+        Err(e) => return TxFrame::Drop(e.to_string()),
+    };
+    match reader.iovecs(total - VNET_HDR_SIZE) {
+        Ok(iovecs) => TxFrame::Write {
+            iovecs: sys::HostIoVecs::header(hdr.to_vec(), iovecs),
+            total,
+        },
+        Err(e) => TxFrame::Drop(e.to_string()),
     }
 }
 
@@ -251,6 +247,52 @@ mod tests {
                 "the tap took all; the kernel dropped three"
             );
         });
+    }
+
+    #[test]
+    fn the_tap_gets_the_header_that_was_checked_not_what_the_guest_wrote_after() {
+        use std::io::Read;
+
+        use memory::GuestAddress;
+        use virtio::mock::MockSplitQueue;
+
+        let mem = GuestMemory::new(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mut driver = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).unwrap();
+        let frame = [0xab; 60];
+        // One buffer, header and frame together: the layout a header read in place would
+        // send straight from guest memory.
+        let mut bytes = VirtioNetHdr::default().to_bytes().to_vec();
+        bytes.extend_from_slice(&frame);
+        let sent = driver.add_chain(&[MockBuf::Readable(bytes)]).unwrap();
+        let chain = driver.queue().unwrap().pop(&mem).unwrap().unwrap();
+        let TxFrame::Write { iovecs, total } = tap_frame(&chain, &mem, 0) else {
+            panic!("a plain header and a 60-byte frame were dropped");
+        };
+        assert_eq!(total, VNET_HDR_SIZE + frame.len());
+        // Checked; now, before the write runs, the guest claims a verified checksum and
+        // offloads it never negotiated.
+        let rewritten = VirtioNetHdr {
+            flags: VIRTIO_NET_HDR_F_DATA_VALID | VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: 1,
+            gso_size: 1000,
+            csum_start: 14,
+            csum_offset: 16,
+            ..VirtioNetHdr::default()
+        };
+        mem.write_slice(&rewritten.to_bytes(), sent.readable[0].addr)
+            .unwrap();
+        let (mut out, tap) = std::io::pipe().unwrap();
+        let tap = executor::AsyncFd::new(tap.into());
+        let (written, _) = run(tap.write_mem_at(iovecs, 0));
+        assert_eq!(written.unwrap(), total);
+        let mut got = vec![0; total];
+        out.read_exact(&mut got).unwrap();
+        assert_eq!(
+            got[..VNET_HDR_SIZE],
+            VirtioNetHdr::default().to_bytes(),
+            "the tap got the guest's rewritten header"
+        );
+        assert_eq!(got[VNET_HDR_SIZE..], frame);
     }
 
     #[test]
