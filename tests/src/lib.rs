@@ -8,6 +8,7 @@
 //! status 0). [`GuestReport`] parses that; [`GuestCmdline`] builds its command line;
 //! [`run_guest`] runs a VMM with a time limit and collects the serial console.
 
+mod gdb;
 pub mod heal;
 pub mod hostile;
 pub mod netns;
@@ -20,6 +21,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+pub use gdb::{gdb_run, Step};
 
 /// The test guest ELF (ELF64, PVH entry note, loaded at 1 MiB), built from guest/test.
 pub fn test_guest_path() -> &'static Path {
@@ -715,30 +718,6 @@ impl StoppableVm {
         assert!(status.success(), "ringvm {status:?}: {stderr}");
         stderr
     }
-}
-
-/// Runs gdb expressions (C syntax) inside process `pid`, then detaches; returns the printed
-/// values (`$N = V`) in order. A call that faults leaves the process stopped on that signal,
-/// which it gets when gdb detaches, as if gdb had never been there. (How the sandbox tests
-/// make a jailed device call what an attacker would.)
-pub fn gdb_prints(pid: u32, exprs: &[&str]) -> Vec<String> {
-    let mut cmd = Command::new("gdb");
-    // The device's own root is an empty tmpfs: read its binary and libraries from the host.
-    cmd.args(["-nx", "-batch", "-ex", "set sysroot /", "-ex"])
-        .arg(format!("file {}", ringvm_bin().display()))
-        .args(["-ex", &format!("attach {pid}"), "-ex", "set language c"]);
-    for e in exprs {
-        cmd.args(["-ex", &format!("print {e}")]);
-    }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("run gdb (apt package gdb)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix('$'))
-        .filter_map(|l| l.split_once(" = ").map(|(_, v)| v.to_string()))
-        .collect()
 }
 
 #[cfg(test)]

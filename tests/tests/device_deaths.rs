@@ -22,17 +22,17 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use tests::{
-    children_of, gdb_prints, ringvm_bin, ringvm_run, wait_until, GuestCmdline, HaltedVm, Scratch,
+    children_of, gdb_run, ringvm_bin, ringvm_run, wait_until, GuestCmdline, HaltedVm, Scratch, Step,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A VM with its jailed rng device and no restarts, whose device gdb makes evaluate `exprs`;
-/// the device's pid, and the VM's exit code and stderr once it ended.
-fn rng_device_made_to(exprs: &[&str]) -> (u32, Option<i32>, String) {
+/// A VM with its jailed rng device and no restarts, whose device gdb makes do `steps`; the
+/// device's pid, and the VM's exit code and stderr once it ended.
+fn rng_device_made_to(steps: &[Step<'_>]) -> (u32, Option<i32>, String) {
     let vm = HaltedVm::start(&["--device-restarts", "0"]);
     let device = vm.device;
-    let _ = gdb_prints(device, exprs);
+    let _ = gdb_run(device, steps);
     let (code, stderr) = vm.finish(LIMIT);
     (device, code, stderr)
 }
@@ -185,11 +185,13 @@ fn memory_fault_in_a_jailed_device_is_reported_with_its_address() {
     let vm = HaltedVm::start(&["--device-restarts", "0", "--no-rng", "--rwdisk", &disk_arg]);
     let device = vm.device;
     let fd = fd_of(device, &disk);
-    let values = gdb_prints(
+    let fd = fd.to_string();
+    let values = gdb_run(
         device,
         &[
-            &format!("(long)mmap(0, 4096, 1, 1, {fd}, 0x1000000000)"),
-            "(long)strlen((char*)$1)",
+            Step::Call("mmap", &["0", "4096", "1", "1", &fd, "0x1000000000"]),
+            Step::Print("(long)$ret"),
+            Step::Jump("strlen", &["$ret"]),
         ],
     );
     let addr: i64 = values
@@ -214,7 +216,7 @@ fn memory_fault_in_a_jailed_device_is_reported_with_its_address() {
 #[test]
 fn segfault_in_a_jailed_device_is_reported_with_its_address() {
     // Reads address 0x10, which nothing maps.
-    let (device, code, stderr) = rng_device_made_to(&["(long)strlen((char*)16)"]);
+    let (device, code, stderr) = rng_device_made_to(&[Step::Jump("strlen", &["16"])]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -255,15 +257,19 @@ fn sigabrt_sent_by_another_process_is_not_called_an_abort() {
     signal_sent_by_another_process_is_reported_as_sent("ABRT", 6);
 }
 
-/// gdb expressions that make the process call `core::panicking::panic("boom from gdb")` with
-/// a `Location` {file "gdb-injected", line 7, column 9} (a `&str` and two u32s).
-const INJECT_PANIC: [&str; 6] = [
-    "$l = (long)malloc(24)",
-    r#"*(long*)$l = (long)"gdb-injected""#,
-    "*(long*)($l + 8) = 12",
-    "*(int*)($l + 16) = 7",
-    "*(int*)($l + 20) = 9",
-    r#"((void(*)(long, long, long))'core::panicking::panic')((long)"boom from gdb", 13, $l)"#,
+/// Steps that make the process call `core::panicking::panic("boom from gdb")` with a
+/// `Location` {file "gdb-injected", line 7, column 9} (a `&str` and two u32s), built in the
+/// scratch area below its stack.
+const INJECT_PANIC: [Step<'static>; 6] = [
+    Step::Set(r#"{char[13]}($scratch + 600) = "gdb-injected""#),
+    Step::Set("*(long*)($scratch + 512) = $scratch + 600"),
+    Step::Set("*(long*)($scratch + 520) = 12"),
+    Step::Set("*(int*)($scratch + 528) = 7"),
+    Step::Set("*(int*)($scratch + 532) = 9"),
+    Step::Jump(
+        "'core::panicking::panic'",
+        &[r#""boom from gdb""#, "13", "$scratch + 512"],
+    ),
 ];
 
 #[test]
@@ -296,7 +302,7 @@ fn panic_in_a_device_ends_it_with_its_message_whatever_its_environment() {
         }),
         "no jailed device under unshare"
     );
-    let _ = gdb_prints(device[0], &INJECT_PANIC);
+    let _ = gdb_run(device[0], &INJECT_PANIC);
     let (status, report, stderr) = end(child, LIMIT);
     let status = status.expect("the device did not end after its panic");
     assert_eq!(status.code(), Some(101), "{status:?}\n{stderr}");
@@ -362,7 +368,7 @@ fn a_flood_of_bad_chains_makes_a_bounded_log_with_a_summary() {
 
 #[test]
 fn abort_in_a_jailed_device_is_reported_as_an_abort() {
-    let (device, code, stderr) = rng_device_made_to(&["(void)abort()"]);
+    let (device, code, stderr) = rng_device_made_to(&[Step::Jump("abort", &[])]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(

@@ -11,11 +11,16 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tests::{gdb_prints, HaltedVm};
+use tests::{gdb_run, HaltedVm, Step};
 
-/// `expr` as a call that returns -1 or a value, followed by errno.
-fn with_errno(call: &str) -> [String; 2] {
-    [call.to_string(), "*(int*)__errno_location()".to_string()]
+/// A call to `func` with `args`, its result (as an int) printed, then errno.
+fn with_errno<'a>(func: &'a str, args: &'a [&'a str]) -> [Step<'a>; 4] {
+    [
+        Step::Call(func, args),
+        Step::Print("(int)$ret"),
+        Step::Call("__errno_location", &[]),
+        Step::Print("*(int*)$ret"),
+    ]
 }
 
 const EACCES: &str = "13";
@@ -28,46 +33,51 @@ const ENETUNREACH: &str = "101";
 fn jailed_device_cannot_reach_the_host_even_with_seccomp_logging_only() {
     let vm = HaltedVm::start(&["--seccomp-log-failures"]);
     let vmm = vm.live.child.id();
-    let probes: Vec<(&str, String, &[&str])> = vec![
+    let vmm = vmm.to_string();
+    let probes: Vec<(&str, &str, Vec<&str>, &[&str])> = vec![
         (
             "open a host path",
-            r#"(int)open("/etc/hostname", 0)"#.into(),
+            "open",
+            vec![r#""/etc/hostname""#, "0"],
             &[EACCES, ENOENT],
         ),
-        ("list /", r#"(int)open("/", 0x10000)"#.into(), &[EACCES]),
+        ("list /", "open", vec![r#""/""#, "0x10000"], &[EACCES]),
         (
             "execve a shell",
-            r#"(int)execve("/bin/sh", 0, 0)"#.into(),
+            "execve",
+            vec![r#""/bin/sh""#, "0", "0"],
             &[EACCES, ENOENT],
         ),
         (
             "ptrace the VMM",
-            format!("(long)ptrace(16, {vmm}, 0, 0)"),
+            "ptrace",
+            vec!["16", &vmm, "0", "0"],
             &[ESRCH, EPERM],
         ),
         (
             "mount",
-            r#"(int)mount("none", "/", "tmpfs", 0, 0)"#.into(),
+            "mount",
+            vec![r#""none""#, r#""/""#, r#""tmpfs""#, "0", "0"],
             &[EPERM],
         ),
         (
             "raise CAP_SYS_ADMIN into the ambient set",
-            "(int)prctl(47, 2, 21, 0, 0)".into(),
+            "prctl",
+            vec!["47", "2", "21", "0", "0"],
             &[EPERM],
         ),
     ];
-    let mut exprs = Vec::new();
-    for (_, call, _) in &probes {
-        exprs.extend(with_errno(call));
+    let mut steps = Vec::new();
+    for (_, func, args, _) in &probes {
+        steps.extend(with_errno(func, args));
     }
-    let refs: Vec<&str> = exprs.iter().map(String::as_str).collect();
-    let values = gdb_prints(vm.device, &refs);
+    let values = gdb_run(vm.device, &steps);
     assert_eq!(
         values.len(),
-        exprs.len(),
-        "gdb printed {values:?} for {exprs:?}"
+        2 * probes.len(),
+        "gdb printed {values:?} for {steps:?}"
     );
-    for (i, (what, _, errnos)) in probes.iter().enumerate() {
+    for (i, (what, _, _, errnos)) in probes.iter().enumerate() {
         let (ret, errno) = (&values[2 * i], &values[2 * i + 1]);
         assert_eq!(ret, "-1", "{what}: succeeded inside the jail");
         assert!(
@@ -77,15 +87,17 @@ fn jailed_device_cannot_reach_the_host_even_with_seccomp_logging_only() {
     }
     // A socket can be made (socket(2) is logged, not refused, here) but goes nowhere: the
     // device's network namespace has no interface up and no route. 1.1.1.1:80, AF_INET.
-    let connect = gdb_prints(
+    let connect = gdb_run(
         vm.device,
         &[
-            "$a = (long)malloc(16)",
-            "*(long*)$a = 0x0101010150000002",
-            "*(long*)($a + 8) = 0",
-            "$s = (int)socket(2, 1, 0)",
-            "(int)syscall(42, $s, $a, 16)",
-            "*(int*)__errno_location()",
+            Step::Set("*(long*)($scratch + 512) = 0x0101010150000002"),
+            Step::Set("*(long*)($scratch + 520) = 0"),
+            Step::Call("socket", &["2", "1", "0"]),
+            Step::Set("$s = (int)$ret"),
+            Step::Call("syscall", &["42", "$s", "$scratch + 512", "16"]),
+            Step::Print("(int)$ret"),
+            Step::Call("__errno_location", &[]),
+            Step::Print("*(int*)$ret"),
         ],
     );
     assert_eq!(
@@ -94,7 +106,13 @@ fn jailed_device_cannot_reach_the_host_even_with_seccomp_logging_only() {
         "connect to the outside: {connect:?}"
     );
     // The bounding set is empty: CAP_SYS_ADMIN cannot come back through exec either.
-    let caps = gdb_prints(vm.device, &["(int)prctl(23, 21, 0, 0, 0)"]);
+    let caps = gdb_run(
+        vm.device,
+        &[
+            Step::Call("prctl", &["23", "21", "0", "0", "0"]),
+            Step::Print("(int)$ret"),
+        ],
+    );
     assert_eq!(caps, ["0"], "CAP_SYS_ADMIN is still in the bounding set");
     // Logged, not killed: the device process is still there; then the VM is ended.
     assert!(
@@ -109,7 +127,7 @@ fn refused_syscall_kills_only_the_device_and_the_vmm_names_it() {
     let vm = HaltedVm::start(&["--device-restarts", "0"]);
     let device = vm.device;
     // socket(2) is in no device policy: the filter refuses it and the device dies by SIGSYS.
-    let _ = gdb_prints(device, &["(int)socket(2, 1, 0)"]);
+    let _ = gdb_run(device, &[Step::Jump("socket", &["2", "1", "0"])]);
     let (code, stderr) = vm.end(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
@@ -130,7 +148,13 @@ fn a_new_io_uring_is_refused_in_a_device() {
     // ring would bypass that, so io_uring_setup is refused.
     let vm = HaltedVm::start(&["--device-restarts", "0"]);
     let device = vm.device;
-    let _ = gdb_prints(device, &["(long)syscall(425, 8, (long)malloc(120))"]);
+    let _ = gdb_run(
+        device,
+        &[
+            Step::Call("malloc", &["120"]),
+            Step::Jump("syscall", &["425", "8", "$ret"]),
+        ],
+    );
     let (code, stderr) = vm.end(Duration::from_secs(20));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(

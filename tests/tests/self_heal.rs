@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tests::heal::{device_of, kill, NetStreamKills, Rand, BOOT, LIMIT};
 use tests::{
-    children_of, gdb_prints, ringvm_run, wait_until, GuestCmdline, GuestReport, Live, Scratch,
+    children_of, gdb_run, ringvm_run, wait_until, GuestCmdline, GuestReport, Live, Scratch, Step,
 };
 
 /// Whether process `pid` opened `path` with `O_DIRECT` (the flags in its fdinfo), once it
@@ -195,7 +195,7 @@ fn block_process_dying_by_its_seccomp_filter_comes_back() {
     // socket(2) is in no device policy: the filter refuses it and the device dies by SIGSYS
     // in the middle of the guest's I/O.
     std::thread::sleep(Duration::from_millis(500));
-    let _ = gdb_prints(device, &["(int)socket(2, 1, 0)"]);
+    let _ = gdb_run(device, &[Step::Jump("socket", &["2", "1", "0"])]);
     // `ringvm stats` counts the restart and reads the new process.
     let new = device_of(live.child.id(), &[device]);
     let mut block0 = serde_json::Value::Null;
