@@ -62,6 +62,23 @@ impl DeathReport {
     pub fn sent(&self) -> bool {
         self.value <= 0 && self.signal != libc::SIGSYS
     }
+
+    /// Whether the process could have ended with `status` after its handler wrote this: by
+    /// the reported signal (a refused call, a fault), or by the handler's exit with 128 + the
+    /// signal (an abort, a signal sent). The record is the device's own word, written by a
+    /// process the guest may have taken over: one that does not fit how the process really
+    /// ended (a SIGKILL, a plain exit) is not believed.
+    pub fn fits(&self, status: &jail::ExitStatus) -> bool {
+        match *status {
+            jail::ExitStatus::Exited(code) => {
+                (self.sent() || self.signal == libc::SIGABRT)
+                    && Some(code) == self.signal.checked_add(128)
+            }
+            jail::ExitStatus::Signaled(sig) => {
+                !self.sent() && self.signal != libc::SIGABRT && sig == self.signal
+            }
+        }
+    }
 }
 
 /// [`DeathReport::suffix`].

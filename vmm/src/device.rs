@@ -279,10 +279,22 @@ fn accept_then_jail(
     if status.success() {
         return Ok(());
     }
+    // A report the child did not write is no report, and one that does not fit how it
+    // ended is not believed (`DeathReport::fits`). Read only what is there: the record is
+    // in the pipe once the child has ended, but the pipe ends only when every write end
+    // is closed, and the child may have passed one on to keep it open.
     let mut record = Vec::new();
-    // A report the child did not write is no report.
-    let _ = report.read_to_end(&mut record);
-    let death = DeathReport::from_bytes(&record);
+    let mut chunk = [0u8; 2 * DeathReport::LEN];
+    while record.len() <= DeathReport::LEN && sys::fd_readable(report.as_fd()).unwrap_or(false) {
+        match report.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => record.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let death = (record.len() == DeathReport::LEN)
+        .then(|| DeathReport::from_bytes(&record))
+        .flatten()
+        .filter(|d| d.fits(&status));
     if let (Some(out), Some(d)) = (report_out, death) {
         // Best effort: the error below says the same.
         let _ = File::from(out).write_all(&d.to_bytes());

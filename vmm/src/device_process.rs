@@ -23,6 +23,8 @@ pub const FIRST_EXTRA_FD: usize = 4;
 /// How long [`DeviceProcess::death`] waits for the status of a process that has ended.
 const STATUS_POLLS: u32 = 100;
 const STATUS_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+/// How long the death record of an ended process may take to read (it is there at once).
+const REPORT_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What a device process is started from, again and again.
 #[derive(Debug)]
@@ -190,41 +192,50 @@ impl DeviceProcess {
     /// How the process, which has ended (its pidfd is readable), died:
     /// `device NAME (pid N) killed by signal ...`.
     pub async fn death(&self) -> String {
-        let status = self.exit_status().await;
-        let report = self.death_report().await;
+        let (status, said) = match self.exit_status().await {
+            Ok(status) => (Some(status), status.to_string()),
+            Err(why) => (None, why),
+        };
+        // Only a record that fits the status is believed (and none without a status).
+        let report = match status {
+            Some(status) => self.death_report().await.filter(|r| r.fits(&status)),
+            None => None,
+        };
         format!(
             "device {} (pid {}) {}",
             self.name,
             self.child.pid,
-            death::describe(&status, report.as_ref())
+            death::describe(&said, report.as_ref())
         )
     }
 
     /// The status of the process, whose pidfd says it has ended. A tracer (a debugger) is
     /// told first, and the status is ours only once it has let go: poll a little.
-    async fn exit_status(&self) -> String {
+    async fn exit_status(&self) -> Result<jail::ExitStatus, String> {
         for _ in 0..STATUS_POLLS {
             match self.child.try_wait() {
-                Ok(Some(status)) => return status.to_string(),
+                Ok(Some(status)) => return Ok(status),
                 Ok(None) => {
                     let _ = executor::sleep(STATUS_POLL_INTERVAL).await;
                 }
-                Err(e) => return format!("ended (cannot get its status: {e})"),
+                Err(e) => return Err(format!("ended (cannot get its status: {e})")),
             }
         }
-        "ended".to_string()
+        Err("ended".to_string())
     }
 
     /// What the ended process's signal handlers reported of its death (a refused system
-    /// call, a memory fault), if it died that way. Read through the ring: the VMM's own
-    /// seccomp policy has no read(2).
+    /// call, a memory fault), if it died that way: one record, and nothing more. Read
+    /// through the ring (the VMM's own seccomp policy has no read(2)), and given up after
+    /// [`REPORT_WAIT`]: the record is in the pipe once the process has ended, but the pipe
+    /// reaches its end only when every write end is closed, and the device may have passed
+    /// one on (to this process, over its vhost-user socket) to keep it open.
     async fn death_report(&self) -> Option<DeathReport> {
         let fd: OwnedFd = self.report.try_clone().ok()?;
         let pipe = executor::AsyncFd::new(fd);
-        // The process has ended, so this completes at once: its record, or end-of-file.
-        let (res, buf) = pipe.read(Vec::with_capacity(DeathReport::LEN)).await;
-        match res {
-            Ok(DeathReport::LEN) => DeathReport::from_bytes(&buf),
+        let read = pipe.read(Vec::with_capacity(2 * DeathReport::LEN));
+        match executor::timeout(REPORT_WAIT, read).await {
+            Ok((Ok(DeathReport::LEN), buf)) => DeathReport::from_bytes(&buf),
             _ => None,
         }
     }
@@ -242,5 +253,117 @@ impl DeviceProcess {
     /// reaping it.
     pub fn kill(&self) {
         let _ = self.child.kill();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// `sh -c script`, unjailed, as a device process whose report pipe is `report`.
+    fn process(script: &str, report: std::io::PipeReader) -> DeviceProcess {
+        let args = [OsStr::new("-c"), OsStr::new(script)];
+        let child = jail::spawn(
+            Path::new("/bin/sh"),
+            &args,
+            &[],
+            &jail::Sandbox { enabled: false },
+        )
+        .unwrap();
+        DeviceProcess {
+            name: "test0".into(),
+            child,
+            report: report.into(),
+        }
+    }
+
+    fn death_of(p: &DeviceProcess) -> String {
+        let pidfd = executor::AsyncFd::new(p.pidfd().unwrap());
+        executor::Executor::new().unwrap().run_until(async {
+            pidfd.poll_readable().await.unwrap();
+            executor::timeout(Duration::from_secs(10), p.death())
+                .await
+                .expect("the death of a process is not reported")
+        })
+    }
+
+    #[test]
+    fn a_report_pipe_kept_open_elsewhere_does_not_hold_up_the_death() {
+        // The write end stays open here, as a device that passed it on (to the VMM, over
+        // its socket) would keep it: the pipe never reaches its end.
+        let (report, _kept) = std::io::pipe().unwrap();
+        let p = process("exit 3", report);
+        assert_eq!(
+            death_of(&p),
+            format!("device test0 (pid {}) exited with status 3", p.pid())
+        );
+    }
+
+    #[test]
+    fn a_report_that_does_not_fit_the_death_is_not_believed() {
+        let record = |signal, value| {
+            DeathReport {
+                signal,
+                value,
+                addr: 0x1000,
+            }
+            .to_bytes()
+            .to_vec()
+        };
+        for (script, rec, says) in [
+            // A refused call claimed by a process that was killed.
+            (
+                "kill -9 $$",
+                record(libc::SIGSYS, 59),
+                "killed by signal 9 (SIGKILL)",
+            ),
+            // A fault claimed by a process that exited.
+            ("exit 0", record(libc::SIGSEGV, 1), "exited with status 0"),
+            (
+                "exit 139",
+                record(libc::SIGSEGV, 1),
+                "exited with status 139",
+            ),
+            // Two records: the handlers write one.
+            (
+                "kill -11 $$",
+                [record(libc::SIGSEGV, 1), record(libc::SIGSEGV, 1)].concat(),
+                "killed by signal 11 (SIGSEGV)",
+            ),
+        ] {
+            let (report, mut tx) = std::io::pipe().unwrap();
+            tx.write_all(&rec).unwrap();
+            let p = process(script, report);
+            assert_eq!(
+                death_of(&p),
+                format!("device test0 (pid {}) {says}", p.pid()),
+                "{script}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_report_that_fits_the_death_is_told() {
+        let sent = DeathReport {
+            signal: libc::SIGSEGV,
+            value: 0,
+            addr: 0,
+        };
+        let (report, mut tx) = std::io::pipe().unwrap();
+        tx.write_all(&sent.to_bytes()).unwrap();
+        drop(tx);
+        let p = process("exit 139", report);
+        assert_eq!(
+            death_of(&p),
+            format!(
+                "device test0 (pid {}) exited with status 139 after signal 11 (SIGSEGV) sent by \
+                 another process",
+                p.pid()
+            )
+        );
     }
 }
