@@ -241,6 +241,43 @@ fn backend_that_never_answers_times_out_instead_of_hanging() {
 }
 
 #[test]
+fn backend_whose_listener_never_accepts_times_out_instead_of_hanging() {
+    let dir = Scratch::new("virtio", "backlog");
+    let sock = dir.path("full.sock");
+    // A listener with a backlog of 0 that one queued connection fills, and that never
+    // accepts: a connect to it waits until the connect gives up.
+    const FULL: &str = "import socket, sys, time\n\
+        s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(0)\n\
+        c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1])\n\
+        print('full', flush=True); time.sleep(120)\n";
+    let mut listener = Command::new("python3")
+        .args(["-c", FULL])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    let mut ready = [0u8; 5];
+    listener
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut ready)
+        .expect("the listener's line");
+    assert_eq!(&ready, b"full\n");
+    let start = Instant::now();
+    let run = run_with_backend(&sock);
+    let _ = listener.kill();
+    let _ = listener.wait();
+    assert_eq!(run.status.and_then(|s| s.code()), Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot connect") && run.stderr.contains("not accepted within 10 s"),
+        "no timeout error naming the connect:\n{}",
+        run.stderr
+    );
+    assert!(start.elapsed() < Duration::from_secs(40));
+}
+
+#[test]
 fn guest_reads_and_writes_a_disk_exported_by_qemu_storage_daemon() {
     let dir = Scratch::new("virtio", "qsd");
     let img = dir.path("disk.img");

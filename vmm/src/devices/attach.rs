@@ -100,7 +100,7 @@ pub(crate) async fn add_devices(
     }
     for spec in &config.vhost_user {
         let name = format!("{} ({})", spec.kind.name(), spec.socket.display());
-        let sock = executor::connect_unix(&spec.socket)
+        let sock = vhost_user::connect_socket(&spec.socket)
             .await
             .with_context(|| format!("device {name}: cannot connect"))?
             .into_owned()

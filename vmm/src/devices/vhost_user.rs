@@ -50,6 +50,9 @@ use crate::respawn::{Respawner, RestartBudget, Restarts};
 
 /// How long the VMM waits for any reply of a backend before declaring it hung.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connect to a backend's socket may take: one whose listener never accepts (a
+/// full backlog) would otherwise hold the connect for ever.
+pub const CONNECT_TIMEOUT: Duration = REPLY_TIMEOUT;
 /// How long a process whose socket hung up may take to end before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How often an external backend's socket is tried while it is away.
@@ -175,7 +178,8 @@ pub struct Backend {
     /// The backend's offer when it first connected: a restarted one must make the same.
     offered: (u64, u64, Option<u32>),
     started: Option<Started>,
-    /// Config writes the device accepted, in order.
+    /// Config writes the device accepted, in order, to replay on a restart
+    /// ([`note_config_write`]).
     config_writes: Vec<(u32, Vec<u8>)>,
     /// While suspended (the control socket), where each started ring stopped.
     suspended: Option<Vec<u16>>,
@@ -419,7 +423,7 @@ impl Backend {
                     }
                 }
                 if res.is_ok() {
-                    self.config_writes.push((offset, data));
+                    note_config_write(&mut self.config_writes, offset, data);
                 }
                 let _ = reply.send(res.map_err(|e| format!("{e:#}")));
                 ok
@@ -715,6 +719,18 @@ impl Backend {
     }
 }
 
+/// Connects to a backend's socket at `path`, within [`CONNECT_TIMEOUT`].
+pub async fn connect_socket(path: &std::path::Path) -> std::io::Result<executor::AsyncFd> {
+    executor::timeout(CONNECT_TIMEOUT, executor::connect_unix(path))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("not accepted within {} s", CONNECT_TIMEOUT.as_secs()),
+            )
+        })?
+}
+
 /// Connects to `path` again and sets the connection up, trying until `limit` has passed: the
 /// socket may not be there yet, or still be the old backend's, which resets the connection.
 async fn reconnect(
@@ -725,7 +741,7 @@ async fn reconnect(
     let deadline = Instant::now() + limit;
     loop {
         let attempt = async {
-            let fd = executor::connect_unix(path).await?;
+            let fd = connect_socket(path).await?;
             let fd = fd
                 .into_owned()
                 .map_err(|_| anyhow!("the socket is not a plain descriptor"))?;
@@ -876,9 +892,36 @@ impl VirtioDevice for VhostUserDevice {
     }
 }
 
+/// Adds an accepted config write to those a restart replays. A write over all the bytes of
+/// an earlier one makes that one moot and takes its place, so the list holds one entry per
+/// byte range the backend took, however often the guest writes.
+fn note_config_write(writes: &mut Vec<(u32, Vec<u8>)>, offset: u32, data: Vec<u8>) {
+    let end = u64::from(offset) + data.len() as u64;
+    writes.retain(|(o, d)| !(offset <= *o && u64::from(*o) + d.len() as u64 <= end));
+    writes.push((offset, data));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_writes_to_replay_stay_one_per_range_however_many_the_guest_makes() {
+        let mut writes = Vec::new();
+        for i in 0..10_000u32 {
+            note_config_write(&mut writes, 0x20, vec![i as u8]);
+        }
+        assert_eq!(writes, [(0x20, vec![0x0f])]);
+        // Earlier writes not wholly covered stay, in order; a covering one replaces them.
+        note_config_write(&mut writes, 0x21, vec![1, 2]);
+        note_config_write(&mut writes, 0x1f, vec![3]);
+        assert_eq!(
+            writes,
+            [(0x20, vec![0x0f]), (0x21, vec![1, 2]), (0x1f, vec![3])]
+        );
+        note_config_write(&mut writes, 0x1e, vec![5; 8]);
+        assert_eq!(writes, [(0x1e, vec![5; 8])]);
+    }
 
     #[test]
     fn failed_restarts_wait_longer_each_time_up_to_a_second() {
