@@ -17,12 +17,13 @@ use executor::{EventFd, EventFdStream, Executor, Task};
 use memory::{GuestAddress, GuestMemory, RegionFd};
 use virtio::mock::{MockBuf, MockSplitQueue};
 use virtio::vhost_user::message::{
-    Body, Header, MemTable, MemoryRegion, Message, MessageError, Request, VringAddr, VringFd,
-    VringState, FLAG_NEED_REPLY, HEADER_SIZE, U64,
+    Body, Header, Inflight, MemTable, MemoryRegion, Message, MessageError, Request, VringAddr,
+    VringFd, VringState, FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, U64,
 };
 use virtio::vhost_user::{
     serve, Connection, Device, Error, Frontend, StopSignal, VringConfig, PROTOCOL_F_CONFIG,
-    PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, PROTOCOL_F_RESET_DEVICE, VIRTIO_F_VERSION_1,
+    PROTOCOL_F_INFLIGHT_SHMFD, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, PROTOCOL_F_RESET_DEVICE,
+    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
 };
 use virtio::{AsyncQueue, Rng, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC};
 
@@ -347,6 +348,107 @@ fn backend_that_never_replies_times_out_naming_the_request() {
             matches!(err, Error::Timeout(Request::GetFeatures, d) if d == Duration::from_millis(100)),
             "{err:?}"
         );
+    });
+}
+
+/// A reply by hand: `request`'s, with `body`.
+fn reply_by_hand(request: Request, body: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    Header::new(request, FLAG_REPLY | 1, body.len() as u32).encode(&mut bytes);
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// A backend by hand, up to the end of the frontend's handshake: it offers the protocol
+/// features `protocol`, and gives its end back once they are set.
+async fn handshake_by_hand(back: Connection, protocol: u64) -> Connection {
+    loop {
+        let (msg, _) = back.recv().await.unwrap().unwrap();
+        let offer = match msg.header.request {
+            Request::GetFeatures => 1 << VHOST_USER_F_PROTOCOL_FEATURES,
+            Request::GetProtocolFeatures => protocol,
+            Request::SetProtocolFeatures => return back,
+            _ => continue,
+        };
+        let reply = reply_by_hand(msg.header.request, &U64(offer).to_bytes());
+        back.send(reply, &[]).await.unwrap();
+    }
+}
+
+#[test]
+fn an_inflight_region_that_is_not_shared_memory_for_the_queues_asked_is_refused() {
+    let ex = Executor::new().unwrap();
+    ex.run_until(async {
+        let region = |num_queues| Inflight {
+            mmap_size: 4096,
+            mmap_offset: 0,
+            num_queues,
+            queue_size: 16,
+        };
+        // A regular file, as a memfd is.
+        let file = || {
+            let path = std::env::temp_dir().join(format!("ringvm-inflight-{}", std::process::id()));
+            let f = File::create(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            f
+        };
+        for (given, fd, why) in [
+            (region(1), None, "a descriptor that is not a file"),
+            (region(2), Some(file()), "a region for other queues"),
+        ] {
+            let (front, back) = pair();
+            let backend = executor::spawn(handshake_by_hand(back, 1 << PROTOCOL_F_INFLIGHT_SHMFD));
+            let fe = Frontend::connect(front, TIMEOUT).await.unwrap();
+            let back = backend.await;
+            // A pipe, say its own death-report pipe, which the frontend would keep open.
+            let (_r, w) = std::io::pipe().unwrap();
+            let answer = executor::spawn(async move {
+                let (msg, _) = back.recv().await.unwrap().unwrap();
+                assert_eq!(msg.header.request, Request::GetInflightFd);
+                let fd: OwnedFd = fd.map_or_else(|| w.into(), Into::into);
+                let reply = reply_by_hand(Request::GetInflightFd, &given.to_bytes());
+                back.send(reply, &[fd.as_fd()]).await.unwrap();
+                back
+            });
+            let err = fe.get_inflight(1, 16).await.unwrap_err();
+            assert!(
+                matches!(err, Error::MismatchedReply(Request::GetInflightFd, w) if w == why),
+                "{err:?}"
+            );
+            drop(answer.await);
+        }
+    });
+}
+
+#[test]
+fn backend_that_stops_reading_makes_a_send_time_out_and_the_connection_broken() {
+    let ex = Executor::new().unwrap();
+    ex.run_until(async {
+        let (front, back) = pair();
+        // CONFIG, no REPLY_ACK: config writes get no reply. Then nothing more is read.
+        let backend = executor::spawn(handshake_by_hand(back, 1 << PROTOCOL_F_CONFIG));
+        let wait = Duration::from_millis(100);
+        let fe = Frontend::connect(front, wait).await.unwrap();
+        let _back = backend.await;
+        let mut sent = 0;
+        let writes = async {
+            loop {
+                match fe.set_config(0, &[0; 200]).await {
+                    Ok(()) => sent += 1,
+                    Err(e) => break e,
+                }
+                assert!(sent < 100_000, "the socket never filled");
+            }
+        };
+        let err = executor::timeout(TIMEOUT, writes)
+            .await
+            .expect("a send to a backend that does not read never ended");
+        assert!(
+            matches!(err, Error::SendTimeout(Request::SetConfig, d) if d == wait),
+            "{err:?} after {sent} writes"
+        );
+        // Part of a message may have gone: nothing more is sent on this connection.
+        assert!(matches!(fe.set_config(0, &[0]).await, Err(Error::Broken)));
     });
 }
 

@@ -231,7 +231,22 @@ impl Frontend {
                 "an empty inflight region",
             ));
         }
-        Ok((reply, fd))
+        if (reply.num_queues, reply.queue_size) != (num_queues, queue_size) {
+            return Err(Error::MismatchedReply(
+                Request::GetInflightFd,
+                "a region for other queues",
+            ));
+        }
+        // Shared memory (a memfd), not a descriptor the backend wants kept open (a pipe, a
+        // socket): this process keeps the region for the next backend.
+        let file = std::fs::File::from(fd);
+        if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
+            return Err(Error::MismatchedReply(
+                Request::GetInflightFd,
+                "a descriptor that is not a file",
+            ));
+        }
+        Ok((reply, file.into()))
     }
 
     /// [`Frontend::start`], handing over the inflight region `inflight` (from
@@ -439,7 +454,11 @@ impl Frontend {
         let mut bytes = Vec::with_capacity(body.len() + 12);
         Header::new(request, flags, size).encode(&mut bytes);
         bytes.extend_from_slice(body);
-        self.conn.send(bytes, fds).await?;
+        // A backend that stops reading fills the socket, and the send would wait for ever:
+        // it gets as long as a reply does.
+        executor::timeout(self.reply_timeout, self.conn.send(bytes, fds))
+            .await
+            .map_err(|_| Error::SendTimeout(request, self.reply_timeout))??;
         if !ack && !request.has_reply() {
             exchange.in_step = true;
             return Ok((Vec::new(), Vec::new()));

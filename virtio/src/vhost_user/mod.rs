@@ -115,6 +115,9 @@ pub enum Error {
     /// No reply to a request within the reply timeout.
     #[error("no reply to {0:?} within {1:?}")]
     Timeout(Request, Duration),
+    /// A request could not be sent within the reply timeout: the peer does not read.
+    #[error("{0:?} could not be sent within {1:?}: the backend does not read its socket")]
+    SendTimeout(Request, Duration),
     /// A message that is not the reply to the request sent.
     #[error("expected a reply to {expected:?}, received {got:?} (reply flag {reply})")]
     UnexpectedReply {
