@@ -14,8 +14,10 @@
 //! a line too long or a timeout closes that connection only, and at most [`MAX_HANDSHAKES`]
 //! are read at once (more are closed at once). The device is untrusted too (the guest may
 //! own it): a frame from it that fails its checks ends the channel, at most
-//! [`MAX_CONNECTS`] of its connects run at once (more fail with `EAGAIN`), and each gets
-//! [`CONNECT_TIMEOUT`]. It names only `PATH_<port>`, the port printed in decimal.
+//! [`MAX_CONNECTS`] of its connects run at once, until their answer is sent (more fail with
+//! `EAGAIN`), and each gets [`CONNECT_TIMEOUT`]. A frame that waits [`SEND_TIMEOUT`] for
+//! the device to read its channel ends the channel. It names only `PATH_<port>`, the port
+//! printed in decimal.
 
 use std::cell::Cell;
 use std::ffi::OsString;
@@ -41,6 +43,10 @@ pub const MAX_CONNECTS: usize = 64;
 /// How long a guest connect to `PATH_<port>` may take (a listener whose backlog is full
 /// never finishes it); then it fails with `ETIMEDOUT`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a frame to the device may wait for room in the channel: a device that stops
+/// reading it ends the channel, rather than leaving each handshake or connect waiting for
+/// ever with the stream it holds.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The host side of a vsock device (see the module docs).
 #[derive(Debug)]
@@ -133,14 +139,43 @@ struct State {
 }
 
 impl State {
+    /// Sends a frame to the device, within [`SEND_TIMEOUT`]. (A frame is one small message on
+    /// a stream socket: it is queued whole or not at all, so a send given up leaves no part
+    /// of one in the channel.)
     async fn send(&self, frame: Frame, fd: Option<&OwnedFd>) -> Result<()> {
         let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
-        let (res, _) = self.channel.sendmsg(frame.encode().to_vec(), &fds).await;
-        match res {
-            Ok(FRAME_SIZE) => Ok(()),
-            Ok(_) => Err(Error::Channel(io::ErrorKind::WriteZero.into())),
-            Err(e) => Err(Error::Channel(e)),
+        let send = self.channel.sendmsg(frame.encode().to_vec(), &fds);
+        match executor::timeout(SEND_TIMEOUT, send).await {
+            Ok((Ok(FRAME_SIZE), _)) => Ok(()),
+            Ok((Ok(_), _)) => Err(Error::Channel(io::ErrorKind::WriteZero.into())),
+            Ok((Err(e), _)) => Err(Error::Channel(e)),
+            Err(_) => Err(Error::Channel(io::ErrorKind::TimedOut.into())),
         }
+    }
+}
+
+/// One of the places a counter of the state counts (handshakes, connects), taken by the
+/// spawner and given back when the task that got it ends, however it ends.
+struct Place {
+    state: Rc<State>,
+    count: fn(&State) -> &Cell<usize>,
+}
+
+impl Place {
+    fn take(state: &Rc<State>, count: fn(&State) -> &Cell<usize>) -> Place {
+        let c = count(state);
+        c.set(c.get() + 1);
+        Place {
+            state: state.clone(),
+            count,
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let c = (self.count)(&self.state);
+        c.set(c.get() - 1);
     }
 }
 
@@ -159,15 +194,16 @@ async fn accept(state: Rc<State>, listener: AsyncFd) {
         if state.handshakes.get() >= MAX_HANDSHAKES {
             continue;
         }
-        state.handshakes.set(state.handshakes.get() + 1);
-        executor::spawn(handshake(state.clone(), conn)).detach();
+        let place = Place::take(&state, |s| &s.handshakes);
+        executor::spawn(handshake(place, conn)).detach();
     }
 }
 
-/// Reads a host process's `CONNECT` line and hands its stream to the device.
-async fn handshake(state: Rc<State>, conn: AsyncFd) {
+/// Reads a host process's `CONNECT` line and hands its stream to the device, holding its
+/// place among the handshakes until then.
+async fn handshake(place: Place, conn: AsyncFd) {
+    let state = &place.state;
     let line = executor::timeout(HANDSHAKE_TIMEOUT, read_line(&conn)).await;
-    state.handshakes.set(state.handshakes.get() - 1);
     let Ok(Ok(line)) = line else {
         return;
     };
@@ -219,20 +255,21 @@ async fn requests(state: Rc<State>) -> Result<()> {
             state.send(Frame::Failed { id, errno }, None).await?;
             continue;
         }
-        state.connects.set(state.connects.get() + 1);
-        executor::spawn(connect(state.clone(), id, port)).detach();
+        let place = Place::take(&state, |s| &s.connects);
+        executor::spawn(connect(place, id, port)).detach();
     }
 }
 
-/// Connects request `id` to `PATH_<port>` and answers the device.
-async fn connect(state: Rc<State>, id: u32, port: u32) {
+/// Connects request `id` to `PATH_<port>` and answers the device, holding its place among
+/// the connects until the answer is sent.
+async fn connect(place: Place, id: u32, port: u32) {
+    let state = &place.state;
     let connect = executor::connect_unix(port_path(&state.path, port));
     let connected = match executor::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(connected) => connected,
         // A listener that does not accept (its backlog full).
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
     };
-    state.connects.set(state.connects.get() - 1);
     let fd = connected.and_then(|fd| {
         fd.into_owned()
             .map_err(|_| io::Error::other("connected socket still in use"))

@@ -158,6 +158,44 @@ fn a_missing_listener_is_an_error_answer() {
 }
 
 #[test]
+fn a_device_that_stops_reading_its_channel_ends_it_instead_of_piling_up_connects() {
+    // Connects to a port nobody listens on fail at once; their answers fill the channel,
+    // which the device never reads.
+    let mut f = Fixture::new("flood");
+    let device = f.device.take().unwrap();
+    let mut sent = 0;
+    loop {
+        let frame = Frame::ConnectHost { id: sent, port: 81 }.encode().to_vec();
+        let send = executor::timeout(Duration::from_millis(200), device.sendmsg(frame, &[]));
+        match f.ex.run_until(send) {
+            Ok((Ok(FRAME_SIZE), _)) => sent += 1,
+            // The broker stopped reading: it waits for room for an answer.
+            Err(_) => break,
+            Ok((res, _)) => panic!("send: {res:?}"),
+        }
+        assert!(sent < 100_000, "the broker read every request");
+    }
+    // At most MAX_CONNECTS answers wait in tasks; the next waits in the request loop,
+    // which gives up after SEND_TIMEOUT and ends the channel.
+    let thread = f.thread.take().unwrap();
+    let deadline = std::time::Instant::now() + SEND_TIMEOUT + Duration::from_secs(5);
+    while !thread.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        thread.is_finished(),
+        "the broker still waits after {sent} requests"
+    );
+    let result = thread.join().unwrap();
+    assert!(
+        matches!(&result, Err(Error::Channel(e)) if e.kind() == io::ErrorKind::TimedOut),
+        "{result:?}"
+    );
+    assert!(!f.path.exists());
+    drop(device);
+}
+
+#[test]
 fn a_bad_frame_from_the_device_ends_the_channel() {
     let mut f = Fixture::new("bad-frame");
     let device = f.device.take().unwrap();
