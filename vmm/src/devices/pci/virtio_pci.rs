@@ -37,9 +37,15 @@ pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 pub const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
 pub const VIRTIO_PCI_SUBSYSTEM_ID: u16 = 0x40;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Transport features this transport does not implement, never offered: SR_IOV (37),
-/// NOTIFICATION_DATA (38), NOTIF_CONFIG_DATA (39), RING_RESET (40), ADMIN_VQ (41).
-const UNSUPPORTED_TRANSPORT_FEATURES: u64 = 0x1f << 37;
+/// Feature bits 24 to 49 are the transport's (virtio 1.2 §6; the rest are the device
+/// type's). Of these only what this transport and its split rings implement is offered,
+/// whatever a device (a vhost-user backend, say) offers: INDIRECT_DESC (28), EVENT_IDX
+/// (29), VERSION_1 (32), IN_ORDER (35) and ORDER_PLATFORM (36). Never: the legacy
+/// NOTIFY_ON_EMPTY (24) and ANY_LAYOUT (27), ACCESS_PLATFORM (33: there is no IOMMU),
+/// RING_PACKED (34: a restart reads the split layout), SR_IOV (37), NOTIFICATION_DATA (38),
+/// NOTIF_CONFIG_DATA (39), RING_RESET (40), ADMIN_VQ (41), or a bit not defined yet.
+const UNSUPPORTED_TRANSPORT_FEATURES: u64 =
+    (((1 << 50) - 1) & !((1 << 24) - 1)) & !(1 << 28 | 1 << 29 | 1 << 32 | 1 << 35 | 1 << 36);
 
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
 pub const STATUS_DRIVER: u8 = 2;
@@ -849,7 +855,9 @@ mod tests {
             256
         }
         fn features(&self) -> u64 {
-            1 << 3 | 1 << 40 // a device bit, and RING_RESET which the transport drops
+            // Device bits (3, 55), EVENT_IDX, and what the transport drops: ACCESS_PLATFORM,
+            // RING_PACKED, RING_RESET and an undefined transport bit.
+            1 << 3 | 1 << 55 | 1 << 29 | 1 << 33 | 1 << 34 | 1 << 40 | 1 << 45
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             for (i, b) in data.iter_mut().enumerate() {
@@ -1032,9 +1040,14 @@ mod tests {
     #[test]
     fn feature_windows_offer_version_1_and_drop_unsupported_transport_bits() {
         let (mut d, _vm, _log) = device();
-        assert_eq!(r32(&mut d, 0x04), 1 << 3);
+        assert_eq!(r32(&mut d, 0x04), 1 << 3 | 1 << 29);
         w32(&mut d, 0x00, 1);
-        assert_eq!(r32(&mut d, 0x04), 1, "VERSION_1 without RING_RESET");
+        assert_eq!(
+            r32(&mut d, 0x04),
+            1 | 1 << (55 - 32),
+            "VERSION_1 and the device's bit 55, without ACCESS_PLATFORM, RING_PACKED, \
+             RING_RESET or bit 45"
+        );
         w32(&mut d, 0x00, 7);
         assert_eq!(r32(&mut d, 0x04), 0);
         assert_eq!(r16(&mut d, 0x12), 2);
