@@ -237,16 +237,7 @@ impl Frontend {
                 "a region for other queues",
             ));
         }
-        // Shared memory (a memfd), not a descriptor the backend wants kept open (a pipe, a
-        // socket): this process keeps the region for the next backend.
-        let file = std::fs::File::from(fd);
-        if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
-            return Err(Error::MismatchedReply(
-                Request::GetInflightFd,
-                "a descriptor that is not a file",
-            ));
-        }
-        Ok((reply, file.into()))
+        Ok((reply, fd))
     }
 
     /// [`Frontend::start`], handing over the inflight region `inflight` (from
