@@ -46,71 +46,38 @@ pub enum Step<'a> {
     Print(&'a str),
 }
 
+/// The general registers a call changes, saved before it and written back after.
+const SAVED: [&str; 19] = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15", "eflags", "orig_rax", "rip",
+];
+
 /// The user-defined gdb commands the steps use: `rsave` (save the general registers, set
-/// `$scratch`), `rsetup` (a stack for a call, no system call to restart), `rrestore`.
-const PRELUDE: &str = "\
-set pagination off
-set confirm off
-handle SIGSEGV stop print nopass
-define rsave
-  set $s_rax = $rax
-  set $s_rbx = $rbx
-  set $s_rcx = $rcx
-  set $s_rdx = $rdx
-  set $s_rsi = $rsi
-  set $s_rdi = $rdi
-  set $s_rbp = $rbp
-  set $s_rsp = $rsp
-  set $s_r8 = $r8
-  set $s_r9 = $r9
-  set $s_r10 = $r10
-  set $s_r11 = $r11
-  set $s_r12 = $r12
-  set $s_r13 = $r13
-  set $s_r14 = $r14
-  set $s_r15 = $r15
-  set $s_rip = $rip
-  set $s_eflags = $eflags
-  set $s_orig_rax = $orig_rax
-  set $scratch = ((long)$rsp - SCRATCH_BYTES) & ~0xf
-end
-define rsetup
-  set $rsp = $scratch - 8
-  set {long}$rsp = 0
-  set $rax = 0
-  set $orig_rax = -1
-end
-define rrestore
-  set $rax = $s_rax
-  set $rbx = $s_rbx
-  set $rcx = $s_rcx
-  set $rdx = $s_rdx
-  set $rsi = $s_rsi
-  set $rdi = $s_rdi
-  set $rbp = $s_rbp
-  set $rsp = $s_rsp
-  set $r8 = $s_r8
-  set $r9 = $s_r9
-  set $r10 = $s_r10
-  set $r11 = $s_r11
-  set $r12 = $s_r12
-  set $r13 = $s_r13
-  set $r14 = $s_r14
-  set $r15 = $s_r15
-  set $eflags = $s_eflags
-  set $orig_rax = $s_orig_rax
-  set $rip = $s_rip
-end
-";
+/// `$scratch`), `rsetup` (a stack for a call, no system call to restart), `rrestore` (`rip`
+/// last).
+fn prelude_text() -> String {
+    let mut t = String::from(
+        "set pagination off\nset confirm off\nhandle SIGSEGV stop print nopass\ndefine rsave\n",
+    );
+    for r in SAVED {
+        t += &format!("  set $s_{r} = ${r}\n");
+    }
+    t += &format!("  set $scratch = ((long)$rsp - {SCRATCH}) & ~0xf\nend\n");
+    t += "define rsetup\n  set $rsp = $scratch - 8\n  set {long}$rsp = 0\n  set $rax = 0\n  \
+          set $orig_rax = -1\nend\ndefine rrestore\n";
+    for r in SAVED {
+        t += &format!("  set ${r} = $s_{r}\n");
+    }
+    t + "end\n"
+}
 
 /// The prelude as a file for `gdb -x`, written once per test process.
 fn prelude() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let path = std::env::temp_dir().join(format!("ringvm-gdb-{}.gdb", std::process::id()));
-        let text = PRELUDE.replace("SCRATCH_BYTES", &SCRATCH.to_string());
         std::fs::File::create(&path)
-            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .and_then(|mut f| f.write_all(prelude_text().as_bytes()))
             .expect("write the gdb prelude");
         path
     })
