@@ -2,16 +2,18 @@
 //!
 //! The task pops every available chain (up to [`TX_BATCH`]), checks each
 //! (`[virtio_net_hdr_v1][frame]`, readable only, sane header and length) and submits one
-//! `writev` per frame, all in the same turn of the executor (one `io_uring_enter` for the
-//! batch): the frame straight from guest memory, after the header the device checked (and
-//! rewrote where the tap would refuse it or a flag is one it ignores:
-//! [`VirtioNetHdr::for_tap`]), which goes as a host copy. Checksum and segmentation offloads pass through to the tap. A
+//! write per frame, all in the same turn of the executor (one `io_uring_enter` for the
+//! batch). The header is always the host copy the device checked (and rewrote where the tap
+//! would refuse it or a flag is one it ignores: [`VirtioNetHdr::for_tap`]); a small frame
+//! ([`COPY_MAX`]) is copied after it into one buffer and written with `write`, a larger one
+//! goes straight from guest memory after it, with `writev`. Checksum and segmentation offloads pass through to the tap. A
 //! malformed chain is counted as dropped, a failed write as an error; either way the chain
 //! is returned and the queue goes on.
 
 use std::pin::pin;
 
 use futures::future::{select, Either};
+use futures::FutureExt;
 use memory::GuestMemory;
 use virtio::vhost_user::StopSignal;
 use virtio::{AsyncQueue, DescriptorChain};
@@ -23,15 +25,29 @@ use crate::sys;
 /// The most transmit chains submitted in one batch.
 pub const TX_BATCH: usize = 64;
 
+/// Frames of at most this many bytes, header included, are copied into one host buffer and
+/// written with a plain `write`: cheaper than a `writev` of the header and the guest's
+/// buffers (no iovec array to build and for the kernel to import), and the kernel then reads
+/// no guest memory at all.
+pub const COPY_MAX: usize = 256;
+
 /// What a transmit chain turned out to be.
 enum TxFrame {
-    /// To write: the whole readable part (header and frame).
+    /// To write: the checked header, then the frame from guest memory.
     Write {
         iovecs: sys::HostIoVecs,
         total: usize,
     },
+    /// To write: the checked header and a copy of the frame, in one buffer.
+    Copy(Vec<u8>),
     /// Malformed: returned without writing.
     Drop(String),
+}
+
+/// What a write to the tap took, given back when it completes (to write it again).
+enum Written {
+    Mem(sys::HostIoVecs),
+    Copy(Vec<u8>),
 }
 
 pub(super) struct Tx<'a> {
@@ -79,7 +95,19 @@ impl Tx<'_> {
             .iter()
             .map(|chain| match self.frame(chain) {
                 TxFrame::Write { iovecs, total } => {
-                    Some((self.pair.io.write_mem_at(iovecs, 0), total))
+                    let write = self.pair.io.write_mem_at(iovecs, 0);
+                    Some((
+                        Either::Left(write.map(|(r, v)| (r, Written::Mem(v)))),
+                        total,
+                    ))
+                }
+                TxFrame::Copy(buf) => {
+                    let total = buf.len();
+                    let write = self.pair.io.write(buf);
+                    Some((
+                        Either::Right(write.map(|(r, b)| (r, Written::Copy(b)))),
+                        total,
+                    ))
                 }
                 TxFrame::Drop(why) => {
                     self.dev.log_guest(format_args!("tx: frame dropped: {why}"));
@@ -93,13 +121,16 @@ impl Tx<'_> {
                 self.queue.add_used(chain.head_index(), 0)?;
                 continue;
             };
-            let (result, iovecs) = write.await;
-            let result = match result {
+            let (result, written) = write.await;
+            let result = match (result, written) {
                 // Cancelled before it ran (a receive task on this tap stopping): write again.
-                Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                (Err(e), Written::Mem(iovecs)) if e.raw_os_error() == Some(libc::ECANCELED) => {
                     self.pair.io.write_mem_at(iovecs, 0).await.0
                 }
-                r => r,
+                (Err(e), Written::Copy(buf)) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                    self.pair.io.write(buf).await.0
+                }
+                (r, _) => r,
             };
             match result {
                 Ok(n) if n == total => self.dev.count(self.pair, |c| {
@@ -157,6 +188,15 @@ fn tap_frame(chain: &DescriptorChain, mem: &GuestMemory, acked: u64) -> TxFrame 
         Ok(hdr) => hdr.to_bytes(),
         Err(e) => return TxFrame::Drop(e.to_string()),
     };
+    if total <= COPY_MAX {
+        let mut buf = Vec::with_capacity(total);
+        buf.extend_from_slice(&hdr);
+        buf.resize(total, 0);
+        return match reader.read_exact_bytes(&mut buf[VNET_HDR_SIZE..]) {
+            Ok(()) => TxFrame::Copy(buf),
+            Err(e) => TxFrame::Drop(e.to_string()),
+        };
+    }
     match reader.iovecs(total - VNET_HDR_SIZE) {
         Ok(iovecs) => TxFrame::Write {
             iovecs: sys::HostIoVecs::header(hdr.to_vec(), iovecs),
@@ -256,43 +296,54 @@ mod tests {
         use memory::GuestAddress;
         use virtio::mock::MockSplitQueue;
 
-        let mem = GuestMemory::new(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let mut driver = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).unwrap();
-        let frame = [0xab; 60];
-        // One buffer, header and frame together: the layout a header read in place would
-        // send straight from guest memory.
-        let mut bytes = VirtioNetHdr::default().to_bytes().to_vec();
-        bytes.extend_from_slice(&frame);
-        let sent = driver.add_chain(&[MockBuf::Readable(bytes)]).unwrap();
-        let chain = driver.queue().unwrap().pop(&mem).unwrap().unwrap();
-        let TxFrame::Write { iovecs, total } = tap_frame(&chain, &mem, 0) else {
-            panic!("a plain header and a 60-byte frame were dropped");
-        };
-        assert_eq!(total, VNET_HDR_SIZE + frame.len());
-        // Checked; now, before the write runs, the guest claims a verified checksum and
-        // offloads it never negotiated.
-        let rewritten = VirtioNetHdr {
-            flags: VIRTIO_NET_HDR_F_DATA_VALID | VIRTIO_NET_HDR_F_NEEDS_CSUM,
-            gso_type: 1,
-            gso_size: 1000,
-            csum_start: 14,
-            csum_offset: 16,
-            ..VirtioNetHdr::default()
-        };
-        mem.write_slice(&rewritten.to_bytes(), sent.readable[0].addr)
-            .unwrap();
-        let (mut out, tap) = std::io::pipe().unwrap();
-        let tap = executor::AsyncFd::new(tap.into());
-        let (written, _) = run(tap.write_mem_at(iovecs, 0));
-        assert_eq!(written.unwrap(), total);
-        let mut got = vec![0; total];
-        out.read_exact(&mut got).unwrap();
-        assert_eq!(
-            got[..VNET_HDR_SIZE],
-            VirtioNetHdr::default().to_bytes(),
-            "the tap got the guest's rewritten header"
-        );
-        assert_eq!(got[VNET_HDR_SIZE..], frame);
+        // A small frame (copied) and a large one (written from guest memory).
+        for len in [60, 1000] {
+            let mem = GuestMemory::new(&[(GuestAddress(0), 16 << 20)]).unwrap();
+            let mut driver = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).unwrap();
+            let frame = vec![0xab; len];
+            // One buffer, header and frame together: the layout a header read in place
+            // would send straight from guest memory.
+            let mut bytes = VirtioNetHdr::default().to_bytes().to_vec();
+            bytes.extend_from_slice(&frame);
+            let sent = driver.add_chain(&[MockBuf::Readable(bytes)]).unwrap();
+            let chain = driver.queue().unwrap().pop(&mem).unwrap().unwrap();
+            let checked = tap_frame(&chain, &mem, 0);
+            // Checked; now, before the write runs, the guest claims a verified checksum and
+            // offloads it never negotiated, and changes its frame.
+            let rewritten = VirtioNetHdr {
+                flags: VIRTIO_NET_HDR_F_DATA_VALID | VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                gso_type: 1,
+                gso_size: 1000,
+                csum_start: 14,
+                csum_offset: 16,
+                ..VirtioNetHdr::default()
+            };
+            mem.write_slice(&rewritten.to_bytes(), sent.readable[0].addr)
+                .unwrap();
+            let (mut out, tap) = std::io::pipe().unwrap();
+            let tap = executor::AsyncFd::new(tap.into());
+            let written = match checked {
+                TxFrame::Write { iovecs, total } => {
+                    assert!(len + VNET_HDR_SIZE > COPY_MAX);
+                    (run(tap.write_mem_at(iovecs, 0)).0.unwrap(), total)
+                }
+                TxFrame::Copy(buf) => {
+                    assert!(len + VNET_HDR_SIZE <= COPY_MAX);
+                    let total = buf.len();
+                    (run(tap.write(buf)).0.unwrap(), total)
+                }
+                TxFrame::Drop(why) => panic!("a plain header and a {len}-byte frame: {why}"),
+            };
+            assert_eq!(written, (VNET_HDR_SIZE + len, VNET_HDR_SIZE + len));
+            let mut got = vec![0; VNET_HDR_SIZE + len];
+            out.read_exact(&mut got).unwrap();
+            assert_eq!(
+                got[..VNET_HDR_SIZE],
+                VirtioNetHdr::default().to_bytes(),
+                "{len}: the tap got the guest's rewritten header"
+            );
+            assert_eq!(got[VNET_HDR_SIZE..], frame);
+        }
     }
 
     #[test]
