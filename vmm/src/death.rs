@@ -68,7 +68,7 @@ impl DeathReport {
     /// signal (an abort, a signal sent). The record is the device's own word, written by a
     /// process the guest may have taken over: one that does not fit how the process really
     /// ended (a SIGKILL, a plain exit) is not believed.
-    pub fn fits(&self, status: &jail::ExitStatus) -> bool {
+    fn fits(&self, status: &jail::ExitStatus) -> bool {
         match *status {
             jail::ExitStatus::Exited(code) => {
                 (self.sent() || self.signal == libc::SIGABRT)
@@ -78,6 +78,16 @@ impl DeathReport {
                 !self.sent() && self.signal != libc::SIGABRT && sig == self.signal
             }
         }
+    }
+
+    /// The report in what a process's report pipe held once it ended with `status`, if it is
+    /// to be believed: exactly one record (the handlers write one), which [fits](Self::fits)
+    /// the status.
+    pub fn believed(bytes: &[u8], status: &jail::ExitStatus) -> Option<DeathReport> {
+        if bytes.len() != Self::LEN {
+            return None;
+        }
+        Self::from_bytes(bytes).filter(|r| r.fits(status))
     }
 }
 

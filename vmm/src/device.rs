@@ -280,7 +280,7 @@ fn accept_then_jail(
         return Ok(());
     }
     // A report the child did not write is no report, and one that does not fit how it
-    // ended is not believed (`DeathReport::fits`). Read only what is there: the record is
+    // ended is not believed (`DeathReport::believed`). Read only what is there: the record is
     // in the pipe once the child has ended, but the pipe ends only when every write end
     // is closed, and the child may have passed one on to keep it open.
     let mut record = Vec::new();
@@ -291,10 +291,7 @@ fn accept_then_jail(
             Ok(n) => record.extend_from_slice(&chunk[..n]),
         }
     }
-    let death = (record.len() == DeathReport::LEN)
-        .then(|| DeathReport::from_bytes(&record))
-        .flatten()
-        .filter(|d| d.fits(&status));
+    let death = DeathReport::believed(&record, &status);
     if let (Some(out), Some(d)) = (report_out, death) {
         // Best effort: the error below says the same.
         let _ = File::from(out).write_all(&d.to_bytes());

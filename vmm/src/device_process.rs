@@ -198,7 +198,7 @@ impl DeviceProcess {
         };
         // Only a record that fits the status is believed (and none without a status).
         let report = match status {
-            Some(status) => self.death_report().await.filter(|r| r.fits(&status)),
+            Some(status) => DeathReport::believed(&self.death_report().await, &status),
             None => None,
         };
         format!(
@@ -224,19 +224,20 @@ impl DeviceProcess {
         Err("ended".to_string())
     }
 
-    /// What the ended process's signal handlers reported of its death (a refused system
-    /// call, a memory fault), if it died that way: one record, and nothing more. Read
-    /// through the ring (the VMM's own seccomp policy has no read(2)), and given up after
+    /// What the ended process's signal handlers wrote of its death (a refused system call, a
+    /// memory fault), if it died that way: up to two records' bytes. Read through the ring (the VMM's own seccomp policy has no read(2)), and given up after
     /// [`REPORT_WAIT`]: the record is in the pipe once the process has ended, but the pipe
     /// reaches its end only when every write end is closed, and the device may have passed
     /// one on (to this process, over its vhost-user socket) to keep it open.
-    async fn death_report(&self) -> Option<DeathReport> {
-        let fd: OwnedFd = self.report.try_clone().ok()?;
+    async fn death_report(&self) -> Vec<u8> {
+        let Ok(fd) = self.report.try_clone() else {
+            return Vec::new();
+        };
         let pipe = executor::AsyncFd::new(fd);
         let read = pipe.read(Vec::with_capacity(2 * DeathReport::LEN));
         match executor::timeout(REPORT_WAIT, read).await {
-            Ok((Ok(DeathReport::LEN), buf)) => DeathReport::from_bytes(&buf),
-            _ => None,
+            Ok((Ok(_), buf)) => buf,
+            _ => Vec::new(),
         }
     }
 
