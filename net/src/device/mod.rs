@@ -11,8 +11,9 @@
 //! pass through (a receive queue sets the tap's offloads from the acked features as it
 //! starts).
 //! - Transmit: the task pops every available chain (up to [`tx::TX_BATCH`]), checks each and
-//!   submits one `writev` per frame, all in one turn of the executor: the header it checked
-//!   as a host copy, then the frame straight from guest memory.
+//!   submits one write per frame, all in one turn of the executor: the header it checked as
+//!   a host copy, then the frame (copied with it when small, else straight from guest
+//!   memory).
 //! - Receive: the task holds guest chains and reads frames into them as its plan says
 //!   (`RxPlan`, in [`rx`]): rounds of reads, one per chain, when every chain takes a whole
 //!   frame (plain `read`s into first buffers that do, as Linux posts them); else one

@@ -6,8 +6,8 @@
 //! batch). The header is always the host copy the device checked (and rewrote where the tap
 //! would refuse it or a flag is one it ignores: [`VirtioNetHdr::for_tap`]); a small frame
 //! ([`COPY_MAX`]) is copied after it into one buffer and written with `write`, a larger one
-//! goes straight from guest memory after it, with `writev`. Checksum and segmentation offloads pass through to the tap. A
-//! malformed chain is counted as dropped, a failed write as an error; either way the chain
+//! goes straight from guest memory after it, with `writev`. Checksum and segmentation
+//! offloads pass through to the tap. A malformed chain is counted as dropped, a failed write as an error; either way the chain
 //! is returned and the queue goes on.
 
 use std::pin::pin;
@@ -33,21 +33,33 @@ pub const COPY_MAX: usize = 256;
 
 /// What a transmit chain turned out to be.
 enum TxFrame {
-    /// To write: the checked header, then the frame from guest memory.
-    Write {
-        iovecs: sys::HostIoVecs,
-        total: usize,
-    },
-    /// To write: the checked header and a copy of the frame, in one buffer.
-    Copy(Vec<u8>),
+    /// To write: `total` bytes, header and frame.
+    Write { data: TapData, total: usize },
     /// Malformed: returned without writing.
     Drop(String),
 }
 
-/// What a write to the tap took, given back when it completes (to write it again).
-enum Written {
+/// What a write to the tap writes, given back when it completes (to write it again).
+enum TapData {
+    /// The checked header, then the frame from guest memory (`writev`).
     Mem(sys::HostIoVecs),
+    /// The checked header and a copy of the frame, in one buffer (`write`).
     Copy(Vec<u8>),
+}
+
+/// Queues the write of `data` to the tap (at once: the batch's writes go to the kernel
+/// together); it completes with the result and `data` back.
+fn write_to_tap(
+    tap: &executor::AsyncFd,
+    data: TapData,
+) -> impl std::future::Future<Output = (std::io::Result<usize>, TapData)> {
+    match data {
+        TapData::Mem(iovecs) => Either::Left(
+            tap.write_mem_at(iovecs, 0)
+                .map(|(r, v)| (r, TapData::Mem(v))),
+        ),
+        TapData::Copy(buf) => Either::Right(tap.write(buf).map(|(r, b)| (r, TapData::Copy(b)))),
+    }
 }
 
 pub(super) struct Tx<'a> {
@@ -94,21 +106,7 @@ impl Tx<'_> {
         let writes: Vec<_> = batch
             .iter()
             .map(|chain| match self.frame(chain) {
-                TxFrame::Write { iovecs, total } => {
-                    let write = self.pair.io.write_mem_at(iovecs, 0);
-                    Some((
-                        Either::Left(write.map(|(r, v)| (r, Written::Mem(v)))),
-                        total,
-                    ))
-                }
-                TxFrame::Copy(buf) => {
-                    let total = buf.len();
-                    let write = self.pair.io.write(buf);
-                    Some((
-                        Either::Right(write.map(|(r, b)| (r, Written::Copy(b)))),
-                        total,
-                    ))
-                }
+                TxFrame::Write { data, total } => Some((write_to_tap(&self.pair.io, data), total)),
                 TxFrame::Drop(why) => {
                     self.dev.log_guest(format_args!("tx: frame dropped: {why}"));
                     self.dev.count(self.pair, |c| c.tx_dropped += 1);
@@ -121,16 +119,13 @@ impl Tx<'_> {
                 self.queue.add_used(chain.head_index(), 0)?;
                 continue;
             };
-            let (result, written) = write.await;
-            let result = match (result, written) {
+            let (result, data) = write.await;
+            let result = match result {
                 // Cancelled before it ran (a receive task on this tap stopping): write again.
-                (Err(e), Written::Mem(iovecs)) if e.raw_os_error() == Some(libc::ECANCELED) => {
-                    self.pair.io.write_mem_at(iovecs, 0).await.0
+                Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
+                    write_to_tap(&self.pair.io, data).await.0
                 }
-                (Err(e), Written::Copy(buf)) if e.raw_os_error() == Some(libc::ECANCELED) => {
-                    self.pair.io.write(buf).await.0
-                }
-                (r, _) => r,
+                r => r,
             };
             match result {
                 Ok(n) if n == total => self.dev.count(self.pair, |c| {
@@ -193,13 +188,16 @@ fn tap_frame(chain: &DescriptorChain, mem: &GuestMemory, acked: u64) -> TxFrame 
         buf.extend_from_slice(&hdr);
         buf.resize(total, 0);
         return match reader.read_exact_bytes(&mut buf[VNET_HDR_SIZE..]) {
-            Ok(()) => TxFrame::Copy(buf),
+            Ok(()) => TxFrame::Write {
+                data: TapData::Copy(buf),
+                total,
+            },
             Err(e) => TxFrame::Drop(e.to_string()),
         };
     }
     match reader.iovecs(total - VNET_HDR_SIZE) {
         Ok(iovecs) => TxFrame::Write {
-            iovecs: sys::HostIoVecs::header(hdr.to_vec(), iovecs),
+            data: TapData::Mem(sys::HostIoVecs::header(hdr.to_vec(), iovecs)),
             total,
         },
         Err(e) => TxFrame::Drop(e.to_string()),
@@ -323,14 +321,10 @@ mod tests {
             let (mut out, tap) = std::io::pipe().unwrap();
             let tap = executor::AsyncFd::new(tap.into());
             let written = match checked {
-                TxFrame::Write { iovecs, total } => {
-                    assert!(len + VNET_HDR_SIZE > COPY_MAX);
-                    (run(tap.write_mem_at(iovecs, 0)).0.unwrap(), total)
-                }
-                TxFrame::Copy(buf) => {
-                    assert!(len + VNET_HDR_SIZE <= COPY_MAX);
-                    let total = buf.len();
-                    (run(tap.write(buf)).0.unwrap(), total)
+                TxFrame::Write { data, total } => {
+                    let copied = matches!(data, TapData::Copy(_));
+                    assert_eq!(copied, len + VNET_HDR_SIZE <= COPY_MAX, "{len}");
+                    (run(write_to_tap(&tap, data)).0.unwrap(), total)
                 }
                 TxFrame::Drop(why) => panic!("a plain header and a {len}-byte frame: {why}"),
             };
