@@ -92,17 +92,16 @@ pub const KVM_PV: &str = "kvm-pv";
 pub fn parse_toggles(spec: &str) -> Result<(Vec<Toggle>, Option<bool>), String> {
     let mut toggles = Vec::new();
     let mut pv = None;
-    let mut names = Vec::new();
+    let mut names = virtio::process::SpecKeys::default();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (on, name) = match item.split_at(1) {
             ("+", n) => (true, n),
             ("-", n) => (false, n),
             _ => return Err(format!("cpu feature '{item}' must start with + or -")),
         };
-        if names.contains(&name) {
-            return Err(format!("cpu feature '{name}' is given twice"));
-        }
-        names.push(name);
+        names
+            .once(name)
+            .map_err(|_| format!("cpu feature '{name}' is given twice"))?;
         if name == KVM_PV {
             pv = Some(on);
             continue;
