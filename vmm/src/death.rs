@@ -81,7 +81,7 @@ impl DeathReport {
     }
 
     /// The report in what a process's report pipe held once it ended with `status`, if it is
-    /// to be believed: exactly one record (the handlers write one), which [fits](Self::fits)
+    /// to be believed: exactly one record (the handlers write one), which fits
     /// the status.
     pub fn believed(bytes: &[u8], status: &jail::ExitStatus) -> Option<DeathReport> {
         if bytes.len() != Self::LEN {
